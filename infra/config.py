@@ -1,0 +1,190 @@
+"""One config system: dataclasses with a help text per field, filled from YAML and CLI flags.
+
+Every operator and job has a config dataclass. Each field carries ``metadata={"help": ...}``
+and a default chosen for the embedded demo; ``__post_init__`` checks values. A YAML file and
+``--section.field value`` flags parse into the same dataclasses (flags override the file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the field and what is allowed."""
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:  # noqa: A002
+    """A dataclass field with a help text (mutable defaults go through default_factory)."""
+    if isinstance(default, (list, dict, set)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kwargs)
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless condition holds (for use in __post_init__)."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise ConfigError."""
+    tp, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: a value is required")
+    if isinstance(value, str) and optional and value.lower() in ("none", "null"):
+        return None
+    if _is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=where)
+    origin = get_origin(tp)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(allowed)}")
+        return value
+    if origin in (list, tuple):
+        (item_tp, *_) = get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for arg in get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} does not fit {tp}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float, str):
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if tp is str and not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        try:
+            return tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+    if tp is Any:
+        return value
+    raise ConfigError(f"{where}: unsupported config type {tp}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
+    """Build ``cls`` from a nested dict, rejecting unknown keys with the list of known ones."""
+    data = dict(data or {})
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = prefix or cls.__name__
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], f"{prefix + '.' if prefix else ''}{f.name}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{prefix + ': ' if prefix else ''}{exc}") from None
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """The config as plain data (for manifests and YAML)."""
+    return dataclasses.asdict(obj)
+
+
+def _flatten_fields(cls: type, prefix: str = ""):
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, _ = _strip_optional(hints[f.name])
+        name = f"{prefix}{f.name}"
+        if _is_dataclass_type(tp):
+            yield from _flatten_fields(tp, name + ".")
+        else:
+            yield name, f, hints[f.name]
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add a ``--a.b.c`` flag per leaf field of ``cls`` (and nested configs), with its help."""
+    for name, f, tp in _flatten_fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        parser.add_argument(
+            f"--{name}", dest=f"cfg::{name}", default=argparse.SUPPRESS, metavar=_metavar(tp),
+            help=f"{f.metadata.get('help', '')} (default: {default!r})",
+        )
+
+
+def _metavar(tp: Any) -> str:
+    tp, _ = _strip_optional(tp)
+    if get_origin(tp) is Literal:
+        return "{" + ",".join(map(str, get_args(tp))) + "}"
+    if get_origin(tp) in (list, tuple):
+        return "A,B,..."
+    return getattr(tp, "__name__", "VALUE").upper()
+
+
+def load(cls: type[T], path: str | None = None, args: argparse.Namespace | None = None,
+         overrides: dict[str, Any] | None = None) -> T:
+    """Build ``cls`` from an optional YAML file, then CLI flags, then dotted ``overrides``."""
+    data: dict[str, Any] = {}
+    if path:
+        from infra.storage import read_text  # noqa: PLC0415  (configs may live on object storage)
+
+        loaded = yaml.safe_load(read_text(path)) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the config file must be a YAML mapping")
+        data = loaded
+    dotted = dict(overrides or {})
+    if args is not None:
+        for key, value in vars(args).items():
+            if key.startswith("cfg::"):
+                dotted[key[5:]] = value
+    for key, value in dotted.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {p} is not a section")
+        node[leaf] = value
+    return from_dict(cls, data)

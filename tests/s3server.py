@@ -1,0 +1,79 @@
+"""A real S3-protocol server (moto in server mode) for tests that talk HTTP to "S3"."""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+
+from infra.storage import StorageConfig
+
+REGION = "us-east-1"
+ACCESS_KEY = "testing"
+SECRET_KEY = "testing"
+
+
+class S3Server:
+    """moto's ThreadedMotoServer on 127.0.0.1, on a port the OS picks.
+
+    Start one per test: RAY-NOTES records that a long-lived server made S3 calls hang.
+    """
+
+    def __init__(self) -> None:
+        self._server = None
+        self.endpoint_url = ""
+
+    def start(self) -> S3Server:
+        from moto.server import ThreadedMotoServer  # noqa: PLC0415  (moto is a test-only dependency)
+
+        # Keep the SDKs from probing EC2 instance metadata for credentials (slow off-EC2).
+        os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+        # Port 0: the OS binds a free port atomically, so parallel test runs cannot collide.
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server.start()
+        host, port = self._server.get_host_and_port()
+        self.endpoint_url = f"http://{host}:{port}"
+        # moto keeps its buckets in process-global state that outlives a server; start empty.
+        self._post("/moto-api/reset")
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def __enter__(self) -> S3Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _post(self, path: str) -> None:
+        request = urllib.request.Request(self.endpoint_url + path, data=b"", method="POST")
+        # A direct connection: a proxy from the environment must not see 127.0.0.1 traffic.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(request, timeout=10) as response:
+            response.read()
+
+    def storage_config(self) -> StorageConfig:
+        return StorageConfig(endpoint_url=self.endpoint_url, region=REGION,
+                             access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY)
+
+    def client(self):
+        """A boto3 S3 client for this server (for test setup and inspection)."""
+        import boto3  # noqa: PLC0415
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name=REGION,
+                            aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY)
+
+    def create_bucket(self, name: str) -> None:
+        self.client().create_bucket(Bucket=name)
+
+    def env(self) -> dict[str, str]:
+        """The standard AWS environment variables that point an SDK at this server."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_REGION": REGION,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }

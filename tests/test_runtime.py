@@ -1,0 +1,145 @@
+"""The shared model runtime: layer resolution, batched capture and per-row steering."""
+
+import pytest
+import torch
+
+from operators.runtime import (ModelConfig, ModelRuntime, Steering, UnsupportedArchitecture,
+                               decoder_layers, weights_fingerprint)
+from tests.tiny import tiny_model, tiny_tokenizer
+
+PROMPTS = ["Tell me about the weather today, please.", "Hi", "Summarise the plot of a novel in one sentence."]
+RESPONSES = ["Wow, I love it!", "Noted. The answer is brief and formal.", "The fox jumps."]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma"])
+def test_decoder_layers_are_found_for_supported_families(model_type):
+    model = tiny_model(model_type)
+    layers = decoder_layers(model)
+    assert len(layers) == model.config.num_hidden_layers
+    assert hasattr(layers[0].self_attn, "o_proj")
+
+
+def test_an_unknown_architecture_fails_with_a_message_saying_how_to_fix_it():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedArchitecture, match="DECODER_LAYER_PATHS"):
+        decoder_layers(model)
+
+
+def test_layer_i_is_the_output_of_decoder_block_i(tiny_runtime):
+    rt = tiny_runtime
+    enc = rt.encode(PROMPTS[:1], RESPONSES[:1])[0]
+    ids = torch.tensor([enc.ids])
+    with torch.no_grad():
+        hs = rt.model(input_ids=ids, output_hidden_states=True).hidden_states
+    got = rt.activations(PROMPTS[:1], RESPONSES[:1], layers=[0, 1, 2], position="last")
+    for j, layer in enumerate([0, 1, 2]):
+        torch.testing.assert_close(got[0, j], hs[layer + 1][0, -1].float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("position", ["mean", "last"])
+def test_batched_capture_equals_a_per_example_loop(tiny_runtime, position):
+    rt = tiny_runtime
+    batched = rt.activations(PROMPTS, RESPONSES, layers=[1, 3], position=position)
+    for i in range(len(PROMPTS)):
+        single = rt.activations(PROMPTS[i:i + 1], RESPONSES[i:i + 1], layers=[1, 3], position=position)
+        torch.testing.assert_close(batched[i], single[0], rtol=1e-4, atol=1e-4)
+
+
+def test_padding_side_does_not_change_captured_activations(tiny_runtime):
+    right = tiny_runtime.activations(PROMPTS, RESPONSES, layers=[0, 2], padding_side="right")
+    left = tiny_runtime.activations(PROMPTS, RESPONSES, layers=[0, 2], padding_side="left")
+    torch.testing.assert_close(left, right, rtol=1e-4, atol=1e-4)
+
+
+def test_mean_capture_averages_exactly_the_response_tokens(tiny_runtime):
+    rt = tiny_runtime
+    enc = rt.encode(PROMPTS[:1], RESPONSES[:1])[0]
+    with torch.no_grad():
+        hs = rt.model(input_ids=torch.tensor([enc.ids]), output_hidden_states=True).hidden_states
+    got = rt.activations(PROMPTS[:1], RESPONSES[:1], layers=[1], position="mean")
+    torch.testing.assert_close(got[0, 0], hs[2][0, enc.prompt_len:].mean(0), rtol=1e-4, atol=1e-4)
+
+
+def test_micro_batching_under_a_small_token_budget_gives_the_same_activations():
+    small = ModelRuntime(ModelConfig(name_or_path="tiny", max_batch_tokens=64), model=tiny_model(),
+                         tokenizer=tiny_tokenizer())
+    big = ModelRuntime(ModelConfig(name_or_path="tiny", max_batch_tokens=100000), model=tiny_model(),
+                       tokenizer=tiny_tokenizer())
+    assert len(small.micro_batches([len(e.ids) for e in small.encode(PROMPTS, RESPONSES)])) > 1
+    torch.testing.assert_close(small.activations(PROMPTS, RESPONSES, [1]), big.activations(PROMPTS, RESPONSES, [1]),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_own_greedy_decoding_matches_transformers_generate(tiny_runtime):
+    rt = tiny_runtime
+    ours = rt.generate(PROMPTS, max_new_tokens=12)
+    for prompt, text in zip(PROMPTS, ours):
+        ids = torch.tensor([rt.prompt_ids([prompt])[0]])
+        ref = rt.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                pad_token_id=rt.tokenizer.pad_token_id)
+        expected = rt.tokenizer.decode(
+            [t for t in ref[0, ids.shape[1]:].tolist() if t not in rt.eos_token_ids], skip_special_tokens=True)
+        assert text == expected[: len(text)] and len(text) >= len(expected.split("<|im_end|>")[0]) - 1
+
+
+def _vectors(rt, rows, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {1: torch.randn(rows, rt.hidden_size, generator=g), 2: torch.randn(rows, rt.hidden_size, generator=g)}
+
+
+def test_steering_a_batch_with_per_row_vectors_equals_steering_each_row_alone(tiny_runtime):
+    rt = tiny_runtime
+    vecs = _vectors(rt, len(PROMPTS))
+    steer = Steering(vecs, scales=torch.tensor([2.0, 0.0, -3.0]))
+    batched = rt.generate(PROMPTS, max_new_tokens=10, steer=steer)
+    for i, prompt in enumerate(PROMPTS):
+        alone = rt.generate([prompt], max_new_tokens=10, steer=steer.select([i]))
+        assert batched[i] == alone[0]
+
+
+def test_steering_changes_the_output_and_zero_scale_does_not(tiny_runtime):
+    rt = tiny_runtime
+    plain = rt.generate(PROMPTS, max_new_tokens=10)
+    zero = rt.generate(PROMPTS, max_new_tokens=10, steer=Steering(_vectors(rt, 3), torch.zeros(3)))
+    strong = rt.generate(PROMPTS, max_new_tokens=10, steer=Steering(_vectors(rt, 3), torch.full((3,), 8.0)))
+    assert zero == plain
+    assert strong != plain
+
+
+def test_response_positions_leave_the_prompt_untouched_except_its_last_token(tiny_runtime):
+    rt = tiny_runtime
+    seqs = rt.prompt_ids(PROMPTS[:1])
+    ids, mask, pos = rt.collate(seqs)
+    with torch.no_grad():
+        plain = rt.forward(ids, mask, pos).logits
+        start = torch.tensor([len(seqs[0]) - 1])
+        with rt.steering(Steering(_vectors(rt, 1), torch.tensor([5.0]), positions="response"), start):
+            steered = rt.forward(ids, mask, pos).logits
+        with rt.steering(Steering(_vectors(rt, 1), torch.tensor([5.0]), positions="all")):
+            everywhere = rt.forward(ids, mask, pos).logits
+    torch.testing.assert_close(steered[0, :-1], plain[0, :-1])
+    assert not torch.allclose(steered[0, -1], plain[0, -1])
+    assert not torch.allclose(everywhere[0, 0], plain[0, 0])
+
+
+def test_hooks_are_removed_even_when_the_body_raises(tiny_runtime):
+    rt = tiny_runtime
+    before = [len(layer._forward_hooks) for layer in rt.layers]  # transformers keeps its own hooks
+    with pytest.raises(RuntimeError, match="boom"):
+        with rt.steering(Steering(_vectors(rt, 1), torch.ones(1), positions="all")):
+            assert [len(layer._forward_hooks) for layer in rt.layers][1] == before[1] + 1
+            raise RuntimeError("boom")
+    assert [len(layer._forward_hooks) for layer in rt.layers] == before
+
+
+def test_invalid_layers_are_rejected_with_the_valid_range(tiny_runtime):
+    with pytest.raises(ValueError, match=r"layers 0\.\.3"):
+        tiny_runtime.activations(PROMPTS, RESPONSES, layers=[7])
+
+
+def test_the_weights_fingerprint_ignores_dtype_but_not_the_weights():
+    a = tiny_model(seed=0)
+    assert weights_fingerprint(a) == weights_fingerprint(tiny_model(seed=0).to(torch.bfloat16))
+    assert weights_fingerprint(a) != weights_fingerprint(tiny_model(seed=1))
