@@ -146,6 +146,48 @@ class Steering:
         return Steering({l: v[idx] for l, v in self.vectors.items()}, self.scales[idx], self.positions)
 
 
+class TextEncoder:
+    """How text becomes tokens, shared by the runtime and by validation (which needs no weights)."""
+
+    def __init__(self, tokenizer, use_chat_template: bool = True):
+        self.tokenizer = tokenizer
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.templated = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+
+    @classmethod
+    def load(cls, config: "ModelConfig") -> "TextEncoder":
+        from transformers import AutoTokenizer
+
+        path = resolve_model_path(config.name_or_path)
+        return cls(AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code),
+                   config.use_chat_template)
+
+    def prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each prompt as the model sees it before its answer."""
+        if not prompts:
+            return []
+        if self.templated:
+            texts = [
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                for p in prompts
+            ]
+            return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+
+    def response_ids(self, responses: Sequence[str]) -> list[list[int]]:
+        if not responses:
+            return []
+        return self.tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+
+    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Encoded]:
+        """Prompt (templated) followed by the raw response tokens, no end-of-turn token."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        return [Encoded(p + r, len(p)) for p, r in zip(self.prompt_ids(prompts), self.response_ids(responses))]
+
+
 class _StopForward(Exception):
     """Raised by a capture hook after the last layer needed, to skip the rest of the model."""
 
@@ -171,9 +213,8 @@ class ModelRuntime:
             raise ValueError("ModelRuntime needs a tokenizer with an explicit model")
         self.model = model.eval()
         self.model.requires_grad_(False)
-        self.tokenizer = tokenizer
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.text = TextEncoder(tokenizer, self.config.use_chat_template)
+        self.tokenizer = self.text.tokenizer
         self.model_id = canonical_model_id(self.config.name_or_path)
         self.layers = decoder_layers(self.model)
         self.num_layers = len(self.layers)
@@ -201,30 +242,16 @@ class ModelRuntime:
             self._fingerprint = weights_fingerprint(self.model)
         return self._fingerprint
 
-    # ---- tokenisation -------------------------------------------------------------------
-
-    def _templated(self) -> bool:
-        return self.config.use_chat_template and bool(getattr(self.tokenizer, "chat_template", None))
+    # ---- tokenisation (delegated to the shared TextEncoder) ------------------------------
 
     def prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each prompt as the model sees it before its answer."""
-        if self._templated():
-            texts = [
-                self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                for p in prompts
-            ]
-            return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        return self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+        return self.text.prompt_ids(prompts)
 
     def response_ids(self, responses: Sequence[str]) -> list[list[int]]:
-        return self.tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+        return self.text.response_ids(responses)
 
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Encoded]:
-        """Prompt (templated) followed by the raw response tokens, no end-of-turn token."""
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        return [Encoded(p + r, len(p)) for p, r in zip(self.prompt_ids(prompts), self.response_ids(responses))]
+        return self.text.encode(prompts, responses)
 
     def micro_batches(self, lengths: Sequence[int], extra: int = 0) -> list[list[int]]:
         """Indices grouped by similar length so each padded batch stays under max_batch_tokens.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
 import urllib.request
 
 from infra.storage import StorageConfig
@@ -15,7 +17,8 @@ SECRET_KEY = "testing"
 class S3Server:
     """moto's ThreadedMotoServer on 127.0.0.1, on a port the OS picks.
 
-    Start one per test: RAY-NOTES records that a long-lived server made S3 calls hang.
+    Start one per test: RAY-NOTES records that a long-lived server made S3 calls hang. moto keeps
+    its data process-wide and start() resets it, so run one server per process at a time.
     """
 
     def __init__(self) -> None:
@@ -37,9 +40,21 @@ class S3Server:
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        host, port = server.get_host_and_port()
+        stopper = threading.Thread(target=server.stop)
+        stopper.start()
+        # The serving loop checks for shutdown only every 0.5 s; a connection wakes it at once.
+        while stopper.is_alive():
+            try:
+                socket.create_connection((host, port), timeout=0.1).close()
+            except OSError:
+                pass
+            stopper.join(0.02)
+        # moto's stop() leaves the listening socket open; close it so the port refuses connections.
+        server._server.server_close()
 
     def __enter__(self) -> S3Server:
         return self.start()

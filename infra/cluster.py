@@ -1,0 +1,55 @@
+"""The Ray connection: embedded local Ray by default, ``--ray.address`` for a cluster."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from infra.config import check, option
+
+log = logging.getLogger("steerstore")
+
+# the project's own packages, shipped to a remote cluster's workers with the job
+_PACKAGES = ("jobs", "operators", "schemas", "infra")
+
+
+@dataclass
+class RayConfig:
+    address: str | None = option(
+        None, help="Ray cluster address (e.g. ray://head:10001 or auto); empty = start embedded local Ray")
+    num_cpus: int | None = option(
+        None, help="logical CPUs of embedded Ray; default max(4, cores) — actor pools deadlock with fewer slots")
+    object_store_mb: int | None = option(None, help="object store size of embedded Ray in MiB; default Ray's")
+    progress_bars: bool = option(True, help="show Ray Data progress bars")
+    ship_code: bool = option(
+        True, help="with an address: send the steerstore packages to the workers (runtime_env py_modules)")
+
+    def __post_init__(self) -> None:
+        check(self.num_cpus is None or self.num_cpus >= 1, "ray.num_cpus must be >= 1")
+
+
+def connect(config: RayConfig) -> None:
+    """Start or join Ray once per process; later calls reuse the connection."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if not ray.is_initialized():
+        if config.address:
+            runtime_env = {}
+            if config.ship_code:
+                import importlib
+
+                runtime_env["py_modules"] = [importlib.import_module(p) for p in _PACKAGES]
+            log.info("connecting to Ray at %s", config.address)
+            ray.init(address=config.address, runtime_env=runtime_env or None, log_to_driver=True)
+        else:
+            num_cpus = config.num_cpus or max(4, os.cpu_count() or 1)
+            kwargs = {"object_store_memory": config.object_store_mb * 2**20} if config.object_store_mb else {}
+            log.info("starting embedded Ray with %d logical CPUs", num_cpus)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **kwargs)
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = config.progress_bars
+    ctx.print_on_execution_start = False

@@ -1,0 +1,69 @@
+"""Read steering vectors of users from a published store version."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from infra.storage import SteeringStore, StorageConfig
+
+
+@dataclass
+class UserVectors:
+    """One user's (or the population's) vectors with the conventions to apply them."""
+
+    user_id: str | None
+    layers: list[int]
+    vectors: np.ndarray  # float32 (len(layers), hidden)
+    recommended_layers: list[int]
+    recommended_scale: float
+    positions: str
+    model_id: str
+    model_fingerprint: str
+    n_pairs: int
+
+    def at(self, layers: Sequence[int]) -> dict[int, np.ndarray]:
+        """The vectors of ``layers`` (each must be stored)."""
+        missing = [l for l in layers if l not in self.layers]
+        if missing:
+            raise KeyError(f"layers {missing} are not stored; stored layers: {self.layers}")
+        return {l: self.vectors[self.layers.index(l)] for l in layers}
+
+
+def _from_row(row: dict) -> UserVectors:
+    return UserVectors(
+        user_id=row["user_id"], layers=list(row["layers"]), vectors=np.asarray(row["vectors"], dtype=np.float32),
+        recommended_layers=list(row["recommended_layers"] or []), recommended_scale=float(row["recommended_scale"]),
+        positions=row["positions"], model_id=row["model_id"], model_fingerprint=row["model_fingerprint"],
+        n_pairs=int(row["n_pairs"] or 0))
+
+
+class StoreReader:
+    """Looks up users in one version of a store (the latest unless pinned)."""
+
+    def __init__(self, uri: str, storage: StorageConfig | None = None, version: str | None = None):
+        self.store = SteeringStore(uri, storage)
+        self.version = self.store.resolve(version)
+        self.manifest = self.store.read_manifest(self.version)
+
+    def vectors(self, user_ids: Sequence[str]) -> dict[str, UserVectors]:
+        """Vectors of the given users that are in the store (absent users are simply missing)."""
+        ids = list(dict.fromkeys(user_ids))
+        if not ids:
+            return {}
+        table = self.store.read_table(
+            "vectors", self.version, filter=(pc.field("scope") == "user") & pc.field("user_id").isin(ids))
+        return {row["user_id"]: _from_row(row) for row in table.to_pylist()}
+
+    def population(self) -> UserVectors | None:
+        table = self.store.read_table("vectors", self.version, filter=pc.field("scope") == "population")
+        return _from_row(table.to_pylist()[0]) if table.num_rows else None
+
+    def users(self, user_ids: Sequence[str] | None = None) -> pa.Table:
+        """The reconciliation rows (stored / quarantined and why) of some or all users."""
+        flt = pc.field("user_id").isin(list(user_ids)) if user_ids is not None else None
+        return self.store.read_table("users", self.version, filter=flt)

@@ -1,0 +1,57 @@
+"""The ``steerstore`` command: one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from infra.config import ConfigError, add_arguments, load
+
+
+def _jobs():
+    from jobs import demo, generate, inspect_store, refresh
+
+    return {
+        "refresh": (refresh.RefreshConfig, refresh.main, "compute steering vectors and publish a new store version"),
+        "inspect": (inspect_store.InspectConfig, inspect_store.main, "describe a store: versions, rows, schema, model"),
+        "generate": (generate.GenerateConfig, generate.main, "answer a prompt unsteered and steered for a user"),
+        "demo": (demo.DemoConfig, demo.main, "run the embedded demo end to end into ./steerstore-out"),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="steerstore", description="Per-user LLM steering artifacts on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (cls, _, help_text) in _jobs().items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", help="YAML config file (local or s3://); flags override it")
+        if name == "inspect":
+            p.add_argument("store_uri", nargs="?", help="store URI")
+        add_arguments(p, cls)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    cls, run, _ = _jobs()[args.command]
+    overrides = {"store": args.store_uri} if getattr(args, "store_uri", None) else {}
+    try:
+        config = load(cls, args.config, args, overrides)
+    except ConfigError as exc:
+        print(f"steerstore {args.command}: config error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        run(config)
+    except (KeyError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"steerstore {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

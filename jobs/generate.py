@@ -1,0 +1,91 @@
+"""Generate with a user's steering vectors: unsteered and steered side by side.
+
+Launch: ``steerstore generate --store ./steerstore-out/store --user enthusiastic-0 --prompt "Tell me about cats."``
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from infra.config import check, option
+from infra.reader import StoreReader, UserVectors
+from infra.storage import StorageConfig
+from operators.runtime import ModelConfig, ModelRuntime, Steering
+
+
+@dataclass
+class GenerateConfig:
+    store: str = option("./steerstore-out/store", help="store URI (local folder or s3://bucket/prefix)")
+    user: str = option("", help="user id to steer for")
+    prompt: str = option("", help="the prompt to answer")
+    alpha: float | None = option(None, help="steering multiplier; default: the store's recommended scale")
+    layers: list[int] = option([], help="layers to steer; default: the store's recommended layers")
+    max_new_tokens: int = option(60, help="tokens to generate")
+    version: str | None = option(None, help="store version; default LATEST")
+    model: str | None = option(None, help="model to load; default: the one the store was built with")
+    storage: StorageConfig = dataclasses.field(default_factory=StorageConfig, metadata={"help": "object storage"})
+
+    def __post_init__(self) -> None:
+        check(bool(self.user), "--user is required")
+        check(bool(self.prompt), "--prompt is required")
+        check(self.max_new_tokens >= 1, "--max_new_tokens must be >= 1")
+
+
+class FingerprintMismatch(RuntimeError):
+    """The store was built for other weights than the model loaded to serve it."""
+
+
+def load_runtime_for(reader: StoreReader, model: str | None = None) -> ModelRuntime:
+    """The model the store was built with (or ``model``), refusing weights that differ."""
+    name = model or reader.manifest["model"]["name_or_path"]
+    runtime = ModelRuntime(ModelConfig(name_or_path=name))
+    expected = reader.manifest["model"].get("fingerprint")
+    if expected and runtime.fingerprint != expected:
+        raise FingerprintMismatch(
+            f"model {name!r} has weights fingerprint {runtime.fingerprint}, but store version "
+            f"{reader.version} was built for {reader.manifest['model'].get('id')} ({expected}); "
+            "load that model or rebuild the store")
+    return runtime
+
+
+def steering_for(users: list[UserVectors | None], alphas: list[float | None] | None = None,
+                 layers: list[int] | None = None) -> Steering:
+    """Per-row steering for a batch of users (``None`` = unsteered row)."""
+    present = [u for u in users if u is not None]
+    if not present:
+        raise ValueError("no user in the batch has vectors")
+    use = layers or present[0].recommended_layers
+    hidden = present[0].vectors.shape[1]
+    vectors = {l: torch.zeros(len(users), hidden) for l in use}
+    scales = torch.zeros(len(users))
+    for i, u in enumerate(users):
+        if u is None:
+            continue
+        for l, v in u.at(use).items():
+            vectors[l][i] = torch.from_numpy(v)
+        alpha = alphas[i] if alphas and alphas[i] is not None else u.recommended_scale
+        scales[i] = alpha
+    return Steering(vectors, scales, positions=present[0].positions)  # type: ignore[arg-type]
+
+
+def main(config: GenerateConfig) -> dict:
+    reader = StoreReader(config.store, config.storage, config.version)
+    found = reader.vectors([config.user])
+    if config.user not in found:
+        status = reader.users([config.user]).to_pylist()
+        why = f"it is quarantined: {status[0]['reason']}" if status else "it was not in the inputs"
+        raise KeyError(f"user {config.user!r} has no vectors in store version {reader.version}: {why}")
+    user = found[config.user]
+    runtime = load_runtime_for(reader, config.model)
+    steer = steering_for([None, user], [None, config.alpha], config.layers or None)
+    plain, steered = runtime.generate([config.prompt, config.prompt], config.max_new_tokens, steer=steer)
+    alpha = float(steer.scales[1])
+    layers = sorted(steer.vectors)
+    print(f"store version {reader.version} · user {config.user} · {user.n_pairs} pairs · layers {layers} · alpha {alpha:g}")
+    print(f"prompt: {config.prompt}")
+    print(f"  unsteered: {plain}")
+    print(f"  steered:   {steered}")
+    return {"unsteered": plain, "steered": steered, "alpha": alpha, "layers": layers}

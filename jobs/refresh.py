@@ -1,0 +1,320 @@
+"""The nightly refresh job: inputs -> validated -> one row per user -> CAA vectors -> new store version.
+
+Launch: ``steerstore refresh --config refresh.yaml`` (embedded local Ray) or
+``steerstore refresh --config refresh.yaml --ray.address auto`` (on a Ray cluster).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from infra import storage
+from infra.cluster import RayConfig, connect
+from infra.config import check, option, to_dict
+from infra.storage import SteeringStore, StorageConfig
+from operators.caa import CAAConfig, CAAVectors, population_mean, population_partials, vector_row
+from operators.prepare import PrepareConfig, prepare_user_group
+from operators.runtime import ModelConfig
+from operators.validate import ValidateConfig, ValidateRecords
+from schemas.store import (QUARANTINE_SCHEMA, STORE_SCHEMA_VERSION, STORE_TABLES, USERS_SCHEMA, VECTORS_SCHEMA,
+                           conform)
+
+log = logging.getLogger("steerstore")
+
+
+@dataclass
+class InputsConfig:
+    preference_pairs: str = option(
+        "", help="URI of preference pairs: a .jsonl/.jsonl.gz/.parquet file or a folder of them (local or s3://)")
+    histories: str | None = option(None, help="URI of user histories (same formats); optional for CAA")
+    format: Literal["auto", "jsonl", "parquet"] = option("auto", help="input format; auto = from the file extension")
+
+    def __post_init__(self) -> None:
+        check(bool(self.preference_pairs), "inputs.preference_pairs is required (a file or folder URI)")
+
+
+@dataclass
+class OutputConfig:
+    store: str = option("./steerstore-out/store", help="store URI: a local folder or s3://bucket/prefix")
+
+
+@dataclass
+class ResourcesConfig:
+    """How stages are scheduled (operators know nothing of this)."""
+
+    validate_actors: int = option(1, help="actors validating input rows (each loads the tokenizer once)")
+    validate_batch_size: int = option(2048, help="input rows per validation batch")
+    caa_actors: int = option(1, help="activation actors (each loads the model once)")
+    caa_batch_size: int = option(16, help="users per activation batch")
+    gpus_per_actor: float = option(0.0, help="GPUs per activation actor (1 on a GPU cluster)")
+    cpus_per_actor: float = option(1.0, help="CPUs reserved per activation actor")
+    rows_per_file: int = option(100_000, help="most rows per Parquet file in the store")
+
+    def __post_init__(self) -> None:
+        check(self.validate_actors >= 1 and self.caa_actors >= 1, "resources: actor counts must be >= 1")
+        check(self.validate_batch_size >= 1 and self.caa_batch_size >= 1, "resources: batch sizes must be >= 1")
+        check(self.gpus_per_actor >= 0 and self.cpus_per_actor > 0, "resources: gpus >= 0 and cpus > 0 per actor")
+
+
+@dataclass
+class RefreshConfig:
+    inputs: InputsConfig = option(None, help="where the input tables are")
+    output: OutputConfig = dataclasses.field(default_factory=OutputConfig, metadata={"help": "where the store is"})
+    storage: StorageConfig = dataclasses.field(default_factory=StorageConfig, metadata={"help": "object storage"})
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig, metadata={"help": "Ray connection"})
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "the model"})
+    validate: ValidateConfig = dataclasses.field(default_factory=ValidateConfig, metadata={"help": "validation"})
+    prepare: PrepareConfig = dataclasses.field(default_factory=PrepareConfig, metadata={"help": "per-user prepare"})
+    caa: CAAConfig = dataclasses.field(default_factory=CAAConfig, metadata={"help": "CAA vectors"})
+    resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig, metadata={"help": "scheduling"})
+
+    def __post_init__(self) -> None:
+        check(self.inputs is not None, "inputs.preference_pairs is required")
+
+
+class ReconciliationError(RuntimeError):
+    """Some input user ended in neither the store nor quarantine: nothing is published."""
+
+
+def _where(ds, column: str, value: str, equal: bool = True):
+    """Rows whose ``column`` equals (or differs from / is null for) ``value``, as an Arrow batch filter."""
+    def fn(batch: pa.Table) -> pa.Table:
+        match = pc.fill_null(pc.equal(batch[column], value), False)
+        return batch.filter(match if equal else pc.invert(match))
+    return ds.map_batches(fn, batch_format="pyarrow")
+
+
+def _input_format(uri: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    name = uri.rstrip("/").lower()
+    if name.endswith((".parquet", ".pq")):
+        return "parquet"
+    if name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")):
+        return "jsonl"
+    files = storage.list_files(uri, None)
+    kinds = {_input_format(f, "auto") for f in files if f.lower().endswith(
+        (".parquet", ".pq", ".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson"))}
+    if len(kinds) != 1:
+        raise ValueError(f"cannot tell the format of {uri}: set inputs.format to jsonl or parquet")
+    return kinds.pop()
+
+
+def read_input(uri: str, fmt: str, cfg: StorageConfig):
+    """A Ray dataset of raw rows: JSONL lines (``text``) or Parquet rows, with ``path``."""
+    import ray.data
+
+    fs, path = storage.filesystem(uri, cfg)
+    fmt = _input_format(uri, fmt)
+    if fmt == "parquet":
+        return ray.data.read_parquet(path, filesystem=fs, include_paths=True)
+    gz = path.endswith(".gz")
+    return ray.data.read_text(path, filesystem=fs, include_paths=True,
+                              arrow_open_stream_args={"compression": "gzip"} if gz else None)
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.stages: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, stage: str, detail: str = "") -> None:
+        now = time.perf_counter()
+        self.stages[stage] = round(now - self._t, 3)
+        self._t = now
+        log.info("stage %-10s %7.1f s  %s", stage, self.stages[stage], detail)
+
+
+def _write(ds, store: SteeringStore, version: str, table: str, cfg: RefreshConfig) -> None:
+    schema = STORE_TABLES[table]
+    fs, path = storage.filesystem(store.table_uri(version, table), cfg.storage)
+    storage.make_dirs(store.table_uri(version, table), cfg.storage)
+    ds.map_batches(lambda b: conform(b, schema), batch_format="pyarrow").write_parquet(
+        path, filesystem=fs, try_create_dir=False, max_rows_per_file=cfg.resources.rows_per_file, schema=schema)
+
+
+def _redacted(config: RefreshConfig) -> dict:
+    data = to_dict(config)
+    for key in ("access_key_id", "secret_access_key", "session_token"):
+        if data["storage"].get(key):
+            data["storage"][key] = "***"
+    return data
+
+
+def main(config: RefreshConfig) -> dict:
+    """Run the refresh and publish a new store version. Returns the run summary."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    timer = _Timer()
+    connect(config.ray)
+    store = SteeringStore(config.output.store, config.storage)
+    version = store.new_version_id()
+    res = config.resources
+    log.info("refresh -> %s version %s", config.output.store, version)
+
+    # 1. read + validate every input row (bad rows stay, marked quarantined)
+    inputs = {"preference_pairs": config.inputs.preference_pairs}
+    if config.inputs.histories:
+        inputs["histories"] = config.inputs.histories
+    validated = [
+        read_input(uri, config.inputs.format, config.storage).map_batches(
+            ValidateRecords, fn_constructor_kwargs={"kind": kind, "config": config.validate, "model": config.model},
+            compute=ActorPoolStrategy(size=res.validate_actors), batch_size=res.validate_batch_size,
+            batch_format="pyarrow")
+        for kind, uri in inputs.items()
+    ]
+    records = (validated[0].union(*validated[1:]) if len(validated) > 1 else validated[0]).materialize()
+    n_records = records.count()
+    timer.lap("validate", f"{n_records} input rows")
+
+    # 2. one row per user (CPU); duplicate ids and too-few-rows checks happen here
+    attributed = _where_not_null(records, "user_id")
+    users = attributed.groupby("user_id").map_groups(
+        prepare_user_group, fn_kwargs={"config": config.prepare}, batch_format="pyarrow").materialize()
+    n_users = users.count()
+    timer.lap("prepare", f"{n_users} users")
+
+    # 3. activations -> per-user CAA vectors (model actors; per-user errors become quarantine)
+    caa = _where(users, "status", "ok").map_batches(
+        CAAVectors, fn_constructor_kwargs={"config": config.caa, "model": config.model},
+        compute=ActorPoolStrategy(size=res.caa_actors), batch_size=res.caa_batch_size,
+        num_gpus=res.gpus_per_actor, num_cpus=res.cpus_per_actor, batch_format="pyarrow").materialize()
+    stored = _where(caa, "status", "ok").materialize()
+    n_stored = stored.count()
+    timer.lap("caa", f"{n_stored} users with vectors")
+
+    # 4. population direction: per-batch partial sums, combined on the driver (a few rows)
+    partials = stored.map_batches(population_partials, batch_format="pyarrow").to_arrow_refs()
+    partials = pa.concat_tables(ray.get(partials)) if partials else None
+    model_info: dict = {"name_or_path": config.model.name_or_path}
+    population = None
+    if n_stored:
+        first = stored.take(1)[0]
+        model_info.update(id=first["model_id"], fingerprint=first["model_fingerprint"],
+                          hidden_size=first["hidden_size"])
+        mean, n_pairs = population_mean(partials)
+        population = vector_row(
+            None, "population", mean, n_pairs, None, layers=list(first["layers"]),
+            recommended=list(first["recommended_layers"]), config=config.caa, hidden_size=first["hidden_size"],
+            model_id=first["model_id"], model_fingerprint=first["model_fingerprint"])
+    timer.lap("population", f"{population['n_pairs'] if population else 0} pairs")
+
+    # 5. reconciliation tables: users (one row per input user) and quarantine (every rejected row/user)
+    failed = {r["user_id"]: r["reason"] for r in _where(caa, "status", "ok", equal=False)
+              .select_columns(["user_id", "reason"]).take_all()}
+    users_table = users.map_batches(_users_rows, fn_kwargs={"failed": failed}, batch_format="pyarrow")
+    quarantine = _where(records, "status", "ok", equal=False).map_batches(_record_quarantine, batch_format="pyarrow")
+    quarantine = quarantine.union(users.map_batches(_user_quarantine, fn_kwargs={"failed": failed},
+                                                    batch_format="pyarrow"))
+    users_table = users_table.materialize()
+    quarantine = quarantine.materialize()
+    status_counts = {s: int(c) for s, c in _value_counts(users_table, "status").items()}
+    summary = {
+        "version": version,
+        "input_rows": n_records,
+        "input_rows_by_kind": _value_counts(records, "kind"),
+        "rows_quarantined": _count_where(records, "status", "quarantined"),
+        "rows_without_user": n_records - attributed.count(),
+        "users_in": n_users,
+        "users_stored": status_counts.get("stored", 0),
+        "users_quarantined": status_counts.get("quarantined", 0),
+        "quarantine_rows": quarantine.count(),
+    }
+    if summary["users_stored"] + summary["users_quarantined"] != n_users or summary["users_stored"] != n_stored:
+        raise ReconciliationError(f"users do not reconcile, nothing published: {summary}")
+
+    # 6. write the version, then publish (manifest, then LATEST)
+    _write(stored, store, version, "vectors", config)
+    if population is not None:
+        _write(ray.data.from_arrow(pa.Table.from_pylist([population], schema=VECTORS_SCHEMA)),
+               store, version, "vectors", config)
+    _write(users_table, store, version, "users", config)
+    _write(quarantine, store, version, "quarantine", config)
+    tables = {}
+    for name, schema in STORE_TABLES.items():
+        files = store.table_files(version, name)
+        tables[name] = {"files": [f.rsplit("/", 1)[-1] for f in files],
+                        "rows": {"vectors": n_stored + (population is not None), "users": n_users,
+                                 "quarantine": summary["quarantine_rows"]}[name],
+                        "schema": storage.schema_to_b64(schema), "schema_version": STORE_SCHEMA_VERSION}
+    timer.lap("write", f"{sum(t['rows'] for t in tables.values())} rows")
+    summary["stage_seconds"] = dict(timer.stages)
+    manifest = {
+        "version": version, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "store_schema_version": STORE_SCHEMA_VERSION, "model": model_info, "tables": tables,
+        "summary": summary, "config": _redacted(config), "inputs": inputs,
+        "methods": ["caa"], "steerstore_version": _package_version(),
+    }
+    store.publish(version, manifest)
+    timer.lap("publish", f"LATEST -> {version}")
+    summary["stage_seconds"] = dict(timer.stages)
+    return summary
+
+
+def _where_not_null(ds, column: str):
+    return ds.map_batches(lambda b: b.filter(pc.is_valid(b[column])), batch_format="pyarrow")
+
+
+def _value_counts(ds, column: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for batch in ds.select_columns([column]).iter_batches(batch_format="pyarrow"):
+        for item in pc.value_counts(batch[column]).to_pylist():
+            counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+    return counts
+
+
+def _count_where(ds, column: str, value: str) -> int:
+    return _value_counts(ds, column).get(value, 0)
+
+
+def _users_rows(batch: pa.Table, failed: dict[str, str]) -> pa.Table:
+    rows = []
+    for u in batch.to_pylist():
+        status, reason = ("stored", None) if u["status"] == "ok" else ("quarantined", u["reason"])
+        if u["user_id"] in failed:
+            status, reason = "quarantined", failed[u["user_id"]]
+        rows.append({
+            "user_id": u["user_id"], "status": status, "reason": reason, "n_pairs_in": u["n_pairs_in"],
+            "n_pairs_used": len(u["pairs"]) if status == "stored" else 0, "n_histories_in": u["n_histories_in"],
+            "n_histories_valid": len(u["histories"]), "content_fingerprint": u["content_fingerprint"],
+        })
+    return pa.Table.from_pylist(rows, schema=USERS_SCHEMA)
+
+
+def _record_quarantine(batch: pa.Table) -> pa.Table:
+    rows = [{"input": r["kind"], "source": r["source"], "user_id": r["user_id"], "record_id": r["record_id"],
+             "stage": "validate", "reason": r["reason"], "raw": r["raw"]} for r in batch.to_pylist()]
+    return pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA)
+
+
+def _user_quarantine(batch: pa.Table, failed: dict[str, str]) -> pa.Table:
+    rows = []
+    for u in batch.to_pylist():
+        for d in u["dropped"]:
+            rows.append({"input": d["kind"], "source": d["source"], "user_id": u["user_id"],
+                         "record_id": d["record_id"], "stage": "prepare", "reason": d["reason"], "raw": d["raw"]})
+        if u["status"] != "ok":
+            rows.append({"input": "user", "source": None, "user_id": u["user_id"], "record_id": None,
+                         "stage": "prepare", "reason": u["reason"], "raw": None})
+        elif u["user_id"] in failed:
+            rows.append({"input": "user", "source": None, "user_id": u["user_id"], "record_id": None,
+                         "stage": "caa", "reason": failed[u["user_id"]], "raw": None})
+    return pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA)
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("steerstore")
+    except PackageNotFoundError:
+        return "unknown"

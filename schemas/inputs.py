@@ -1,0 +1,146 @@
+"""Input tables — ``histories`` and ``preference_pairs`` — and their row validation.
+
+Rows arrive as parsed JSON objects (from JSONL lines) or Parquet rows. ``validate_record``
+returns either a clean typed record or a reason; bad rows become quarantine rows, never
+exceptions. Checks that need several rows (duplicate ids, too few rows per user) run in the
+per-user prepare step (``operators/prepare.py``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pyarrow as pa
+
+INPUT_SCHEMA_VERSION = 1
+InputKind = Literal["histories", "preference_pairs"]
+
+HISTORIES_SCHEMA = pa.schema([
+    pa.field("user_id", pa.string(), nullable=False),
+    pa.field("item_id", pa.string(), nullable=False),
+    pa.field("input", pa.string(), nullable=False),
+    pa.field("output", pa.string(), nullable=False),
+    pa.field("timestamp", pa.timestamp("us", tz="UTC")),
+], metadata={"steerstore.table": "histories", "steerstore.schema_version": str(INPUT_SCHEMA_VERSION)})
+
+PREFERENCE_PAIRS_SCHEMA = pa.schema([
+    pa.field("user_id", pa.string(), nullable=False),
+    pa.field("pair_id", pa.string(), nullable=False),
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("chosen", pa.string(), nullable=False),
+    pa.field("rejected", pa.string(), nullable=False),
+    pa.field("weight", pa.float64()),
+], metadata={"steerstore.table": "preference_pairs", "steerstore.schema_version": str(INPUT_SCHEMA_VERSION)})
+
+INPUT_SCHEMAS: dict[str, pa.Schema] = {"histories": HISTORIES_SCHEMA, "preference_pairs": PREFERENCE_PAIRS_SCHEMA}
+
+# which field identifies a row within a user, and which text fields must be non-empty
+ID_FIELD = {"histories": "item_id", "preference_pairs": "pair_id"}
+TEXT_FIELDS = {"histories": ("input", "output"), "preference_pairs": ("prompt", "chosen", "rejected")}
+# (prompt-like field, response-like fields) whose token count is limited
+TOKEN_CHECKED = {"histories": ("input", ("output",)), "preference_pairs": ("prompt", ("chosen", "rejected"))}
+
+
+@dataclass
+class HistoryItem:
+    """One thing a user wrote: ``output`` in answer to ``input``."""
+
+    user_id: str
+    item_id: str
+    input: str
+    output: str
+    timestamp: dt.datetime | None = None
+
+
+@dataclass
+class PreferencePair:
+    """The user preferred ``chosen`` over ``rejected`` as an answer to ``prompt``."""
+
+    user_id: str
+    pair_id: str
+    prompt: str
+    chosen: str
+    rejected: str
+    weight: float | None = None
+
+
+def _parse_timestamp(value: Any) -> dt.datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, dt.datetime):
+        return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+    if isinstance(value, bool):
+        raise ValueError("timestamp must be ISO-8601 text or epoch seconds, got a boolean")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError("timestamp is not finite")
+        return dt.datetime.fromtimestamp(value, tz=dt.timezone.utc)
+    if isinstance(value, str):
+        try:
+            parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"timestamp {value[:40]!r} is not ISO-8601 text or epoch seconds") from None
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+    raise ValueError(f"timestamp must be ISO-8601 text or epoch seconds, got {type(value).__name__}")
+
+
+def validate_record(kind: InputKind, row: Any) -> tuple[dict | None, str | None]:
+    """Check one parsed row. Returns (clean record, None) or (None, reason)."""
+    if not isinstance(row, dict):
+        return None, f"row is a JSON {type(row).__name__}, expected an object"
+    schema = INPUT_SCHEMAS[kind]
+    known = set(schema.names)
+    clean: dict[str, Any] = {}
+    for name in ("user_id", ID_FIELD[kind], *TEXT_FIELDS[kind]):
+        if name not in row or row[name] is None:
+            return None, f"missing field {name!r}"
+        value = row[name]
+        if not isinstance(value, str):
+            return None, f"field {name!r} must be a string, got {type(value).__name__}"
+        clean[name] = value
+    for name in ("user_id", ID_FIELD[kind]):
+        if not clean[name].strip():
+            return None, f"field {name!r} is empty"
+    for name in TEXT_FIELDS[kind]:
+        if not clean[name].strip():
+            return None, f"empty text in field {name!r}"
+    if kind == "preference_pairs":
+        weight = row.get("weight")
+        if weight is not None:
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                return None, f"field 'weight' must be a number, got {type(weight).__name__}"
+            if not math.isfinite(weight) or weight < 0:
+                return None, f"field 'weight' must be a finite number >= 0, got {weight!r}"
+            weight = float(weight)
+        clean["weight"] = weight
+        if clean["chosen"] == clean["rejected"]:
+            return None, "chosen and rejected are identical"
+    else:
+        try:
+            clean["timestamp"] = _parse_timestamp(row.get("timestamp"))
+        except ValueError as exc:
+            return None, str(exc)
+    extra = sorted(set(row) - known)
+    del extra  # unknown extra fields are allowed (kept in the raw quarantine text only)
+    return clean, None
+
+
+def parse_json_line(line: str) -> tuple[Any, str | None]:
+    """Parse one JSONL line: (value, None) or (None, reason)."""
+    try:
+        return json.loads(line), None
+    except json.JSONDecodeError as exc:
+        return None, f"invalid JSON: {exc.msg} at column {exc.colno}"
+
+
+def raw_text(row: Any, limit: int = 2000) -> str:
+    """The row as JSON text for the quarantine table (truncated)."""
+    try:
+        text = row if isinstance(row, str) else json.dumps(row, default=str, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(row)
+    return text if len(text) <= limit else text[:limit] + "…"

@@ -1,0 +1,151 @@
+"""Tables of the steering store and of the pipeline between stages.
+
+Store version layout: ``<store>/versions/<version>/<table>/*.parquet`` for the tables below,
+then ``manifest.json`` (written last but one) and the store's ``LATEST`` pointer (last).
+
+- ``vectors``: one row per user (``scope='user'``) plus one population row
+  (``scope='population'``, ``user_id`` null): per-layer steering vectors with the conventions
+  needed to apply them anywhere.
+- ``users``: one row per input user — the reconciliation (stored or quarantined, with why).
+- ``quarantine``: one row per rejected input row or user, with the reason and the raw text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+STORE_SCHEMA_VERSION = 1
+
+
+def _meta(table: str) -> dict[str, str]:
+    return {"steerstore.table": table, "steerstore.schema_version": str(STORE_SCHEMA_VERSION)}
+
+
+# ---- pipeline: one row per input record after validation -----------------------------------
+
+RECORD_SCHEMA = pa.schema([
+    pa.field("kind", pa.string()),  # histories | preference_pairs
+    pa.field("source", pa.string()),  # the input file
+    pa.field("user_id", pa.string()),
+    pa.field("record_id", pa.string()),  # item_id / pair_id
+    pa.field("status", pa.string()),  # ok | quarantined
+    pa.field("reason", pa.string()),
+    pa.field("raw", pa.string()),
+    pa.field("prompt", pa.string()),
+    pa.field("chosen", pa.string()),
+    pa.field("rejected", pa.string()),
+    pa.field("weight", pa.float64()),
+    pa.field("input", pa.string()),
+    pa.field("output", pa.string()),
+    pa.field("timestamp", pa.timestamp("us", tz="UTC")),
+], metadata=_meta("records"))
+
+PAIR_STRUCT = pa.struct([
+    ("pair_id", pa.string()), ("prompt", pa.string()), ("chosen", pa.string()),
+    ("rejected", pa.string()), ("weight", pa.float64()),
+])
+HISTORY_STRUCT = pa.struct([
+    ("item_id", pa.string()), ("input", pa.string()), ("output", pa.string()),
+    ("timestamp", pa.timestamp("us", tz="UTC")),
+])
+DROPPED_STRUCT = pa.struct([
+    ("kind", pa.string()), ("source", pa.string()), ("record_id", pa.string()),
+    ("reason", pa.string()), ("raw", pa.string()),
+])
+
+# ---- pipeline: one row per user after prepare -----------------------------------------------
+
+USER_ROW_SCHEMA = pa.schema([
+    pa.field("user_id", pa.string(), nullable=False),
+    pa.field("status", pa.string()),  # ok | quarantined
+    pa.field("reason", pa.string()),
+    pa.field("pairs", pa.list_(PAIR_STRUCT)),  # sorted by pair_id
+    pa.field("histories", pa.list_(HISTORY_STRUCT)),  # sorted by (timestamp, item_id)
+    pa.field("n_pairs_in", pa.int32()),
+    pa.field("n_histories_in", pa.int32()),
+    pa.field("dropped", pa.list_(DROPPED_STRUCT)),  # rows of this user rejected in prepare
+    pa.field("content_fingerprint", pa.string()),
+    pa.field("bucket", pa.int32()),
+], metadata=_meta("user_rows"))
+
+# ---- store tables ---------------------------------------------------------------------------
+
+VECTORS_SCHEMA = pa.schema([
+    pa.field("user_id", pa.string()),  # null for the population row
+    pa.field("scope", pa.string(), nullable=False),  # user | population
+    pa.field("method", pa.string(), nullable=False),  # caa
+    pa.field("layers", pa.list_(pa.int32()), nullable=False),  # layer i = output of block i
+    pa.field("vectors", pa.list_(pa.list_(pa.float32())), nullable=False),  # (len(layers), hidden)
+    pa.field("norms", pa.list_(pa.float32())),
+    pa.field("hidden_size", pa.int32(), nullable=False),
+    pa.field("hook", pa.string(), nullable=False),  # block_output (= HF hidden_states[i + 1])
+    pa.field("operation", pa.string(), nullable=False),  # add
+    pa.field("positions", pa.string(), nullable=False),  # response | all
+    pa.field("recommended_layers", pa.list_(pa.int32())),
+    pa.field("recommended_scale", pa.float32()),
+    pa.field("n_pairs", pa.int32()),
+    pa.field("content_fingerprint", pa.string()),
+    pa.field("model_id", pa.string(), nullable=False),
+    pa.field("model_fingerprint", pa.string(), nullable=False),
+], metadata=_meta("vectors"))
+
+USERS_SCHEMA = pa.schema([
+    pa.field("user_id", pa.string(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),  # stored | quarantined
+    pa.field("reason", pa.string()),
+    pa.field("n_pairs_in", pa.int32()),
+    pa.field("n_pairs_used", pa.int32()),
+    pa.field("n_histories_in", pa.int32()),
+    pa.field("n_histories_valid", pa.int32()),
+    pa.field("content_fingerprint", pa.string()),
+], metadata=_meta("users"))
+
+QUARANTINE_SCHEMA = pa.schema([
+    pa.field("input", pa.string(), nullable=False),  # histories | preference_pairs | user
+    pa.field("source", pa.string()),
+    pa.field("user_id", pa.string()),
+    pa.field("record_id", pa.string()),
+    pa.field("stage", pa.string(), nullable=False),  # validate | prepare | caa
+    pa.field("reason", pa.string(), nullable=False),
+    pa.field("raw", pa.string()),
+], metadata=_meta("quarantine"))
+
+STORE_TABLES: dict[str, pa.Schema] = {
+    "vectors": VECTORS_SCHEMA, "users": USERS_SCHEMA, "quarantine": QUARANTINE_SCHEMA,
+}
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Select and cast ``table``'s columns to exactly ``schema`` (an error names what is off)."""
+    missing = [n for n in schema.names if n not in table.column_names]
+    if missing:
+        raise ValueError(f"table lacks columns {missing} required by schema "
+                         f"{schema.metadata.get(b'steerstore.table', b'?').decode()}")
+    return table.select(schema.names).cast(schema)
+
+
+@dataclass
+class TableEntry:
+    """A table of a store version as the manifest lists it."""
+
+    files: list[str]
+    rows: int
+    schema: str  # base64 of the serialized Arrow schema
+    schema_version: int = STORE_SCHEMA_VERSION
+
+
+@dataclass
+class Manifest:
+    """``manifest.json`` of a store version: what is in it and how it was made."""
+
+    version: str
+    created_at: str
+    store_schema_version: int
+    model: dict  # id, fingerprint, num_layers, hidden_size
+    tables: dict[str, TableEntry]
+    summary: dict  # reconciliation counts and per-stage timings
+    config: dict  # the full job config
+    steerstore_version: str
+    inputs: dict = field(default_factory=dict)
