@@ -95,8 +95,9 @@ USERS_SCHEMA = pa.schema([
     pa.field("user_id", pa.string(), nullable=False),
     pa.field("status", pa.string(), nullable=False),  # stored | quarantined
     pa.field("reason", pa.string()),
-    pa.field("n_pairs_in", pa.int32()),
-    pa.field("n_pairs_used", pa.int32()),
+    pa.field("n_pairs_in", pa.int32()),  # rows in the input, valid or not
+    pa.field("n_pairs_valid", pa.int32()),  # rows that passed validation and de-duplication
+    pa.field("n_pairs_used", pa.int32()),  # rows behind the stored vectors (0 when quarantined)
     pa.field("n_histories_in", pa.int32()),
     pa.field("n_histories_valid", pa.int32()),
     pa.field("content_fingerprint", pa.string()),

@@ -1,0 +1,75 @@
+"""Per-user CAA vectors and the population direction on a tiny model."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from operators.caa import (CAAConfig, CAAVectors, pair_differences, population_mean, population_partials,
+                           vectors_array)
+from operators.runtime import ModelConfig, ModelRuntime
+from schemas.store import USER_ROW_SCHEMA
+from tests.tiny import save_tiny
+
+
+def user(uid, n, offset=0):
+    pairs = [{"pair_id": f"{uid}-{k}", "prompt": f"Tell me about thing {k + offset}.",
+              "chosen": "Wow, I absolutely love it!" * (1 + k % 2), "rejected": "Noted. Brief and formal.",
+              "weight": 1.0} for k in range(n)]
+    return {"user_id": uid, "status": "ok", "reason": None, "pairs": pairs, "histories": [], "n_pairs_in": n,
+            "n_histories_in": 0, "dropped": [], "content_fingerprint": f"fp-{uid}", "bucket": 0}
+
+
+@pytest.fixture(scope="module")
+def operator(tmp_path_factory):
+    folder = save_tiny(tmp_path_factory.mktemp("tiny"))
+    return CAAVectors(CAAConfig(layers=[1, 2], recommended_layers=[2], scale=3.0),
+                      ModelConfig(name_or_path=str(folder)))
+
+
+def test_a_user_vector_is_the_mean_pair_difference_of_that_user(operator):
+    users = [user("a", 3), user("b", 2, offset=10)]
+    out = operator(pa.Table.from_pylist(users, schema=USER_ROW_SCHEMA)).to_pylist()
+    assert [r["user_id"] for r in out] == ["a", "b"]
+    for row, u in zip(out, users):
+        expected = pair_differences(operator.runtime, u["pairs"], [1, 2], "mean").mean(axis=0)
+        np.testing.assert_allclose(np.asarray(row["vectors"]), expected, rtol=1e-4, atol=1e-5)
+        assert row["layers"] == [1, 2] and row["recommended_layers"] == [2] and row["recommended_scale"] == 3.0
+        assert row["n_pairs"] == len(u["pairs"]) and row["status"] == "ok"
+        assert row["model_fingerprint"] == operator.runtime.fingerprint
+
+
+def test_pair_differences_use_a_plain_per_pair_reference(operator):
+    rt: ModelRuntime = operator.runtime
+    u = user("a", 3)
+    diffs = pair_differences(rt, u["pairs"], [1], "last")
+    for k, p in enumerate(u["pairs"]):
+        c = rt.activations([p["prompt"]], [p["chosen"]], [1], "last")[0]
+        r = rt.activations([p["prompt"]], [p["rejected"]], [1], "last")[0]
+        np.testing.assert_allclose(diffs[k], (c - r).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_failing_user_is_quarantined_without_sinking_the_batch(operator):
+    bad = user("bad", 2)
+    bad["pairs"][0]["chosen"] = ""  # no response tokens: activation capture refuses it
+    out = operator(pa.Table.from_pylist([user("a", 2), bad, user("c", 2)], schema=USER_ROW_SCHEMA)).to_pylist()
+    assert [(r["user_id"], r["status"]) for r in out] == [("a", "ok"), ("bad", "quarantined"), ("c", "ok")]
+    assert "empty response" in out[1]["reason"]
+
+
+def test_the_population_reduce_over_batches_equals_the_mean_over_all_pairs(operator):
+    users = [user("a", 3), user("b", 1, offset=5), user("c", 4, offset=9)]
+    out = operator(pa.Table.from_pylist(users, schema=USER_ROW_SCHEMA))
+    partials = pa.concat_tables([population_partials(out.slice(0, 1)), population_partials(out.slice(1, 2))])
+    mean, n = population_mean(partials)
+    all_pairs = [p for u in users for p in u["pairs"]]
+    expected = pair_differences(operator.runtime, all_pairs, [1, 2], "mean").mean(axis=0)
+    assert n == 8
+    np.testing.assert_allclose(mean, expected, rtol=1e-4, atol=1e-5)
+    assert vectors_array(out).shape == (3, 2, operator.runtime.hidden_size)
+
+
+def test_default_layers_are_a_band_in_the_middle_of_the_model():
+    layers, recommended = CAAConfig().resolve_layers(30)
+    assert layers == list(range(9, 17)) and recommended == [12]
+    with pytest.raises(ValueError, match="do not exist"):
+        CAAConfig(layers=[40]).resolve_layers(30)

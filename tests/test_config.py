@@ -1,0 +1,51 @@
+"""One config system: YAML files and CLI flags fill the same dataclasses, with checked values."""
+
+import argparse
+
+import pytest
+
+from infra.config import ConfigError, add_arguments, from_dict, load
+from jobs.refresh import RefreshConfig
+
+
+def parse(tmp_path, yaml_text, *flags):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, RefreshConfig)
+    return load(RefreshConfig, str(path), parser.parse_args(list(flags)))
+
+
+def test_yaml_fills_nested_sections_and_flags_override_it(tmp_path):
+    cfg = parse(tmp_path, "inputs: {preference_pairs: a.jsonl}\ncaa: {layers: [3, 4], scale: 1.5}\n",
+                "--caa.scale", "3", "--resources.caa_actors", "2", "--ray.address", "auto")
+    assert cfg.inputs.preference_pairs == "a.jsonl"
+    assert cfg.caa.layers == [3, 4] and cfg.caa.scale == 3.0
+    assert cfg.resources.caa_actors == 2 and cfg.ray.address == "auto"
+
+
+def test_list_flags_take_comma_separated_values(tmp_path):
+    cfg = parse(tmp_path, "inputs: {preference_pairs: a.jsonl}\n", "--caa.layers", "5,6,7")
+    assert cfg.caa.layers == [5, 6, 7]
+
+
+def test_unknown_keys_are_rejected_with_the_known_ones_listed():
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['layerz'\].*known"):
+        from_dict(RefreshConfig, {"inputs": {"preference_pairs": "x"}, "caa": {"layerz": [1]}})
+
+
+def test_literal_fields_accept_only_their_choices():
+    with pytest.raises(ConfigError, match="caa.position: 'first' is not one of"):
+        from_dict(RefreshConfig, {"inputs": {"preference_pairs": "x"}, "caa": {"position": "first"}})
+
+
+def test_values_are_checked_when_the_config_is_built():
+    with pytest.raises(ConfigError, match="min_pairs must be >= 1"):
+        from_dict(RefreshConfig, {"inputs": {"preference_pairs": "x"}, "prepare": {"min_pairs": 0}})
+    with pytest.raises(ConfigError, match="preference_pairs is required"):
+        from_dict(RefreshConfig, {})
+
+
+def test_wrong_types_name_the_field():
+    with pytest.raises(ConfigError, match="resources.caa_actors: expected int"):
+        from_dict(RefreshConfig, {"inputs": {"preference_pairs": "x"}, "resources": {"caa_actors": "many"}})

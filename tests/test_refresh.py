@@ -1,0 +1,144 @@
+"""The refresh job on real local Ray with a tiny model: quarantine, reconciliation, store contents."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from infra.config import from_dict
+from infra.reader import StoreReader
+from infra.storage import SteeringStore
+from jobs import refresh
+from operators.caa import CAAConfig, pair_differences
+from operators.runtime import ModelConfig, ModelRuntime
+
+CAA = {"layers": [1, 2], "recommended_layers": [2], "scale": 2.0}
+
+
+def pair(user, pid, k=0, **change):
+    row = {"user_id": user, "pair_id": pid, "prompt": f"Tell me about thing {k}.",
+           "chosen": "Wow, I absolutely love it!", "rejected": "Noted. Brief and formal.", "weight": 1.0}
+    return {**row, **change}
+
+
+def write_jsonl(path, rows, extra_lines=()):
+    with open(path, "w") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+        for line in extra_lines:
+            fh.write(line + "\n")
+    return str(path)
+
+
+def config(tmp_path, tiny_model_folder, pairs, histories=None, **extra):
+    return from_dict(refresh.RefreshConfig, {
+        "inputs": {"preference_pairs": pairs, "histories": histories},
+        "output": {"store": str(tmp_path / "store")},
+        "model": {"name_or_path": str(tiny_model_folder)},
+        "validate": {"max_tokens": 48}, "caa": CAA, "ray": {"progress_bars": False}, **extra})
+
+
+@pytest.fixture(scope="module")
+def bad_input(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("bad-input")
+    good = [pair("alice", f"a{k}", k) for k in range(3)] + [pair("bob", f"b{k}", k + 5) for k in range(2)]
+    bad = [
+        pair("alice", "a-empty", chosen=""),                      # empty text
+        pair("alice", 12),                                         # wrong-typed id
+        {k: v for k, v in pair("bob", "b-missing").items() if k != "prompt"},  # missing field
+        pair("bob", "b0", 5),                                      # identical duplicate of b0: one copy kept
+        pair("carol", "c0"), pair("carol", "c0", chosen="Other!"),  # conflicting duplicates: both dropped
+        pair("carol", "c1"),                                       # carol keeps 1 pair: too few
+        pair("dave", "d-long", chosen="word " * 80),               # over the token limit: dave has no valid pair
+    ]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", good + bad, extra_lines=['{"user_id": "erin", "pair_id": '])
+    histories = write_jsonl(tmp_path / "histories.jsonl", [
+        {"user_id": "alice", "item_id": "h1", "input": "Write.", "output": "I wrote this.", "timestamp": 5},
+        {"user_id": "frank", "item_id": "h1", "input": "Write.", "output": "Only history.", "timestamp": "nope"},
+    ])
+    return pairs, histories
+
+
+@pytest.fixture(scope="module")
+def bad_input_run(ray_cluster, tmp_path_factory, tiny_model_folder, bad_input):
+    """One refresh over the bad-input files, shared by the tests that inspect its store."""
+    tmp_path = tmp_path_factory.mktemp("bad-input-run")
+    summary = refresh.main(config(tmp_path, tiny_model_folder, *bad_input))
+    return summary, str(tmp_path / "store")
+
+
+def test_bad_rows_are_quarantined_with_reasons_and_every_user_reconciles(bad_input_run):
+    summary, store_uri = bad_input_run
+    reader = StoreReader(store_uri)
+    users = {r["user_id"]: r for r in reader.users().to_pylist()}
+    assert set(users) == {"alice", "bob", "carol", "dave", "frank"}
+    assert {u for u, r in users.items() if r["status"] == "stored"} == {"alice", "bob"}
+    assert summary["users_in"] == 5 and summary["users_stored"] == 2 and summary["users_quarantined"] == 3
+    assert users["carol"]["reason"].startswith("user has 1 valid preference pair(s)")
+    assert users["bob"]["n_pairs_in"] == 4 and users["bob"]["n_pairs_used"] == 2
+
+    quarantine = reader.store.read_table("quarantine", reader.version).to_pylist()
+    reasons = {(q["user_id"], q["record_id"]): q["reason"] for q in quarantine}
+    assert reasons[("alice", "a-empty")] == "empty text in field 'chosen'"
+    assert reasons[("alice", "12")] == "field 'pair_id' must be a string, got int"
+    assert reasons[("bob", "b-missing")] == "missing field 'prompt'"
+    assert reasons[("bob", "b0")].startswith("duplicate pair_id 'b0' (identical copy")
+    assert "conflicting content" in reasons[("carol", "c0")]
+    assert reasons[("dave", "d-long")].startswith("text over token limit")
+    assert reasons[("frank", "h1")].startswith("timestamp 'nope' is not ISO-8601")
+    assert any(q["user_id"] is None and q["reason"].startswith("invalid JSON") for q in quarantine)
+    # every input row is accounted for: used, or in quarantine
+    assert summary["input_rows"] == 5 + 8 + 1 + 2
+    assert summary["rows_quarantined"] == 9 and summary["rows_without_user"] == 1
+    assert summary["rows_kept"] == 7  # alice 3 pairs + 1 history, bob 2, carol 1
+
+
+def test_stored_vectors_equal_a_direct_in_process_computation(bad_input_run, tiny_model_folder):
+    reader = StoreReader(bad_input_run[1])
+    stored = reader.vectors(["alice", "bob", "carol"])
+    assert set(stored) == {"alice", "bob"}
+    rt = ModelRuntime(ModelConfig(name_or_path=str(tiny_model_folder)))
+    alice = [pair("alice", f"a{k}", k) for k in range(3)]
+    bob = [pair("bob", f"b{k}", k + 5) for k in range(2)]
+    for uid, pairs in (("alice", alice), ("bob", bob)):
+        expected = pair_differences(rt, pairs, [1, 2], "mean").mean(axis=0)
+        np.testing.assert_allclose(stored[uid].vectors, expected, rtol=1e-4, atol=1e-5)
+        assert stored[uid].model_fingerprint == rt.fingerprint == reader.manifest["model"]["fingerprint"]
+    population = reader.population()
+    expected = pair_differences(rt, alice + bob, [1, 2], "mean").mean(axis=0)
+    np.testing.assert_allclose(population.vectors, expected, rtol=1e-4, atol=1e-5)
+    assert population.n_pairs == 5
+
+
+def test_every_store_table_is_written_with_its_explicit_schema(bad_input_run):
+    from schemas.store import STORE_TABLES
+
+    store = SteeringStore(bad_input_run[1])
+    version = store.latest()
+    for name, schema in STORE_TABLES.items():
+        files = store.table_files(version, name)
+        assert files, name
+        for f in files:
+            assert pq.read_schema(f).remove_metadata().equals(schema.remove_metadata()), name
+    manifest = store.read_manifest(version)
+    assert manifest["tables"]["vectors"]["rows"] == 3 and manifest["summary"]["users_in"] == 5
+
+
+def test_a_second_run_publishes_a_new_immutable_version_and_moves_latest(ray_cluster, tmp_path, tiny_model_folder):
+    pairs = write_jsonl(tmp_path / "p.jsonl", [pair("u", f"p{k}", k) for k in range(2)])
+    first = refresh.main(config(tmp_path, tiny_model_folder, pairs))["version"]
+    pairs2 = write_jsonl(tmp_path / "p2.parquet.jsonl", [pair("u", f"p{k}", k) for k in range(3)])
+    second = refresh.main(config(tmp_path, tiny_model_folder, pairs2))["version"]
+    store = SteeringStore(str(tmp_path / "store"))
+    assert store.versions() == sorted([first, second]) and store.latest() == second
+    assert StoreReader(store.uri, version=first).vectors(["u"])["u"].n_pairs == 2
+    assert StoreReader(store.uri).vectors(["u"])["u"].n_pairs == 3
+
+
+def test_parquet_inputs_are_read_like_jsonl(ray_cluster, tmp_path, tiny_model_folder):
+    rows = [pair("p", f"p{k}", k) for k in range(2)] + [pair("q", "q0", chosen="")]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
+    summary = refresh.main(config(tmp_path, tiny_model_folder, str(tmp_path / "pairs.parquet")))
+    assert summary["users_stored"] == 1 and summary["users_quarantined"] == 1 and summary["rows_quarantined"] == 1
