@@ -142,3 +142,46 @@ def test_parquet_inputs_are_read_like_jsonl(ray_cluster, tmp_path, tiny_model_fo
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
     summary = refresh.main(config(tmp_path, tiny_model_folder, str(tmp_path / "pairs.parquet")))
     assert summary["users_stored"] == 1 and summary["users_quarantined"] == 1 and summary["rows_quarantined"] == 1
+
+
+def test_generate_prints_unsteered_and_steered_answers_for_a_stored_user(bad_input_run, capsys):
+    from jobs import cli
+
+    assert cli.main(["generate", "--store", bad_input_run[1], "--user", "alice", "--prompt", "Hi",
+                     "--max_new_tokens", "6", "--alpha", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "user alice · 3 pairs · layers [2] · alpha 8" in out
+    assert "unsteered:" in out and "steered:" in out
+
+
+def test_generate_for_a_quarantined_user_says_why_it_has_no_vectors(bad_input_run, capsys):
+    from jobs import cli
+
+    assert cli.main(["generate", "--store", bad_input_run[1], "--user", "carol", "--prompt", "Hi"]) == 1
+    err = capsys.readouterr().err
+    assert "'carol' has no vectors" in err and "quarantined: user has 1 valid preference pair(s)" in err
+
+
+def test_serving_refuses_a_model_whose_weights_differ_from_the_store(bad_input_run, tmp_path):
+    from jobs.generate import FingerprintMismatch, load_runtime_for
+    from tests.tiny import save_tiny
+
+    other = save_tiny(tmp_path / "other", seed=1)
+    with pytest.raises(FingerprintMismatch, match="load that model or rebuild the store"):
+        load_runtime_for(StoreReader(bad_input_run[1]), str(other))
+
+
+def test_inspect_describes_versions_tables_and_model(bad_input_run, capsys):
+    from jobs import cli
+
+    assert cli.main(["inspect", bad_input_run[1]]) == 0
+    out = capsys.readouterr().out
+    assert "(LATEST)" in out and "users in 5 = stored 2 + quarantined 3" in out
+    assert "table quarantine: 12 rows" in out and "vectors: list<item: list<item: float>>" in out
+
+
+def test_a_store_with_no_published_version_gives_a_clear_error(tmp_path, capsys):
+    from jobs import cli
+
+    assert cli.main(["inspect", str(tmp_path / "nothing")]) == 1
+    assert "steerstore refresh" in capsys.readouterr().err
