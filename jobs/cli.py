@@ -11,13 +11,14 @@ from infra.config import ConfigError, add_arguments, load
 
 
 def _jobs():
-    from jobs import demo, generate, inspect_store, refresh
+    from jobs import bench, demo, generate, inspect_store, refresh
 
     return {
         "refresh": (refresh.RefreshConfig, refresh.main, "compute steering vectors and publish a new store version"),
         "inspect": (inspect_store.InspectConfig, inspect_store.main, "describe a store: versions, rows, schema, model"),
         "generate": (generate.GenerateConfig, generate.main, "answer a prompt unsteered and steered for a user"),
         "demo": (demo.DemoConfig, demo.main, "run the embedded demo end to end into ./steerstore-out"),
+        "bench": (bench.BenchConfig, bench.main, "benchmark the activation stage against a plain per-sequence loop"),
     }
 
 
@@ -29,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML config file (local or s3://); flags override it")
         if name == "inspect":
             p.add_argument("store_uri", nargs="?", help="store URI")
+        if name in ("refresh", "demo"):
+            p.add_argument("--address", dest="cfg::ray.address", default=argparse.SUPPRESS,
+                           help="Ray cluster address (same as --ray.address); default: embedded local Ray")
         add_arguments(p, cls)
     return parser
 

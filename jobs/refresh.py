@@ -98,7 +98,7 @@ def _where(ds, column: str, value: str, equal: bool = True):
     return ds.map_batches(fn, batch_format="pyarrow")
 
 
-def _input_format(uri: str, fmt: str) -> str:
+def _input_format(uri: str, fmt: str, cfg: StorageConfig | None = None) -> str:
     if fmt != "auto":
         return fmt
     name = uri.rstrip("/").lower()
@@ -106,7 +106,7 @@ def _input_format(uri: str, fmt: str) -> str:
         return "parquet"
     if name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")):
         return "jsonl"
-    files = storage.list_files(uri, None)
+    files = storage.list_files(uri, cfg)
     kinds = {_input_format(f, "auto") for f in files if f.lower().endswith(
         (".parquet", ".pq", ".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson"))}
     if len(kinds) != 1:
@@ -119,7 +119,7 @@ def read_input(uri: str, fmt: str, cfg: StorageConfig):
     import ray.data
 
     fs, path = storage.filesystem(uri, cfg)
-    fmt = _input_format(uri, fmt)
+    fmt = _input_format(uri, fmt, cfg)
     if fmt == "parquet":
         return ray.data.read_parquet(path, filesystem=fs, include_paths=True)
     gz = path.endswith(".gz")
@@ -272,7 +272,17 @@ def main(config: RefreshConfig) -> dict:
     store.publish(version, manifest)
     timer.lap("publish", f"LATEST -> {version}")
     summary["stage_seconds"] = dict(timer.stages)
+    _print_summary(summary, config.output.store)
     return summary
+
+
+def _print_summary(summary: dict, store_uri: str) -> None:
+    s = summary
+    print(f"published {store_uri} version {s['version']}\n"
+          f"  users: {s['users_in']} in = {s['users_stored']} stored + {s['users_quarantined']} quarantined\n"
+          f"  rows:  {s['input_rows']} in = {s['rows_kept']} kept + {s['rows_quarantined']} quarantined "
+          f"({s['rows_without_user']} without a user id)\n"
+          "  stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in s["stage_seconds"].items()), flush=True)
 
 
 def _where_not_null(ds, column: str):

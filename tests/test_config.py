@@ -49,3 +49,19 @@ def test_values_are_checked_when_the_config_is_built():
 def test_wrong_types_name_the_field():
     with pytest.raises(ConfigError, match="resources.caa_actors: expected int"):
         from_dict(RefreshConfig, {"inputs": {"preference_pairs": "x"}, "resources": {"caa_actors": "many"}})
+
+
+def test_the_example_cluster_config_parses_into_the_refresh_config():
+    from pathlib import Path
+
+    cfg = load(RefreshConfig, str(Path(__file__).parents[1] / "infra" / "deploy" / "refresh.example.yaml"))
+    assert cfg.resources.gpus_per_actor == 1 and cfg.resources.shuffle == "hash"
+    assert cfg.output.store.startswith("s3://") and cfg.caa.recommended_layers == [13]
+
+
+def test_refresh_accepts_address_as_a_shorthand_for_ray_address():
+    from jobs.cli import build_parser
+
+    args = build_parser().parse_args(["refresh", "--address", "ray://head:10001",
+                                      "--inputs.preference_pairs", "p.jsonl"])
+    assert load(RefreshConfig, None, args).ray.address == "ray://head:10001"
