@@ -60,7 +60,8 @@ class ResourcesConfig:
     caa_actors: int = option(1, help="activation actors (each loads the model once)")
     caa_batch_size: int = option(16, help="users per activation batch")
     gpus_per_actor: float = option(0.0, help="GPUs per activation actor (1 on a GPU cluster)")
-    cpus_per_actor: float = option(1.0, help="CPUs reserved per activation actor")
+    cpus_per_actor: float = option(
+        2.0, help="CPUs reserved per activation actor; Ray sets the actor's torch threads to this (2 fits the demo machine)")
     rows_per_file: int = option(100_000, help="most rows per Parquet file in the store")
 
     def __post_init__(self) -> None:
