@@ -49,6 +49,7 @@ class StoreReader:
         self.store = SteeringStore(uri, storage)
         self.version = self.store.resolve(version)
         self.manifest = self.store.read_manifest(self.version)
+        self._basis: pa.Table | None = None
 
     def vectors(self, user_ids: Sequence[str]) -> dict[str, UserVectors]:
         """Vectors of the given users that are in the store (absent users are simply missing)."""
@@ -62,6 +63,39 @@ class StoreReader:
     def population(self) -> UserVectors | None:
         table = self.store.read_table("vectors", self.version, filter=pc.field("scope") == "population")
         return _from_row(table.to_pylist()[0]) if table.num_rows else None
+
+    def bt_basis(self) -> pa.Table:
+        """The version's preference basis, one row per layer (empty when BT was not fitted)."""
+        if self._basis is None:
+            self._basis = self.store.read_table("bt_basis", self.version).sort_by("layer")
+        return self._basis
+
+    def bt_theta(self, user_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """Users' BT ideal points θ (k floats each); absent users are missing."""
+        ids = list(dict.fromkeys(user_ids))
+        if not ids:
+            return {}
+        table = self.store.read_table("bt_coords", self.version, filter=pc.field("user_id").isin(ids))
+        return {r["user_id"]: np.asarray(r["theta"], dtype=np.float32) for r in table.to_pylist()}
+
+    def bt(self, user_ids: Sequence[str]) -> dict[str, UserVectors]:
+        """Users' BT directions composed from θ and the basis: B_lᵀθ rescaled to ‖p_l‖ per layer."""
+        from operators.bt import compose  # noqa: PLC0415
+
+        basis = self.bt_basis()
+        if basis.num_rows == 0:
+            raise KeyError(f"store version {self.version} has no BT basis (bt.enabled was off or no users)")
+        axes = np.stack([np.asarray(a, dtype=np.float32) for a in basis.column("axes").to_pylist()])
+        norms = basis.column("population_norm").to_numpy()
+        meta = basis.slice(0, 1).to_pylist()[0]
+        out = {}
+        for uid, theta in self.bt_theta(user_ids).items():
+            out[uid] = UserVectors(
+                user_id=uid, layers=basis.column("layer").to_pylist(), vectors=compose(theta, axes, norms),
+                recommended_layers=list(meta["recommended_layers"]), recommended_scale=float(meta["recommended_scale"]),
+                positions=meta["positions"], model_id=meta["model_id"], model_fingerprint=meta["model_fingerprint"],
+                n_pairs=0)
+        return out
 
     def users(self, user_ids: Sequence[str] | None = None) -> pa.Table:
         """The reconciliation rows (stored / quarantined and why) of some or all users."""

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -20,12 +21,14 @@ from infra import storage
 from infra.cluster import RayConfig, connect
 from infra.config import check, option, to_dict
 from infra.storage import SteeringStore, StorageConfig
-from operators.caa import CAAConfig, CAAVectors, population_mean, population_partials, vector_row
+from operators.bt import BTConfig, build_basis, feature_scales, finalize_users, in_sample, population_theta
+from operators.caa import (CAAConfig, CAAVectors, population_mean, population_partials, vector_row,
+                           vectors_array)
 from operators.prepare import PrepareConfig, prepare_user_group
 from operators.runtime import ModelConfig
 from operators.validate import ValidateConfig, ValidateRecords
-from schemas.store import (QUARANTINE_SCHEMA, STORE_SCHEMA_VERSION, STORE_TABLES, USERS_SCHEMA, VECTORS_SCHEMA,
-                           conform)
+from schemas.store import (BT_BASIS_SCHEMA, QUARANTINE_SCHEMA, STORE_SCHEMA_VERSION, STORE_TABLES, USERS_SCHEMA,
+                           VECTORS_SCHEMA, conform)
 
 log = logging.getLogger("steerstore")
 
@@ -81,6 +84,7 @@ class RefreshConfig:
     validate: ValidateConfig = dataclasses.field(default_factory=ValidateConfig, metadata={"help": "validation"})
     prepare: PrepareConfig = dataclasses.field(default_factory=PrepareConfig, metadata={"help": "per-user prepare"})
     caa: CAAConfig = dataclasses.field(default_factory=CAAConfig, metadata={"help": "CAA vectors"})
+    bt: BTConfig = dataclasses.field(default_factory=BTConfig, metadata={"help": "preference basis and ideal points"})
     resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig, metadata={"help": "scheduling"})
 
     def __post_init__(self) -> None:
@@ -193,20 +197,44 @@ def main(config: RefreshConfig) -> dict:
     n_users = users.count()
     timer.lap("prepare", f"{n_users} users")
 
-    # 3. activations -> per-user CAA vectors (model actors; per-user errors become quarantine)
-    caa = _where(users, "status", "ok").map_batches(
-        CAAVectors, fn_constructor_kwargs={"config": config.caa, "model": config.model},
-        compute=ActorPoolStrategy(size=res.caa_actors), batch_size=res.caa_batch_size,
-        num_gpus=res.gpus_per_actor, num_cpus=res.cpus_per_actor, batch_format="pyarrow").materialize()
+    # 3. basis sample: a seeded sample of users through the model, reduced to a preference basis
+    ok_users = _where(users, "status", "ok")
+    caa_kwargs = {"config": config.caa, "model": config.model}
+    actors = {"compute": ActorPoolStrategy(size=res.caa_actors), "batch_size": res.caa_batch_size,
+              "num_gpus": res.gpus_per_actor, "num_cpus": res.cpus_per_actor, "batch_format": "pyarrow"}
+    bt = config.bt if config.bt.enabled else None
+    basis = feature_norms = None
+    sample_fraction = 0.0
+    if bt is not None:
+        n_ok = ok_users.count()
+        sample_fraction = min(1.0, bt.sample_users / max(n_ok, 1))
+        sample = ok_users.filter(lambda row: in_sample(row["user_id"], bt.seed, sample_fraction))
+        sample_rows = _where(sample.map_batches(CAAVectors, fn_constructor_kwargs=caa_kwargs, **actors),
+                             "status", "ok").to_arrow_refs()
+        sample_table = pa.concat_tables(ray.get(sample_rows)) if sample_rows else None
+        if sample_table is not None and sample_table.num_rows:
+            w = sample_table.column("weight_sum").to_numpy()
+            means = vectors_array(sample_table)
+            sample_population = np.einsum("u,ulh->lh", w, means) / w.sum()
+            basis = build_basis(means, sample_population, bt.k)
+            feature_norms = feature_scales(means)
+        timer.lap("bt-basis", f"basis k={bt.k} from {0 if sample_table is None else sample_table.num_rows} users")
+
+    # 4. activations -> per-user weighted directions and BT features (model actors; errors -> quarantine)
+    caa = ok_users.map_batches(
+        CAAVectors, fn_constructor_kwargs={**caa_kwargs, "basis": basis, "population_norms": feature_norms},
+        **actors).materialize()
     stored = _where(caa, "status", "ok").materialize()
     n_stored = stored.count()
     timer.lap("caa", f"{n_stored} users with vectors")
 
-    # 4. population direction: per-batch partial sums, combined on the driver (a few rows)
+    # 5. population direction (per-batch partial sums reduced on the driver: a few rows), θ_pop,
+    #    then a CPU pass: shrink each user toward the population and fit their BT ideal point
     partials = stored.map_batches(population_partials, batch_format="pyarrow").to_arrow_refs()
     partials = pa.concat_tables(ray.get(partials)) if partials else None
     model_info: dict = {"name_or_path": config.model.name_or_path}
-    population = None
+    population = theta_pop = None
+    final = stored
     if n_stored:
         first = stored.take(1)[0]
         model_info.update(id=first["model_id"], fingerprint=first["model_fingerprint"],
@@ -216,7 +244,17 @@ def main(config: RefreshConfig) -> dict:
             None, "population", mean, n_pairs, None, layers=list(first["layers"]),
             recommended=list(first["recommended_layers"]), config=config.caa, hidden_size=first["hidden_size"],
             model_id=first["model_id"], model_fingerprint=first["model_fingerprint"])
-    timer.lap("population", f"{population['n_pairs'] if population else 0} pairs")
+        if basis is not None:
+            pooled = [r for r in stored.select_columns(["user_id", "bt_features", "bt_weights"])
+                      .filter(lambda row: in_sample(row["user_id"], bt.seed, sample_fraction)).take_all()]
+            x = np.asarray([f for r in pooled for f in r["bt_features"]], dtype=np.float64).reshape(-1, bt.k)
+            w = np.asarray([v for r in pooled for v in r["bt_weights"]], dtype=np.float64)
+            theta_pop = population_theta(x, w, bt)
+        final = stored.map_batches(
+            finalize_users, fn_kwargs={"population": mean, "kappa": config.caa.shrinkage, "theta_pop": theta_pop,
+                                       "config": bt or config.bt}, batch_format="pyarrow").materialize()
+    timer.lap("population", f"{population['n_pairs'] if population else 0} pairs; users shrunk"
+              + ("; BT fitted" if theta_pop is not None else ""))
 
     # 5. reconciliation tables: users (one row per input user) and quarantine (every rejected row/user)
     failed = {r["user_id"]: r["reason"] for r in _where(caa, "status", "ok", equal=False)
@@ -249,18 +287,25 @@ def main(config: RefreshConfig) -> dict:
         raise ReconciliationError(f"inputs do not reconcile, nothing published: {summary}")
 
     # 6. write the version, then publish (manifest, then LATEST)
-    _write(stored, store, version, "vectors", config)
+    _write(final, store, version, "vectors", config)
+    rows = {"vectors": n_stored, "users": n_users, "quarantine": summary["quarantine_rows"], "bt_coords": 0,
+            "bt_basis": 0}
     if population is not None:
         _write(ray.data.from_arrow(pa.Table.from_pylist([population], schema=VECTORS_SCHEMA)),
                store, version, "vectors", config)
+        rows["vectors"] += 1
+    if theta_pop is not None:
+        _write(final, store, version, "bt_coords", config)
+        basis_rows = _basis_rows(basis, np.asarray(population["norms"]), feature_norms, theta_pop, population,
+                                 bt, n_sample=int(sample_table.num_rows))
+        _write(ray.data.from_arrow(basis_rows), store, version, "bt_basis", config)
+        rows.update(bt_coords=n_stored, bt_basis=basis_rows.num_rows)
     _write(users_table, store, version, "users", config)
     _write(quarantine, store, version, "quarantine", config)
     tables = {}
     for name, schema in STORE_TABLES.items():
         files = store.table_files(version, name)
-        tables[name] = {"files": [f.rsplit("/", 1)[-1] for f in files],
-                        "rows": {"vectors": n_stored + (population is not None), "users": n_users,
-                                 "quarantine": summary["quarantine_rows"]}[name],
+        tables[name] = {"files": [f.rsplit("/", 1)[-1] for f in files], "rows": rows[name],
                         "schema": storage.schema_to_b64(schema), "schema_version": STORE_SCHEMA_VERSION}
     timer.lap("write", f"{sum(t['rows'] for t in tables.values())} rows")
     summary["stage_seconds"] = dict(timer.stages)
@@ -268,13 +313,27 @@ def main(config: RefreshConfig) -> dict:
         "version": version, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "store_schema_version": STORE_SCHEMA_VERSION, "model": model_info, "tables": tables,
         "summary": summary, "config": _redacted(config), "inputs": inputs,
-        "methods": ["caa"], "steerstore_version": _package_version(),
+        "methods": ["caa"] + (["bt"] if theta_pop is not None else []),
+        "steerstore_version": _package_version(),
     }
     store.publish(version, manifest)
     timer.lap("publish", f"LATEST -> {version}")
     summary["stage_seconds"] = dict(timer.stages)
     _print_summary(summary, config.output.store)
     return summary
+
+
+def _basis_rows(basis: np.ndarray, population_norms: np.ndarray, feature_norms: np.ndarray, theta_pop: np.ndarray,
+                population: dict, bt: BTConfig, n_sample: int) -> pa.Table:
+    rows = [{
+        "layer": layer, "axes": basis[j].tolist(), "population_norm": float(population_norms[j]),
+        "feature_norm": float(feature_norms[j]), "population_theta": np.asarray(theta_pop).tolist(), "k": bt.k,
+        "hidden_size": population["hidden_size"], "hook": population["hook"], "operation": population["operation"],
+        "positions": population["positions"], "recommended_layers": population["recommended_layers"],
+        "recommended_scale": bt.scale, "sample_users": n_sample, "model_id": population["model_id"],
+        "model_fingerprint": population["model_fingerprint"],
+    } for j, layer in enumerate(population["layers"])]
+    return pa.Table.from_pylist(rows, schema=BT_BASIS_SCHEMA)
 
 
 def _print_summary(summary: dict, store_uri: str) -> None:

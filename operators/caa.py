@@ -1,10 +1,16 @@
 """Per-user contrastive activation addition (CAA) and the population direction.
 
-Per layer l, a user's direction is the mean over their pairs of
-h_l(prompt ⊕ chosen) − h_l(prompt ⊕ rejected), with h the block output averaged over the
-response tokens (``position='mean'``) or taken at the last response token (``'last'``).
-The population direction is the pair-weighted mean over all users, i.e. the mean over all
-pairs, computed as a reduce of per-batch partial sums (never a collect of all users).
+Per layer l, a pair's difference is d = h_l(prompt ⊕ chosen) − h_l(prompt ⊕ rejected), with h
+the block output averaged over the response tokens (``position='mean'``) or taken at the last
+response token (``'last'``). Each pair has a weight w (its ``weight`` field, 1 when absent):
+how strongly the choice was made, e.g. a rating gap.
+
+- population p = Σ w d / Σ w over all pairs of all users, a reduce of per-batch partial sums
+  (never a collect of all users);
+- a user's dislike-weighted direction, shrunk toward the population:
+  v = (Σ_user w d + κ p) / (Σ_user w + κ). κ (``caa.shrinkage``) acts as κ pseudo-pairs of
+  population evidence, so a user with few pairs stays near p and one with many pairs is
+  dominated by their own choices. κ = 0 gives the plain weighted mean.
 """
 
 from __future__ import annotations
@@ -18,8 +24,13 @@ from operators.runtime import ModelConfig, ModelRuntime, Position, SteerPosition
 from operators.validate import require_columns
 from schemas.store import VECTORS_SCHEMA
 
-CAA_OUTPUT_SCHEMA = VECTORS_SCHEMA.append(pa.field("status", pa.string())).append(pa.field("reason", pa.string()))
-PARTIALS_SCHEMA = pa.schema([("n", pa.int64()), ("layers", pa.list_(pa.int32())),
+CAA_OUTPUT_SCHEMA = pa.schema(list(VECTORS_SCHEMA) + [
+    pa.field("status", pa.string()), pa.field("reason", pa.string()),
+    pa.field("weight_sum", pa.float64()),  # Σ w over the user's pairs
+    pa.field("bt_features", pa.list_(pa.list_(pa.float32()))),  # (pairs, k) when a basis is given
+    pa.field("bt_weights", pa.list_(pa.float32())),  # (pairs,)
+])
+PARTIALS_SCHEMA = pa.schema([("n", pa.int64()), ("weight", pa.float64()), ("layers", pa.list_(pa.int32())),
                              ("sums", pa.list_(pa.list_(pa.float64())))])
 
 
@@ -31,12 +42,15 @@ class CAAConfig:
         [], help="layers the vector is applied at by default; empty = the one layer at 40% of depth")
     scale: float = option(
         2.0, help="recommended multiplier stored with each vector (on SmolLM2-135M: 2 steers clearly, 4 breaks fluency)")
+    shrinkage: float = option(
+        2.0, help="κ: pseudo-pairs of population direction mixed into each user's direction (0 = none)")
     position: Position = option("mean", help="activation per response: mean over its tokens, or its last token")
     apply_positions: SteerPositions = option(
         "response", help="where serving adds the vector: response (last prompt token onwards) or all positions")
 
     def __post_init__(self) -> None:
         check(all(l >= 0 for l in self.layers), "caa.layers must be >= 0")
+        check(self.shrinkage >= 0, "caa.shrinkage must be >= 0")
         check(set(self.recommended_layers) <= set(self.layers) or not self.layers,
               "caa.recommended_layers must be a subset of caa.layers")
 
@@ -61,18 +75,29 @@ def pair_differences(runtime: ModelRuntime, pairs: list[dict], layers: list[int]
     return (acts[: len(pairs)] - acts[len(pairs):]).numpy()
 
 
+def pair_weights(pairs: list[dict]) -> np.ndarray:
+    """Each pair's weight (1 when absent)."""
+    return np.asarray([1.0 if p.get("weight") is None else float(p["weight"]) for p in pairs], dtype=np.float64)
+
+
 class CAAVectors:
     """User rows (USER_ROW_SCHEMA, status ok) -> one CAA_OUTPUT_SCHEMA row per user.
+
+    The row's ``vectors`` are the user's weighted mean difference (shrinkage comes later, once
+    the population is known). With a ``basis`` (layers, k, hidden) and ``population_norms``,
+    each pair's BT features are returned too, so the pairs never need another model pass.
 
     Rows in == rows out. All pairs of a batch go through the model together (length-bucketed
     micro-batches); if that fails, each user is retried alone and a user that still fails is
     returned with ``status='quarantined'`` and the error, so one bad user never sinks a batch.
     """
 
-    def __init__(self, config: CAAConfig, model: ModelConfig):
+    def __init__(self, config: CAAConfig, model: ModelConfig, basis: np.ndarray | None = None,
+                 population_norms: np.ndarray | None = None):
         self.config = config
         self.runtime = ModelRuntime(model)
         self.layers, self.recommended = config.resolve_layers(self.runtime.num_layers)
+        self.basis, self.population_norms = basis, population_norms
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns(type(self).__name__, batch, ["user_id", "pairs", "content_fingerprint"])
@@ -96,9 +121,20 @@ class CAAVectors:
             n = len(user["pairs"])
             if n == 0:
                 raise ValueError(f"user {user['user_id']!r} has no pairs")
-            mean = diffs[start: start + n].mean(axis=0)  # (layers, hidden)
+            d = diffs[start: start + n]  # (n, layers, hidden)
             start += n
-            rows.append(self._row(user["user_id"], "user", mean, n, user["content_fingerprint"]))
+            w = pair_weights(user["pairs"])
+            if w.sum() <= 0:
+                raise ValueError(f"user {user['user_id']!r}: all pair weights are 0")
+            mean = np.einsum("n,nlh->lh", w, d) / w.sum()
+            row = self._row(user["user_id"], "user", mean, n, user["content_fingerprint"])
+            row["weight_sum"] = float(w.sum())
+            if self.basis is not None:
+                from operators.bt import features  # noqa: PLC0415
+
+                row["bt_features"] = features(d, self.basis, self.population_norms).astype(np.float32).tolist()
+                row["bt_weights"] = w.astype(np.float32).tolist()
+            rows.append(row)
         return rows
 
     def _row(self, user_id, scope, mean: np.ndarray, n: int, fingerprint) -> dict:
@@ -110,7 +146,7 @@ class CAAVectors:
     def _failed(self, user: dict, exc: Exception) -> dict:
         row = self._row(user["user_id"], "user", np.zeros((0, self.runtime.hidden_size)), len(user["pairs"]),
                         user["content_fingerprint"])
-        row.update(layers=[], vectors=[], norms=[], status="quarantined",
+        row.update(layers=[], vectors=[], norms=[], status="quarantined", weight_sum=0.0,
                    reason=f"caa failed: {type(exc).__name__}: {str(exc)[:300]}")
         return row
 
@@ -127,23 +163,30 @@ def vectors_array(table: pa.Table) -> np.ndarray:
 
 
 def population_partials(batch: pa.Table) -> pa.Table:
-    """One row per batch: pair count and per-layer sums of n_pairs × user mean (float64)."""
-    require_columns("population_partials", batch, ["vectors", "n_pairs", "layers"])
+    """One row per batch: pairs, Σ w, and per-layer Σ w d (= weight_sum × user mean), float64."""
+    require_columns("population_partials", batch, ["vectors", "n_pairs", "layers", "weight_sum"])
     if batch.num_rows == 0:
         return pa.Table.from_pylist([], schema=PARTIALS_SCHEMA)
-    weights = batch.column("n_pairs").to_numpy().astype(np.float64)
+    weights = batch.column("weight_sum").to_numpy().astype(np.float64)
     sums = (vectors_array(batch).astype(np.float64) * weights[:, None, None]).sum(axis=0)
-    return pa.Table.from_pylist([{"n": int(weights.sum()), "layers": batch.column("layers")[0].as_py(),
+    return pa.Table.from_pylist([{"n": int(pa.compute.sum(batch.column("n_pairs")).as_py()),
+                                  "weight": float(weights.sum()), "layers": batch.column("layers")[0].as_py(),
                                   "sums": sums.tolist()}], schema=PARTIALS_SCHEMA)
 
 
 def population_mean(partials: pa.Table) -> tuple[np.ndarray, int]:
-    """Combine partial sums into the population direction: (layers, hidden) float32, pairs."""
+    """Combine partial sums into the population direction Σ w d / Σ w: (layers, hidden) float32, pairs."""
     total = int(pa.compute.sum(partials.column("n")).as_py() or 0)
-    if total == 0:
-        raise ValueError("no pairs: cannot compute a population direction")
+    weight = float(pa.compute.sum(partials.column("weight")).as_py() or 0.0)
+    if total == 0 or weight <= 0:
+        raise ValueError("no weighted pairs: cannot compute a population direction")
     sums = np.stack([np.asarray(s, dtype=np.float64) for s in partials.column("sums").to_pylist()]).sum(axis=0)
-    return (sums / total).astype(np.float32), total
+    return (sums / weight).astype(np.float32), total
+
+
+def shrink(user_mean: np.ndarray, weight_sum: float, population: np.ndarray, kappa: float) -> np.ndarray:
+    """(Σ w d + κ p) / (Σ w + κ): the user's weighted mean shrunk toward the population."""
+    return ((user_mean * weight_sum + kappa * population) / (weight_sum + kappa)).astype(np.float32)
 
 
 def vector_row(user_id: str | None, scope: str, mean: np.ndarray, n: int, fingerprint: str | None, *,

@@ -360,6 +360,39 @@ class ModelRuntime:
                 out[batch, j] = captured[l].cpu()
         return out
 
+    @torch.inference_mode()
+    def response_logprobs(self, prompts: Sequence[str], responses: Sequence[str],
+                          steer: Steering | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum of log p(response token | prefix) per row, and the response token counts.
+
+        Float32 (rows,) on CPU. The LM head runs only on the positions that predict response
+        tokens (not the whole vocabulary at every position). With ``steer``, row i is steered by
+        row i of ``steer`` at its configured positions.
+        """
+        if steer is not None and steer.rows != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but steering for {steer.rows} rows")
+        encoded = self.encode(prompts, responses)
+        totals = torch.zeros(len(encoded), dtype=torch.float32)
+        counts = torch.as_tensor([len(e.ids) - e.prompt_len for e in encoded], dtype=torch.long)
+        head = self.model.get_output_embeddings()
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        for batch in self.micro_batches([len(e.ids) for e in encoded]):
+            ids, mask, pos = self.collate([encoded[i].ids for i in batch], "right")
+            starts = torch.as_tensor([encoded[i].prompt_len for i in batch])
+            ctx = self.steering(steer.select(batch), starts - 1) if steer is not None else contextlib.nullcontext()
+            with ctx:
+                hidden = self.forward(ids, mask, pos, base_only=True).last_hidden_state  # (b, seq, hidden)
+            for row, i in enumerate(batch):
+                start, end = encoded[i].prompt_len, len(encoded[i].ids)
+                if end == start:
+                    continue
+                logits = head(hidden[row, start - 1: end - 1]).float()  # predicts tokens start..end-1
+                if cap:
+                    logits = cap * torch.tanh(logits / cap)
+                targets = ids[row, start:end]
+                totals[i] = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).sum().cpu()
+        return totals, counts
+
     @contextlib.contextmanager
     def steering(self, steer: Steering, response_start: torch.Tensor | None = None) -> Iterator[None]:
         """Add each row's vector to the block outputs while the context is open.

@@ -8,6 +8,8 @@ then ``manifest.json`` (written last but one) and the store's ``LATEST`` pointer
   needed to apply them anywhere.
 - ``users``: one row per input user — the reconciliation (stored or quarantined, with why).
 - ``quarantine``: one row per rejected input row or user, with the reason and the raw text.
+- ``bt_coords``: one row per stored user: Bradley-Terry ideal point θ (k floats) and fit diagnostics.
+- ``bt_basis``: one row per layer: the version's orthonormal preference basis (k × hidden).
 """
 
 from __future__ import annotations
@@ -113,8 +115,38 @@ QUARANTINE_SCHEMA = pa.schema([
     pa.field("raw", pa.string()),
 ], metadata=_meta("quarantine"))
 
+BT_COORDS_SCHEMA = pa.schema([
+    pa.field("user_id", pa.string(), nullable=False),
+    pa.field("theta", pa.list_(pa.float32()), nullable=False),  # (k,) ideal point in the version's basis
+    pa.field("n_pairs", pa.int32()),
+    pa.field("train_accuracy", pa.float32()),  # fraction of the user's pairs with θ·x > 0
+    pa.field("log_likelihood", pa.float32()),  # Σ w log σ(θ·x), without the prior
+    pa.field("iterations", pa.int32()),
+    pa.field("prior", pa.float32()),
+    pa.field("model_fingerprint", pa.string(), nullable=False),
+], metadata=_meta("bt_coords"))
+
+BT_BASIS_SCHEMA = pa.schema([
+    pa.field("layer", pa.int32(), nullable=False),  # layer i = output of block i
+    pa.field("axes", pa.list_(pa.list_(pa.float32())), nullable=False),  # (k, hidden), orthonormal; axis 0 = population
+    pa.field("population_norm", pa.float32(), nullable=False),  # ‖p_l‖: composed vectors are rescaled to it
+    pa.field("feature_norm", pa.float32(), nullable=False),  # s_l: RMS norm of sample users' means; divides features
+    pa.field("population_theta", pa.list_(pa.float32()), nullable=False),  # θ_pop, the prior's centre
+    pa.field("k", pa.int32(), nullable=False),
+    pa.field("hidden_size", pa.int32(), nullable=False),
+    pa.field("hook", pa.string(), nullable=False),
+    pa.field("operation", pa.string(), nullable=False),
+    pa.field("positions", pa.string(), nullable=False),
+    pa.field("recommended_layers", pa.list_(pa.int32())),
+    pa.field("recommended_scale", pa.float32()),
+    pa.field("sample_users", pa.int32()),  # users the basis was fitted on
+    pa.field("model_id", pa.string(), nullable=False),
+    pa.field("model_fingerprint", pa.string(), nullable=False),
+], metadata=_meta("bt_basis"))
+
 STORE_TABLES: dict[str, pa.Schema] = {
     "vectors": VECTORS_SCHEMA, "users": USERS_SCHEMA, "quarantine": QUARANTINE_SCHEMA,
+    "bt_coords": BT_COORDS_SCHEMA, "bt_basis": BT_BASIS_SCHEMA,
 }
 
 

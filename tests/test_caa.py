@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 
 from operators.caa import (CAAConfig, CAAVectors, pair_differences, population_mean, population_partials,
-                           vectors_array)
+                           shrink, vectors_array)
 from operators.runtime import ModelConfig, ModelRuntime
 from schemas.store import USER_ROW_SCHEMA
 from tests.tiny import save_tiny
@@ -73,3 +73,18 @@ def test_default_layers_are_a_band_in_the_middle_of_the_model():
     assert layers == list(range(9, 17)) and recommended == [12]
     with pytest.raises(ValueError, match="do not exist"):
         CAAConfig(layers=[40]).resolve_layers(30)
+
+
+def test_pair_weights_make_a_weighted_mean_and_shrinkage_pulls_toward_the_population(operator):
+    u = user("w", 3)
+    for p, w in zip(u["pairs"], [1.0, 3.0, 0.0]):
+        p["weight"] = w
+    row = operator(pa.Table.from_pylist([u], schema=USER_ROW_SCHEMA)).to_pylist()[0]
+    d = pair_differences(operator.runtime, u["pairs"], [1, 2], "mean")
+    np.testing.assert_allclose(np.asarray(row["vectors"]), (d[0] + 3 * d[1]) / 4, rtol=1e-4, atol=1e-5)
+    assert row["weight_sum"] == 4.0
+    population = np.ones_like(d[0])
+    mean = np.asarray(row["vectors"])
+    np.testing.assert_allclose(shrink(mean, 4.0, population, 0.0), mean, rtol=1e-6)
+    np.testing.assert_allclose(shrink(mean, 4.0, population, 4.0), (mean + population) / 2, rtol=1e-5)
+    assert np.abs(shrink(mean, 4.0, population, 1e9) - population).max() < 1e-3

@@ -9,7 +9,7 @@ from infra.reader import StoreReader
 from infra.storage import write_text
 from jobs import cli, refresh
 from jobs.demo_data import demo_pairs
-from operators.caa import pair_differences
+from operators.caa import pair_differences, shrink
 from operators.runtime import ModelConfig, ModelRuntime
 from tests.s3server import S3Server
 
@@ -50,14 +50,22 @@ def test_the_refresh_job_on_the_real_model_writes_an_s3_store_that_matches_direc
     assert reader.manifest["model"]["id"] == "HuggingFaceTB/SmolLM2-135M-Instruct@gguf-q4_1"
     stored = reader.vectors(["enthusiastic-0", "formal-0", "thin-user"])
     assert set(stored) == {"enthusiastic-0", "formal-0"}
+    valid = [r for r in rows if isinstance(r["pair_id"], str) and r["chosen"] and r["user_id"] != "thin-user"]
+    population = pair_differences(runtime, valid, list(range(9, 17)), "mean").mean(axis=0)
+    np.testing.assert_allclose(reader.population().vectors, population, rtol=1e-3, atol=1e-3)
     for user, vec in stored.items():
-        pairs = [r for r in rows if r["user_id"] == user and isinstance(r["pair_id"], str) and r["chosen"]]
-        expected = pair_differences(runtime, pairs, vec.layers, "mean").mean(axis=0)
+        pairs = [r for r in valid if r["user_id"] == user]
+        expected = shrink(pair_differences(runtime, pairs, vec.layers, "mean").mean(axis=0), len(pairs), population, 2.0)
         assert vec.layers == list(range(9, 17)) and vec.recommended_layers == [12]
         np.testing.assert_allclose(vec.vectors, expected, rtol=1e-3, atol=1e-3)
     # the two styles point in opposite directions at the recommended layer
     e, f = stored["enthusiastic-0"].at([12])[12], stored["formal-0"].at([12])[12]
     assert float(e @ f) / (np.linalg.norm(e) * np.linalg.norm(f)) < -0.5
+    # BT: both share the population axis (θ₀ > 0); the styles sit on opposite sides of the first personal axis
+    theta = reader.bt_theta(["enthusiastic-0", "formal-0"])
+    assert theta["enthusiastic-0"][0] > 0 and theta["formal-0"][0] > 0
+    assert theta["enthusiastic-0"][1] * theta["formal-0"][1] < 0
+    assert min(abs(theta["enthusiastic-0"][1]), abs(theta["formal-0"][1])) > 0.5
 
     assert cli.main(["inspect", store_uri, *storage_flags(s3)]) == 0
     out = capsys.readouterr().out

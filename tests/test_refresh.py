@@ -11,7 +11,8 @@ from infra.config import from_dict
 from infra.reader import StoreReader
 from infra.storage import SteeringStore
 from jobs import refresh
-from operators.caa import CAAConfig, pair_differences
+from operators.bt import compose
+from operators.caa import pair_differences, shrink
 from operators.runtime import ModelConfig, ModelRuntime
 
 CAA = {"layers": [1, 2], "recommended_layers": [2], "scale": 2.0}
@@ -102,8 +103,10 @@ def test_stored_vectors_equal_a_direct_in_process_computation(bad_input_run, tin
     rt = ModelRuntime(ModelConfig(name_or_path=str(tiny_model_folder)))
     alice = [pair("alice", f"a{k}", k) for k in range(3)]
     bob = [pair("bob", f"b{k}", k + 5) for k in range(2)]
+    population = pair_differences(rt, alice + bob, [1, 2], "mean").mean(axis=0)
     for uid, pairs in (("alice", alice), ("bob", bob)):
-        expected = pair_differences(rt, pairs, [1, 2], "mean").mean(axis=0)
+        own = pair_differences(rt, pairs, [1, 2], "mean").mean(axis=0)
+        expected = shrink(own, len(pairs), population, kappa=2.0)  # the default κ = 2 pseudo-pairs
         np.testing.assert_allclose(stored[uid].vectors, expected, rtol=1e-4, atol=1e-5)
         assert stored[uid].model_fingerprint == rt.fingerprint == reader.manifest["model"]["fingerprint"]
     population = reader.population()
@@ -124,6 +127,7 @@ def test_every_store_table_is_written_with_its_explicit_schema(bad_input_run):
             assert pq.read_schema(f).remove_metadata().equals(schema.remove_metadata()), name
     manifest = store.read_manifest(version)
     assert manifest["tables"]["vectors"]["rows"] == 3 and manifest["summary"]["users_in"] == 5
+    assert manifest["tables"]["bt_coords"]["rows"] == 2 and manifest["tables"]["bt_basis"]["rows"] == 2
 
 
 def test_a_second_run_publishes_a_new_immutable_version_and_moves_latest(ray_cluster, tmp_path, tiny_model_folder):
@@ -198,3 +202,24 @@ def test_a_run_where_every_user_is_quarantined_still_publishes_a_consistent_vers
     reader = StoreReader(str(tmp_path / "store"))
     assert reader.vectors(["solo"]) == {} and reader.population() is None
     assert reader.store.read_table("vectors", reader.version).num_rows == 0
+
+
+def test_bt_ideal_points_and_the_basis_are_stored_and_compose_into_vectors(bad_input_run, tiny_model_folder):
+    reader = StoreReader(bad_input_run[1])
+    assert reader.manifest["methods"] == ["caa", "bt"]
+    basis = reader.bt_basis()
+    axes = np.stack([np.asarray(a) for a in basis.column("axes").to_pylist()])  # (layers, k, hidden)
+    assert basis.column("layer").to_pylist() == [1, 2] and axes.shape[1] == 8
+    for l in range(2):
+        np.testing.assert_allclose(axes[l] @ axes[l].T, np.eye(8), atol=1e-4)
+    population = reader.population()
+    np.testing.assert_allclose(axes[:, 0], population.vectors / np.linalg.norm(population.vectors, axis=-1)[:, None],
+                               atol=1e-4)  # two users: the basis sample is everyone, so axis 0 = population
+    thetas = reader.bt_theta(["alice", "bob", "carol"])
+    assert set(thetas) == {"alice", "bob"} and all(t.shape == (8,) for t in thetas.values())
+    composed = reader.bt(["alice"])["alice"]
+    norms = basis.column("population_norm").to_numpy()
+    np.testing.assert_allclose(composed.vectors, compose(thetas["alice"], axes, norms), rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(composed.vectors, axis=-1), norms, rtol=1e-4)
+    coords = {r["user_id"]: r for r in reader.store.read_table("bt_coords", reader.version).to_pylist()}
+    assert coords["alice"]["n_pairs"] == 3 and 0 <= coords["alice"]["train_accuracy"] <= 1

@@ -143,3 +143,27 @@ def test_the_weights_fingerprint_ignores_dtype_but_not_the_weights():
     a = tiny_model(seed=0)
     assert weights_fingerprint(a) == weights_fingerprint(tiny_model(seed=0).to(torch.bfloat16))
     assert weights_fingerprint(a) != weights_fingerprint(tiny_model(seed=1))
+
+
+def test_response_logprobs_equal_a_full_forward_per_example(tiny_runtime):
+    rt = tiny_runtime
+    got, counts = rt.response_logprobs(PROMPTS, RESPONSES)
+    for i, (p, r) in enumerate(zip(PROMPTS, RESPONSES)):
+        enc = rt.encode([p], [r])[0]
+        with torch.no_grad():
+            logits = rt.model(input_ids=torch.tensor([enc.ids])).logits[0]
+        lp = torch.log_softmax(logits[enc.prompt_len - 1:-1], -1)
+        expected = lp.gather(-1, torch.tensor(enc.ids[enc.prompt_len:])[:, None]).sum()
+        assert counts[i] == len(enc.ids) - enc.prompt_len
+        torch.testing.assert_close(got[i], expected, rtol=1e-4, atol=1e-3)
+
+
+def test_steered_logprobs_of_a_batch_equal_each_row_steered_alone(tiny_runtime):
+    rt = tiny_runtime
+    steer = Steering(_vectors(rt, 3), torch.tensor([3.0, 0.0, -2.0]))
+    batched, _ = rt.response_logprobs(PROMPTS, RESPONSES, steer=steer)
+    plain, _ = rt.response_logprobs(PROMPTS, RESPONSES)
+    for i in range(3):
+        alone, _ = rt.response_logprobs(PROMPTS[i:i + 1], RESPONSES[i:i + 1], steer=steer.select([i]))
+        torch.testing.assert_close(batched[i], alone[0], rtol=1e-4, atol=1e-3)
+    assert torch.isclose(batched[1], plain[1], atol=1e-3) and not torch.isclose(batched[0], plain[0], atol=1e-2)
