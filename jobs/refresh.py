@@ -21,11 +21,13 @@ from infra import storage
 from infra.cluster import RayConfig, connect
 from infra.config import check, option, to_dict
 from infra.storage import SteeringStore, StorageConfig
-from operators.bt import BTConfig, build_basis, feature_scales, finalize_users, in_sample, population_theta
+from operators.bt import (BTConfig, build_basis, compose, feature_scales, finalize_users, in_sample,
+                          population_theta)
 from operators.caa import (CAAConfig, CAAVectors, population_mean, population_partials, vector_row,
                            vectors_array)
 from operators.prepare import PrepareConfig, prepare_user_group
 from operators.runtime import ModelConfig
+from operators.scale import ScaleConfig, choose_scales_task
 from operators.validate import ValidateConfig, ValidateRecords
 from schemas.store import (BT_BASIS_SCHEMA, QUARANTINE_SCHEMA, STORE_SCHEMA_VERSION, STORE_TABLES, USERS_SCHEMA,
                            VECTORS_SCHEMA, conform)
@@ -85,6 +87,7 @@ class RefreshConfig:
     prepare: PrepareConfig = dataclasses.field(default_factory=PrepareConfig, metadata={"help": "per-user prepare"})
     caa: CAAConfig = dataclasses.field(default_factory=CAAConfig, metadata={"help": "CAA vectors"})
     bt: BTConfig = dataclasses.field(default_factory=BTConfig, metadata={"help": "preference basis and ideal points"})
+    scale: ScaleConfig = dataclasses.field(default_factory=ScaleConfig, metadata={"help": "choice of α per method"})
     resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig, metadata={"help": "scheduling"})
 
     def __post_init__(self) -> None:
@@ -256,7 +259,16 @@ def main(config: RefreshConfig) -> dict:
     timer.lap("population", f"{population['n_pairs'] if population else 0} pairs; users shrunk"
               + ("; BT fitted" if theta_pop is not None else ""))
 
-    # 5. reconciliation tables: users (one row per input user) and quarantine (every rejected row/user)
+    # 5b. recommended α per method, chosen on a seeded sample of the users' own training pairs
+    scales = {"population": config.caa.scale, "caa": config.caa.scale, "bt": config.bt.scale}
+    scale_curves: dict = {}
+    if config.scale.enabled and population is not None:
+        scales, scale_curves = _choose_scales(config, users, final, population, basis, theta_pop, sample_fraction)
+        final = final.map_batches(_with_scale, fn_kwargs={"scale": scales["caa"]}, batch_format="pyarrow").materialize()
+        population["recommended_scale"] = scales["population"]
+        timer.lap("scale", ", ".join(f"{m} α={a:g}" for m, a in scales.items() if m in scale_curves))
+
+    # 5c. reconciliation tables: users (one row per input user) and quarantine (every rejected row/user)
     failed = {r["user_id"]: r["reason"] for r in _where(caa, "status", "ok", equal=False)
               .select_columns(["user_id", "reason"]).take_all()}
     users_table = users.map_batches(_users_rows, fn_kwargs={"failed": failed}, batch_format="pyarrow")
@@ -297,7 +309,7 @@ def main(config: RefreshConfig) -> dict:
     if theta_pop is not None:
         _write(final, store, version, "bt_coords", config)
         basis_rows = _basis_rows(basis, np.asarray(population["norms"]), feature_norms, theta_pop, population,
-                                 bt, n_sample=int(sample_table.num_rows))
+                                 bt, n_sample=int(sample_table.num_rows), scale=scales["bt"])
         _write(ray.data.from_arrow(basis_rows), store, version, "bt_basis", config)
         rows.update(bt_coords=n_stored, bt_basis=basis_rows.num_rows)
     _write(users_table, store, version, "users", config)
@@ -314,6 +326,7 @@ def main(config: RefreshConfig) -> dict:
         "store_schema_version": STORE_SCHEMA_VERSION, "model": model_info, "tables": tables,
         "summary": summary, "config": _redacted(config), "inputs": inputs,
         "methods": ["caa"] + (["bt"] if theta_pop is not None else []),
+        "scale_choice": scale_curves,
         "steerstore_version": _package_version(),
     }
     store.publish(version, manifest)
@@ -323,14 +336,52 @@ def main(config: RefreshConfig) -> dict:
     return summary
 
 
+def _with_scale(batch: pa.Table, scale: float) -> pa.Table:
+    idx = batch.schema.get_field_index("recommended_scale")
+    return batch.set_column(idx, batch.schema.field(idx), pa.array([scale] * batch.num_rows, pa.float32()))
+
+
+def _choose_scales(config: RefreshConfig, users, final, population: dict, basis, theta_pop, sample_fraction: float):
+    """α per method from the training pairs of a seeded sample of stored users (one Ray task)."""
+    import ray
+
+    seed, fraction = config.bt.seed, (sample_fraction or min(1.0, config.bt.sample_users / max(final.count(), 1)))
+    rows = {r["user_id"]: r for r in final.filter(lambda r: in_sample(r["user_id"], seed, fraction)).take_all()}
+    user_pairs = users.filter(lambda r: r["user_id"] in rows).select_columns(["user_id", "pairs"]).take_all()
+    candidates = [(u["user_id"], p) for u in sorted(user_pairs, key=lambda u: u["user_id"]) for p in u["pairs"]]
+    rng = np.random.default_rng(config.scale.seed)
+    picked = [candidates[i] for i in sorted(rng.choice(len(candidates), min(config.scale.sample_pairs,
+                                                                             len(candidates)), replace=False))]
+    layers = list(population["recommended_layers"])
+    stored_layers = list(population["layers"])
+    at = [stored_layers.index(l) for l in layers]
+    pop = np.asarray(population["vectors"], dtype=np.float32)
+    methods = {
+        "population": {l: np.stack([pop[j]] * len(picked)) for l, j in zip(layers, at)},
+        "caa": {l: np.stack([np.asarray(rows[u]["vectors"][j], dtype=np.float32) for u, _ in picked])
+                for l, j in zip(layers, at)},
+    }
+    if theta_pop is not None:
+        norms = np.asarray(population["norms"], dtype=np.float64)
+        composed = {u: compose(np.asarray(rows[u]["theta"]), basis, norms) for u, _ in picked}
+        methods["bt"] = {l: np.stack([composed[u][j] for u, _ in picked]) for l, j in zip(layers, at)}
+    task = ray.remote(choose_scales_task).options(num_gpus=config.resources.gpus_per_actor,
+                                                  num_cpus=config.resources.cpus_per_actor)
+    result = ray.get(task.remote(config.model, [p for _, p in picked], methods, config.scale,
+                                 population["positions"]))
+    scales = {"population": config.caa.scale, "caa": config.caa.scale, "bt": config.bt.scale}
+    scales.update({m: r["alpha"] for m, r in result.items()})
+    return scales, {**result, "pairs": len(picked), "users": len({u for u, _ in picked})}
+
+
 def _basis_rows(basis: np.ndarray, population_norms: np.ndarray, feature_norms: np.ndarray, theta_pop: np.ndarray,
-                population: dict, bt: BTConfig, n_sample: int) -> pa.Table:
+                population: dict, bt: BTConfig, n_sample: int, scale: float) -> pa.Table:
     rows = [{
         "layer": layer, "axes": basis[j].tolist(), "population_norm": float(population_norms[j]),
         "feature_norm": float(feature_norms[j]), "population_theta": np.asarray(theta_pop).tolist(), "k": bt.k,
         "hidden_size": population["hidden_size"], "hook": population["hook"], "operation": population["operation"],
         "positions": population["positions"], "recommended_layers": population["recommended_layers"],
-        "recommended_scale": bt.scale, "sample_users": n_sample, "model_id": population["model_id"],
+        "recommended_scale": scale, "sample_users": n_sample, "model_id": population["model_id"],
         "model_fingerprint": population["model_fingerprint"],
     } for j, layer in enumerate(population["layers"])]
     return pa.Table.from_pylist(rows, schema=BT_BASIS_SCHEMA)

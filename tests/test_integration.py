@@ -40,6 +40,7 @@ def test_the_refresh_job_on_the_real_model_writes_an_s3_store_that_matches_direc
         inputs=refresh.InputsConfig(preference_pairs=f"s3://{BUCKET}/inputs/pairs.jsonl"),
         output=refresh.OutputConfig(store=store_uri), storage=storage)
     config.ray.progress_bars = False
+    config.scale.sample_pairs, config.scale.grid = 6, [1.0, 2.0]
     summary = refresh.main(config)
     assert (summary["users_in"], summary["users_stored"], summary["users_quarantined"]) == (3, 2, 1)
     assert summary["rows_quarantined"] == 2

@@ -38,7 +38,8 @@ def config(tmp_path, tiny_model_folder, pairs, histories=None, **extra):
         "inputs": {"preference_pairs": pairs, "histories": histories},
         "output": {"store": str(tmp_path / "store")},
         "model": {"name_or_path": str(tiny_model_folder)},
-        "validate": {"max_tokens": 48}, "caa": CAA, "ray": {"progress_bars": False}, **extra})
+        "validate": {"max_tokens": 48}, "caa": CAA, "ray": {"progress_bars": False},
+        "scale": {"sample_pairs": 4, "grid": [1.0, 4.0]}, **extra})
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +224,15 @@ def test_bt_ideal_points_and_the_basis_are_stored_and_compose_into_vectors(bad_i
     np.testing.assert_allclose(np.linalg.norm(composed.vectors, axis=-1), norms, rtol=1e-4)
     coords = {r["user_id"]: r for r in reader.store.read_table("bt_coords", reader.version).to_pylist()}
     assert coords["alice"]["n_pairs"] == 3 and 0 <= coords["alice"]["train_accuracy"] <= 1
+
+
+def test_the_recommended_scale_of_each_method_is_chosen_on_training_pairs(bad_input_run):
+    reader = StoreReader(bad_input_run[1])
+    choice = reader.manifest["scale_choice"]
+    assert set(choice) >= {"population", "caa", "bt"} and choice["pairs"] == 4
+    for method in ("population", "caa", "bt"):
+        assert [c["alpha"] for c in choice[method]["curve"]] == [1.0, 4.0]
+        assert choice[method]["alpha"] in (1.0, 4.0)
+    assert reader.population().recommended_scale == choice["population"]["alpha"]
+    assert reader.vectors(["alice"])["alice"].recommended_scale == choice["caa"]["alpha"]
+    assert reader.bt(["alice"])["alice"].recommended_scale == choice["bt"]["alpha"]

@@ -167,3 +167,21 @@ def test_steered_logprobs_of_a_batch_equal_each_row_steered_alone(tiny_runtime):
         alone, _ = rt.response_logprobs(PROMPTS[i:i + 1], RESPONSES[i:i + 1], steer=steer.select([i]))
         torch.testing.assert_close(batched[i], alone[0], rtol=1e-4, atol=1e-3)
     assert torch.isclose(batched[1], plain[1], atol=1e-3) and not torch.isclose(batched[0], plain[0], atol=1e-2)
+
+
+def test_choose_scale_picks_the_most_accurate_alpha_within_the_fluency_budget(tiny_runtime):
+    import numpy as np
+
+    from operators.scale import ScaleConfig, baseline, choose_scale, margins
+
+    rt = tiny_runtime
+    pairs = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in zip(PROMPTS, RESPONSES, RESPONSES[::-1])]
+    vec = {1: _vectors(rt, 3)[1].numpy()}
+    base = baseline(rt, pairs)
+    m0, nll0 = margins(rt, pairs, vec, 1e-9, base)
+    np.testing.assert_allclose(m0, 0, atol=1e-3)  # no steering: no margin, no fluency cost
+    alpha, curve = choose_scale(rt, pairs, vec, ScaleConfig(grid=[0.5, 2.0, 8.0], max_nll_increase=1e9), base)
+    best = max(curve, key=lambda c: (c["accuracy"], -c["alpha"]))
+    assert alpha == best["alpha"] and [c["alpha"] for c in curve] == [0.5, 2.0, 8.0]
+    strict, _ = choose_scale(rt, pairs, vec, ScaleConfig(grid=[0.5, 2.0, 8.0], max_nll_increase=-1e9), base)
+    assert strict == 0.5  # nothing passes the guard: the smallest α
