@@ -11,14 +11,17 @@ from infra.config import ConfigError, add_arguments, load
 
 
 def _jobs():
-    from jobs import bench, demo, generate, inspect_store, refresh
+    from jobs import bench, demo, generate, importers, inspect_store, pref_eval, refresh
 
     return {
         "refresh": (refresh.RefreshConfig, refresh.main, "compute steering vectors and publish a new store version"),
         "inspect": (inspect_store.InspectConfig, inspect_store.main, "describe a store: versions, rows, schema, model"),
         "generate": (generate.GenerateConfig, generate.main, "answer a prompt unsteered and steered for a user"),
+        "import": (importers.ImportConfig, importers.main, "convert PRISM or plain pairs JSONL into preference_pairs"),
         "demo": (demo.DemoConfig, demo.main, "run the embedded demo end to end into ./steerstore-out"),
         "bench": (bench.BenchConfig, bench.main, "benchmark the activation stage against a plain per-sequence loop"),
+        "pref-accuracy": (pref_eval.PrefEvalConfig, pref_eval.main,
+                          "per-user preference accuracy of population / CAA / BT steering on held-out real pairs"),
     }
 
 
