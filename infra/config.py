@@ -150,7 +150,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
         parser.add_argument(
             f"--{name}", dest=f"cfg::{name}", default=argparse.SUPPRESS, metavar=_metavar(tp),
-            help=f"{f.metadata.get('help', '')} (default: {default!r})",
+            # argparse %-formats help texts: escape literal percent signs
+            help=f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%"),
         )
 
 

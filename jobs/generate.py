@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -21,7 +22,9 @@ class GenerateConfig:
     store: str = option("./steerstore-out/store", help="store URI (local folder or s3://bucket/prefix)")
     user: str = option("", help="user id to steer for")
     prompt: str = option("", help="the prompt to answer")
-    alpha: float | None = option(None, help="steering multiplier; default: the store's recommended scale")
+    method: Literal["caa", "bt", "population"] = option(
+        "caa", help="which vectors: the user's CAA direction, their BT ideal point composed with the basis, or the population's")
+    alpha: float | None = option(None, help="steering multiplier; default: the store's recommended scale for the method")
     layers: list[int] = option([], help="layers to steer; default: the store's recommended layers")
     max_new_tokens: int = option(60, help="tokens to generate")
     version: str | None = option(None, help="store version; default LATEST")
@@ -73,7 +76,11 @@ def steering_for(users: list[UserVectors | None], alphas: list[float | None] | N
 
 def main(config: GenerateConfig) -> dict:
     reader = StoreReader(config.store, config.storage, config.version)
-    found = reader.vectors([config.user])
+    if config.method == "population":
+        population = reader.population()
+        found = {config.user: population} if population is not None else {}
+    else:
+        found = (reader.bt if config.method == "bt" else reader.vectors)([config.user])
     if config.user not in found:
         status = reader.users([config.user]).to_pylist()
         why = f"it is quarantined: {status[0]['reason']}" if status else "it was not in the inputs"
@@ -84,7 +91,8 @@ def main(config: GenerateConfig) -> dict:
     plain, steered = runtime.generate([config.prompt, config.prompt], config.max_new_tokens, steer=steer)
     alpha = float(steer.scales[1])
     layers = sorted(steer.vectors)
-    print(f"store version {reader.version} · user {config.user} · {user.n_pairs} pairs · layers {layers} · alpha {alpha:g}")
+    print(f"store version {reader.version} · user {config.user} · method {config.method} · layers {layers} "
+          f"· alpha {alpha:g}")
     print(f"prompt: {config.prompt}")
     print(f"  unsteered: {plain}")
     print(f"  steered:   {steered}")

@@ -65,3 +65,13 @@ def test_refresh_accepts_address_as_a_shorthand_for_ray_address():
     args = build_parser().parse_args(["refresh", "--address", "ray://head:10001",
                                       "--inputs.preference_pairs", "p.jsonl"])
     assert load(RefreshConfig, None, args).ray.address == "ray://head:10001"
+
+
+@pytest.mark.parametrize("command", ["refresh", "inspect", "generate", "import", "demo", "bench", "pref-accuracy"])
+def test_every_subcommand_prints_its_help(command, capsys):
+    from jobs.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "--" in capsys.readouterr().out

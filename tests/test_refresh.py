@@ -155,8 +155,12 @@ def test_generate_prints_unsteered_and_steered_answers_for_a_stored_user(bad_inp
     assert cli.main(["generate", "--store", bad_input_run[1], "--user", "alice", "--prompt", "Hi",
                      "--max_new_tokens", "6", "--alpha", "8"]) == 0
     out = capsys.readouterr().out
-    assert "user alice · 3 pairs · layers [2] · alpha 8" in out
+    assert "user alice · method caa · layers [2] · alpha 8" in out
     assert "unsteered:" in out and "steered:" in out
+    for method in ("bt", "population"):
+        assert cli.main(["generate", "--store", bad_input_run[1], "--user", "alice", "--prompt", "Hi",
+                         "--max_new_tokens", "4", "--method", method]) == 0
+        assert f"method {method}" in capsys.readouterr().out
 
 
 def test_generate_for_a_quarantined_user_says_why_it_has_no_vectors(bad_input_run, capsys):
