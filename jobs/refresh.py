@@ -29,8 +29,8 @@ from operators.prepare import PrepareConfig, prepare_user_group
 from operators.runtime import ModelConfig
 from operators.scale import ScaleConfig, choose_scales_task
 from operators.validate import ValidateConfig, ValidateRecords
-from schemas.store import (BT_BASIS_SCHEMA, QUARANTINE_SCHEMA, STORE_SCHEMA_VERSION, STORE_TABLES, USERS_SCHEMA,
-                           VECTORS_SCHEMA, conform)
+from schemas.store import (BT_BASIS_SCHEMA, QUARANTINE_SCHEMA, STORE_TABLES, USERS_SCHEMA, VECTORS_SCHEMA,
+                           Manifest, TableEntry, conform)
 
 log = logging.getLogger("steerstore")
 
@@ -314,22 +314,17 @@ def main(config: RefreshConfig) -> dict:
         rows.update(bt_coords=n_stored, bt_basis=basis_rows.num_rows)
     _write(users_table, store, version, "users", config)
     _write(quarantine, store, version, "quarantine", config)
-    tables = {}
-    for name, schema in STORE_TABLES.items():
-        files = store.table_files(version, name)
-        tables[name] = {"files": [f.rsplit("/", 1)[-1] for f in files], "rows": rows[name],
-                        "schema": storage.schema_to_b64(schema), "schema_version": STORE_SCHEMA_VERSION}
-    timer.lap("write", f"{sum(t['rows'] for t in tables.values())} rows")
+    tables = {name: TableEntry(files=[f.rsplit("/", 1)[-1] for f in store.table_files(version, name)],
+                               rows=rows[name], schema=storage.schema_to_b64(schema))
+              for name, schema in STORE_TABLES.items()}
+    timer.lap("write", f"{sum(t.rows for t in tables.values())} rows")
     summary["stage_seconds"] = dict(timer.stages)
-    manifest = {
-        "version": version, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "store_schema_version": STORE_SCHEMA_VERSION, "model": model_info, "tables": tables,
-        "summary": summary, "config": _redacted(config), "inputs": inputs,
-        "methods": ["caa"] + (["bt"] if theta_pop is not None else []),
-        "scale_choice": scale_curves,
-        "steerstore_version": _package_version(),
-    }
-    store.publish(version, manifest)
+    manifest = Manifest(
+        version=version, created_at=dt.datetime.now(dt.timezone.utc).isoformat(), model=model_info, tables=tables,
+        summary=summary, config=_redacted(config), inputs=inputs,
+        methods=["caa"] + (["bt"] if theta_pop is not None else []), steerstore_version=_package_version(),
+        scale_choice=scale_curves)
+    store.publish(version, manifest.to_json_dict())
     timer.lap("publish", f"LATEST -> {version}")
     summary["stage_seconds"] = dict(timer.stages)
     _print_summary(summary, config.output.store)

@@ -14,7 +14,7 @@ then ``manifest.json`` (written last but one) and the store's ``LATEST`` pointer
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
@@ -175,10 +175,15 @@ class Manifest:
 
     version: str
     created_at: str
-    store_schema_version: int
-    model: dict  # id, fingerprint, num_layers, hidden_size
+    model: dict  # name_or_path, id, fingerprint, hidden_size
     tables: dict[str, TableEntry]
     summary: dict  # reconciliation counts and per-stage timings
-    config: dict  # the full job config
+    config: dict  # the full job config (storage secrets redacted)
+    inputs: dict  # input table -> URI
+    methods: list[str]  # e.g. ["caa", "bt"]
     steerstore_version: str
-    inputs: dict = field(default_factory=dict)
+    scale_choice: dict = field(default_factory=dict)  # per method: chosen α and its curve
+    store_schema_version: int = STORE_SCHEMA_VERSION
+
+    def to_json_dict(self) -> dict:
+        return asdict(self)
