@@ -25,6 +25,9 @@ class DemoConfig:
     pairs_per_user: int = option(10, help="preference pairs per synthetic user")
     show_users: list[str] = option(["enthusiastic-0", "formal-0"], help="users whose steered answers are printed")
     max_new_tokens: int = option(48, help="tokens generated per answer")
+    show_alpha: float = option(
+        2.0, help="a second, fixed multiplier shown beside each user's recommended one (the chosen α is "
+                  "conservative on the demo's few training pairs)")
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "the model"})
     ray: RayConfig = dataclasses.field(default_factory=RayConfig, metadata={"help": "Ray connection"})
 
@@ -49,17 +52,20 @@ def main(config: DemoConfig) -> dict:
         print(f"  quarantined [{row['stage']}] user={row['user_id']} record={row['record_id']}: {row['reason']}")
     found = reader.vectors(config.show_users)
     runtime = load_runtime_for(reader, config.model.name_or_path)
-    # one batch: every prompt unsteered, then steered for each shown user (different vectors per row)
+    # one batch: every prompt unsteered, then per shown user at the recommended and the fixed α
+    # (different vectors and multipliers per row)
     shown = [u for u in config.show_users if u in found]
-    rows = [(None, p) for p in DEMO_PROMPTS] + [(u, p) for u in shown for p in DEMO_PROMPTS]
-    steer = steering_for([found[u] if u else None for u, _ in rows])
-    answers = runtime.generate([p for _, p in rows], config.max_new_tokens, steer=steer)
-    by_row = {(u, p): a for (u, p), a in zip(rows, answers)}
-    layers = sorted(steer.vectors)
-    print(f"\nsteering at layers {layers}, alpha = each user's recommended scale; greedy decoding")
+    rows = [(None, None, p) for p in DEMO_PROMPTS] + [
+        (u, a, p) for u in shown for a in (found[u].recommended_scale, config.show_alpha) for p in DEMO_PROMPTS]
+    steer = steering_for([found[u] if u else None for u, _, _ in rows], [a for _, a, _ in rows])
+    answers = runtime.generate([p for _, _, p in rows], config.max_new_tokens, steer=steer)
+    by_row = {row: a for row, a in zip(rows, answers)}
+    print(f"\nCAA steering at layers {sorted(steer.vectors)}; greedy decoding; recommended α = "
+          f"{found[shown[0]].recommended_scale:g} (chosen on training pairs), shown also at α = {config.show_alpha:g}")
     for prompt in DEMO_PROMPTS:
         print(f"\nprompt: {prompt}")
-        print(f"  unsteered          : {by_row[(None, prompt)]}")
-        for u in shown:
-            print(f"  {u:<19}: {by_row[(u, prompt)]}")
-    return {"summary": summary, "answers": {f"{u}|{p}": a for (u, p), a in by_row.items()}}
+        print(f"  {'unsteered':<26}: {by_row[(None, None, prompt)]}")
+        for u, a, p in rows:
+            if u is not None and p == prompt:
+                print(f"  {u + f' (α={a:g})':<26}: {by_row[(u, a, p)]}")
+    return {"summary": summary, "answers": {f"{u}|{a}|{p}": ans for (u, a, p), ans in by_row.items()}}

@@ -6,8 +6,10 @@ margin is [log p_α(chosen) − log p_0(chosen)] − [log p_α(rejected) − log
 with a positive margin. Fluency cost is the increase in per-token NLL of the chosen response.
 
 ``choose_scale`` picks, per method, the α of a grid with the highest training accuracy, provided
-the chosen responses' NLL rises by at most ``max_nll_increase`` nats/token. Ties go to the smaller
-α. Only the users' own training pairs are used, never evaluation targets.
+the chosen responses' NLL rises by at most ``max_nll_increase`` nats/token. Accuracy on a small
+sample ties often, so ties go to the larger mean margin: the strongest preference shift among
+equally accurate α that keep fluency. Only the users' own training pairs are used, never
+evaluation targets.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def choose_scale(runtime: ModelRuntime, pairs: list[dict], vectors: dict[int, np
         curve.append({"alpha": alpha, "accuracy": float((m > 0).mean()), "mean_margin": float(m.mean()),
                       "nll_increase": float(nll.mean())})
     allowed = [c for c in curve if c["nll_increase"] <= config.max_nll_increase] or curve[:1]
-    best = max(allowed, key=lambda c: (round(c["accuracy"], 6), -c["alpha"]))
+    best = max(allowed, key=lambda c: (round(c["accuracy"], 6), c["mean_margin"], -c["alpha"]))
     return best["alpha"], curve
 
 

@@ -181,7 +181,7 @@ def test_choose_scale_picks_the_most_accurate_alpha_within_the_fluency_budget(ti
     m0, nll0 = margins(rt, pairs, vec, 1e-9, base)
     np.testing.assert_allclose(m0, 0, atol=1e-3)  # no steering: no margin, no fluency cost
     alpha, curve = choose_scale(rt, pairs, vec, ScaleConfig(grid=[0.5, 2.0, 8.0], max_nll_increase=1e9), base)
-    best = max(curve, key=lambda c: (c["accuracy"], -c["alpha"]))
+    best = max(curve, key=lambda c: (c["accuracy"], c["mean_margin"]))
     assert alpha == best["alpha"] and [c["alpha"] for c in curve] == [0.5, 2.0, 8.0]
     strict, _ = choose_scale(rt, pairs, vec, ScaleConfig(grid=[0.5, 2.0, 8.0], max_nll_increase=-1e9), base)
     assert strict == 0.5  # nothing passes the guard: the smallest α
