@@ -106,17 +106,20 @@ def _where(ds, column: str, value: str, equal: bool = True):
     return ds.map_batches(fn, batch_format="pyarrow")
 
 
+_PARQUET_EXT = (".parquet", ".pq")
+_JSONL_EXT = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
+
+
 def _input_format(uri: str, fmt: str, cfg: StorageConfig | None = None) -> str:
     if fmt != "auto":
         return fmt
     name = uri.rstrip("/").lower()
-    if name.endswith((".parquet", ".pq")):
+    if name.endswith(_PARQUET_EXT):
         return "parquet"
-    if name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")):
+    if name.endswith(_JSONL_EXT):
         return "jsonl"
     files = storage.list_files(uri, cfg)
-    kinds = {_input_format(f, "auto") for f in files if f.lower().endswith(
-        (".parquet", ".pq", ".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson"))}
+    kinds = {_input_format(f, "auto") for f in files if f.lower().endswith(_PARQUET_EXT + _JSONL_EXT)}
     if len(kinds) != 1:
         raise ValueError(f"cannot tell the format of {uri}: set inputs.format to jsonl or parquet")
     return kinds.pop()
@@ -263,7 +266,8 @@ def main(config: RefreshConfig) -> dict:
     scales = {"population": config.caa.scale, "caa": config.caa.scale, "bt": config.bt.scale}
     scale_curves: dict = {}
     if config.scale.enabled and population is not None:
-        scales, scale_curves = _choose_scales(config, users, final, population, basis, theta_pop, sample_fraction)
+        scale_curves = _choose_scales(config, users, final, population, basis, theta_pop, sample_fraction)
+        scales.update({m: r["alpha"] for m, r in scale_curves.items() if m in scales})
         final = final.map_batches(_with_scale, fn_kwargs={"scale": scales["caa"]}, batch_format="pyarrow").materialize()
         population["recommended_scale"] = scales["population"]
         timer.lap("scale", ", ".join(f"{m} α={a:g}" for m, a in scales.items() if m in scale_curves))
@@ -337,7 +341,7 @@ def _with_scale(batch: pa.Table, scale: float) -> pa.Table:
 
 
 def _choose_scales(config: RefreshConfig, users, final, population: dict, basis, theta_pop, sample_fraction: float):
-    """α per method from the training pairs of a seeded sample of stored users (one Ray task)."""
+    """Per method, the chosen α and its curve, from the training pairs of a seeded sample of stored users (one Ray task)."""
     import ray
 
     seed, fraction = config.bt.seed, (sample_fraction or min(1.0, config.bt.sample_users / max(final.count(), 1)))
@@ -364,9 +368,7 @@ def _choose_scales(config: RefreshConfig, users, final, population: dict, basis,
                                                   num_cpus=config.resources.cpus_per_actor)
     result = ray.get(task.remote(config.model, [p for _, p in picked], methods, config.scale,
                                  population["positions"]))
-    scales = {"population": config.caa.scale, "caa": config.caa.scale, "bt": config.bt.scale}
-    scales.update({m: r["alpha"] for m, r in result.items()})
-    return scales, {**result, "pairs": len(picked), "users": len({u for u, _ in picked})}
+    return {**result, "pairs": len(picked), "users": len({u for u, _ in picked})}
 
 
 def _basis_rows(basis: np.ndarray, population_norms: np.ndarray, feature_norms: np.ndarray, theta_pop: np.ndarray,
