@@ -3,7 +3,9 @@
 One place for: loading a model (the packaged default or any Hugging Face folder/hub id),
 recording its id and weights fingerprint, resolving decoder layers per architecture,
 tokenising prompt/response pairs, length-bucketed micro-batching, batched activation capture,
-residual-stream steering with a different vector per batch row, and greedy decoding.
+residual-stream steering with a different vector per batch row, attention-head gating and
+ablation with a different head set per batch row, and greedy (optionally head-contrastive)
+decoding.
 
 Layer numbering (the store's contract): layer i is the output of decoder block i, i.e.
 Hugging Face ``hidden_states[i + 1]`` and llama.cpp ``direction.i``.
@@ -11,12 +13,19 @@ Hugging Face ``hidden_states[i + 1]`` and llama.cpp ``direction.i``.
 Position contract for steering: ``response`` positions are those whose output predicts a
 response token — the last prompt token and every token after it (in generation: the last
 prompt token, then every generated token). ``all`` is every non-padding position.
+
+Head contract: head (l, k) is query head k of decoder block l. It is ablated (or gated by g)
+by scaling its slice ``[k*head_dim, (k+1)*head_dim)`` of the *input* of the block's attention
+output projection ``self_attn.o_proj`` — the projection's output already mixes heads. With
+grouped-query attention, query head k reads key/value head ``k // (num_heads // num_kv_heads)``;
+ablating a query head leaves the other query heads of its group untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Iterator, Literal, Sequence
 
@@ -27,6 +36,10 @@ from infra.models import DEFAULT_MODEL, canonical_model_id, resolve_model_path
 
 Position = Literal["mean", "last"]
 SteerPositions = Literal["response", "all"]
+Head = tuple[int, int]  # (layer, query head)
+# decoder-layer keyword arguments that carry one row per batch row (expanded when rows fork)
+_ROW_KWARGS = ("attention_mask", "position_ids", "position_embeddings", "position_embeddings_global",
+               "position_embeddings_local")
 
 # model_type -> attribute path of the ModuleList of decoder blocks. Each block's attention
 # output projection is ``<block>.self_attn.o_proj`` in all of these.
@@ -146,6 +159,44 @@ class Steering:
         return Steering({l: v[idx] for l, v in self.vectors.items()}, self.scales[idx], self.positions)
 
 
+@dataclass
+class HeadContrast:
+    """Differential preference decoding: per step ℓ̃ = (1+γ)·ℓ_full − γ·ℓ_masked.
+
+    ℓ are next-token log-probabilities; the masked branch is the same model with row b's
+    ``heads[b]`` ablated. ``adaptive`` scales γ per row and step by the full branch's normalised
+    entropy H(p)/log|V| (a confident model is steered less). ``plausibility`` β keeps only
+    tokens with p_full ≥ β·max p_full (0 disables). ``prefill='shared'`` computes the prompt once
+    with the full model and copies its KV cache to the masked branch (the masked branch differs
+    from the last prompt token on); ``separate`` prefills the masked branch with the heads
+    ablated too.
+    """
+
+    heads: list[list[Head]]
+    gamma: torch.Tensor | float = 1.0
+    adaptive: bool = False
+    plausibility: float = 0.1
+    prefill: Literal["shared", "separate"] = "shared"
+    rows: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.heads = [[(int(l), int(h)) for l, h in row] for row in self.heads]
+        self.rows = len(self.heads)
+        gamma = torch.as_tensor(self.gamma, dtype=torch.float32).reshape(-1)
+        self.gamma = gamma.expand(self.rows).clone() if gamma.numel() == 1 else gamma
+        if self.gamma.shape[0] != self.rows:
+            raise ValueError(f"gamma has {self.gamma.shape[0]} values for {self.rows} rows")
+        if not 0.0 <= self.plausibility < 1.0:
+            raise ValueError("plausibility must be in [0, 1)")
+        if self.prefill not in ("shared", "separate"):
+            raise ValueError("prefill must be 'shared' or 'separate'")
+
+    def select(self, rows: Sequence[int]) -> "HeadContrast":
+        rows = list(rows)
+        return HeadContrast([self.heads[i] for i in rows], self.gamma[torch.as_tensor(rows, dtype=torch.long)],
+                            self.adaptive, self.plausibility, self.prefill)
+
+
 class TextEncoder:
     """How text becomes tokens, shared by the runtime and by validation (which needs no weights)."""
 
@@ -219,6 +270,9 @@ class ModelRuntime:
         self.layers = decoder_layers(self.model)
         self.num_layers = len(self.layers)
         self.hidden_size = int(self.model.config.hidden_size)
+        self.num_heads = int(self.model.config.num_attention_heads)
+        self.num_kv_heads = int(getattr(self.model.config, "num_key_value_heads", None) or self.num_heads)
+        self.head_dim = int(self._o_proj(0).in_features) // self.num_heads
         self.device = next(self.model.parameters()).device
         self._fingerprint: str | None = None
         self._position_ids: torch.Tensor | None = None  # (batch, seq) of the forward in flight
@@ -253,18 +307,20 @@ class ModelRuntime:
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Encoded]:
         return self.text.encode(prompts, responses)
 
-    def micro_batches(self, lengths: Sequence[int], extra: int = 0) -> list[list[int]]:
+    def micro_batches(self, lengths: Sequence[int], extra: int = 0, budget: int | None = None) -> list[list[int]]:
         """Indices grouped by similar length so each padded batch stays under max_batch_tokens.
 
-        ``extra`` tokens are reserved per row (new tokens during generation).
+        ``extra`` tokens are reserved per row (new tokens during generation); ``budget``
+        overrides max_batch_tokens (a sequence longer than it still gets a batch of its own).
         """
+        budget = budget or self.config.max_batch_tokens
         order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
         batches: list[list[int]] = []
         current: list[int] = []
         longest = 0
         for i in order:
             size = lengths[i] + extra
-            if current and max(longest, size) * (len(current) + 1) > self.config.max_batch_tokens:
+            if current and max(longest, size) * (len(current) + 1) > budget:
                 batches.append(current)
                 current, longest = [], 0
             current.append(i)
@@ -374,24 +430,237 @@ class ModelRuntime:
         encoded = self.encode(prompts, responses)
         totals = torch.zeros(len(encoded), dtype=torch.float32)
         counts = torch.as_tensor([len(e.ids) - e.prompt_len for e in encoded], dtype=torch.long)
-        head = self.model.get_output_embeddings()
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
         for batch in self.micro_batches([len(e.ids) for e in encoded]):
             ids, mask, pos = self.collate([encoded[i].ids for i in batch], "right")
             starts = torch.as_tensor([encoded[i].prompt_len for i in batch])
             ctx = self.steering(steer.select(batch), starts - 1) if steer is not None else contextlib.nullcontext()
             with ctx:
                 hidden = self.forward(ids, mask, pos, base_only=True).last_hidden_state  # (b, seq, hidden)
-            for row, i in enumerate(batch):
-                start, end = encoded[i].prompt_len, len(encoded[i].ids)
-                if end == start:
-                    continue
-                logits = head(hidden[row, start - 1: end - 1]).float()  # predicts tokens start..end-1
-                if cap:
-                    logits = cap * torch.tanh(logits / cap)
-                targets = ids[row, start:end]
-                totals[i] = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).sum().cpu()
+            nll = self._response_nll(hidden, ids, [encoded[i] for i in batch])
+            totals[batch] = -nll.float().cpu()
         return totals, counts
+
+    # ---- attention heads: gating, ablation, attribution ------------------------------------
+
+    def _o_proj(self, layer: int) -> torch.nn.Module:
+        attn = getattr(self.layers[layer], "self_attn", None)
+        proj = getattr(attn, "o_proj", None)
+        if proj is None:
+            raise UnsupportedArchitecture(
+                f"decoder block {layer} of {type(self.model).__name__} has no self_attn.o_proj: "
+                "head gating needs the attention output projection")
+        return proj
+
+    def _check_heads(self, heads: Sequence[Head]) -> None:
+        bad = [h for h in heads if not (0 <= h[0] < self.num_layers and 0 <= h[1] < self.num_heads)]
+        if bad:
+            raise ValueError(f"heads {bad[:5]} invalid: this model has layers 0..{self.num_layers - 1} and "
+                             f"query heads 0..{self.num_heads - 1}")
+
+    def head_gates(self, head_sets: Sequence[Sequence[Head]]) -> torch.Tensor:
+        """Float32 gates (rows, layers, heads): 0 at each row's listed heads, 1 elsewhere."""
+        gates = torch.ones((len(head_sets), self.num_layers, self.num_heads), dtype=torch.float32)
+        for row, heads in enumerate(head_sets):
+            self._check_heads(heads)
+            for layer, head in heads:
+                gates[row, layer, head] = 0.0
+        return gates
+
+    @contextlib.contextmanager
+    def _gating_hooks(self, gate_for: "callable", layers: Sequence[int]) -> Iterator[None]:
+        """Scale each head's slice of o_proj's input by ``gate_for(layer)`` ((rows, heads) or None)."""
+        def hook(layer_index):
+            def fn(_module, args):
+                gate = gate_for(layer_index)
+                if gate is None:
+                    return None
+                x = args[0]
+                b, s, _ = x.shape
+                x = (x.view(b, s, self.num_heads, self.head_dim) * gate[:, None, :, None].to(x.dtype)).view(b, s, -1)
+                return (x, *args[1:])
+            return fn
+
+        handles = [self._o_proj(l).register_forward_pre_hook(hook(l)) for l in sorted(set(layers))]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextlib.contextmanager
+    def head_gating(self, gates: torch.Tensor) -> Iterator[None]:
+        """Gate every head per row while the context is open: ``gates`` is (rows, layers, heads).
+
+        0 ablates a head, 1 keeps it; gates that require grad give head attributions.
+        """
+        if gates.ndim != 3 or tuple(gates.shape[1:]) != (self.num_layers, self.num_heads):
+            raise ValueError(f"gates must be (rows, {self.num_layers}, {self.num_heads}); got {tuple(gates.shape)}")
+        gates = gates.to(self.device)
+        layers = range(self.num_layers) if gates.requires_grad else \
+            sorted({int(l) for l in (gates != 1).any(dim=(0, 2)).nonzero().flatten()})
+        with self._gating_hooks(lambda l: gates[:, l], layers):
+            yield
+
+    def _response_nll(self, hidden: torch.Tensor, ids: torch.Tensor, encoded: Sequence[Encoded],
+                      chunk_tokens: int | None = None) -> torch.Tensor:
+        """Sum of −log p(response token) per row from final hidden states (b, seq, hidden).
+
+        The LM head runs only on positions that predict response tokens, in chunks that bound the
+        (tokens × vocabulary) logits. Differentiable; dtype float32, on the model's device.
+        """
+        head = self.model.get_output_embeddings()
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        rows, cols, targets = [], [], []
+        for row, e in enumerate(encoded):
+            start, end = e.prompt_len, len(e.ids)
+            rows += [row] * (end - start)
+            cols += range(start - 1, end - 1)  # position t predicts token t + 1
+        out = torch.zeros(len(encoded), dtype=torch.float32, device=hidden.device)
+        if not rows:
+            return out
+        r = torch.as_tensor(rows, device=hidden.device)
+        c = torch.as_tensor(cols, device=hidden.device)
+        tgt = ids[r, c + 1]
+        chunk = chunk_tokens or max(256, 2 ** 26 // max(1, head.weight.shape[0]))
+        for lo in range(0, len(rows), chunk):
+            logits = head(hidden[r[lo:lo + chunk], c[lo:lo + chunk]]).float()
+            if cap:
+                logits = cap * torch.tanh(logits / cap)
+            nll = torch.logsumexp(logits, -1) - logits.gather(-1, tgt[lo:lo + chunk, None]).squeeze(-1)
+            out = out.index_add(0, r[lo:lo + chunk], nll)
+        return out
+
+    @torch.inference_mode()
+    def sequence_nll(self, encoded: Sequence[Encoded], gates: torch.Tensor | None = None,
+                     budget: int | None = None) -> torch.Tensor:
+        """−log p(response) per sequence (float64 (rows,) on CPU), optionally with per-row head gates.
+
+        The plain path: one forward per micro-batch. ``gates`` is (rows, layers, heads).
+        """
+        out = torch.zeros(len(encoded), dtype=torch.float64)
+        for batch in self.micro_batches([len(e.ids) for e in encoded], budget=budget):
+            ids, mask, pos = self.collate([encoded[i].ids for i in batch], "right")
+            ctx = self.head_gating(gates[batch]) if gates is not None else contextlib.nullcontext()
+            with ctx:
+                hidden = self.forward(ids, mask, pos, base_only=True).last_hidden_state
+            out[batch] = self._response_nll(hidden, ids, [encoded[i] for i in batch]).double().cpu()
+        return out
+
+    @torch.inference_mode()
+    def ablation_nll(self, encoded: Sequence[Encoded], heads: Sequence[Head]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact single-head ablations, batched: (base (seqs,), ablated (len(heads), seqs)) NLL sums.
+
+        ``ablated[i, j]`` is −log p(response j) with head ``heads[i]`` ablated. Variants are batched
+        together and *forked* inside the forward pass: ablating a head of block l cannot change
+        blocks below l, so a variant's rows are copied from the unablated rows at the input of
+        block l rather than computed from the embeddings (about half the work of one full pass
+        per head over all 30 blocks). Float64 on CPU.
+        """
+        heads = [(int(l), int(h)) for l, h in heads]
+        self._check_heads(heads)
+        base = torch.zeros(len(encoded), dtype=torch.float64)
+        ablated = torch.zeros((len(heads), len(encoded)), dtype=torch.float64)
+        order = sorted(range(len(heads)), key=lambda i: heads[i])
+        budget = self.config.max_batch_tokens
+        # base micro-batches leave room for variant copies of their rows
+        for batch in self.micro_batches([len(e.ids) for e in encoded], budget=max(1, budget // 8)):
+            seqs = [encoded[i] for i in batch]
+            ids, mask, pos = self.collate([e.ids for e in seqs], "right")
+            per_chunk = max(1, budget // (len(batch) * ids.shape[1]) - 1)
+            chunks = [order[i:i + per_chunk] for i in range(0, len(order), per_chunk)] or [[]]
+            for n, chunk in enumerate(chunks):
+                blocks, nll = self._forked_forward(ids, mask, pos, seqs, [heads[i] for i in chunk],
+                                                   keep_base=(n == 0))
+                for block, variant in enumerate(blocks):
+                    values = nll[block * len(batch):(block + 1) * len(batch)].double().cpu()
+                    if variant < 0:
+                        base[batch] = values
+                    else:
+                        ablated[chunk[variant], batch] = values
+        return base, ablated
+
+    def _forked_forward(self, ids, mask, pos, seqs: Sequence[Encoded], variants: Sequence[Head], keep_base: bool):
+        """One forward whose batch grows at each variant's block: returns (block layout, NLL per row).
+
+        Rows are blocks of ``B = len(seqs)`` rows; block id −1 is unablated, ``v`` ablates
+        ``variants[v]``. Decoder-block pre-hooks copy the unablated block for the variants that start
+        at that block (and expand the per-row keyword arguments: masks, positions, rotary tables);
+        o_proj pre-hooks ablate each variant's head; the unablated block is dropped once no later
+        variant needs it (unless ``keep_base``).
+        """
+        b = len(seqs)
+        starts: dict[int, list[int]] = {}
+        for v, (layer, _head) in enumerate(variants):
+            starts.setdefault(layer, []).append(v)
+        last_fork = max(starts) if starts else -1
+        state = {"blocks": [-1]}
+        gates: dict[int, torch.Tensor] = {}
+
+        def expand(value, index):
+            if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[0] == b:
+                return value.index_select(0, index)
+            if isinstance(value, tuple):
+                return tuple(expand(v, index) for v in value)
+            return value
+
+        def fork(layer_index):
+            def fn(_module, args, kwargs):
+                blocks = list(state["blocks"])
+                hidden = args[0] if args else kwargs["hidden_states"]
+                new = starts.get(layer_index, [])
+                if new:
+                    hidden = torch.cat([hidden] + [hidden[:b]] * len(new), dim=0)
+                    blocks += new
+                if layer_index >= last_fork and not keep_base and blocks[0] == -1 and len(blocks) > 1:
+                    hidden, blocks = hidden[b:], blocks[1:]
+                state["blocks"] = blocks
+                gate = torch.ones((len(blocks), self.num_heads), device=hidden.device)
+                for j, v in enumerate(blocks):
+                    if v >= 0 and variants[v][0] == layer_index:
+                        gate[j, variants[v][1]] = 0.0
+                gates[layer_index] = gate.repeat_interleave(b, dim=0)
+                index = torch.arange(b, device=hidden.device).repeat(len(blocks))
+                kwargs = {k: (expand(v, index) if k in _ROW_KWARGS else v) for k, v in kwargs.items()}
+                if args:
+                    return (hidden, *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": hidden}
+            return fn
+
+        handles = [self.layers[l].register_forward_pre_hook(fork(l), with_kwargs=True)
+                   for l in range(self.num_layers)]
+        try:
+            with self._gating_hooks(lambda l: gates.get(l), sorted(starts)):
+                hidden = self.forward(ids, mask, pos, base_only=True).last_hidden_state
+        finally:
+            for h in handles:
+                h.remove()
+        blocks = state["blocks"]
+        rows = [seqs[i % b] for i in range(len(blocks) * b)]
+        return blocks, self._response_nll(hidden, ids.repeat(len(blocks), 1), rows)
+
+    def head_attribution(self, encoded: Sequence[Encoded], groups: Sequence[int], n_groups: int) -> torch.Tensor:
+        """∂(mean NLL per token of each group's responses)/∂(head gate) at gates = 1.
+
+        One forward and one backward pass per micro-batch (attribution patching). ``groups[i]``
+        says which group (e.g. user) sequence i belongs to; the mean is over all response tokens
+        of the group. Returns float64 (n_groups, layers, heads) on CPU. A first-order estimate
+        of ablating head h is ΔNLL ≈ −gradient.
+        """
+        tokens = torch.zeros(n_groups, dtype=torch.float64)
+        for e, g in zip(encoded, groups):
+            tokens[g] += len(e.ids) - e.prompt_len
+        grads = torch.zeros((n_groups, self.num_layers, self.num_heads), dtype=torch.float64)
+        group_index = torch.as_tensor(list(groups), dtype=torch.long)
+        for batch in self.micro_batches([len(e.ids) for e in encoded]):
+            ids, mask, pos = self.collate([encoded[i].ids for i in batch], "right")
+            gates = torch.ones((len(batch), self.num_layers, self.num_heads), device=self.device, requires_grad=True)
+            with torch.enable_grad(), self.head_gating(gates):
+                hidden = self.forward(ids, mask, pos, base_only=True).last_hidden_state
+                nll = self._response_nll(hidden, ids, [encoded[i] for i in batch])
+                weight = 1.0 / tokens[group_index[batch]].clamp(min=1).to(nll)
+                (nll * weight).sum().backward()
+            grads.index_add_(0, group_index[batch], gates.grad.double().cpu())
+        return grads
 
     @contextlib.contextmanager
     def steering(self, steer: Steering, response_start: torch.Tensor | None = None) -> Iterator[None]:
@@ -429,41 +698,78 @@ class ModelRuntime:
                 h.remove()
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 64,
-                 steer: Steering | None = None) -> list[str]:
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 64, steer: Steering | None = None,
+                 contrast: HeadContrast | None = None) -> list[str]:
         """Greedy decoding, batched (left padding, explicit positions, a KV cache per batch).
 
-        With ``steer``, row i of ``prompts`` is steered by row i of ``steer``.
+        With ``steer``, row i of ``prompts`` is steered by row i of ``steer``. With ``contrast``,
+        row i is decoded by differential preference decoding against the model with row i's
+        heads ablated (two KV caches held as one batch of 2 × rows; see ``HeadContrast``).
         """
         from transformers import DynamicCache
 
-        if steer is not None and steer.rows != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but steering for {steer.rows} rows")
+        for name, extra in (("steering", steer), ("contrast", contrast)):
+            if extra is not None and extra.rows != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {name} for {extra.rows} rows")
+        if steer is not None and contrast is not None:
+            raise ValueError("generate takes steering or head contrast, not both")
         prompt_seqs = self.prompt_ids(prompts)
         results: list[str] = [""] * len(prompts)
         eos = torch.as_tensor(self.eos_token_ids or [-1], device=self.device)
-        for batch in self.micro_batches([len(s) for s in prompt_seqs], extra=max_new_tokens):
+        branches = 2 if contrast is not None else 1
+        for batch in self.micro_batches([len(s) for s in prompt_seqs], extra=max_new_tokens,
+                                        budget=self.config.max_batch_tokens // branches):
             ids, mask, pos = self.collate([prompt_seqs[i] for i in batch], "left")
+            b = len(batch)
             start = torch.as_tensor([len(prompt_seqs[i]) - 1 for i in batch])
-            ctx = self.steering(steer.select(batch), start) if steer is not None else contextlib.nullcontext()
+            cache = DynamicCache(config=self.model.config)
+            if contrast is not None:
+                rows = contrast.select(batch)
+                gates = torch.cat([torch.ones((b, self.num_layers, self.num_heads)), self.head_gates(rows.heads)])
+                ctx = self.head_gating(gates)
+                both = torch.arange(b, device=self.device).repeat(2)
+                if rows.prefill == "shared" and ids.shape[1] >= 2 and min(len(prompt_seqs[i]) for i in batch) >= 2:
+                    # the prompt but its last token once, unablated; then the last token in both branches
+                    self.forward(ids[:, :-1], mask[:, :-1], pos[:, :-1], past_key_values=cache, logits_to_keep=1)
+                    cache.reorder_cache(both)
+                    ids, pos = ids[:, -1:], pos[:, -1:]
+                ids, mask, pos = ids[both], mask[both], pos[both]
+            else:
+                ctx = self.steering(steer.select(batch), start) if steer is not None else contextlib.nullcontext()
             with ctx:
-                cache = DynamicCache(config=self.model.config)
-                logits = self.forward(ids, mask, pos, past_key_values=cache, logits_to_keep=1).logits
-                done = torch.zeros(len(batch), dtype=torch.bool, device=self.device)
+                logits = self.forward(ids, mask, pos, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+                done = torch.zeros(b, dtype=torch.bool, device=self.device)
                 tokens: list[torch.Tensor] = []
                 for _ in range(max_new_tokens):
-                    nxt = logits[:, -1].argmax(-1)
+                    nxt = self._contrast_pick(logits, rows) if contrast is not None else logits.argmax(-1)
                     nxt = torch.where(done, self.tokenizer.pad_token_id, nxt)
                     tokens.append(nxt)
                     done |= torch.isin(nxt, eos)
                     if bool(done.all()):
                         break
+                    nxt = nxt.repeat(branches)
                     mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
                     pos = pos[:, -1:] + 1
-                    logits = self.forward(nxt[:, None], mask, pos, past_key_values=cache, logits_to_keep=1).logits
-            generated = torch.stack(tokens, dim=1).cpu() if tokens else torch.empty((len(batch), 0), dtype=torch.long)
+                    logits = self.forward(nxt[:, None], mask, pos, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+            generated = torch.stack(tokens, dim=1).cpu() if tokens else torch.empty((b, 0), dtype=torch.long)
             for row, i in enumerate(batch):
                 seq = generated[row].tolist()
                 cut = next((k for k, t in enumerate(seq) if t in self.eos_token_ids), len(seq))
                 results[i] = self.tokenizer.decode(seq[:cut], skip_special_tokens=True)
         return results
+
+    @staticmethod
+    def _contrast_pick(logits: torch.Tensor, contrast: HeadContrast) -> torch.Tensor:
+        """Greedy token of ℓ̃ = (1+γ)·ℓ_full − γ·ℓ_masked from the (2 × rows, vocab) step logits."""
+        b = contrast.rows
+        full = torch.log_softmax(logits[:b].float(), -1)
+        masked = torch.log_softmax(logits[b:].float(), -1)
+        gamma = contrast.gamma.to(full.device)
+        if contrast.adaptive:
+            entropy = -(full.exp() * full).sum(-1) / math.log(full.shape[-1])
+            gamma = gamma * entropy
+        score = (1 + gamma)[:, None] * full - gamma[:, None] * masked
+        if contrast.plausibility > 0:
+            floor = full.max(-1, keepdim=True).values + math.log(contrast.plausibility)
+            score = score.masked_fill(full < floor, float("-inf"))
+        return score.argmax(-1)
