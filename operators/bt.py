@@ -136,10 +136,14 @@ def compose(theta: np.ndarray, basis: np.ndarray, population_norms: np.ndarray) 
     return (raw / n * population_norms[:, None]).astype(np.float32)
 
 
+def sample_key(user_id: str, seed: int) -> float:
+    """A user's seeded uniform draw in [0, 1): samples are the users with the smallest keys."""
+    return int(hashlib.sha256(f"{seed}:{user_id}".encode()).hexdigest()[:12], 16) / 16**12
+
+
 def in_sample(user_id: str, seed: int, fraction: float) -> bool:
     """Deterministic seeded sample membership: the same users for the same seed and fraction."""
-    h = int(hashlib.sha256(f"{seed}:{user_id}".encode()).hexdigest()[:12], 16)
-    return h / 16**12 < fraction
+    return sample_key(user_id, seed) < fraction
 
 
 def population_theta(x: np.ndarray, weights: np.ndarray, config: BTConfig) -> np.ndarray:

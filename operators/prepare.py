@@ -24,11 +24,14 @@ _HISTORY_FIELDS = ("item_id", "input", "output", "timestamp")
 
 @dataclass
 class PrepareConfig:
-    min_pairs: int = option(2, help="users with fewer valid preference pairs are quarantined")
+    min_pairs: int = option(2, help="users with fewer valid preference pairs get no pair-based artifacts (CAA, BT)")
+    min_histories: int = option(
+        2, help="users with fewer valid history items get no history-based artifacts (DPS); a user with neither is quarantined")
     buckets: int = option(64, help="number of hash buckets users are spread over (bucket column)")
 
     def __post_init__(self) -> None:
         check(self.min_pairs >= 1, "prepare.min_pairs must be >= 1")
+        check(self.min_histories >= 1, "prepare.min_histories must be >= 1")
         check(self.buckets >= 1, "prepare.buckets must be >= 1")
 
 
@@ -56,10 +59,15 @@ def _dedupe(records: list[dict], fields: tuple[str, ...], id_name: str):
 
 
 class PrepareUsers:
-    """map_groups function: all records of one user (valid or not) -> one USER_ROW_SCHEMA row."""
+    """map_groups function: all records of one user (valid or not) -> one USER_ROW_SCHEMA row.
 
-    def __init__(self, config: PrepareConfig):
+    A user is ``ok`` when some method can use them: at least ``min_pairs`` valid pairs, or
+    (when a history method runs, ``history_methods``) at least ``min_histories`` history items.
+    """
+
+    def __init__(self, config: PrepareConfig, history_methods: bool = False):
         self.config = config
+        self.history_methods = history_methods
 
     def __call__(self, group: pa.Table) -> pa.Table:
         require_columns(type(self).__name__, group, ["user_id", "kind", "record_id", "status"])
@@ -76,10 +84,14 @@ class PrepareUsers:
         fingerprint = hashlib.sha256(
             json.dumps([pairs_out, hist_out], default=str, sort_keys=True).encode()).hexdigest()[:32]
         status, reason = "ok", None
-        if len(pairs_out) < self.config.min_pairs:
+        enough_histories = self.history_methods and len(hist_out) >= self.config.min_histories
+        if len(pairs_out) < self.config.min_pairs and not enough_histories:
             status = "quarantined"
             reason = (f"user has {len(pairs_out)} valid preference pair(s); CAA needs at least "
                       f"{self.config.min_pairs} (prepare.min_pairs)")
+            if self.history_methods:
+                reason += (f", and {len(hist_out)} valid history item(s); DPS needs at least "
+                           f"{self.config.min_histories} (prepare.min_histories)")
         dropped = [{"kind": r["kind"], "source": r["source"], "record_id": r["record_id"], "reason": why,
                     "raw": r["raw"]} for r, why in dropped_pairs + dropped_hists]
         row = {
@@ -91,6 +103,6 @@ class PrepareUsers:
         return pa.Table.from_pylist([row], schema=USER_ROW_SCHEMA)
 
 
-def prepare_user_group(group: pa.Table, config: PrepareConfig) -> pa.Table:
+def prepare_user_group(group: pa.Table, config: PrepareConfig, history_methods: bool = False) -> pa.Table:
     """Function form of PrepareUsers for ``map_groups`` (which needs a named function)."""
-    return PrepareUsers(config)(group)
+    return PrepareUsers(config, history_methods)(group)

@@ -10,6 +10,11 @@ then ``manifest.json`` (written last but one) and the store's ``LATEST`` pointer
 - ``quarantine``: one row per rejected input row or user, with the reason and the raw text.
 - ``bt_coords``: one row per stored user: Bradley-Terry ideal point θ (k floats) and fit diagnostics.
 - ``bt_basis``: one row per layer: the version's orthonormal preference basis (k × hidden).
+- ``dps_heads``: one row per user with histories: the user's preference heads (own, when
+  scored individually), the user's cluster and soft routing weights over the clusters.
+- ``dps_clusters``: one row per cluster: centroid and the cluster's preference heads.
+- ``dps_population``: one row per attention head: mean PCS and attribution over the
+  baseline sample (what ``pcs_baseline='population'`` subtracts).
 """
 
 from __future__ import annotations
@@ -95,8 +100,9 @@ VECTORS_SCHEMA = pa.schema([
 
 USERS_SCHEMA = pa.schema([
     pa.field("user_id", pa.string(), nullable=False),
-    pa.field("status", pa.string(), nullable=False),  # stored | quarantined
+    pa.field("status", pa.string(), nullable=False),  # stored (some method stored artifacts) | quarantined
     pa.field("reason", pa.string()),
+    pa.field("methods", pa.list_(pa.string())),  # methods with artifacts for this user: caa, bt, dps
     pa.field("n_pairs_in", pa.int32()),  # rows in the input, valid or not
     pa.field("n_pairs_valid", pa.int32()),  # rows that passed validation and de-duplication
     pa.field("n_pairs_used", pa.int32()),  # rows behind the stored vectors (0 when quarantined)
@@ -110,7 +116,7 @@ QUARANTINE_SCHEMA = pa.schema([
     pa.field("source", pa.string()),
     pa.field("user_id", pa.string()),
     pa.field("record_id", pa.string()),
-    pa.field("stage", pa.string(), nullable=False),  # validate | prepare | caa
+    pa.field("stage", pa.string(), nullable=False),  # validate | prepare | caa | dps
     pa.field("reason", pa.string(), nullable=False),
     pa.field("raw", pa.string()),
 ], metadata=_meta("quarantine"))
@@ -144,9 +150,70 @@ BT_BASIS_SCHEMA = pa.schema([
     pa.field("model_fingerprint", pa.string(), nullable=False),
 ], metadata=_meta("bt_basis"))
 
+# an attention head: query head ``head`` of decoder block ``layer``; with grouped-query attention
+# it reads key/value head ``kv_head`` = head // (num_heads // num_kv_heads)
+HEAD_STRUCT = pa.struct([
+    ("layer", pa.int32()), ("head", pa.int32()), ("kv_head", pa.int32()),
+    ("score", pa.float32()),  # what heads are ranked by: pcs, minus the population mean when pcs_baseline=population
+    ("pcs", pa.float32()),  # exact PCS: Δ mean NLL per token (nats) when the head is ablated
+])
+
+_DPS_MODEL_FIELDS = [
+    pa.field("num_layers", pa.int32()),
+    pa.field("num_heads", pa.int32()),  # query heads per layer
+    pa.field("num_kv_heads", pa.int32()),
+    pa.field("model_id", pa.string(), nullable=False),
+    pa.field("model_fingerprint", pa.string(), nullable=False),
+]
+
+DPS_HEADS_SCHEMA = pa.schema([
+    pa.field("user_id", pa.string(), nullable=False),
+    pa.field("heads", pa.list_(HEAD_STRUCT)),  # the user's own heads, best first (empty: use the clusters')
+    pa.field("source", pa.string(), nullable=False),  # user | cluster: where serving takes the heads from
+    pa.field("mode", pa.string()),  # exact | fast (null when only clusters were scored)
+    pa.field("pcs_baseline", pa.string()),  # none | population
+    pa.field("baseline_users", pa.int32()),  # other users behind the subtracted mean
+    pa.field("cluster", pa.int32()),  # most likely cluster (null without clusters)
+    pa.field("routing", pa.list_(pa.float32())),  # soft weights over clusters, sum 1
+    pa.field("n_items", pa.int32()),  # history items scored
+    pa.field("n_tokens", pa.int32()),
+    pa.field("base_nll", pa.float32()),  # mean NLL per token of those items, nothing ablated
+    pa.field("gamma", pa.float32()),  # recommended contrast strength
+    pa.field("adaptive", pa.bool_()),
+    pa.field("plausibility", pa.float32()),
+    pa.field("content_fingerprint", pa.string()),
+    *_DPS_MODEL_FIELDS,
+], metadata=_meta("dps_heads"))
+
+DPS_CLUSTERS_SCHEMA = pa.schema([
+    pa.field("cluster", pa.int32(), nullable=False),
+    pa.field("centroid", pa.list_(pa.float32()), nullable=False),  # in the sentence encoder's space
+    pa.field("heads", pa.list_(HEAD_STRUCT)),
+    pa.field("n_users", pa.int32()),  # users whose most likely cluster this is
+    pa.field("n_items", pa.int32()),  # members' history items scored for the cluster
+    pa.field("n_tokens", pa.int32()),
+    pa.field("mode", pa.string()),
+    pa.field("pcs_baseline", pa.string()),
+    pa.field("encoder", pa.string()),
+    pa.field("routing_temperature", pa.float32()),
+    *_DPS_MODEL_FIELDS,
+], metadata=_meta("dps_clusters"))
+
+DPS_POPULATION_SCHEMA = pa.schema([
+    pa.field("layer", pa.int32(), nullable=False),
+    pa.field("head", pa.int32(), nullable=False),
+    pa.field("kv_head", pa.int32(), nullable=False),
+    pa.field("pcs_mean", pa.float32(), nullable=False),  # mean exact PCS over the sample
+    pa.field("pcs_std", pa.float32()),
+    pa.field("attribution_mean", pa.float32()),  # mean first-order estimate −∂NLL/∂gate
+    pa.field("n_users", pa.int32(), nullable=False),
+    *_DPS_MODEL_FIELDS,
+], metadata=_meta("dps_population"))
+
 STORE_TABLES: dict[str, pa.Schema] = {
     "vectors": VECTORS_SCHEMA, "users": USERS_SCHEMA, "quarantine": QUARANTINE_SCHEMA,
-    "bt_coords": BT_COORDS_SCHEMA, "bt_basis": BT_BASIS_SCHEMA,
+    "bt_coords": BT_COORDS_SCHEMA, "bt_basis": BT_BASIS_SCHEMA, "dps_heads": DPS_HEADS_SCHEMA,
+    "dps_clusters": DPS_CLUSTERS_SCHEMA, "dps_population": DPS_POPULATION_SCHEMA,
 }
 
 

@@ -1,0 +1,94 @@
+"""A user's history as scoring sequences: item j's output given its input and other items as context.
+
+Shared by the history-based methods (DPS preference heads; SteerX leave-one-out effects): the
+prompt of item j holds up to ``k`` *other* items of the same user (never item j itself),
+chosen as the most ``recent`` before it or by ``bm25`` similarity to its input, followed by
+item j's input. The response is item j's output. Prompts are data for the model; the model's
+chat template is applied by the runtime.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+from infra.config import check, option
+
+Selection = Literal["recent", "bm25"]
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+@dataclass
+class HistoryContextConfig:
+    context_items: int = option(2, help="other history items shown as context before each scored item (k)")
+    selection: Selection = option("recent", help="which other items: recent (closest before it in time) or bm25 (most similar input)")
+    context_chars: int = option(600, help="each context item's output is cut to this many characters")
+    max_items: int = option(8, help="most recent history items scored per user")
+
+    def __post_init__(self) -> None:
+        check(self.context_items >= 0, "context_items must be >= 0")
+        check(self.context_chars >= 1, "context_chars must be >= 1")
+        check(self.max_items >= 1, "max_items must be >= 1")
+
+
+def _tokens(text: str) -> list[str]:
+    return [w.lower() for w in _WORD.findall(text or "")]
+
+
+def bm25_scores(query: str, documents: Sequence[str], k1: float = 1.5, b: float = 0.75) -> list[float]:
+    """Okapi BM25 of ``query`` against each document (IDF over ``documents``)."""
+    docs = [_tokens(d) for d in documents]
+    if not docs:
+        return []
+    avg = sum(len(d) for d in docs) / len(docs) or 1.0
+    df = Counter(w for d in docs for w in set(d))
+    n = len(docs)
+    scores = []
+    for d in docs:
+        tf = Counter(d)
+        score = 0.0
+        for w in set(_tokens(query)):
+            if w in tf:
+                idf = math.log(1 + (n - df[w] + 0.5) / (df[w] + 0.5))
+                score += idf * tf[w] * (k1 + 1) / (tf[w] + k1 * (1 - b + b * len(d) / avg))
+        scores.append(score)
+    return scores
+
+
+def context_indices(items: Sequence[dict], j: int, config: HistoryContextConfig) -> list[int]:
+    """Indices of the items shown as context for item ``j`` (never ``j``), oldest first."""
+    others = [i for i in range(len(items)) if i != j]
+    if config.context_items == 0 or not others:
+        return []
+    if config.selection == "recent":
+        # items are sorted by time: prefer those before j (closest first), then those after it
+        before = [i for i in others if i < j][::-1]
+        after = [i for i in others if i > j]
+        picked = (before + after)[: config.context_items]
+    else:
+        scores = bm25_scores(items[j]["input"], [f"{items[i]['input']} {items[i]['output']}" for i in others])
+        ranked = sorted(zip(others, scores), key=lambda t: (-t[1], -t[0]))
+        picked = [i for i, _ in ranked[: config.context_items]]
+    return sorted(picked)
+
+
+def item_prompt(items: Sequence[dict], j: int, config: HistoryContextConfig) -> str:
+    """The prompt for scoring item ``j``'s output: its context items, then its input."""
+    ctx = context_indices(items, j, config)
+    if not ctx:
+        return items[j]["input"]
+    shown = "\n\n".join(
+        f"[{n + 1}] Prompt: {items[i]['input']}\nResponse: {items[i]['output'][: config.context_chars]}"
+        for n, i in enumerate(ctx))
+    return (f"Earlier responses written by this user:\n\n{shown}\n\n"
+            f"Write this user's response to the following prompt.\nPrompt: {items[j]['input']}")
+
+
+def scoring_sequences(histories: Sequence[dict], config: HistoryContextConfig) -> list[tuple[str, str]]:
+    """(prompt, output) for the user's ``max_items`` most recent items (histories sorted by time)."""
+    items = list(histories)
+    first = max(0, len(items) - config.max_items)
+    return [(item_prompt(items, j, config), items[j]["output"]) for j in range(first, len(items))]

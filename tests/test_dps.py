@@ -1,0 +1,211 @@
+"""DPS: per-user and per-cluster preference heads, history context, serving head choice, refresh end to end."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from infra.config import from_dict
+from infra.storage import SteeringStore
+from jobs import refresh
+from operators.dps import DPSConfig, DPSHeads, PopulationPCS, dps_user_rows, serving_heads
+from operators.history import HistoryContextConfig, bm25_scores, context_indices, scoring_sequences
+from operators.runtime import ModelConfig
+
+ITEMS = [
+    {"input": "Describe your weekend.", "output": "Wow, I absolutely love the weather today!"},
+    {"input": "Review a novel.", "output": "Noted. The plot is brief and formal."},
+    {"input": "Describe the weather.", "output": "The quick brown fox jumps over the lazy dog."},
+    {"input": "Summarise the plot of a novel.", "output": "Amazing, fantastic, wonderful novel!"},
+]
+
+
+def _user(uid, items=ITEMS, k=2):
+    cfg = HistoryContextConfig(context_items=k)
+    return {"user_id": uid, "sequences": [{"prompt": p, "output": o} for p, o in scoring_sequences(items, cfg)]}
+
+
+def test_context_never_contains_the_scored_item_and_prefers_recent_items():
+    cfg = HistoryContextConfig(context_items=2)
+    for j in range(len(ITEMS)):
+        assert j not in context_indices(ITEMS, j, cfg)
+    assert context_indices(ITEMS, 3, cfg) == [1, 2]  # the two items just before it
+    assert context_indices(ITEMS, 0, cfg) == [1, 2]  # nothing before: the next ones
+    prompt, output = scoring_sequences(ITEMS, cfg)[3]
+    assert output == ITEMS[3]["output"] and ITEMS[3]["output"] not in prompt and ITEMS[2]["output"] in prompt
+
+
+def test_bm25_selection_picks_the_most_similar_items():
+    scores = bm25_scores("weather today", ["a novel plot", "the weather today is fine", "weather"])
+    assert scores[1] > scores[2] > scores[0] == 0
+    cfg = HistoryContextConfig(context_items=1, selection="bm25")
+    assert context_indices(ITEMS, 3, cfg) == [1]  # "Review a novel." is closest to "...plot of a novel."
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_model_folder):
+    def make(**cfg):
+        config = DPSConfig(**{"top_k": 4, "candidates": 6, "pcs_baseline": "none", **cfg})
+        return DPSHeads(config, ModelConfig(name_or_path=str(tiny_model_folder)))
+    return make
+
+
+def _pcs_by_loop(rt, user):
+    enc = rt.encode([s["prompt"] for s in user["sequences"]], [s["output"] for s in user["sequences"]])
+    tokens = sum(len(e.ids) - e.prompt_len for e in enc)
+    base = float(rt.sequence_nll(enc).sum())
+    return {(l, h): (float(rt.sequence_nll(enc, rt.head_gates([[(l, h)]] * len(enc))).sum()) - base) / tokens
+            for l in range(rt.num_layers) for h in range(rt.num_heads)}, base / tokens
+
+
+def test_exact_mode_scores_equal_a_per_head_loop_and_are_pooled_per_user(scorer):
+    dps = scorer(mode="exact", top_k=16, candidates=16)
+    users = [_user("u1"), _user("u2", ITEMS[:3], k=1)]
+    rows = dps(pa.Table.from_pylist(users)).to_pylist()
+    for user, row in zip(users, rows):
+        loop, base = _pcs_by_loop(dps.runtime, user)
+        assert row["status"] == "ok" and row["mode"] == "exact"
+        assert row["base_nll"] == pytest.approx(base, rel=1e-4)
+        assert row["heads"], "no head with a positive PCS on a random model"
+        for h in row["heads"]:
+            assert h["pcs"] == pytest.approx(loop[(h["layer"], h["head"])], abs=1e-4)
+            assert h["kv_head"] == h["head"] // 2  # 4 query heads share 2 kv heads
+        positive = sorted((v for v in loop.values() if v > 0), reverse=True)
+        assert [h["pcs"] for h in row["heads"]] == pytest.approx(positive[:16], abs=1e-4)
+
+
+def test_fast_mode_with_every_head_as_candidate_equals_exact_mode(scorer):
+    users = pa.Table.from_pylist([_user("u1")])
+    exact = scorer(mode="exact")(users).to_pylist()[0]["heads"]
+    fast = scorer(mode="fast", candidates=16)(users).to_pylist()[0]["heads"]
+    assert [(h["layer"], h["head"]) for h in fast] == [(h["layer"], h["head"]) for h in exact]
+    assert [h["score"] for h in fast] == pytest.approx([h["score"] for h in exact], abs=1e-5)
+
+
+def test_fast_mode_verifies_only_candidates_ranked_by_attribution(scorer):
+    dps = scorer(mode="fast", candidates=4, top_k=4)
+    user = _user("u1")
+    row = dps(pa.Table.from_pylist([user])).to_pylist()[0]
+    enc = dps.runtime.encode([s["prompt"] for s in user["sequences"]], [s["output"] for s in user["sequences"]])
+    estimate = -dps.runtime.head_attribution(enc, [0] * len(enc), 1)[0].reshape(-1).numpy()
+    top = {(int(i) // 4, int(i) % 4) for i in np.argsort(-estimate)[:4]}
+    assert {(h["layer"], h["head"]) for h in row["heads"]} <= top
+
+
+def test_population_baseline_subtracts_the_mean_of_other_users():
+    shape = (2, 2)
+    rows = [{"user_id": u, "pcs": np.full(4, v).tolist(), "attribution": np.full(4, 2 * v).tolist()}
+            for u, v in (("a", 1.0), ("b", 3.0), ("c", 5.0))]
+    pop = PopulationPCS.from_rows(rows, shape)
+    pcs, attr, n = pop.for_user("a")
+    assert n == 2 and np.allclose(pcs, 4.0) and np.allclose(attr, 8.0)  # mean of b and c only
+    pcs, _, n = pop.for_user("outsider")
+    assert n == 3 and np.allclose(pcs, 3.0)
+    lonely = PopulationPCS.from_rows(rows[:1], shape)
+    assert lonely.for_user("a")[2] == 0
+
+
+def test_population_baseline_changes_the_ranking(scorer, tiny_model_folder):
+    user = pa.Table.from_pylist([_user("u1")])
+    raw = scorer(mode="exact", top_k=16, candidates=16)(user).to_pylist()[0]["heads"]
+    rt_shape = (4, 4)
+    other = {"user_id": "other", "pcs": np.zeros(16).tolist(), "attribution": np.zeros(16).tolist()}
+    loud = (l, h) = (raw[0]["layer"], raw[0]["head"])
+    other["pcs"][l * 4 + h] = 10.0  # the user's top head matters even more for everyone else
+    dps = DPSHeads(DPSConfig(mode="exact", top_k=16, candidates=16, pcs_baseline="population"),
+                   ModelConfig(name_or_path=str(tiny_model_folder)),
+                   population=PopulationPCS.from_rows([other], rt_shape))
+    row = dps(user).to_pylist()[0]
+    assert row["pcs_baseline"] == "population" and row["baseline_users"] == 1
+    assert loud not in [(h["layer"], h["head"]) for h in row["heads"]]
+    for h in row["heads"]:
+        assert h["score"] == pytest.approx(h["pcs"], abs=1e-6)  # other heads: baseline 0
+
+
+def test_a_user_that_cannot_be_scored_is_quarantined_not_the_batch(scorer):
+    dps = scorer()
+    rows = dps(pa.Table.from_pylist([_user("good"), {"user_id": "empty", "sequences": []}])).to_pylist()
+    assert rows[0]["status"] == "ok"
+    assert rows[1]["status"] == "quarantined" and "no history items" in rows[1]["reason"]
+
+
+def test_serving_heads_prefer_the_users_own_then_mix_clusters_by_routing():
+    own = {"heads": [{"layer": 3, "head": 1, "score": 0.5}], "routing": [1.0, 0.0]}
+    clusters = {0: {"heads": [{"layer": 1, "head": 0, "score": 1.0}, {"layer": 2, "head": 2, "score": 0.2}]},
+                1: {"heads": [{"layer": 2, "head": 2, "score": 1.0}]}}
+    assert serving_heads(own, clusters, 4) == [(3, 1)]
+    routed = {"heads": [], "routing": [0.3, 0.7]}
+    assert serving_heads(routed, clusters, 4) == [(2, 2), (1, 0)]  # 0.3*0.2 + 0.7*1.0 > 0.3*1.0
+    assert serving_heads(routed, clusters, 1) == [(2, 2)]
+    assert serving_heads(None, clusters, 4) == []
+
+
+def test_user_rows_get_sequences_and_routing():
+    from schemas.store import USER_ROW_SCHEMA
+    hist = [{"item_id": str(i), "input": it["input"], "output": it["output"], "timestamp": None}
+            for i, it in enumerate(ITEMS)]
+    batch = pa.Table.from_pylist([{"user_id": "u", "histories": hist, "content_fingerprint": "x"}])
+    batch = batch.append_column("embedding", pa.array([[1.0, 0.0]], pa.list_(pa.float32())))
+    out = dps_user_rows(batch, HistoryContextConfig(max_items=3), np.asarray([[0.0, 1.0], [1.0, 0.0]]), 0.1)
+    row = out.to_pylist()[0]
+    assert len(row["sequences"]) == 3 and row["cluster"] == 1 and sum(row["routing"]) == pytest.approx(1.0)
+    assert row["sequences"][-1]["output"] == ITEMS[-1]["output"]
+    assert set(USER_ROW_SCHEMA.names) >= {"user_id", "histories", "content_fingerprint"}
+
+
+# ---- end to end on real Ray ---------------------------------------------------------------
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def dps_run(ray_cluster, tmp_path_factory, tiny_model_folder):
+    tmp = tmp_path_factory.mktemp("dps-run")
+    styles = {"ann": "Wow, I absolutely love it! Amazing!", "ben": "Noted. Brief and formal.",
+              "cat": "Wow, fantastic and wonderful!", "dan": "The quick brown fox."}
+    histories = [{"user_id": u, "item_id": f"{u}{i}", "input": f"Tell me about thing {i}.",
+                  "output": f"{text} {i}", "timestamp": i} for u, text in styles.items() for i in range(3)]
+    histories.append({"user_id": "eve", "item_id": "e0", "input": "Hi", "output": "One item only.", "timestamp": 1})
+    pairs = [{"user_id": u, "pair_id": f"{u}p{k}", "prompt": f"Tell me about thing {k}.",
+              "chosen": styles[u], "rejected": "Meh.", "weight": 1.0} for u in ("ann", "ben") for k in range(2)]
+    cfg = from_dict(refresh.RefreshConfig, {
+        "inputs": {"preference_pairs": _jsonl(tmp / "pairs.jsonl", pairs),
+                   "histories": _jsonl(tmp / "histories.jsonl", histories)},
+        "output": {"store": str(tmp / "store")}, "model": {"name_or_path": str(tiny_model_folder)},
+        "validate": {"max_tokens": 48}, "caa": {"layers": [1, 2], "recommended_layers": [2]},
+        "bt": {"enabled": False}, "scale": {"enabled": False}, "ray": {"progress_bars": False},
+        "dps": {"mode": "fast", "top_k": 3, "candidates": 6, "clusters": 2, "cluster_items": 4,
+                "baseline_users": 2, "history": {"context_items": 1}}})
+    return refresh.main(cfg), str(tmp / "store")
+
+
+@pytest.mark.slow
+def test_refresh_stores_dps_heads_clusters_and_population(dps_run):
+    summary, uri = dps_run
+    store = SteeringStore(uri)
+    version = store.latest()
+    manifest = store.read_manifest(version)
+    assert "dps" in manifest["methods"]
+    users = {r["user_id"]: r for r in store.read_table("users", version).to_pylist()}
+    # ann/ben: pairs + histories; cat/dan: histories only; eve: one history item and no pairs
+    assert users["ann"]["methods"] == ["caa", "dps"] and users["cat"]["methods"] == ["dps"]
+    assert users["eve"]["status"] == "quarantined" and "prepare.min_histories" in users["eve"]["reason"]
+    assert summary["users_by_method"] == {"caa": 2, "dps": 4}
+    heads = {r["user_id"]: r for r in store.read_table("dps_heads", version).to_pylist()}
+    assert set(heads) == {"ann", "ben", "cat", "dan"}
+    for row in heads.values():
+        assert row["mode"] == "fast" and row["pcs_baseline"] == "population"
+        assert row["cluster"] in (0, 1) and sum(row["routing"]) == pytest.approx(1.0, abs=1e-5)
+        assert row["model_fingerprint"] == manifest["model"]["fingerprint"]
+        assert row["num_heads"] == 4 and row["num_kv_heads"] == 2 and row["n_items"] == 3
+        assert len(row["heads"]) <= 3 and all(h["score"] > 0 for h in row["heads"])
+        assert row["source"] in ("user", "cluster")
+    clusters = store.read_table("dps_clusters", version).to_pylist()
+    assert [c["cluster"] for c in clusters] == [0, 1]
+    assert sum(c["n_users"] for c in clusters) == 4 and all(c["n_items"] > 0 for c in clusters)
+    population = store.read_table("dps_population", version).to_pylist()
+    assert len(population) == 16 and {p["n_users"] for p in population} == {2}
