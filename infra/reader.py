@@ -34,6 +34,23 @@ class UserVectors:
         return {l: self.vectors[self.layers.index(l)] for l in layers}
 
 
+@dataclass
+class UserHeads:
+    """A user's DPS preference heads, resolved for serving, with the decoding settings."""
+
+    user_id: str
+    heads: list[tuple[int, int]]  # (layer, query head), best first
+    source: str  # user (their own) | cluster (mixed by routing) | none
+    gamma: float
+    adaptive: bool
+    plausibility: float
+    cluster: int | None
+    routing: list[float]
+    mode: str | None
+    pcs_baseline: str | None
+    model_fingerprint: str
+
+
 def _from_row(row: dict) -> UserVectors:
     return UserVectors(
         user_id=row["user_id"], layers=list(row["layers"]), vectors=np.asarray(row["vectors"], dtype=np.float32),
@@ -50,6 +67,7 @@ class StoreReader:
         self.version = self.store.resolve(version)
         self.manifest = self.store.read_manifest(self.version)
         self._basis: pa.Table | None = None
+        self._dps_clusters: dict[int, dict] | None = None
 
     def vectors(self, user_ids: Sequence[str]) -> dict[str, UserVectors]:
         """Vectors of the given users that are in the store (absent users are simply missing)."""
@@ -95,6 +113,32 @@ class StoreReader:
                 recommended_layers=list(meta["recommended_layers"]), recommended_scale=float(meta["recommended_scale"]),
                 positions=meta["positions"], model_id=meta["model_id"], model_fingerprint=meta["model_fingerprint"],
                 n_pairs=0)
+        return out
+
+    def dps_clusters(self) -> dict[int, dict]:
+        """The version's DPS clusters by id (empty without clusters)."""
+        if self._dps_clusters is None:
+            rows = self.store.read_table("dps_clusters", self.version).to_pylist()
+            self._dps_clusters = {r["cluster"]: r for r in rows}
+        return self._dps_clusters
+
+    def dps(self, user_ids: Sequence[str], top_k: int | None = None) -> dict[str, UserHeads]:
+        """Users' DPS heads: their own when scored individually, else their clusters' mixed by routing."""
+        from operators.dps import serving_heads  # noqa: PLC0415
+
+        ids = list(dict.fromkeys(user_ids))
+        if not ids:
+            return {}
+        k = top_k or int(self.manifest.get("config", {}).get("dps", {}).get("top_k", 8))
+        table = self.store.read_table("dps_heads", self.version, filter=pc.field("user_id").isin(ids))
+        out = {}
+        for r in table.to_pylist():
+            heads = serving_heads(r, self.dps_clusters() if not r["heads"] else {}, k)
+            out[r["user_id"]] = UserHeads(
+                user_id=r["user_id"], heads=heads, source=r["source"] if heads else "none",
+                gamma=float(r["gamma"]), adaptive=bool(r["adaptive"]), plausibility=float(r["plausibility"]),
+                cluster=r["cluster"], routing=list(r["routing"] or []), mode=r["mode"],
+                pcs_baseline=r["pcs_baseline"], model_fingerprint=r["model_fingerprint"])
         return out
 
     def users(self, user_ids: Sequence[str] | None = None) -> pa.Table:

@@ -15,7 +15,9 @@ from infra.reader import StoreReader
 from jobs import refresh
 from jobs.demo_data import DEMO_PROMPTS, write_demo_inputs
 from jobs.generate import load_runtime_for, steering_for
-from operators.runtime import ModelConfig
+from operators.dps import DPSConfig
+from operators.history import HistoryContextConfig
+from operators.runtime import HeadContrast, ModelConfig
 
 
 @dataclass
@@ -23,12 +25,17 @@ class DemoConfig:
     out: str = option("./steerstore-out", help="folder for the demo inputs and store")
     users_per_style: int = option(3, help="synthetic users per style (enthusiastic, formal)")
     pairs_per_user: int = option(10, help="preference pairs per synthetic user")
+    histories_per_user: int = option(4, help="history items per synthetic user (for DPS; 0 skips DPS)")
     show_users: list[str] = option(["enthusiastic-0", "formal-0"], help="users whose steered answers are printed")
     max_new_tokens: int = option(48, help="tokens generated per answer")
     show_alpha: float = option(
         2.0, help="a second, fixed multiplier shown beside each user's recommended one (the chosen α is "
                   "conservative on the demo's few training pairs)")
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "the model"})
+    dps: DPSConfig = dataclasses.field(
+        default_factory=lambda: DPSConfig(candidates=16, clusters=2, cluster_items=6, baseline_users=2, gamma=2.0,
+                                          history=HistoryContextConfig(context_items=1, max_items=3)),
+        metadata={"help": "DPS settings (sized for a CPU demo)"})
     ray: RayConfig = dataclasses.field(default_factory=RayConfig, metadata={"help": "Ray connection"})
 
     def __post_init__(self) -> None:
@@ -37,11 +44,12 @@ class DemoConfig:
 
 def main(config: DemoConfig) -> dict:
     out = Path(config.out)
-    pairs = write_demo_inputs(out / "inputs", users_per_style=config.users_per_style,
-                              pairs_per_user=config.pairs_per_user)
+    pairs, histories = write_demo_inputs(out / "inputs", users_per_style=config.users_per_style,
+                                         pairs_per_user=config.pairs_per_user,
+                                         histories_per_user=config.histories_per_user)
     refresh_config = refresh.RefreshConfig(
-        inputs=refresh.InputsConfig(preference_pairs=str(pairs)), output=refresh.OutputConfig(store=str(out / "store")),
-        model=config.model, ray=config.ray)
+        inputs=refresh.InputsConfig(preference_pairs=str(pairs), histories=str(histories) if histories else None),
+        output=refresh.OutputConfig(store=str(out / "store")), model=config.model, ray=config.ray, dps=config.dps)
     summary = refresh.main(refresh_config)
     print(f"\nstore version {summary['version']}: {summary['users_in']} users in -> {summary['users_stored']} stored, "
           f"{summary['users_quarantined']} quarantined; {summary['input_rows']} input rows, "
@@ -68,4 +76,18 @@ def main(config: DemoConfig) -> dict:
         for u, a, p in rows:
             if u is not None and p == prompt:
                 print(f"  {u + f' (α={a:g})':<26}: {by_row[(u, a, p)]}")
-    return {"summary": summary, "answers": {f"{u}|{a}|{p}": ans for (u, a, p), ans in by_row.items()}}
+    answers = {f"{u}|{a}|{p}": ans for (u, a, p), ans in by_row.items()}
+    heads = {u: h for u, h in reader.dps(shown).items() if h.heads}
+    if heads:
+        # DPS: one batch, each row contrasted against the model with its own user's heads ablated
+        rows = [(u, p) for u in heads for p in DEMO_PROMPTS]
+        contrast = HeadContrast([heads[u].heads for u, _ in rows], gamma=[heads[u].gamma for u, _ in rows],
+                                plausibility=heads[shown[0]].plausibility if shown[0] in heads else 0.1)
+        dps_answers = runtime.generate([p for _, p in rows], config.max_new_tokens, contrast=contrast)
+        print("\nDPS differential decoding (each user's preference heads, γ from the store):")
+        for u in heads:
+            print(f"  {u}: heads {heads[u].heads} ({heads[u].source}, {heads[u].pcs_baseline} baseline), γ={heads[u].gamma:g}")
+        for (u, p), ans in zip(rows, dps_answers):
+            print(f"  [{u}] {p} -> {ans}")
+            answers[f"{u}|dps|{p}"] = ans
+    return {"summary": summary, "answers": answers}

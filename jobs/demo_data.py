@@ -76,12 +76,31 @@ def demo_pairs(users_per_style: int = 3, pairs_per_user: int = 10, seed: int = 0
     return rows
 
 
-def write_demo_inputs(folder: Path, **kwargs) -> Path:
-    """Write the demo pairs as JSONL (plus one malformed line) and return the file path."""
+def demo_histories(users_per_style: int = 3, items_per_user: int = 4, seed: int = 1) -> list[dict]:
+    """What each synthetic user wrote: answers in their own style (for the history methods)."""
+    rng = random.Random(seed)
+    rows: list[dict] = []
+    for style, templates in (("enthusiastic", ENTHUSIASTIC), ("formal", FORMAL)):
+        for u in range(users_per_style):
+            user = f"{style}-{u}"
+            for k, (topic, fact) in enumerate(rng.sample(TOPICS, items_per_user)):
+                rows.append({"user_id": user, "item_id": f"{user}-h{k}", "input": rng.choice(PROMPTS).format(t=topic),
+                             "output": _answer(templates, rng, topic, fact), "timestamp": 1_700_000_000 + 3600 * k})
+    return rows
+
+
+def write_demo_inputs(folder: Path, histories_per_user: int = 0, **kwargs) -> tuple[Path, Path | None]:
+    """Write the demo pairs as JSONL (plus one malformed line), and histories when asked; return the paths."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "pairs.jsonl"
     with open(path, "w") as fh:
         for row in demo_pairs(**kwargs):
             fh.write(json.dumps(row) + "\n")
         fh.write('{"user_id": "enthusiastic-0", "pair_id": "broken", "prompt": \n')  # truncated line
-    return path
+    if not histories_per_user:
+        return path, None
+    hist = folder / "histories.jsonl"
+    with open(hist, "w") as fh:
+        for row in demo_histories(kwargs.get("users_per_style", 3), histories_per_user):
+            fh.write(json.dumps(row) + "\n")
+    return path, hist

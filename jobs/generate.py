@@ -14,7 +14,7 @@ import torch
 from infra.config import check, option
 from infra.reader import StoreReader, UserVectors
 from infra.storage import StorageConfig
-from operators.runtime import ModelConfig, ModelRuntime, Steering
+from operators.runtime import HeadContrast, ModelConfig, ModelRuntime, Steering
 
 
 @dataclass
@@ -22,9 +22,11 @@ class GenerateConfig:
     store: str = option("./steerstore-out/store", help="store URI (local folder or s3://bucket/prefix)")
     user: str = option("", help="user id to steer for")
     prompt: str = option("", help="the prompt to answer")
-    method: Literal["caa", "bt", "population"] = option(
-        "caa", help="which vectors: the user's CAA direction, their BT ideal point composed with the basis, or the population's")
+    method: Literal["caa", "bt", "population", "dps"] = option(
+        "caa", help="caa: the user's CAA direction; bt: their BT ideal point composed with the basis; population: "
+                    "the population direction; dps: differential preference decoding against the user's heads")
     alpha: float | None = option(None, help="steering multiplier; default: the store's recommended scale for the method")
+    gamma: float | None = option(None, help="dps: contrast strength γ; default: the store's recommended γ")
     layers: list[int] = option([], help="layers to steer; default: the store's recommended layers")
     max_new_tokens: int = option(60, help="tokens to generate")
     version: str | None = option(None, help="store version; default LATEST")
@@ -74,17 +76,46 @@ def steering_for(users: list[UserVectors | None], alphas: list[float | None] | N
     return Steering(vectors, scales, positions=present[0].positions)  # type: ignore[arg-type]
 
 
+def _missing(reader: StoreReader, user: str, what: str) -> KeyError:
+    status = reader.users([user]).to_pylist()
+    why = f"it is quarantined: {status[0]['reason']}" if status else "it was not in the inputs"
+    if status and status[0]["status"] == "stored":
+        why = f"its artifacts are {status[0]['methods']}"
+    return KeyError(f"user {user!r} has no {what} in store version {reader.version}: {why}")
+
+
+def _generate_dps(config: GenerateConfig, reader: StoreReader) -> dict:
+    found = reader.dps([config.user])
+    if config.user not in found:
+        raise _missing(reader, config.user, "DPS heads")
+    user = found[config.user]
+    if not user.heads:
+        raise KeyError(f"user {config.user!r} has no preference heads with a positive score (and no cluster "
+                       f"heads) in store version {reader.version}: DPS would decode unsteered")
+    runtime = load_runtime_for(reader, config.model)
+    gamma = config.gamma if config.gamma is not None else user.gamma
+    contrast = HeadContrast([[], user.heads], gamma=[0.0, gamma], adaptive=user.adaptive,
+                            plausibility=user.plausibility)
+    plain, steered = runtime.generate([config.prompt, config.prompt], config.max_new_tokens, contrast=contrast)
+    print(f"store version {reader.version} · user {config.user} · method dps ({user.source} heads, "
+          f"{user.pcs_baseline} baseline) · heads {user.heads} · gamma {gamma:g}")
+    print(f"prompt: {config.prompt}")
+    print(f"  unsteered: {plain}")
+    print(f"  steered:   {steered}")
+    return {"unsteered": plain, "steered": steered, "gamma": gamma, "heads": user.heads}
+
+
 def main(config: GenerateConfig) -> dict:
     reader = StoreReader(config.store, config.storage, config.version)
+    if config.method == "dps":
+        return _generate_dps(config, reader)
     if config.method == "population":
         population = reader.population()
         found = {config.user: population} if population is not None else {}
     else:
         found = (reader.bt if config.method == "bt" else reader.vectors)([config.user])
     if config.user not in found:
-        status = reader.users([config.user]).to_pylist()
-        why = f"it is quarantined: {status[0]['reason']}" if status else "it was not in the inputs"
-        raise KeyError(f"user {config.user!r} has no vectors in store version {reader.version}: {why}")
+        raise _missing(reader, config.user, "vectors")
     user = found[config.user]
     runtime = load_runtime_for(reader, config.model)
     steer = steering_for([None, user], [None, config.alpha], config.layers or None)

@@ -70,26 +70,31 @@ def _split(text: str, words: int) -> tuple[str, str] | None:
     return opening, " ".join(rest[:words])
 
 
+def dev_segments(data_dir: str, source: str, need: int, words: int, rng: random.Random) -> dict[str, list[tuple[str, str]]]:
+    """user_id -> (opening, continuation) of each of their texts (shuffled by ``rng``), users with >= ``need``."""
+    path = Path(data_dir) / SOURCES[source]
+    if not path.exists():
+        raise FileNotFoundError(f"development data {SOURCES[source]} not found in {Path(data_dir).resolve()} "
+                                "(it lives in ../shared/data beside the project checkout)")
+    with gzip.open(path, "rt") as fh:
+        users = [json.loads(line) for line in fh]
+    segments = {}
+    for u in sorted(users, key=lambda u: u["user_id"]):
+        items = sorted(u["items"], key=lambda it: it["id"])
+        rng.shuffle(items)
+        split = [s for s in (_split(it["text"], words) for it in items) if s]
+        if len(split) >= need:
+            segments[u["user_id"]] = split
+    return segments
+
+
 def build_pairs(config: PrefEvalConfig) -> tuple[list[dict], list[dict]]:
     """(training pairs, held-out pairs) over all sources, deterministic for a seed."""
-    folder = Path(config.data_dir)
-    missing = [SOURCES[s] for s in config.sources if not (folder / SOURCES[s]).exists()]
-    if missing:
-        raise FileNotFoundError(f"development data {missing} not found in {folder.resolve()} "
-                                "(it lives in ../shared/data beside the project checkout)")
     rng = random.Random(config.seed)
     train, heldout = [], []
     need = config.train_pairs + config.heldout_pairs
     for source in config.sources:
-        with gzip.open(folder / SOURCES[source], "rt") as fh:
-            users = [json.loads(line) for line in fh]
-        segments = {}
-        for u in sorted(users, key=lambda u: u["user_id"]):
-            items = sorted(u["items"], key=lambda it: it["id"])
-            rng.shuffle(items)
-            split = [s for s in (_split(it["text"], config.words) for it in items) if s]
-            if len(split) >= need:
-                segments[u["user_id"]] = split
+        segments = dev_segments(config.data_dir, source, need, config.words, rng)
         chosen_users = sorted(segments)[: config.users]
         for uid in chosen_users:
             others = [o for o in segments if o != uid]

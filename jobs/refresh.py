@@ -69,13 +69,16 @@ class ResourcesConfig:
     caa_actors: int = option(1, help="model actors per model stage (activations, DPS scoring; each loads the model once)")
     caa_batch_size: int = option(16, help="users per activation batch")
     dps_batch_size: int = option(4, help="users per DPS head-scoring batch (each user's items × candidate heads)")
+    embed_actors: int = option(1, help="sentence-encoder actors embedding users' histories for DPS clusters")
+    embed_gpus_per_actor: float = option(0.0, help="GPUs per sentence-encoder actor (0: CPU, one core each)")
     gpus_per_actor: float = option(0.0, help="GPUs per activation actor (1 on a GPU cluster)")
     cpus_per_actor: float = option(
         2.0, help="CPUs reserved per activation actor; Ray sets the actor's torch threads to this (2 fits the demo machine)")
     rows_per_file: int = option(100_000, help="most rows per Parquet file in the store")
 
     def __post_init__(self) -> None:
-        check(self.validate_actors >= 1 and self.caa_actors >= 1, "resources: actor counts must be >= 1")
+        check(min(self.validate_actors, self.caa_actors, self.embed_actors) >= 1, "resources: actor counts must be >= 1")
+        check(self.embed_gpus_per_actor >= 0, "resources.embed_gpus_per_actor must be >= 0")
         check(self.prepare_partitions >= 1, "resources.prepare_partitions must be >= 1")
         check(min(self.validate_batch_size, self.caa_batch_size, self.dps_batch_size) >= 1,
               "resources: batch sizes must be >= 1")
@@ -530,8 +533,10 @@ def _dps_stage(config: RefreshConfig, ok_users, timer: "_Timer") -> dict | None:
     if dps.clusters:
         users = users.map_batches(
             EmbedUsers, fn_constructor_kwargs={"encoder": dps.encoder, "max_items": dps.history.max_items,
-                                               "keep_columns": True},
-            compute=ActorPoolStrategy(size=1), batch_size=256, num_cpus=1, batch_format="pyarrow").materialize()
+                                               "keep_columns": True,
+                                               "device": "cuda" if res.embed_gpus_per_actor > 0 else "cpu"},
+            compute=ActorPoolStrategy(size=res.embed_actors), batch_size=256, num_gpus=res.embed_gpus_per_actor,
+            num_cpus=1, batch_format="pyarrow").materialize()
         fraction = min(1.0, _KMEANS_SAMPLE / n_users)
         sample = users.filter(lambda r: in_sample(r["user_id"], dps.seed, fraction)).select_columns(["embedding"])
         emb = np.asarray([r["embedding"] for r in sample.take_all()], dtype=np.float32)

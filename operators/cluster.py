@@ -78,10 +78,10 @@ class EmbedUsers:
     """
 
     def __init__(self, encoder: str = DEFAULT_ENCODER, batch_size: int = 64, max_items: int = 32,
-                 keep_columns: bool = False):
+                 keep_columns: bool = False, device: str = "cpu"):
         if max_items < 1:
             raise ValueError(f"max_items must be >= 1 (got {max_items})")
-        self.encoder = SentenceEncoder(encoder, batch_size=batch_size)
+        self.encoder = SentenceEncoder(encoder, device=device, batch_size=batch_size)
         self.max_items = max_items
         self.keep_columns = keep_columns
 

@@ -209,3 +209,29 @@ def test_refresh_stores_dps_heads_clusters_and_population(dps_run):
     assert sum(c["n_users"] for c in clusters) == 4 and all(c["n_items"] > 0 for c in clusters)
     population = store.read_table("dps_population", version).to_pylist()
     assert len(population) == 16 and {p["n_users"] for p in population} == {2}
+
+
+@pytest.mark.slow
+def test_reader_resolves_heads_and_generate_decodes_with_them(dps_run, capsys):
+    from infra.reader import StoreReader
+    from jobs import cli
+
+    summary, uri = dps_run
+    reader = StoreReader(uri)
+    found = reader.dps(["ann", "cat", "nobody"])
+    assert set(found) == {"ann", "cat"}
+    for uid, user in found.items():
+        row = reader.store.read_table("dps_heads", reader.version).to_pylist()
+        row = next(r for r in row if r["user_id"] == uid)
+        if row["heads"]:
+            assert user.source == "user" and user.heads == [(h["layer"], h["head"]) for h in row["heads"]]
+        else:
+            assert user.source in ("cluster", "none")
+    user = next((u for u, h in found.items() if h.heads), None)
+    assert user is not None, "no user has heads to decode with"
+    assert cli.main(["generate", "--store", uri, "--user", user, "--prompt", "Tell me about thing 1.",
+                     "--method", "dps", "--gamma", "2", "--max_new_tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "method dps" in out and "steered:" in out
+    assert cli.main(["generate", "--store", uri, "--user", "eve", "--prompt", "Hi", "--method", "dps"]) == 1
+    assert "quarantined" in capsys.readouterr().err
