@@ -162,13 +162,19 @@ def main(config: BenchDPSConfig) -> dict:
         base, ablated = rt.ablation_nll(e, heads)
         exacts.append(((ablated.sum(1) - base.sum()) / sum(len(x.ids) - x.prompt_len for x in e)).numpy())
         estimates.append(-rt.head_attribution(e, [0] * len(e), 1)[0].reshape(-1).numpy())
-    fast_top = [np.where(np.isin(np.arange(len(heads)), np.argsort(-est)[: config.candidates]), ex, -np.inf)
-                for ex, est in zip(exacts, estimates)]
+    def fast_scores_for(ex, est, n):  # what fast mode keeps: exact scores of attribution's top n
+        return np.where(np.isin(np.arange(len(heads)), np.argsort(-est)[:n]), ex, -np.inf)
+    fast_top = [fast_scores_for(ex, est, config.candidates) for ex, est in zip(exacts, estimates)]
     result.update({
         "agreement_users": len(exacts),
         "attribution_vs_exact_spearman_per_user": [round(spearman(a, b), 3) for a, b in zip(estimates, exacts)],
         f"attribution_vs_exact_top{k}_overlap_per_user": [round(top_overlap(a, b, k), 3) for a, b in zip(estimates, exacts)],
         f"fast_vs_exact_top{k}_overlap_per_user": [round(top_overlap(f, b, k), 3) for f, b in zip(fast_top, exacts)],
+        # mean top-K overlap of fast mode as a function of dps.candidates (exact cost grows ~linearly with it)
+        f"fast_top{k}_overlap_by_candidates": {
+            n: round(float(np.mean([top_overlap(fast_scores_for(ex, est, n), ex, k)
+                                    for ex, est in zip(exacts, estimates)])), 3)
+            for n in (k, 16, 24, 32, 48, 64, 96) if n >= k},
     })
     if len(exacts) > 1:
         baseline = np.mean(exacts[1:], axis=0)

@@ -78,3 +78,25 @@ def test_the_refresh_job_on_the_real_model_writes_an_s3_store_that_matches_direc
     unsteered = out.split("unsteered:")[1].split("\n")[0].strip()
     steered = out.split("steered:")[-1].split("\n")[0].strip()
     assert unsteered and steered and unsteered != steered
+
+
+def test_dps_head_ablation_and_decoding_on_the_real_model():
+    """Forked exact ablation equals a per-head loop, and γ = 0 is greedy, on SmolLM2 (9 query / 3 KV heads)."""
+    import torch
+
+    from operators.runtime import HeadContrast
+
+    runtime = ModelRuntime(ModelConfig())
+    assert (runtime.num_layers, runtime.num_heads, runtime.num_kv_heads, runtime.head_dim) == (30, 9, 3, 64)
+    enc = runtime.encode(["Write a short note about your weekend."], ["Honestly, the weekend was lovely and calm."])
+    heads = [(0, 0), (1, 3), (1, 5), (11, 1), (23, 7), (29, 8)]
+    base, ablated = runtime.ablation_nll(enc, heads)
+    torch.testing.assert_close(base, runtime.sequence_nll(enc), rtol=1e-5, atol=1e-3)
+    for i, head in enumerate(heads):
+        torch.testing.assert_close(ablated[i], runtime.sequence_nll(enc, runtime.head_gates([[head]])),
+                                   rtol=1e-5, atol=1e-3)
+    assert (ablated - base).abs().max() > 1e-3
+    prompts = ["Tell me about cats.", "What is rain?"]
+    plain = runtime.generate(prompts, max_new_tokens=8)
+    contrast = HeadContrast([[(1, 3), (11, 1)], [(23, 7)]], gamma=0.0)
+    assert runtime.generate(prompts, max_new_tokens=8, contrast=contrast) == plain
