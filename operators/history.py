@@ -75,16 +75,20 @@ def context_indices(items: Sequence[dict], j: int, config: HistoryContextConfig)
     return sorted(picked)
 
 
+def history_prompt(context: Sequence[dict], prompt: str, config: HistoryContextConfig) -> str:
+    """The instruction with ``context`` items shown as the user's earlier responses (none: no history section)."""
+    task = f"Write this user's response to the following prompt.\nPrompt: {prompt}"
+    if not context:
+        return task
+    shown = "\n\n".join(
+        f"[{n + 1}] Prompt: {item['input']}\nResponse: {item['output'][: config.context_chars]}"
+        for n, item in enumerate(context))
+    return f"Earlier responses written by this user:\n\n{shown}\n\n{task}"
+
+
 def item_prompt(items: Sequence[dict], j: int, config: HistoryContextConfig) -> str:
     """The prompt for scoring item ``j``'s output: its context items, then its input."""
-    ctx = context_indices(items, j, config)
-    if not ctx:
-        return items[j]["input"]
-    shown = "\n\n".join(
-        f"[{n + 1}] Prompt: {items[i]['input']}\nResponse: {items[i]['output'][: config.context_chars]}"
-        for n, i in enumerate(ctx))
-    return (f"Earlier responses written by this user:\n\n{shown}\n\n"
-            f"Write this user's response to the following prompt.\nPrompt: {items[j]['input']}")
+    return history_prompt([items[i] for i in context_indices(items, j, config)], items[j]["input"], config)
 
 
 def scoring_sequences(histories: Sequence[dict], config: HistoryContextConfig) -> list[tuple[str, str]]:

@@ -501,33 +501,55 @@ class ModelRuntime:
         with self._gating_hooks(lambda l: gates[:, l], layers):
             yield
 
-    def _response_nll(self, hidden: torch.Tensor, ids: torch.Tensor, encoded: Sequence[Encoded],
-                      chunk_tokens: int | None = None) -> torch.Tensor:
-        """Sum of −log p(response token) per row from final hidden states (b, seq, hidden).
+    def _token_nll(self, hidden: torch.Tensor, ids: torch.Tensor, encoded: Sequence[Encoded],
+                   chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """−log p of every response token from final hidden states (b, seq, hidden): (row index, nll), flat.
 
-        The LM head runs only on positions that predict response tokens, in chunks that bound the
-        (tokens × vocabulary) logits. Differentiable; dtype float32, on the model's device.
+        Tokens are in row order, then position order. The LM head runs only on positions that
+        predict response tokens, in chunks that bound the (tokens × vocabulary) logits.
+        Differentiable; float32 on the model's device.
         """
         head = self.model.get_output_embeddings()
         cap = getattr(self.model.config, "final_logit_softcapping", None)
-        rows, cols, targets = [], [], []
+        rows, cols = [], []
         for row, e in enumerate(encoded):
             start, end = e.prompt_len, len(e.ids)
             rows += [row] * (end - start)
             cols += range(start - 1, end - 1)  # position t predicts token t + 1
-        out = torch.zeros(len(encoded), dtype=torch.float32, device=hidden.device)
+        r = torch.as_tensor(rows, dtype=torch.long, device=hidden.device)
+        c = torch.as_tensor(cols, dtype=torch.long, device=hidden.device)
         if not rows:
-            return out
-        r = torch.as_tensor(rows, device=hidden.device)
-        c = torch.as_tensor(cols, device=hidden.device)
+            return r, torch.zeros(0, dtype=torch.float32, device=hidden.device)
         tgt = ids[r, c + 1]
         chunk = chunk_tokens or max(256, 2 ** 26 // max(1, head.weight.shape[0]))
+        parts = []
         for lo in range(0, len(rows), chunk):
             logits = head(hidden[r[lo:lo + chunk], c[lo:lo + chunk]]).float()
             if cap:
                 logits = cap * torch.tanh(logits / cap)
-            nll = torch.logsumexp(logits, -1) - logits.gather(-1, tgt[lo:lo + chunk, None]).squeeze(-1)
-            out = out.index_add(0, r[lo:lo + chunk], nll)
+            parts.append(torch.logsumexp(logits, -1) - logits.gather(-1, tgt[lo:lo + chunk, None]).squeeze(-1))
+        return r, torch.cat(parts)
+
+    def _response_nll(self, hidden: torch.Tensor, ids: torch.Tensor, encoded: Sequence[Encoded]) -> torch.Tensor:
+        """Sum of −log p(response token) per row (float32 (rows,), differentiable)."""
+        rows, nll = self._token_nll(hidden, ids, encoded)
+        out = torch.zeros(len(encoded), dtype=torch.float32, device=hidden.device)
+        return out.index_add(0, rows, nll)
+
+    @torch.inference_mode()
+    def token_logprobs(self, encoded: Sequence[Encoded]) -> list[torch.Tensor]:
+        """log p of each response token given everything before it: float32 (response len,) per sequence, on CPU."""
+        out: list[torch.Tensor] = [torch.zeros(0)] * len(encoded)
+        for batch in self.micro_batches([len(e.ids) for e in encoded]):
+            ids, mask, pos = self.collate([encoded[i].ids for i in batch], "right")
+            hidden = self.forward(ids, mask, pos, base_only=True).last_hidden_state
+            _, nll = self._token_nll(hidden, ids, [encoded[i] for i in batch])
+            values = (-nll).cpu()
+            start = 0
+            for i in batch:
+                n = len(encoded[i].ids) - encoded[i].prompt_len
+                out[i] = values[start:start + n]
+                start += n
         return out
 
     @torch.inference_mode()
