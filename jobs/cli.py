@@ -11,7 +11,7 @@ from infra.config import ConfigError, add_arguments, load
 
 
 def _jobs():
-    from jobs import bench, bench_dps, demo, generate, importers, inspect_store, pref_eval, refresh
+    from jobs import bench, bench_dps, bench_steerx, demo, generate, importers, inspect_store, pref_eval, refresh
 
     return {
         "refresh": (refresh.RefreshConfig, refresh.main, "compute steering vectors and publish a new store version"),
@@ -22,6 +22,8 @@ def _jobs():
         "bench": (bench.BenchConfig, bench.main, "benchmark the activation stage against a plain per-sequence loop"),
         "bench-dps": (bench_dps.BenchDPSConfig, bench_dps.main,
                       "benchmark DPS head scoring (naive vs batched exact vs fast) and decoding on real data"),
+        "bench-steerx": (bench_steerx.BenchSteerXConfig, bench_steerx.main,
+                         "benchmark SteerX leave-one-out token effects against a naive per-item loop on real data"),
         "pref-accuracy": (pref_eval.PrefEvalConfig, pref_eval.main,
                           "per-user preference accuracy of population / CAA / BT steering on held-out real pairs"),
     }

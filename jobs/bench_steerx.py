@@ -1,0 +1,94 @@
+"""Benchmark of SteerX leave-one-out scoring: batched vs a naive per-item loop, one run, on real data.
+
+Launch: ``steerstore bench-steerx`` (the default model; reads ``../shared/data``). For a few real
+users' history items, both conditions (the user's other items as context, and the
+counterfactual) are scored for every output token. The baseline is what a plain script does:
+one item, one condition, batch 1, a full forward with log-softmax at every position. Both
+variants run in the same process on the same sequences; the figures are ratios.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from infra.config import check, option
+from jobs.bench import _best
+from jobs.pref_eval import PROMPT, dev_segments
+from operators.history import HistoryContextConfig
+from operators.runtime import ModelConfig, ModelRuntime
+from operators.steerx import SteerXConfig, loo_prompts, token_effects
+
+
+@dataclass
+class BenchSteerXConfig:
+    data_dir: str = option("../shared/data", help="folder with the development data")
+    source: str = option("blogs", help="blogs or synthpai")
+    users: int = option(4, help="real users")
+    items: int = option(4, help="history items per user (all scored)")
+    words: int = option(60, help="words per history output")
+    context_items: int = option(2, help="other items of the user shown as context (k)")
+    counterfactual: str = option("other_users", help="empty or other_users")
+    threads: int | None = option(None, help="torch CPU threads; default torch's")
+    seed: int = option(0, help="seed of the item order and the counterfactual")
+    out: str = option("./steerstore-out/bench-steerx.json", help="where the figures are written as JSON ('' = nowhere)")
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "the model"})
+
+    def __post_init__(self) -> None:
+        check(self.users >= 2 and self.items >= 2, "need >= 2 users and >= 2 items per user")
+        check(self.counterfactual in ("empty", "other_users"), "counterfactual must be empty or other_users")
+
+
+@torch.inference_mode()
+def naive_effects(runtime: ModelRuntime, scored: list[dict]) -> list[np.ndarray]:
+    """Reference: per item, per condition, a batch-1 full forward with log-softmax at every position."""
+    def logp(prompt: str, output: str) -> np.ndarray:
+        e = runtime.encode([prompt], [output])[0]
+        logits = runtime.model(input_ids=torch.tensor([e.ids], device=runtime.device)).logits[0].float()
+        lp = torch.log_softmax(logits, -1)[e.prompt_len - 1:-1]
+        return lp.gather(-1, torch.tensor(e.ids[e.prompt_len:], device=runtime.device)[:, None]).squeeze(-1).double().cpu().numpy()
+    return [logp(s["prompt"], s["output"]) - logp(s["counterfactual"], s["output"]) for s in scored]
+
+
+def main(config: BenchSteerXConfig) -> dict:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    rt = ModelRuntime(config.model)
+    segments = dev_segments(config.data_dir, config.source, config.items, config.words, random.Random(config.seed))
+    users = sorted(segments)[: config.users]
+    items = {u: [{"item_id": f"{u}-{k}", "user_id": u, "input": PROMPT.format(opening=o), "output": c}
+                 for k, (o, c) in enumerate(segments[u][: config.items])] for u in users}
+    pool = [it for u in users for it in items[u]]
+    sx = SteerXConfig(counterfactual=config.counterfactual, seed=config.seed,  # type: ignore[arg-type]
+                      history=HistoryContextConfig(context_items=config.context_items, max_items=config.items))
+    scored = [s for u in users for s in loo_prompts(u, items[u], pool, sx)]
+    encoded = rt.encode([s["prompt"] for s in scored] + [s["counterfactual"] for s in scored],
+                        [s["output"] for s in scored] * 2)
+    tokens = sum(len(e.ids) for e in encoded)
+    scored_tokens = sum(len(e.ids) - e.prompt_len for e in encoded[: len(scored)])
+    naive_effects(rt, scored[:1])  # warm-up
+    t_naive, ref = _best(lambda: naive_effects(rt, scored), 1)
+    t_batched, got = _best(lambda: token_effects(rt, scored), 1)
+    result = {
+        "model": rt.model_id, "device": str(rt.device), "dtype": str(next(rt.model.parameters()).dtype),
+        "threads": torch.get_num_threads(), "users": len(users), "items": len(scored),
+        "counterfactual": config.counterfactual, "context_items": config.context_items,
+        "sequences": len(encoded), "tokens": tokens, "output_tokens_scored": scored_tokens,
+        "naive_seconds": round(t_naive, 2), "batched_seconds": round(t_batched, 2),
+        "naive_tokens_per_s": round(tokens / t_naive, 1), "batched_tokens_per_s": round(tokens / t_batched, 1),
+        "naive_effects_per_s": round(scored_tokens / t_naive, 1),
+        "batched_effects_per_s": round(scored_tokens / t_batched, 1),
+        "speedup": round(t_naive / t_batched, 2),
+        "max_abs_diff": float(max(np.abs(a - b).max() for a, b in zip(got, ref))),
+    }
+    print(json.dumps(result, indent=2))
+    if config.out:
+        Path(config.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(config.out).write_text(json.dumps(result, indent=2))
+    return result
