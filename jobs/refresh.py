@@ -551,12 +551,13 @@ def _dps_stage(config: RefreshConfig, ok_users, timer: "_Timer") -> dict | None:
     population = pop_rows = None
     if dps.pcs_baseline == "population":
         sample = _exact_sample(rows, dps.baseline_users, dps.seed, n_users)
-        pop_rows = [r for r in sample.map_batches(
+        scored_sample = sample.map_batches(
             DPSHeads, fn_constructor_kwargs={"config": dps, "model": config.model, "full": True}, **actors).take_all()
-            if r["status"] == "ok"]
+        pop_rows = [r for r in scored_sample if r["status"] == "ok"]
         if not pop_rows:
-            raise RuntimeError("dps: no user of the baseline sample could be scored; see the quarantine of a run "
-                               "with dps.pcs_baseline=none, or raise dps.baseline_users")
+            reasons = sorted({r["reason"] for r in scored_sample})[:3]
+            raise RuntimeError(f"dps: none of the {len(scored_sample)} users of the baseline sample could be scored "
+                               f"({reasons}); fix those users or run with dps.pcs_baseline=none")
         population = PopulationPCS.from_rows(pop_rows, (pop_rows[0]["num_layers"], pop_rows[0]["num_heads"]))
         timer.lap("dps-baseline", f"population PCS from {population.users} users")
 
@@ -582,17 +583,19 @@ def _dps_stage(config: RefreshConfig, ok_users, timer: "_Timer") -> dict | None:
     is_cluster = lambda r: r["scope"] == "cluster"  # noqa: E731
     cluster_results = {} if scored is None else {
         int(r["cluster"]): r for r in scored.filter(is_cluster).take_all()}
+    model = next(iter(pop_rows or []), None) or next(iter(cluster_results.values()), None)
     if dps.per_user:
         user_results = scored.filter(lambda r: not is_cluster(r))
     else:
-        user_results = rows.map_batches(_cluster_only_rows, batch_format="pyarrow")
+        if model is None:
+            raise RuntimeError("dps: no cluster could be scored, so users have no heads (dps.per_user=false)")
+        user_results = rows.map_batches(_cluster_only_rows, fn_kwargs={"model": model}, batch_format="pyarrow")
     failed = {r["user_id"]: r["reason"] for r in user_results.filter(lambda r: r["status"] != "ok")
               .select_columns(["user_id", "reason"]).take_all()}
     heads = user_results.filter(lambda r: r["status"] == "ok").map_batches(
         _dps_heads_rows, fn_kwargs={"config": dps, "clusters": centroids is not None}, batch_format="pyarrow").materialize()
     n_stored = heads.count()
-    model = next(iter(pop_rows or []), None) or next(iter(cluster_results.values()), None) \
-        or (heads.take(1)[0] if n_stored else None)
+    model = model or (heads.take(1)[0] if n_stored else None)
     clusters_table = _dps_clusters_table(centroids, cluster_results, cluster_counts, dps, model)
     population_table = _dps_population_table(population, model)
     timer.lap("dps", f"{n_stored} users with heads, {len(cluster_results)} clusters scored, {len(failed)} failed")
@@ -604,10 +607,19 @@ _KMEANS_SAMPLE = 50_000  # users k-means is fitted on (all users are routed)
 
 
 def _exact_sample(ds, size: int, seed: int, total: int):
-    """Exactly min(size, total) users: those with the smallest seeded keys (over-sampled, then cut)."""
+    """Exactly min(size, total) users: those with the smallest seeded keys.
+
+    Users are over-sampled by their seeded key (the fraction doubles until enough are drawn),
+    then cut to the ``size`` smallest keys; only user ids reach the driver.
+    """
+    want = min(size, total)
     fraction = min(1.0, 2.0 * size / max(total, 1))
-    ids = [r["user_id"] for r in ds.select_columns(["user_id"]).filter(
-        lambda r: in_sample(r["user_id"], seed, fraction)).take_all()]
+    while True:
+        ids = [r["user_id"] for r in ds.select_columns(["user_id"]).filter(
+            lambda r, f=fraction: in_sample(r["user_id"], seed, f)).take_all()]
+        if len(ids) >= want or fraction >= 1.0:
+            break
+        fraction = min(1.0, 2 * fraction)
     keep = set(sorted(ids, key=lambda u: sample_key(u, seed))[:size])
     return ds.filter(lambda r: r["user_id"] in keep)
 
@@ -616,10 +628,14 @@ def _min_list_length(batch: pa.Table, column: str, minimum: int) -> pa.Table:
     return batch.filter(pc.greater_equal(pc.fill_null(pc.list_value_length(batch[column]), 0), minimum))
 
 
-def _cluster_only_rows(batch: pa.Table) -> pa.Table:
+_MODEL_FIELDS = ("num_layers", "num_heads", "num_kv_heads", "model_id", "model_fingerprint")
+
+
+def _cluster_only_rows(batch: pa.Table, model: dict) -> pa.Table:
     """dps.per_user=false: users carry their routing only; their heads are their clusters'."""
     n = batch.num_rows
     out = {name: pa.nulls(n, field.type) for name, field in zip(DPS_OUTPUT_SCHEMA.names, DPS_OUTPUT_SCHEMA)}
+    out.update({k: pa.array([model[k]] * n, DPS_OUTPUT_SCHEMA.field(k).type) for k in _MODEL_FIELDS})
     out.update(user_id=batch["user_id"], scope=batch["scope"], status=pa.array(["ok"] * n), cluster=batch["cluster"],
                routing=batch["routing"], content_fingerprint=batch["content_fingerprint"],
                heads=pa.array([[]] * n, DPS_OUTPUT_SCHEMA.field("heads").type))
@@ -645,7 +661,7 @@ def _dps_clusters_table(centroids, results: dict, counts: dict, dps: DPSConfig, 
                      "n_users": counts.get(c, 0), "n_items": r.get("n_items", 0), "n_tokens": r.get("n_tokens", 0),
                      "mode": dps.mode, "pcs_baseline": dps.pcs_baseline, "encoder": dps.encoder,
                      "routing_temperature": dps.routing_temperature,
-                     **{k: model[k] for k in ("num_layers", "num_heads", "num_kv_heads", "model_id", "model_fingerprint")}})
+                     **{k: model[k] for k in _MODEL_FIELDS}})
     return pa.Table.from_pylist(rows, schema=DPS_CLUSTERS_SCHEMA)
 
 
@@ -658,6 +674,6 @@ def _dps_population_table(population: PopulationPCS | None, model: dict | None) 
     rows = [{"layer": l, "head": h, "kv_head": h // group, "pcs_mean": float(per_user[:, l, h].mean()),
              "pcs_std": float(per_user[:, l, h].std()), "n_users": population.users,
              "attribution_mean": float(population.attribution_sum[l, h] / population.users),
-             **{k: model[k] for k in ("num_layers", "num_heads", "num_kv_heads", "model_id", "model_fingerprint")}}
+             **{k: model[k] for k in _MODEL_FIELDS}}
             for l in range(layers) for h in range(heads)]
     return pa.Table.from_pylist(rows, schema=DPS_POPULATION_SCHEMA)

@@ -69,6 +69,7 @@ class DPSConfig:
         check(self.baseline_users >= 1, "dps.baseline_users must be >= 1")
         check(self.clusters >= 0 and self.cluster_items >= 1, "dps.clusters >= 0 and dps.cluster_items >= 1")
         check(self.routing_temperature > 0, "dps.routing_temperature must be > 0")
+        check(self.per_user or self.clusters > 0, "dps.per_user=false needs dps.clusters > 0 (users get their clusters' heads)")
         check(self.gamma >= 0, "dps.gamma must be >= 0")
         check(0 <= self.plausibility < 1, "dps.plausibility must be in [0, 1)")
 

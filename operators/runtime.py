@@ -511,6 +511,7 @@ class ModelRuntime:
         """
         head = self.model.get_output_embeddings()
         cap = getattr(self.model.config, "final_logit_softcapping", None)
+        scaling = getattr(self.model.config, "logits_scaling", None)  # Granite divides its logits by this
         rows, cols = [], []
         for row, e in enumerate(encoded):
             start, end = e.prompt_len, len(e.ids)
@@ -525,6 +526,8 @@ class ModelRuntime:
         parts = []
         for lo in range(0, len(rows), chunk):
             logits = head(hidden[r[lo:lo + chunk], c[lo:lo + chunk]]).float()
+            if scaling:
+                logits = logits / scaling
             if cap:
                 logits = cap * torch.tanh(logits / cap)
             parts.append(torch.logsumexp(logits, -1) - logits.gather(-1, tgt[lo:lo + chunk, None]).squeeze(-1))
@@ -788,7 +791,7 @@ class ModelRuntime:
         masked = torch.log_softmax(logits[b:].float(), -1)
         gamma = contrast.gamma.to(full.device)
         if contrast.adaptive:
-            entropy = -(full.exp() * full).sum(-1) / math.log(full.shape[-1])
+            entropy = torch.special.entr(full.exp()).sum(-1) / math.log(full.shape[-1])  # 0·log 0 = 0
             gamma = gamma * entropy
         score = (1 + gamma)[:, None] * full - gamma[:, None] * masked
         if contrast.plausibility > 0:

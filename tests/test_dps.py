@@ -235,3 +235,39 @@ def test_reader_resolves_heads_and_generate_decodes_with_them(dps_run, capsys):
     assert "method dps" in out and "steered:" in out
     assert cli.main(["generate", "--store", uri, "--user", "eve", "--prompt", "Hi", "--method", "dps"]) == 1
     assert "quarantined" in capsys.readouterr().err
+
+
+def test_cluster_only_users_get_valid_store_rows_with_the_model():
+    from infra.config import ConfigError
+    from schemas.store import DPS_HEADS_SCHEMA
+
+    batch = pa.table({"user_id": ["a", "b"], "scope": ["user", "user"], "cluster": pa.array([0, 1], pa.int32()),
+                      "routing": pa.array([[0.9, 0.1], [0.2, 0.8]], pa.list_(pa.float32())),
+                      "content_fingerprint": ["x", "y"]})
+    model = {"num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "model_id": "tiny", "model_fingerprint": "sha256:1"}
+    rows = refresh._dps_heads_rows(refresh._cluster_only_rows(batch, model), DPSConfig(per_user=False), clusters=True)
+    assert rows.schema.equals(DPS_HEADS_SCHEMA, check_metadata=False)
+    assert rows.column("source").to_pylist() == ["cluster", "cluster"]
+    assert rows.column("model_fingerprint").to_pylist() == ["sha256:1"] * 2 and rows.column("heads").to_pylist() == [[], []]
+    with pytest.raises(ConfigError, match="needs dps.clusters > 0"):
+        from_dict(refresh.RefreshConfig, {"inputs": {"preference_pairs": "x"}, "dps": {"per_user": False, "clusters": 0}})
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 40])
+def test_exact_sample_has_exactly_the_requested_number_of_users(ray_cluster, size):
+    import ray.data
+
+    ds = ray.data.from_items([{"user_id": f"user-{i}"} for i in range(30)])
+    first = sorted(r["user_id"] for r in refresh._exact_sample(ds, size, seed=3, total=30).take_all())
+    assert len(first) == min(size, 30)
+    assert first == sorted(r["user_id"] for r in refresh._exact_sample(ds, size, seed=3, total=30).take_all())
+
+
+def test_adaptive_gamma_scales_by_entropy_and_is_finite_with_masked_logits():
+    from operators.runtime import HeadContrast, ModelRuntime
+
+    logits = torch.tensor([[0.0, float("-inf"), 1.0], [3.0, 0.0, 0.0],   # full branch rows
+                           [1.0, 0.0, 0.0], [3.0, 0.0, -3.0]])           # masked branch rows
+    fixed = ModelRuntime._contrast_pick(logits, HeadContrast([[], []], gamma=2.0, plausibility=0.0))
+    adaptive = ModelRuntime._contrast_pick(logits, HeadContrast([[], []], gamma=2.0, adaptive=True, plausibility=0.0))
+    assert fixed.tolist() == [2, 2] and adaptive.tolist() == [2, 0]  # the confident row 1 is steered less
