@@ -31,9 +31,10 @@ from operators.caa import (CAAConfig, CAAVectors, population_mean, population_pa
 from operators.prepare import PrepareConfig, prepare_user_group
 from operators.runtime import ModelConfig
 from operators.scale import ScaleConfig, choose_scales_task
+from operators.steerx import SteerXAnchors, SteerXConfig
 from operators.validate import ValidateConfig, ValidateRecords
 from schemas.store import (BT_BASIS_SCHEMA, DPS_CLUSTERS_SCHEMA, DPS_HEADS_SCHEMA, DPS_POPULATION_SCHEMA,
-                           QUARANTINE_SCHEMA, STORE_TABLES, USERS_SCHEMA, VECTORS_SCHEMA,
+                           QUARANTINE_SCHEMA, STEERX_ANCHORS_SCHEMA, STEERX_TOKEN_EFFECTS_SCHEMA, STORE_TABLES, USERS_SCHEMA, VECTORS_SCHEMA,
                            Manifest, TableEntry, conform)
 
 log = logging.getLogger("steerstore")
@@ -98,6 +99,8 @@ class RefreshConfig:
     bt: BTConfig = dataclasses.field(default_factory=BTConfig, metadata={"help": "preference basis and ideal points"})
     scale: ScaleConfig = dataclasses.field(default_factory=ScaleConfig, metadata={"help": "choice of α per method"})
     dps: DPSConfig = dataclasses.field(default_factory=DPSConfig, metadata={"help": "DPS preference heads"})
+    steerx: SteerXConfig = dataclasses.field(default_factory=SteerXConfig,
+                                             metadata={"help": "SteerX leave-one-out token effects and anchors"})
     resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig, metadata={"help": "scheduling"})
 
     def __post_init__(self) -> None:
@@ -217,8 +220,9 @@ def main(config: RefreshConfig) -> dict:
     # 2. one row per user (CPU); duplicate ids and too-few-rows checks happen here
     attributed = _where_not_null(records, "user_id")
     dps_active = config.dps.enabled and "histories" in inputs
+    steerx_active = config.steerx.enabled and "histories" in inputs
     users = attributed.groupby("user_id", num_partitions=res.prepare_partitions).map_groups(
-        prepare_user_group, fn_kwargs={"config": config.prepare, "history_methods": dps_active},
+        prepare_user_group, fn_kwargs={"config": config.prepare, "history_methods": dps_active or steerx_active},
         batch_format="pyarrow").materialize()
     n_users = users.count()
     timer.lap("prepare", f"{n_users} users")
@@ -298,13 +302,18 @@ def main(config: RefreshConfig) -> dict:
     dps_out = _dps_stage(config, ok_users, timer) if dps_active else None
     if dps_out is not None and not n_stored and dps_out["model"] is not None:
         model_info.update(id=dps_out["model"]["model_id"], fingerprint=dps_out["model"]["model_fingerprint"])
+    # 5e. SteerX leave-one-out token effects and anchors
+    steerx_out = _steerx_stage(config, ok_users, timer) if steerx_active else None
+    if steerx_out is not None and "fingerprint" not in model_info and steerx_out["model"] is not None:
+        model_info.update(id=steerx_out["model"]["model_id"], fingerprint=steerx_out["model"]["model_fingerprint"])
 
     # 5c. reconciliation tables: users (one row per input user) and quarantine (every rejected row/user)
     failed = {"caa": {r["user_id"]: r["reason"] for r in _where(caa, "status", "ok", equal=False)
                       .select_columns(["user_id", "reason"]).take_all()},
-              "dps": dps_out["failed"] if dps_out else {}}
+              "dps": dps_out["failed"] if dps_out else {},
+              "steerx": steerx_out["failed"] if steerx_out else {}}
     eligibility = {"min_pairs": config.prepare.min_pairs, "min_histories": config.prepare.min_histories,
-                   "dps": dps_active, "bt": theta_pop is not None}
+                   "dps": dps_active, "steerx": steerx_active, "bt": theta_pop is not None}
     users_table = users.map_batches(_users_rows, fn_kwargs={"failed": failed, "eligibility": eligibility},
                                     batch_format="pyarrow")
     quarantine = _where(records, "status", "ok", equal=False).map_batches(_record_quarantine, batch_format="pyarrow")
@@ -317,6 +326,7 @@ def main(config: RefreshConfig) -> dict:
         lambda b: pa.table({"method": pc.list_flatten(b["methods"])}), batch_format="pyarrow"), "method") \
         if n_users else {}
     n_dps = dps_out["n_stored"] if dps_out else 0
+    n_steerx = steerx_out["n_stored"] if steerx_out else 0
     quarantine_by_input = _value_counts(quarantine, "input")
     kept = sum(int(users_table.sum(c) or 0) for c in ("n_pairs_valid", "n_histories_valid")) if n_users else 0
     summary = {
@@ -335,13 +345,15 @@ def main(config: RefreshConfig) -> dict:
     # nothing lost: every row is kept or quarantined, every user stored or quarantined
     if (summary["rows_kept"] + summary["rows_quarantined"] != n_records
             or summary["users_stored"] + summary["users_quarantined"] != n_users
-            or method_counts.get("caa", 0) != n_stored or method_counts.get("dps", 0) != n_dps):
+            or method_counts.get("caa", 0) != n_stored or method_counts.get("dps", 0) != n_dps
+            or method_counts.get("steerx", 0) != n_steerx):
         raise ReconciliationError(f"inputs do not reconcile, nothing published: {summary}")
 
     # 6. write the version, then publish (manifest, then LATEST)
     _write(final, store, version, "vectors", config)
     rows = {"vectors": n_stored, "users": n_users, "quarantine": summary["quarantine_rows"], "bt_coords": 0,
-            "bt_basis": 0, "dps_heads": n_dps, "dps_clusters": 0, "dps_population": 0}
+            "bt_basis": 0, "dps_heads": n_dps, "dps_clusters": 0, "dps_population": 0, "steerx_anchors": n_steerx,
+            "steerx_token_effects": 0}
     if population is not None:
         _write(ray.data.from_arrow(pa.Table.from_pylist([population], schema=VECTORS_SCHEMA)),
                store, version, "vectors", config)
@@ -358,6 +370,12 @@ def main(config: RefreshConfig) -> dict:
             if dps_out[name] is not None:
                 _write(ray.data.from_arrow(dps_out[name]), store, version, f"dps_{name}", config)
                 rows[f"dps_{name}"] = dps_out[name].num_rows
+    if steerx_out is not None:
+        _write(steerx_out["anchors"], store, version, "steerx_anchors", config)
+        if config.steerx.token_effects:
+            effects = steerx_out["effects"].materialize()
+            _write(effects, store, version, "steerx_token_effects", config)
+            rows["steerx_token_effects"] = effects.count()
     _write(users_table, store, version, "users", config)
     _write(quarantine, store, version, "quarantine", config)
     for name, schema in STORE_TABLES.items():  # every version has every table, empty when a method did not run
@@ -371,7 +389,7 @@ def main(config: RefreshConfig) -> dict:
     manifest = Manifest(
         version=version, created_at=dt.datetime.now(dt.timezone.utc).isoformat(), model=model_info, tables=tables,
         summary=summary, config=_redacted(config), inputs=inputs,
-        methods=[m for m in ("caa", "bt", "dps") if method_counts.get(m)], steerstore_version=_package_version(),
+        methods=[m for m in ("caa", "bt", "dps", "steerx") if method_counts.get(m)], steerstore_version=_package_version(),
         scale_choice=scale_curves)
     store.publish(version, manifest.to_json_dict())
     timer.lap("publish", f"LATEST -> {version}")
@@ -463,6 +481,11 @@ def _user_methods(u: dict, failed: dict[str, dict[str, str]], eligibility: dict)
             reasons.append(failed["dps"][u["user_id"]])
         else:
             methods.append("dps")
+    if u["status"] == "ok" and eligibility["steerx"] and len(u["histories"]) >= eligibility["min_histories"]:
+        if u["user_id"] in failed["steerx"]:
+            reasons.append(failed["steerx"][u["user_id"]])
+        else:
+            methods.append("steerx")
     return methods, reasons
 
 
@@ -677,3 +700,53 @@ def _dps_population_table(population: PopulationPCS | None, model: dict | None) 
              **{k: model[k] for k in _MODEL_FIELDS}}
             for l in range(layers) for h in range(heads)]
     return pa.Table.from_pylist(rows, schema=DPS_POPULATION_SCHEMA)
+
+
+def _steerx_stage(config: RefreshConfig, ok_users, timer: "_Timer") -> dict | None:
+    """SteerX stages 1–2: leave-one-out token effects and anchors per user with enough history items."""
+    from ray.data import ActorPoolStrategy
+
+    sx, res = config.steerx, config.resources
+    users = ok_users.map_batches(_min_list_length, fn_kwargs={"column": "histories", "minimum": config.prepare.min_histories},
+                                 batch_format="pyarrow").materialize()
+    n_users = users.count()
+    if n_users == 0:
+        return None
+    pool = []
+    if sx.counterfactual == "other_users":
+        sample = _exact_sample(users, sx.pool_users, sx.seed + 2, n_users).select_columns(["user_id", "histories"])
+        for r in sorted(sample.take_all(), key=lambda r: r["user_id"]):
+            pool += [{**h, "user_id": r["user_id"]} for h in r["histories"][-sx.history.max_items:]]
+    actors = {"compute": ActorPoolStrategy(size=res.caa_actors), "batch_size": res.caa_batch_size,
+              "num_gpus": res.gpus_per_actor, "num_cpus": res.cpus_per_actor, "batch_format": "pyarrow"}
+    scored = users.map_batches(SteerXAnchors, fn_constructor_kwargs={"config": sx, "model": config.model, "pool": pool},
+                               **actors).materialize()
+    failed = {r["user_id"]: r["reason"] for r in scored.filter(lambda r: r["status"] != "ok")
+              .select_columns(["user_id", "reason"]).take_all()}
+    ok = scored.filter(lambda r: r["status"] == "ok")
+    anchors = ok.map_batches(_steerx_anchor_rows, fn_kwargs={"config": sx}, batch_format="pyarrow").materialize()
+    n_stored = anchors.count()
+    model = anchors.take(1)[0] if n_stored else None
+    timer.lap("steerx", f"{n_stored} users with anchors, {len(failed)} failed, pool of {len(pool)} items")
+    return {"anchors": anchors, "effects": ok.map_batches(_steerx_effect_rows, batch_format="pyarrow"),
+            "n_stored": n_stored, "failed": failed, "model": model}
+
+
+def _steerx_anchor_rows(batch: pa.Table, config: SteerXConfig) -> pa.Table:
+    n = batch.num_rows
+    settings = {"counterfactual": config.counterfactual, "anchor_mode": config.anchor_mode, "tau": config.tau,
+                "percentile": config.percentile, "min_anchors": config.min_anchors,
+                "context_items": config.history.context_items, "selection": config.history.selection}
+    out = batch.select(["user_id", "anchors", "n_items", "n_tokens", "content_fingerprint", "model_id",
+                        "model_fingerprint"])
+    for name, value in settings.items():
+        out = out.append_column(name, pa.array([value] * n))
+    return conform(out, STEERX_ANCHORS_SCHEMA)
+
+
+def _steerx_effect_rows(batch: pa.Table) -> pa.Table:
+    rows = [{"user_id": r["user_id"], "item_id": e["item_id"], "tokens": e["tokens"], "delta": e["delta"],
+             "model_fingerprint": r["model_fingerprint"]}
+            for r in batch.select(["user_id", "token_effects", "model_fingerprint"]).to_pylist()
+            for e in (r["token_effects"] or [])]
+    return pa.Table.from_pylist(rows, schema=STEERX_TOKEN_EFFECTS_SCHEMA)

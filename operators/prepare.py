@@ -90,7 +90,7 @@ class PrepareUsers:
             reason = (f"user has {len(pairs_out)} valid preference pair(s); CAA needs at least "
                       f"{self.config.min_pairs} (prepare.min_pairs)")
             if self.history_methods:
-                reason += (f", and {len(hist_out)} valid history item(s); DPS needs at least "
+                reason += (f", and {len(hist_out)} valid history item(s); DPS and SteerX need at least "
                            f"{self.config.min_histories} (prepare.min_histories)")
         dropped = [{"kind": r["kind"], "source": r["source"], "record_id": r["record_id"], "reason": why,
                     "raw": r["raw"]} for r, why in dropped_pairs + dropped_hists]

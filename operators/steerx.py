@@ -15,7 +15,8 @@ probability ratio of the whole word). A word is an anchor when its effect ≥ τ
 ``percentile`` mode above the user's own percentile; when too few pass, the top ``min_anchors``
 are kept. Anchors are aggregated per user (count, mean effect).
 
-The refresh stages (smoothing LLM, style vectors) and influence decoding build on these.
+``SteerXAnchors`` runs both stages as a refresh actor stage; the smoothing LLM, style vectors
+and influence decoding are still to come.
 """
 
 from __future__ import annotations
@@ -27,16 +28,21 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import numpy as np
+import pyarrow as pa
 
 from infra.config import check, option
 from operators.history import HistoryContextConfig, context_indices, history_prompt
-from operators.runtime import ModelRuntime
+from operators.runtime import ModelConfig, ModelRuntime
+from operators.validate import require_columns
 
 _WORD = re.compile(r"\w+(?:['’]\w+)*", re.UNICODE)
 
 
 @dataclass
 class SteerXConfig:
+    enabled: bool = option(True, help="compute SteerX token effects and anchors (needs inputs.histories)")
+    token_effects: bool = option(False, help="also write every scored token's effect (steerx_token_effects table)")
+    pool_users: int = option(64, help="users (seeded sample) whose items form the other-users counterfactual pool")
     counterfactual: Literal["empty", "other_users"] = option(
         "other_users", help="what replaces the user's other items: empty (the paper's ∅) or items of other users (seeded)")
     tau: float = option(1.0, help="absolute mode: a word is an anchor when its effect is at least τ nats")
@@ -51,6 +57,7 @@ class SteerXConfig:
     def __post_init__(self) -> None:
         check(0 < self.percentile < 100, "steerx.percentile must be in (0, 100)")
         check(self.min_anchors >= 1, "steerx.min_anchors must be >= 1")
+        check(self.pool_users >= 2, "steerx.pool_users must be >= 2")
 
 
 def _rng(seed: int, *keys: str) -> np.random.Generator:
@@ -144,3 +151,88 @@ def user_anchors(runtime: ModelRuntime, user_id: str, items: Sequence[dict], poo
         s["delta"] = d
         s["words"] = word_effects(runtime.tokenizer, s["output"], d)
     return scored, select_anchors([(s["item_id"], s["words"]) for s in scored], config)
+
+
+ANCHOR_STRUCT = pa.struct([("word", pa.string()), ("count", pa.int32()), ("mean_effect", pa.float32()),
+                           ("items", pa.list_(pa.string()))])
+TOKEN_EFFECTS_STRUCT = pa.struct([("item_id", pa.string()), ("tokens", pa.list_(pa.string())),
+                                  ("delta", pa.list_(pa.float32()))])
+
+# one row per user out of the SteerXAnchors actors
+STEERX_OUTPUT_SCHEMA = pa.schema([
+    pa.field("user_id", pa.string()),
+    pa.field("status", pa.string()),
+    pa.field("reason", pa.string()),
+    pa.field("anchors", pa.list_(ANCHOR_STRUCT)),
+    pa.field("n_items", pa.int32()),
+    pa.field("n_tokens", pa.int32()),
+    pa.field("token_effects", pa.list_(TOKEN_EFFECTS_STRUCT)),
+    pa.field("model_id", pa.string()),
+    pa.field("model_fingerprint", pa.string()),
+    pa.field("content_fingerprint", pa.string()),
+])
+
+
+class SteerXAnchors:
+    """User rows (user_id, histories) -> STEERX_OUTPUT_SCHEMA rows: leave-one-out effects and anchors.
+
+    Rows in == rows out. Both conditions of every item of every user in the batch go through the
+    model together; a user that fails is returned quarantined with the reason.
+    """
+
+    def __init__(self, config: SteerXConfig, model: ModelConfig, pool: list[dict]):
+        self.config = config
+        self.runtime = ModelRuntime(model)
+        self.pool = pool
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        require_columns(type(self).__name__, batch, ["user_id", "histories", "content_fingerprint"])
+        users = batch.select(["user_id", "histories", "content_fingerprint"]).to_pylist()
+        rows, ready = [], []
+        for user in users:
+            try:
+                if len(user["histories"]) < 2:
+                    raise ValueError(f"SteerX needs at least 2 history items (leave one out); the user has "
+                                     f"{len(user['histories'])}")
+                ready.append((user, loo_prompts(user["user_id"], user["histories"], self.pool, self.config)))
+            except ValueError as exc:
+                rows.append(self._row(user, status="quarantined", reason=f"steerx: {exc}"))
+        try:
+            rows += self._score(ready)
+        except Exception:  # noqa: BLE001 — isolate the failing user(s)
+            for user, scored in ready:
+                try:
+                    rows += self._score([(user, scored)])
+                except Exception as exc:  # noqa: BLE001
+                    rows.append(self._row(user, status="quarantined",
+                                          reason=f"steerx failed: {type(exc).__name__}: {str(exc)[:300]}"))
+        order = {u["user_id"]: i for i, u in enumerate(users)}
+        rows.sort(key=lambda r: order[r["user_id"]])
+        return pa.Table.from_pylist(rows, schema=STEERX_OUTPUT_SCHEMA)
+
+    def _row(self, user: dict, **values) -> dict:
+        row = {"user_id": user["user_id"], "status": "ok", "reason": None, "anchors": [], "n_items": 0,
+               "n_tokens": 0, "token_effects": None, "model_id": self.runtime.model_id,
+               "model_fingerprint": self.runtime.fingerprint, "content_fingerprint": user["content_fingerprint"]}
+        row.update(values)
+        return row
+
+    def _score(self, ready: list[tuple[dict, list[dict]]]) -> list[dict]:
+        if not ready:
+            return []
+        flat = [s for _, scored in ready for s in scored]
+        deltas = token_effects(self.runtime, flat)
+        tok = self.runtime.tokenizer
+        rows, start = [], 0
+        for user, scored in ready:
+            mine = deltas[start:start + len(scored)]
+            start += len(scored)
+            words = [(s["item_id"], word_effects(tok, s["output"], d)) for s, d in zip(scored, mine)]
+            effects = None
+            if self.config.token_effects:
+                effects = [{"item_id": s["item_id"], "delta": d.astype(np.float32).tolist(),
+                            "tokens": tok.convert_ids_to_tokens(self.runtime.response_ids([s["output"]])[0])}
+                           for s, d in zip(scored, mine)]
+            rows.append(self._row(user, anchors=select_anchors(words, self.config), n_items=len(scored),
+                                  n_tokens=int(sum(len(d) for d in mine)), token_effects=effects))
+        return rows

@@ -15,6 +15,9 @@ then ``manifest.json`` (written last but one) and the store's ``LATEST`` pointer
 - ``dps_clusters``: one row per cluster: centroid and the cluster's preference heads.
 - ``dps_population``: one row per attention head: mean PCS and attribution over the
   baseline sample (what ``pcs_baseline='population'`` subtracts).
+- ``steerx_anchors``: one row per user with histories: SteerX preference anchor words and the
+  settings they were found with; ``steerx_token_effects``: per scored item, every token's
+  leave-one-out effect (only with ``steerx.token_effects``).
 """
 
 from __future__ import annotations
@@ -210,10 +213,39 @@ DPS_POPULATION_SCHEMA = pa.schema([
     *_DPS_MODEL_FIELDS,
 ], metadata=_meta("dps_population"))
 
+_STEERX_ANCHOR = pa.struct([("word", pa.string()), ("count", pa.int32()), ("mean_effect", pa.float32()),
+                            ("items", pa.list_(pa.string()))])
+
+STEERX_ANCHORS_SCHEMA = pa.schema([
+    pa.field("user_id", pa.string(), nullable=False),
+    pa.field("anchors", pa.list_(_STEERX_ANCHOR)),  # lowercase word, times it passed, mean effect (nats), items; best first
+    pa.field("n_items", pa.int32()),  # history items scored (leave-one-out)
+    pa.field("n_tokens", pa.int32()),  # output tokens with an effect
+    pa.field("counterfactual", pa.string(), nullable=False),  # empty | other_users
+    pa.field("anchor_mode", pa.string(), nullable=False),  # absolute | percentile
+    pa.field("tau", pa.float32()),
+    pa.field("percentile", pa.float32()),
+    pa.field("min_anchors", pa.int32()),
+    pa.field("context_items", pa.int32()),  # k
+    pa.field("selection", pa.string()),  # recent | bm25
+    pa.field("content_fingerprint", pa.string()),
+    pa.field("model_id", pa.string(), nullable=False),
+    pa.field("model_fingerprint", pa.string(), nullable=False),
+], metadata=_meta("steerx_anchors"))
+
+STEERX_TOKEN_EFFECTS_SCHEMA = pa.schema([
+    pa.field("user_id", pa.string(), nullable=False),
+    pa.field("item_id", pa.string()),
+    pa.field("tokens", pa.list_(pa.string())),  # the output's tokens as the tokenizer spells them
+    pa.field("delta", pa.list_(pa.float32())),  # Δ per token, nats
+    pa.field("model_fingerprint", pa.string(), nullable=False),
+], metadata=_meta("steerx_token_effects"))
+
 STORE_TABLES: dict[str, pa.Schema] = {
     "vectors": VECTORS_SCHEMA, "users": USERS_SCHEMA, "quarantine": QUARANTINE_SCHEMA,
     "bt_coords": BT_COORDS_SCHEMA, "bt_basis": BT_BASIS_SCHEMA, "dps_heads": DPS_HEADS_SCHEMA,
     "dps_clusters": DPS_CLUSTERS_SCHEMA, "dps_population": DPS_POPULATION_SCHEMA,
+    "steerx_anchors": STEERX_ANCHORS_SCHEMA, "steerx_token_effects": STEERX_TOKEN_EFFECTS_SCHEMA,
 }
 
 

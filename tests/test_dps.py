@@ -179,7 +179,8 @@ def dps_run(ray_cluster, tmp_path_factory, tiny_model_folder):
         "validate": {"max_tokens": 48}, "caa": {"layers": [1, 2], "recommended_layers": [2]},
         "bt": {"enabled": False}, "scale": {"enabled": False}, "ray": {"progress_bars": False},
         "dps": {"mode": "fast", "top_k": 3, "candidates": 6, "clusters": 2, "cluster_items": 4,
-                "baseline_users": 2, "history": {"context_items": 1}}})
+                "baseline_users": 2, "history": {"context_items": 1}},
+        "steerx": {"token_effects": True, "min_anchors": 2, "history": {"context_items": 1}}})
     return refresh.main(cfg), str(tmp / "store")
 
 
@@ -192,9 +193,9 @@ def test_refresh_stores_dps_heads_clusters_and_population(dps_run):
     assert "dps" in manifest["methods"]
     users = {r["user_id"]: r for r in store.read_table("users", version).to_pylist()}
     # ann/ben: pairs + histories; cat/dan: histories only; eve: one history item and no pairs
-    assert users["ann"]["methods"] == ["caa", "dps"] and users["cat"]["methods"] == ["dps"]
+    assert users["ann"]["methods"] == ["caa", "dps", "steerx"] and users["cat"]["methods"] == ["dps", "steerx"]
     assert users["eve"]["status"] == "quarantined" and "prepare.min_histories" in users["eve"]["reason"]
-    assert summary["users_by_method"] == {"caa": 2, "dps": 4}
+    assert summary["users_by_method"] == {"caa": 2, "dps": 4, "steerx": 4}
     heads = {r["user_id"]: r for r in store.read_table("dps_heads", version).to_pylist()}
     assert set(heads) == {"ann", "ben", "cat", "dan"}
     for row in heads.values():
@@ -209,6 +210,16 @@ def test_refresh_stores_dps_heads_clusters_and_population(dps_run):
     assert sum(c["n_users"] for c in clusters) == 4 and all(c["n_items"] > 0 for c in clusters)
     population = store.read_table("dps_population", version).to_pylist()
     assert len(population) == 16 and {p["n_users"] for p in population} == {2}
+    # SteerX anchors (leave-one-out effects against other users' items) and the per-token effects
+    anchors = {r["user_id"]: r for r in store.read_table("steerx_anchors", version).to_pylist()}
+    assert set(anchors) == {"ann", "ben", "cat", "dan"}
+    for row in anchors.values():
+        assert row["counterfactual"] == "other_users" and row["context_items"] == 1 and row["n_items"] == 3
+        assert len(row["anchors"]) >= 1 and row["model_fingerprint"] == manifest["model"]["fingerprint"]
+        assert all(a["word"] == a["word"].lower() and a["count"] >= 1 for a in row["anchors"])
+    effects = store.read_table("steerx_token_effects", version).to_pylist()
+    assert len(effects) == 12 and all(len(e["tokens"]) == len(e["delta"]) > 0 for e in effects)
+    assert manifest["tables"]["steerx_token_effects"]["rows"] == 12
 
 
 @pytest.mark.slow

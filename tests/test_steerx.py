@@ -104,3 +104,19 @@ def test_planted_markers_are_the_top_anchors_and_other_users_cancel_boilerplate(
                 assert max(abs(e) for e in effects) < 0.5, (user, effects)
             else:  # ∅ credits the user's history with boilerplate every history has
                 assert np.mean(effects) > 1.0, (user, effects)
+
+
+def test_the_actor_quarantines_a_user_with_one_item_and_keeps_the_batch(tiny_model_folder):
+    import pyarrow as pa
+
+    from operators.runtime import ModelConfig
+    from operators.steerx import SteerXAnchors
+
+    hist = [{k: v for k, v in it.items() if k != "user_id"} | {"timestamp": None} for it in ITEMS]
+    batch = pa.Table.from_pylist([{"user_id": "ann", "histories": hist, "content_fingerprint": "a"},
+                                  {"user_id": "solo", "histories": hist[:1], "content_fingerprint": "s"}])
+    actor = SteerXAnchors(_config("other_users", min_anchors=2), ModelConfig(name_or_path=str(tiny_model_folder)), POOL)
+    rows = actor(batch).to_pylist()
+    assert [r["user_id"] for r in rows] == ["ann", "solo"]
+    assert rows[0]["status"] == "ok" and rows[0]["n_items"] == 4 and len(rows[0]["anchors"]) >= 1
+    assert rows[1]["status"] == "quarantined" and "at least 2 history items" in rows[1]["reason"]
