@@ -18,7 +18,7 @@ import torch
 from infra.config import check, option
 from jobs.demo_data import demo_pairs
 from operators.caa import CAAConfig, pair_differences
-from operators.runtime import ModelConfig, ModelRuntime
+from operators.runtime import Encoded, ModelConfig, ModelRuntime
 
 
 @dataclass
@@ -45,6 +45,15 @@ def naive_differences(runtime: ModelRuntime, pairs: list[dict], layers: list[int
             sides.append(torch.stack([hs[l + 1][0, enc.prompt_len:].float().mean(0) for l in layers]).cpu())
         out.append(sides[0] - sides[1])
     return torch.stack(out)
+
+
+@torch.inference_mode()
+def naive_response_logprobs(runtime: ModelRuntime, encoded: Encoded) -> torch.Tensor:
+    """What a plain script does: batch 1, a full forward (LM head at every position); log p per response token."""
+    logits = runtime.model(input_ids=torch.tensor([encoded.ids], device=runtime.device)).logits[0].float()
+    logp = torch.log_softmax(logits[encoded.prompt_len - 1:-1], -1)
+    targets = torch.tensor(encoded.ids[encoded.prompt_len:], device=runtime.device)
+    return logp.gather(-1, targets[:, None]).squeeze(-1).double().cpu()
 
 
 def _best(fn, repeats: int) -> tuple[float, object]:

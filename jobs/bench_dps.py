@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from infra.config import check, option
-from jobs.bench import _best
+from jobs.bench import _best, naive_response_logprobs
 from jobs.pref_eval import PROMPT, dev_segments
 from operators.dps import select_heads
 from operators.history import HistoryContextConfig, scoring_sequences
@@ -83,9 +83,7 @@ def naive_pcs(runtime: ModelRuntime, prompts: list[str], outputs: list[str], hea
     tokens = sum(len(e.ids) - e.prompt_len for e in enc)
 
     def nll(e):
-        logits = runtime.model(input_ids=torch.tensor([e.ids], device=runtime.device)).logits[0].float()
-        logp = torch.log_softmax(logits[e.prompt_len - 1:-1], -1)
-        return -float(logp.gather(-1, torch.tensor(e.ids[e.prompt_len:], device=runtime.device)[:, None]).sum())
+        return -float(naive_response_logprobs(runtime, e).sum())
 
     base = sum(nll(e) for e in enc)
     out = []

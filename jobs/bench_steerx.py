@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from infra.config import check, option
-from jobs.bench import _best
+from jobs.bench import _best, naive_response_logprobs
 from jobs.pref_eval import PROMPT, dev_segments
 from operators.history import HistoryContextConfig
 from operators.runtime import ModelConfig, ModelRuntime
@@ -49,10 +49,7 @@ class BenchSteerXConfig:
 def naive_effects(runtime: ModelRuntime, scored: list[dict]) -> list[np.ndarray]:
     """Reference: per item, per condition, a batch-1 full forward with log-softmax at every position."""
     def logp(prompt: str, output: str) -> np.ndarray:
-        e = runtime.encode([prompt], [output])[0]
-        logits = runtime.model(input_ids=torch.tensor([e.ids], device=runtime.device)).logits[0].float()
-        lp = torch.log_softmax(logits, -1)[e.prompt_len - 1:-1]
-        return lp.gather(-1, torch.tensor(e.ids[e.prompt_len:], device=runtime.device)[:, None]).squeeze(-1).double().cpu().numpy()
+        return naive_response_logprobs(runtime, runtime.encode([prompt], [output])[0]).numpy()
     return [logp(s["prompt"], s["output"]) - logp(s["counterfactual"], s["output"]) for s in scored]
 
 

@@ -232,8 +232,7 @@ def main(config: RefreshConfig) -> dict:
     caa_users = ok_users.map_batches(_min_list_length, fn_kwargs={"column": "pairs", "minimum": config.prepare.min_pairs},
                                      batch_format="pyarrow")
     caa_kwargs = {"config": config.caa, "model": config.model}
-    actors = {"compute": ActorPoolStrategy(size=res.caa_actors), "batch_size": res.caa_batch_size,
-              "num_gpus": res.gpus_per_actor, "num_cpus": res.cpus_per_actor, "batch_format": "pyarrow"}
+    actors = _model_actors(res, res.caa_batch_size)
     bt = config.bt if config.bt.enabled else None
     basis = feature_norms = None
     sample_fraction = 0.0
@@ -547,8 +546,7 @@ def _dps_stage(config: RefreshConfig, ok_users, timer: "_Timer") -> dict | None:
     from ray.data import ActorPoolStrategy
 
     dps, res = config.dps, config.resources
-    users = ok_users.map_batches(_min_list_length, fn_kwargs={"column": "histories", "minimum": config.prepare.min_histories},
-                                 batch_format="pyarrow")
+    users = _history_users(ok_users, config)
     n_users = users.count()
     if n_users == 0:
         return None
@@ -569,8 +567,7 @@ def _dps_stage(config: RefreshConfig, ok_users, timer: "_Timer") -> dict | None:
                              batch_format="pyarrow").materialize()
     timer.lap("dps-prepare", f"{n_users} users" + (f", {len(centroids)} clusters" if centroids is not None else ""))
 
-    actors = {"compute": ActorPoolStrategy(size=res.caa_actors), "batch_size": res.dps_batch_size,
-              "num_gpus": res.gpus_per_actor, "num_cpus": res.cpus_per_actor, "batch_format": "pyarrow"}
+    actors = _model_actors(res, res.dps_batch_size)
     population = pop_rows = None
     if dps.pcs_baseline == "population":
         sample = _exact_sample(rows, dps.baseline_users, dps.seed, n_users)
@@ -651,6 +648,21 @@ def _min_list_length(batch: pa.Table, column: str, minimum: int) -> pa.Table:
     return batch.filter(pc.greater_equal(pc.fill_null(pc.list_value_length(batch[column]), 0), minimum))
 
 
+def _history_users(ok_users, config: RefreshConfig):
+    """Prepared users with at least ``prepare.min_histories`` history items (the history methods' input)."""
+    return ok_users.map_batches(_min_list_length, fn_kwargs={"column": "histories",
+                                                             "minimum": config.prepare.min_histories},
+                                batch_format="pyarrow")
+
+
+def _model_actors(res: ResourcesConfig, batch_size: int) -> dict:
+    """map_batches arguments of a model-actor stage (each actor loads the model once)."""
+    from ray.data import ActorPoolStrategy
+
+    return {"compute": ActorPoolStrategy(size=res.caa_actors), "batch_size": batch_size,
+            "num_gpus": res.gpus_per_actor, "num_cpus": res.cpus_per_actor, "batch_format": "pyarrow"}
+
+
 _MODEL_FIELDS = ("num_layers", "num_heads", "num_kv_heads", "model_id", "model_fingerprint")
 
 
@@ -704,11 +716,8 @@ def _dps_population_table(population: PopulationPCS | None, model: dict | None) 
 
 def _steerx_stage(config: RefreshConfig, ok_users, timer: "_Timer") -> dict | None:
     """SteerX stages 1–2: leave-one-out token effects and anchors per user with enough history items."""
-    from ray.data import ActorPoolStrategy
-
     sx, res = config.steerx, config.resources
-    users = ok_users.map_batches(_min_list_length, fn_kwargs={"column": "histories", "minimum": config.prepare.min_histories},
-                                 batch_format="pyarrow").materialize()
+    users = _history_users(ok_users, config).materialize()
     n_users = users.count()
     if n_users == 0:
         return None
@@ -717,8 +726,7 @@ def _steerx_stage(config: RefreshConfig, ok_users, timer: "_Timer") -> dict | No
         sample = _exact_sample(users, sx.pool_users, sx.seed + 2, n_users).select_columns(["user_id", "histories"])
         for r in sorted(sample.take_all(), key=lambda r: r["user_id"]):
             pool += [{**h, "user_id": r["user_id"]} for h in r["histories"][-sx.history.max_items:]]
-    actors = {"compute": ActorPoolStrategy(size=res.caa_actors), "batch_size": res.caa_batch_size,
-              "num_gpus": res.gpus_per_actor, "num_cpus": res.cpus_per_actor, "batch_format": "pyarrow"}
+    actors = _model_actors(res, res.caa_batch_size)
     scored = users.map_batches(SteerXAnchors, fn_constructor_kwargs={"config": sx, "model": config.model, "pool": pool},
                                **actors).materialize()
     failed = {r["user_id"]: r["reason"] for r in scored.filter(lambda r: r["status"] != "ok")

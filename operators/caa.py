@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from infra.config import check, option
 from operators.runtime import ModelConfig, ModelRuntime, Position, SteerPositions
-from operators.validate import require_columns
+from operators.validate import isolate_failures, require_columns
 from schemas.store import VECTORS_SCHEMA
 
 CAA_OUTPUT_SCHEMA = pa.schema(list(VECTORS_SCHEMA) + [
@@ -102,15 +102,7 @@ class CAAVectors:
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns(type(self).__name__, batch, ["user_id", "pairs", "content_fingerprint"])
         users = batch.select(["user_id", "pairs", "content_fingerprint"]).to_pylist()
-        try:
-            rows = self._compute(users)
-        except Exception:  # noqa: BLE001 — isolate the failing user(s) below
-            rows = []
-            for user in users:
-                try:
-                    rows += self._compute([user])
-                except Exception as exc:  # noqa: BLE001
-                    rows.append(self._failed(user, exc))
+        rows = isolate_failures(users, self._compute, self._failed)
         return pa.Table.from_pylist(rows, schema=CAA_OUTPUT_SCHEMA)
 
     def _compute(self, users: list[dict]) -> list[dict]:

@@ -35,7 +35,7 @@ from infra.config import check, option
 from infra.models import DEFAULT_ENCODER
 from operators.history import HistoryContextConfig, scoring_sequences
 from operators.runtime import Encoded, ModelConfig, ModelRuntime
-from operators.validate import require_columns
+from operators.validate import isolate_failures, require_columns
 from schemas.store import HEAD_STRUCT
 
 SEQUENCE_STRUCT = pa.struct([("prompt", pa.string()), ("output", pa.string())])
@@ -183,16 +183,8 @@ class DPSHeads:
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns(type(self).__name__, batch, ["user_id", "sequences"])
         users = batch.select(["user_id", "sequences"] + [c for c in _PASSTHROUGH if c in batch.column_names]).to_pylist()
-        try:
-            rows = self._score(users)
-        except Exception:  # noqa: BLE001 — isolate the failing user(s)
-            rows = []
-            for user in users:
-                try:
-                    rows += self._score([user])
-                except Exception as exc:  # noqa: BLE001
-                    rows.append(self._row(user, status="quarantined",
-                                          reason=f"dps failed: {type(exc).__name__}: {str(exc)[:300]}"))
+        rows = isolate_failures(users, self._score, lambda user, exc: self._row(
+            user, status="quarantined", reason=f"dps failed: {type(exc).__name__}: {str(exc)[:300]}"))
         return pa.Table.from_pylist(rows, schema=DPS_OUTPUT_SCHEMA)
 
     def _row(self, user: dict, **values) -> dict:

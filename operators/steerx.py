@@ -33,7 +33,7 @@ import pyarrow as pa
 from infra.config import check, option
 from operators.history import HistoryContextConfig, context_indices, history_prompt
 from operators.runtime import ModelConfig, ModelRuntime
-from operators.validate import require_columns
+from operators.validate import isolate_failures, require_columns
 
 _WORD = re.compile(r"\w+(?:['’]\w+)*", re.UNICODE)
 
@@ -197,15 +197,8 @@ class SteerXAnchors:
                 ready.append((user, loo_prompts(user["user_id"], user["histories"], self.pool, self.config)))
             except ValueError as exc:
                 rows.append(self._row(user, status="quarantined", reason=f"steerx: {exc}"))
-        try:
-            rows += self._score(ready)
-        except Exception:  # noqa: BLE001 — isolate the failing user(s)
-            for user, scored in ready:
-                try:
-                    rows += self._score([(user, scored)])
-                except Exception as exc:  # noqa: BLE001
-                    rows.append(self._row(user, status="quarantined",
-                                          reason=f"steerx failed: {type(exc).__name__}: {str(exc)[:300]}"))
+        rows += isolate_failures(ready, self._score, lambda ready_user, exc: self._row(
+            ready_user[0], status="quarantined", reason=f"steerx failed: {type(exc).__name__}: {str(exc)[:300]}"))
         order = {u["user_id"]: i for i, u in enumerate(users)}
         rows.sort(key=lambda r: order[r["user_id"]])
         return pa.Table.from_pylist(rows, schema=STEERX_OUTPUT_SCHEMA)

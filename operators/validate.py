@@ -85,3 +85,20 @@ class ValidateRecords:
                         status="quarantined",
                         reason=f"text over token limit: {field} with its prompt is {p + r} tokens "
                                f"(validate.max_tokens={self.config.max_tokens})")
+
+
+def isolate_failures(users: list, compute, on_error) -> list[dict]:
+    """``compute(users)``; if the batch fails, each user alone, and ``on_error(user, exc)`` for those that still fail.
+
+    One bad user never sinks a batch: the model actors (CAA, DPS, SteerX) all run this way.
+    """
+    try:
+        return compute(users)
+    except Exception:  # noqa: BLE001 — isolate the failing user(s) below
+        rows: list[dict] = []
+        for user in users:
+            try:
+                rows += compute([user])
+            except Exception as exc:  # noqa: BLE001
+                rows.append(on_error(user, exc))
+        return rows
