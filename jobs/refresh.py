@@ -29,12 +29,15 @@ from operators.dps import (DPS_OUTPUT_SCHEMA, DPSConfig, DPSHeads, PopulationPCS
 from operators.caa import (CAAConfig, CAAVectors, population_mean, population_partials, vector_row,
                            vectors_array)
 from operators.prepare import PrepareConfig, prepare_user_group
-from operators.runtime import ModelConfig
+from operators.runtime import ModelConfig, TextEncoder
 from operators.scale import ScaleConfig, choose_scales_task
-from operators.steerx import SteerXAnchors, SteerXConfig
+from operators.smoothing import PROMPT_VERSION as SMOOTHING_PROMPT_VERSION
+from operators.smoothing import (hf_engine, resolve_model, smooth, special_strings, user_context,
+                                 vllm_engine)
+from operators.steerx import STYLE_TEMPLATE, SteerXAnchors, SteerXConfig, SteerXStyleVectors, choose_recommended
 from operators.validate import ValidateConfig, ValidateRecords
 from schemas.store import (BT_BASIS_SCHEMA, DPS_CLUSTERS_SCHEMA, DPS_HEADS_SCHEMA, DPS_POPULATION_SCHEMA,
-                           QUARANTINE_SCHEMA, STEERX_ANCHORS_SCHEMA, STEERX_TOKEN_EFFECTS_SCHEMA, STORE_TABLES, USERS_SCHEMA, VECTORS_SCHEMA,
+                           QUARANTINE_SCHEMA, STEERX_USERS_SCHEMA, STEERX_TOKEN_EFFECTS_SCHEMA, STORE_TABLES, USERS_SCHEMA, VECTORS_SCHEMA,
                            Manifest, TableEntry, conform)
 
 log = logging.getLogger("steerstore")
@@ -197,6 +200,8 @@ def main(config: RefreshConfig) -> dict:
     ray.data.DataContext.get_current().shuffle_strategy = {
         "sort": ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED,
         "hash": ray.data.context.ShuffleStrategy.HASH_SHUFFLE}[config.resources.shuffle]
+    if config.steerx.enabled and config.inputs.histories and config.steerx.smoothing.enabled:
+        config.steerx.smoothing.check_engine()  # fail before any work when the engine cannot run
     store = SteeringStore(config.output.store, config.storage)
     version = store.new_version_id()
     res = config.resources
@@ -351,7 +356,7 @@ def main(config: RefreshConfig) -> dict:
     # 6. write the version, then publish (manifest, then LATEST)
     _write(final, store, version, "vectors", config)
     rows = {"vectors": n_stored, "users": n_users, "quarantine": summary["quarantine_rows"], "bt_coords": 0,
-            "bt_basis": 0, "dps_heads": n_dps, "dps_clusters": 0, "dps_population": 0, "steerx_anchors": n_steerx,
+            "bt_basis": 0, "dps_heads": n_dps, "dps_clusters": 0, "dps_population": 0, "steerx_users": n_steerx,
             "steerx_token_effects": 0}
     if population is not None:
         _write(ray.data.from_arrow(pa.Table.from_pylist([population], schema=VECTORS_SCHEMA)),
@@ -370,7 +375,10 @@ def main(config: RefreshConfig) -> dict:
                 _write(ray.data.from_arrow(dps_out[name]), store, version, f"dps_{name}", config)
                 rows[f"dps_{name}"] = dps_out[name].num_rows
     if steerx_out is not None:
-        _write(steerx_out["anchors"], store, version, "steerx_anchors", config)
+        _write(steerx_out["users"], store, version, "steerx_users", config)
+        if steerx_out["vectors"] is not None:
+            _write(steerx_out["vectors"], store, version, "vectors", config)
+            rows["vectors"] += steerx_out["n_vectors"]
         if config.steerx.token_effects:
             effects = steerx_out["effects"].materialize()
             _write(effects, store, version, "steerx_token_effects", config)
@@ -389,7 +397,9 @@ def main(config: RefreshConfig) -> dict:
         version=version, created_at=dt.datetime.now(dt.timezone.utc).isoformat(), model=model_info, tables=tables,
         summary=summary, config=_redacted(config), inputs=inputs,
         methods=[m for m in ("caa", "bt", "dps", "steerx") if method_counts.get(m)], steerstore_version=_package_version(),
-        scale_choice=scale_curves)
+        scale_choice=dict(scale_curves, **({"steerx": {"recommended": steerx_out["recommended"],
+                                                        "curve": steerx_out["calibration"]}}
+                                           if steerx_out and steerx_out["recommended"] else {})))
     store.publish(version, manifest.to_json_dict())
     timer.lap("publish", f"LATEST -> {version}")
     summary["stage_seconds"] = dict(timer.stages)
@@ -715,7 +725,11 @@ def _dps_population_table(population: PopulationPCS | None, model: dict | None) 
 
 
 def _steerx_stage(config: RefreshConfig, ok_users, timer: "_Timer") -> dict | None:
-    """SteerX stages 1–2: leave-one-out token effects and anchors per user with enough history items."""
+    """SteerX per user with enough history items: anchors, descriptions, style vectors (stages 1–4).
+
+    A user failing any stage is quarantined for SteerX with that stage's reason; the stored
+    users have every artifact the configuration asks for.
+    """
     sx, res = config.steerx, config.resources
     users = _history_users(ok_users, config).materialize()
     n_users = users.count()
@@ -729,27 +743,111 @@ def _steerx_stage(config: RefreshConfig, ok_users, timer: "_Timer") -> dict | No
     actors = _model_actors(res, res.caa_batch_size)
     scored = users.map_batches(SteerXAnchors, fn_constructor_kwargs={"config": sx, "model": config.model, "pool": pool},
                                **actors).materialize()
-    failed = {r["user_id"]: r["reason"] for r in scored.filter(lambda r: r["status"] != "ok")
-              .select_columns(["user_id", "reason"]).take_all()}
-    ok = scored.filter(lambda r: r["status"] == "ok")
-    anchors = ok.map_batches(_steerx_anchor_rows, fn_kwargs={"config": sx}, batch_format="pyarrow").materialize()
-    n_stored = anchors.count()
-    model = anchors.take(1)[0] if n_stored else None
-    timer.lap("steerx", f"{n_stored} users with anchors, {len(failed)} failed, pool of {len(pool)} items")
-    return {"anchors": anchors, "effects": ok.map_batches(_steerx_effect_rows, batch_format="pyarrow"),
-            "n_stored": n_stored, "failed": failed, "model": model}
+    failed = _failed(scored)
+    ok = _where(scored, "status", "ok").materialize()
+    timer.lap("steerx anchors", f"{ok.count()} users with anchors, {len(failed)} failed, pool of {len(pool)} items")
+
+    smoothing_model = None
+    if sx.smoothing.enabled and ok.count():
+        smoothing_model = resolve_model(sx.smoothing, config.model)
+        engine = (vllm_engine(smoothing_model, sx.smoothing) if sx.smoothing.engine == "vllm"
+                  else hf_engine(smoothing_model, sx.smoothing, actors))
+        specials = special_strings(TextEncoder.load(smoothing_model).tokenizer)
+        smoothed = smooth(ok.select_columns(["user_id", "anchors", "histories"]), sx.smoothing, smoothing_model,
+                          engine, specials).materialize()
+        failed.update(_failed(smoothed))
+        described = _where(smoothed, "status", "ok").drop_columns(["status", "reason"])
+        ok = ok.join(described, "inner", num_partitions=res.prepare_partitions, on=("user_id",)).materialize()
+        timer.lap("steerx smoothing", f"{ok.count()} users described ({sx.smoothing.engine}), "
+                                      f"{len(failed)} failed so far")
+
+    vectors, recommended, curve = None, {}, []
+    if sx.vectors.enabled and ok.count():
+        n_ok = ok.count()
+        fraction = min(1.0, sx.vectors.calibration_users / max(n_ok, 1))
+        calibrate = {r["user_id"] for r in _exact_sample(ok, sx.vectors.calibration_users, sx.vectors.seed + 3, n_ok)
+                     .select_columns(["user_id"]).take_all()} if fraction < 1.0 else None
+        inputs = ok.map_batches(_style_inputs, fn_kwargs={"calibrate": calibrate}, batch_format="pyarrow")
+        styled = inputs.map_batches(SteerXStyleVectors, fn_constructor_kwargs={"config": sx, "model": config.model},
+                                    **actors).materialize()
+        failed.update(_failed(styled))
+        styled = _where(styled, "status", "ok").materialize()
+        curve = [c for r in styled.filter(lambda r: r["calibration"] is not None)
+                 .select_columns(["calibration"]).take_all() for c in r["calibration"]]
+        recommended = choose_recommended(curve)
+        vectors = styled.map_batches(_steerx_vector_rows, fn_kwargs={"config": sx, "recommended": recommended},
+                                     batch_format="pyarrow").materialize()
+        keep = styled.select_columns(["user_id"])
+        ok = ok.join(keep, "inner", num_partitions=res.prepare_partitions, on=("user_id",)).materialize()
+        timer.lap("steerx vectors", f"{ok.count()} users, " + ", ".join(
+            f"{s}: layer {r['layer']} γ={r['gamma']:g} ({r['gain_per_token']:+.3f} nats/token)"
+            for s, r in recommended.items()))
+
+    user_rows = ok.map_batches(_steerx_user_rows, fn_kwargs={"config": sx, "smoothing_model": smoothing_model},
+                               batch_format="pyarrow").materialize()
+    n_stored = user_rows.count()
+    model = user_rows.take(1)[0] if n_stored else None
+    return {"users": user_rows, "vectors": vectors, "n_vectors": vectors.count() if vectors is not None else 0,
+            "effects": ok.map_batches(_steerx_effect_rows, batch_format="pyarrow"),
+            "n_stored": n_stored, "failed": failed, "model": model,
+            "recommended": recommended, "calibration": curve}
 
 
-def _steerx_anchor_rows(batch: pa.Table, config: SteerXConfig) -> pa.Table:
+def _failed(ds) -> dict[str, str]:
+    return {r["user_id"]: r["reason"] for r in _where(ds, "status", "ok", equal=False)
+            .select_columns(["user_id", "reason"]).take_all()}
+
+
+def _style_inputs(batch: pa.Table, calibrate: set[str] | None) -> pa.Table:
+    ids = batch.column("user_id").to_pylist()
+    descriptions = batch.column("descriptions") if "descriptions" in batch.column_names else \
+        pa.array([[] for _ in ids], STEERX_USERS_SCHEMA.field("descriptions").type)
+    return pa.table({"user_id": batch.column("user_id"), "histories": batch.column("histories"),
+                     "descriptions": descriptions,
+                     "calibrate": pa.array([calibrate is None or u in calibrate for u in ids], pa.bool_())})
+
+
+def _steerx_vector_rows(batch: pa.Table, config: SteerXConfig, recommended: dict[str, dict]) -> pa.Table:
+    """One ``vectors`` row per user and source (method steerx) with the recommended layer and γ."""
+    rows = []
+    for r in batch.select(["user_id", "layers", "sources", "vectors", "n_items", "model_id", "model_fingerprint",
+                           "hidden_size"]).to_pylist():
+        for source, vecs in zip(r["sources"], r["vectors"]):
+            arr = np.asarray(vecs, dtype=np.float32)
+            rec = recommended.get(source)
+            rows.append({"user_id": r["user_id"], "scope": "user", "method": "steerx", "source": source,
+                         "layers": r["layers"], "vectors": vecs, "norms": np.linalg.norm(arr, axis=-1).tolist(),
+                         "hidden_size": r["hidden_size"], "hook": "block_output", "operation": "add",
+                         "positions": config.vectors.apply_positions,
+                         "recommended_layers": [rec["layer"]] if rec else [r["layers"][len(r["layers"]) // 2]],
+                         "recommended_scale": rec["gamma"] if rec else 1.0, "n_pairs": r["n_items"],
+                         "content_fingerprint": None, "model_id": r["model_id"],
+                         "model_fingerprint": r["model_fingerprint"]})
+    return pa.Table.from_pylist(rows, schema=VECTORS_SCHEMA)
+
+
+def _steerx_user_rows(batch: pa.Table, config: SteerXConfig, smoothing_model: ModelConfig | None) -> pa.Table:
     n = batch.num_rows
+    sm = config.smoothing
+    descriptions = batch.column("descriptions").to_pylist() if "descriptions" in batch.column_names else [[]] * n
+    described = "descriptions" in batch.column_names
     settings = {"counterfactual": config.counterfactual, "anchor_mode": config.anchor_mode, "tau": config.tau,
                 "percentile": config.percentile, "min_anchors": config.min_anchors,
-                "context_items": config.history.context_items, "selection": config.history.selection}
+                "context_items": config.history.context_items, "selection": config.history.selection,
+                "granularity": sm.granularity if described else None,
+                "smoothing_engine": sm.engine if described else None,
+                "smoothing_prompt": SMOOTHING_PROMPT_VERSION if described else None,
+                "style_template": STYLE_TEMPLATE, "vector_source": config.vectors.source if config.vectors.enabled else None}
     out = batch.select(["user_id", "anchors", "n_items", "n_tokens", "content_fingerprint", "model_id",
                         "model_fingerprint"])
     for name, value in settings.items():
-        out = out.append_column(name, pa.array([value] * n))
-    return conform(out, STEERX_ANCHORS_SCHEMA)
+        out = out.append_column(name, pa.array([value] * n, STEERX_USERS_SCHEMA.field(name).type))
+    for name in ("smoothing_model_id", "smoothing_model_fingerprint"):
+        out = out.append_column(name, batch.column(name) if name in batch.column_names
+                                else pa.nulls(n, pa.string()))
+    out = out.append_column("descriptions", pa.array(descriptions, STEERX_USERS_SCHEMA.field("descriptions").type))
+    out = out.append_column("context", pa.array([user_context(d) or None for d in descriptions], pa.string()))
+    return conform(out, STEERX_USERS_SCHEMA)
 
 
 def _steerx_effect_rows(batch: pa.Table) -> pa.Table:

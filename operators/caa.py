@@ -186,7 +186,7 @@ def vector_row(user_id: str | None, scope: str, mean: np.ndarray, n: int, finger
                model_fingerprint: str) -> dict:
     """A VECTORS_SCHEMA row: per-layer vectors plus the conventions needed to apply them."""
     return {
-        "user_id": user_id, "scope": scope, "method": "caa", "layers": layers,
+        "user_id": user_id, "scope": scope, "method": "caa", "source": "pairs", "layers": layers,
         "vectors": mean.astype(np.float32).tolist(), "norms": np.linalg.norm(mean, axis=-1).tolist(),
         "hidden_size": hidden_size, "hook": "block_output", "operation": "add",
         "positions": config.apply_positions, "recommended_layers": recommended,

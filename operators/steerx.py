@@ -15,8 +15,23 @@ probability ratio of the whole word). A word is an anchor when its effect ≥ τ
 ``percentile`` mode above the user's own percentile; when too few pass, the top ``min_anchors``
 are kept. Anchors are aggregated per user (count, mean effect).
 
-``SteerXAnchors`` runs both stages as a refresh actor stage; the smoothing LLM, style vectors
-and influence decoding are still to come.
+``SteerXAnchors`` runs both stages as a refresh actor stage. Stage 3, the smoothing LLM that
+writes a style description S from the anchors, is ``operators/smoothing.py``.
+
+Stage 4, style vectors (``SteerXStyleVectors``), per layer and history item j, at the last
+token (StyleVector's convention):
+
+    history:     h(xⱼ ⊕ hⱼ) − h(xⱼ ⊕ nⱼ)      the user's real response vs the model's own
+                                             unpersonalised greedy answer nⱼ to xⱼ
+    description: h(S ⊕ xⱼ ⊕ nⱼ) − h(xⱼ ⊕ nⱼ)  the description in the prompt vs not, on nⱼ
+
+each averaged over items; ``blend`` mixes the two. ``history`` is the StyleVector baseline,
+``description``/``blend`` are SteerX. The recommended layer and γ per source are chosen on a
+seeded sample of users by leave-one-item-out likelihood: item j's real response is scored
+under the vector built from the user's other items, γ·v added at the layer; the (layer, γ)
+with the highest mean log-likelihood gain per token wins (a vector that breaks fluency lowers
+it). Stage 5, influence decoding with S, is ``ModelRuntime.generate(influence=...)``; its
+with-context prompt is ``STYLE_TEMPLATE`` as here.
 """
 
 from __future__ import annotations
@@ -29,13 +44,51 @@ from typing import Literal, Sequence
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from infra.config import check, option
 from operators.history import HistoryContextConfig, context_indices, history_prompt
-from operators.runtime import ModelConfig, ModelRuntime
+from operators.runtime import ModelConfig, ModelRuntime, Position, Steering, SteerPositions
+from operators.smoothing import SmoothingConfig, user_context
 from operators.validate import isolate_failures, require_columns
+from schemas.store import HISTORY_STRUCT
 
 _WORD = re.compile(r"\w+(?:['’]\w+)*", re.UNICODE)
+SOURCES = ("history", "description", "blend")
+# how a style description S enters a prompt (description vectors and influence decoding)
+STYLE_TEMPLATE = "The user's writing style: {context}\nWrite your answer in this style.\n\n{prompt}"
+
+
+def style_prompt(description: str, prompt: str) -> str:
+    return STYLE_TEMPLATE.format(context=description, prompt=prompt) if description else prompt
+
+
+@dataclass
+class StyleVectorConfig:
+    enabled: bool = option(True, help="compute style vectors (SteerX stage 4)")
+    layers: list[int] = option([], help="layers to compute and store; empty = the layers at 50%, 60% and 70% of depth")
+    source: Literal["history", "description", "blend"] = option(
+        "blend", help="the source serving uses by default (all computed sources are stored)")
+    blend_weight: float = option(0.5, help="blend = (1 − w)·history + w·description")
+    position: Position = option("last", help="activation per response: its last token (StyleVector) or the mean")
+    apply_positions: SteerPositions = option("all", help="where serving adds the vector: all positions or response")
+    neutral_max_new_tokens: int = option(48, help="length of the model's unpersonalised greedy answer nⱼ")
+    gamma_grid: list[float] = option([0.5, 1.0, 2.0, 4.0], help="candidate γ for the recommended strength")
+    calibration_users: int = option(8, help="users (seeded sample) the recommended layer and γ are chosen on")
+    seed: int = option(0, help="seed of the calibration sample")
+
+    def __post_init__(self) -> None:
+        check(0.0 <= self.blend_weight <= 1.0, "steerx.vectors.blend_weight must be in [0, 1]")
+        check(bool(self.gamma_grid) and all(g > 0 for g in self.gamma_grid), "steerx.vectors.gamma_grid must be > 0")
+        check(self.neutral_max_new_tokens >= 1, "steerx.vectors.neutral_max_new_tokens must be >= 1")
+        check(self.calibration_users >= 1, "steerx.vectors.calibration_users must be >= 1")
+
+    def resolve_layers(self, num_layers: int) -> list[int]:
+        layers = sorted(set(self.layers)) or sorted({min(num_layers - 1, round(f * num_layers)) for f in (0.5, 0.6, 0.7)})
+        bad = [l for l in layers if not 0 <= l < num_layers]
+        if bad:
+            raise ValueError(f"steerx.vectors.layers {bad} do not exist: the model has layers 0..{num_layers - 1}")
+        return layers
 
 
 @dataclass
@@ -53,11 +106,23 @@ class SteerXConfig:
     history: HistoryContextConfig = dataclasses.field(
         default_factory=lambda: HistoryContextConfig(context_items=4, max_items=8),
         metadata={"help": "context items (k), their selection and how many items are scored"})
+    smoothing: SmoothingConfig = dataclasses.field(default_factory=SmoothingConfig,
+                                                   metadata={"help": "stage 3: the smoothing LLM"})
+    vectors: StyleVectorConfig = dataclasses.field(default_factory=StyleVectorConfig,
+                                                   metadata={"help": "stage 4: style vectors"})
 
     def __post_init__(self) -> None:
         check(0 < self.percentile < 100, "steerx.percentile must be in (0, 100)")
         check(self.min_anchors >= 1, "steerx.min_anchors must be >= 1")
         check(self.pool_users >= 2, "steerx.pool_users must be >= 2")
+        check(not (self.vectors.enabled and self.vectors.source != "history" and not self.smoothing.enabled),
+              f"steerx.vectors.source={self.vectors.source} needs descriptions: enable steerx.smoothing "
+              "or use steerx.vectors.source=history")
+
+    @property
+    def sources(self) -> list[str]:
+        """The style-vector sources this configuration computes."""
+        return list(SOURCES) if self.smoothing.enabled else ["history"]
 
 
 def _rng(seed: int, *keys: str) -> np.random.Generator:
@@ -167,6 +232,7 @@ STEERX_OUTPUT_SCHEMA = pa.schema([
     pa.field("n_items", pa.int32()),
     pa.field("n_tokens", pa.int32()),
     pa.field("token_effects", pa.list_(TOKEN_EFFECTS_STRUCT)),
+    pa.field("histories", pa.list_(HISTORY_STRUCT)),  # passed through for the later stages
     pa.field("model_id", pa.string()),
     pa.field("model_fingerprint", pa.string()),
     pa.field("content_fingerprint", pa.string()),
@@ -188,6 +254,8 @@ class SteerXAnchors:
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns(type(self).__name__, batch, ["user_id", "histories", "content_fingerprint"])
         users = batch.select(["user_id", "histories", "content_fingerprint"]).to_pylist()
+        for user in users:
+            user["histories"] = user["histories"] or []
         rows, ready = [], []
         for user in users:
             try:
@@ -205,7 +273,7 @@ class SteerXAnchors:
 
     def _row(self, user: dict, **values) -> dict:
         row = {"user_id": user["user_id"], "status": "ok", "reason": None, "anchors": [], "n_items": 0,
-               "n_tokens": 0, "token_effects": None, "model_id": self.runtime.model_id,
+               "n_tokens": 0, "token_effects": None, "histories": user["histories"], "model_id": self.runtime.model_id,
                "model_fingerprint": self.runtime.fingerprint, "content_fingerprint": user["content_fingerprint"]}
         row.update(values)
         return row
@@ -228,4 +296,158 @@ class SteerXAnchors:
                            for s, d in zip(scored, mine)]
             rows.append(self._row(user, anchors=select_anchors(words, self.config), n_items=len(scored),
                                   n_tokens=int(sum(len(d) for d in mine)), token_effects=effects))
+        return rows
+
+
+# ---- stage 4: style vectors ---------------------------------------------------------------------
+
+STYLE_OUTPUT_SCHEMA = pa.schema([
+    pa.field("user_id", pa.string()),
+    pa.field("status", pa.string()),
+    pa.field("reason", pa.string()),
+    pa.field("layers", pa.list_(pa.int32())),
+    pa.field("sources", pa.list_(pa.string())),
+    pa.field("vectors", pa.list_(pa.list_(pa.list_(pa.float32())))),  # (sources, layers, hidden)
+    pa.field("n_items", pa.int32()),
+    # calibration users only: (source, layer, γ) -> summed leave-one-item-out log-likelihood gain and tokens
+    pa.field("calibration", pa.list_(pa.struct([("source", pa.string()), ("layer", pa.int32()),
+                                                ("gamma", pa.float32()), ("gain", pa.float64()),
+                                                ("tokens", pa.int64())]))),
+    pa.field("model_id", pa.string()),
+    pa.field("model_fingerprint", pa.string()),
+    pa.field("hidden_size", pa.int32()),
+])
+
+
+def item_differences(runtime: ModelRuntime, items: Sequence[dict], contexts: Sequence[str], layers: list[int],
+                     position: Position, max_new_tokens: int) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Per item, per layer: the history and description differences, and the neutral answers nⱼ.
+
+    ``items`` are (input, output) dicts; ``contexts`` the description S used for each item ('' = none,
+    then the description difference is 0). Returns ({'history': (items, layers, hidden),
+    'description': ...}, neutral answers). All items go through the model together.
+    """
+    inputs = [it["input"] for it in items]
+    neutral = runtime.generate(inputs, max_new_tokens=max_new_tokens)
+    empty = [i for i, n in enumerate(neutral) if not n.strip()]
+    if empty:
+        raise ValueError(f"the model's unpersonalised answer is empty for {len(empty)} item(s)")
+    real = runtime.activations(inputs, [it["output"] for it in items], layers, position)
+    base = runtime.activations(inputs, neutral, layers, position)
+    with_s = runtime.activations([style_prompt(c, x) for c, x in zip(contexts, inputs)], neutral, layers, position)
+    return {"history": (real - base).numpy(), "description": (with_s - base).numpy()}, neutral
+
+
+def combine(diffs: dict[str, np.ndarray], sources: Sequence[str], blend_weight: float) -> np.ndarray:
+    """Style vectors (sources, layers, hidden): the mean difference over items per source."""
+    hist = diffs["history"].mean(0)
+    desc = diffs["description"].mean(0)
+    by = {"history": hist, "description": desc, "blend": (1 - blend_weight) * hist + blend_weight * desc}
+    return np.stack([by[s] for s in sources])
+
+
+def calibration_gains(runtime: ModelRuntime, items: Sequence[dict], diffs: dict[str, np.ndarray],
+                      sources: Sequence[str], layers: list[int], config: StyleVectorConfig) -> list[dict]:
+    """Leave-one-item-out log-likelihood gain of the user's real responses per (source, layer, γ).
+
+    Item j is scored under γ·v⁽⁻ʲ⁾ (the vector from the user's other items) at one layer; the
+    gain is Σⱼ [log p_steered(hⱼ | xⱼ) − log p(hⱼ | xⱼ)], reported with the token count.
+    """
+    n = len(items)
+    if n < 2:
+        return []
+    inputs, outputs = [it["input"] for it in items], [it["output"] for it in items]
+    base, tokens = runtime.response_logprobs(inputs, outputs)
+    grid = list(config.gamma_grid)
+    out = []
+    for source in sources:
+        per_item = {"history": diffs["history"], "description": diffs["description"]}
+        if source == "blend":
+            d = (1 - config.blend_weight) * diffs["history"] + config.blend_weight * diffs["description"]
+        else:
+            d = per_item[source]
+        loo = (d.sum(0, keepdims=True) - d) / (n - 1)  # (items, layers, hidden): vector without item j
+        for li, layer in enumerate(layers):
+            vecs = torch.as_tensor(np.repeat(loo[:, li], len(grid), axis=0))  # row = item j × γ
+            scales = torch.as_tensor(grid * n, dtype=torch.float32)
+            steer = Steering({layer: vecs}, scales, config.apply_positions)
+            lp, _ = runtime.response_logprobs([x for x in inputs for _ in grid], [y for y in outputs for _ in grid],
+                                              steer=steer)
+            gain = (lp.view(n, len(grid)) - base[:, None]).sum(0)
+            out += [{"source": source, "layer": layer, "gamma": g, "gain": float(gain[k]),
+                     "tokens": int(tokens.sum())} for k, g in enumerate(grid)]
+    return out
+
+
+def choose_recommended(calibration: Sequence[dict]) -> dict[str, dict]:
+    """Per source, the (layer, γ) with the highest pooled gain per token (ties: smaller γ, then layer)."""
+    pooled: dict[tuple, list[float]] = {}
+    for c in calibration:
+        acc = pooled.setdefault((c["source"], c["layer"], c["gamma"]), [0.0, 0])
+        acc[0] += c["gain"]
+        acc[1] += c["tokens"]
+    best: dict[str, dict] = {}
+    for (source, layer, gamma), (gain, tokens) in sorted(pooled.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
+        per_token = gain / max(tokens, 1)
+        if source not in best or per_token > best[source]["gain_per_token"]:
+            best[source] = {"layer": int(layer), "gamma": float(gamma), "gain_per_token": per_token, "tokens": tokens}
+    return best
+
+
+class SteerXStyleVectors:
+    """User rows (user_id, histories, descriptions, calibrate) -> STYLE_OUTPUT_SCHEMA rows.
+
+    Rows in == rows out. The scored items (the last ``history.max_items``) of every user in the
+    batch go through the model together: neutral answers, then three activation passes. Rows
+    with ``calibrate`` also get the leave-one-item-out gains that choose the recommended
+    layer and γ. A user that fails is returned quarantined with the reason.
+    """
+
+    def __init__(self, config: SteerXConfig, model: ModelConfig):
+        self.config = config
+        self.runtime = ModelRuntime(model)
+        self.layers = config.vectors.resolve_layers(self.runtime.num_layers)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        require_columns(type(self).__name__, batch, ["user_id", "histories", "descriptions", "calibrate"])
+        users = batch.select(["user_id", "histories", "descriptions", "calibrate"]).to_pylist()
+        rows = isolate_failures(users, self._vectors, lambda user, exc: self._row(
+            user, status="quarantined", reason=f"steerx style vectors failed: {type(exc).__name__}: {str(exc)[:300]}"))
+        order = {u["user_id"]: i for i, u in enumerate(users)}
+        rows.sort(key=lambda r: order[r["user_id"]])
+        return pa.Table.from_pylist(rows, schema=STYLE_OUTPUT_SCHEMA)
+
+    def _row(self, user: dict, **values) -> dict:
+        row = {"user_id": user["user_id"], "status": "ok", "reason": None, "layers": self.layers, "sources": [],
+               "vectors": [], "n_items": 0, "calibration": None, "model_id": self.runtime.model_id,
+               "model_fingerprint": self.runtime.fingerprint, "hidden_size": self.runtime.hidden_size}
+        row.update(values)
+        return row
+
+    def _items(self, user: dict) -> tuple[list[dict], list[str]]:
+        items = [h for h in user["histories"][-self.config.history.max_items:] if (h["output"] or "").strip()]
+        if not items:
+            raise ValueError("no history item with a non-empty output")
+        descs = user["descriptions"] or []
+        by_item = {d["item_id"]: d["description"] for d in descs if d.get("item_id") is not None}
+        whole = user_context(descs)
+        return items, [by_item.get(it["item_id"], whole) for it in items]
+
+    def _vectors(self, users: list[dict]) -> list[dict]:
+        if not users:
+            return []
+        vc, sources = self.config.vectors, self.config.sources
+        prepared = [(u, *self._items(u)) for u in users]
+        flat_items = [it for _, items, _ in prepared for it in items]
+        flat_ctx = [c for _, _, ctx in prepared for c in ctx]
+        diffs, _ = item_differences(self.runtime, flat_items, flat_ctx, self.layers, vc.position,
+                                    vc.neutral_max_new_tokens)
+        rows, start = [], 0
+        for user, items, _ in prepared:
+            mine = {k: v[start:start + len(items)] for k, v in diffs.items()}
+            start += len(items)
+            calibration = calibration_gains(self.runtime, items, mine, sources, self.layers, vc) \
+                if user["calibrate"] else None
+            rows.append(self._row(user, sources=sources, vectors=combine(mine, sources, vc.blend_weight).tolist(),
+                                  n_items=len(items), calibration=calibration))
         return rows

@@ -15,9 +15,11 @@ then ``manifest.json`` (written last but one) and the store's ``LATEST`` pointer
 - ``dps_clusters``: one row per cluster: centroid and the cluster's preference heads.
 - ``dps_population``: one row per attention head: mean PCS and attribution over the
   baseline sample (what ``pcs_baseline='population'`` subtracts).
-- ``steerx_anchors``: one row per user with histories: SteerX preference anchor words and the
-  settings they were found with; ``steerx_token_effects``: per scored item, every token's
-  leave-one-out effect (only with ``steerx.token_effects``).
+- ``steerx_users``: one row per SteerX user: preference anchor words, the style description(s)
+  S written by the smoothing LLM, the serving context, and every setting they were made with
+  (the user's style vectors are rows of ``vectors`` with ``method='steerx'``, one per source);
+  ``steerx_token_effects``: per scored item, every token's leave-one-out effect (only with
+  ``steerx.token_effects``).
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ USER_ROW_SCHEMA = pa.schema([
 VECTORS_SCHEMA = pa.schema([
     pa.field("user_id", pa.string()),  # null for the population row
     pa.field("scope", pa.string(), nullable=False),  # user | population
-    pa.field("method", pa.string(), nullable=False),  # caa
+    pa.field("method", pa.string(), nullable=False),  # caa | steerx
+    pa.field("source", pa.string(), nullable=False),  # caa: pairs; steerx: history | description | blend
     pa.field("layers", pa.list_(pa.int32()), nullable=False),  # layer i = output of block i
     pa.field("vectors", pa.list_(pa.list_(pa.float32())), nullable=False),  # (len(layers), hidden)
     pa.field("norms", pa.list_(pa.float32())),
@@ -95,7 +98,7 @@ VECTORS_SCHEMA = pa.schema([
     pa.field("positions", pa.string(), nullable=False),  # response | all
     pa.field("recommended_layers", pa.list_(pa.int32())),
     pa.field("recommended_scale", pa.float32()),
-    pa.field("n_pairs", pa.int32()),
+    pa.field("n_pairs", pa.int32()),  # caa: training pairs; steerx: history items
     pa.field("content_fingerprint", pa.string()),
     pa.field("model_id", pa.string(), nullable=False),
     pa.field("model_fingerprint", pa.string(), nullable=False),
@@ -216,11 +219,21 @@ DPS_POPULATION_SCHEMA = pa.schema([
 _STEERX_ANCHOR = pa.struct([("word", pa.string()), ("count", pa.int32()), ("mean_effect", pa.float32()),
                             ("items", pa.list_(pa.string()))])
 
-STEERX_ANCHORS_SCHEMA = pa.schema([
+STEERX_DESCRIPTION_STRUCT = pa.struct([
+    ("item_id", pa.string()),  # null for a user-level description
+    ("description", pa.string()),
+    ("attempts", pa.int32()),  # 1, or 2 when the first output was invalid
+    ("variant", pa.string()),  # excerpts | anchors: what the smoothing prompt showed
+    ("anchor_words", pa.list_(pa.string())),
+])
+
+STEERX_USERS_SCHEMA = pa.schema([
     pa.field("user_id", pa.string(), nullable=False),
     pa.field("anchors", pa.list_(_STEERX_ANCHOR)),  # lowercase word, times it passed, mean effect (nats), items; best first
     pa.field("n_items", pa.int32()),  # history items scored (leave-one-out)
     pa.field("n_tokens", pa.int32()),  # output tokens with an effect
+    pa.field("descriptions", pa.list_(STEERX_DESCRIPTION_STRUCT)),  # empty when smoothing is off
+    pa.field("context", pa.string()),  # the style text S serving puts in the prompt (influence decoding)
     pa.field("counterfactual", pa.string(), nullable=False),  # empty | other_users
     pa.field("anchor_mode", pa.string(), nullable=False),  # absolute | percentile
     pa.field("tau", pa.float32()),
@@ -228,10 +241,17 @@ STEERX_ANCHORS_SCHEMA = pa.schema([
     pa.field("min_anchors", pa.int32()),
     pa.field("context_items", pa.int32()),  # k
     pa.field("selection", pa.string()),  # recent | bm25
+    pa.field("granularity", pa.string()),  # user | item (null when smoothing is off)
+    pa.field("smoothing_engine", pa.string()),  # hf | vllm
+    pa.field("smoothing_prompt", pa.string()),  # prompt version
+    pa.field("smoothing_model_id", pa.string()),
+    pa.field("smoothing_model_fingerprint", pa.string()),
+    pa.field("style_template", pa.string()),  # how S enters a prompt ({context}, {prompt})
+    pa.field("vector_source", pa.string()),  # the vectors' default source for serving
     pa.field("content_fingerprint", pa.string()),
     pa.field("model_id", pa.string(), nullable=False),
     pa.field("model_fingerprint", pa.string(), nullable=False),
-], metadata=_meta("steerx_anchors"))
+], metadata=_meta("steerx_users"))
 
 STEERX_TOKEN_EFFECTS_SCHEMA = pa.schema([
     pa.field("user_id", pa.string(), nullable=False),
@@ -245,7 +265,7 @@ STORE_TABLES: dict[str, pa.Schema] = {
     "vectors": VECTORS_SCHEMA, "users": USERS_SCHEMA, "quarantine": QUARANTINE_SCHEMA,
     "bt_coords": BT_COORDS_SCHEMA, "bt_basis": BT_BASIS_SCHEMA, "dps_heads": DPS_HEADS_SCHEMA,
     "dps_clusters": DPS_CLUSTERS_SCHEMA, "dps_population": DPS_POPULATION_SCHEMA,
-    "steerx_anchors": STEERX_ANCHORS_SCHEMA, "steerx_token_effects": STEERX_TOKEN_EFFECTS_SCHEMA,
+    "steerx_users": STEERX_USERS_SCHEMA, "steerx_token_effects": STEERX_TOKEN_EFFECTS_SCHEMA,
 }
 
 

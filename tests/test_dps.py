@@ -180,7 +180,10 @@ def dps_run(ray_cluster, tmp_path_factory, tiny_model_folder):
         "bt": {"enabled": False}, "scale": {"enabled": False}, "ray": {"progress_bars": False},
         "dps": {"mode": "fast", "top_k": 3, "candidates": 6, "clusters": 2, "cluster_items": 4,
                 "baseline_users": 2, "history": {"context_items": 1}},
-        "steerx": {"token_effects": True, "min_anchors": 2, "history": {"context_items": 1}}})
+        "steerx": {"token_effects": True, "min_anchors": 2, "history": {"context_items": 1},
+                   "smoothing": {"enabled": False},  # descriptions need a real model: tests/test_steerx.py
+                   "vectors": {"source": "history", "layers": [1, 3], "calibration_users": 2, "gamma_grid": [0.5, 1],
+                               "neutral_max_new_tokens": 4}}})
     return refresh.main(cfg), str(tmp / "store")
 
 
@@ -211,12 +214,23 @@ def test_refresh_stores_dps_heads_clusters_and_population(dps_run):
     population = store.read_table("dps_population", version).to_pylist()
     assert len(population) == 16 and {p["n_users"] for p in population} == {2}
     # SteerX anchors (leave-one-out effects against other users' items) and the per-token effects
-    anchors = {r["user_id"]: r for r in store.read_table("steerx_anchors", version).to_pylist()}
+    anchors = {r["user_id"]: r for r in store.read_table("steerx_users", version).to_pylist()}
     assert set(anchors) == {"ann", "ben", "cat", "dan"}
     for row in anchors.values():
         assert row["counterfactual"] == "other_users" and row["context_items"] == 1 and row["n_items"] == 3
         assert len(row["anchors"]) >= 1 and row["model_fingerprint"] == manifest["model"]["fingerprint"]
         assert all(a["word"] == a["word"].lower() and a["count"] >= 1 for a in row["anchors"])
+        assert row["descriptions"] == [] and row["context"] is None and row["vector_source"] == "history"
+    # StyleVector (history source) vectors: one row per SteerX user, recommended layer/γ from calibration
+    vectors = [r for r in store.read_table("vectors", version).to_pylist() if r["method"] == "steerx"]
+    assert sorted(r["user_id"] for r in vectors) == ["ann", "ben", "cat", "dan"]
+    rec = manifest["scale_choice"]["steerx"]["recommended"]["history"]
+    for r in vectors:
+        assert r["source"] == "history" and r["layers"] == [1, 3] and r["n_pairs"] == 3
+        assert r["recommended_layers"] == [rec["layer"]] and r["recommended_scale"] == rec["gamma"]
+        assert np.asarray(r["vectors"]).shape == (2, 64) and np.linalg.norm(r["vectors"]) > 0
+    assert len(manifest["scale_choice"]["steerx"]["curve"]) == 2 * 2 * 2  # 2 users × 2 layers × 2 γ
+    assert manifest["tables"]["vectors"]["rows"] == 2 + 1 + 4  # caa users, population, steerx users
     effects = store.read_table("steerx_token_effects", version).to_pylist()
     assert len(effects) == 12 and all(len(e["tokens"]) == len(e["delta"]) > 0 for e in effects)
     assert manifest["tables"]["steerx_token_effects"]["rows"] == 12
