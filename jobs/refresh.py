@@ -753,8 +753,8 @@ def _steerx_stage(config: RefreshConfig, ok_users, timer: "_Timer") -> dict | No
         engine = (vllm_engine(smoothing_model, sx.smoothing) if sx.smoothing.engine == "vllm"
                   else hf_engine(smoothing_model, sx.smoothing, actors))
         specials = special_strings(TextEncoder.load(smoothing_model).tokenizer)
-        smoothed = smooth(ok.select_columns(["user_id", "anchors", "histories"]), sx.smoothing, smoothing_model,
-                          engine, specials).materialize()
+        smoothed = smooth(ok.select_columns(["user_id", "anchors", "histories"]), sx.smoothing, engine,
+                          specials, res.prepare_partitions).materialize()
         failed.update(_failed(smoothed))
         described = _where(smoothed, "status", "ok").drop_columns(["status", "reason"])
         ok = ok.join(described, "inner", num_partitions=res.prepare_partitions, on=("user_id",)).materialize()

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from infra.config import check, option
 from operators.runtime import ModelConfig, ModelRuntime
@@ -271,22 +272,41 @@ def vllm_engine(model: ModelConfig, config: SmoothingConfig):
                                      engine_model_fingerprint=f"vllm:{path}"))
 
 
-def _unit_rows(row: dict, config: SmoothingConfig, specials: Sequence[str], variant: str) -> list[dict]:
-    return [dict(u, key=f"{u['user_id']}\x1f{u['item_id'] or ''}", outputs=[list(o) for o in u["outputs"]],
+_UNIT_SCHEMA = pa.schema([
+    ("key", pa.string()), ("user_id", pa.string()), ("item_id", pa.string()), ("anchor_words", pa.list_(pa.string())),
+    ("outputs", pa.list_(pa.list_(pa.string()))), ("attempts", pa.int32()), ("variant", pa.string()),
+    ("prompt", pa.string())])
+_CHECKED_SCHEMA = pa.schema(list(_UNIT_SCHEMA) + [
+    ("text", pa.string()), ("description", pa.string()), ("reason", pa.string()),
+    ("engine_model_id", pa.string()), ("engine_model_fingerprint", pa.string())])
+
+
+def _unit_rows(batch: pa.Table, config: SmoothingConfig, specials: Sequence[str], variant: str) -> pa.Table:
+    """Users -> one row per unit with its attempt-1 prompt (typed, so empty batches keep the schema)."""
+    rows = [dict(u, key=f"{u['user_id']}\x1f{u['item_id'] or ''}", outputs=[list(o) for o in u["outputs"]],
                  attempts=0, variant=variant, prompt=unit_prompt(u, variant, config, specials))
+            for row in batch.select(["user_id", "anchors", "histories"]).to_pylist()
             for u in units(row["user_id"], row["anchors"] or [], row["histories"] or [], config)]
+    return pa.Table.from_pylist(rows, schema=_UNIT_SCHEMA)
 
 
-def _validated(row: dict, config: SmoothingConfig, specials: Sequence[str]) -> dict:
-    desc, reason = check_description(row["text"], [tuple(o) for o in row["outputs"]], config, specials)
-    return dict(row, attempts=row["attempts"] + 1, description=None if reason else desc, reason=reason)
+def _validated(batch: pa.Table, config: SmoothingConfig, specials: Sequence[str]) -> pa.Table:
+    rows = []
+    for row in batch.to_pylist():
+        desc, reason = check_description(row["text"], [tuple(o) for o in row["outputs"]], config, specials)
+        rows.append(dict(row, attempts=row["attempts"] + 1, description=None if reason else desc, reason=reason))
+    return pa.Table.from_pylist(rows, schema=_CHECKED_SCHEMA)
 
 
-def _reprompt(row: dict, variant: str, config: SmoothingConfig, specials: Sequence[str]) -> dict:
-    out = {k: v for k, v in row.items() if k not in ("text", "description", "reason", "engine_model_id",
-                                                      "engine_model_fingerprint")}
-    return dict(out, variant=variant, prompt=unit_prompt(dict(row, outputs=[tuple(o) for o in row["outputs"]]),
+def _reprompt(batch: pa.Table, variant: str, config: SmoothingConfig, specials: Sequence[str]) -> pa.Table:
+    rows = [dict(row, variant=variant, prompt=unit_prompt(dict(row, outputs=[tuple(o) for o in row["outputs"]]),
                                                           variant, config, specials))
+            for row in batch.select(_UNIT_SCHEMA.names).to_pylist()]
+    return pa.Table.from_pylist(rows, schema=_UNIT_SCHEMA)
+
+
+def _valid(batch: pa.Table, valid: bool) -> pa.Table:
+    return batch.filter(pc.is_null(batch["reason"]) if valid else pc.is_valid(batch["reason"]))
 
 
 def _user_row(units_: list[dict]) -> dict:
@@ -313,7 +333,7 @@ def _group_users(batch: pa.Table) -> pa.Table:
     return pa.Table.from_pylist([_user_row(u) for u in by_user.values()], schema=SMOOTHING_OUTPUT_SCHEMA)
 
 
-def smooth(users, config: SmoothingConfig, model: ModelConfig, engine, specials: Sequence[str]):
+def smooth(users, config: SmoothingConfig, engine, specials: Sequence[str], num_partitions: int = 8):
     """The smoothing stage: users (user_id, anchors, histories) -> one SMOOTHING_OUTPUT_SCHEMA row per user.
 
     ``engine`` maps a dataset of rows with ``prompt`` to the same rows plus ``text`` (and the
@@ -322,17 +342,18 @@ def smooth(users, config: SmoothingConfig, model: ModelConfig, engine, specials:
     one valid description; otherwise quarantined with the first unit's last reason.
     """
     variants = list(VARIANTS) if config.excerpts else ["anchors"]
-    pending = users.select_columns(["user_id", "anchors", "histories"]).flat_map(
-        _unit_rows, fn_kwargs={"config": config, "specials": list(specials), "variant": variants[0]})
+    kw = {"config": config, "specials": list(specials)}
+    pending = users.select_columns(["user_id", "anchors", "histories"]).map_batches(
+        _unit_rows, fn_kwargs=dict(kw, variant=variants[0]), batch_format="pyarrow")
     finished = []
     for n, variant in enumerate(variants):
         if n:
-            pending = pending.map(_reprompt, fn_kwargs={"variant": variant, "config": config,
-                                                         "specials": list(specials)})
-        checked = engine(pending).map(_validated, fn_kwargs={"config": config, "specials": list(specials)}).materialize()
+            pending = pending.map_batches(_reprompt, fn_kwargs=dict(kw, variant=variant), batch_format="pyarrow")
+        checked = engine(pending).map_batches(_validated, fn_kwargs=kw, batch_format="pyarrow").materialize()
         last = n == len(variants) - 1
-        finished.append(checked if last else checked.filter(lambda r: r["reason"] is None))
-        pending = checked.filter(lambda r: r["reason"] is not None).materialize()
+        finished.append(checked if last else checked.map_batches(_valid, fn_kwargs={"valid": True},
+                                                                 batch_format="pyarrow"))
+        pending = checked.map_batches(_valid, fn_kwargs={"valid": False}, batch_format="pyarrow").materialize()
         if not last and pending.count() == 0:
             break
     cols = ["user_id", "item_id", "anchor_words", "attempts", "variant", "description", "reason",
@@ -340,7 +361,7 @@ def smooth(users, config: SmoothingConfig, model: ModelConfig, engine, specials:
     done = finished[0].select_columns(cols)
     for more in finished[1:]:
         done = done.union(more.select_columns(cols))
-    return done.groupby("user_id").map_groups(_group_users, batch_format="pyarrow")
+    return done.groupby("user_id", num_partitions=num_partitions).map_groups(_group_users, batch_format="pyarrow")
 
 
 def resolve_model(config: SmoothingConfig, default: ModelConfig) -> ModelConfig:
