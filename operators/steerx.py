@@ -334,8 +334,13 @@ def item_differences(runtime: ModelRuntime, items: Sequence[dict], contexts: Seq
         raise ValueError(f"the model's unpersonalised answer is empty for {len(empty)} item(s)")
     real = runtime.activations(inputs, [it["output"] for it in items], layers, position)
     base = runtime.activations(inputs, neutral, layers, position)
-    with_s = runtime.activations([style_prompt(c, x) for c, x in zip(contexts, inputs)], neutral, layers, position)
-    return {"history": (real - base).numpy(), "description": (with_s - base).numpy()}, neutral
+    described = [i for i, c in enumerate(contexts) if c]
+    desc = torch.zeros_like(base)
+    if described:
+        with_s = runtime.activations([style_prompt(contexts[i], inputs[i]) for i in described],
+                                     [neutral[i] for i in described], layers, position)
+        desc[described] = with_s - base[described]
+    return {"history": (real - base).numpy(), "description": desc.numpy()}, neutral
 
 
 def combine(diffs: dict[str, np.ndarray], sources: Sequence[str], blend_weight: float) -> np.ndarray:

@@ -120,3 +120,84 @@ def test_the_actor_quarantines_a_user_with_one_item_and_keeps_the_batch(tiny_mod
     assert [r["user_id"] for r in rows] == ["ann", "solo"]
     assert rows[0]["status"] == "ok" and rows[0]["n_items"] == 4 and len(rows[0]["anchors"]) >= 1
     assert rows[1]["status"] == "quarantined" and "at least 2 history items" in rows[1]["reason"]
+
+
+# ---- stage 4: style vectors ------------------------------------------------------------------
+
+def test_style_vectors_are_mean_item_differences(tiny_runtime):
+    from operators.steerx import SOURCES, combine, item_differences, style_prompt
+
+    rt = tiny_runtime
+    items = ITEMS[:3]
+    contexts = ["Brief and formal.", "", "Wow!"]
+    diffs, neutral = item_differences(rt, items, contexts, [1, 3], "last", max_new_tokens=4)
+    inputs = [it["input"] for it in items]
+    assert neutral == rt.generate(inputs, max_new_tokens=4)
+    real = rt.activations(inputs, [it["output"] for it in items], [1, 3], "last")
+    base = rt.activations(inputs, neutral, [1, 3], "last")
+    with_s = rt.activations([style_prompt(c, x) for c, x in zip(contexts, inputs)], neutral, [1, 3], "last")
+    np.testing.assert_allclose(diffs["history"], (real - base).numpy(), atol=1e-5)
+    np.testing.assert_allclose(diffs["description"], (with_s - base).numpy(), atol=1e-4)
+    assert np.abs(diffs["description"][1]).max() == 0  # no description: no difference
+    vectors = combine(diffs, SOURCES, blend_weight=0.25)
+    np.testing.assert_allclose(vectors[0], diffs["history"].mean(0), atol=1e-6)
+    np.testing.assert_allclose(vectors[2], 0.75 * diffs["history"].mean(0) + 0.25 * diffs["description"].mean(0),
+                               atol=1e-6)
+
+
+def test_calibration_gain_is_the_leave_one_item_out_likelihood_gain(tiny_runtime):
+    from operators.runtime import Steering
+    from operators.steerx import StyleVectorConfig, calibration_gains, choose_recommended, item_differences
+
+    rt = tiny_runtime
+    items = ITEMS
+    config = StyleVectorConfig(gamma_grid=[0.5, 2.0], apply_positions="all")
+    diffs, _ = item_differences(rt, items, ["Short."] * 4, [2], "last", max_new_tokens=4)
+    gains = calibration_gains(rt, items, diffs, ["history", "blend"], [2], config)
+    assert [(g["source"], g["layer"], g["gamma"]) for g in gains] == [
+        ("history", 2, 0.5), ("history", 2, 2.0), ("blend", 2, 0.5), ("blend", 2, 2.0)]
+    # plain reference for history, γ = 2: item j under the mean difference of the other items
+    total = 0.0
+    for j, it in enumerate(items):
+        others = np.delete(diffs["history"], j, axis=0).mean(0)
+        steer = Steering({2: torch.as_tensor(others[0])[None]}, torch.tensor([2.0]), "all")
+        steered, _ = rt.response_logprobs([it["input"]], [it["output"]], steer=steer)
+        plain, _ = rt.response_logprobs([it["input"]], [it["output"]])
+        total += float(steered[0] - plain[0])
+    assert gains[1]["gain"] == pytest.approx(total, rel=1e-4, abs=1e-4)
+    best = choose_recommended(gains + [dict(g, gain=g["gain"] * 0 + 1.0) for g in gains[:1]])
+    assert set(best) == {"history", "blend"} and best["history"]["layer"] == 2
+
+
+def test_recommended_layer_and_gamma_pool_gains_per_token_and_prefer_smaller_gamma_on_ties():
+    from operators.steerx import choose_recommended
+
+    curve = [{"source": "blend", "layer": 3, "gamma": 1.0, "gain": 2.0, "tokens": 10},
+             {"source": "blend", "layer": 3, "gamma": 1.0, "gain": 1.0, "tokens": 10},  # a second user
+             {"source": "blend", "layer": 3, "gamma": 4.0, "gain": 3.0, "tokens": 20},
+             {"source": "blend", "layer": 5, "gamma": 2.0, "gain": -1.0, "tokens": 20},
+             {"source": "history", "layer": 5, "gamma": 2.0, "gain": 1.0, "tokens": 10},
+             {"source": "history", "layer": 3, "gamma": 0.5, "gain": 1.0, "tokens": 10}]
+    best = choose_recommended(curve)
+    assert best["blend"] == {"layer": 3, "gamma": 1.0, "gain_per_token": 0.15, "tokens": 20}
+    assert (best["history"]["layer"], best["history"]["gamma"]) == (3, 0.5)  # tie: the smaller γ
+
+
+def test_style_vector_actor_quarantines_a_user_without_usable_items(tiny_model_folder):
+    import pyarrow as pa
+
+    from operators.runtime import ModelConfig
+    from operators.steerx import SteerXStyleVectors, StyleVectorConfig
+
+    hist = [{k: v for k, v in it.items() if k != "user_id"} | {"timestamp": None} for it in ITEMS]
+    desc = [{"item_id": None, "description": "Brief.", "attempts": 1, "variant": "anchors", "anchor_words": ["x"]}]
+    batch = pa.Table.from_pylist([
+        {"user_id": "ann", "histories": hist, "descriptions": desc, "calibrate": True},
+        {"user_id": "nil", "histories": [dict(hist[0], output="  ")], "descriptions": desc, "calibrate": False}])
+    config = _config(vectors=StyleVectorConfig(layers=[1, 2], gamma_grid=[1.0], neutral_max_new_tokens=3))
+    rows = SteerXStyleVectors(config, ModelConfig(name_or_path=str(tiny_model_folder)))(batch).to_pylist()
+    assert [r["user_id"] for r in rows] == ["ann", "nil"]
+    ok, bad = rows
+    assert ok["status"] == "ok" and ok["sources"] == ["history", "description", "blend"] and ok["n_items"] == 4
+    assert np.asarray(ok["vectors"]).shape == (3, 2, 64) and len(ok["calibration"]) == 3 * 2
+    assert bad["status"] == "quarantined" and "no history item with a non-empty output" in bad["reason"]
