@@ -4,8 +4,8 @@ One place for: loading a model (the packaged default or any Hugging Face folder/
 recording its id and weights fingerprint, resolving decoder layers per architecture,
 tokenising prompt/response pairs, length-bucketed micro-batching, batched activation capture,
 residual-stream steering with a different vector per batch row, attention-head gating and
-ablation with a different head set per batch row, and greedy (optionally head-contrastive)
-decoding.
+ablation with a different head set per batch row, and decoding: greedy or nucleus-sampled,
+plain, steered, head-contrastive or context-influenced (two branches held as one batch).
 
 Layer numbering (the store's contract): layer i is the output of decoder block i, i.e.
 Hugging Face ``hidden_states[i + 1]`` and llama.cpp ``direction.i``.
@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Iterator, Literal, Sequence
 
@@ -195,6 +196,100 @@ class HeadContrast:
         rows = list(rows)
         return HeadContrast([self.heads[i] for i in rows], self.gamma[torch.as_tensor(rows, dtype=torch.long)],
                             self.adaptive, self.plausibility, self.prefill)
+
+
+@dataclass
+class Influence:
+    """Influence decoding (context steering): per step out = log_softmax(lp + λ·(lp − lp0)).
+
+    lp = log_softmax(ℓ_S / T) are the next-token log-probabilities of row b's prompt WITH its
+    context S (``template`` filled with ``contexts[b]`` and the prompt), lp0 = log_softmax(ℓ_∅ / T)
+    those of the plain prompt. Both branches keep their own KV cache and are fed the same chosen
+    token. λ = 0 decodes the with-context prompt, λ = −1 the plain prompt, λ > 0 amplifies the
+    context's influence and −1 < λ < 0 damps it. ``temperature`` T scales the log-probabilities
+    inside the combination (reference: T = 0.6 with sampling top-p 0.9). An empty (or blank)
+    context leaves the row's prompt as is: both branches are equal and the row decodes plainly.
+    """
+
+    contexts: list[str]
+    lam: torch.Tensor | float = 1.0
+    temperature: float = 1.0
+    template: str = "{context}\n\n{prompt}"
+    rows: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.contexts = list(self.contexts)
+        if not all(isinstance(c, str) for c in self.contexts):
+            raise ValueError("influence contexts must be strings (one per row)")
+        self.rows = len(self.contexts)
+        lam = torch.as_tensor(self.lam, dtype=torch.float32).reshape(-1)
+        self.lam = lam.expand(self.rows).clone() if lam.numel() == 1 else lam
+        if self.lam.shape[0] != self.rows:
+            raise ValueError(f"lam has {self.lam.shape[0]} values for {self.rows} rows")
+        if not bool(torch.isfinite(self.lam).all()):
+            raise ValueError("lam must be finite")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"influence temperature must be > 0; got {self.temperature}")
+        for slot in ("{context}", "{prompt}"):
+            if slot not in self.template:
+                raise ValueError(f"influence template {self.template!r} lacks the {slot} placeholder")
+
+    def select(self, rows: Sequence[int]) -> "Influence":
+        rows = list(rows)
+        return Influence([self.contexts[i] for i in rows], self.lam[torch.as_tensor(rows, dtype=torch.long)],
+                         self.temperature, self.template)
+
+    def with_context(self, prompts: Sequence[str]) -> list[str]:
+        """Each row's prompt with its context: the template filled (the prompt alone if the context is blank)."""
+        if len(prompts) != self.rows:
+            raise ValueError(f"{len(prompts)} prompts but influence for {self.rows} rows")
+
+        def fill(context: str, prompt: str) -> str:
+            if not context.strip():
+                return prompt
+            slots = {"context": context, "prompt": prompt}
+            # one pass, so braces or placeholders inside the context or prompt are left alone
+            return re.sub(r"\{(context|prompt)\}", lambda m: slots[m.group(1)], self.template)
+        return [fill(c, p) for c, p in zip(self.contexts, prompts)]
+
+
+@dataclass
+class Sampling:
+    """How ``generate`` picks tokens: temperature 0 is greedy; > 0 samples the top-p nucleus.
+
+    Sampling draws from softmax(score / temperature) restricted to the smallest set of most
+    probable tokens whose mass reaches ``top_p``. Row i of a ``generate`` call uses its own
+    random stream seeded from (``seed``, i), so the same call with the same seed gives the same
+    text, and a row's output does not depend on how the call is micro-batched (it does depend on
+    the row's index in the call). With ``Influence`` the score is already the temperature-scaled
+    log-probability ``out``: sampling uses softmax(out) and ``top_p`` only (its temperature just
+    switches sampling on; the influence temperature is the one that applies).
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"sampling temperature must be >= 0 (0 = greedy); got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"sampling top_p must be in (0, 1]; got {self.top_p}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"sampling seed must be an int; got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def uniforms(self, rows: int, steps: int) -> torch.Tensor:
+        """Float64 (rows, steps) uniforms in [0, 1) on CPU: row i's stream depends only on (seed, i)."""
+        out = torch.empty((rows, steps), dtype=torch.float64)
+        for i in range(rows):
+            key = hashlib.sha256(f"steerstore-sampling/{self.seed}/{i}".encode()).digest()
+            generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
+            out[i] = torch.rand(steps, generator=generator, dtype=torch.float64)
+        return out
 
 
 class TextEncoder:
@@ -724,49 +819,54 @@ class ModelRuntime:
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 64, steer: Steering | None = None,
-                 contrast: HeadContrast | None = None) -> list[str]:
-        """Greedy decoding, batched (left padding, explicit positions, a KV cache per batch).
+                 contrast: HeadContrast | None = None, influence: Influence | None = None,
+                 sampling: Sampling | None = None) -> list[str]:
+        """Decode each prompt, batched (left padding, explicit positions, a KV cache per micro-batch).
 
+        Greedy by default; ``sampling`` with temperature > 0 samples instead (see ``Sampling``).
         With ``steer``, row i of ``prompts`` is steered by row i of ``steer``. With ``contrast``,
         row i is decoded by differential preference decoding against the model with row i's
-        heads ablated (two KV caches held as one batch of 2 × rows; see ``HeadContrast``).
+        heads ablated; with ``influence``, by combining the prompt with and without row i's
+        context (see ``HeadContrast`` and ``Influence``). Both hold two branches as one batch of
+        2 × rows with one KV cache; the sampled or argmax token of the combined score feeds both.
+        At most one of ``steer``, ``contrast`` and ``influence``.
         """
         from transformers import DynamicCache
 
-        for name, extra in (("steering", steer), ("contrast", contrast)):
+        for name, extra in (("steering", steer), ("contrast", contrast), ("influence", influence)):
             if extra is not None and extra.rows != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {name} for {extra.rows} rows")
-        if steer is not None and contrast is not None:
-            raise ValueError("generate takes steering or head contrast, not both")
+        if sum(extra is not None for extra in (steer, contrast, influence)) > 1:
+            raise ValueError("generate takes steering or head contrast or influence, at most one of them")
+        if sampling is not None and not isinstance(sampling, Sampling):
+            raise ValueError(f"sampling must be a Sampling; got {type(sampling).__name__}")
         prompt_seqs = self.prompt_ids(prompts)
+        context_seqs = self.prompt_ids(influence.with_context(prompts)) if influence is not None else None
+        # micro-batches reserve room for a row's longer branch
+        lengths = [len(s) for s in prompt_seqs] if context_seqs is None else \
+            [max(len(a), len(c)) for a, c in zip(prompt_seqs, context_seqs)]
+        branches = 1 if contrast is None and influence is None else 2
+        uniforms = None if sampling is None or sampling.greedy else sampling.uniforms(len(prompts), max_new_tokens)
         results: list[str] = [""] * len(prompts)
         eos = torch.as_tensor(self.eos_token_ids or [-1], device=self.device)
-        branches = 2 if contrast is not None else 1
-        for batch in self.micro_batches([len(s) for s in prompt_seqs], extra=max_new_tokens,
-                                        budget=self.config.max_batch_tokens // branches):
-            ids, mask, pos = self.collate([prompt_seqs[i] for i in batch], "left")
+        for batch in self.micro_batches(lengths, extra=max_new_tokens, budget=self.config.max_batch_tokens // branches):
             b = len(batch)
-            start = torch.as_tensor([len(prompt_seqs[i]) - 1 for i in batch])
             cache = DynamicCache(config=self.model.config)
-            if contrast is not None:
-                rows = contrast.select(batch)
-                gates = torch.cat([torch.ones((b, self.num_layers, self.num_heads)), self.head_gates(rows.heads)])
-                ctx = self.head_gating(gates)
-                both = torch.arange(b, device=self.device).repeat(2)
-                if rows.prefill == "shared" and ids.shape[1] >= 2 and min(len(prompt_seqs[i]) for i in batch) >= 2:
-                    # the prompt but its last token once, unablated; then the last token in both branches
-                    self.forward(ids[:, :-1], mask[:, :-1], pos[:, :-1], past_key_values=cache, logits_to_keep=1)
-                    cache.reorder_cache(both)
-                    ids, pos = ids[:, -1:], pos[:, -1:]
-                ids, mask, pos = ids[both], mask[both], pos[both]
-            else:
-                ctx = self.steering(steer.select(batch), start) if steer is not None else contextlib.nullcontext()
+            ctx, ids, mask, pos, score, temperature = self._decode_setup(
+                batch, prompt_seqs, context_seqs, cache, steer, contrast, influence)
+            if uniforms is not None:
+                temperature = sampling.temperature if temperature is None else temperature
+                u = uniforms[batch].to(self.device)  # (b, max_new_tokens)
             with ctx:
                 logits = self.forward(ids, mask, pos, past_key_values=cache, logits_to_keep=1).logits[:, -1]
                 done = torch.zeros(b, dtype=torch.bool, device=self.device)
                 tokens: list[torch.Tensor] = []
-                for _ in range(max_new_tokens):
-                    nxt = self._contrast_pick(logits, rows) if contrast is not None else logits.argmax(-1)
+                for step in range(max_new_tokens):
+                    scores = score(logits)  # (b, vocab) from (branches × b, vocab)
+                    if uniforms is None:
+                        nxt = scores.argmax(-1)
+                    else:
+                        nxt = self._sample(scores, u[:, step], temperature, sampling.top_p)
                     nxt = torch.where(done, self.tokenizer.pad_token_id, nxt)
                     tokens.append(nxt)
                     done |= torch.isin(nxt, eos)
@@ -783,9 +883,77 @@ class ModelRuntime:
                 results[i] = self.tokenizer.decode(seq[:cut], skip_special_tokens=True)
         return results
 
+    def _decode_setup(self, batch: list[int], prompt_seqs: list[list[int]], context_seqs: list[list[int]] | None,
+                      cache, steer: Steering | None, contrast: HeadContrast | None, influence: Influence | None):
+        """One micro-batch's decoding state: (context manager, ids, mask, positions, score fn, temperature).
+
+        The inputs are the first forward's (prefill) rows: b rows, or 2 × b for the two-branch
+        modes (rows [0, b) the full / with-context branch, [b, 2b) the masked / plain branch).
+        ``score`` maps a step's (rows, vocab) logits to the (b, vocab) score the token is picked
+        from. ``temperature`` is None when sampling divides the score by ``Sampling.temperature``,
+        or 1.0 when the score is already a temperature-scaled log-probability (influence).
+        A ``shared`` contrast prefill runs here (its forward fills ``cache``).
+        """
+        b = len(batch)
+        if influence is not None:
+            rows = influence.select(batch)
+            # both branches of all rows padded together: their prompt lengths differ
+            ids, mask, pos = self.collate([context_seqs[i] for i in batch] + [prompt_seqs[i] for i in batch], "left")
+            return contextlib.nullcontext(), ids, mask, pos, (lambda logits: self._influence_score(logits, rows)), 1.0
+        ids, mask, pos = self.collate([prompt_seqs[i] for i in batch], "left")
+        if contrast is not None:
+            rows = contrast.select(batch)
+            gates = torch.cat([torch.ones((b, self.num_layers, self.num_heads)), self.head_gates(rows.heads)])
+            both = torch.arange(b, device=self.device).repeat(2)
+            if rows.prefill == "shared" and ids.shape[1] >= 2 and min(len(prompt_seqs[i]) for i in batch) >= 2:
+                # the prompt but its last token once, unablated; then the last token in both branches
+                self.forward(ids[:, :-1], mask[:, :-1], pos[:, :-1], past_key_values=cache, logits_to_keep=1)
+                cache.reorder_cache(both)
+                ids, pos = ids[:, -1:], pos[:, -1:]
+            return (self.head_gating(gates), ids[both], mask[both], pos[both],
+                    (lambda logits: self._contrast_score(logits, rows)), None)
+        if steer is not None:
+            start = torch.as_tensor([len(prompt_seqs[i]) - 1 for i in batch])
+            ctx = self.steering(steer.select(batch), start)
+        else:
+            ctx = contextlib.nullcontext()
+        return ctx, ids, mask, pos, (lambda logits: logits.float()), None
+
     @staticmethod
-    def _contrast_pick(logits: torch.Tensor, contrast: HeadContrast) -> torch.Tensor:
-        """Greedy token of ℓ̃ = (1+γ)·ℓ_full − γ·ℓ_masked from the (2 × rows, vocab) step logits."""
+    def _sample(scores: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+        """Sample (b,) tokens from softmax(scores / temperature) within the top-p nucleus, by inverse CDF.
+
+        ``u`` (b,) are uniforms in [0, 1), one per row, so a row's token depends only on its own
+        scores and uniform. The nucleus is the smallest prefix of tokens (most probable first, ties
+        by index) whose mass reaches ``top_p``; it always holds the most probable token, so a tiny
+        ``top_p`` is greedy.
+        """
+        probs = torch.softmax(scores.float() / temperature, -1)
+        ranked, order = probs.sort(dim=-1, descending=True, stable=True)  # (b, vocab)
+        cdf = ranked.cumsum(-1)
+        if top_p < 1.0:
+            ranked = ranked * ((cdf - ranked) < top_p)  # mass before a token below top_p: in the nucleus
+            cdf = ranked.cumsum(-1)
+        kept = (ranked > 0).sum(-1, keepdim=True).clamp(min=1)
+        target = u.to(cdf)[:, None] * cdf[:, -1:]
+        k = torch.searchsorted(cdf, target, right=True).clamp(max=kept - 1)  # first token whose cdf passes u
+        return order.gather(-1, k).squeeze(-1)
+
+    @staticmethod
+    def _influence_score(logits: torch.Tensor, influence: Influence) -> torch.Tensor:
+        """out = log_softmax(lp + λ·(lp − lp0)) from the (2 × rows, vocab) step logits (with-context rows first).
+
+        Computed as (1 + λ)·lp − λ·lp0, so λ = 0 gives lp and λ = −1 gives lp0 exactly.
+        """
+        b = influence.rows
+        lp = torch.log_softmax(logits[:b].float() / influence.temperature, -1)
+        lp0 = torch.log_softmax(logits[b:].float() / influence.temperature, -1)
+        lam = influence.lam.to(lp.device)[:, None]
+        return torch.log_softmax((1 + lam) * lp - lam * lp0, -1)
+
+    @staticmethod
+    def _contrast_score(logits: torch.Tensor, contrast: HeadContrast) -> torch.Tensor:
+        """ℓ̃ = (1+γ)·ℓ_full − γ·ℓ_masked from the (2 × rows, vocab) step logits; −inf outside the plausible set."""
         b = contrast.rows
         full = torch.log_softmax(logits[:b].float(), -1)
         masked = torch.log_softmax(logits[b:].float(), -1)
@@ -797,4 +965,9 @@ class ModelRuntime:
         if contrast.plausibility > 0:
             floor = full.max(-1, keepdim=True).values + math.log(contrast.plausibility)
             score = score.masked_fill(full < floor, float("-inf"))
-        return score.argmax(-1)
+        return score
+
+    @staticmethod
+    def _contrast_pick(logits: torch.Tensor, contrast: HeadContrast) -> torch.Tensor:
+        """Greedy token of ℓ̃ = (1+γ)·ℓ_full − γ·ℓ_masked from the (2 × rows, vocab) step logits."""
+        return ModelRuntime._contrast_score(logits, contrast).argmax(-1)
