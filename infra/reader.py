@@ -69,14 +69,30 @@ class StoreReader:
         self._basis: pa.Table | None = None
         self._dps_clusters: dict[int, dict] | None = None
 
-    def vectors(self, user_ids: Sequence[str]) -> dict[str, UserVectors]:
-        """Vectors of the given users that are in the store (absent users are simply missing)."""
+    def vectors(self, user_ids: Sequence[str], method: str = "caa", source: str | None = None) -> dict[str, UserVectors]:
+        """Vectors of the given users that are in the store (absent users are simply missing).
+
+        ``method`` caa (source pairs) or steerx (source history | description | blend; default:
+        the source the version recommends for serving).
+        """
         ids = list(dict.fromkeys(user_ids))
         if not ids:
             return {}
-        table = self.store.read_table(
-            "vectors", self.version, filter=(pc.field("scope") == "user") & pc.field("user_id").isin(ids))
+        if source is None:
+            source = "pairs" if method == "caa" else \
+                self.manifest.get("config", {}).get("steerx", {}).get("vectors", {}).get("source", "blend")
+        flt = ((pc.field("scope") == "user") & pc.field("user_id").isin(ids) & (pc.field("method") == method)
+               & (pc.field("source") == source))
+        table = self.store.read_table("vectors", self.version, filter=flt)
         return {row["user_id"]: _from_row(row) for row in table.to_pylist()}
+
+    def steerx(self, user_ids: Sequence[str]) -> dict[str, dict]:
+        """Users' SteerX rows: anchors, descriptions, the serving context S and the settings used."""
+        ids = list(dict.fromkeys(user_ids))
+        if not ids:
+            return {}
+        table = self.store.read_table("steerx_users", self.version, filter=pc.field("user_id").isin(ids))
+        return {r["user_id"]: r for r in table.to_pylist()}
 
     def population(self) -> UserVectors | None:
         table = self.store.read_table("vectors", self.version, filter=pc.field("scope") == "population")

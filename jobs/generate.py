@@ -14,7 +14,7 @@ import torch
 from infra.config import check, option
 from infra.reader import StoreReader, UserVectors
 from infra.storage import StorageConfig
-from operators.runtime import HeadContrast, ModelConfig, ModelRuntime, Steering
+from operators.runtime import HeadContrast, Influence, ModelConfig, ModelRuntime, Steering
 
 
 @dataclass
@@ -22,9 +22,15 @@ class GenerateConfig:
     store: str = option("./steerstore-out/store", help="store URI (local folder or s3://bucket/prefix)")
     user: str = option("", help="user id to steer for")
     prompt: str = option("", help="the prompt to answer")
-    method: Literal["caa", "bt", "population", "dps"] = option(
+    method: Literal["caa", "bt", "population", "dps", "steerx"] = option(
         "caa", help="caa: the user's CAA direction; bt: their BT ideal point composed with the basis; population: "
-                    "the population direction; dps: differential preference decoding against the user's heads")
+                    "the population direction; dps: differential preference decoding against the user's heads; "
+                    "steerx: the user's style (see --backbone)")
+    backbone: Literal["influence", "vector"] = option(
+        "influence", help="steerx: influence decoding with the user's style description, or their style vector")
+    source: str | None = option(None, help="steerx vector: history | description | blend; default: the store's")
+    lam: float = option(1.0, help="steerx influence: λ (0 = the description in the prompt, no amplification)")
+    temperature: float = option(0.6, help="steerx influence: temperature of the combined log-probabilities")
     alpha: float | None = option(None, help="steering multiplier; default: the store's recommended scale for the method")
     gamma: float | None = option(None, help="dps: contrast strength γ; default: the store's recommended γ")
     layers: list[int] = option([], help="layers to steer; default: the store's recommended layers")
@@ -105,15 +111,36 @@ def _generate_dps(config: GenerateConfig, reader: StoreReader) -> dict:
     return {"unsteered": plain, "steered": steered, "gamma": gamma, "heads": user.heads}
 
 
+def _generate_influence(config: GenerateConfig, reader: StoreReader) -> dict:
+    found = reader.steerx([config.user])
+    if config.user not in found or not found[config.user]["context"]:
+        raise _missing(reader, config.user, "SteerX style description")
+    row = found[config.user]
+    runtime = load_runtime_for(reader, config.model)
+    influence = Influence(["", row["context"]], lam=[0.0, config.lam], temperature=config.temperature,
+                          template=row["style_template"])
+    plain, steered = runtime.generate([config.prompt, config.prompt], config.max_new_tokens, influence=influence)
+    print(f"store version {reader.version} · user {config.user} · method steerx (influence decoding) "
+          f"· lambda {config.lam:g} · T {config.temperature:g}")
+    print(f"style: {row['context']}")
+    print(f"prompt: {config.prompt}")
+    print(f"  unsteered: {plain}")
+    print(f"  steered:   {steered}")
+    return {"unsteered": plain, "steered": steered, "context": row["context"], "lam": config.lam}
+
+
 def main(config: GenerateConfig) -> dict:
     reader = StoreReader(config.store, config.storage, config.version)
     if config.method == "dps":
         return _generate_dps(config, reader)
+    if config.method == "steerx" and config.backbone == "influence":
+        return _generate_influence(config, reader)
     if config.method == "population":
         population = reader.population()
         found = {config.user: population} if population is not None else {}
     else:
-        found = (reader.bt if config.method == "bt" else reader.vectors)([config.user])
+        found = reader.bt([config.user]) if config.method == "bt" else \
+            reader.vectors([config.user], method=config.method, source=config.source)
     if config.user not in found:
         raise _missing(reader, config.user, "vectors")
     user = found[config.user]
@@ -122,7 +149,9 @@ def main(config: GenerateConfig) -> dict:
     plain, steered = runtime.generate([config.prompt, config.prompt], config.max_new_tokens, steer=steer)
     alpha = float(steer.scales[1])
     layers = sorted(steer.vectors)
-    print(f"store version {reader.version} · user {config.user} · method {config.method} · layers {layers} "
+    method = f"steerx style vector ({config.source or 'store default'} source)" if config.method == "steerx" \
+        else config.method
+    print(f"store version {reader.version} · user {config.user} · method {method} · layers {layers} "
           f"· alpha {alpha:g}")
     print(f"prompt: {config.prompt}")
     print(f"  unsteered: {plain}")
