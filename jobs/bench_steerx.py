@@ -1,10 +1,17 @@
-"""Benchmark of SteerX leave-one-out scoring: batched vs a naive per-item loop, one run, on real data.
+"""Benchmark of SteerX on real data: each stage batched vs its plain baseline, in one run, and cost per user.
 
-Launch: ``steerstore bench-steerx`` (the default model; reads ``../shared/data``). For a few real
-users' history items, both conditions (the user's other items as context, and the
-counterfactual) are scored for every output token. The baseline is what a plain script does:
-one item, one condition, batch 1, a full forward with log-softmax at every position. Both
-variants run in the same process on the same sequences; the figures are ratios.
+Launch: ``steerstore bench-steerx`` (the default model; reads ``../shared/data``).
+
+1. Leave-one-out scoring: for a few real users' history items, both conditions (the user's
+   other items as context, and the counterfactual) are scored for every output token. The
+   baseline is what a plain script does: one item, one condition, batch 1, a full forward with
+   log-softmax at every position.
+2. Smoothing generation: the users' smoothing prompts (from the anchors just found) generated
+   as one left-padded batch vs one prompt at a time (greedy both ways).
+3. Style vectors: neutral answers + activation passes for every item, and the
+   leave-one-item-out calibration, timed per user.
+
+Both variants of a comparison run in the same process on the same inputs; the figures are ratios.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ from jobs.bench import _best, naive_response_logprobs
 from jobs.pref_eval import PROMPT, dev_segments
 from operators.history import HistoryContextConfig
 from operators.runtime import ModelConfig, ModelRuntime
-from operators.steerx import SteerXConfig, loo_prompts, token_effects
+from operators.smoothing import SmoothingConfig, special_strings, unit_prompt, units
+from operators.steerx import (SOURCES, StyleVectorConfig, SteerXConfig, calibration_gains, item_differences,
+                              loo_prompts, select_anchors, token_effects, word_effects)
 
 
 @dataclass
@@ -37,6 +46,7 @@ class BenchSteerXConfig:
     counterfactual: str = option("other_users", help="empty or other_users")
     threads: int | None = option(None, help="torch CPU threads; default torch's")
     seed: int = option(0, help="seed of the item order and the counterfactual")
+    smoothing_tokens: int = option(96, help="max new tokens of each smoothing generation")
     out: str = option("./steerstore-out/bench-steerx.json", help="where the figures are written as JSON ('' = nowhere)")
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "the model"})
 
@@ -72,6 +82,32 @@ def main(config: BenchSteerXConfig) -> dict:
     naive_effects(rt, scored[:1])  # warm-up
     t_naive, ref = _best(lambda: naive_effects(rt, scored), 1)
     t_batched, got = _best(lambda: token_effects(rt, scored), 1)
+    n_users = len(users)
+    # anchors per user from the batched effects
+    anchors, start = {}, 0
+    for u in users:
+        mine = scored[start:start + len(items[u])]
+        words = [(s["item_id"], word_effects(rt.tokenizer, s["output"], d))
+                 for s, d in zip(mine, got[start:start + len(items[u])])]
+        anchors[u] = select_anchors(words, sx)
+        start += len(items[u])
+    # smoothing: one batch vs one prompt at a time
+    sm = SmoothingConfig(max_new_tokens=config.smoothing_tokens)
+    specials = special_strings(rt.tokenizer)
+    prompts = [unit_prompt(unit, "excerpts", sm, specials) for u in users for unit in units(u, anchors[u], items[u], sm)]
+    t_seq, seq_out = _best(lambda: [rt.generate([p], sm.max_new_tokens)[0] for p in prompts], 1)
+    t_batch_gen, batch_out = _best(lambda: rt.generate(prompts, sm.max_new_tokens), 1)
+    gen_tokens = sum(len(rt.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in batch_out)
+    # style vectors: neutral answers + activations for all items at once, then calibration per user
+    vc = StyleVectorConfig()
+    layers = vc.resolve_layers(rt.num_layers)
+    flat = [it for u in users for it in items[u]]
+    contexts = [batch_out[k] for k, u in enumerate(users) for _ in items[u]]
+    t_vec, (diffs, _) = _best(lambda: item_differences(rt, flat, contexts, layers, vc.position,
+                                                         vc.neutral_max_new_tokens), 1)
+    u0 = users[0]
+    mine = {k: v[: len(items[u0])] for k, v in diffs.items()}
+    t_cal, _ = _best(lambda: calibration_gains(rt, items[u0], mine, list(SOURCES), layers, vc), 1)
     result = {
         "model": rt.model_id, "device": str(rt.device), "dtype": str(next(rt.model.parameters()).dtype),
         "threads": torch.get_num_threads(), "users": len(users), "items": len(scored),
@@ -83,6 +119,15 @@ def main(config: BenchSteerXConfig) -> dict:
         "batched_effects_per_s": round(scored_tokens / t_batched, 1),
         "speedup": round(t_naive / t_batched, 2),
         "max_abs_diff": float(max(np.abs(a - b).max() for a, b in zip(got, ref))),
+        "smoothing": {"prompts": len(prompts), "max_new_tokens": sm.max_new_tokens, "generated_tokens": gen_tokens,
+                      "sequential_seconds": round(t_seq, 2), "batched_seconds": round(t_batch_gen, 2),
+                      "speedup": round(t_seq / t_batch_gen, 2),
+                      "same_text": sum(a == b for a, b in zip(seq_out, batch_out)),
+                      "example": batch_out[0]},
+        "per_user_seconds": {"anchors": round(t_batched / n_users, 2), "smoothing": round(t_batch_gen / n_users, 2),
+                             "style_vectors": round(t_vec / n_users, 2),
+                             "calibration_user": round(t_cal, 2)},
+        "vectors": {"layers": layers, "sources": list(SOURCES), "gamma_grid": vc.gamma_grid},
     }
     print(json.dumps(result, indent=2))
     if config.out:

@@ -17,7 +17,8 @@ from jobs.demo_data import DEMO_PROMPTS, write_demo_inputs
 from jobs.generate import load_runtime_for, steering_for
 from operators.dps import DPSConfig
 from operators.history import HistoryContextConfig
-from operators.runtime import HeadContrast, ModelConfig
+from operators.runtime import HeadContrast, Influence, ModelConfig
+from operators.steerx import STYLE_TEMPLATE, SteerXConfig, StyleVectorConfig
 
 
 @dataclass
@@ -36,6 +37,9 @@ class DemoConfig:
         default_factory=lambda: DPSConfig(candidates=16, clusters=2, cluster_items=6, baseline_users=2, gamma=2.0,
                                           history=HistoryContextConfig(context_items=1, max_items=3)),
         metadata={"help": "DPS settings (sized for a CPU demo)"})
+    steerx: SteerXConfig = dataclasses.field(
+        default_factory=lambda: SteerXConfig(vectors=StyleVectorConfig(calibration_users=2, gamma_grid=[1.0, 4.0])),
+        metadata={"help": "SteerX settings (calibration sized for a CPU demo)"})
     ray: RayConfig = dataclasses.field(default_factory=RayConfig, metadata={"help": "Ray connection"})
 
     def __post_init__(self) -> None:
@@ -49,7 +53,8 @@ def main(config: DemoConfig) -> dict:
                                          histories_per_user=config.histories_per_user)
     refresh_config = refresh.RefreshConfig(
         inputs=refresh.InputsConfig(preference_pairs=str(pairs), histories=str(histories) if histories else None),
-        output=refresh.OutputConfig(store=str(out / "store")), model=config.model, ray=config.ray, dps=config.dps)
+        output=refresh.OutputConfig(store=str(out / "store")), model=config.model, ray=config.ray, dps=config.dps,
+        steerx=config.steerx)
     summary = refresh.main(refresh_config)
     print(f"\nstore version {summary['version']}: {summary['users_in']} users in -> {summary['users_stored']} stored, "
           f"{summary['users_quarantined']} quarantined; {summary['input_rows']} input rows, "
@@ -90,4 +95,32 @@ def main(config: DemoConfig) -> dict:
         for (u, p), ans in zip(rows, dps_answers):
             print(f"  [{u}] {p} -> {ans}")
             answers[f"{u}|dps|{p}"] = ans
+    answers.update(_show_steerx(reader, runtime, shown, config))
     return {"summary": summary, "answers": answers}
+
+
+def _show_steerx(reader: StoreReader, runtime, shown: list[str], config: DemoConfig) -> dict:
+    """SteerX: anchors and description per user, then influence decoding and the style vector, one batch each."""
+    rows = {u: r for u, r in reader.steerx(shown).items() if r["context"]}
+    if not rows:
+        return {}
+    print("\nSteerX (anchor words from leave-one-out effects; style description by the smoothing LLM):")
+    for u, r in rows.items():
+        words = ", ".join(f"{a['word']} ({a['mean_effect']:.1f})" for a in r["anchors"][:6])
+        print(f"  {u}: anchors {words}\n    description: {r['context']}")
+    prompts = [(u, p) for u in rows for p in DEMO_PROMPTS]
+    influence = Influence([rows[u]["context"] for u, _ in prompts], lam=1.0, temperature=0.6,
+                          template=STYLE_TEMPLATE)
+    influenced = runtime.generate([p for _, p in prompts], config.max_new_tokens, influence=influence)
+    vectors = reader.vectors(list(rows), method="steerx")
+    steered = runtime.generate([p for _, p in prompts], config.max_new_tokens,
+                               steer=steering_for([vectors.get(u) for u, _ in prompts])) if vectors else []
+    out = {}
+    print("  influence decoding (λ=1, T=0.6) and style vectors (blend source, recommended layer and γ):")
+    for k, (u, p) in enumerate(prompts):
+        print(f"  [{u}] {p}\n    influence: {influenced[k]}")
+        out[f"{u}|steerx-influence|{p}"] = influenced[k]
+        if steered:
+            print(f"    vector:    {steered[k]}")
+            out[f"{u}|steerx-vector|{p}"] = steered[k]
+    return out

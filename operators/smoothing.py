@@ -17,7 +17,7 @@ refresh job quarantines the user for SteerX. These are mitigations, tested with 
 obeys any instruction it sees and with the real default model; they are not a proof.
 
 The engine is pluggable: ``hf`` (the shared ``ModelRuntime.generate``, batched with left
-padding, greedy) or ``vllm`` through ``ray.data.llm`` where vLLM and ``ray[llm]`` are
+padding, greedy unless ``temperature`` > 0) or ``vllm`` through ``ray.data.llm`` where vLLM and ``ray[llm]`` are
 installed. Prompt building and validation are the same for both engines.
 """
 
@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from infra.config import check, option
-from operators.runtime import ModelConfig, ModelRuntime
+from operators.runtime import ModelConfig, ModelRuntime, Sampling
 
 _WORD = re.compile(r"\w+(?:['’]\w+)*", re.UNICODE)
 # text that addresses a model rather than describing anything: dropped from excerpts, rejected in outputs
@@ -62,6 +62,9 @@ class SmoothingConfig:
     excerpt_words: int = option(4, help="words on each side of an anchor in an excerpt")
     max_excerpts: int = option(6, help="most excerpts per prompt")
     max_new_tokens: int = option(96, help="longest description, in tokens")
+    temperature: float = option(0.0, help="0 = greedy (default); > 0 samples (nucleus top_p, seeded)")
+    top_p: float = option(1.0, help="nucleus mass when sampling")
+    seed: int = option(0, help="sampling seed (hf engine: per row of a call; vllm: per request)")
     min_chars: int = option(20, help="a shorter description is invalid")
     max_chars: int = option(600, help="a longer description is cut back to its last full sentence within this")
     max_copy_words: int = option(8, help="a description sharing a run of this many words with a history output is a copy")
@@ -73,6 +76,7 @@ class SmoothingConfig:
         check(self.max_anchors >= 1, "smoothing.max_anchors must be >= 1")
         check(self.excerpt_words >= 1 and self.max_excerpts >= 1, "smoothing: excerpt sizes must be >= 1")
         check(self.max_new_tokens >= 8, "smoothing.max_new_tokens must be >= 8")
+        check(self.temperature >= 0 and 0 < self.top_p <= 1, "smoothing: need temperature >= 0 and 0 < top_p <= 1")
         check(0 < self.min_chars < self.max_chars, "smoothing: need 0 < min_chars < max_chars")
         check(self.max_copy_words >= 3, "smoothing.max_copy_words must be >= 3")
         check(self.batch_size >= 1 and self.vllm_concurrency >= 1, "smoothing: batch sizes and concurrency must be >= 1")
@@ -231,15 +235,17 @@ SMOOTHING_OUTPUT_SCHEMA = pa.schema([
 class HFGenerate:
     """Ray actor, the ``hf`` engine: rows with ``prompt`` -> the same rows plus ``text`` and the model's id.
 
-    Greedy, batched with left padding on the shared runtime.
+    Greedy (or seeded nucleus sampling with ``temperature`` > 0), batched with left padding on the shared runtime.
     """
 
-    def __init__(self, model: ModelConfig, max_new_tokens: int):
+    def __init__(self, model: ModelConfig, config: SmoothingConfig):
         self.runtime = ModelRuntime(model)
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens = config.max_new_tokens
+        self.sampling = Sampling(config.temperature, config.top_p, config.seed) if config.temperature > 0 else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        texts = self.runtime.generate(batch.column("prompt").to_pylist(), max_new_tokens=self.max_new_tokens)
+        texts = self.runtime.generate(batch.column("prompt").to_pylist(), max_new_tokens=self.max_new_tokens,
+                                      sampling=self.sampling)
         n = batch.num_rows
         return (batch.append_column("text", pa.array(texts, pa.string()))
                 .append_column("engine_model_id", pa.array([self.runtime.model_id] * n, pa.string()))
@@ -248,8 +254,7 @@ class HFGenerate:
 
 def hf_engine(model: ModelConfig, config: SmoothingConfig, actors: dict):
     """Dataset of rows with ``prompt`` -> plus ``text``: HF generation on a pool of model actors."""
-    return lambda ds: ds.map_batches(HFGenerate, fn_constructor_kwargs={"model": model,
-                                                                         "max_new_tokens": config.max_new_tokens},
+    return lambda ds: ds.map_batches(HFGenerate, fn_constructor_kwargs={"model": model, "config": config},
                                      **dict(actors, batch_size=config.batch_size))
 
 
@@ -267,7 +272,8 @@ def vllm_engine(model: ModelConfig, config: SmoothingConfig):
                                   engine_kwargs={"max_model_len": config.vllm_max_model_len,
                                                  "trust_remote_code": model.trust_remote_code}),
         preprocess=lambda row: dict(row, messages=[{"role": "user", "content": row["prompt"]}],
-                                    sampling_params={"temperature": 0.0, "max_tokens": config.max_new_tokens}),
+                                    sampling_params={"temperature": config.temperature, "top_p": config.top_p,
+                                                     "seed": config.seed, "max_tokens": config.max_new_tokens}),
         postprocess=lambda row: dict({k: row[k] for k in keep}, text=row["generated_text"], engine_model_id=path,
                                      engine_model_fingerprint=f"vllm:{path}"))
 
