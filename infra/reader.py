@@ -81,8 +81,9 @@ class StoreReader:
         if source is None:
             source = "pairs" if method == "caa" else \
                 self.manifest.get("config", {}).get("steerx", {}).get("vectors", {}).get("source", "blend")
-        flt = ((pc.field("scope") == "user") & pc.field("user_id").isin(ids) & (pc.field("method") == method)
-               & (pc.field("source") == source))
+        flt = (pc.field("scope") == "user") & pc.field("user_id").isin(ids) & (pc.field("method") == method)
+        if int(self.manifest.get("store_schema_version", 1)) >= 2:  # version 1 stores hold CAA only, no source
+            flt = flt & (pc.field("source") == source)
         table = self.store.read_table("vectors", self.version, filter=flt)
         return {row["user_id"]: _from_row(row) for row in table.to_pylist()}
 

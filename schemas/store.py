@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
-STORE_SCHEMA_VERSION = 1
+# 2: vectors.source (caa: pairs; steerx: history | description | blend); steerx_anchors became steerx_users
+STORE_SCHEMA_VERSION = 2
 
 
 def _meta(table: str) -> dict[str, str]:
