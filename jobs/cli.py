@@ -11,7 +11,8 @@ from infra.config import ConfigError, add_arguments, load
 
 
 def _jobs():
-    from jobs import bench, bench_dps, bench_steerx, demo, generate, importers, inspect_store, pref_eval, refresh
+    from jobs import (bench, bench_dps, bench_steerx, demo, generate, importers, inspect_store, pref_eval, refresh,
+                      steerx_tau)
 
     return {
         "refresh": (refresh.RefreshConfig, refresh.main, "compute steering vectors and publish a new store version"),
@@ -23,7 +24,8 @@ def _jobs():
         "bench-dps": (bench_dps.BenchDPSConfig, bench_dps.main,
                       "benchmark DPS head scoring (naive vs batched exact vs fast) and decoding on real data"),
         "bench-steerx": (bench_steerx.BenchSteerXConfig, bench_steerx.main,
-                         "benchmark SteerX leave-one-out token effects against a naive per-item loop on real data"),
+                         "benchmark SteerX stages (leave-one-out effects, smoothing, style vectors) on real data"),
+        "steerx-tau": steerx_tau.COMMAND,
         "pref-accuracy": (pref_eval.PrefEvalConfig, pref_eval.main,
                           "per-user preference accuracy of population / CAA / BT steering on held-out real pairs"),
     }

@@ -263,7 +263,7 @@ def test_refresh_stores_anchors_descriptions_and_style_vectors_with_their_settin
         assert len(set(top) & markers) >= 2, (uid, row["anchors"][:5])
         assert row["context"] and len(row["descriptions"]) == 1 and row["descriptions"][0]["item_id"] is None
         assert "PWNED" not in row["context"].upper() and "TEAPOT" not in row["context"].upper()
-        assert (row["tau"], row["context_items"], row["selection"], row["counterfactual"]) == (1.0, 2, "recent", "other_users")
+        assert (row["tau"], row["context_items"], row["selection"], row["counterfactual"]) == (0.75, 2, "recent", "other_users")
         assert (row["granularity"], row["smoothing_engine"], row["vector_source"]) == ("user", "hf", "blend")
         assert row["model_fingerprint"] == row["smoothing_model_fingerprint"] == fingerprint
         assert "{context}" in row["style_template"]
