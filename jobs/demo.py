@@ -38,7 +38,7 @@ class DemoConfig:
                                           history=HistoryContextConfig(context_items=1, max_items=3)),
         metadata={"help": "DPS settings (sized for a CPU demo)"})
     steerx: SteerXConfig = dataclasses.field(
-        default_factory=lambda: SteerXConfig(vectors=StyleVectorConfig(calibration_users=2, gamma_grid=[1.0, 4.0])),
+        default_factory=lambda: SteerXConfig(vectors=StyleVectorConfig(calibration_users=2, gamma_grid=[0.25, 0.5, 1.0])),
         metadata={"help": "SteerX settings (calibration sized for a CPU demo)"})
     ray: RayConfig = dataclasses.field(default_factory=RayConfig, metadata={"help": "Ray connection"})
 
@@ -108,19 +108,24 @@ def _show_steerx(reader: StoreReader, runtime, shown: list[str], config: DemoCon
     for u, r in rows.items():
         words = ", ".join(f"{a['word']} ({a['mean_effect']:.1f})" for a in r["anchors"][:6])
         print(f"  {u}: anchors {words}\n    description: {r['context']}")
-    prompts = [(u, p) for u in rows for p in DEMO_PROMPTS]
-    influence = Influence([rows[u]["context"] for u, _ in prompts], lam=1.0, temperature=0.6,
-                          template=STYLE_TEMPLATE)
-    influenced = runtime.generate([p for _, p in prompts], config.max_new_tokens, influence=influence)
+    # one batch: per user and prompt, influence decoding at λ = 0 (S in the prompt) and λ = 1 (amplified)
+    prompts = [(u, p, lam) for u in rows for p in DEMO_PROMPTS for lam in (0.0, 1.0)]
+    influence = Influence([rows[u]["context"] for u, _, _ in prompts], lam=[lam for _, _, lam in prompts],
+                          temperature=0.6, template=STYLE_TEMPLATE)
+    influenced = runtime.generate([p for _, p, _ in prompts], config.max_new_tokens, influence=influence)
     vectors = reader.vectors(list(rows), method="steerx")
-    steered = runtime.generate([p for _, p in prompts], config.max_new_tokens,
-                               steer=steering_for([vectors.get(u) for u, _ in prompts])) if vectors else []
+    pairs = [(u, p) for u in rows for p in DEMO_PROMPTS]
+    steered = runtime.generate([p for _, p in pairs], config.max_new_tokens,
+                               steer=steering_for([vectors.get(u) for u, _ in pairs])) if vectors else []
     out = {}
-    print("  influence decoding (λ=1, T=0.6) and style vectors (blend source, recommended layer and γ):")
-    for k, (u, p) in enumerate(prompts):
-        print(f"  [{u}] {p}\n    influence: {influenced[k]}")
-        out[f"{u}|steerx-influence|{p}"] = influenced[k]
+    print("  influence decoding (T=0.6; λ=0: the description in the prompt; λ=1: its influence amplified) and the")
+    print("  style vector (blend source at the recommended layer and γ):")
+    for k, (u, p) in enumerate(pairs):
+        plain, amplified = influenced[2 * k], influenced[2 * k + 1]
+        print(f"  [{u}] {p}\n    influence λ=0: {plain}\n    influence λ=1: {amplified}")
+        out[f"{u}|steerx-influence-0|{p}"] = plain
+        out[f"{u}|steerx-influence-1|{p}"] = amplified
         if steered:
-            print(f"    vector:    {steered[k]}")
+            print(f"    style vector:  {steered[k]}")
             out[f"{u}|steerx-vector|{p}"] = steered[k]
     return out

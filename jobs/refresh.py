@@ -775,6 +775,12 @@ def _steerx_stage(config: RefreshConfig, ok_users, timer: "_Timer") -> dict | No
         curve = [c for r in styled.filter(lambda r: r["calibration"] is not None)
                  .select_columns(["calibration"]).take_all() for c in r["calibration"]]
         recommended = choose_recommended(curve)
+        for source, choice in recommended.items():
+            if not choice["improves"]:
+                log.warning("steerx %s vectors: no layer and γ of steerx.vectors.gamma_grid raised the held-out "
+                            "likelihood of the calibration users' responses (best %+.3f nats/token at layer %d, "
+                            "γ=%g); add smaller γ or other layers", source, choice["gain_per_token"],
+                            choice["layer"], choice["gamma"])
         vectors = styled.map_batches(_steerx_vector_rows, fn_kwargs={"config": sx, "recommended": recommended},
                                      batch_format="pyarrow").materialize()
         keep = styled.select_columns(["user_id"])

@@ -46,7 +46,7 @@ _ROLE_MARKERS = re.compile(r"<\|[^|>]{1,40}\|>|\[/?INST\]|<</?SYS>>|</?s>|<start
                            re.IGNORECASE)
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 
-PROMPT_VERSION = "steerx-smoothing-v1"
+PROMPT_VERSION = "steerx-smoothing-v2"
 VARIANTS = ("excerpts", "anchors")  # attempt 1, attempt 2 (the retry shows no user text but the words)
 
 
@@ -136,10 +136,11 @@ def smoothing_prompt(anchor_words: Sequence[str], quoted: Sequence[str], variant
              f"Words this person uses much more than others: {words}"]
     if variant == "excerpts" and quoted:
         lines += ["Excerpts:"] + [f'{i + 1}. "…{q}…"' for i, q in enumerate(quoted)]
+    # third person, no quotes: asking to begin with "The user writes" made small models quote the user
     lines += ["",
-              "In two or three sentences, describe this person's writing style (tone, vocabulary, sentence "
-              "length, punctuation, favourite topics) so that another writer could imitate it. Do not quote "
-              "the excerpts. Begin with \"The user writes\"."]
+              "Describe this person's writing style in two or three sentences: their tone, the kind of words they "
+              "use, how long their sentences are and how they punctuate. Write in the third person, starting with "
+              "\"This person\". Do not quote them."]
     return "\n".join(lines)
 
 

@@ -56,7 +56,8 @@ from schemas.store import HISTORY_STRUCT
 _WORD = re.compile(r"\w+(?:['’]\w+)*", re.UNICODE)
 SOURCES = ("history", "description", "blend")
 # how a style description S enters a prompt (description vectors and influence decoding)
-STYLE_TEMPLATE = "The user's writing style: {context}\nWrite your answer in this style.\n\n{prompt}"
+# (on SmolLM2-135M, a header that ends with an instruction after S made the model echo S more)
+STYLE_TEMPLATE = "Answer in this style: {context}\n\nQuestion: {prompt}"
 
 
 def style_prompt(description: str, prompt: str) -> str:
@@ -73,7 +74,7 @@ class StyleVectorConfig:
     position: Position = option("last", help="activation per response: its last token (StyleVector) or the mean")
     apply_positions: SteerPositions = option("all", help="where serving adds the vector: all positions or response")
     neutral_max_new_tokens: int = option(48, help="length of the model's unpersonalised greedy answer nⱼ")
-    gamma_grid: list[float] = option([0.5, 1.0, 2.0, 4.0], help="candidate γ for the recommended strength")
+    gamma_grid: list[float] = option([0.25, 0.5, 1.0, 2.0, 4.0], help="candidate γ for the recommended strength")
     calibration_users: int = option(8, help="users (seeded sample) the recommended layer and γ are chosen on")
     seed: int = option(0, help="seed of the calibration sample")
 
@@ -387,7 +388,11 @@ def calibration_gains(runtime: ModelRuntime, items: Sequence[dict], diffs: dict[
 
 
 def choose_recommended(calibration: Sequence[dict]) -> dict[str, dict]:
-    """Per source, the (layer, γ) with the highest pooled gain per token (ties: smaller γ, then layer)."""
+    """Per source, the (layer, γ) with the highest pooled gain per token (ties: smaller γ, then layer).
+
+    ``improves`` says whether that gain is positive; when it is not, no candidate helped and the
+    least harmful one is returned (the refresh job logs a warning).
+    """
     pooled: dict[tuple, list[float]] = {}
     for c in calibration:
         acc = pooled.setdefault((c["source"], c["layer"], c["gamma"]), [0.0, 0])
@@ -398,6 +403,9 @@ def choose_recommended(calibration: Sequence[dict]) -> dict[str, dict]:
         per_token = gain / max(tokens, 1)
         if source not in best or per_token > best[source]["gain_per_token"]:
             best[source] = {"layer": int(layer), "gamma": float(gamma), "gain_per_token": per_token, "tokens": tokens}
+    for choice in best.values():
+        # no (layer, γ) of the grid raised held-out likelihood: the least harmful is kept, and flagged
+        choice["improves"] = choice["gain_per_token"] > 0
     return best
 
 

@@ -179,7 +179,7 @@ def test_recommended_layer_and_gamma_pool_gains_per_token_and_prefer_smaller_gam
              {"source": "history", "layer": 5, "gamma": 2.0, "gain": 1.0, "tokens": 10},
              {"source": "history", "layer": 3, "gamma": 0.5, "gain": 1.0, "tokens": 10}]
     best = choose_recommended(curve)
-    assert best["blend"] == {"layer": 3, "gamma": 1.0, "gain_per_token": 0.15, "tokens": 20}
+    assert best["blend"] == {"layer": 3, "gamma": 1.0, "gain_per_token": 0.15, "tokens": 20, "improves": True}
     assert (best["history"]["layer"], best["history"]["gamma"]) == (3, 0.5)  # tie: the smaller γ
 
 
@@ -289,7 +289,7 @@ def test_generate_serves_steerx_by_influence_decoding_and_by_style_vector(steerx
     assert cli.main(["generate", "--store", uri, "--user", "ann", "--prompt", "Write a note about the sea.",
                      "--method", "steerx", "--lam", "2", "--max_new_tokens", "8"]) == 0
     out = capsys.readouterr().out
-    assert "influence decoding" in out and "style: The user" in out and "steered:" in out
+    assert "influence decoding" in out and "style: This person" in out and "steered:" in out
     assert cli.main(["generate", "--store", uri, "--user", "ann", "--prompt", "Write a note about the sea.",
                      "--method", "steerx", "--backbone", "vector", "--source", "history", "--max_new_tokens", "8"]) == 0
     assert "steerx style vector (history source)" in capsys.readouterr().out
