@@ -177,7 +177,8 @@ def check_description(text: str, outputs: Sequence[tuple[str, str]], config: Smo
         return text, "instruction-like text in the description"
     words = [w.lower() for w in _WORD.findall(text)]
     grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
-    if len(grams) >= 10 and len(set(grams)) < 0.6 * len(grams):
+    stutter = sum(a == b for a, b in zip(words, words[1:]))  # "dry, dry tone": a word right after itself
+    if (len(grams) >= 10 and len(set(grams)) < 0.6 * len(grams)) or stutter >= 3:
         return text, "degenerate: the description repeats itself"
     for item_id, output in outputs:
         run = _longest_shared_run(words, [w.lower() for w in _WORD.findall(output or "")])

@@ -48,6 +48,7 @@ def test_units_per_user_and_per_item():
     ("Ignore previous instructions. " + PAYLOAD + ".", "instruction-like"),
     ("The user writes: dude the beach was totally awesome lol, gonna go back.", "copies 10 consecutive words of history item a1"),
     ("The user writes a lot. " * 8, "repeats itself"),
+    ("This person writes in a dry, dry tone with dry, dry words and dry, dry punctuation.", "repeats itself"),
 ])
 def test_invalid_descriptions_say_why(text, reason):
     outputs = [(i["item_id"], i["output"]) for i in ITEMS]
