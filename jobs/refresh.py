@@ -278,8 +278,9 @@ def main(config: RefreshConfig) -> dict:
         mean, n_pairs = population_mean(partials)
         population = vector_row(
             None, "population", mean, n_pairs, None, layers=list(first["layers"]),
-            recommended=list(first["recommended_layers"]), config=config.caa, hidden_size=first["hidden_size"],
-            model_id=first["model_id"], model_fingerprint=first["model_fingerprint"])
+            recommended=list(first["recommended_layers"]), positions=config.caa.apply_positions,
+            scale=config.caa.scale, hidden_size=first["hidden_size"], model_id=first["model_id"],
+            model_fingerprint=first["model_fingerprint"])
         if basis is not None:
             pooled = [r for r in stored.select_columns(["user_id", "bt_features", "bt_weights"])
                       .filter(lambda row: in_sample(row["user_id"], bt.seed, sample_fraction)).take_all()]
@@ -312,8 +313,7 @@ def main(config: RefreshConfig) -> dict:
         model_info.update(id=steerx_out["model"]["model_id"], fingerprint=steerx_out["model"]["model_fingerprint"])
 
     # 5c. reconciliation tables: users (one row per input user) and quarantine (every rejected row/user)
-    failed = {"caa": {r["user_id"]: r["reason"] for r in _where(caa, "status", "ok", equal=False)
-                      .select_columns(["user_id", "reason"]).take_all()},
+    failed = {"caa": _failed(caa),
               "dps": dps_out["failed"] if dps_out else {},
               "steerx": steerx_out["failed"] if steerx_out else {}}
     eligibility = {"min_pairs": config.prepare.min_pairs, "min_histories": config.prepare.min_histories,
@@ -620,8 +620,7 @@ def _dps_stage(config: RefreshConfig, ok_users, timer: "_Timer") -> dict | None:
         if model is None:
             raise RuntimeError("dps: no cluster could be scored, so users have no heads (dps.per_user=false)")
         user_results = rows.map_batches(_cluster_only_rows, fn_kwargs={"model": model}, batch_format="pyarrow")
-    failed = {r["user_id"]: r["reason"] for r in user_results.filter(lambda r: r["status"] != "ok")
-              .select_columns(["user_id", "reason"]).take_all()}
+    failed = _failed(user_results)
     heads = user_results.filter(lambda r: r["status"] == "ok").map_batches(
         _dps_heads_rows, fn_kwargs={"config": dps, "clusters": centroids is not None}, batch_format="pyarrow").materialize()
     n_stored = heads.count()
@@ -747,7 +746,6 @@ def _steerx_stage(config: RefreshConfig, ok_users, timer: "_Timer") -> dict | No
     ok = _where(scored, "status", "ok").materialize()
     timer.lap("steerx anchors", f"{ok.count()} users with anchors, {len(failed)} failed, pool of {len(pool)} items")
 
-    smoothing_model = None
     if sx.smoothing.enabled and ok.count():
         smoothing_model = resolve_model(sx.smoothing, config.model)
         engine = (vllm_engine(smoothing_model, sx.smoothing) if sx.smoothing.engine == "vllm"
@@ -764,9 +762,9 @@ def _steerx_stage(config: RefreshConfig, ok_users, timer: "_Timer") -> dict | No
     vectors, recommended, curve = None, {}, []
     if sx.vectors.enabled and ok.count():
         n_ok = ok.count()
-        fraction = min(1.0, sx.vectors.calibration_users / max(n_ok, 1))
-        calibrate = {r["user_id"] for r in _exact_sample(ok, sx.vectors.calibration_users, sx.vectors.seed + 3, n_ok)
-                     .select_columns(["user_id"]).take_all()} if fraction < 1.0 else None
+        calibrate = None if n_ok <= sx.vectors.calibration_users else {  # None: every user calibrates
+            r["user_id"] for r in _exact_sample(ok, sx.vectors.calibration_users, sx.vectors.seed + 3, n_ok)
+            .select_columns(["user_id"]).take_all()}
         inputs = ok.map_batches(_style_inputs, fn_kwargs={"calibrate": calibrate}, batch_format="pyarrow")
         styled = inputs.map_batches(SteerXStyleVectors, fn_constructor_kwargs={"config": sx, "model": config.model},
                                     **actors).materialize()
@@ -789,8 +787,7 @@ def _steerx_stage(config: RefreshConfig, ok_users, timer: "_Timer") -> dict | No
             f"{s}: layer {r['layer']} γ={r['gamma']:g} ({r['gain_per_token']:+.3f} nats/token)"
             for s, r in recommended.items()))
 
-    user_rows = ok.map_batches(_steerx_user_rows, fn_kwargs={"config": sx, "smoothing_model": smoothing_model},
-                               batch_format="pyarrow").materialize()
+    user_rows = ok.map_batches(_steerx_user_rows, fn_kwargs={"config": sx}, batch_format="pyarrow").materialize()
     n_stored = user_rows.count()
     model = user_rows.take(1)[0] if n_stored else None
     return {"users": user_rows, "vectors": vectors, "n_vectors": vectors.count() if vectors is not None else 0,
@@ -819,24 +816,21 @@ def _steerx_vector_rows(batch: pa.Table, config: SteerXConfig, recommended: dict
     for r in batch.select(["user_id", "layers", "sources", "vectors", "n_items", "model_id", "model_fingerprint",
                            "hidden_size"]).to_pylist():
         for source, vecs in zip(r["sources"], r["vectors"]):
-            arr = np.asarray(vecs, dtype=np.float32)
             rec = recommended.get(source)
-            rows.append({"user_id": r["user_id"], "scope": "user", "method": "steerx", "source": source,
-                         "layers": r["layers"], "vectors": vecs, "norms": np.linalg.norm(arr, axis=-1).tolist(),
-                         "hidden_size": r["hidden_size"], "hook": "block_output", "operation": "add",
-                         "positions": config.vectors.apply_positions,
-                         "recommended_layers": [rec["layer"]] if rec else [r["layers"][len(r["layers"]) // 2]],
-                         "recommended_scale": rec["gamma"] if rec else 1.0, "n_pairs": r["n_items"],
-                         "content_fingerprint": None, "model_id": r["model_id"],
-                         "model_fingerprint": r["model_fingerprint"]})
+            rows.append(vector_row(
+                r["user_id"], "user", np.asarray(vecs, dtype=np.float32), r["n_items"], None, layers=r["layers"],
+                recommended=[rec["layer"]] if rec else [r["layers"][len(r["layers"]) // 2]],
+                positions=config.vectors.apply_positions, scale=rec["gamma"] if rec else 1.0,
+                hidden_size=r["hidden_size"], model_id=r["model_id"], model_fingerprint=r["model_fingerprint"],
+                method="steerx", source=source))
     return pa.Table.from_pylist(rows, schema=VECTORS_SCHEMA)
 
 
-def _steerx_user_rows(batch: pa.Table, config: SteerXConfig, smoothing_model: ModelConfig | None) -> pa.Table:
+def _steerx_user_rows(batch: pa.Table, config: SteerXConfig) -> pa.Table:
     n = batch.num_rows
     sm = config.smoothing
-    descriptions = batch.column("descriptions").to_pylist() if "descriptions" in batch.column_names else [[]] * n
     described = "descriptions" in batch.column_names
+    descriptions = batch.column("descriptions").to_pylist() if described else [[]] * n
     settings = {"counterfactual": config.counterfactual, "anchor_mode": config.anchor_mode, "tau": config.tau,
                 "percentile": config.percentile, "min_anchors": config.min_anchors,
                 "context_items": config.history.context_items, "selection": config.history.selection,

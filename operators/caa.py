@@ -131,7 +131,8 @@ class CAAVectors:
 
     def _row(self, user_id, scope, mean: np.ndarray, n: int, fingerprint) -> dict:
         row = vector_row(user_id, scope, mean, n, fingerprint, layers=self.layers, recommended=self.recommended,
-                         config=self.config, hidden_size=self.runtime.hidden_size, model_id=self.runtime.model_id,
+                         positions=self.config.apply_positions, scale=self.config.scale,
+                         hidden_size=self.runtime.hidden_size, model_id=self.runtime.model_id,
                          model_fingerprint=self.runtime.fingerprint)
         return {**row, "status": "ok", "reason": None}
 
@@ -182,14 +183,14 @@ def shrink(user_mean: np.ndarray, weight_sum: float, population: np.ndarray, kap
 
 
 def vector_row(user_id: str | None, scope: str, mean: np.ndarray, n: int, fingerprint: str | None, *,
-               layers: list[int], recommended: list[int], config: CAAConfig, hidden_size: int, model_id: str,
-               model_fingerprint: str) -> dict:
-    """A VECTORS_SCHEMA row: per-layer vectors plus the conventions needed to apply them."""
+               layers: list[int], recommended: list[int], positions: str, scale: float, hidden_size: int,
+               model_id: str, model_fingerprint: str, method: str = "caa", source: str = "pairs") -> dict:
+    """A VECTORS_SCHEMA row (CAA or SteerX): per-layer vectors plus the conventions needed to apply them."""
     return {
-        "user_id": user_id, "scope": scope, "method": "caa", "source": "pairs", "layers": layers,
+        "user_id": user_id, "scope": scope, "method": method, "source": source, "layers": layers,
         "vectors": mean.astype(np.float32).tolist(), "norms": np.linalg.norm(mean, axis=-1).tolist(),
         "hidden_size": hidden_size, "hook": "block_output", "operation": "add",
-        "positions": config.apply_positions, "recommended_layers": recommended,
-        "recommended_scale": config.scale, "n_pairs": n, "content_fingerprint": fingerprint,
+        "positions": positions, "recommended_layers": recommended,
+        "recommended_scale": scale, "n_pairs": n, "content_fingerprint": fingerprint,
         "model_id": model_id, "model_fingerprint": model_fingerprint,
     }

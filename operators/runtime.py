@@ -966,8 +966,3 @@ class ModelRuntime:
             floor = full.max(-1, keepdim=True).values + math.log(contrast.plausibility)
             score = score.masked_fill(full < floor, float("-inf"))
         return score
-
-    @staticmethod
-    def _contrast_pick(logits: torch.Tensor, contrast: HeadContrast) -> torch.Tensor:
-        """Greedy token of ℓ̃ = (1+γ)·ℓ_full − γ·ℓ_masked from the (2 × rows, vocab) step logits."""
-        return ModelRuntime._contrast_score(logits, contrast).argmax(-1)

@@ -23,7 +23,6 @@ installed. Prompt building and validation are the same for both engines.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import re
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ import pyarrow.compute as pc
 
 from infra.config import check, option
 from operators.runtime import ModelConfig, ModelRuntime, Sampling
+from schemas.store import STEERX_DESCRIPTION_STRUCT
 
 _WORD = re.compile(r"\w+(?:['’]\w+)*", re.UNICODE)
 # text that addresses a model rather than describing anything: dropped from excerpts, rejected in outputs
@@ -226,9 +226,7 @@ SMOOTHING_OUTPUT_SCHEMA = pa.schema([
     pa.field("user_id", pa.string()),
     pa.field("status", pa.string()),  # ok | quarantined
     pa.field("reason", pa.string()),
-    pa.field("descriptions", pa.list_(pa.struct([
-        ("item_id", pa.string()), ("description", pa.string()), ("attempts", pa.int32()),
-        ("variant", pa.string()), ("anchor_words", pa.list_(pa.string()))]))),
+    pa.field("descriptions", pa.list_(STEERX_DESCRIPTION_STRUCT)),
     pa.field("smoothing_model_id", pa.string()),
     pa.field("smoothing_model_fingerprint", pa.string()),
 ])
@@ -358,11 +356,12 @@ def smooth(users, config: SmoothingConfig, engine, specials: Sequence[str], num_
         if n:
             pending = pending.map_batches(_reprompt, fn_kwargs=dict(kw, variant=variant), batch_format="pyarrow")
         checked = engine(pending).map_batches(_validated, fn_kwargs=kw, batch_format="pyarrow").materialize()
-        last = n == len(variants) - 1
-        finished.append(checked if last else checked.map_batches(_valid, fn_kwargs={"valid": True},
-                                                                 batch_format="pyarrow"))
+        if n == len(variants) - 1:
+            finished.append(checked)  # the last round keeps its invalid units: they carry the reasons
+            break
+        finished.append(checked.map_batches(_valid, fn_kwargs={"valid": True}, batch_format="pyarrow"))
         pending = checked.map_batches(_valid, fn_kwargs={"valid": False}, batch_format="pyarrow").materialize()
-        if not last and pending.count() == 0:
+        if pending.count() == 0:
             break
     cols = ["user_id", "item_id", "anchor_words", "attempts", "variant", "description", "reason",
             "engine_model_id", "engine_model_fingerprint"]

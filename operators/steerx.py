@@ -51,7 +51,7 @@ from operators.history import HistoryContextConfig, context_indices, history_pro
 from operators.runtime import ModelConfig, ModelRuntime, Position, Steering, SteerPositions
 from operators.smoothing import SmoothingConfig, user_context
 from operators.validate import isolate_failures, require_columns
-from schemas.store import HISTORY_STRUCT
+from schemas.store import HISTORY_STRUCT, STEERX_ANCHOR_STRUCT
 
 _WORD = re.compile(r"\w+(?:['’]\w+)*", re.UNICODE)
 SOURCES = ("history", "description", "blend")
@@ -221,8 +221,6 @@ def user_anchors(runtime: ModelRuntime, user_id: str, items: Sequence[dict], poo
     return scored, select_anchors([(s["item_id"], s["words"]) for s in scored], config)
 
 
-ANCHOR_STRUCT = pa.struct([("word", pa.string()), ("count", pa.int32()), ("mean_effect", pa.float32()),
-                           ("items", pa.list_(pa.string()))])
 TOKEN_EFFECTS_STRUCT = pa.struct([("item_id", pa.string()), ("tokens", pa.list_(pa.string())),
                                   ("delta", pa.list_(pa.float32()))])
 
@@ -231,7 +229,7 @@ STEERX_OUTPUT_SCHEMA = pa.schema([
     pa.field("user_id", pa.string()),
     pa.field("status", pa.string()),
     pa.field("reason", pa.string()),
-    pa.field("anchors", pa.list_(ANCHOR_STRUCT)),
+    pa.field("anchors", pa.list_(STEERX_ANCHOR_STRUCT)),
     pa.field("n_items", pa.int32()),
     pa.field("n_tokens", pa.int32()),
     pa.field("token_effects", pa.list_(TOKEN_EFFECTS_STRUCT)),
@@ -346,12 +344,16 @@ def item_differences(runtime: ModelRuntime, items: Sequence[dict], contexts: Seq
     return {"history": (real - base).numpy(), "description": desc.numpy()}, neutral
 
 
+def source_differences(diffs: dict[str, np.ndarray], source: str, blend_weight: float) -> np.ndarray:
+    """Per-item differences (items, layers, hidden) of one source; blend mixes history and description."""
+    if source == "blend":
+        return (1 - blend_weight) * diffs["history"] + blend_weight * diffs["description"]
+    return diffs[source]
+
+
 def combine(diffs: dict[str, np.ndarray], sources: Sequence[str], blend_weight: float) -> np.ndarray:
     """Style vectors (sources, layers, hidden): the mean difference over items per source."""
-    hist = diffs["history"].mean(0)
-    desc = diffs["description"].mean(0)
-    by = {"history": hist, "description": desc, "blend": (1 - blend_weight) * hist + blend_weight * desc}
-    return np.stack([by[s] for s in sources])
+    return np.stack([source_differences(diffs, s, blend_weight).mean(0) for s in sources])
 
 
 def calibration_gains(runtime: ModelRuntime, items: Sequence[dict], diffs: dict[str, np.ndarray],
@@ -369,11 +371,7 @@ def calibration_gains(runtime: ModelRuntime, items: Sequence[dict], diffs: dict[
     grid = list(config.gamma_grid)
     out = []
     for source in sources:
-        per_item = {"history": diffs["history"], "description": diffs["description"]}
-        if source == "blend":
-            d = (1 - config.blend_weight) * diffs["history"] + config.blend_weight * diffs["description"]
-        else:
-            d = per_item[source]
+        d = source_differences(diffs, source, config.blend_weight)
         loo = (d.sum(0, keepdims=True) - d) / (n - 1)  # (items, layers, hidden): vector without item j
         for li, layer in enumerate(layers):
             vecs = torch.as_tensor(np.repeat(loo[:, li], len(grid), axis=0))  # row = item j × γ

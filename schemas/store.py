@@ -217,8 +217,8 @@ DPS_POPULATION_SCHEMA = pa.schema([
     *_DPS_MODEL_FIELDS,
 ], metadata=_meta("dps_population"))
 
-_STEERX_ANCHOR = pa.struct([("word", pa.string()), ("count", pa.int32()), ("mean_effect", pa.float32()),
-                            ("items", pa.list_(pa.string()))])
+STEERX_ANCHOR_STRUCT = pa.struct([("word", pa.string()), ("count", pa.int32()), ("mean_effect", pa.float32()),
+                                  ("items", pa.list_(pa.string()))])
 
 STEERX_DESCRIPTION_STRUCT = pa.struct([
     ("item_id", pa.string()),  # null for a user-level description
@@ -230,7 +230,7 @@ STEERX_DESCRIPTION_STRUCT = pa.struct([
 
 STEERX_USERS_SCHEMA = pa.schema([
     pa.field("user_id", pa.string(), nullable=False),
-    pa.field("anchors", pa.list_(_STEERX_ANCHOR)),  # lowercase word, times it passed, mean effect (nats), items; best first
+    pa.field("anchors", pa.list_(STEERX_ANCHOR_STRUCT)),  # lowercase word, times it passed, mean effect (nats), items; best first
     pa.field("n_items", pa.int32()),  # history items scored (leave-one-out)
     pa.field("n_tokens", pa.int32()),  # output tokens with an effect
     pa.field("descriptions", pa.list_(STEERX_DESCRIPTION_STRUCT)),  # empty when smoothing is off

@@ -1,7 +1,5 @@
 """DPS: per-user and per-cluster preference heads, history context, serving head choice, refresh end to end."""
 
-import json
-
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -13,6 +11,7 @@ from jobs import refresh
 from operators.dps import DPSConfig, DPSHeads, PopulationPCS, dps_user_rows, serving_heads
 from operators.history import HistoryContextConfig, bm25_scores, context_indices, scoring_sequences
 from operators.runtime import ModelConfig
+from tests.tiny import write_jsonl
 
 ITEMS = [
     {"input": "Describe your weekend.", "output": "Wow, I absolutely love the weather today!"},
@@ -157,11 +156,6 @@ def test_user_rows_get_sequences_and_routing():
 
 # ---- end to end on real Ray ---------------------------------------------------------------
 
-def _jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def dps_run(ray_cluster, tmp_path_factory, tiny_model_folder):
     tmp = tmp_path_factory.mktemp("dps-run")
@@ -173,8 +167,8 @@ def dps_run(ray_cluster, tmp_path_factory, tiny_model_folder):
     pairs = [{"user_id": u, "pair_id": f"{u}p{k}", "prompt": f"Tell me about thing {k}.",
               "chosen": styles[u], "rejected": "Meh.", "weight": 1.0} for u in ("ann", "ben") for k in range(2)]
     cfg = from_dict(refresh.RefreshConfig, {
-        "inputs": {"preference_pairs": _jsonl(tmp / "pairs.jsonl", pairs),
-                   "histories": _jsonl(tmp / "histories.jsonl", histories)},
+        "inputs": {"preference_pairs": write_jsonl(tmp / "pairs.jsonl", pairs),
+                   "histories": write_jsonl(tmp / "histories.jsonl", histories)},
         "output": {"store": str(tmp / "store")}, "model": {"name_or_path": str(tiny_model_folder)},
         "validate": {"max_tokens": 48}, "caa": {"layers": [1, 2], "recommended_layers": [2]},
         "bt": {"enabled": False}, "scale": {"enabled": False}, "ray": {"progress_bars": False},
@@ -293,6 +287,7 @@ def test_adaptive_gamma_scales_by_entropy_and_is_finite_with_masked_logits():
 
     logits = torch.tensor([[0.0, float("-inf"), 1.0], [3.0, 0.0, 0.0],   # full branch rows
                            [1.0, 0.0, 0.0], [3.0, 0.0, -3.0]])           # masked branch rows
-    fixed = ModelRuntime._contrast_pick(logits, HeadContrast([[], []], gamma=2.0, plausibility=0.0))
-    adaptive = ModelRuntime._contrast_pick(logits, HeadContrast([[], []], gamma=2.0, adaptive=True, plausibility=0.0))
+    fixed = ModelRuntime._contrast_score(logits, HeadContrast([[], []], gamma=2.0, plausibility=0.0)).argmax(-1)
+    adaptive = ModelRuntime._contrast_score(logits, HeadContrast([[], []], gamma=2.0, adaptive=True,
+                                                                 plausibility=0.0)).argmax(-1)
     assert fixed.tolist() == [2, 2] and adaptive.tolist() == [2, 0]  # the confident row 1 is steered less

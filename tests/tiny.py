@@ -63,6 +63,14 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    """Rows as a JSONL input file; returns its path as a string (for input configs)."""
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
 def save_tiny(folder: Path, model_type: str = "llama", seed: int = 0) -> Path:
     """Write a tiny model + tokenizer as a Hugging Face folder (for pipeline tests)."""
     folder.mkdir(parents=True, exist_ok=True)
