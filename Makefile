@@ -9,9 +9,20 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.steerstore-setup
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup system demo test test-fast clean
 
-setup: $(STAMP)
+setup: system $(STAMP)
+
+# System packages from Debian: WordNet for METEOR (the evaluation job) and headless Chromium for the
+# report's browser test. Installed only when missing; needs root (or sudo) and apt.
+SYSTEM_PKGS := wordnet-base wordnet-sense-index chromium
+system:
+	@missing=""; for p in $(SYSTEM_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$missing >/dev/null; \
+	fi
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)

@@ -11,8 +11,8 @@ from infra.config import ConfigError, add_arguments, load
 
 
 def _jobs():
-    from jobs import (bench, bench_dps, bench_steerx, demo, generate, importers, inspect_store, pref_eval, refresh,
-                      steerx_tau)
+    from jobs import (bench, bench_dps, bench_steerx, demo, evaluate, generate, importers, inspect_store, pref_eval,
+                      refresh, steerx_tau)
 
     return {
         "refresh": (refresh.RefreshConfig, refresh.main, "compute steering vectors and publish a new store version"),
@@ -26,6 +26,8 @@ def _jobs():
         "bench-steerx": (bench_steerx.BenchSteerXConfig, bench_steerx.main,
                          "benchmark SteerX stages (leave-one-out effects, smoothing, style vectors) on real data"),
         "steerx-tau": steerx_tau.COMMAND,
+        "eval": (evaluate.EvalConfig, evaluate.main,
+                 "evaluate every method against baselines on held-out per-user data; write an HTML report"),
         "pref-accuracy": (pref_eval.PrefEvalConfig, pref_eval.main,
                           "per-user preference accuracy of population / CAA / BT steering on held-out real pairs"),
     }

@@ -1,5 +1,8 @@
 """Input tables — ``histories`` and ``preference_pairs`` — and their row validation.
 
+``heldout`` (``HELDOUT_SCHEMA``) is no refresh input: it holds, per user, prompts and the user's
+own real ``target`` text to compare generations against (written by the LaMP/LongLaMP importers).
+
 Rows arrive as parsed JSON objects (from JSONL lines) or Parquet rows. ``validate_record``
 returns either a clean typed record or a reason; bad rows become quarantine rows, never
 exceptions. Checks that need several rows (duplicate ids, too few rows per user) run in the
@@ -35,6 +38,14 @@ PREFERENCE_PAIRS_SCHEMA = pa.schema([
     pa.field("rejected", pa.string(), nullable=False),
     pa.field("weight", pa.float64()),
 ], metadata={"steerstore.table": "preference_pairs", "steerstore.schema_version": str(INPUT_SCHEMA_VERSION)})
+
+HELDOUT_SCHEMA = pa.schema([
+    pa.field("user_id", pa.string(), nullable=False),
+    pa.field("item_id", pa.string(), nullable=False),
+    pa.field("input", pa.string(), nullable=False),    # the prompt/opening given to the model
+    pa.field("target", pa.string(), nullable=False),   # the user's real text to compare against
+    pa.field("timestamp", pa.timestamp("us", tz="UTC")),
+], metadata={"steerstore.table": "heldout", "steerstore.schema_version": str(INPUT_SCHEMA_VERSION)})
 
 INPUT_SCHEMAS: dict[str, pa.Schema] = {"histories": HISTORIES_SCHEMA, "preference_pairs": PREFERENCE_PAIRS_SCHEMA}
 

@@ -1,0 +1,139 @@
+"""The evaluation job: the held-out split, the per-user deltas, and a small real run end to end."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from jobs.evaluate import EvalDataConfig, per_user_table, split_data, summarise
+from operators.metrics import MetricsConfig
+from tests.tiny import write_jsonl
+
+STYLES = {
+    "ann": "Honestly, {t} was zorblax and quindle, truly mirthwood. Cheers, friends!",
+    "ben": "Regarding {t}: the matter is settled, and I remain, respectfully, unconvinced.",
+    "cat": "omg {t}!!! soooo good lol, cant even, best day ever!!!",
+    "dan": "{t}. Fine. Nothing more to say about it, really.",
+}
+TOPICS = ["the weather", "my garden", "a long walk", "dinner plans", "the new job", "a rainy day"]
+
+
+def _histories(users=STYLES, n=len(TOPICS), timestamps=True):
+    return [{"user_id": u, "item_id": f"{u}-{k}", "input": f"Write a short note about {t}.",
+             "output": s.format(t=t), **({"timestamp": 1_700_000_000 + 86400 * k} if timestamps else {})}
+            for u, s in users.items() for k, t in enumerate(TOPICS[:n])]
+
+
+def test_time_split_holds_out_each_users_latest_items_and_training_never_sees_them(tmp_path):
+    rows = _histories()
+    rows.reverse()  # file order must not matter: time does
+    cfg = EvalDataConfig(histories=write_jsonl(tmp_path / "h.jsonl", rows), heldout_items=2, min_history=3)
+    split = split_data(cfg, None)
+    assert sorted(split.train) == sorted(STYLES)
+    for u in STYLES:
+        held = sorted(h["item_id"] for h in split.heldout if h["user_id"] == u)
+        assert held == [f"{u}-4", f"{u}-5"]  # the two latest
+        assert [i["item_id"] for i in split.train[u]] == [f"{u}-{k}" for k in range(4)]  # oldest first
+    targets = {h["target"] for h in split.heldout}
+    train_texts = {i["output"] for items in split.train.values() for i in items}
+    for p in split.train_pairs:  # nothing the refresh job sees is a held-out target
+        assert p["chosen"] not in targets and p["rejected"] not in targets and p["chosen"] in train_texts
+    assert all(p["chosen"] in targets and p["rejected"] in targets for p in split.heldout_pairs)
+    assert all(p["rejected"] != p["chosen"] for p in split.heldout_pairs)
+    assert split.notes["split_modes"] == {"time": 4}
+
+
+def test_users_without_timestamps_get_a_seeded_split_and_too_few_items_are_reported(tmp_path):
+    rows = _histories(timestamps=False) + _histories({"eve": "{t} eh."}, n=2)
+    path = write_jsonl(tmp_path / "h.jsonl", rows)
+    a = split_data(EvalDataConfig(histories=path, heldout_items=1, seed=1), None)
+    b = split_data(EvalDataConfig(histories=path, heldout_items=1, seed=1), None)
+    c = split_data(EvalDataConfig(histories=path, heldout_items=1, seed=2), None)
+    assert a.heldout == b.heldout and a.heldout != c.heldout
+    assert a.notes["split_modes"] == {"seeded": 4} and a.notes["users_with_too_few_items"] == ["eve"]
+    with pytest.raises(ValueError, match="at least 2"):
+        split_data(EvalDataConfig(histories=path, min_history=10, max_history=10), None)
+
+
+def test_an_explicit_heldout_file_replaces_the_split_and_bad_rows_are_counted(tmp_path):
+    hist = write_jsonl(tmp_path / "h.jsonl", _histories() + [{"user_id": "ann", "item_id": "x", "input": "", "output": "o"}])
+    held = write_jsonl(tmp_path / "q.jsonl", [
+        {"user_id": "ann", "item_id": "q1", "input": "Write about cats.", "target": "Cats are zorblax."},
+        {"user_id": "ben", "item_id": "q2", "input": "Write about dogs.", "target": "Dogs, respectfully."},
+        {"user_id": "ben", "item_id": "q3", "input": "", "target": "no input"}])
+    split = split_data(EvalDataConfig(histories=hist, heldout=held), None)
+    assert [h["item_id"] for h in split.heldout] == ["q1", "q2"]
+    assert len(split.train["ann"]) == len(TOPICS)  # the whole history trains
+    assert sum(split.notes["skipped_rows"].values()) == 2
+
+
+def test_deltas_are_per_user_differences_with_a_bootstrap_interval():
+    rows = []
+    base = {"u1": 0.2, "u2": 0.4, "u3": 0.3}
+    gain = {"u1": 0.1, "u2": 0.0, "u3": 0.2}
+    for u in base:
+        for method, strength, value in (("none", math.nan, base[u]), ("caa", 2.0, base[u] + gain[u])):
+            for k in range(2):  # two items per user; the user mean is the value
+                rows.append({"method": method, "label": method, "parameter": "" if method == "none" else "alpha",
+                             "strength": strength, "recommended": True, "user_id": u, "item_id": f"{u}{k}",
+                             **{m: value for m in ("rouge1", "rougeL", "meteor", "bleu", "bertscore")},
+                             "nll": 2.0 * (k + 1), "tokens": 2, "empty": False})
+    users = per_user_table(pd.DataFrame(rows))
+    assert users["perplexity"].round(6).tolist() == [round(math.exp(6 / 4), 6)] * 6  # exp(Σ NLL / Σ tokens)
+    summary, per_user = summarise(users, MetricsConfig(bootstrap_resamples=500))
+    caa = summary[summary["method"] == "caa"].iloc[0]
+    assert caa["delta_rougeL"] == pytest.approx(0.1)  # mean of 0.1, 0.0, 0.2
+    assert caa["delta_rougeL_lo"] <= 0.1 <= caa["delta_rougeL_hi"] and caa["delta_rougeL_hi"] <= 0.2 + 1e-9
+    assert caa["delta_perplexity"] == 0.0 and caa["n_users"] == 3 and caa["n_items"] == 6
+    assert math.isnan(summary[summary["method"] == "none"].iloc[0]["delta_rougeL"])
+    assert dict(zip(per_user["user_id"], per_user["delta_rougeL"].round(6))) == {"u1": 0.1, "u2": 0.0, "u3": 0.2}
+
+
+# ---- end to end: the real default model, real local Ray, the report in headless Chromium ------------
+
+@pytest.mark.slow
+def test_eval_end_to_end_writes_metrics_and_a_report_that_renders(ray_cluster, tmp_path, capsys):
+    from infra.config import from_dict
+    from jobs import evaluate
+    from tests.browser import render, require_chromium
+
+    require_chromium()
+    hist = write_jsonl(tmp_path / "histories.jsonl", _histories())
+    cfg = from_dict(evaluate.EvalConfig, {
+        "data": {"histories": hist, "heldout_items": 1, "min_history": 3},
+        "methods": {"max_new_tokens": 8, "alpha_grid": [1.0, 4.0], "gamma_grid": [1.0], "lambda_grid": [0.0, 1.0],
+                    "dps_gamma_grid": [1.0], "tau_grid": []},
+        "out": str(tmp_path / "eval"), "examples": 2,
+        "scale": {"grid": [1.0, 4.0], "sample_pairs": 4}, "ray": {"progress_bars": False},
+        "bt": {"sample_users": 4, "k": 2},
+        "dps": {"mode": "fast", "candidates": 4, "clusters": 0, "baseline_users": 2},
+        "steerx": {"history": {"context_items": 1}, "smoothing": {"max_new_tokens": 48},
+                   "vectors": {"layers": [15], "gamma_grid": [1.0], "calibration_users": 1,
+                               "neutral_max_new_tokens": 8}}})
+    result = evaluate.main(cfg)
+    summary = result["summary"]
+    rec = summary[summary["recommended"]].set_index("method")
+    assert {"none", "history_bm25", "caa", "bt"} <= set(rec.index)
+    assert (rec.loc["none", "n_users"], rec.loc["none", "n_items"]) == (4, 4)
+    for m in ("rouge1", "rougeL", "meteor", "bleu", "bertscore", "perplexity"):
+        assert np.isfinite(rec.loc["none", m]), m
+    assert np.isfinite(rec.loc["caa", "delta_rougeL"])
+    sweep = summary[summary["method"] == "caa"]
+    assert sorted(sweep["strength"]) == sorted({1.0, 4.0, rec.loc["caa", "strength"]})
+    # the files sit next to the store version they evaluate
+    uri = result["uri"]
+    assert "/versions/" in uri and "/eval/" in uri
+    doc = json.loads((tmp_path / uri.split(str(tmp_path) + "/")[1] / "summary.json").read_text())
+    assert doc["meta"]["users"] == 4 and {r["method"] for r in doc["summary"]} >= {"none", "caa"}
+    items = pd.read_parquet(f"{uri}/items.parquet")
+    assert len(items[items["method"] == "none"]) == 4 and items["output"].map(type).eq(str).all()
+    # held-out targets never reached the refresh job's inputs
+    train = (tmp_path / "eval" / "inputs" / "train_histories.jsonl").read_text()
+    assert all(t not in train for t in items["target"].unique())
+    out = capsys.readouterr().out
+    assert "no personalisation" in out and "ΔROUGE-L" in out and "report:" in out
+    rendered = render(f"{uri}/report.html")
+    assert rendered["plots"] >= 3 and rendered["plots_visible"] == rendered["plots"], rendered
+    assert rendered["tables"] >= 2
