@@ -18,7 +18,7 @@ def _jobs():
         "refresh": (refresh.RefreshConfig, refresh.main, "compute steering vectors and publish a new store version"),
         "inspect": (inspect_store.InspectConfig, inspect_store.main, "describe a store: versions, rows, schema, model"),
         "generate": (generate.GenerateConfig, generate.main, "answer a prompt unsteered and steered for a user"),
-        "import": (importers.ImportConfig, importers.main, "convert PRISM or plain pairs JSONL into preference_pairs"),
+        "import": (importers.ImportConfig, importers.main, "convert PRISM or plain pairs into preference_pairs, or LaMP / LongLaMP question files into histories + held-out items"),
         "demo": (demo.DemoConfig, demo.main, "run the embedded demo end to end into ./steerstore-out"),
         "bench": (bench.BenchConfig, bench.main, "benchmark the activation stage against a plain per-sequence loop"),
         "bench-dps": (bench_dps.BenchDPSConfig, bench_dps.main,

@@ -76,7 +76,7 @@ class ImportConfig:
     output: str = option("", help="output (local or s3://): the preference_pairs JSONL for prism/plain, a folder "
                                   "for lamp/longlamp")
     outputs: str = option("", help="lamp only: the gold outputs file ({\"task\", \"golds\": [{\"id\", \"output\"}]}); "
-                                   "without it no question has a gold, so no held-out rows are written")
+                                   "without it only questions that embed an \"output\" get a held-out row")
     task: str = option("", help="lamp/longlamp: the task, overriding detection: LaMP_4, LaMP_5, LaMP_6, LaMP_7, "
                                 "abstract_generation, product_review or topic_writing")
     storage: StorageConfig = dataclasses.field(default_factory=StorageConfig, metadata={"help": "object storage"})
@@ -87,7 +87,7 @@ class ImportConfig:
               "--outputs is only for --format lamp (LongLaMP rows carry their own output)")
         check(not self.task or self.format in ("lamp", "longlamp"), "--task is only for --format lamp or longlamp")
         if self.task:
-            task = TASKS.get(_task_key(self.task))
+            task = _lookup(self.task)
             known = sorted(t.name for t in TASKS.values() if t.family == self.format and t.item is not None)
             check(task is not None and task.family == self.format,
                   f"--task {self.task!r} is not a {self.format} task; known: {known}")
@@ -186,7 +186,7 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else "" if value is None else str(value)
 
 
-TASKS: dict[str, Task] = {t.name.lower().replace("_", ""): t for t in (
+TASKS: dict[str, Task] = {t.name: t for t in (
     Task("LaMP_1", "lamp", ("for an author who has written the paper with the title",), ("title", "abstract")),
     Task("LaMP_2", "lamp", ("which tag does this movie relate to", "which category does this article relate to"),
          ("tag",)),
@@ -213,24 +213,17 @@ TASKS: dict[str, Task] = {t.name.lower().replace("_", ""): t for t in (
 # when the prompts do not tell: the task a profile item's fields point to (first match wins)
 _BY_FIELDS = {"lamp": ("LaMP_3", "LaMP_2", "LaMP_5", "LaMP_4", "LaMP_7"),
               "longlamp": ("product_review", "topic_writing", "abstract_generation")}
-_ALIASES = {"abstract": "abstract_generation", "review": "product_review", "topic": "topic_writing"}
+# spellings accepted for --task and a gold file's "task": LaMP-5, lamp5, product_review_user, review, ...
+_NAMES = {re.sub(r"[^a-z0-9]", "", name.lower()): name for name in TASKS} | {
+    "abstract": "abstract_generation", "review": "product_review", "topic": "topic_writing"}
 _AVOCADO_ID = re.compile(r"^\d+-\d+-EM\.txt$")   # LaMP-6 files before the Avocado texts are filled in
 _GENERIC_USER_FIELDS = ("user_id", "userId", "user")
-_DATE_FIELDS = ("date", "year", "timestamp", "time", "unixReviewTime", "reviewTime")
-
-
-def _task_key(name: str) -> str:
-    key = re.sub(r"[^a-z0-9_]", "", name.strip().lower().replace("-", "_"))
-    key = re.sub(r"_(user|temporal)$", "", key)
-    key = _ALIASES.get(key, key)
-    return key.replace("_", "") if key.startswith("lamp") else key.replace("_", "") and key
-
-
-TASKS.update({t.name: t for t in list(TASKS.values())})
+_DATE_FIELDS = ("date", "year", "timestamp", "unixReviewTime", "reviewTime")
 
 
 def _lookup(name: str) -> Task | None:
-    return TASKS.get(_task_key(name))
+    key = re.sub(r"(user|temporal)$", "", re.sub(r"[^a-z0-9]", "", name.lower()))
+    return TASKS.get(_NAMES.get(key, ""))
 
 
 def _records(text: str, skipped: Counter) -> list:
@@ -241,6 +234,9 @@ def _records(text: str, skipped: Counter) -> list:
         return list(_lines(text, skipped))
     if isinstance(data, dict) and isinstance(data.get("rows"), list):
         return [r["row"] if isinstance(r, dict) and isinstance(r.get("row"), dict) else r for r in data["rows"]]
+    if isinstance(data, dict) and isinstance(data.get("golds"), list) and all(
+            isinstance(q, dict) and "profile" in q for q in data["golds"]):
+        return data["golds"]   # LaMP's Avocado script writes LaMP-6 test questions inside a gold-file wrapper
     if isinstance(data, dict):
         return [data]
     if isinstance(data, list):
@@ -339,11 +335,11 @@ def _history_row(task: Task, p: Any, user: str, item_id: str, skipped: Counter, 
     if missing:
         skipped[f"profile item without text field(s) {', '.join(missing)} (unknown shape for {task.name})"] += 1
         return None
-    assert task.item is not None
-    inp, out = task.item(p)
-    if not inp.strip() or not out.strip():
+    if any(not p[f].strip() for f in task.needs):
         skipped["profile item with empty text"] += 1
         return None
+    assert task.item is not None
+    inp, out = task.item(p)
     row = {"user_id": user, "item_id": item_id, "input": inp, "output": out}
     ts = _timestamp(p, warnings)
     if ts:
@@ -395,9 +391,8 @@ def benchmark_rows(family: str, questions: list, golds: dict[str, Any] | None, t
             row = _history_row(task, p, user, item_id, skipped, warnings)
             if row:
                 histories.append(row)
-        gold = q.get("output") if family == "longlamp" or golds is None or qid not in golds else golds[qid]
-        if family == "lamp" and golds is not None and qid not in golds and gold is None:
-            gold = q.get("output")
+        # LaMP golds come from the outputs file (some re-exports embed "output"); LongLaMP rows embed it
+        gold = golds[qid] if family == "lamp" and golds is not None and qid in golds else q.get("output")
         inp = q.get("input")
         if gold is None:
             skipped["question without a gold output (no held-out row)"] += 1
@@ -466,7 +461,7 @@ def import_benchmark(config: ImportConfig) -> dict:
     if gold_task and task is not None and _lookup(gold_task) is not task:
         warnings[f"the outputs file says task {gold_task!r}, importing as {task.name}"] += 1
     if task is None:
-        skipped[f"task not detected from prompts or profile fields (set --task); {config.format} questions"] += \
+        skipped["question of an undetected task (no known prompt wording or profile fields; set --task)"] += \
             len(questions)
         histories, heldout = [], []
     else:

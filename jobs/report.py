@@ -24,6 +24,7 @@ dotted vertical line.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import io
 import math
@@ -118,17 +119,15 @@ def _delta_class(metric: str, lo, hi) -> str:
     return ""
 
 
-def _delta_text(row, metric: str) -> tuple[str, str]:
-    """('+0.012 [−0.003, +0.027]', css class) or ('', '') when there is no Δ."""
+def _delta_text(row, metric: str) -> tuple[str, str, str]:
+    """('+0.012', '[−0.003, +0.027]', css class); empty strings when there is no Δ (or no CI)."""
     d = row.get(f"delta_{metric}")
     if not _finite(d):
-        return "", ""
+        return "", "", ""
     lo, hi = row.get(f"delta_{metric}_lo"), row.get(f"delta_{metric}_hi")
     digits = _digits(metric)
-    text = _signed(d, digits)
-    if _finite(lo) and _finite(hi):
-        text += f" [{_signed(lo, digits)}, {_signed(hi, digits)}]"
-    return text, _delta_class(metric, lo, hi)
+    ci = f"[{_signed(lo, digits)}, {_signed(hi, digits)}]" if _finite(lo) and _finite(hi) else ""
+    return _signed(d, digits), ci, _delta_class(metric, lo, hi)
 
 
 def _truncate(text, limit: int) -> str:
@@ -185,6 +184,23 @@ def _svg(fig, salt: str) -> str:
     text = text[text.index("<svg"):]
     text = re.sub(r"<metadata>.*?</metadata>\s*", "", text, flags=re.S)
     text = re.sub(r"<!--.*?-->\s*", "", text, flags=re.S)
+    # matplotlib names every group (figure_1, axes_1, ...): the same names in every figure. Drop the
+    # ids nothing refers to and prefix the rest, so ids stay unique in the page.
+    referenced = set(re.findall(r'href="#([^"]+)"', text)) | set(re.findall(r"url\(#([^)]+)\)", text))
+    prefix = "f" + hashlib.sha1(salt.encode()).hexdigest()[:6] + "-"
+
+    def fix_id(match):
+        name = match.group(1)
+        return f' id="{prefix}{name}"' if name in referenced else ""
+
+    text = re.sub(r'\sid="([^"]+)"', fix_id, text)
+    text = re.sub(r'href="#([^"]+)"', lambda m: f'href="#{prefix}{m.group(1)}"', text)
+    text = re.sub(r"url\(#([^)]+)\)", lambda m: f"url(#{prefix}{m.group(1)})", text)
+    # matplotlib's "*{...}" style would apply to the whole page: scope it to the plots
+    text = text.replace("<style type=\"text/css\">*{", "<style type=\"text/css\">figure.plot svg *{")
+    # smaller: coordinates to 2 decimals (inside tags only, never in text), no indentation
+    text = re.sub(r"<[^>]+>", lambda t: re.sub(r"\s+", " ", re.sub(r"(\d\.\d\d)\d+", r"\1", t.group(0))), text)
+    text = re.sub(r">\s+<", "><", text)
     return text.strip()
 
 
@@ -224,7 +240,8 @@ def _strength_axis(ax, strengths: np.ndarray, parameter: str) -> None:
     ax.set_xlabel(f"{SYMBOLS.get(parameter, parameter)} ({parameter})")
 
 
-def _dose_plot(rows: pd.DataFrame, none_row, method: str, parameter: str, salt: str) -> tuple[str, str]:
+def _dose_plot(rows: pd.DataFrame, none_row, parameter: str, salt: str) -> tuple[str, float | None, str]:
+    """(svg, recommended strength, caption text describing what the two panels show)."""
     import matplotlib.pyplot as plt
 
     rows = rows.sort_values("strength")
@@ -237,7 +254,7 @@ def _dose_plot(rows: pd.DataFrame, none_row, method: str, parameter: str, salt: 
         return rows[name].to_numpy(float) if name in rows else np.full(len(rows), np.nan)
 
     with _style():
-        fig, (qa, pa) = plt.subplots(1, 2, figsize=(7.6, 2.7), gridspec_kw={"wspace": 0.3})
+        fig, (qa, pa) = plt.subplots(1, 2, figsize=(9.0, 2.9), gridspec_kw={"wspace": 0.28})
         # quality: Δ vs no personalisation (plain means when no Δ exists)
         use_delta = any(np.isfinite(col(f"delta_{m}")).any() for m in QUALITY)
         drawn = []
@@ -250,23 +267,31 @@ def _dose_plot(rows: pd.DataFrame, none_row, method: str, parameter: str, salt: 
             lo, hi = col(f"delta_{m}_lo"), col(f"delta_{m}_hi")
             if use_delta and np.isfinite(lo).any():
                 qa.fill_between(x, lo, hi, color=COLORS[m], alpha=0.15, lw=0)
+        names = " / ".join(METRIC_NAMES[m] for m in drawn)
         if use_delta:
             qa.axhline(0, color="#444444", ls="--", lw=1, label="no personalisation")
             qa.set_ylabel("Δ vs no personalisation")
+            left = (f"Left: Δ {names} vs no personalisation (dashed, Δ = 0), shaded: bootstrap CI."
+                    if drawn else "Left: quality not computed.")
         else:
             qa.set_ylabel("mean")
+            left = f"Left: mean {names} (no Δ available)." if drawn else "Left: quality not computed."
         qa.set_title("Quality", loc="left")
         if not drawn:
             qa.text(0.5, 0.5, "not computed", transform=qa.transAxes, ha="center", va="center", color="#777777")
         # fluency: perplexity = baseline + Δ (plain means when no Δ exists)
         base = float(none_row["perplexity"]) if none_row is not None and _finite(none_row.get("perplexity")) else None
         d = col("delta_perplexity")
+        right = "Right: perplexity not computed."
         if base is not None and np.isfinite(d).any():
+            right = ("Right: perplexity = no-personalisation perplexity + Δ, shaded: CI of Δ; "
+                     "dashed: no personalisation.")
             pa.plot(x, base + d, marker="o", ms=3.5, lw=1.4, color=COLORS["perplexity"], label="perplexity")
             lo, hi = col("delta_perplexity_lo"), col("delta_perplexity_hi")
             if np.isfinite(lo).any():
                 pa.fill_between(x, base + lo, base + hi, color=COLORS["perplexity"], alpha=0.15, lw=0)
         elif np.isfinite(col("perplexity")).any():
+            right = "Right: mean perplexity."
             pa.plot(x, col("perplexity"), marker="o", ms=3.5, lw=1.4, color=COLORS["perplexity"], label="perplexity")
         else:
             pa.text(0.5, 0.5, "not computed", transform=pa.transAxes, ha="center", va="center", color="#777777")
@@ -278,17 +303,22 @@ def _dose_plot(rows: pd.DataFrame, none_row, method: str, parameter: str, salt: 
             _strength_axis(ax, x, parameter)
             if rec is not None:
                 ax.axvline(rec, color="#333333", ls=":", lw=1.1, label=_mpl_text(f"recommended {symbol} = {rec:g}"))
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(frameon=False, loc="best")
+        legend = {}
+        for ax in (qa, pa):
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                legend.setdefault(label, handle)
+        if legend:
+            fig.legend(legend.values(), legend.keys(), frameon=False, loc="center left",
+                       bbox_to_anchor=(0.91, 0.5))
         svg = _svg(fig, salt)
-    return svg, rec
+    return svg, rec, f"{left} {right}"
 
 
 def _token_plot(effects: np.ndarray, tau: float | None, salt: str) -> str:
     import matplotlib.pyplot as plt
 
     with _style():
-        fig, ax = plt.subplots(figsize=(6.4, 2.5))
+        fig, ax = plt.subplots(figsize=(7.2, 2.6))
         ax.hist(effects, bins=min(60, max(10, int(np.sqrt(len(effects))))), color="#5b8db8", edgecolor="white", lw=0.3)
         if tau is not None and _finite(tau):
             ax.axvline(tau, color=LOSS, lw=1.3, label=f"τ = {tau:.3g}")
@@ -302,7 +332,7 @@ def _gain_plot(deltas: dict[str, np.ndarray], salt: str) -> str:
     import matplotlib.pyplot as plt
 
     with _style():
-        fig, axes = plt.subplots(1, len(deltas), figsize=(3.8 * len(deltas), 2.4), squeeze=False,
+        fig, axes = plt.subplots(1, len(deltas), figsize=(2.9 * len(deltas), 2.3), squeeze=False,
                                  gridspec_kw={"wspace": 0.3})
         for ax, (metric, values) in zip(axes[0], deltas.items()):
             values = np.sort(values)
@@ -338,7 +368,7 @@ def _meta_value(key: str, value, unit: str = "") -> str:
         return ", ".join(_meta_value(key, v, unit) for v in value)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    if isinstance(value, bool):
+    if isinstance(value, (bool, np.bool_)):
         return "yes" if value else "no"
     if isinstance(value, (int, np.integer)):
         return f"{int(value):,}{_esc(unit)}"
@@ -346,7 +376,8 @@ def _meta_value(key: str, value, unit: str = "") -> str:
         v = float(value)
         text = f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.1f}" if unit else f"{v:.4g}"
         return text + _esc(unit)
-    if key.lower() in ("command", "store", "data", "model", "run_id") or "path" in key.lower():
+    if key.lower() in ("command", "store", "data", "model", "run_id") or any(
+            w in key.lower() for w in ("path", "uri", "fingerprint")):
         return f"<code>{_esc(value)}</code>"
     return _esc(value)
 
@@ -373,8 +404,11 @@ def _metric_cell(row, metric: str, none_method: bool) -> str:
     if none_method:
         return f'<td class="num"><div class="v">{value}</div><div class="d ref">reference</div></td>' \
             if value != "–" else '<td class="num"><div class="v">–</div></td>'
-    text, cls = _delta_text(row, metric)
-    delta = f'<div class="d {cls}">{_esc(text)}</div>' if text else ""
+    text, ci, cls = _delta_text(row, metric)
+    delta = ""
+    if text:
+        ci_html = f' <span class="band">{_esc(ci)}</span>' if ci else ""
+        delta = f'<div class="{f"d {cls}".strip()}"><span>{_esc(text)}</span>{ci_html}</div>'
     return f'<td class="num"><div class="v">{value}</div>{delta}</td>'
 
 
@@ -390,7 +424,7 @@ def _results_table(rows: pd.DataFrame, labels: dict[str, str], mark_recommended:
         rec = bool(row.get("recommended", False))
         cells = [f"<td>{_esc(row.get('label') or labels.get(method, method))}"
                  f'<div class="id">{_esc(method)}</div></td>',
-                 f"<td>{_esc(_setting(row.get('parameter'), row.get('strength')))}</td>"]
+                 f"<td class=\"setting\">{_esc(_setting(row.get('parameter'), row.get('strength')))}</td>"]
         if mark_recommended:
             cells.append(f'<td class="rec">{"★" if rec else ""}</td>')
         cells += [f'<td class="num">{_int(row.get("n_users"))}</td>', f'<td class="num">{_int(row.get("n_items"))}</td>']
@@ -426,7 +460,7 @@ def _none_row(summary: pd.DataFrame):
     return rows.iloc[0] if len(rows) else None
 
 
-def _dose_section(summary: pd.DataFrame, order, labels) -> tuple[str, int]:
+def _dose_section(summary: pd.DataFrame, order, labels) -> str:
     figures = []
     none_row = _none_row(summary)
     for method in order:
@@ -439,24 +473,22 @@ def _dose_section(summary: pd.DataFrame, order, labels) -> tuple[str, int]:
                 swept.append((p, sub))
         for p, sub in swept:
             key = method if len(swept) == 1 else f"{method}-{p}"
-            svg, rec = _dose_plot(sub, none_row, method, p, salt=f"steerstore-dose-{key}")
+            svg, rec, panels = _dose_plot(sub, none_row, p, salt=f"steerstore-dose-{key}")
             symbol = SYMBOLS.get(p, p)
             caption = (f"<b>{_esc(labels.get(method, method))}</b> against {_esc(symbol)} "
                        f"({sub['strength'].nunique()} strengths"
                        + (f"; recommended {_esc(symbol)} = {rec:g}, dotted" if rec is not None else "")
-                       + "). Left: Δ ROUGE-L / METEOR / BERTScore vs no personalisation (dashed, Δ = 0), "
-                         "shaded: bootstrap CI. Right: perplexity = no-personalisation perplexity + Δ, "
-                         "shaded: CI of Δ; dashed: no personalisation.")
+                       + "). " + _esc(panels))
             figures.append(_figure("dose", key, svg, caption))
     body = "\n".join(figures) if figures else '<p class="empty">No method was evaluated at two or more strengths.</p>'
-    return _section("dose-response", "Dose–response", body), len(figures)
+    return _section("dose-response", "Dose–response", body)
 
 
-def _token_section(effects, tau) -> tuple[str, int]:
+def _token_section(effects, tau) -> str:
     values = np.asarray(effects if effects is not None else [], dtype=float).ravel()
     values = values[np.isfinite(values)]
     if values.size == 0:
-        return _section("token-effects", "Token effects", '<p class="empty">Token effects: not computed.</p>'), 0
+        return _section("token-effects", "Token effects", '<p class="empty">Token effects: not computed.</p>')
     svg = _token_plot(values, tau, salt="steerstore-token-effects")
     caption = f"SteerX leave-one-out token effects, {values.size:,} tokens"
     if tau is not None and _finite(tau):
@@ -464,12 +496,12 @@ def _token_section(effects, tau) -> tuple[str, int]:
         caption += (f"; anchor threshold τ = {float(tau):.3g} (red line): "
                     f"{above * 100:.1f} % of tokens lie above τ")
     caption += f"; median {np.median(values):.3g} nats."
-    return _section("token-effects", "Token effects", _figure("token-effects", "steerx", svg, _esc(caption))), 1
+    return _section("token-effects", "Token effects", _figure("token-effects", "steerx", svg, _esc(caption)))
 
 
-def _gain_section(per_user: pd.DataFrame, summary: pd.DataFrame, order, labels) -> tuple[str, int]:
+def _gain_section(per_user: pd.DataFrame, summary: pd.DataFrame, order, labels) -> str:
     if per_user is None or per_user.empty or "method" not in per_user:
-        return _section("per-user", "Per-user gains", '<p class="empty">No per-user results.</p>'), 0
+        return _section("per-user", "Per-user gains", '<p class="empty">No per-user results.</p>')
     methods = list(dict.fromkeys([m for m in order if m in set(per_user["method"].astype(str))]
                                  + list(per_user["method"].astype(str))))
     figures, rows = [], []
@@ -508,7 +540,7 @@ def _gain_section(per_user: pd.DataFrame, summary: pd.DataFrame, order, labels) 
         stats = {m: (int((v > 0).sum()), v.size) for m, v in deltas.items()}
         rows.append((label, setting, stats))
     if not figures:
-        return _section("per-user", "Per-user gains", '<p class="empty">No per-user results.</p>'), 0
+        return _section("per-user", "Per-user gains", '<p class="empty">No per-user results.</p>')
     head = "".join(f'<th class="num">users gaining on {METRIC_NAMES[m]}</th>' for m in GAIN_METRICS)
     body = ""
     for label, setting, stats in rows:
@@ -518,7 +550,7 @@ def _gain_section(per_user: pd.DataFrame, summary: pd.DataFrame, order, labels) 
     table = (f'<table class="compact"><thead><tr><th>Method</th><th>Setting</th>{head}</tr></thead>'
              f"<tbody>{body}</tbody></table>")
     intro = "<p>Each method at its recommended strength: one mark per user (green: gain, red: loss).</p>"
-    return _section("per-user", "Per-user gains", intro + table + "\n" + "\n".join(figures)), len(figures)
+    return _section("per-user", "Per-user gains", intro + table + '\n<div class="grid">\n' + "\n".join(figures) + "\n</div>")
 
 
 def _preference_section(pref: pd.DataFrame, labels) -> str:
@@ -582,7 +614,7 @@ h4 { font-size: 12px; margin: 0 0 2px; color: var(--muted); text-transform: uppe
 p { margin: 6px 0 10px; }
 code { font-family: ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 12.5px; word-break: break-all; }
 table { border-collapse: collapse; margin: 8px 0 14px; font-size: 13px; }
-th, td { padding: 5px 9px; text-align: left; vertical-align: top; border-bottom: 1px solid var(--line); }
+th, td { padding: 5px 8px; text-align: left; vertical-align: top; border-bottom: 1px solid var(--line); }
 thead th { background: #eef0f3; font-weight: 600; white-space: nowrap; border-bottom: 2px solid #c9ced4; }
 tbody tr:nth-child(even) { background: var(--zebra); }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
@@ -593,7 +625,9 @@ table.kv.inner th, table.kv.inner td { padding: 1px 10px 1px 0; border: 0; }
 table.kv.inner tr { background: none; }
 .scroll { overflow-x: auto; }
 table.results .v { font-weight: 600; }
-table.results .d { font-size: 11.5px; color: var(--muted); white-space: nowrap; }
+table.results .d { font-size: 11.5px; color: var(--muted); }
+table.results .d span { white-space: nowrap; }
+table.results td.setting { white-space: nowrap; }
 table.results .id { font-size: 11px; color: var(--muted); font-family: ui-monospace, "DejaVu Sans Mono", monospace; }
 tr.recommended td { background: #fff7dd; }
 td.rec { color: #c98a00; text-align: center; }
@@ -610,7 +644,11 @@ article.example { border: 1px solid var(--line); border-radius: 6px; padding: 4p
 .io { display: grid; grid-template-columns: 1fr 1fr; gap: 16px; }
 .text { white-space: pre-wrap; overflow-wrap: anywhere; font-size: 13px; }
 table.outputs { width: 100%; }
-table.outputs th { width: 200px; color: var(--muted); }
+table.outputs { table-layout: fixed; }
+table.outputs thead th:first-child { width: 220px; }
+table.outputs tbody th { color: var(--muted); }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(500px, 1fr)); gap: 0 16px; }
+.grid figure.plot { margin: 8px 0; }
 """
 
 SCRIPT = """
@@ -639,16 +677,14 @@ def render_report(data: ReportData) -> str:
     labels = _labels(summary, per_user, data.preference, data.examples)
 
     title, header = _header(dict(data.meta or {}))
-    dose, _ = _dose_section(summary, order, labels) if not summary.empty else \
-        (_section("dose-response", "Dose–response", '<p class="empty">No results.</p>'), 0)
-    tokens, _ = _token_section(data.token_effects, data.tau)
-    gains, _ = _gain_section(per_user, summary, order, labels)
+    dose = _dose_section(summary, order, labels) if not summary.empty else \
+        _section("dose-response", "Dose–response", '<p class="empty">No results.</p>')
     sections = [
         header,
         _summary_section(summary, order, labels),
         dose,
-        tokens,
-        gains,
+        _token_section(data.token_effects, data.tau),
+        _gain_section(per_user, summary, order, labels),
         _preference_section(data.preference, labels),
         _all_section(summary, order, labels),
         _examples_section(data.examples),

@@ -18,7 +18,9 @@ Exact definitions
     ``nltk.translate.meteor_score.meteor_score([reference_tokens], prediction_tokens)`` with
     NLTK's defaults (lowercasing, Porter stemmer, WordNet synonyms, alpha=0.9, beta=3,
     gamma=0.5): ``Fmean = P*R / (alpha*P + (1-alpha)*R)`` times ``1 - gamma*(chunks/matches)**beta``;
-    0 when nothing matches. Tokens come from the regex ``_TOKEN`` (runs of word characters,
+    0 when nothing matches. NLTK matches in stages (exact, Porter stem, WordNet synonym) and looks up
+    synonyms of the *stemmed* leftover words, so car/auto match but big/large ("larg") do not.
+    Tokens come from the regex ``_TOKEN`` (runs of word characters,
     keeping inner apostrophes as in ``don't``, and each other non-space character on its own),
     not ``nltk.word_tokenize``: that needs the ``punkt_tab`` model, which ships only through
     ``nltk.download``. The two agree except on contractions (Treebank splits ``do n't``) and
@@ -270,7 +272,8 @@ def ensure_wordnet(config: MetricsConfig) -> str:
     The database files are copied (once per source; a marker written last records the source)
     from ``config.wordnet_source``, ``lexnames`` is written from ``LEXNAMES``, the NLTK data
     folder is put first on ``nltk.data.path`` and the copy is checked with
-    ``synsets("dog")``. Concurrent processes serialise on a file lock and the folder appears by
+    ``synsets("dog")``. Once a complete copy from the configured source exists, the source is
+    not read again (a changed ``wordnet_source`` replaces the copy). Concurrent processes serialise on a file lock and the folder appears by
     an atomic rename, so nobody sees a half-copied database. Never calls ``nltk.download``.
     """
     import nltk
@@ -291,6 +294,11 @@ def ensure_wordnet(config: MetricsConfig) -> str:
     nltk.data.path.insert(0, str(root))
     _wordnet_reader(target)
     return str(target)
+
+
+def wordnet_reader(config: MetricsConfig) -> WordNetCorpusReader:
+    """The WordNet reader METEOR uses: ``ensure_wordnet(config)``'s folder, read once per process."""
+    return _wordnet_reader(Path(ensure_wordnet(config)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +334,7 @@ def meteor(predictions: Sequence[str], references: Sequence[str], config: Metric
     _check_aligned(predictions, references)
     from nltk.translate.meteor_score import meteor_score
 
-    wordnet = _wordnet_reader(Path(ensure_wordnet(config)))
+    wordnet = wordnet_reader(config)
     return np.array([meteor_score([tokenize(ref)], tokenize(pred), wordnet=wordnet)
                      for pred, ref in zip(predictions, references)], dtype=np.float64)
 

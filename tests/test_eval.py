@@ -108,7 +108,8 @@ def test_eval_end_to_end_writes_metrics_and_a_report_that_renders(ray_cluster, t
         "out": str(tmp_path / "eval"), "examples": 2,
         "scale": {"grid": [1.0, 4.0], "sample_pairs": 4}, "ray": {"progress_bars": False},
         "bt": {"sample_users": 4, "k": 2},
-        "dps": {"mode": "fast", "candidates": 4, "clusters": 0, "baseline_users": 2},
+        "dps": {"mode": "fast", "candidates": 4, "top_k": 4, "clusters": 0, "pcs_baseline": "none",
+                "history": {"context_items": 1, "max_items": 3}},
         "steerx": {"history": {"context_items": 1}, "smoothing": {"max_new_tokens": 48},
                    "vectors": {"layers": [15], "gamma_grid": [1.0], "calibration_users": 1,
                                "neutral_max_new_tokens": 8}}})
@@ -134,6 +135,6 @@ def test_eval_end_to_end_writes_metrics_and_a_report_that_renders(ray_cluster, t
     assert all(t not in train for t in items["target"].unique())
     out = capsys.readouterr().out
     assert "no personalisation" in out and "ΔROUGE-L" in out and "report:" in out
-    rendered = render(f"{uri}/report.html")
+    rendered = render(f"{uri}/report.html")["rendered"]
     assert rendered["plots"] >= 3 and rendered["plots_visible"] == rendered["plots"], rendered
     assert rendered["tables"] >= 2

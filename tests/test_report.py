@@ -3,6 +3,7 @@ self-containment, and a headless-Chromium render that checks every plot and tabl
 
 from __future__ import annotations
 
+import html
 import re
 
 import numpy as np
@@ -29,6 +30,7 @@ METHODS = [
 SWEPT = [m for m, _, _, s, _ in METHODS if len(s) >= 2]
 NON_BASE = [m for m, *_ in METHODS if m != "none"]
 BASE = {"rouge1": 0.30, "rougeL": 0.20, "meteor": 0.18, "bleu": 0.04, "bertscore": 0.86, "perplexity": 14.0}
+SCALE = {"rouge1": 1.2, "rougeL": 1.0, "meteor": 0.7, "bleu": 0.3, "bertscore": 0.4, "perplexity": 40.0}
 
 
 def synthetic(seed: int = 0, nan_metrics=("bleu",), n_users: int = 24, full: bool = True) -> ReportData:
@@ -47,10 +49,9 @@ def synthetic(seed: int = 0, nan_metrics=("bleu",), n_users: int = 24, full: boo
                     for suffix in ("", "_lo", "_hi"):
                         row[f"delta_{m}{suffix}"] = np.nan
                     continue
-                sign = 3 if m == "perplexity" else 1  # perplexity rises with strength
-                d = np.nan if method == "none" else sign * shift
+                d = np.nan if method == "none" else SCALE[m] * shift + rng.normal(0, 0.003)
                 row[m] = BASE[m] + (0 if method == "none" else d)
-                half = abs(rng.normal(0.008, 0.003)) * sign
+                half = abs(rng.normal(0.008, 0.003)) * SCALE[m]  # perplexity rises with strength
                 row[f"delta_{m}"] = d
                 row[f"delta_{m}_lo"] = d - half
                 row[f"delta_{m}_hi"] = d + half
@@ -67,6 +68,9 @@ def synthetic(seed: int = 0, nan_metrics=("bleu",), n_users: int = 24, full: boo
     i = summary.index[summary["method"] == "history_bm25"][0]
     summary.loc[i, ["delta_rougeL", "delta_rougeL_lo", "delta_rougeL_hi"]] = [0.012, -0.003, 0.027]
     summary.loc[i, ["delta_meteor", "delta_meteor_lo", "delta_meteor_hi"]] = [0.02, 0.005, 0.035]
+    summary.loc[i, ["delta_perplexity", "delta_perplexity_lo", "delta_perplexity_hi"]] = [0.5, 0.2, 0.8]
+    j = summary.index[summary["method"] == "bt"][0]
+    summary.loc[j, ["delta_perplexity", "delta_perplexity_lo", "delta_perplexity_hi"]] = [-0.4, -0.7, -0.1]
 
     if not full:
         return ReportData(meta={"title": "steerstore eval (minimal)"}, summary=summary,
@@ -97,6 +101,10 @@ def synthetic(seed: int = 0, nan_metrics=("bleu",), n_users: int = 24, full: boo
                       tau=0.25, preference=preference, examples=pd.DataFrame(examples))
 
 
+def text(fragment: str) -> str:
+    return html.unescape(re.sub(r"<[^>]+>", "", fragment))
+
+
 def check_structure(page: str, expected_plots: int) -> None:
     assert page.startswith("<!DOCTYPE html>")
     for sid in ("summary", "dose-response", "token-effects", "per-user", "all-settings"):
@@ -117,9 +125,20 @@ def check_structure(page: str, expected_plots: int) -> None:
     assert len(ids) == len(set(ids))
 
 
-def test_report_structure_and_escaping():
+@pytest.fixture(scope="module")
+def full():
     data = synthetic()
-    page = render_report(data)
+    return data, render_report(data)
+
+
+@pytest.fixture(scope="module")
+def minimal():
+    data = synthetic(seed=1, nan_metrics=("bertscore", "bleu"), full=False)
+    return data, render_report(data)
+
+
+def test_report_structure_and_escaping(full):
+    data, page = full
     n_plots = len(SWEPT) + 1 + len(NON_BASE)
     check_structure(page, n_plots)
     for sid in ("preference", "examples"):
@@ -129,15 +148,18 @@ def test_report_structure_and_escaping():
     for m in NON_BASE:
         assert f'data-plot="per-user-{m}"' in page
     assert 'data-plot="token-effects-steerx"' in page
+    assert page.count("Left: Δ ROUGE-L / METEOR / BERTScore vs no personalisation") == len(SWEPT)
     # escaping: the raw script / user id never appear, their escaped forms do
     assert XSS not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert ODD_USER not in page and "u&lt;7&gt;&amp;&quot;x" in page
     assert "<b>markup</b>" not in page and "&lt;b&gt;markup&lt;/b&gt;" in page
     # Δ formatting and colouring: CI excluding 0 is coloured, including 0 is not
-    assert '<div class="d ">+0.012 [−0.003, +0.027]</div>' in page
-    assert '<div class="d better">+0.020 [+0.005, +0.035]</div>' in page
-    # perplexity went up with a CI above 0: worse (direction-aware)
-    assert re.search(r'<div class="d worse">\+\d+\.\d\d \[\+', page)
+    deltas = {text(m[2]): m[1] for m in re.finditer(r'<div class="(d[^"]*)">(.*?)</div>', page)}
+    assert deltas["+0.012 [−0.003, +0.027]"] == "d"
+    assert deltas["+0.020 [+0.005, +0.035]"] == "d better"
+    # perplexity up with a CI above 0 is worse, down with a CI below 0 better (direction-aware)
+    assert deltas["+0.50 [+0.20, +0.80]"] == "d worse"
+    assert deltas["−0.40 [−0.70, −0.10]"] == "d better"
     # τ marked and the share above it in the caption
     effects = data.token_effects
     assert f"{np.mean(effects > 0.25) * 100:.1f} % of tokens lie above τ" in page
@@ -151,11 +173,12 @@ def test_report_structure_and_escaping():
     assert every.count("<tr") == 1 + len(data.summary)
 
 
-def test_report_minimal_inputs():
-    data = synthetic(seed=1, nan_metrics=("bertscore", "bleu"), full=False)
-    page = render_report(data)
+def test_report_minimal_inputs(minimal):
+    _, page = minimal
     check_structure(page, len(SWEPT) + len(NON_BASE))
     assert "not computed" in page
+    # the dose captions name only the metrics drawn (BERTScore not computed here)
+    assert page.count("Left: Δ ROUGE-L / METEOR vs no personalisation") == len(SWEPT)
     assert '<section id="preference">' not in page and '<section id="examples">' not in page
     assert "<title>steerstore eval (minimal)</title>" in page
     # no summary and no per-user data at all still renders
@@ -165,11 +188,11 @@ def test_report_minimal_inputs():
     assert '<section id="summary">' in empty and "<figure" not in empty
 
 
-@pytest.mark.parametrize("full", [True, False], ids=["full", "minimal"])
-def test_report_renders_in_chromium(tmp_path, full):
+@pytest.mark.parametrize("case", ["full", "minimal"])
+def test_report_renders_in_chromium(tmp_path, request, case):
     require_chromium()
-    data = synthetic(full=full, nan_metrics=("bleu",) if full else ("bertscore", "bleu"))
-    page = render_report(data)
+    _, page = request.getfixturevalue(case)
+    full = case == "full"
     path = tmp_path / "report.html"
     path.write_text(page, encoding="utf-8")
     result = render(path)
@@ -181,3 +204,15 @@ def test_report_renders_in_chromium(tmp_path, full):
     if full:
         png = screenshot(path, tmp_path / "report.png")
         assert png.stat().st_size > 50_000
+
+
+def test_require_chromium_skips_or_fails(monkeypatch):
+    import tests.browser as browser
+
+    monkeypatch.setattr(browser, "chromium", lambda: None)
+    monkeypatch.delenv("STEERSTORE_REQUIRE_BROWSER", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="make system"):
+        browser.require_chromium()
+    monkeypatch.setenv("STEERSTORE_REQUIRE_BROWSER", "1")
+    with pytest.raises(pytest.fail.Exception, match="make system"):
+        browser.require_chromium()
