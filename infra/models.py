@@ -71,7 +71,7 @@ def resolve_model_path(name: str) -> str:
     if not (folder / gguf_file).exists():
         raise RuntimeError(f"{folder} has no {gguf_file}; reinstall {package.replace('_', '-')}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.parent / f".{name}.lock"):
+    with file_lock(target.parent / f".{name}.lock"):
         if not (target / ".complete").exists():
             _convert_gguf(folder, gguf_file, target)
     return str(target)
@@ -104,7 +104,8 @@ def resolve_encoder_path(name_or_path: str) -> str:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
+def file_lock(path: Path):
+    """An exclusive advisory lock on ``path`` (created if missing) for the body's duration."""
     with open(path, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:

@@ -66,6 +66,7 @@ from operators.bt import BTConfig
 from operators.caa import CAAConfig
 from operators.dps import DPSConfig
 from operators.history import HistoryContextConfig, bm25_scores, history_prompt
+from operators.metrics import METRICS as TEXT_METRICS
 from operators.metrics import MetricsConfig, bootstrap_ci, ensure_wordnet, text_metrics
 from operators.runtime import HeadContrast, Influence, ModelConfig, ModelRuntime
 from operators.scale import ScaleConfig, baseline, margins
@@ -74,7 +75,6 @@ from schemas.inputs import validate_record
 
 log = logging.getLogger("steerstore.eval")
 
-TEXT_METRICS = ("rouge1", "rougeL", "meteor", "bleu", "bertscore")
 METRICS = TEXT_METRICS + ("perplexity",)
 LABELS = {
     "none": "no personalisation",

@@ -323,8 +323,8 @@ def _token_plot(effects: np.ndarray, tau: float | None, salt: str) -> str:
         if tau is not None and _finite(tau):
             ax.axvline(tau, color=LOSS, lw=1.3, label=f"τ = {tau:.3g}")
             ax.legend(frameon=False, loc="upper right")
-        ax.set_xlabel("leave-one-out token effect (nats)")
-        ax.set_ylabel("tokens")
+        ax.set_xlabel("leave-one-out effect per word (Σ of its tokens' Δ, nats)")
+        ax.set_ylabel("words")
         return _svg(fig, salt)
 
 
@@ -490,11 +490,12 @@ def _token_section(effects, tau) -> str:
     if values.size == 0:
         return _section("token-effects", "Token effects", '<p class="empty">Token effects: not computed.</p>')
     svg = _token_plot(values, tau, salt="steerstore-token-effects")
-    caption = f"SteerX leave-one-out token effects, {values.size:,} tokens"
+    caption = (f"SteerX leave-one-out effects of {values.size:,} history words (a word's effect is the sum of "
+               "its tokens' Δ; the anchor threshold applies to these)")
     if tau is not None and _finite(tau):
-        above = float(np.mean(values > tau))
+        above = float(np.mean(values >= tau))
         caption += (f"; anchor threshold τ = {float(tau):.3g} (red line): "
-                    f"{above * 100:.1f} % of tokens lie above τ")
+                    f"{above * 100:.1f} % of words reach τ")
     caption += f"; median {np.median(values):.3g} nats."
     return _section("token-effects", "Token effects", _figure("token-effects", "steerx", svg, _esc(caption)))
 

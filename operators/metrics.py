@@ -60,8 +60,6 @@ the resampled means; the first value returned is the plain sample mean. ``paired
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import math
 import os
@@ -70,11 +68,12 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
 from infra.config import check, option
+from infra.models import cache_root, file_lock
 
 if TYPE_CHECKING:
     from nltk.corpus.reader.wordnet import WordNetCorpusReader
@@ -172,7 +171,7 @@ class MetricsConfig:
     wordnet_source: str = option(
         "/usr/share/wordnet",
         help="WordNet 3.0 database folder (Debian's wordnet-base + wordnet-sense-index put it in /usr/share/wordnet)")
-    nltk_data: str = option("", help="NLTK data folder WordNet is copied into; empty = ~/.cache/steerstore/nltk_data")
+    nltk_data: str = option("", help="NLTK data folder WordNet is copied into; empty = $STEERSTORE_CACHE/nltk_data (default ~/.cache/steerstore/nltk_data)")
     rouge_stemmer: bool = option(True, help="Porter-stem tokens before ROUGE (as the LaMP scorer does)")
     bootstrap_resamples: int = option(2000, help="bootstrap resamples for confidence intervals")
     confidence: float = option(0.95, help="confidence level of bootstrap intervals")
@@ -192,20 +191,10 @@ class MetricsConfig:
 
 
 def nltk_data_root(config: MetricsConfig) -> Path:
-    """The NLTK data folder of ``config`` (``~/.cache/steerstore/nltk_data`` when unset)."""
+    """The NLTK data folder of ``config`` (``$STEERSTORE_CACHE/nltk_data``, default ``~/.cache/steerstore/nltk_data``, when unset)."""
     if config.nltk_data:
         return Path(config.nltk_data).expanduser().resolve()
-    return Path.home() / ".cache" / "steerstore" / "nltk_data"
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return cache_root() / "nltk_data"
 
 
 def _marker_source(folder: Path) -> str | None:
@@ -283,7 +272,7 @@ def ensure_wordnet(config: MetricsConfig) -> str:
     source = Path(config.wordnet_source).expanduser().resolve()
     if _marker_source(target) != str(source):
         target.parent.mkdir(parents=True, exist_ok=True)
-        with _file_lock(target.parent / ".wordnet.lock"):
+        with file_lock(target.parent / ".wordnet.lock"):
             if _marker_source(target) != str(source):
                 with _WORDNET_LOCK:
                     _WORDNET_READERS.pop(str(target), None)

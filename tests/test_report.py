@@ -162,7 +162,7 @@ def test_report_structure_and_escaping(full):
     assert deltas["−0.40 [−0.70, −0.10]"] == "d better"
     # τ marked and the share above it in the caption
     effects = data.token_effects
-    assert f"{np.mean(effects > 0.25) * 100:.1f} % of tokens lie above τ" in page
+    assert f"{np.mean(effects >= 0.25) * 100:.1f} % of words reach τ" in page
     assert "τ = 0.25" in page
     # the not-computed metric shows a dash; long examples are truncated
     assert "–" in page and "chars]" in page
