@@ -566,7 +566,8 @@ def summarise(users: pd.DataFrame, metrics: MetricsConfig) -> tuple[pd.DataFrame
     base = users[users["method"] == "none"].set_index("user_id")
     if base.empty:
         raise ValueError("the evaluation needs the 'none' method (the baseline of every delta)")
-    summary, per_user = [], []
+    summary: list[dict] = []
+    per_user: dict[tuple, dict] = {}  # (setting, user) -> the user's Δ per metric, recommended settings only
     for key, grp in users.groupby(_keys(users), sort=False, dropna=False):
         row = dict(zip(_keys(users), key))
         row["n_users"] = int(grp["user_id"].nunique())
@@ -575,7 +576,7 @@ def summarise(users: pd.DataFrame, metrics: MetricsConfig) -> tuple[pd.DataFrame
         for m in METRICS:
             vals = grp[m].to_numpy(dtype=float)
             row[m] = float(np.nanmean(vals)) if np.isfinite(vals).any() else math.nan
-            deltas = grp[m].to_numpy(dtype=float) - base.loc[grp["user_id"], m].to_numpy(dtype=float)
+            deltas = vals - base.loc[grp["user_id"], m].to_numpy(dtype=float)
             finite = deltas[np.isfinite(deltas)]
             if row["method"] == "none" or not len(finite):
                 row[f"delta_{m}"] = row[f"delta_{m}_lo"] = row[f"delta_{m}_hi"] = math.nan
@@ -584,16 +585,11 @@ def summarise(users: pd.DataFrame, metrics: MetricsConfig) -> tuple[pd.DataFrame
                 row[f"delta_{m}"], row[f"delta_{m}_lo"], row[f"delta_{m}_hi"] = mean, lo, hi
             if row["recommended"] and row["method"] != "none":
                 for uid, d in zip(grp["user_id"], deltas):
-                    per_user.append({"user_id": uid, **{k: row[k] for k in ("method", "label", "parameter", "strength")},
-                                     "metric": m, "delta": d})
+                    entry = per_user.setdefault((key, uid), {
+                        "user_id": uid, **{k: row[k] for k in ("method", "label", "parameter", "strength")}})
+                    entry[f"delta_{m}"] = float(d)
         summary.append(row)
-    per_user_df = pd.DataFrame(per_user)
-    if not per_user_df.empty:
-        per_user_df = per_user_df.pivot_table(index=["user_id", "method", "label", "parameter", "strength"],
-                                              columns="metric", values="delta", dropna=False).reset_index()
-        per_user_df.columns = [c if c in ("user_id", "method", "label", "parameter", "strength") else f"delta_{c}"
-                               for c in per_user_df.columns]
-    return pd.DataFrame(summary), per_user_df
+    return pd.DataFrame(summary), pd.DataFrame(list(per_user.values()))
 
 
 # ---- preference accuracy ---------------------------------------------------------------------

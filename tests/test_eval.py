@@ -74,21 +74,26 @@ def test_deltas_are_per_user_differences_with_a_bootstrap_interval():
     base = {"u1": 0.2, "u2": 0.4, "u3": 0.3}
     gain = {"u1": 0.1, "u2": 0.0, "u3": 0.2}
     for u in base:
-        for method, strength, value in (("none", math.nan, base[u]), ("caa", 2.0, base[u] + gain[u])):
+        for method, strength, value in (("none", math.nan, base[u]), ("caa", 2.0, base[u] + gain[u]),
+                                        ("history_bm25", math.nan, base[u] + 0.05)):
             for k in range(2):  # two items per user; the user mean is the value
-                rows.append({"method": method, "label": method, "parameter": "" if method == "none" else "alpha",
+                rows.append({"method": method, "label": method, "parameter": "alpha" if method == "caa" else "",
                              "strength": strength, "recommended": True, "user_id": u, "item_id": f"{u}{k}",
                              **{m: value for m in ("rouge1", "rougeL", "meteor", "bleu", "bertscore")},
                              "nll": 2.0 * (k + 1), "tokens": 2, "empty": False})
     users = per_user_table(pd.DataFrame(rows))
-    assert users["perplexity"].round(6).tolist() == [round(math.exp(6 / 4), 6)] * 6  # exp(Σ NLL / Σ tokens)
+    assert users["perplexity"].round(6).tolist() == [round(math.exp(6 / 4), 6)] * 9  # exp(Σ NLL / Σ tokens)
     summary, per_user = summarise(users, MetricsConfig(bootstrap_resamples=500))
     caa = summary[summary["method"] == "caa"].iloc[0]
     assert caa["delta_rougeL"] == pytest.approx(0.1)  # mean of 0.1, 0.0, 0.2
     assert caa["delta_rougeL_lo"] <= 0.1 <= caa["delta_rougeL_hi"] and caa["delta_rougeL_hi"] <= 0.2 + 1e-9
     assert caa["delta_perplexity"] == 0.0 and caa["n_users"] == 3 and caa["n_items"] == 6
     assert math.isnan(summary[summary["method"] == "none"].iloc[0]["delta_rougeL"])
-    assert dict(zip(per_user["user_id"], per_user["delta_rougeL"].round(6))) == {"u1": 0.1, "u2": 0.0, "u3": 0.2}
+    assert len(per_user) == 6  # one row per user and recommended setting (none excluded)
+    caa_users = per_user[per_user["method"] == "caa"]
+    assert dict(zip(caa_users["user_id"], caa_users["delta_rougeL"].round(6))) == {"u1": 0.1, "u2": 0.0, "u3": 0.2}
+    hist = per_user[per_user["method"] == "history_bm25"]
+    assert hist["delta_meteor"].round(6).tolist() == [0.05] * 3 and hist["strength"].isna().all()
 
 
 # ---- end to end: the real default model, real local Ray, the report in headless Chromium ------------
