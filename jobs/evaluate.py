@@ -54,7 +54,7 @@ import pyarrow.parquet as pq
 
 from infra import storage
 from infra.cluster import RayConfig
-from infra.config import check, option
+from infra.config import check, from_dict, option
 from infra.reader import StoreReader, UserVectors
 from infra.storage import StorageConfig
 from jobs import refresh
@@ -144,6 +144,9 @@ class EvalConfig:
     methods: MethodsConfig = dataclasses.field(default_factory=MethodsConfig, metadata={"help": "what is compared"})
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig, metadata={"help": "metrics"})
     out: str = option("./steerstore-out/eval", help="folder (local or s3://) for the split inputs and the store")
+    store: str = option("", help="evaluate this existing store instead of refreshing (its recorded training inputs "
+                                 "must be exactly this split's: checked)")
+    version: str | None = option(None, help="with --store: the version to evaluate (default LATEST)")
     examples: int = option(6, help="held-out items shown with every method's output in the report")
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "the model"})
     storage: StorageConfig = dataclasses.field(default_factory=StorageConfig, metadata={"help": "object storage"})
@@ -670,18 +673,28 @@ def main(config: EvalConfig) -> dict:
 
     ensure_wordnet(config.metrics)  # fail before any work when METEOR cannot run
     split = split_data(config.data, config.storage)
-    inputs = {"histories": storage.join(config.out, "inputs", "train_histories.jsonl"),
-              "pairs": storage.join(config.out, "inputs", "train_pairs.jsonl")}
-    storage.write_text(inputs["histories"], _jsonl([i for items in split.train.values() for i in items]), config.storage)
-    storage.write_text(inputs["pairs"], _jsonl(split.train_pairs), config.storage)
+    texts = {"histories": _jsonl([i for items in split.train.values() for i in items]),
+             "pairs": _jsonl(split.train_pairs)}
+    if config.store:  # evaluate a store version refreshed earlier, on exactly this training split
+        reader = StoreReader(config.store, config.storage, config.version)
+        inputs = _check_store_inputs(reader, texts, config.storage)
+        store_uri, summary_refresh = config.store, reader.manifest.get("summary", {})
+        steerx = from_dict(SteerXConfig, reader.manifest["config"]["steerx"])
+    else:
+        inputs = {"histories": storage.join(config.out, "inputs", "train_histories.jsonl"),
+                  "pairs": storage.join(config.out, "inputs", "train_pairs.jsonl")}
+        for kind, uri in inputs.items():
+            storage.write_text(uri, texts[kind], config.storage)
+        steerx = config.steerx
     storage.write_text(storage.join(config.out, "inputs", "heldout.jsonl"), _jsonl(split.heldout), config.storage)
     storage.write_text(storage.join(config.out, "inputs", "heldout_pairs.jsonl"), _jsonl(split.heldout_pairs),
                        config.storage)
     lap("split")
-    store_uri = storage.join(config.out, "store")
-    summary_refresh = refresh.main(_refresh_config(config, inputs, store_uri))
+    if not config.store:
+        store_uri = storage.join(config.out, "store")
+        summary_refresh = refresh.main(_refresh_config(config, inputs, store_uri))
+        reader = StoreReader(store_uri, config.storage, summary_refresh["version"])
     lap("refresh")
-    reader = StoreReader(store_uri, config.storage, summary_refresh["version"])
     runtime = ModelRuntime(config.model)
     expected = reader.manifest["model"].get("fingerprint")
     if expected and runtime.fingerprint != expected:
@@ -690,7 +703,7 @@ def main(config: EvalConfig) -> dict:
     gen = Generator(runtime, reader, split, config)
     items = gen.run()
     lap("generate")
-    tau_stores = _tau_sweep(config, inputs, gen)
+    tau_stores = _tau_sweep(config, inputs, gen, steerx)
     items = pd.DataFrame(gen.rows)
     lap("tau sweep")
     scored = score_items(items, runtime, config.metrics)
@@ -710,14 +723,14 @@ def main(config: EvalConfig) -> dict:
                 sum(len(v) for v in split.train.values()),
             "train_pairs": len(split.train_pairs), "heldout_pairs": len(split.heldout_pairs),
             "decoding": f"greedy, {config.methods.max_new_tokens} new tokens",
-            "data": split.notes, "missing": gen.missing, "tau": config.steerx.tau, "tau_stores": tau_stores,
+            "data": split.notes, "missing": gen.missing, "tau": steerx.tau, "tau_stores": tau_stores,
             "refresh_stage_seconds": summary_refresh.get("stage_seconds"), "seconds": timings,
             "notes": _notes(summary, gen)}
     examples = _examples(scored, config.examples)
     from jobs.report import ReportData, render_report  # noqa: PLC0415  (matplotlib only when reporting)
 
     html = render_report(ReportData(meta=meta, summary=summary, per_user=per_user, token_effects=effects,
-                                    tau=config.steerx.tau, preference=preference, examples=examples))
+                                    tau=steerx.tau, preference=preference, examples=examples))
     lap("report")
     meta["seconds"] = timings
     _write(out_uri, config.storage, html, scored, summary, per_user, preference, meta)
@@ -727,18 +740,36 @@ def main(config: EvalConfig) -> dict:
             "items": scored}
 
 
-def _tau_sweep(config: EvalConfig, inputs: dict[str, str], gen: Generator) -> dict[str, str]:
+def _check_store_inputs(reader: StoreReader, texts: dict[str, str], cfg: StorageConfig) -> dict[str, str]:
+    """The store version's training inputs, refusing a version refreshed on anything but this split."""
+    recorded = reader.manifest.get("inputs", {})
+    uris = {"histories": recorded.get("histories"), "pairs": recorded.get("preference_pairs")}
+    for kind, uri in uris.items():
+        try:
+            same = bool(uri) and storage.read_text(uri, cfg) == texts[kind]
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise ValueError(
+                f"store version {reader.version} was refreshed on training {kind} {uri!r} that are not this "
+                "evaluation's training split (missing, or different items): its artifacts may have seen held-out "
+                "targets. Run eval without --store to refresh on the split, or use the same --data settings and "
+                "--out as the run that built it")
+    return uris
+
+
+def _tau_sweep(config: EvalConfig, inputs: dict[str, str], gen: Generator, steerx: SteerXConfig) -> dict[str, str]:
     """Influence decoding with descriptions written from anchors at other τ (one side store per τ)."""
     if "steerx_influence" not in config.methods.include or not config.methods.sweeps:
         return {}
     stores = {}
-    main_tau = config.steerx.tau
+    main_tau = steerx.tau
     main_rows = [r for r in gen.rows if r["method"] == "steerx_influence" and r["recommended"]]
     gen.rows.extend(dict(r, parameter="tau", strength=float(main_tau), recommended=False) for r in main_rows)
     for tau in sorted(set(config.methods.tau_grid) - {main_tau}):
         store = storage.join(config.out, "tau-sweep", f"tau-{tau:g}")
-        steerx = dataclasses.replace(config.steerx, tau=float(tau))
-        summary = refresh.main(_refresh_config(config, inputs, store, steerx, side_store=True))
+        summary = refresh.main(_refresh_config(config, inputs, store, dataclasses.replace(steerx, tau=float(tau)),
+                                               side_store=True))
         reader = StoreReader(store, config.storage, summary["version"])
         gen.influence(contexts=reader.steerx(gen.users), tau=float(tau))
         stores[f"{tau:g}"] = f"{store} (version {summary['version']})"

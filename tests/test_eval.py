@@ -109,7 +109,7 @@ def test_eval_end_to_end_writes_metrics_and_a_report_that_renders(ray_cluster, t
     cfg = from_dict(evaluate.EvalConfig, {
         "data": {"histories": hist, "heldout_items": 1, "min_history": 3},
         "methods": {"max_new_tokens": 8, "alpha_grid": [1.0, 4.0], "gamma_grid": [1.0], "lambda_grid": [0.0, 1.0],
-                    "dps_gamma_grid": [1.0], "tau_grid": []},
+                    "dps_gamma_grid": [1.0], "tau_grid": [1.5]},
         "out": str(tmp_path / "eval"), "examples": 2,
         "scale": {"grid": [1.0, 4.0], "sample_pairs": 4}, "ray": {"progress_bars": False},
         "bt": {"sample_users": 4, "k": 2},
@@ -126,6 +126,9 @@ def test_eval_end_to_end_writes_metrics_and_a_report_that_renders(ray_cluster, t
     for m in ("rouge1", "rougeL", "meteor", "bleu", "bertscore", "perplexity"):
         assert np.isfinite(rec.loc["none", m]), m
     assert np.isfinite(rec.loc["caa", "delta_rougeL"])
+    tau = summary[(summary["method"] == "steerx_influence") & (summary["parameter"] == "tau")]
+    assert sorted(tau["strength"]) == [0.75, 1.5]  # the store's τ and one side store's
+    assert set(result["meta"]["tau_stores"]) == {"1.5"}
     sweep = summary[summary["method"] == "caa"]
     assert sorted(sweep["strength"]) == sorted({1.0, 4.0, rec.loc["caa", "strength"]})
     # the files sit next to the store version they evaluate
@@ -143,3 +146,22 @@ def test_eval_end_to_end_writes_metrics_and_a_report_that_renders(ray_cluster, t
     rendered = render(f"{uri}/report.html")["rendered"]
     assert rendered["plots"] >= 3 and rendered["plots_visible"] == rendered["plots"], rendered
     assert rendered["tables"] >= 2
+
+
+def test_evaluating_an_existing_store_refuses_one_refreshed_on_other_inputs(tmp_path):
+    from types import SimpleNamespace
+
+    from jobs.evaluate import _check_store_inputs
+
+    (tmp_path / "h.jsonl").write_text("train items\n")
+    (tmp_path / "p.jsonl").write_text("train pairs\n")
+    reader = SimpleNamespace(version="v1", manifest={"inputs": {"histories": str(tmp_path / "h.jsonl"),
+                                                               "preference_pairs": str(tmp_path / "p.jsonl")}})
+    same = {"histories": "train items\n", "pairs": "train pairs\n"}
+    assert _check_store_inputs(reader, same, None) == {"histories": str(tmp_path / "h.jsonl"),
+                                                       "pairs": str(tmp_path / "p.jsonl")}
+    with pytest.raises(ValueError, match="not this evaluation's training split"):
+        _check_store_inputs(reader, dict(same, pairs="train pairs\nheld-out target\n"), None)
+    (tmp_path / "h.jsonl").unlink()
+    with pytest.raises(ValueError, match="may have seen held-out targets"):
+        _check_store_inputs(reader, same, None)
