@@ -546,13 +546,12 @@ def score_items(items: pd.DataFrame, runtime: ModelRuntime, metrics: MetricsConf
     return out
 
 
-def _keys(df: pd.DataFrame) -> list[str]:
-    return ["method", "label", "parameter", "strength", "recommended"]
+KEYS = ["method", "label", "parameter", "strength", "recommended"]  # one evaluated setting
 
 
 def per_user_table(items: pd.DataFrame) -> pd.DataFrame:
     """One row per (setting, user): mean text metrics; perplexity = exp(Σ NLL / Σ tokens) over the user's items."""
-    keys = _keys(items) + ["user_id"]
+    keys = KEYS + ["user_id"]
     g = items.fillna({"strength": -1.0}).groupby(keys, sort=False)
     users = g[list(TEXT_METRICS)].mean()
     sums = g[["nll", "tokens"]].sum()
@@ -571,8 +570,8 @@ def summarise(users: pd.DataFrame, metrics: MetricsConfig) -> tuple[pd.DataFrame
         raise ValueError("the evaluation needs the 'none' method (the baseline of every delta)")
     summary: list[dict] = []
     per_user: dict[tuple, dict] = {}  # (setting, user) -> the user's Δ per metric, recommended settings only
-    for key, grp in users.groupby(_keys(users), sort=False, dropna=False):
-        row = dict(zip(_keys(users), key))
+    for key, grp in users.groupby(KEYS, sort=False, dropna=False):
+        row = dict(zip(KEYS, key))
         row["n_users"] = int(grp["user_id"].nunique())
         row["n_items"] = int(grp["n_items"].sum())
         row["empty_outputs"] = int(grp["empty_outputs"].sum())
