@@ -42,7 +42,7 @@ import logging
 import math
 import random
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -65,11 +65,11 @@ from jobs.pref_eval import _split as dev_split
 from operators.bt import BTConfig
 from operators.caa import CAAConfig
 from operators.dps import DPSConfig
-from operators.history import HistoryContextConfig, bm25_scores, history_prompt
+from operators.history import HistoryContextConfig, context_indices, history_prompt
 from operators.metrics import METRICS as TEXT_METRICS
 from operators.metrics import MetricsConfig, bootstrap_ci, ensure_wordnet, text_metrics
 from operators.runtime import HeadContrast, Influence, ModelConfig, ModelRuntime
-from operators.scale import ScaleConfig, baseline, margins
+from operators.scale import ScaleConfig, baseline, margins, unsteered_prefers_chosen
 from operators.steerx import SteerXConfig, word_effects
 from schemas.inputs import validate_record
 
@@ -169,14 +169,14 @@ class EvalConfig:
 
 def _read_rows(uri: str, cfg: StorageConfig) -> list[dict]:
     """Rows of a JSONL(.gz) or Parquet file (a folder: all such files in it)."""
-    if not uri.lower().endswith((".parquet", ".pq", ".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")):
-        files = [f for f in storage.list_files(uri, cfg)
-                 if f.lower().endswith((".parquet", ".pq", ".jsonl", ".jsonl.gz", ".json", ".ndjson"))]
+    formats = refresh._PARQUET_EXT + refresh._JSONL_EXT
+    if not uri.lower().endswith(formats):
+        files = [f for f in storage.list_files(uri, cfg) if f.lower().endswith(formats)]
         if not files:
             raise FileNotFoundError(f"no JSONL or Parquet files in {uri}")
         return [r for f in sorted(files) for r in _read_rows(f, cfg)]
     data = storage.read_bytes(uri, cfg)
-    if uri.lower().endswith((".parquet", ".pq")):
+    if uri.lower().endswith(refresh._PARQUET_EXT):
         return pq.read_table(io.BytesIO(data)).to_pylist()
     if uri.lower().endswith(".gz"):
         data = gzip.decompress(data)
@@ -237,12 +237,12 @@ class Split:
     notes: dict  # how each part was made, counts of skipped rows by reason
 
 
-def _clean_histories(rows: list[dict], skipped: dict) -> dict[str, list[dict]]:
+def _clean_histories(rows: list[dict], skipped: Counter) -> dict[str, list[dict]]:
     by_user: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         clean, reason = validate_record("histories", row)
         if clean is None:
-            skipped[f"history row: {reason}"] = skipped.get(f"history row: {reason}", 0) + 1
+            skipped[f"history row: {reason}"] += 1
             continue
         by_user[clean["user_id"]].append(clean)
     return by_user
@@ -258,7 +258,7 @@ def _order(items: list[dict], user: str, mode: str, seed: int) -> tuple[list[dic
 
 
 def split_data(config: EvalDataConfig, cfg: StorageConfig) -> Split:
-    skipped: dict[str, int] = {}
+    skipped: Counter = Counter()
     rows = _read_rows(config.histories, cfg) if config.histories else dev_histories(config)
     by_user = _clean_histories(rows, skipped)
     train: dict[str, list[dict]] = {}
@@ -269,8 +269,7 @@ def split_data(config: EvalDataConfig, cfg: StorageConfig) -> Split:
         given: dict[str, list[dict]] = defaultdict(list)
         for row in _read_rows(config.heldout, cfg):
             if not all(isinstance(row.get(f), str) and row[f].strip() for f in ("user_id", "item_id", "input", "target")):
-                skipped["held-out row without non-empty user_id, item_id, input and target"] = \
-                    skipped.get("held-out row without non-empty user_id, item_id, input and target", 0) + 1
+                skipped["held-out row without non-empty user_id, item_id, input and target"] += 1
                 continue
             given[row["user_id"]].append({k: row[k] for k in ("user_id", "item_id", "input", "target")})
         for user in sorted(given):
@@ -302,24 +301,24 @@ def split_data(config: EvalDataConfig, cfg: StorageConfig) -> Split:
         pairs_from = "built from the histories: (input, the user's output, another user's output)"
     notes = {"histories": config.histories or f"development data {config.dev_sources} in {config.dev_dir}",
              "heldout": config.heldout or f"last {config.heldout_items} items per user ({config.split} split)",
-             "split_modes": dict(modes), "users_with_too_few_items": too_few, "skipped_rows": skipped,
+             "split_modes": dict(modes), "users_with_too_few_items": too_few, "skipped_rows": dict(skipped),
              "pairs": pairs_from}
     return Split(train, heldout, train_pairs, heldout_pairs, notes)
 
 
-def _split_pairs(rows: list[dict], users: set[str], config: EvalDataConfig, skipped: dict) -> tuple[list, list]:
+def _split_pairs(rows: list[dict], users: set[str], config: EvalDataConfig, skipped: Counter) -> tuple[list, list]:
     by_user: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         clean, reason = validate_record("preference_pairs", row)
         if clean is None:
-            skipped[f"pair row: {reason}"] = skipped.get(f"pair row: {reason}", 0) + 1
+            skipped[f"pair row: {reason}"] += 1
         elif clean["user_id"] in users:
             by_user[clean["user_id"]].append(clean)
     train, held = [], []
     for user in sorted(by_user):
         pairs = sorted(by_user[user], key=lambda p: p["pair_id"])
         random.Random(f"{config.seed}:pairs:{user}").shuffle(pairs)
-        cut = max(len(pairs) - config.heldout_pairs, 0) if len(pairs) > config.heldout_pairs else len(pairs)
+        cut = len(pairs) - config.heldout_pairs if len(pairs) > config.heldout_pairs else len(pairs)  # else all train
         train.extend(pairs[:cut])
         held.extend(pairs[cut:])
     return train, held
@@ -415,7 +414,7 @@ class Generator:
     def _mark_missing(self, method: str, present: set[str], why: str) -> list[dict]:
         for u in self.users:
             if u not in present:
-                self.missing.setdefault(method, {})[u] = self.missing.get(method, {}).get(u, why)
+                self.missing.setdefault(method, {}).setdefault(u, why)
         return [h for h in self.items if h["user_id"] in present]
 
     def _timed(self, method: str, fn) -> None:
@@ -424,7 +423,7 @@ class Generator:
         fn()
         log.info("eval: %s: %d outputs in %.1f s", method, len(self.rows) - before, time.perf_counter() - start)
 
-    def run(self) -> pd.DataFrame:
+    def run(self) -> None:
         m = self.config.methods
         steps = {"none": self.none, "history_bm25": self.history, "caa": lambda: self.vectors("caa"),
                  "bt": lambda: self.vectors("bt"), "steerx_influence": self.influence, "dps": self.dps}
@@ -433,7 +432,6 @@ class Generator:
         for method in METHODS:
             if method in m.include:
                 self._timed(method, steps[method])
-        return pd.DataFrame(self.rows)
 
     def none(self) -> None:
         prompts = [h["input"] for h in self.items]
@@ -442,13 +440,13 @@ class Generator:
 
     def history(self) -> None:
         m = self.config.methods
-        ctx = HistoryContextConfig(context_items=m.history_k, context_chars=m.history_chars)
+        ctx = HistoryContextConfig(context_items=m.history_k, selection="bm25", context_chars=m.history_chars)
         prompts = []
         for h in self.items:
             train = self.split.train[h["user_id"]]
-            scores = bm25_scores(h["input"], [f"{t['input']} {t['output']}" for t in train])
-            top = sorted(range(len(train)), key=lambda i: (-scores[i], -i))[: m.history_k]
-            prompts.append(history_prompt([train[i] for i in sorted(top)], h["input"], ctx))
+            # the held-out item as the query after the training items: context_indices never picks it
+            picked = context_indices([*train, {"input": h["input"]}], len(train), ctx)
+            prompts.append(history_prompt([train[i] for i in picked], h["input"], ctx))
         outs = self.runtime.generate(prompts, m.max_new_tokens)
         self._emit([(Setting("history_bm25", "", math.nan, True), h) for h in self.items], outs, prompts)
 
@@ -534,14 +532,15 @@ def score_items(items: pd.DataFrame, runtime: ModelRuntime, metrics: MetricsConf
     for name in TEXT_METRICS:
         out[name] = np.asarray(values[name], dtype=np.float64)[rows]
     # fluency: log-likelihood of the output given the plain prompt (the held-out input), nothing steered
-    scored = [(i, x, y) for i, (x, y) in enumerate(zip(items["input"], items["output"])) if y.strip()]
-    nll = np.zeros(len(items))
-    tokens = np.zeros(len(items), dtype=np.int64)
-    if scored:
-        lp, n = runtime.response_logprobs([x for _, x, _ in scored], [y for _, _, y in scored])
-        for (i, _, _), s, c in zip(scored, lp.tolist(), n.tolist()):
-            nll[i], tokens[i] = -s, c
-    out["nll"], out["tokens"] = nll, tokens
+    # (each distinct input/output once: sweeps and the τ rows repeat outputs)
+    texts = [t for t in dict.fromkeys(zip(items["input"], items["output"])) if t[1].strip()]
+    scores: dict[tuple[str, str], tuple[float, int]] = {}
+    if texts:
+        lp, n = runtime.response_logprobs([x for x, _ in texts], [y for _, y in texts])
+        scores = {t: (-s, c) for t, s, c in zip(texts, lp.tolist(), n.tolist())}
+    nll_tokens = [scores.get(t, (0.0, 0)) for t in zip(items["input"], items["output"])]
+    out["nll"] = np.asarray([v for v, _ in nll_tokens], dtype=np.float64)
+    out["tokens"] = np.asarray([c for _, c in nll_tokens], dtype=np.int64)
     out["empty"] = ~out["output"].str.strip().astype(bool)
     return out
 
@@ -603,8 +602,7 @@ def preference_accuracy(runtime: ModelRuntime, reader: StoreReader, pairs: list[
         return pd.DataFrame()
     users = sorted({p["user_id"] for p in pairs})
     base = baseline(runtime, pairs)
-    rej_tokens = np.asarray([max(len(t), 1) for t in runtime.response_ids([p["rejected"] for p in pairs])])
-    reference = (base.chosen / base.chosen_tokens.clamp(min=1)).numpy() > base.rejected.numpy() / rej_tokens
+    reference = unsteered_prefers_chosen(runtime, pairs, base)
     rows = [_accuracy_row("none", "unsteered likelihood (reference)", math.nan, pairs, reference, metrics)]
     sources: dict[str, dict[str, UserVectors]] = {}
     if "caa" in include:
@@ -625,8 +623,7 @@ def preference_accuracy(runtime: ModelRuntime, reader: StoreReader, pairs: list[
         first = found[evaluated[0]["user_id"]]
         vectors = {l: np.stack([found[p["user_id"]].at([l])[l] * found[p["user_id"]].recommended_scale
                                 for p in evaluated]) for l in first.recommended_layers}
-        sub = type(base)(base.chosen[idx], base.rejected[idx], base.chosen_tokens[idx])
-        margin, _ = margins(runtime, evaluated, vectors, 1.0, sub, first.positions)
+        margin, _ = margins(runtime, evaluated, vectors, 1.0, base.select(idx), first.positions)
         rows.append(_accuracy_row(method, LABELS[method], first.recommended_scale, evaluated, margin > 0, metrics))
     return pd.DataFrame(rows)
 
@@ -700,7 +697,7 @@ def main(config: EvalConfig) -> dict:
         raise FingerprintMismatch(f"the evaluation model's weights ({runtime.fingerprint}) differ from the store's "
                                   f"({expected})")
     gen = Generator(runtime, reader, split, config)
-    items = gen.run()
+    gen.run()
     lap("generate")
     tau_stores = _tau_sweep(config, inputs, gen, steerx)
     items = pd.DataFrame(gen.rows)
@@ -711,7 +708,7 @@ def main(config: EvalConfig) -> dict:
     lap("metrics")
     preference = preference_accuracy(runtime, reader, split.heldout_pairs, config.metrics, config.methods.include)
     lap("preference accuracy")
-    effects = anchor_word_effects(reader, runtime, split) if "steerx_influence" in config.methods.include or any(
+    effects = anchor_word_effects(reader, runtime, split) if any(
         m.startswith("steerx") for m in config.methods.include) else np.zeros(0)
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out_uri = storage.join(reader.store.version_uri(reader.version), "eval", run_id)

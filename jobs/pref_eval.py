@@ -31,7 +31,7 @@ from infra.reader import StoreReader
 from jobs import refresh
 from operators.bt import fit_bt
 from operators.runtime import ModelConfig, ModelRuntime
-from operators.scale import ScaleConfig, baseline, margins
+from operators.scale import ScaleConfig, baseline, margins, unsteered_prefers_chosen
 
 SOURCES = {"blogs": "blogs-dev.jsonl.gz", "synthpai": "synthpai-dev.jsonl.gz"}
 PROMPT = "Continue this text in the same voice, in one short paragraph:\n\n{opening}"
@@ -128,9 +128,7 @@ def main(config: PrefEvalConfig) -> dict:
     runtime = ModelRuntime(config.model)
     layers = population.recommended_layers
     base = baseline(runtime, evaluated)
-    per_token = (base.chosen / base.chosen_tokens.clamp(min=1)).numpy()
-    rej_tokens = np.asarray([len(t) for t in runtime.response_ids([p["rejected"] for p in evaluated])])
-    reference = per_token > (base.rejected.numpy() / np.maximum(rej_tokens, 1))
+    reference = unsteered_prefers_chosen(runtime, evaluated, base)
     methods = {"population": lambda u: population, "caa": lambda u: caa[u], "bt": lambda u: bt[u]}
     results = {"unsteered (reference)": {"alpha": 0.0, "accuracy": float(reference.mean()),
                                          "per_user_accuracy": _per_user(evaluated, reference)}}

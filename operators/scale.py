@@ -47,12 +47,21 @@ class Baseline:
     rejected: torch.Tensor
     chosen_tokens: torch.Tensor
 
+    def select(self, rows: list[int]) -> "Baseline":
+        return Baseline(self.chosen[rows], self.rejected[rows], self.chosen_tokens[rows])
+
 
 def baseline(runtime: ModelRuntime, pairs: list[dict]) -> Baseline:
     prompts = [p["prompt"] for p in pairs]
     c, n = runtime.response_logprobs(prompts, [p["chosen"] for p in pairs])
     r, _ = runtime.response_logprobs(prompts, [p["rejected"] for p in pairs])
     return Baseline(c, r, n)
+
+
+def unsteered_prefers_chosen(runtime: ModelRuntime, pairs: list[dict], base: Baseline) -> np.ndarray:
+    """Per pair: the unsteered model already gives ``chosen`` the higher per-token log-likelihood."""
+    rejected_tokens = np.asarray([max(len(t), 1) for t in runtime.response_ids([p["rejected"] for p in pairs])])
+    return (base.chosen / base.chosen_tokens.clamp(min=1)).numpy() > base.rejected.numpy() / rejected_tokens
 
 
 def margins(runtime: ModelRuntime, pairs: list[dict], vectors: dict[int, np.ndarray], alpha: float,

@@ -28,14 +28,16 @@ def _histories(users=STYLES, n=len(TOPICS), timestamps=True):
 
 def test_time_split_holds_out_each_users_latest_items_and_training_never_sees_them(tmp_path):
     rows = _histories()
+    for r in rows:  # time order differs from id order: item k is written on day (k + 3) % 6
+        r["timestamp"] = 1_700_000_000 + 86400 * ((int(r["item_id"].rsplit("-", 1)[1]) + 3) % 6)
     rows.reverse()  # file order must not matter: time does
     cfg = EvalDataConfig(histories=write_jsonl(tmp_path / "h.jsonl", rows), heldout_items=2, min_history=3)
     split = split_data(cfg, None)
     assert sorted(split.train) == sorted(STYLES)
     for u in STYLES:
         held = sorted(h["item_id"] for h in split.heldout if h["user_id"] == u)
-        assert held == [f"{u}-4", f"{u}-5"]  # the two latest
-        assert [i["item_id"] for i in split.train[u]] == [f"{u}-{k}" for k in range(4)]  # oldest first
+        assert held == [f"{u}-1", f"{u}-2"]  # the two latest (days 4 and 5)
+        assert [i["item_id"] for i in split.train[u]] == [f"{u}-{k}" for k in (3, 4, 5, 0)]  # oldest first
     targets = {h["target"] for h in split.heldout}
     train_texts = {i["output"] for items in split.train.values() for i in items}
     for p in split.train_pairs:  # nothing the refresh job sees is a held-out target
