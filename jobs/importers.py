@@ -64,6 +64,7 @@ from typing import Any, Callable, Iterator, Literal
 from infra import storage
 from infra.config import check, option
 from infra.storage import StorageConfig
+from schemas.inputs import parse_timestamp
 
 
 @dataclass
@@ -265,22 +266,17 @@ def _parse_date(value: Any) -> dt.datetime | None:
     Amazon's "03 10, 2011". None when there is no date; ValueError when it cannot be read."""
     if value is None or value == "":
         return None
-    if isinstance(value, bool):
-        raise ValueError(value)
-    if isinstance(value, (int, float)):
-        if 1000 <= value <= 9999 and float(value).is_integer():
-            return dt.datetime(int(value), 1, 1, tzinfo=dt.timezone.utc)
-        return dt.datetime.fromtimestamp(value, tz=dt.timezone.utc)
-    if not isinstance(value, str):
-        raise ValueError(value)
-    v = value.strip()
-    for fmt in ("%Y", "%Y-%m", "%m %d, %Y"):
-        try:
-            return dt.datetime.strptime(v, fmt).replace(tzinfo=dt.timezone.utc)
-        except ValueError:
-            pass
-    parsed = dt.datetime.fromisoformat(v.replace("Z", "+00:00"))
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 1000 <= value <= 9999 \
+            and float(value).is_integer():
+        return dt.datetime(int(value), 1, 1, tzinfo=dt.timezone.utc)
+    if isinstance(value, str):
+        value = value.strip()
+        for fmt in ("%Y", "%Y-%m", "%m %d, %Y"):
+            try:
+                return dt.datetime.strptime(value, fmt).replace(tzinfo=dt.timezone.utc)
+            except ValueError:
+                pass
+    return parse_timestamp(value)  # epoch seconds, ISO-8601 text; ValueError for anything else
 
 
 def _timestamp(obj: dict, warnings: Counter) -> str | None:

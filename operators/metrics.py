@@ -54,21 +54,20 @@ Statistics
 ``bootstrap_ci`` is the percentile bootstrap of the mean of per-user values: ``resamples``
 resamples of size n drawn with replacement by ``numpy.random.default_rng(seed)``; the interval
 is the ``(1-confidence)/2`` and ``(1+confidence)/2`` quantiles (numpy's linear interpolation) of
-the resampled means; the first value returned is the plain sample mean. ``paired_deltas`` gives
-``method - baseline`` per user, for a paired bootstrap of the difference.
+the resampled means; the first value returned is the plain sample mean. The evaluation job bootstraps
+per-user differences ``method - no personalisation`` this way.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -448,20 +447,3 @@ def bootstrap_ci(values: Sequence[float] | np.ndarray, config: MetricsConfig | N
     lo, hi = np.quantile(means, [(1.0 - confidence) / 2.0, (1.0 + confidence) / 2.0])
     return mean, float(lo), float(hi)
 
-
-def paired_deltas(method_by_user: Mapping[str, float], baseline_by_user: Mapping[str, float]) -> dict[str, float]:
-    """``method - baseline`` per user of ``method_by_user``; each needs a finite baseline value.
-
-    Users only in the baseline are ignored. A method user without a baseline, or a NaN/inf on
-    either side, raises ValueError.
-    """
-    missing = [u for u in method_by_user if u not in baseline_by_user]
-    if missing:
-        raise ValueError(f"{len(missing)} user(s) have a method value but no baseline value, e.g. {missing[:5]}")
-    deltas: dict[str, float] = {}
-    for user, value in method_by_user.items():
-        base = baseline_by_user[user]
-        if not (math.isfinite(value) and math.isfinite(base)):
-            raise ValueError(f"user {user!r}: non-finite value (method {value}, baseline {base})")
-        deltas[user] = float(value) - float(base)
-    return deltas

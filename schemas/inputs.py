@@ -79,7 +79,7 @@ class PreferencePair:
     weight: float | None = None
 
 
-def _parse_timestamp(value: Any) -> dt.datetime | None:
+def parse_timestamp(value: Any) -> dt.datetime | None:
     if value is None:
         return None
     if isinstance(value, dt.datetime):
@@ -130,7 +130,7 @@ def validate_record(kind: InputKind, row: Any) -> tuple[dict | None, str | None]
             return None, "chosen and rejected are identical"
     else:
         try:
-            clean["timestamp"] = _parse_timestamp(row.get("timestamp"))
+            clean["timestamp"] = parse_timestamp(row.get("timestamp"))
         except ValueError as exc:
             return None, str(exc)
     # unknown extra fields are allowed: they are ignored (and kept in a quarantined row's raw text)

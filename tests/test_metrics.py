@@ -8,7 +8,7 @@ import pytest
 
 from infra.config import ConfigError, from_dict
 from operators.metrics import (LEXNAMES, WORDNET_FILES, MetricResourceError, MetricsConfig, bertscore,
-                               bleu, bootstrap_ci, corpus_bleu, ensure_wordnet, meteor, paired_deltas,
+                               bleu, bootstrap_ci, corpus_bleu, ensure_wordnet, meteor,
                                rouge, text_metrics, tokenize, wordnet_reader)
 
 WORDNET_SOURCE = Path(MetricsConfig().wordnet_source)
@@ -223,16 +223,6 @@ def test_bootstrap_degenerate_and_invalid():
         bootstrap_ci([])
     with pytest.raises(ValueError, match="confidence"):
         bootstrap_ci([0.1, 0.2], confidence=1.0)
-
-
-def test_paired_deltas():
-    method = {"u1": 0.5, "u2": 0.25}
-    baseline = {"u1": 0.25, "u2": 0.5, "u3": 0.9}  # u3 has no method value: ignored
-    assert paired_deltas(method, baseline) == {"u1": 0.25, "u2": -0.25}
-    with pytest.raises(ValueError, match="no baseline"):
-        paired_deltas({"u1": 0.5, "u4": 0.1}, baseline)
-    with pytest.raises(ValueError, match="non-finite"):
-        paired_deltas({"u1": float("nan")}, baseline)
 
 
 def test_config_checks_and_yaml():
