@@ -755,7 +755,7 @@ def _steerx_stage(config: RefreshConfig, ok_users, timer: "_Timer") -> dict | No
                           specials, res.prepare_partitions).materialize()
         failed.update(_failed(smoothed))
         described = _where(smoothed, "status", "ok").drop_columns(["status", "reason"])
-        ok = ok.join(described, "inner", num_partitions=res.prepare_partitions, on=("user_id",)).materialize()
+        ok = _inner_join(ok, described, res.prepare_partitions)
         timer.lap("steerx smoothing", f"{ok.count()} users described ({sx.smoothing.engine}), "
                                       f"{len(failed)} failed so far")
 
@@ -782,7 +782,7 @@ def _steerx_stage(config: RefreshConfig, ok_users, timer: "_Timer") -> dict | No
         vectors = styled.map_batches(_steerx_vector_rows, fn_kwargs={"config": sx, "recommended": recommended},
                                      batch_format="pyarrow").materialize()
         keep = styled.select_columns(["user_id"])
-        ok = ok.join(keep, "inner", num_partitions=res.prepare_partitions, on=("user_id",)).materialize()
+        ok = _inner_join(ok, keep, res.prepare_partitions)
         timer.lap("steerx vectors", f"{ok.count()} users, " + ", ".join(
             f"{s}: layer {r['layer']} γ={r['gamma']:g} ({r['gain_per_token']:+.3f} nats/token)"
             for s, r in recommended.items()))
@@ -794,6 +794,17 @@ def _steerx_stage(config: RefreshConfig, ok_users, timer: "_Timer") -> dict | No
             "effects": ok.map_batches(_steerx_effect_rows, batch_format="pyarrow"),
             "n_stored": n_stored, "failed": failed, "model": model,
             "recommended": recommended, "calibration": curve}
+
+
+def _inner_join(left, right, partitions: int):
+    """Rows of ``left`` whose user_id is in ``right``, with right's columns (materialized).
+
+    An empty ``right`` (every user failed the stage) gives an empty result: Ray's hash join
+    cannot join against blocks without columns.
+    """
+    if right.count() == 0:
+        return left.limit(0).materialize()
+    return left.join(right, "inner", num_partitions=partitions, on=("user_id",)).materialize()
 
 
 def _failed(ds) -> dict[str, str]:

@@ -34,3 +34,37 @@ def tiny_model_folder(tmp_path_factory):
     from tests.tiny import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def served_store(ray_cluster, tmp_path_factory, tiny_model_folder):
+    """A store on the tiny model with every method (CAA, BT, DPS, SteerX vectors and descriptions).
+
+    Descriptions are written by the real default model (the tiny one writes no sentences).
+
+    Shared by the serving, lookup and export tests. Returns (store URI, model folder).
+    """
+    from infra.config import from_dict
+    from jobs import refresh
+    from tests.tiny import write_jsonl
+
+    tmp = tmp_path_factory.mktemp("served-store")
+    styles = {"ann": "Wow, I absolutely love it! Amazing!", "ben": "Noted. Brief and formal.",
+              "cat": "Wow, fantastic and wonderful!", "dan": "The quick brown fox."}
+    histories = [{"user_id": u, "item_id": f"{u}{i}", "input": f"Tell me about thing {i}.",
+                  "output": f"{text} {i}", "timestamp": i} for u, text in styles.items() for i in range(3)]
+    pairs = [{"user_id": u, "pair_id": f"{u}p{k}", "prompt": f"Tell me about thing {k}.",
+              "chosen": styles[u], "rejected": "Meh. Fine.", "weight": 1.0} for u in styles for k in range(3)]
+    cfg = from_dict(refresh.RefreshConfig, {
+        "inputs": {"preference_pairs": write_jsonl(tmp / "pairs.jsonl", pairs),
+                   "histories": write_jsonl(tmp / "histories.jsonl", histories)},
+        "output": {"store": str(tmp / "store")}, "model": {"name_or_path": str(tiny_model_folder)},
+        "validate": {"max_tokens": 48}, "caa": {"layers": [0, 1, 2], "recommended_layers": [1, 2]},
+        "bt": {"k": 2}, "scale": {"sample_pairs": 4, "grid": [1.0, 4.0]}, "ray": {"progress_bars": False},
+        "dps": {"mode": "fast", "top_k": 3, "candidates": 6, "clusters": 2, "cluster_items": 4,
+                "pcs_baseline": "none", "history": {"context_items": 1}},
+        "steerx": {"min_anchors": 1, "history": {"context_items": 1}, "smoothing": {"max_new_tokens": 48, "model": {"name_or_path": "smollm2-135m-instruct"}},
+                   "vectors": {"layers": [1, 3], "calibration_users": 2, "gamma_grid": [0.5, 1],
+                               "neutral_max_new_tokens": 4}}})
+    refresh.main(cfg)
+    return str(tmp / "store"), str(tiny_model_folder)
