@@ -1,17 +1,27 @@
-"""Read steering vectors of users from a published store version."""
+"""Read users' steering artifacts from a published store version: point lookups for serving.
+
+A bucketed version (``manifest.layout``, see schemas/store.py) answers a lookup by opening the
+user's hash-bucket file once (its footer is kept) and reading the one row group whose user_id
+statistics cover the id; rows are kept in an LRU cache per (table, user). Versions written
+before the layout existed are read by filtering whole tables.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+import bisect
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from infra.storage import SteeringStore, StorageConfig
+from infra.storage import SteeringStore, StorageConfig, join, open_parquet
+from schemas.store import LAYOUT_KIND, POPULATION_FILE, STORE_TABLES, bucket_file, user_bucket
 
-
+MAX_USER_ID_BYTES = 4096
 @dataclass
 class UserVectors:
     """One user's (or the population's) vectors with the conventions to apply them."""
@@ -51,6 +61,44 @@ class UserHeads:
     model_fingerprint: str
 
 
+@dataclass
+class UserArtifacts:
+    """Everything a store version holds for one user, plus the population fallback.
+
+    ``status`` found (some artifact is stored), unknown (nothing stored: the id is valid but not
+    in this version, or the user was quarantined) or invalid (the id is malformed; nothing read).
+    """
+
+    user_id: object
+    status: Literal["found", "unknown", "invalid"]
+    reason: str | None = None
+    caa: UserVectors | None = None
+    bt: UserVectors | None = None
+    style_vectors: dict[str, UserVectors] = field(default_factory=dict)  # SteerX, by source
+    steerx: dict | None = None  # the steerx_users row: anchors, descriptions, context S, template
+    dps: UserHeads | None = None
+    population: UserVectors | None = None  # what vector methods fall back to
+
+
+class FingerprintMismatch(RuntimeError):
+    """The store was built for other weights than the model loaded to serve it."""
+
+
+def id_problem(user_id: object) -> str | None:
+    """Why ``user_id`` cannot be a stored user id (None when it can)."""
+    if not isinstance(user_id, str):
+        return f"a user id must be a string, got {type(user_id).__name__}"
+    if not user_id.strip():
+        return "the user id is empty"
+    try:
+        size = len(user_id.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "the user id is not valid Unicode text (lone surrogate)"
+    if size > MAX_USER_ID_BYTES:
+        return f"the user id is {size} bytes long; ids are at most {MAX_USER_ID_BYTES}"
+    return None
+
+
 def _from_row(row: dict) -> UserVectors:
     return UserVectors(
         user_id=row["user_id"], layers=list(row["layers"]), vectors=np.asarray(row["vectors"], dtype=np.float32),
@@ -59,45 +107,187 @@ def _from_row(row: dict) -> UserVectors:
         n_pairs=int(row["n_pairs"] or 0))
 
 
-class StoreReader:
-    """Looks up users in one version of a store (the latest unless pinned)."""
+def _rows_of(table: pa.Table) -> list[dict]:
+    """Python rows; a ``vectors`` column (list of per-layer lists) becomes one (layers, hidden) array per row."""
+    if "vectors" not in table.column_names or table.num_rows == 0:
+        return table.to_pylist()
+    rows = table.drop_columns(["vectors"]).to_pylist()
+    column = table.column("vectors").combine_chunks()
+    flat = column.flatten().flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    offsets = column.offsets.to_numpy()
+    start = 0
+    for i, row in enumerate(rows):
+        n_layers = int(offsets[i + 1] - offsets[i])
+        size = n_layers * int(row["hidden_size"])
+        row["vectors"] = flat[start:start + size].reshape(n_layers, int(row["hidden_size"]))
+        start += size
+    return rows
 
-    def __init__(self, uri: str, storage: StorageConfig | None = None, version: str | None = None):
+
+class _BucketFile:
+    """An open bucket file and its row groups' user_id ranges (sorted, disjoint but for ties)."""
+
+    def __init__(self, parquet_file):
+        self.file = parquet_file
+        self.lock = threading.Lock()  # one reader of the file at a time
+        meta = parquet_file.metadata
+        column = parquet_file.schema_arrow.get_field_index("user_id")
+        self.lows: list[str] | None = []
+        self.highs: list[str] = []
+        for g in range(meta.num_row_groups):
+            stats = meta.row_group(g).column(column).statistics
+            if stats is None or not stats.has_min_max:  # e.g. an id too long for statistics: scan the file
+                self.lows = None
+                break
+            self.lows.append(stats.min)
+            self.highs.append(stats.max)
+
+    def groups(self, ids: Sequence[str]) -> list[int]:
+        """Row groups that may hold any of ``ids``."""
+        if self.lows is None:
+            return list(range(self.file.metadata.num_row_groups))
+        found = set()
+        for uid in ids:
+            g = bisect.bisect_left(self.highs, uid)  # first group whose max >= uid
+            while g < len(self.highs) and self.lows[g] <= uid:
+                found.add(g)
+                g += 1
+        return sorted(found)
+
+
+class StoreReader:
+    """Looks up users in one version of a store (the latest unless pinned).
+
+    Lookups never raise for ids that are absent or malformed: those users are simply missing
+    from the result (``artifacts`` says why). Thread-safe; ``cache_users`` bounds the LRU of
+    looked-up (table, user) rows.
+    """
+
+    def __init__(self, uri: str, storage: StorageConfig | None = None, version: str | None = None,
+                 cache_users: int = 4096):
         self.store = SteeringStore(uri, storage)
         self.version = self.store.resolve(version)
         self.manifest = self.store.read_manifest(self.version)
+        self.layout = self.manifest.get("layout") or {}
+        self.cache_users = cache_users
         self._basis: pa.Table | None = None
+        self._bt: tuple | None = None
         self._dps_clusters: dict[int, dict] | None = None
+        self._population: tuple[UserVectors | None] | None = None
+        self._files: dict[str, _BucketFile] = {}
+        self._cache: OrderedDict[tuple[str, str], list[dict]] = OrderedDict()
+        self._lock = threading.Lock()
+        if self.layout and self.layout.get("kind") != LAYOUT_KIND:
+            raise ValueError(f"store version {self.version} has layout {self.layout.get('kind')!r}; this "
+                             f"steerstore reads {LAYOUT_KIND!r} (upgrade steerstore)")
+
+    # ---- the model ------------------------------------------------------------------------
+
+    def check_model(self, fingerprint: str, name: str = "the serving model") -> None:
+        """Refuse to serve this version with weights other than the ones it was built with."""
+        expected = self.manifest["model"].get("fingerprint")
+        if expected and fingerprint != expected:
+            raise FingerprintMismatch(
+                f"{name} has weights fingerprint {fingerprint}, but store version {self.version} of "
+                f"{self.store.uri} was built for {self.manifest['model'].get('id')} ({expected}); serve it with "
+                "that model or rebuild the store for this one")
+
+    # ---- point lookups --------------------------------------------------------------------
+
+    def _bucketed(self, table: str) -> bool:
+        return table in (self.layout.get("tables") or {})
+
+    def _bucket_file(self, table: str, bucket: int) -> _BucketFile | None:
+        name = bucket_file(bucket)
+        if name not in self.manifest["tables"][table]["files"]:
+            return None  # no user of this table hashes here
+        uri = join(self.store.table_uri(self.version, table), name)
+        with self._lock:
+            opened = self._files.get(uri)
+        if opened is None:
+            opened = _BucketFile(open_parquet(uri, self.store.storage))
+            with self._lock:
+                self._files.setdefault(uri, opened)
+        return opened
+
+    def _lookup(self, table: str, ids: list[str]) -> dict[str, list[dict]]:
+        """Rows of ``table`` per id, through the cache (ids without rows map to [])."""
+        found: dict[str, list[dict]] = {}
+        with self._lock:
+            for uid in ids:
+                hit = self._cache.get((table, uid))
+                if hit is not None:
+                    self._cache.move_to_end((table, uid))
+                    found[uid] = hit
+        misses = [u for u in ids if u not in found]
+        if not misses:
+            return found
+        fetched: dict[str, list[dict]] = {u: [] for u in misses}
+        if self._bucketed(table):
+            buckets: dict[int, list[str]] = {}
+            for uid in misses:
+                buckets.setdefault(user_bucket(uid, int(self.layout["buckets"])), []).append(uid)
+            for bucket, wanted in buckets.items():
+                opened = self._bucket_file(table, bucket)
+                groups = opened.groups(wanted) if opened is not None else []
+                if groups:
+                    with opened.lock:
+                        part = opened.file.read_row_groups(groups)
+                    part = part.filter(pc.field("user_id").isin(wanted))
+                    for row in _rows_of(part):
+                        fetched[row["user_id"]].append(row)
+        else:
+            flt = pc.field("user_id").isin(misses)
+            if table == "vectors":
+                flt = flt & (pc.field("scope") == "user")
+            for row in _rows_of(self.store.read_table(table, self.version, filter=flt)):
+                fetched[row["user_id"]].append(row)
+        with self._lock:
+            for uid, rows in fetched.items():
+                self._cache[(table, uid)] = rows
+            while len(self._cache) > self.cache_users:
+                self._cache.popitem(last=False)
+        return {**found, **fetched}
+
+    def _valid(self, user_ids: Sequence[object]) -> list[str]:
+        return [u for u in dict.fromkeys(u for u in user_ids if isinstance(u, str)) if id_problem(u) is None]
+
+    def _manifest_source(self, method: str) -> str:
+        if method == "caa":
+            return "pairs"
+        return self.manifest.get("config", {}).get("steerx", {}).get("vectors", {}).get("source", "blend")
 
     def vectors(self, user_ids: Sequence[str], method: str = "caa", source: str | None = None) -> dict[str, UserVectors]:
-        """Vectors of the given users that are in the store (absent users are simply missing).
+        """Vectors of the given users that are in the store (absent or malformed ids are simply missing).
 
         ``method`` caa (source pairs) or steerx (source history | description | blend; default:
         the source the version recommends for serving).
         """
-        ids = list(dict.fromkeys(user_ids))
-        if not ids:
-            return {}
-        if source is None:
-            source = "pairs" if method == "caa" else \
-                self.manifest.get("config", {}).get("steerx", {}).get("vectors", {}).get("source", "blend")
-        flt = (pc.field("scope") == "user") & pc.field("user_id").isin(ids) & (pc.field("method") == method)
-        if int(self.manifest.get("store_schema_version", 1)) >= 2:  # version 1 stores hold CAA only, no source
-            flt = flt & (pc.field("source") == source)
-        table = self.store.read_table("vectors", self.version, filter=flt)
-        return {row["user_id"]: _from_row(row) for row in table.to_pylist()}
+        source = source or self._manifest_source(method)
+        schema_v2 = int(self.manifest.get("store_schema_version", 1)) >= 2  # version 1 stores hold CAA only
+        out = {}
+        for uid, rows in self._lookup("vectors", self._valid(user_ids)).items():
+            for row in rows:
+                if row["method"] == method and (not schema_v2 or row["source"] == source):
+                    out[uid] = _from_row(row)
+        return out
 
     def steerx(self, user_ids: Sequence[str]) -> dict[str, dict]:
         """Users' SteerX rows: anchors, descriptions, the serving context S and the settings used."""
-        ids = list(dict.fromkeys(user_ids))
-        if not ids:
-            return {}
-        table = self.store.read_table("steerx_users", self.version, filter=pc.field("user_id").isin(ids))
-        return {r["user_id"]: r for r in table.to_pylist()}
+        return {u: rows[0] for u, rows in self._lookup("steerx_users", self._valid(user_ids)).items() if rows}
 
     def population(self) -> UserVectors | None:
-        table = self.store.read_table("vectors", self.version, filter=pc.field("scope") == "population")
-        return _from_row(table.to_pylist()[0]) if table.num_rows else None
+        """The population vector row (read once)."""
+        if self._population is None:
+            if self._bucketed("vectors"):
+                uri = join(self.store.table_uri(self.version, "vectors"), POPULATION_FILE)
+                present = POPULATION_FILE in self.manifest["tables"]["vectors"]["files"]
+                table = open_parquet(uri, self.store.storage).read() if present else None
+            else:
+                table = self.store.read_table("vectors", self.version, filter=pc.field("scope") == "population")
+            rows = _rows_of(table) if table is not None else []
+            self._population = (_from_row(rows[0]) if rows else None,)
+        return self._population[0]
 
     def bt_basis(self) -> pa.Table:
         """The version's preference basis, one row per layer (empty when BT was not fitted)."""
@@ -105,32 +295,32 @@ class StoreReader:
             self._basis = self.store.read_table("bt_basis", self.version).sort_by("layer")
         return self._basis
 
+    def _bt_parts(self) -> tuple[list[int], np.ndarray, np.ndarray, dict]:
+        """(layers, axes (layers, k, hidden), population norms, settings row) of the basis, built once."""
+        if self._bt is None:
+            basis = self.bt_basis()
+            if basis.num_rows == 0:
+                raise KeyError(f"store version {self.version} has no BT basis (bt.enabled was off or no users)")
+            axes = np.stack([np.asarray(a, dtype=np.float32) for a in basis.column("axes").to_pylist()])
+            self._bt = (basis.column("layer").to_pylist(), axes, basis.column("population_norm").to_numpy(),
+                        basis.slice(0, 1).drop_columns(["axes"]).to_pylist()[0])
+        return self._bt
+
     def bt_theta(self, user_ids: Sequence[str]) -> dict[str, np.ndarray]:
         """Users' BT ideal points θ (k floats each); absent users are missing."""
-        ids = list(dict.fromkeys(user_ids))
-        if not ids:
-            return {}
-        table = self.store.read_table("bt_coords", self.version, filter=pc.field("user_id").isin(ids))
-        return {r["user_id"]: np.asarray(r["theta"], dtype=np.float32) for r in table.to_pylist()}
+        return {u: np.asarray(rows[0]["theta"], dtype=np.float32)
+                for u, rows in self._lookup("bt_coords", self._valid(user_ids)).items() if rows}
 
     def bt(self, user_ids: Sequence[str]) -> dict[str, UserVectors]:
         """Users' BT directions composed from θ and the basis: B_lᵀθ rescaled to ‖p_l‖ per layer."""
         from operators.bt import compose  # noqa: PLC0415
 
-        basis = self.bt_basis()
-        if basis.num_rows == 0:
-            raise KeyError(f"store version {self.version} has no BT basis (bt.enabled was off or no users)")
-        axes = np.stack([np.asarray(a, dtype=np.float32) for a in basis.column("axes").to_pylist()])
-        norms = basis.column("population_norm").to_numpy()
-        meta = basis.slice(0, 1).to_pylist()[0]
-        out = {}
-        for uid, theta in self.bt_theta(user_ids).items():
-            out[uid] = UserVectors(
-                user_id=uid, layers=basis.column("layer").to_pylist(), vectors=compose(theta, axes, norms),
-                recommended_layers=list(meta["recommended_layers"]), recommended_scale=float(meta["recommended_scale"]),
-                positions=meta["positions"], model_id=meta["model_id"], model_fingerprint=meta["model_fingerprint"],
-                n_pairs=0)
-        return out
+        layers, axes, norms, meta = self._bt_parts()
+        return {uid: UserVectors(
+            user_id=uid, layers=layers, vectors=compose(theta, axes, norms),
+            recommended_layers=list(meta["recommended_layers"]), recommended_scale=float(meta["recommended_scale"]),
+            positions=meta["positions"], model_id=meta["model_id"], model_fingerprint=meta["model_fingerprint"],
+            n_pairs=0) for uid, theta in self.bt_theta(user_ids).items()}
 
     def dps_clusters(self) -> dict[int, dict]:
         """The version's DPS clusters by id (empty without clusters)."""
@@ -143,13 +333,10 @@ class StoreReader:
         """Users' DPS heads: their own when scored individually, else their clusters' mixed by routing."""
         from operators.dps import serving_heads  # noqa: PLC0415
 
-        ids = list(dict.fromkeys(user_ids))
-        if not ids:
-            return {}
         k = top_k or int(self.manifest.get("config", {}).get("dps", {}).get("top_k", 8))
-        table = self.store.read_table("dps_heads", self.version, filter=pc.field("user_id").isin(ids))
+        rows = [r[0] for r in self._lookup("dps_heads", self._valid(user_ids)).values() if r]
         out = {}
-        for r in table.to_pylist():
+        for r in rows:
             heads = serving_heads(r, self.dps_clusters() if not r["heads"] else {}, k)
             out[r["user_id"]] = UserHeads(
                 user_id=r["user_id"], heads=heads, source=r["source"] if heads else "none",
@@ -160,5 +347,26 @@ class StoreReader:
 
     def users(self, user_ids: Sequence[str] | None = None) -> pa.Table:
         """The reconciliation rows (stored / quarantined and why) of some or all users."""
-        flt = pc.field("user_id").isin(list(user_ids)) if user_ids is not None else None
-        return self.store.read_table("users", self.version, filter=flt)
+        if user_ids is None:
+            return self.store.read_table("users", self.version)
+        rows = [r for rows in self._lookup("users", self._valid(user_ids)).values() for r in rows]
+        return pa.Table.from_pylist(rows, schema=STORE_TABLES["users"])
+
+    def artifacts(self, user_id: object) -> UserArtifacts:
+        """Every artifact of one user (the serving lookup); never raises for a bad or unknown id."""
+        problem = id_problem(user_id)
+        if problem is not None:
+            return UserArtifacts(user_id, "invalid", problem, population=self.population())
+        style = {}
+        for row in self._lookup("vectors", [user_id])[user_id]:
+            if row["method"] == "steerx":
+                style[row["source"]] = _from_row(row)
+        art = UserArtifacts(
+            user_id, "found", caa=self.vectors([user_id]).get(user_id),
+            bt=self.bt([user_id]).get(user_id) if self.manifest["tables"]["bt_basis"]["rows"] else None,
+            style_vectors=style, steerx=self.steerx([user_id]).get(user_id), dps=self.dps([user_id]).get(user_id),
+            population=self.population())
+        if art.caa is None and art.bt is None and not style and art.steerx is None and art.dps is None:
+            art.status, art.reason = "unknown", f"no artifacts for this user in store version {self.version}"
+        return art
+

@@ -27,6 +27,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from infra.config import check, option
+from schemas.store import BUCKETED_TABLES, bucket_file, conform
 
 T = TypeVar("T")
 
@@ -272,6 +273,29 @@ def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None
     with_retries(put, cfg, f"write {uri}")
 
 
+def parquet_bytes(table: pa.Table, row_group_size: int | None = None) -> bytes:
+    """``table`` as a Parquet file (with column statistics, which point lookups rely on)."""
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=row_group_size, write_statistics=True)
+    return sink.getvalue().to_pybytes()
+
+
+def write_parquet(uri: str, table: pa.Table, cfg: StorageConfig | None = None,
+                  row_group_size: int | None = None) -> None:
+    write_bytes(uri, parquet_bytes(table, row_group_size), cfg)
+
+
+def open_parquet(uri: str, cfg: StorageConfig | None = None):
+    """A ``pyarrow.parquet.ParquetFile`` (footer read) for random access to its row groups."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(uri, cfg)
+    # pre_buffer: one coalesced ranged GET per row group on S3 instead of one per column chunk
+    return with_retries(lambda: pq.ParquetFile(fs.open_input_file(path), pre_buffer=True), cfg, f"open {uri}")
+
+
 def write_text(uri: str, text: str, cfg: StorageConfig | None = None) -> None:
     write_bytes(uri, text.encode("utf-8"), cfg)
 
@@ -430,6 +454,20 @@ class SteeringStore:
             return
         write_text(self._latest_uri, version, self.storage)
         log.info("published %s in %s (LATEST updated)", version, self.uri)
+
+    def write_bucket(self, version: str, table: str, bucket: int, rows: pa.Table, schema: pa.Schema,
+                     row_group_bytes: int) -> str:
+        """Write one hash bucket of a per-user table, sorted by the table's keys; returns the file name.
+
+        Row groups hold about ``row_group_bytes`` (at least one row), so a point lookup reads
+        little more than the user's own rows.
+        """
+        rows = conform(rows, schema).sort_by([(k, "ascending") for k in BUCKETED_TABLES[table]])
+        per_row = max(1, rows.nbytes // max(1, rows.num_rows))
+        name = bucket_file(bucket)
+        write_parquet(join(self.table_uri(version, table), name), rows, self.storage,
+                      row_group_size=max(1, row_group_bytes // per_row))
+        return name
 
     def table_files(self, version: str, table: str) -> list[str]:
         """URIs of the table's parquet files, skipping hidden and temporary ones ("." or "_" names)."""

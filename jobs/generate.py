@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 
 from infra.config import check, option
-from infra.reader import StoreReader, UserVectors
+from infra.reader import FingerprintMismatch, StoreReader, UserVectors  # noqa: F401  (re-exported)
 from infra.storage import StorageConfig
 from operators.runtime import HeadContrast, Influence, ModelConfig, ModelRuntime, Steering
 
@@ -45,20 +45,11 @@ class GenerateConfig:
         check(self.max_new_tokens >= 1, "--max_new_tokens must be >= 1")
 
 
-class FingerprintMismatch(RuntimeError):
-    """The store was built for other weights than the model loaded to serve it."""
-
-
 def load_runtime_for(reader: StoreReader, model: str | None = None) -> ModelRuntime:
     """The model the store was built with (or ``model``), refusing weights that differ."""
     name = model or reader.manifest["model"]["name_or_path"]
     runtime = ModelRuntime(ModelConfig(name_or_path=name))
-    expected = reader.manifest["model"].get("fingerprint")
-    if expected and runtime.fingerprint != expected:
-        raise FingerprintMismatch(
-            f"model {name!r} has weights fingerprint {runtime.fingerprint}, but store version "
-            f"{reader.version} was built for {reader.manifest['model'].get('id')} ({expected}); "
-            "load that model or rebuild the store")
+    reader.check_model(runtime.fingerprint, f"model {name!r}")
     return runtime
 
 

@@ -36,9 +36,10 @@ from operators.smoothing import (hf_engine, resolve_model, smooth, special_strin
                                  vllm_engine)
 from operators.steerx import STYLE_TEMPLATE, SteerXAnchors, SteerXConfig, SteerXStyleVectors, choose_recommended
 from operators.validate import ValidateConfig, ValidateRecords
-from schemas.store import (BT_BASIS_SCHEMA, DPS_CLUSTERS_SCHEMA, DPS_HEADS_SCHEMA, DPS_POPULATION_SCHEMA,
-                           QUARANTINE_SCHEMA, STEERX_USERS_SCHEMA, STEERX_TOKEN_EFFECTS_SCHEMA, STORE_TABLES, USERS_SCHEMA, VECTORS_SCHEMA,
-                           Manifest, TableEntry, conform)
+from schemas.store import (BT_BASIS_SCHEMA, BUCKETED_TABLES, DPS_CLUSTERS_SCHEMA, DPS_HEADS_SCHEMA,
+                           DPS_POPULATION_SCHEMA, LAYOUT_KIND, POPULATION_FILE, QUARANTINE_SCHEMA, STEERX_USERS_SCHEMA,
+                           STEERX_TOKEN_EFFECTS_SCHEMA, STORE_TABLES, USERS_SCHEMA, VECTORS_SCHEMA, Manifest,
+                           TableEntry, bucket_count, conform, user_bucket)
 
 log = logging.getLogger("steerstore")
 
@@ -57,6 +58,14 @@ class InputsConfig:
 @dataclass
 class OutputConfig:
     store: str = option("./steerstore-out/store", help="store URI: a local folder or s3://bucket/prefix")
+    users_per_bucket: int = option(
+        4096, help="users per hash-bucket file of the per-user tables (fewer: smaller files and shuffle groups)")
+    row_group_bytes: int = option(
+        1 << 20, help="about this many bytes per Parquet row group of the per-user tables (what a lookup reads)")
+
+    def __post_init__(self) -> None:
+        check(self.users_per_bucket >= 1, "output.users_per_bucket must be >= 1")
+        check(self.row_group_bytes >= 1024, "output.row_group_bytes must be >= 1024")
 
 
 @dataclass
@@ -175,11 +184,42 @@ def _write(ds, store: SteeringStore, version: str, table: str, cfg: RefreshConfi
 
 
 def _write_empty(store: SteeringStore, version: str, table: str, schema: pa.Schema, cfg: StorageConfig) -> None:
-    import pyarrow.parquet as pq
+    storage.write_parquet(storage.join(store.table_uri(version, table), "empty.parquet"), schema.empty_table(), cfg)
 
-    sink = pa.BufferOutputStream()
-    pq.write_table(schema.empty_table(), sink)
-    storage.write_bytes(storage.join(store.table_uri(version, table), "empty.parquet"), sink.getvalue().to_pybytes(), cfg)
+
+_BUCKET = "__bucket"
+
+
+def _with_bucket(batch: pa.Table, schema: pa.Schema, buckets: int) -> pa.Table:
+    batch = conform(batch, schema)
+    return batch.append_column(_BUCKET, pa.array([user_bucket(u, buckets) for u in batch["user_id"].to_pylist()],
+                                                 pa.int32()))
+
+
+def _write_bucket_group(group: pa.Table, store: SteeringStore, version: str, table: str,
+                        row_group_bytes: int) -> pa.Table:
+    """map_groups function: every row of one hash bucket -> its file; returns (file, rows)."""
+    bucket = int(group[_BUCKET][0].as_py())
+    name = store.write_bucket(version, table, bucket, group.drop_columns([_BUCKET]), STORE_TABLES[table],
+                              row_group_bytes)
+    return pa.table({"file": [name], "rows": [group.num_rows]})
+
+
+def _write_bucketed(parts: list, store: SteeringStore, version: str, table: str, buckets: int,
+                    cfg: RefreshConfig) -> None:
+    """Write a per-user table (the union of ``parts``) as one sorted file per hash bucket of the user id."""
+    parts = [p for p in parts if p.count()]  # an empty dataset may have no columns to group by
+    if not parts:
+        return
+    schema = STORE_TABLES[table]
+    keyed = [p.map_batches(_with_bucket, fn_kwargs={"schema": schema, "buckets": buckets}, batch_format="pyarrow")
+             for p in parts]
+    ds = keyed[0].union(*keyed[1:]) if len(keyed) > 1 else keyed[0]
+    written = ds.groupby(_BUCKET, num_partitions=min(buckets, cfg.resources.prepare_partitions)).map_groups(
+        _write_bucket_group, fn_kwargs={"store": store, "version": version, "table": table,
+                                        "row_group_bytes": cfg.output.row_group_bytes},
+        batch_format="pyarrow").take_all()
+    log.info("wrote %s: %d rows in %d bucket files", table, sum(r["rows"] for r in written), len(written))
 
 
 def _redacted(config: RefreshConfig) -> dict:
@@ -353,37 +393,40 @@ def main(config: RefreshConfig) -> dict:
             or method_counts.get("steerx", 0) != n_steerx):
         raise ReconciliationError(f"inputs do not reconcile, nothing published: {summary}")
 
-    # 6. write the version, then publish (manifest, then LATEST)
-    _write(final, store, version, "vectors", config)
+    # 6. write the version, then publish (manifest, then LATEST). Per-user tables go to one file per
+    # hash bucket of the user id (point lookups read one small row group); the others as they come.
+    buckets = bucket_count(n_users, config.output.users_per_bucket)
+    per_user = {"vectors": [final], "users": [users_table]}
     rows = {"vectors": n_stored, "users": n_users, "quarantine": summary["quarantine_rows"], "bt_coords": 0,
             "bt_basis": 0, "dps_heads": n_dps, "dps_clusters": 0, "dps_population": 0, "steerx_users": n_steerx,
             "steerx_token_effects": 0}
     if population is not None:
-        _write(ray.data.from_arrow(pa.Table.from_pylist([population], schema=VECTORS_SCHEMA)),
-               store, version, "vectors", config)
+        storage.write_parquet(storage.join(store.table_uri(version, "vectors"), POPULATION_FILE),
+                              pa.Table.from_pylist([population], schema=VECTORS_SCHEMA), config.storage)
         rows["vectors"] += 1
     if theta_pop is not None:
-        _write(final, store, version, "bt_coords", config)
+        per_user["bt_coords"] = [final]
         basis_rows = _basis_rows(basis, np.asarray(population["norms"]), feature_norms, theta_pop, population,
                                  bt, n_sample=int(sample_table.num_rows), scale=scales["bt"])
         _write(ray.data.from_arrow(basis_rows), store, version, "bt_basis", config)
         rows.update(bt_coords=n_stored, bt_basis=basis_rows.num_rows)
     if dps_out is not None:
-        _write(dps_out["heads"], store, version, "dps_heads", config)
+        per_user["dps_heads"] = [dps_out["heads"]]
         for name in ("clusters", "population"):
             if dps_out[name] is not None:
                 _write(ray.data.from_arrow(dps_out[name]), store, version, f"dps_{name}", config)
                 rows[f"dps_{name}"] = dps_out[name].num_rows
     if steerx_out is not None:
-        _write(steerx_out["users"], store, version, "steerx_users", config)
+        per_user["steerx_users"] = [steerx_out["users"]]
         if steerx_out["vectors"] is not None:
-            _write(steerx_out["vectors"], store, version, "vectors", config)
+            per_user["vectors"].append(steerx_out["vectors"])
             rows["vectors"] += steerx_out["n_vectors"]
         if config.steerx.token_effects:
             effects = steerx_out["effects"].materialize()
             _write(effects, store, version, "steerx_token_effects", config)
             rows["steerx_token_effects"] = effects.count()
-    _write(users_table, store, version, "users", config)
+    for name, parts in per_user.items():
+        _write_bucketed(parts, store, version, name, buckets, config)
     _write(quarantine, store, version, "quarantine", config)
     for name, schema in STORE_TABLES.items():  # every version has every table, empty when a method did not run
         if not store.table_files(version, name):
@@ -396,6 +439,8 @@ def main(config: RefreshConfig) -> dict:
     manifest = Manifest(
         version=version, created_at=dt.datetime.now(dt.timezone.utc).isoformat(), model=model_info, tables=tables,
         summary=summary, config=_redacted(config), inputs=inputs,
+        layout={"kind": LAYOUT_KIND, "buckets": buckets, "tables": {t: list(BUCKETED_TABLES[t]) for t in per_user},
+                "row_group_bytes": config.output.row_group_bytes},
         methods=[m for m in ("caa", "bt", "dps", "steerx") if method_counts.get(m)], steerstore_version=_package_version(),
         scale_choice=dict(scale_curves, **({"steerx": {"recommended": steerx_out["recommended"],
                                                         "curve": steerx_out["calibration"]}}

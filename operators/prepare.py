@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from infra.config import check, option
 from operators.validate import require_columns
-from schemas.store import USER_ROW_SCHEMA
+from schemas.store import USER_ROW_SCHEMA, user_bucket
 
 _PAIR_FIELDS = ("pair_id", "prompt", "chosen", "rejected", "weight")
 _HISTORY_FIELDS = ("item_id", "input", "output", "timestamp")
@@ -33,10 +33,6 @@ class PrepareConfig:
         check(self.min_pairs >= 1, "prepare.min_pairs must be >= 1")
         check(self.min_histories >= 1, "prepare.min_histories must be >= 1")
         check(self.buckets >= 1, "prepare.buckets must be >= 1")
-
-
-def user_bucket(user_id: str, buckets: int) -> int:
-    return int(hashlib.sha256(user_id.encode()).hexdigest()[:8], 16) % buckets
 
 
 def _dedupe(records: list[dict], fields: tuple[str, ...], id_name: str):

@@ -170,10 +170,11 @@ class HeadContrast:
     tokens with p_full ≥ β·max p_full (0 disables). ``prefill='shared'`` computes the prompt once
     with the full model and copies its KV cache to the masked branch (the masked branch differs
     from the last prompt token on); ``separate`` prefills the masked branch with the heads
-    ablated too.
+    ablated too. A row whose ``heads`` entry is None is not contrast-decoded (``generate`` may
+    decode it with steering or influence instead).
     """
 
-    heads: list[list[Head]]
+    heads: list[list[Head] | None]
     gamma: torch.Tensor | float = 1.0
     adaptive: bool = False
     plausibility: float = 0.1
@@ -181,7 +182,7 @@ class HeadContrast:
     rows: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.heads = [[(int(l), int(h)) for l, h in row] for row in self.heads]
+        self.heads = [None if row is None else [(int(l), int(h)) for l, h in row] for row in self.heads]
         self.rows = len(self.heads)
         gamma = torch.as_tensor(self.gamma, dtype=torch.float32).reshape(-1)
         self.gamma = gamma.expand(self.rows).clone() if gamma.numel() == 1 else gamma
@@ -209,9 +210,10 @@ class Influence:
     context's influence and −1 < λ < 0 damps it. ``temperature`` T scales the log-probabilities
     inside the combination (reference: T = 0.6 with sampling top-p 0.9). An empty (or blank)
     context leaves the row's prompt as is: both branches are equal and the row decodes plainly.
+    A None context means the row is not influence-decoded (``generate`` may steer it otherwise).
     """
 
-    contexts: list[str]
+    contexts: list[str | None]
     lam: torch.Tensor | float = 1.0
     temperature: float = 1.0
     template: str = "{context}\n\n{prompt}"
@@ -219,8 +221,8 @@ class Influence:
 
     def __post_init__(self) -> None:
         self.contexts = list(self.contexts)
-        if not all(isinstance(c, str) for c in self.contexts):
-            raise ValueError("influence contexts must be strings (one per row)")
+        if not all(c is None or isinstance(c, str) for c in self.contexts):
+            raise ValueError("influence contexts must be strings (one per row; None: not influence-decoded)")
         self.rows = len(self.contexts)
         lam = torch.as_tensor(self.lam, dtype=torch.float32).reshape(-1)
         self.lam = lam.expand(self.rows).clone() if lam.numel() == 1 else lam
@@ -244,8 +246,8 @@ class Influence:
         if len(prompts) != self.rows:
             raise ValueError(f"{len(prompts)} prompts but influence for {self.rows} rows")
 
-        def fill(context: str, prompt: str) -> str:
-            if not context.strip():
+        def fill(context: str | None, prompt: str) -> str:
+            if context is None or not context.strip():
                 return prompt
             slots = {"context": context, "prompt": prompt}
             # one pass, so braces or placeholders inside the context or prompt are left alone
@@ -827,17 +829,24 @@ class ModelRuntime:
         With ``steer``, row i of ``prompts`` is steered by row i of ``steer``. With ``contrast``,
         row i is decoded by differential preference decoding against the model with row i's
         heads ablated; with ``influence``, by combining the prompt with and without row i's
-        context (see ``HeadContrast`` and ``Influence``). Both hold two branches as one batch of
-        2 × rows with one KV cache; the sampled or argmax token of the combined score feeds both.
-        At most one of ``steer``, ``contrast`` and ``influence``.
+        context (see ``HeadContrast`` and ``Influence``). These two-branch rows add a second
+        sequence to the same batch and KV cache; the sampled or argmax token of the combined
+        score feeds both. One call may mix modes across rows (a None entry in ``contrast.heads``
+        or ``influence.contexts`` leaves a row out of that mode), but a row is decoded by one
+        mode at most: steered (non-zero scale), contrast or influence.
         """
         from transformers import DynamicCache
 
         for name, extra in (("steering", steer), ("contrast", contrast), ("influence", influence)):
             if extra is not None and extra.rows != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {name} for {extra.rows} rows")
-        if sum(extra is not None for extra in (steer, contrast, influence)) > 1:
-            raise ValueError("generate takes steering or head contrast or influence, at most one of them")
+        in_contrast = [contrast is not None and contrast.heads[i] is not None for i in range(len(prompts))]
+        in_influence = [influence is not None and influence.contexts[i] is not None for i in range(len(prompts))]
+        steered = [steer is not None and float(steer.scales[i]) != 0.0 for i in range(len(prompts))]
+        both = [i for i in range(len(prompts)) if in_contrast[i] + in_influence[i] + steered[i] > 1]
+        if both:
+            raise ValueError(f"rows {both[:5]} are in more than one of steering, head contrast and influence; "
+                             "a row is decoded by one of them at most")
         if sampling is not None and not isinstance(sampling, Sampling):
             raise ValueError(f"sampling must be a Sampling; got {type(sampling).__name__}")
         prompt_seqs = self.prompt_ids(prompts)
@@ -845,24 +854,27 @@ class ModelRuntime:
         # micro-batches reserve room for a row's longer branch
         lengths = [len(s) for s in prompt_seqs] if context_seqs is None else \
             [max(len(a), len(c)) for a, c in zip(prompt_seqs, context_seqs)]
-        branches = 1 if contrast is None and influence is None else 2
+        branches = 2 if any(in_contrast) or any(in_influence) else 1
         uniforms = None if sampling is None or sampling.greedy else sampling.uniforms(len(prompts), max_new_tokens)
         results: list[str] = [""] * len(prompts)
         eos = torch.as_tensor(self.eos_token_ids or [-1], device=self.device)
         for batch in self.micro_batches(lengths, extra=max_new_tokens, budget=self.config.max_batch_tokens // branches):
             b = len(batch)
             cache = DynamicCache(config=self.model.config)
-            ctx, ids, mask, pos, score, temperature = self._decode_setup(
-                batch, prompt_seqs, context_seqs, cache, steer, contrast, influence)
+            ctx, ids, mask, pos, feed, score, logprob_rows = self._decode_setup(
+                batch, prompt_seqs, context_seqs, cache, steer,
+                contrast if any(in_contrast[i] for i in batch) else None,
+                influence if any(in_influence[i] for i in batch) else None)
             if uniforms is not None:
-                temperature = sampling.temperature if temperature is None else temperature
+                # a score that is already a temperature-scaled log-probability (influence) samples at 1
+                temperature = torch.where(logprob_rows, 1.0, sampling.temperature).to(self.device)
                 u = uniforms[batch].to(self.device)  # (b, max_new_tokens)
             with ctx:
                 logits = self.forward(ids, mask, pos, past_key_values=cache, logits_to_keep=1).logits[:, -1]
                 done = torch.zeros(b, dtype=torch.bool, device=self.device)
                 tokens: list[torch.Tensor] = []
                 for step in range(max_new_tokens):
-                    scores = score(logits)  # (b, vocab) from (branches × b, vocab)
+                    scores = score(logits)  # (b, vocab) from (forward rows, vocab)
                     if uniforms is None:
                         nxt = scores.argmax(-1)
                     else:
@@ -872,7 +884,7 @@ class ModelRuntime:
                     done |= torch.isin(nxt, eos)
                     if bool(done.all()):
                         break
-                    nxt = nxt.repeat(branches)
+                    nxt = nxt[feed]  # each forward row (second branches too) is fed its request's token
                     mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
                     pos = pos[:, -1:] + 1
                     logits = self.forward(nxt[:, None], mask, pos, past_key_values=cache, logits_to_keep=1).logits[:, -1]
@@ -885,49 +897,78 @@ class ModelRuntime:
 
     def _decode_setup(self, batch: list[int], prompt_seqs: list[list[int]], context_seqs: list[list[int]] | None,
                       cache, steer: Steering | None, contrast: HeadContrast | None, influence: Influence | None):
-        """One micro-batch's decoding state: (context manager, ids, mask, positions, score fn, temperature).
+        """One micro-batch's decoding state: (hooks, ids, mask, positions, feed, score fn, log-prob rows).
 
-        The inputs are the first forward's (prefill) rows: b rows, or 2 × b for the two-branch
-        modes (rows [0, b) the full / with-context branch, [b, 2b) the masked / plain branch).
-        ``score`` maps a step's (rows, vocab) logits to the (b, vocab) score the token is picked
-        from. ``temperature`` is None when sampling divides the score by ``Sampling.temperature``,
-        or 1.0 when the score is already a temperature-scaled log-probability (influence).
-        A ``shared`` contrast prefill runs here (its forward fills ``cache``).
+        Forward rows are the b requests' first branches (the prompt; with its context for
+        influence rows), then the second branches: the plain prompt of each influence row, then
+        the prompt of each contrast row (its heads ablated). ``feed`` (forward rows,) maps each
+        forward row to its request row; ``score`` maps a step's (forward rows, vocab) logits to
+        the (b, vocab) score tokens are picked from; ``logprob_rows`` (b,) marks rows whose score
+        is already a temperature-scaled log-probability (influence). With contrast rows and
+        ``prefill='shared'``, the prompts but their last token are prefilled here, unablated, and
+        each contrast row's cache is copied to its masked branch.
         """
         b = len(batch)
-        if influence is not None:
-            rows = influence.select(batch)
-            # both branches of all rows padded together: their prompt lengths differ
-            ids, mask, pos = self.collate([context_seqs[i] for i in batch] + [prompt_seqs[i] for i in batch], "left")
-            return contextlib.nullcontext(), ids, mask, pos, (lambda logits: self._influence_score(logits, rows)), 1.0
-        ids, mask, pos = self.collate([prompt_seqs[i] for i in batch], "left")
-        if contrast is not None:
-            rows = contrast.select(batch)
-            gates = torch.cat([torch.ones((b, self.num_layers, self.num_heads)), self.head_gates(rows.heads)])
-            both = torch.arange(b, device=self.device).repeat(2)
-            if rows.prefill == "shared" and ids.shape[1] >= 2 and min(len(prompt_seqs[i]) for i in batch) >= 2:
-                # the prompt but its last token once, unablated; then the last token in both branches
-                self.forward(ids[:, :-1], mask[:, :-1], pos[:, :-1], past_key_values=cache, logits_to_keep=1)
-                cache.reorder_cache(both)
-                ids, pos = ids[:, -1:], pos[:, -1:]
-            return (self.head_gating(gates), ids[both], mask[both], pos[both],
-                    (lambda logits: self._contrast_score(logits, rows)), None)
-        if steer is not None:
-            start = torch.as_tensor([len(prompt_seqs[i]) - 1 for i in batch])
-            ctx = self.steering(steer.select(batch), start)
-        else:
-            ctx = contextlib.nullcontext()
-        return ctx, ids, mask, pos, (lambda logits: logits.float()), None
+        inf = [r for r, i in enumerate(batch) if influence is not None and influence.contexts[i] is not None]
+        con = [r for r, i in enumerate(batch) if contrast is not None and contrast.heads[i] is not None]
+        inf_set = set(inf)
+        first = [context_seqs[i] if r in inf_set else prompt_seqs[i] for r, i in enumerate(batch)]
+        seqs = first + [prompt_seqs[batch[r]] for r in inf] + [prompt_seqs[batch[r]] for r in con]
+        feed = torch.as_tensor(list(range(b)) + inf + con, device=self.device)
+        ids, mask, pos = self.collate(seqs, "left")
+
+        with contextlib.ExitStack() as stack:  # on an error, hooks installed so far are removed
+            if steer is not None:
+                rows = steer.select(batch)
+                extra = len(seqs) - b  # second branches are never steered
+                vectors = {l: torch.cat([v, v.new_zeros((extra, v.shape[1]))]) for l, v in rows.vectors.items()}
+                fsteer = Steering(vectors, torch.cat([rows.scales, rows.scales.new_zeros(extra)]), rows.positions)
+                start = torch.as_tensor([len(s) - 1 for s in seqs])
+                stack.enter_context(self.steering(fsteer, start))
+            if con:
+                rows = contrast.select([batch[r] for r in con])
+                if rows.prefill == "shared" and min(len(s) for s in seqs) >= 2:
+                    # the prompts but their last token once, unablated; then copy each contrast row's
+                    # cache to its masked branch and feed every forward row its last token
+                    n = b + len(inf)
+                    self.forward(ids[:n, :-1], mask[:n, :-1], pos[:n, :-1], past_key_values=cache, logits_to_keep=1)
+                    cache.reorder_cache(torch.cat([torch.arange(n, device=self.device),
+                                                   torch.as_tensor(con, device=self.device)]))
+                    ids, pos = ids[:, -1:], pos[:, -1:]
+                gates = torch.ones((len(seqs), self.num_layers, self.num_heads))
+                gates[b + len(inf):] = self.head_gates(rows.heads)
+                stack.enter_context(self.head_gating(gates))
+            hooks = stack.pop_all()
+        inf_rows = influence.select([batch[r] for r in inf]) if inf else None
+        con_rows = contrast.select([batch[r] for r in con]) if con else None
+        inf_idx = torch.as_tensor(inf, dtype=torch.long, device=self.device)
+        con_idx = torch.as_tensor(con, dtype=torch.long, device=self.device)
+
+        def score(logits: torch.Tensor) -> torch.Tensor:
+            out = logits[:b].float()
+            if inf:
+                second = logits[b:b + len(inf)]
+                out[inf_idx] = self._influence_score(torch.cat([logits[inf_idx], second]), inf_rows)
+            if con:
+                second = logits[b + len(inf):]
+                out[con_idx] = self._contrast_score(torch.cat([logits[con_idx], second]), con_rows)
+            return out
+
+        logprob_rows = torch.zeros(b, dtype=torch.bool)
+        logprob_rows[inf] = True
+        return hooks, ids, mask, pos, feed, score, logprob_rows
 
     @staticmethod
-    def _sample(scores: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    def _sample(scores: torch.Tensor, u: torch.Tensor, temperature: float | torch.Tensor, top_p: float) -> torch.Tensor:
         """Sample (b,) tokens from softmax(scores / temperature) within the top-p nucleus, by inverse CDF.
 
+        ``temperature`` is one value or one per row (b,).
         ``u`` (b,) are uniforms in [0, 1), one per row, so a row's token depends only on its own
         scores and uniform. The nucleus is the smallest prefix of tokens (most probable first, ties
         by index) whose mass reaches ``top_p``; it always holds the most probable token, so a tiny
         ``top_p`` is greedy.
         """
+        temperature = torch.as_tensor(temperature, dtype=torch.float32, device=scores.device).reshape(-1, 1)
         probs = torch.softmax(scores.float() / temperature, -1)
         ranked, order = probs.sort(dim=-1, descending=True, stable=True)  # (b, vocab)
         cdf = ranked.cumsum(-1)

@@ -24,6 +24,8 @@ then ``manifest.json`` (written last but one) and the store's ``LATEST`` pointer
 
 from __future__ import annotations
 
+import hashlib
+import math
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
@@ -270,6 +272,32 @@ STORE_TABLES: dict[str, pa.Schema] = {
 }
 
 
+# ---- point-lookup layout -------------------------------------------------------------------
+# The per-user tables are written as one file per hash bucket of the user id,
+# ``<table>/bucket-<b>.parquet``, sorted by the table's keys and cut into small row groups, so a
+# lookup of one user opens one file (its footer is cached) and reads one row group found from the
+# row groups' user_id statistics. The population vector row is ``vectors/population.parquet``.
+LAYOUT_KIND = "user-buckets"
+BUCKETED_TABLES: dict[str, tuple[str, ...]] = {
+    "vectors": ("user_id", "method", "source"), "users": ("user_id",), "bt_coords": ("user_id",),
+    "dps_heads": ("user_id",), "steerx_users": ("user_id",),
+}
+POPULATION_FILE = "population.parquet"
+
+
+def user_bucket(user_id: str, buckets: int) -> int:
+    """The hash bucket of a user id: the first 32 bits of sha256(utf-8) modulo ``buckets``."""
+    return int(hashlib.sha256(user_id.encode()).hexdigest()[:8], 16) % buckets
+
+
+def bucket_file(bucket: int) -> str:
+    return f"bucket-{bucket:05d}.parquet"
+
+
+def bucket_count(n_users: int, users_per_bucket: int) -> int:
+    return max(1, math.ceil(n_users / users_per_bucket))
+
+
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """Select and cast ``table``'s columns to exactly ``schema`` (an error names what is off)."""
     missing = [n for n in schema.names if n not in table.column_names]
@@ -303,6 +331,7 @@ class Manifest:
     methods: list[str]  # e.g. ["caa", "bt"]
     steerstore_version: str
     scale_choice: dict = field(default_factory=dict)  # per method: chosen α and its curve
+    layout: dict = field(default_factory=dict)  # kind, buckets, tables (sort keys), row_group_bytes; {} = unbucketed
     store_schema_version: int = STORE_SCHEMA_VERSION
 
     def to_json_dict(self) -> dict:

@@ -169,7 +169,7 @@ def test_shared_prefill_matches_a_masked_branch_that_sees_the_unablated_prompt(t
 def test_bad_heads_are_rejected_with_the_model_shape(tiny_runtime):
     with pytest.raises(ValueError, match="query heads 0..3"):
         tiny_runtime.head_gates([[(0, 9)]])
-    with pytest.raises(ValueError, match="steering or head contrast"):
+    with pytest.raises(ValueError, match="more than one of steering, head contrast and influence"):
         from operators.runtime import Steering
         steer = Steering({1: torch.zeros(1, tiny_runtime.hidden_size)}, [1.0])
         tiny_runtime.generate(PROMPTS[:1], 2, steer=steer, contrast=HeadContrast([[]]))

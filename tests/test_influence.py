@@ -172,9 +172,11 @@ def test_bad_arguments_are_rejected_with_clear_messages(tiny_runtime):
     with pytest.raises(ValueError, match="2 prompts but influence for 3 rows"):
         rt.generate(PROMPTS[:2], 2, influence=Influence(["a", "b", "c"]))
     steer = Steering({1: torch.zeros(1, rt.hidden_size)}, [1.0])
-    with pytest.raises(ValueError, match="steering or head contrast or influence"):
+    with pytest.raises(ValueError, match=r"rows \[0\] are in more than one of steering, head contrast and influence"):
         rt.generate(PROMPTS[:1], 2, steer=steer, influence=Influence(["a"]))
-    with pytest.raises(ValueError, match="steering or head contrast or influence"):
-        rt.generate(PROMPTS[:1], 2, contrast=HeadContrast([[]]), influence=Influence(["a"]))
+    with pytest.raises(ValueError, match=r"rows \[1\] are in more than one"):
+        rt.generate(PROMPTS[:2], 2, contrast=HeadContrast([None, []]), influence=Influence(["a", "b"]))
+    with pytest.raises(ValueError, match="influence contexts must be strings"):
+        Influence([3])
     with pytest.raises(ValueError, match="sampling must be a Sampling"):
         rt.generate(PROMPTS[:1], 2, sampling={"temperature": 1.0})

@@ -176,7 +176,7 @@ def test_serving_refuses_a_model_whose_weights_differ_from_the_store(bad_input_r
     from tests.tiny import save_tiny
 
     other = save_tiny(tmp_path / "other", seed=1)
-    with pytest.raises(FingerprintMismatch, match="load that model or rebuild the store"):
+    with pytest.raises(FingerprintMismatch, match="serve it with that model or rebuild the store"):
         load_runtime_for(StoreReader(bad_input_run[1]), str(other))
 
 
