@@ -252,7 +252,7 @@ class StoreReader:
     def _valid(self, user_ids: Sequence[object]) -> list[str]:
         return [u for u in dict.fromkeys(u for u in user_ids if isinstance(u, str)) if id_problem(u) is None]
 
-    def _manifest_source(self, method: str) -> str:
+    def default_source(self, method: str) -> str:
         if method == "caa":
             return "pairs"
         return self.manifest.get("config", {}).get("steerx", {}).get("vectors", {}).get("source", "blend")
@@ -263,7 +263,7 @@ class StoreReader:
         ``method`` caa (source pairs) or steerx (source history | description | blend; default:
         the source the version recommends for serving).
         """
-        source = source or self._manifest_source(method)
+        source = source or self.default_source(method)
         schema_v2 = int(self.manifest.get("store_schema_version", 1)) >= 2  # version 1 stores hold CAA only
         out = {}
         for uid, rows in self._lookup("vectors", self._valid(user_ids)).items():

@@ -11,13 +11,15 @@ from infra.config import ConfigError, add_arguments, load
 
 
 def _jobs():
-    from jobs import (bench, bench_dps, bench_steerx, demo, evaluate, generate, importers, inspect_store, pref_eval,
-                      refresh, steerx_tau)
+    from jobs import (bench, bench_dps, bench_steerx, demo, evaluate, export, generate, importers, inspect_store,
+                      pref_eval, refresh, steerx_tau)
 
     return {
         "refresh": (refresh.RefreshConfig, refresh.main, "compute steering vectors and publish a new store version"),
         "inspect": (inspect_store.InspectConfig, inspect_store.main, "describe a store: versions, rows, schema, model"),
         "generate": (generate.GenerateConfig, generate.main, "answer a prompt unsteered and steered for a user"),
+        "export": (export.ExportConfig, export.main,
+                   "export users' steering vectors for serving engines: llama.cpp GGUF, EasySteer JSON, safetensors"),
         "import": (importers.ImportConfig, importers.main, "convert PRISM or plain pairs into preference_pairs, or LaMP / LongLaMP question files into histories + held-out items"),
         "demo": (demo.DemoConfig, demo.main, "run the embedded demo end to end into ./steerstore-out"),
         "bench": (bench.BenchConfig, bench.main, "benchmark the activation stage against a plain per-sequence loop"),

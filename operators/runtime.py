@@ -138,17 +138,21 @@ class Steering:
     """Per-row residual-stream additions: row b gets ``scales[b] * vectors[layer][b]``.
 
     A zero scale (or zero vector) leaves a row unsteered, so one batch can mix users,
-    including unsteered ones.
+    including unsteered ones. ``positions`` is one value for every row or one per row.
     """
 
     vectors: dict[int, torch.Tensor]  # layer -> (rows, hidden)
     scales: torch.Tensor  # (rows,)
-    positions: SteerPositions = "response"
+    positions: SteerPositions | list[SteerPositions] = "response"
     rows: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.scales = torch.as_tensor(self.scales, dtype=torch.float32).reshape(-1)
         self.rows = int(self.scales.shape[0])
+        per_row = [self.positions] * self.rows if isinstance(self.positions, str) else list(self.positions)
+        if len(per_row) != self.rows or any(p not in ("response", "all") for p in per_row):
+            raise ValueError(f"steering positions must be 'response' or 'all', once or per row ({self.rows} rows); "
+                             f"got {self.positions!r}")
         for layer, vec in self.vectors.items():
             if vec.ndim != 2 or vec.shape[0] != self.rows:
                 raise ValueError(
@@ -157,7 +161,14 @@ class Steering:
 
     def select(self, rows: Sequence[int]) -> "Steering":
         idx = torch.as_tensor(list(rows), dtype=torch.long)
-        return Steering({l: v[idx] for l, v in self.vectors.items()}, self.scales[idx], self.positions)
+        positions = self.positions if isinstance(self.positions, str) else [self.positions[i] for i in rows]
+        return Steering({l: v[idx] for l, v in self.vectors.items()}, self.scales[idx], positions)
+
+    def from_all_positions(self) -> torch.Tensor:
+        """(rows,) bool: rows steered at every position (the others from their response on)."""
+        if isinstance(self.positions, str):
+            return torch.full((self.rows,), self.positions == "all")
+        return torch.as_tensor([p == "all" for p in self.positions])
 
 
 @dataclass
@@ -793,21 +804,25 @@ class ModelRuntime:
         ``positions='response'`` (its last prompt token, as a 0-based real position).
         """
         layers = self._check_layers(list(steer.vectors))
-        if steer.positions == "response" and response_start is None:
+        everywhere = steer.from_all_positions()
+        if not bool(everywhere.all()) and response_start is None:
             raise ValueError("positions='response' needs response_start per row")
         scales = steer.scales.to(self.device)
         vectors = {l: (v.to(self.device, torch.float32) * scales[:, None]) for l, v in steer.vectors.items()}
-        start = response_start.to(self.device) if response_start is not None else None
+        # first steered position per row: 0 for 'all' rows; None when every row is steered everywhere
+        start = None if bool(everywhere.all()) else \
+            torch.where(everywhere, 0, torch.as_tensor(response_start)).to(self.device)
 
         def hook(layer_index):
             def fn(_module, _inputs, output):
                 hidden = output[0] if isinstance(output, tuple) else output
-                add = vectors[layer_index][:, None, :]  # (rows, 1, hidden)
-                if steer.positions == "response":
+                rows = hidden.shape[0]  # a forward of fewer rows (a shared prefill) is the first rows
+                add = vectors[layer_index][:rows, None, :]  # (rows, 1, hidden)
+                if start is not None:
                     pos = self._position_ids
                     if pos is None:
                         raise RuntimeError("steering hook ran outside ModelRuntime.forward")
-                    add = add * (pos >= start[:, None]).unsqueeze(-1)  # (rows, seq, hidden)
+                    add = add * (pos >= start[:rows, None]).unsqueeze(-1)  # (rows, seq, hidden)
                 hidden = hidden + add.to(hidden.dtype)
                 return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
             return fn
@@ -922,7 +937,8 @@ class ModelRuntime:
                 rows = steer.select(batch)
                 extra = len(seqs) - b  # second branches are never steered
                 vectors = {l: torch.cat([v, v.new_zeros((extra, v.shape[1]))]) for l, v in rows.vectors.items()}
-                fsteer = Steering(vectors, torch.cat([rows.scales, rows.scales.new_zeros(extra)]), rows.positions)
+                positions = rows.positions if isinstance(rows.positions, str) else rows.positions + ["all"] * extra
+                fsteer = Steering(vectors, torch.cat([rows.scales, rows.scales.new_zeros(extra)]), positions)
                 start = torch.as_tensor([len(s) - 1 for s in seqs])
                 stack.enter_context(self.steering(fsteer, start))
             if con:

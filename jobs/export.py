@@ -1,0 +1,139 @@
+"""Export users' steering vectors for serving engines: llama.cpp GGUF, EasySteer JSON, safetensors.
+
+Launch: ``steerstore export --store ./steerstore-out/store --user enthusiastic-0 --format gguf --out ./vectors``
+(or ``--all true`` for every stored user; ``--method bt|population|steerx``). One file per user (and a
+sidecar for safetensors); formats and conventions are described in infra/exports.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from infra.config import check, option
+from infra.exports import ENCODERS, ExportError, ExportItem, LayerChoice, file_stem, model_hint
+from infra.reader import StoreReader, UserVectors, id_problem
+from infra.storage import StorageConfig, join, write_bytes
+
+BATCH_USERS = 1000  # ids per vectors() call with --all
+SHOWN_SKIPS = 20  # skipped users printed one by one; the summary lists them all
+
+
+@dataclass
+class ExportConfig:
+    store: str = option("./steerstore-out/store", help="store URI (local folder or s3://bucket/prefix)")
+    user: str = option("", help="the user to export (or --all)")
+    all: bool = option(False, help="export every stored user")
+    format: Literal["gguf", "easysteer", "safetensors"] = option(
+        "gguf", help="gguf: llama.cpp control vector; easysteer: the EasySteer (vLLM) per-request steering JSON "
+                     "with the vectors inline; safetensors: one tensor per layer plus a JSON sidecar")
+    method: Literal["caa", "bt", "population", "steerx"] = option(
+        "caa", help="caa: the user's CAA direction; bt: their BT ideal point composed with the basis; population: "
+                    "the one population vector (no --user / --all); steerx: the user's style vector")
+    source: str | None = option(None, help="steerx: history | description | blend; default: the store's")
+    layers: LayerChoice = option(
+        "recommended", help="recommended: the store's recommended layers; all: every stored layer (llama.cpp's "
+                            "--control-vector-layer-range A B can then select)")
+    out: str = option("./steerstore-out/export", help="output folder (local or s3://bucket/prefix)")
+    version: str | None = option(None, help="store version; default LATEST")
+    storage: StorageConfig = dataclasses.field(default_factory=StorageConfig, metadata={"help": "object storage"})
+
+    def __post_init__(self) -> None:
+        if self.method == "population":
+            check(not self.user and not self.all, "--method population exports the one population vector: "
+                                                  "drop --user / --all")
+        else:
+            check(bool(self.user) != self.all, "give exactly one of --user ID and --all true")
+        check(self.source is None or self.method == "steerx", "--source applies to --method steerx only")
+        check(self.source in (None, "history", "description", "blend"),
+              f"--source must be history, description or blend, got {self.source!r}")
+
+
+def _why(reader: StoreReader, user: str, row: dict | None, what: str) -> str:
+    """Why ``user`` has no ``what`` (as jobs/generate.py explains it), from their users-table row."""
+    problem = id_problem(user)
+    if problem is not None:
+        return problem
+    why = "it was not in the inputs"
+    if row is not None:
+        why = f"its artifacts are {row['methods']}" if row["status"] == "stored" \
+            else f"it is quarantined: {row['reason']}"
+    return f"user {user!r} has no {what} in store version {reader.version}: {why}"
+
+
+def _lookup(reader: StoreReader, config: ExportConfig, ids: list[str], source: str) -> dict[str, UserVectors]:
+    if config.method == "bt":
+        return reader.bt(ids) if reader.bt_basis().num_rows else {}
+    return reader.vectors(ids, method=config.method, source=source)
+
+
+def _batches(reader: StoreReader, config: ExportConfig):
+    """(user rows, ids) to export: the one --user, or every stored user BATCH_USERS at a time."""
+    if not config.all:
+        rows = reader.users([config.user]).to_pylist()  # [] for an absent or malformed id
+        yield {config.user: rows[0] if rows else None}, [config.user]
+        return
+    stored = [r for r in reader.users().to_pylist() if r["status"] == "stored"]
+    for start in range(0, len(stored), BATCH_USERS):
+        rows = {r["user_id"]: r for r in stored[start:start + BATCH_USERS]}
+        yield rows, list(rows)
+
+
+def main(config: ExportConfig) -> dict:
+    reader = StoreReader(config.store, config.storage, config.version)
+    source = "pairs" if config.method != "steerx" else (config.source or reader._manifest_source("steerx"))
+    hint = model_hint(reader.manifest)
+    what = {"caa": "CAA vectors", "bt": "BT ideal point", "steerx": f"SteerX {source} vectors",
+            "population": "population vector"}[config.method]
+    files: list[dict] = []
+    skipped: dict[str, str] = {}
+
+    def export(vectors: UserVectors) -> None:
+        item = ExportItem(vectors, config.method, source, reader.version, hint, config.layers)
+        try:
+            encoded = ENCODERS[config.format](item)
+        except ExportError as exc:
+            skipped[vectors.user_id or "population"] = str(exc)
+            return
+        stem = file_stem(vectors.user_id, config.method, source)
+        uris = [join(config.out, stem + suffix) for suffix in encoded.files]
+        for uri, data in zip(uris, encoded.files.values()):
+            write_bytes(uri, data, config.storage)
+        files.append({"user_id": vectors.user_id, "files": uris, "layers": encoded.layers, "scale": encoded.scale,
+                      "positions": vectors.positions, "notes": encoded.notes})
+        line = f"{uris[0]} · {vectors.user_id or 'population'} · layers {encoded.layers} · scale {encoded.scale:g}"
+        if config.format == "gguf":
+            line += f" · llama.cpp: --control-vector-scaled {uris[0]} {encoded.scale:g}"
+            recommended = [l for l in vectors.recommended_layers if l > 0]
+            if config.layers == "all" and recommended:
+                line += f" --control-vector-layer-range {min(recommended)} {max(recommended)}"
+        print(line)
+        for note in encoded.notes:
+            print(f"  {note}")
+
+    if config.method == "population":
+        population = reader.population()
+        if population is None:
+            skipped["population"] = f"store version {reader.version} has no population vector (no user was stored)"
+        else:
+            export(population)
+    else:
+        for rows, ids in _batches(reader, config):
+            found = _lookup(reader, config, ids, source)
+            for uid in ids:
+                if uid in found:
+                    export(found[uid])
+                else:
+                    skipped[uid] = _why(reader, uid, rows.get(uid), what)
+    for reason in list(skipped.values())[:SHOWN_SKIPS]:
+        print(f"skipped: {reason}")
+    if len(skipped) > SHOWN_SKIPS:
+        print(f"skipped {len(skipped) - SHOWN_SKIPS} more users (the summary lists them all)")
+    if config.format == "gguf" and any(f["positions"] == "response" for f in files):
+        print("note: llama.cpp adds control vectors at every position, the prompt included; these vectors were "
+              "fitted for response positions (the last prompt token onwards)")
+    print(f"exported {len(files)} file set(s) to {config.out} ({config.format}, {config.method}, store version "
+          f"{reader.version}); skipped {len(skipped)}")
+    return {"store": config.store, "version": reader.version, "format": config.format, "method": config.method,
+            "source": source, "out": config.out, "files": files, "skipped": skipped}

@@ -1,0 +1,236 @@
+"""The reference serving path: personalise one batch of requests from many users and methods.
+
+Each request names a user, a prompt and a method; the store supplies the user's artifacts and
+every request of the batch is decoded together (one forward per step for the whole micro-batch):
+
+- ``none``: unsteered;
+- ``caa`` / ``bt`` / ``population``: add α·v to the residual stream at the vector's recommended
+  layers (BT: the user's ideal point composed with the basis; population: the population
+  direction), from the response on or everywhere as the vector says;
+- ``style_vector``: the user's SteerX style vector (γ·v; source history | description | blend);
+- ``influence``: SteerX influence decoding with the user's style description S (λ);
+- ``dps``: differential preference decoding against the user's preference heads (γ).
+
+A user the store has nothing for gets the population vector for the vector methods and plain
+decoding for ``influence`` and ``dps``; ``Served.applied`` says which was used and why.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Literal, Sequence, get_args
+
+import torch
+
+from infra.reader import StoreReader, UserArtifacts, UserVectors
+from operators.runtime import HeadContrast, Influence, ModelConfig, ModelRuntime, Sampling, Steering
+
+Method = Literal["none", "caa", "bt", "population", "style_vector", "influence", "dps"]
+METHODS: tuple[str, ...] = get_args(Method)
+DEFAULT_LAMBDA = 1.0  # influence strength when a request gives none (the store records no λ)
+DEFAULT_INFLUENCE_TEMPERATURE = 0.6
+
+
+@dataclass
+class Request:
+    """One generation request: whose, what, and how strongly (None = the store's recommendation)."""
+
+    user_id: str
+    prompt: str
+    method: Method = "none"
+    scale: float | None = None  # α (caa, bt, population), γ (style_vector, dps) or λ (influence)
+    source: str | None = None  # style_vector: history | description | blend (default: the store's)
+    layers: list[int] | None = None  # vector methods: layers to steer (default: the vector's recommended)
+
+
+@dataclass
+class Served:
+    """A request's output and what was applied to produce it."""
+
+    text: str
+    user_id: str
+    method: str  # as requested
+    applied: Literal["user", "population", "none"]  # the user's own artifact, the fallback, or nothing
+    scale: float | None  # the strength used (None when nothing was applied)
+    layers: list[int] | None = None  # steered layers (vector methods)
+    note: str | None = None  # why a fallback was used
+
+
+class BadRequest(ValueError):
+    """A request the serving path cannot run (unknown method, empty prompt, ...)."""
+
+
+def _check(requests: Sequence[Request]) -> None:
+    for k, r in enumerate(requests):
+        if not isinstance(r, Request):
+            raise BadRequest(f"request {k} is a {type(r).__name__}, expected a serving.Request")
+        if r.method not in METHODS:
+            raise BadRequest(f"request {k}: unknown method {r.method!r}; methods: {', '.join(METHODS)}")
+        if not isinstance(r.prompt, str) or not r.prompt.strip():
+            raise BadRequest(f"request {k}: the prompt must be non-empty text")
+        if r.scale is not None and not (isinstance(r.scale, (int, float)) and torch.isfinite(torch.tensor(float(r.scale)))):
+            raise BadRequest(f"request {k}: scale must be a finite number, got {r.scale!r}")
+
+
+class _Plan:
+    """Per-row decoding settings of one batch, built request by request."""
+
+    def __init__(self, n: int):
+        self.vectors: list[tuple[UserVectors, float, list[int]] | None] = [None] * n
+        self.contexts: list[str | None] = [None] * n
+        self.lam = [0.0] * n
+        self.template: str | None = None
+        self.heads: list[list[tuple[int, int]] | None] = [None] * n
+        self.gamma = [0.0] * n
+        self.dps_settings: tuple[bool, float] | None = None
+
+    def steering(self) -> Steering | None:
+        rows = [v for v in self.vectors if v is not None]
+        if not rows:
+            return None
+        hidden = rows[0][0].vectors.shape[1]
+        layers = sorted({l for _, _, ls in rows for l in ls})
+        vectors = {l: torch.zeros(len(self.vectors), hidden) for l in layers}
+        scales = torch.zeros(len(self.vectors))
+        positions = ["response"] * len(self.vectors)
+        for i, entry in enumerate(self.vectors):
+            if entry is None:
+                continue
+            user, scale, use = entry
+            for l, v in user.at(use).items():
+                vectors[l][i] = torch.tensor(v)
+            scales[i] = scale
+            positions[i] = user.positions
+        return Steering(vectors, scales, positions)  # type: ignore[arg-type]
+
+    def influence(self, temperature: float) -> Influence | None:
+        if all(c is None for c in self.contexts):
+            return None
+        return Influence(self.contexts, lam=self.lam, temperature=temperature, template=self.template)
+
+    def contrast(self) -> HeadContrast | None:
+        if all(h is None for h in self.heads):
+            return None
+        adaptive, plausibility = self.dps_settings
+        return HeadContrast(self.heads, gamma=self.gamma, adaptive=adaptive, plausibility=plausibility)
+
+
+def _vector_for(req: Request, art: UserArtifacts, reader: StoreReader) -> tuple[UserVectors | None, str | None]:
+    """The vector a vector-method request uses (the user's, else the population's) and why it fell back."""
+    if req.method == "population":
+        return art.population, None
+    if req.method == "caa":
+        own = art.caa
+    elif req.method == "bt":
+        own = art.bt
+    else:
+        own = art.style_vectors.get(req.source or reader.default_source("steerx"))
+    if own is not None:
+        return own, None
+    why = art.reason if art.status != "found" else f"user has no {req.method} artifact in this store version"
+    return art.population, why
+
+
+def plan_requests(reader: StoreReader, requests: Sequence[Request],
+                  ) -> tuple[_Plan, list[Served]]:
+    """Resolve each request against the store: the batch's decoding plan and each row's record."""
+    _check(requests)
+    plan = _Plan(len(requests))
+    served: list[Served] = []
+    for i, req in enumerate(requests):
+        record = Served("", req.user_id, req.method, "none", None)
+        served.append(record)
+        if req.method == "none":
+            continue
+        art = reader.artifacts(req.user_id)
+        if req.method in ("caa", "bt", "population", "style_vector"):
+            vec, why = _vector_for(req, art, reader)
+            record.note = why
+            if vec is None:
+                record.note = (why + "; " if why else "") + "the store has no population vector: unsteered"
+                continue
+            layers = list(req.layers or vec.recommended_layers)
+            missing = [l for l in layers if l not in vec.layers]
+            if missing:
+                raise BadRequest(f"request {i}: layers {missing} are not stored for this vector "
+                                 f"(stored: {vec.layers})")
+            scale = float(req.scale) if req.scale is not None else vec.recommended_scale
+            plan.vectors[i] = (vec, scale, layers)
+            record.applied = "user" if why is None and req.method != "population" else "population"
+            record.scale, record.layers = scale, layers
+        elif req.method == "influence":
+            row = art.steerx
+            if row is None or not (row.get("context") or "").strip():
+                record.note = art.reason or "user has no SteerX style description: unsteered"
+                continue
+            if plan.template is not None and row["style_template"] != plan.template:
+                raise BadRequest("influence requests of one batch must share the store's style template")
+            plan.template = row["style_template"]
+            plan.contexts[i] = row["context"]
+            plan.lam[i] = float(req.scale) if req.scale is not None else DEFAULT_LAMBDA
+            record.applied, record.scale = "user", plan.lam[i]
+        else:  # dps
+            user = art.dps
+            if user is None or not user.heads:
+                record.note = art.reason or "user has no preference heads with a positive score: unsteered"
+                continue
+            settings = (user.adaptive, user.plausibility)
+            if plan.dps_settings is not None and settings != plan.dps_settings:
+                raise BadRequest("dps requests of one batch must share adaptive/plausibility settings")
+            plan.dps_settings = settings
+            plan.heads[i] = user.heads
+            plan.gamma[i] = float(req.scale) if req.scale is not None else user.gamma
+            record.applied, record.scale = "user", plan.gamma[i]
+    return plan, served
+
+
+def serve(runtime: ModelRuntime, reader: StoreReader, requests: Sequence[Request], max_new_tokens: int = 64,
+          sampling: Sampling | None = None,
+          influence_temperature: float = DEFAULT_INFLUENCE_TEMPERATURE) -> list[Served]:
+    """Decode every request in one mixed batch with ``runtime`` (checked against the store's model)."""
+    reader.check_model(runtime.fingerprint, f"model {runtime.model_id!r}")
+    if not requests:
+        return []
+    plan, served = plan_requests(reader, requests)
+    texts = runtime.generate([r.prompt for r in requests], max_new_tokens, steer=plan.steering(),
+                             contrast=plan.contrast(), influence=plan.influence(influence_temperature),
+                             sampling=sampling)
+    for record, text in zip(served, texts):
+        record.text = text
+    return served
+
+
+_RUNTIMES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _runtime_for(model, tokenizer, reader: StoreReader) -> ModelRuntime:
+    """A runtime around the caller's model (kept per model object: its fingerprint is hashed once)."""
+    if isinstance(model, ModelRuntime):
+        return model
+    cached = _RUNTIMES.get(model)
+    if cached is not None and cached.tokenizer is tokenizer:
+        return cached
+    stored = dict(reader.manifest.get("config", {}).get("model") or {})
+    # the store's prompt conventions (chat template) must hold at serving time too
+    config = ModelConfig(name_or_path=reader.manifest["model"].get("id") or "served-model",
+                         use_chat_template=bool(stored.get("use_chat_template", True)),
+                         max_batch_tokens=int(stored.get("max_batch_tokens", 8192)))
+    runtime = ModelRuntime(config, model=model, tokenizer=tokenizer)
+    _RUNTIMES[model] = runtime
+    return runtime
+
+
+def personalised_generate(model, tokenizer, requests: Sequence[Request], store: StoreReader | str,
+                          max_new_tokens: int = 64, sampling: Sampling | None = None,
+                          influence_temperature: float = DEFAULT_INFLUENCE_TEMPERATURE) -> list[Served]:
+    """Generate for a batch of requests of different users and methods with a Hugging Face model.
+
+    ``model`` is a transformers causal LM (or a ``ModelRuntime``) with the weights the store was
+    built for (refused otherwise: ``FingerprintMismatch``); it is put in eval mode with gradients
+    off. ``store`` is a ``StoreReader`` (keep one per process: it caches lookups) or a store URI.
+    Outputs come back in request order; each equals what serving that request alone gives.
+    """
+    reader = store if isinstance(store, StoreReader) else StoreReader(store)
+    runtime = _runtime_for(model, tokenizer, reader)
+    return serve(runtime, reader, requests, max_new_tokens, sampling, influence_temperature)

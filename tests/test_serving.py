@@ -1,0 +1,174 @@
+"""Serving: point lookups in the bucketed store, and one mixed batch of users and methods."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from infra.reader import FingerprintMismatch, StoreReader
+from operators.runtime import HeadContrast, Influence, ModelConfig, ModelRuntime, Sampling, Steering
+from operators.serving import BadRequest, Request, personalised_generate, plan_requests, serve
+from tests.tiny import tiny_model, tiny_tokenizer
+
+PROMPTS = ["Tell me about thing 1.", "What do you think of cats?", "Write a note.", "Hi there",
+           "Describe the sea in a sentence.", "Say something nice."]
+
+
+@pytest.fixture(scope="module")
+def served(served_store):
+    uri, folder = served_store
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return StoreReader(uri), model, tokenizer
+
+
+# ---- lookups ------------------------------------------------------------------------------
+
+def test_the_per_user_tables_are_one_sorted_file_per_bucket_with_small_row_groups(served):
+    reader, _, _ = served
+    layout = reader.manifest["layout"]
+    assert layout["kind"] == "user-buckets" and layout["buckets"] >= 1
+    assert set(layout["tables"]) >= {"vectors", "users", "bt_coords", "dps_heads", "steerx_users"}
+    files = reader.manifest["tables"]["vectors"]["files"]
+    assert "population.parquet" in files and all(f.startswith("bucket-") for f in files if f != "population.parquet")
+    for f in files:
+        if f.startswith("bucket-"):
+            table = pq.read_table(reader.store.table_uri(reader.version, "vectors") + "/" + f)
+            keys = list(zip(table["user_id"].to_pylist(), table["method"].to_pylist(), table["source"].to_pylist()))
+            assert keys == sorted(keys)
+
+
+def test_a_lookup_returns_the_same_artifacts_as_a_full_table_scan(served):
+    reader, _, _ = served
+    import pyarrow.compute as pc
+
+    full = reader.store.read_table("vectors", reader.version, filter=pc.field("scope") == "user").to_pylist()
+    for row in full:
+        got = reader.vectors([row["user_id"]], row["method"], row["source"])[row["user_id"]]
+        np.testing.assert_array_equal(got.vectors, np.asarray(row["vectors"], dtype=np.float32))
+        assert got.layers == row["layers"] and got.recommended_scale == pytest.approx(row["recommended_scale"])
+    population = reader.population()
+    assert population is not None and population.user_id is None
+
+
+def test_lookups_of_present_absent_and_malformed_ids_never_raise(served):
+    reader, _, _ = served
+    found = reader.artifacts("ann")
+    assert found.status == "found" and found.caa is not None and found.bt is not None and found.dps is not None
+    assert found.steerx is not None and found.style_vectors
+    absent = reader.artifacts("nobody-like-this")
+    assert absent.status == "unknown" and "no artifacts" in absent.reason and absent.population is not None
+    for bad, why in [("", "empty"), ("   ", "empty"), (None, "string"), (42, "string"), ("\ud800", "surrogate"),
+                     ("x" * 5000, "at most")]:
+        art = reader.artifacts(bad)
+        assert art.status == "invalid" and why in art.reason, (bad, art.reason)
+        assert art.caa is None and art.population is not None
+    assert reader.vectors(["ann", "", None, 7, "nobody"]).keys() == {"ann"}
+    assert reader.users(["ann", "", "nobody"]).num_rows == 1
+
+
+def test_repeated_lookups_are_served_from_the_cache(served, monkeypatch):
+    reader, _, _ = served
+    fresh = StoreReader(reader.store.uri, cache_users=8)
+    fresh.vectors(["ben"])
+    reads = []
+    monkeypatch.setattr("infra.reader._BucketFile.groups", lambda self, ids: reads.append(ids) or [])
+    assert "ben" in fresh.vectors(["ben"])  # cached: no row group consulted
+    assert reads == []
+    fresh.vectors(["cat"])
+    assert reads == [["cat"]]
+
+
+def test_an_unbucketed_store_version_is_read_by_filtering_whole_tables(served, tmp_path):
+    import shutil
+
+    reader, _, _ = served
+    copy = tmp_path / "store"
+    shutil.copytree(reader.store.uri, copy)
+    import json
+
+    path = copy / "versions" / reader.version / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["layout"] = {}
+    path.write_text(json.dumps(manifest))
+    old = StoreReader(str(copy))
+    for uid in ("ann", "dan"):
+        np.testing.assert_array_equal(old.vectors([uid])[uid].vectors, reader.vectors([uid])[uid].vectors)
+        assert old.dps([uid])[uid].heads == reader.dps([uid])[uid].heads
+    assert old.artifacts("nobody").status == "unknown"
+
+
+# ---- the mixed batch ----------------------------------------------------------------------
+
+def mixed_requests():
+    methods = ["none", "caa", "bt", "population", "style_vector", "influence", "dps"]
+    users = ["ann", "ben", "cat", "dan", "nobody"]
+    return [Request(users[k % len(users)], PROMPTS[k % len(PROMPTS)], methods[k % len(methods)])
+            for k in range(14)]
+
+
+def test_one_mixed_batch_equals_serving_each_request_alone(served):
+    reader, model, tokenizer = served
+    requests = mixed_requests()
+    batch = personalised_generate(model, tokenizer, requests, reader, max_new_tokens=8)
+    alone = [personalised_generate(model, tokenizer, [r], reader, max_new_tokens=8)[0] for r in requests]
+    assert [b.text for b in batch] == [a.text for a in alone]
+    assert [(b.applied, b.scale) for b in batch] == [(a.applied, a.scale) for a in alone]
+    # every method ran on some user's own artifact in the batch
+    assert {b.method for b in batch if b.applied == "user"} == {"caa", "bt", "style_vector", "influence", "dps"}
+    # an unknown user falls back to the population vector, or to plain decoding for dps / influence
+    nobody = {b.method: b for b in batch if b.user_id == "nobody"}
+    assert all(b.applied in ("population", "none") for b in nobody.values())
+    assert any(b.note for b in nobody.values())
+
+
+def test_steered_rows_differ_from_unsteered_ones_and_sampling_is_reproducible(served):
+    reader, model, tokenizer = served
+    plain = personalised_generate(model, tokenizer, [Request("ann", PROMPTS[0])], reader, max_new_tokens=8)[0]
+    strong = personalised_generate(model, tokenizer, [Request("ann", PROMPTS[0], "caa", scale=64.0)], reader,
+                                   max_new_tokens=8)[0]
+    assert strong.text != plain.text and strong.scale == 64.0
+    sampling = Sampling(temperature=1.0, top_p=0.9, seed=3)
+    first = personalised_generate(model, tokenizer, mixed_requests(), reader, max_new_tokens=6, sampling=sampling)
+    again = personalised_generate(model, tokenizer, mixed_requests(), reader, max_new_tokens=6, sampling=sampling)
+    assert [a.text for a in first] == [b.text for b in again]
+
+
+def test_the_mixed_batch_plan_matches_the_single_mode_runtime_calls(served):
+    """Each mode of the mixed batch decodes exactly as the one-mode runtime call does."""
+    reader, model, tokenizer = served
+    runtime = ModelRuntime(ModelConfig(name_or_path="tiny"), model=model, tokenizer=tokenizer)
+    ann = reader.artifacts("ann")
+    caa = ann.caa
+    steer = Steering({l: torch.from_numpy(v)[None] for l, v in caa.at(caa.recommended_layers).items()},
+                     [caa.recommended_scale], caa.positions)
+    alone_caa = runtime.generate([PROMPTS[1]], 8, steer=steer)
+    alone_dps = runtime.generate([PROMPTS[2]], 8, contrast=HeadContrast([ann.dps.heads], gamma=ann.dps.gamma,
+                                                                        adaptive=ann.dps.adaptive,
+                                                                        plausibility=ann.dps.plausibility))
+    alone_inf = runtime.generate([PROMPTS[3]], 8, influence=Influence([ann.steerx["context"]], lam=1.0,
+                                                                      temperature=0.6,
+                                                                      template=ann.steerx["style_template"]))
+    out = serve(runtime, reader, [Request("ann", PROMPTS[1], "caa"), Request("ann", PROMPTS[2], "dps"),
+                                  Request("ann", PROMPTS[3], "influence"), Request("ann", PROMPTS[0])], 8)
+    assert [o.text for o in out[:3]] == alone_caa + alone_dps + alone_inf
+
+
+def test_serving_refuses_a_model_whose_weights_differ_from_the_store(served):
+    reader, _, _ = served
+    with pytest.raises(FingerprintMismatch, match="serve it with that model or rebuild the store"):
+        personalised_generate(tiny_model(seed=1), tiny_tokenizer(), [Request("ann", "Hi")], reader)
+
+
+def test_bad_requests_get_clear_errors(served):
+    reader, _, _ = served
+    with pytest.raises(BadRequest, match="unknown method 'magic'"):
+        plan_requests(reader, [Request("ann", "Hi", "magic")])
+    with pytest.raises(BadRequest, match="prompt must be non-empty"):
+        plan_requests(reader, [Request("ann", "  ", "caa")])
+    with pytest.raises(BadRequest, match="scale must be a finite number"):
+        plan_requests(reader, [Request("ann", "Hi", "caa", scale=float("nan"))])
+    with pytest.raises(BadRequest, match=r"layers \[29\] are not stored"):
+        plan_requests(reader, [Request("ann", "Hi", "caa", layers=[29])])
