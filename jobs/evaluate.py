@@ -58,7 +58,7 @@ from infra.config import check, from_dict, option
 from infra.reader import StoreReader, UserVectors
 from infra.storage import StorageConfig
 from jobs import refresh
-from jobs.generate import FingerprintMismatch, steering_for
+from jobs.generate import steering_for
 from jobs.pref_eval import PROMPT as DEV_PROMPT
 from jobs.pref_eval import SOURCES as DEV_SOURCES
 from jobs.pref_eval import _split as dev_split
@@ -692,10 +692,7 @@ def main(config: EvalConfig) -> dict:
         reader = StoreReader(store_uri, config.storage, summary_refresh["version"])
     lap("refresh")
     runtime = ModelRuntime(config.model)
-    expected = reader.manifest["model"].get("fingerprint")
-    if expected and runtime.fingerprint != expected:
-        raise FingerprintMismatch(f"the evaluation model's weights ({runtime.fingerprint}) differ from the store's "
-                                  f"({expected})")
+    reader.check_model(runtime.fingerprint, "the evaluation model")
     gen = Generator(runtime, reader, split, config)
     gen.run()
     lap("generate")
@@ -713,7 +710,7 @@ def main(config: EvalConfig) -> dict:
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out_uri = storage.join(reader.store.version_uri(reader.version), "eval", run_id)
     meta = {"title": "steerstore evaluation", "store": store_uri, "version": reader.version,
-            "model": reader.manifest["model"].get("id"), "model_fingerprint": expected, "run_id": run_id,
+            "model": reader.manifest["model"].get("id"), "model_fingerprint": runtime.fingerprint, "run_id": run_id,
             "command": "steerstore eval " + " ".join(_flags(config)),
             "users": len(gen.users), "heldout_items": len(split.heldout), "train_items":
                 sum(len(v) for v in split.train.values()),

@@ -1,48 +1,69 @@
-"""Generate with a user's steering vectors: unsteered and steered side by side.
+"""Generate with the reference serving path: one user's answer unsteered and steered side by side,
+or a JSONL file of requests from many users and methods served as one mixed batch.
 
 Launch: ``steerstore generate --store ./steerstore-out/store --user enthusiastic-0 --prompt "Tell me about cats."``
+or ``steerstore generate --store URI --requests requests.jsonl --out outputs.jsonl``
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+
+import json
 
 import torch
 
 from infra.config import check, option
-from infra.reader import FingerprintMismatch, StoreReader, UserVectors  # noqa: F401  (re-exported)
-from infra.storage import StorageConfig
-from operators.runtime import HeadContrast, Influence, ModelConfig, ModelRuntime, Steering
+from infra.reader import StoreReader, UserVectors
+from infra.storage import StorageConfig, read_text, write_text
+from operators.runtime import ModelConfig, ModelRuntime, Steering
+from operators.serving import (DEFAULT_INFLUENCE_TEMPERATURE, METHODS, Method, Request, Served, plan_requests,
+                               serve)
+
+WHAT = {"caa": "vectors", "bt": "BT ideal point", "population": "population vector",
+        "style_vector": "SteerX style vector", "influence": "SteerX style description",
+        "dps": "DPS heads with a positive score"}
+STRENGTH = {"caa": "alpha", "bt": "alpha", "population": "alpha", "style_vector": "gamma", "influence": "lambda",
+            "dps": "gamma"}
 
 
 @dataclass
 class GenerateConfig:
     store: str = option("./steerstore-out/store", help="store URI (local folder or s3://bucket/prefix)")
-    user: str = option("", help="user id to steer for")
-    prompt: str = option("", help="the prompt to answer")
-    method: Literal["caa", "bt", "population", "dps", "steerx"] = option(
-        "caa", help="caa: the user's CAA direction; bt: their BT ideal point composed with the basis; population: "
-                    "the population direction; dps: differential preference decoding against the user's heads; "
-                    "steerx: the user's style (see --backbone)")
-    backbone: Literal["influence", "vector"] = option(
-        "influence", help="steerx: influence decoding with the user's style description, or their style vector")
-    source: str | None = option(None, help="steerx vector: history | description | blend; default: the store's")
-    lam: float = option(1.0, help="steerx influence: λ (0 = the description in the prompt, no amplification)")
-    temperature: float = option(0.6, help="steerx influence: temperature of the combined log-probabilities")
-    alpha: float | None = option(None, help="steering multiplier; default: the store's recommended scale for the method")
-    gamma: float | None = option(None, help="dps: contrast strength γ; default: the store's recommended γ")
-    layers: list[int] = option([], help="layers to steer; default: the store's recommended layers")
+    user: str = option("", help="user id to steer for (with --prompt)")
+    prompt: str = option("", help="the prompt to answer (with --user)")
+    method: Method = option(
+        "caa", help="none | caa: the user's CAA direction | bt: their BT ideal point composed with the basis | "
+                    "population: the population direction | style_vector: their SteerX style vector | influence: "
+                    "SteerX influence decoding with their style description | dps: differential preference "
+                    "decoding against their heads")
+    scale: float | None = option(
+        None, help="strength: α (caa, bt, population), γ (style_vector, dps) or λ (influence); default: the store's")
+    source: str | None = option(None, help="style_vector: history | description | blend; default: the store's")
+    layers: list[int] = option([], help="vector methods: layers to steer; default: the vector's recommended layers")
+    temperature: float = option(DEFAULT_INFLUENCE_TEMPERATURE,
+                                help="influence: temperature of the combined log-probabilities")
+    fallback: bool = option(False, help="single user: serve the population fallback instead of refusing a user "
+                                        "without the method's artifact")
+    requests: str | None = option(
+        None, help="JSONL of requests {user_id, prompt, method, scale?, source?, layers?} served as one mixed "
+                   "batch (instead of --user/--prompt); unknown users get the fallback")
+    out: str | None = option(None, help="with --requests: write the outputs as JSONL here (default: stdout)")
     max_new_tokens: int = option(60, help="tokens to generate")
     version: str | None = option(None, help="store version; default LATEST")
     model: str | None = option(None, help="model to load; default: the one the store was built with")
     storage: StorageConfig = dataclasses.field(default_factory=StorageConfig, metadata={"help": "object storage"})
 
     def __post_init__(self) -> None:
-        check(bool(self.user), "--user is required")
-        check(bool(self.prompt), "--prompt is required")
+        if self.requests is None:
+            check(bool(self.user), "--user is required (or --requests FILE)")
+            check(bool(self.prompt), "--prompt is required (or --requests FILE)")
+        else:
+            check(not self.user and not self.prompt, "give --requests or --user/--prompt, not both")
+        check(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}")
         check(self.max_new_tokens >= 1, "--max_new_tokens must be >= 1")
+        check(self.temperature > 0, "--temperature must be > 0")
 
 
 def load_runtime_for(reader: StoreReader, model: str | None = None) -> ModelRuntime:
@@ -81,70 +102,67 @@ def _missing(reader: StoreReader, user: str, what: str) -> KeyError:
     return KeyError(f"user {user!r} has no {what} in store version {reader.version}: {why}")
 
 
-def _generate_dps(config: GenerateConfig, reader: StoreReader) -> dict:
-    found = reader.dps([config.user])
-    if config.user not in found:
-        raise _missing(reader, config.user, "DPS heads")
-    user = found[config.user]
-    if not user.heads:
-        raise KeyError(f"user {config.user!r} has no preference heads with a positive score (and no cluster "
-                       f"heads) in store version {reader.version}: DPS would decode unsteered")
+def read_requests(uri: str, storage: StorageConfig | None = None) -> list[Request]:
+    """Requests from a JSONL file; a bad line is an error naming the line."""
+    requests = []
+    for n, line in enumerate(read_text(uri, storage).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON {type(row).__name__}, expected an object")
+            unknown = set(row) - {f.name for f in dataclasses.fields(Request)}
+            if unknown:
+                raise ValueError(f"unknown fields {sorted(unknown)}")
+            requests.append(Request(**row))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{uri} line {n}: {exc}") from None
+    return requests
+
+
+def _serve_file(config: GenerateConfig, reader: StoreReader) -> list[Served]:
+    requests = read_requests(config.requests, config.storage)
     runtime = load_runtime_for(reader, config.model)
-    gamma = config.gamma if config.gamma is not None else user.gamma
-    contrast = HeadContrast([[], user.heads], gamma=[0.0, gamma], adaptive=user.adaptive,
-                            plausibility=user.plausibility)
-    plain, steered = runtime.generate([config.prompt, config.prompt], config.max_new_tokens, contrast=contrast)
-    print(f"store version {reader.version} · user {config.user} · method dps ({user.source} heads, "
-          f"{user.pcs_baseline} baseline) · heads {user.heads} · gamma {gamma:g}")
-    print(f"prompt: {config.prompt}")
-    print(f"  unsteered: {plain}")
-    print(f"  steered:   {steered}")
-    return {"unsteered": plain, "steered": steered, "gamma": gamma, "heads": user.heads}
-
-
-def _generate_influence(config: GenerateConfig, reader: StoreReader) -> dict:
-    found = reader.steerx([config.user])
-    if config.user not in found or not found[config.user]["context"]:
-        raise _missing(reader, config.user, "SteerX style description")
-    row = found[config.user]
-    runtime = load_runtime_for(reader, config.model)
-    influence = Influence(["", row["context"]], lam=[0.0, config.lam], temperature=config.temperature,
-                          template=row["style_template"])
-    plain, steered = runtime.generate([config.prompt, config.prompt], config.max_new_tokens, influence=influence)
-    print(f"store version {reader.version} · user {config.user} · method steerx (influence decoding) "
-          f"· lambda {config.lam:g} · T {config.temperature:g}")
-    print(f"style: {row['context']}")
-    print(f"prompt: {config.prompt}")
-    print(f"  unsteered: {plain}")
-    print(f"  steered:   {steered}")
-    return {"unsteered": plain, "steered": steered, "context": row["context"], "lam": config.lam}
-
-
-def main(config: GenerateConfig) -> dict:
-    reader = StoreReader(config.store, config.storage, config.version)
-    if config.method == "dps":
-        return _generate_dps(config, reader)
-    if config.method == "steerx" and config.backbone == "influence":
-        return _generate_influence(config, reader)
-    if config.method == "population":
-        population = reader.population()
-        found = {config.user: population} if population is not None else {}
+    served = serve(runtime, reader, requests, config.max_new_tokens, influence_temperature=config.temperature)
+    lines = "".join(json.dumps(dataclasses.asdict(s)) + "\n" for s in served)
+    if config.out:
+        write_text(config.out, lines, config.storage)
+        print(f"store version {reader.version} · {len(served)} requests → {config.out}")
     else:
-        found = reader.bt([config.user]) if config.method == "bt" else \
-            reader.vectors([config.user], method=config.method, source=config.source)
-    if config.user not in found:
-        raise _missing(reader, config.user, "vectors")
-    user = found[config.user]
+        print(lines, end="")
+    return served
+
+
+def main(config: GenerateConfig) -> dict | list[Served]:
+    reader = StoreReader(config.store, config.storage, config.version)
+    if config.requests:
+        return _serve_file(config, reader)
+    request = Request(config.user, config.prompt, config.method, config.scale, config.source, config.layers or None)
+    _, (record,) = plan_requests(reader, [request])
+    if config.method != "none" and record.applied != "user" and not (config.method == "population"
+                                                                       and record.applied == "population"):
+        if not config.fallback:
+            raise _missing(reader, config.user, WHAT[config.method])
     runtime = load_runtime_for(reader, config.model)
-    steer = steering_for([None, user], [None, config.alpha], config.layers or None)
-    plain, steered = runtime.generate([config.prompt, config.prompt], config.max_new_tokens, steer=steer)
-    alpha = float(steer.scales[1])
-    layers = sorted(steer.vectors)
-    method = f"steerx style vector ({config.source or 'store default'} source)" if config.method == "steerx" \
-        else config.method
-    print(f"store version {reader.version} · user {config.user} · method {method} · layers {layers} "
-          f"· alpha {alpha:g}")
+    plain, steered = serve(runtime, reader, [Request(config.user, config.prompt), request], config.max_new_tokens,
+                           influence_temperature=config.temperature)
+    what = config.method + (f" ({config.source or reader.default_source('steerx')} source)"
+                            if config.method == "style_vector" else "")
+    details = [f"store version {reader.version}", f"user {config.user}", f"method {what}"]
+    if steered.applied == "population" and config.method != "population":
+        details.append(f"fallback: population vector ({steered.note})")
+    if steered.layers:
+        details.append(f"layers {steered.layers}")
+    if steered.scale is not None:
+        details.append(f"{STRENGTH[config.method]} {steered.scale:g}")
+    print(" · ".join(details))
+    if config.method == "influence":
+        print(f"style: {reader.steerx([config.user])[config.user]['context']}")
+    if config.method == "dps":
+        print(f"heads: {reader.dps([config.user])[config.user].heads}")
     print(f"prompt: {config.prompt}")
-    print(f"  unsteered: {plain}")
-    print(f"  steered:   {steered}")
-    return {"unsteered": plain, "steered": steered, "alpha": alpha, "layers": layers}
+    print(f"  unsteered: {plain.text}")
+    print(f"  steered:   {steered.text}")
+    return {"unsteered": plain.text, "steered": steered.text, "scale": steered.scale, "layers": steered.layers,
+            "applied": steered.applied}

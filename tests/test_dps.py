@@ -249,7 +249,7 @@ def test_reader_resolves_heads_and_generate_decodes_with_them(dps_run, capsys):
     user = next((u for u, h in found.items() if h.heads), None)
     assert user is not None, "no user has heads to decode with"
     assert cli.main(["generate", "--store", uri, "--user", user, "--prompt", "Tell me about thing 1.",
-                     "--method", "dps", "--gamma", "2", "--max_new_tokens", "6"]) == 0
+                     "--method", "dps", "--scale", "2", "--max_new_tokens", "6"]) == 0
     out = capsys.readouterr().out
     assert "method dps" in out and "steered:" in out
     assert cli.main(["generate", "--store", uri, "--user", "eve", "--prompt", "Hi", "--method", "dps"]) == 1

@@ -153,7 +153,7 @@ def test_generate_prints_unsteered_and_steered_answers_for_a_stored_user(bad_inp
     from jobs import cli
 
     assert cli.main(["generate", "--store", bad_input_run[1], "--user", "alice", "--prompt", "Hi",
-                     "--max_new_tokens", "6", "--alpha", "8"]) == 0
+                     "--max_new_tokens", "6", "--scale", "8"]) == 0
     out = capsys.readouterr().out
     assert "user alice · method caa · layers [2] · alpha 8" in out
     assert "unsteered:" in out and "steered:" in out
@@ -172,7 +172,8 @@ def test_generate_for_a_quarantined_user_says_why_it_has_no_vectors(bad_input_ru
 
 
 def test_serving_refuses_a_model_whose_weights_differ_from_the_store(bad_input_run, tmp_path):
-    from jobs.generate import FingerprintMismatch, load_runtime_for
+    from infra.reader import FingerprintMismatch
+    from jobs.generate import load_runtime_for
     from tests.tiny import save_tiny
 
     other = save_tiny(tmp_path / "other", seed=1)

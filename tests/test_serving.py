@@ -172,3 +172,30 @@ def test_bad_requests_get_clear_errors(served):
         plan_requests(reader, [Request("ann", "Hi", "caa", scale=float("nan"))])
     with pytest.raises(BadRequest, match=r"layers \[29\] are not stored"):
         plan_requests(reader, [Request("ann", "Hi", "caa", layers=[29])])
+
+
+def test_generate_serves_a_jsonl_file_of_mixed_requests_as_one_batch(served, tmp_path, capsys):
+    import json
+
+    from jobs import cli
+    from tests.tiny import write_jsonl
+
+    reader, _, _ = served
+    requests = [{"user_id": "ann", "prompt": "Hi", "method": "caa"}, {"user_id": "ben", "prompt": "Hi", "method": "dps"},
+                {"user_id": "nobody", "prompt": "Hi", "method": "bt", "scale": 2.0}]
+    path = write_jsonl(tmp_path / "requests.jsonl", requests)
+    out = tmp_path / "out.jsonl"
+    model = reader.manifest["model"]["name_or_path"]
+    assert cli.main(["generate", "--store", reader.store.uri, "--requests", path, "--out", str(out),
+                     "--model", model, "--max_new_tokens", "4"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["user_id"], r["method"], r["applied"]) for r in rows] == [
+        ("ann", "caa", "user"), ("ben", "dps", "user"), ("nobody", "bt", "population")]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [requests[0], {"user_id": "ann", "prompt": "Hi", "colour": "red"}])
+    assert cli.main(["generate", "--store", reader.store.uri, "--requests", bad]) == 1
+    assert "bad.jsonl line 2: unknown fields ['colour']" in capsys.readouterr().err
+    assert cli.main(["generate", "--store", reader.store.uri, "--user", "nobody", "--prompt", "Hi"]) == 1
+    assert "'nobody' has no vectors" in capsys.readouterr().err
+    assert cli.main(["generate", "--store", reader.store.uri, "--user", "nobody", "--prompt", "Hi", "--fallback", "true",
+                     "--max_new_tokens", "4"]) == 0
+    assert "fallback: population vector" in capsys.readouterr().out

@@ -284,11 +284,11 @@ def test_generate_serves_steerx_by_influence_decoding_and_by_style_vector(steerx
 
     _, uri = steerx_run
     assert cli.main(["generate", "--store", uri, "--user", "ann", "--prompt", "Write a note about the sea.",
-                     "--method", "steerx", "--lam", "2", "--max_new_tokens", "8"]) == 0
+                     "--method", "influence", "--scale", "2", "--max_new_tokens", "8"]) == 0
     out = capsys.readouterr().out
-    assert "influence decoding" in out and "style: This person" in out and "steered:" in out
+    assert "method influence" in out and "lambda 2" in out and "style: This person" in out and "steered:" in out
     assert cli.main(["generate", "--store", uri, "--user", "ann", "--prompt", "Write a note about the sea.",
-                     "--method", "steerx", "--backbone", "vector", "--source", "history", "--max_new_tokens", "8"]) == 0
-    assert "steerx style vector (history source)" in capsys.readouterr().out
-    assert cli.main(["generate", "--store", uri, "--user", "solo", "--prompt", "Hi", "--method", "steerx"]) == 1
+                     "--method", "style_vector", "--source", "history", "--max_new_tokens", "8"]) == 0
+    assert "method style_vector (history source)" in capsys.readouterr().out
+    assert cli.main(["generate", "--store", uri, "--user", "solo", "--prompt", "Hi", "--method", "influence"]) == 1
     assert "quarantined" in capsys.readouterr().err
