@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
@@ -19,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from infra.storage import SteeringStore, StorageConfig, join, open_parquet
-from schemas.store import LAYOUT_KIND, POPULATION_FILE, STORE_TABLES, bucket_file, user_bucket
+from schemas.store import BUCKETED_TABLES, LAYOUT_KIND, POPULATION_FILE, STORE_TABLES, bucket_file, user_bucket
 
 MAX_USER_ID_BYTES = 4096
 @dataclass
@@ -159,8 +160,8 @@ class StoreReader:
     """Looks up users in one version of a store (the latest unless pinned).
 
     Lookups never raise for ids that are absent or malformed: those users are simply missing
-    from the result (``artifacts`` says why). Thread-safe; ``cache_users`` bounds the LRU of
-    looked-up (table, user) rows.
+    from the result (``artifacts`` says why). Thread-safe; the LRU cache keeps the rows of about
+    ``cache_users`` users (each table's rows of a user are one entry; 0 disables it).
     """
 
     def __init__(self, uri: str, storage: StorageConfig | None = None, version: str | None = None,
@@ -177,6 +178,7 @@ class StoreReader:
         self._files: dict[str, _BucketFile] = {}
         self._cache: OrderedDict[tuple[str, str], list[dict]] = OrderedDict()
         self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
         if self.layout and self.layout.get("kind") != LAYOUT_KIND:
             raise ValueError(f"store version {self.version} has layout {self.layout.get('kind')!r}; this "
                              f"steerstore reads {LAYOUT_KIND!r} (upgrade steerstore)")
@@ -193,6 +195,12 @@ class StoreReader:
                 "that model or rebuild the store for this one")
 
     # ---- point lookups --------------------------------------------------------------------
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="steerstore-lookup")
+            return self._executor
 
     def _bucketed(self, table: str) -> bool:
         return table in (self.layout.get("tables") or {})
@@ -233,7 +241,7 @@ class StoreReader:
                 if groups:
                     with opened.lock:
                         part = opened.file.read_row_groups(groups)
-                    part = part.filter(pc.field("user_id").isin(wanted))
+                    part = part.filter(pc.is_in(part["user_id"], value_set=pa.array(wanted, pa.string())))
                     for row in _rows_of(part):
                         fetched[row["user_id"]].append(row)
         else:
@@ -245,7 +253,7 @@ class StoreReader:
         with self._lock:
             for uid, rows in fetched.items():
                 self._cache[(table, uid)] = rows
-            while len(self._cache) > self.cache_users:
+            while len(self._cache) > self.cache_users * len(BUCKETED_TABLES):
                 self._cache.popitem(last=False)
         return {**found, **fetched}
 
@@ -264,13 +272,16 @@ class StoreReader:
         the source the version recommends for serving).
         """
         source = source or self.default_source(method)
+        found = {uid: self._pick(rows, method, source)
+                 for uid, rows in self._lookup("vectors", self._valid(user_ids)).items()}
+        return {uid: v for uid, v in found.items() if v is not None}
+
+    def _pick(self, rows: list[dict], method: str, source: str) -> UserVectors | None:
         schema_v2 = int(self.manifest.get("store_schema_version", 1)) >= 2  # version 1 stores hold CAA only
-        out = {}
-        for uid, rows in self._lookup("vectors", self._valid(user_ids)).items():
-            for row in rows:
-                if row["method"] == method and (not schema_v2 or row["source"] == source):
-                    out[uid] = _from_row(row)
-        return out
+        for row in rows:
+            if row["method"] == method and (not schema_v2 or row["source"] == source):
+                return _from_row(row)
+        return None
 
     def steerx(self, user_ids: Sequence[str]) -> dict[str, dict]:
         """Users' SteerX rows: anchors, descriptions, the serving context S and the settings used."""
@@ -313,14 +324,17 @@ class StoreReader:
 
     def bt(self, user_ids: Sequence[str]) -> dict[str, UserVectors]:
         """Users' BT directions composed from θ and the basis: B_lᵀθ rescaled to ‖p_l‖ per layer."""
+        return {uid: self._compose(uid, theta) for uid, theta in self.bt_theta(user_ids).items()}
+
+    def _compose(self, uid: str, theta: np.ndarray) -> UserVectors:
         from operators.bt import compose  # noqa: PLC0415
 
         layers, axes, norms, meta = self._bt_parts()
-        return {uid: UserVectors(
+        return UserVectors(
             user_id=uid, layers=layers, vectors=compose(theta, axes, norms),
             recommended_layers=list(meta["recommended_layers"]), recommended_scale=float(meta["recommended_scale"]),
             positions=meta["positions"], model_id=meta["model_id"], model_fingerprint=meta["model_fingerprint"],
-            n_pairs=0) for uid, theta in self.bt_theta(user_ids).items()}
+            n_pairs=0)
 
     def dps_clusters(self) -> dict[int, dict]:
         """The version's DPS clusters by id (empty without clusters)."""
@@ -331,19 +345,19 @@ class StoreReader:
 
     def dps(self, user_ids: Sequence[str], top_k: int | None = None) -> dict[str, UserHeads]:
         """Users' DPS heads: their own when scored individually, else their clusters' mixed by routing."""
+        rows = [r[0] for r in self._lookup("dps_heads", self._valid(user_ids)).values() if r]
+        return {r["user_id"]: self._heads(r, top_k) for r in rows}
+
+    def _heads(self, r: dict, top_k: int | None = None) -> UserHeads:
         from operators.dps import serving_heads  # noqa: PLC0415
 
         k = top_k or int(self.manifest.get("config", {}).get("dps", {}).get("top_k", 8))
-        rows = [r[0] for r in self._lookup("dps_heads", self._valid(user_ids)).values() if r]
-        out = {}
-        for r in rows:
-            heads = serving_heads(r, self.dps_clusters() if not r["heads"] else {}, k)
-            out[r["user_id"]] = UserHeads(
-                user_id=r["user_id"], heads=heads, source=r["source"] if heads else "none",
-                gamma=float(r["gamma"]), adaptive=bool(r["adaptive"]), plausibility=float(r["plausibility"]),
-                cluster=r["cluster"], routing=list(r["routing"] or []), mode=r["mode"],
-                pcs_baseline=r["pcs_baseline"], model_fingerprint=r["model_fingerprint"])
-        return out
+        heads = serving_heads(r, self.dps_clusters() if not r["heads"] else {}, k)
+        return UserHeads(
+            user_id=r["user_id"], heads=heads, source=r["source"] if heads else "none",
+            gamma=float(r["gamma"]), adaptive=bool(r["adaptive"]), plausibility=float(r["plausibility"]),
+            cluster=r["cluster"], routing=list(r["routing"] or []), mode=r["mode"],
+            pcs_baseline=r["pcs_baseline"], model_fingerprint=r["model_fingerprint"])
 
     def users(self, user_ids: Sequence[str] | None = None) -> pa.Table:
         """The reconciliation rows (stored / quarantined and why) of some or all users."""
@@ -357,15 +371,17 @@ class StoreReader:
         problem = id_problem(user_id)
         if problem is not None:
             return UserArtifacts(user_id, "invalid", problem, population=self.population())
-        style = {}
-        for row in self._lookup("vectors", [user_id])[user_id]:
-            if row["method"] == "steerx":
-                style[row["source"]] = _from_row(row)
+        tables = ["vectors", "steerx_users", "dps_heads"] + (["bt_coords"] if self.manifest["tables"]["bt_basis"]["rows"]
+                                                             else [])
+        # one read per table, concurrently: over S3 the lookup costs about one request's latency
+        rows = dict(zip(tables, self._pool().map(lambda t: self._lookup(t, [user_id])[user_id], tables)))
+        style = {r["source"]: _from_row(r) for r in rows["vectors"] if r["method"] == "steerx"}
         art = UserArtifacts(
-            user_id, "found", caa=self.vectors([user_id]).get(user_id),
-            bt=self.bt([user_id]).get(user_id) if self.manifest["tables"]["bt_basis"]["rows"] else None,
-            style_vectors=style, steerx=self.steerx([user_id]).get(user_id), dps=self.dps([user_id]).get(user_id),
-            population=self.population())
+            user_id, "found", caa=self._pick(rows["vectors"], "caa", "pairs"),
+            bt=self._compose(user_id, np.asarray(rows["bt_coords"][0]["theta"], dtype=np.float32))
+            if rows.get("bt_coords") else None,
+            style_vectors=style, steerx=rows["steerx_users"][0] if rows["steerx_users"] else None,
+            dps=self._heads(rows["dps_heads"][0]) if rows["dps_heads"] else None, population=self.population())
         if art.caa is None and art.bt is None and not style and art.steerx is None and art.dps is None:
             art.status, art.reason = "unknown", f"no artifacts for this user in store version {self.version}"
         return art

@@ -11,8 +11,8 @@ from infra.config import ConfigError, add_arguments, load
 
 
 def _jobs():
-    from jobs import (bench, bench_dps, bench_steerx, demo, evaluate, export, generate, importers, inspect_store,
-                      pref_eval, refresh, steerx_tau)
+    from jobs import (bench, bench_dps, bench_serving, bench_steerx, demo, evaluate, export, generate, importers,
+                      inspect_store, pref_eval, refresh, steerx_tau)
 
     return {
         "refresh": (refresh.RefreshConfig, refresh.main, "compute steering vectors and publish a new store version"),
@@ -27,6 +27,8 @@ def _jobs():
                       "benchmark DPS head scoring (naive vs batched exact vs fast) and decoding on real data"),
         "bench-steerx": (bench_steerx.BenchSteerXConfig, bench_steerx.main,
                          "benchmark SteerX stages (leave-one-out effects, smoothing, style vectors) on real data"),
+        "bench-serving": (bench_serving.BenchServingConfig, bench_serving.main,
+                          "benchmark store lookups (100k synthetic users, local and S3) and mixed-batch serving"),
         "steerx-tau": steerx_tau.COMMAND,
         "eval": (evaluate.EvalConfig, evaluate.main,
                  "evaluate every method against baselines on held-out per-user data; write an HTML report"),

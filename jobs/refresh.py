@@ -61,7 +61,7 @@ class OutputConfig:
     users_per_bucket: int = option(
         4096, help="users per hash-bucket file of the per-user tables (fewer: smaller files and shuffle groups)")
     row_group_bytes: int = option(
-        1 << 20, help="about this many bytes per Parquet row group of the per-user tables (what a lookup reads)")
+        256 << 10, help="about this many bytes per Parquet row group of the per-user tables (what a lookup reads)")
 
     def __post_init__(self) -> None:
         check(self.users_per_bucket >= 1, "output.users_per_bucket must be >= 1")

@@ -67,7 +67,7 @@ def test_refresh_accepts_address_as_a_shorthand_for_ray_address():
     assert load(RefreshConfig, None, args).ray.address == "ray://head:10001"
 
 
-@pytest.mark.parametrize("command", ["refresh", "inspect", "generate", "import", "demo", "bench", "bench-dps", "bench-steerx", "pref-accuracy", "steerx-tau"])
+@pytest.mark.parametrize("command", ["refresh", "inspect", "generate", "import", "demo", "bench", "bench-dps", "bench-steerx", "bench-serving", "export", "pref-accuracy", "steerx-tau"])
 def test_every_subcommand_prints_its_help(command, capsys):
     from jobs.cli import build_parser
 

@@ -216,7 +216,7 @@ def test_longlamp_topic_rows_from_a_datasets_server_page(tmp_path):
 def test_benchmark_import_writes_into_an_s3_folder(tmp_path):
     from infra import storage
     from jobs.importers import ImportConfig, main
-    from tests.s3server import S3Server
+    from infra.s3server import S3Server
 
     src = tmp_path / "questions.json"
     src.write_text(json.dumps(lamp5_questions()))

@@ -11,7 +11,7 @@ from jobs import cli, refresh
 from jobs.demo_data import demo_pairs
 from operators.caa import pair_differences, shrink
 from operators.runtime import ModelConfig, ModelRuntime
-from tests.s3server import S3Server
+from infra.s3server import S3Server
 
 pytestmark = pytest.mark.slow
 BUCKET = "steer-integration"

@@ -16,7 +16,7 @@ import pytest
 from infra import storage
 from infra.config import ConfigError
 from infra.storage import SteeringStore, StorageConfig, StoreNotFound
-from tests.s3server import S3Server
+from infra.s3server import S3Server
 
 BUCKET = "steer-test"
 FAST = StorageConfig(retries=3, retry_backoff_s=0.0)

@@ -1,7 +1,10 @@
-"""A real S3-protocol server (moto in server mode) for tests that talk HTTP to "S3"."""
+"""A real S3-protocol server (moto in server mode) on loopback, for tests and benchmarks that talk HTTP to "S3".
+
+moto is an optional dependency (the `test` extra)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -28,6 +31,7 @@ class S3Server:
     def start(self) -> S3Server:
         from moto.server import ThreadedMotoServer  # noqa: PLC0415  (moto is a test-only dependency)
 
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
         # Keep the SDKs from probing EC2 instance metadata for credentials (slow off-EC2).
         os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
         # Port 0: the OS binds a free port atomically, so parallel test runs cannot collide.
