@@ -58,7 +58,9 @@ def served_store(ray_cluster, tmp_path_factory, tiny_model_folder):
     cfg = from_dict(refresh.RefreshConfig, {
         "inputs": {"preference_pairs": write_jsonl(tmp / "pairs.jsonl", pairs),
                    "histories": write_jsonl(tmp / "histories.jsonl", histories)},
-        "output": {"store": str(tmp / "store")}, "model": {"name_or_path": str(tiny_model_folder)},
+        # two users per bucket file and a row group per row or two: lookups must find users across them
+        "output": {"store": str(tmp / "store"), "users_per_bucket": 2, "row_group_bytes": 1024},
+        "model": {"name_or_path": str(tiny_model_folder)},
         "validate": {"max_tokens": 48}, "caa": {"layers": [0, 1, 2], "recommended_layers": [1, 2]},
         "bt": {"k": 2}, "scale": {"sample_pairs": 4, "grid": [1.0, 4.0]}, "ray": {"progress_bars": False},
         "dps": {"mode": "fast", "top_k": 3, "candidates": 6, "clusters": 2, "cluster_items": 4,

@@ -29,13 +29,15 @@ def served(served_store):
 def test_the_per_user_tables_are_one_sorted_file_per_bucket_with_small_row_groups(served):
     reader, _, _ = served
     layout = reader.manifest["layout"]
-    assert layout["kind"] == "user-buckets" and layout["buckets"] >= 1
+    assert layout["kind"] == "user-buckets" and layout["buckets"] == 2  # 4 users, 2 per bucket
     assert set(layout["tables"]) >= {"vectors", "users", "bt_coords", "dps_heads", "steerx_users"}
     files = reader.manifest["tables"]["vectors"]["files"]
     assert "population.parquet" in files and all(f.startswith("bucket-") for f in files if f != "population.parquet")
     for f in files:
         if f.startswith("bucket-"):
-            table = pq.read_table(reader.store.table_uri(reader.version, "vectors") + "/" + f)
+            path = reader.store.table_uri(reader.version, "vectors") + "/" + f
+            assert pq.ParquetFile(path).metadata.num_row_groups > 1
+            table = pq.read_table(path)
             keys = list(zip(table["user_id"].to_pylist(), table["method"].to_pylist(), table["source"].to_pylist()))
             assert keys == sorted(keys)
 
@@ -199,3 +201,22 @@ def test_generate_serves_a_jsonl_file_of_mixed_requests_as_one_batch(served, tmp
     assert cli.main(["generate", "--store", reader.store.uri, "--user", "nobody", "--prompt", "Hi", "--fallback", "true",
                      "--max_new_tokens", "4"]) == 0
     assert "fallback: population vector" in capsys.readouterr().out
+
+
+def test_the_serving_benchmark_writes_a_store_whose_lookups_return_its_vectors(tmp_path):
+    from jobs import bench_serving
+
+    meta = {"layers": [3, 4], "recommended": [4], "hidden": 8, "k": 2, "norm": 4.0, "num_layers": 6, "num_heads": 4,
+            "group": 2, "model_id": "synthetic", "fingerprint": "sha256:x", "name_or_path": "synthetic",
+            "model_config": {}}
+    version, ids = bench_serving.synthetic_store(str(tmp_path / "s"), None, 300, meta, 0, users_per_bucket=64,
+                                                 row_group_bytes=1024)
+    reader = StoreReader(str(tmp_path / "s"))
+    assert reader.version == version and reader.layout["buckets"] == 5
+    art = reader.artifacts(ids[123])
+    assert art.status == "found" and art.caa.vectors.shape == (2, 8) and art.bt.vectors.shape == (2, 8)
+    np.testing.assert_allclose(np.linalg.norm(art.caa.vectors, axis=-1), 4.0, rtol=1e-5)
+    assert len(art.dps.heads) == 8 and art.steerx["context"] == bench_serving.STYLE
+    figures = bench_serving.measure_lookups(str(tmp_path / "s"), None, version, ids, n=20, scans=2, seed=0)
+    for key in ("vectors_uncached", "artifacts_uncached", "artifacts_cached", "absent", "scan_baseline"):
+        assert figures[key]["p50_ms"] > 0 and figures[key]["p99_ms"] >= figures[key]["p50_ms"]
