@@ -62,10 +62,9 @@ def _why(reader: StoreReader, user: str, row: dict | None, what: str) -> str:
     return f"user {user!r} has no {what} in store version {reader.version}: {why}"
 
 
-def _lookup(reader: StoreReader, config: ExportConfig, ids: list[str], source: str) -> dict[str, UserVectors]:
-    if config.method == "bt":
-        return reader.bt(ids) if reader.bt_basis().num_rows else {}
-    return reader.vectors(ids, method=config.method, source=source)
+def _found(reader: StoreReader, config: ExportConfig, ids: list[str], source: str) -> dict[str, UserVectors]:
+    """The vectors of those of ``ids`` that have them (BT: composed from θ and the basis)."""
+    return reader.bt(ids) if config.method == "bt" else reader.vectors(ids, method=config.method, source=source)
 
 
 def _batches(reader: StoreReader, config: ExportConfig):
@@ -82,12 +81,14 @@ def _batches(reader: StoreReader, config: ExportConfig):
 
 def main(config: ExportConfig) -> dict:
     reader = StoreReader(config.store, config.storage, config.version)
-    source = "pairs" if config.method != "steerx" else (config.source or reader._manifest_source("steerx"))
+    # BT and the population vector are fitted from pairs, as CAA is
+    source = config.source or reader.default_source("steerx" if config.method == "steerx" else "caa")
     hint = model_hint(reader.manifest)
     what = {"caa": "CAA vectors", "bt": "BT ideal point", "steerx": f"SteerX {source} vectors",
             "population": "population vector"}[config.method]
     files: list[dict] = []
     skipped: dict[str, str] = {}
+    noted: set[str] = set()
 
     def export(vectors: UserVectors) -> None:
         item = ExportItem(vectors, config.method, source, reader.version, hint, config.layers)
@@ -110,7 +111,9 @@ def main(config: ExportConfig) -> dict:
                 line += f" --control-vector-layer-range {min(recommended)} {max(recommended)}"
         print(line)
         for note in encoded.notes:
-            print(f"  {note}")
+            if note not in noted:  # the same note for every user of an --all run is said once
+                noted.add(note)
+                print(f"  {note}")
 
     if config.method == "population":
         population = reader.population()
@@ -120,7 +123,7 @@ def main(config: ExportConfig) -> dict:
             export(population)
     else:
         for rows, ids in _batches(reader, config):
-            found = _lookup(reader, config, ids, source)
+            found = _found(reader, config, ids, source)
             for uid in ids:
                 if uid in found:
                     export(found[uid])

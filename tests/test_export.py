@@ -6,6 +6,7 @@ import json
 
 import gguf
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from infra.config import from_dict
@@ -13,6 +14,7 @@ from infra.exports import (READERS, CorruptExport, ExportError, ExportItem, enco
                            model_hint, read_easysteer)
 from infra.reader import StoreReader, UserVectors
 from jobs import cli, export
+from schemas.store import STORE_TABLES
 
 USERS = ["ann", "ben", "cat", "dan"]
 
@@ -150,14 +152,10 @@ def test_an_absent_user_gets_no_file_and_a_reason(store, tmp_path, capsys):
 
 
 def test_a_quarantined_user_gets_no_file_and_the_quarantine_reason(store, tmp_path, monkeypatch):
-    users = StoreReader.users
-
-    def with_eve(self, user_ids=None):  # the shared store quarantines nobody: report eve as quarantined
-        rows = users(self, user_ids).to_pylist()
-        eve = {**rows[0], "user_id": "eve", "status": "quarantined", "reason": "too few valid pairs", "methods": []}
-        return type(users(self, user_ids)).from_pylist([eve] if user_ids == ["eve"] else rows)
-
-    monkeypatch.setattr(StoreReader, "users", with_eve)
+    # the shared store quarantines nobody: its users table reports eve as quarantined here
+    eve = {"user_id": "eve", "status": "quarantined", "reason": "too few valid pairs", "methods": []}
+    monkeypatch.setattr(StoreReader, "users",
+                        lambda self, ids=None: pa.Table.from_pylist([eve], schema=STORE_TABLES["users"]))
     summary = run_export(store, tmp_path, user="eve", format="safetensors")
     assert summary["files"] == [] and list(tmp_path.iterdir()) == []
     assert summary["skipped"]["eve"].endswith("it is quarantined: too few valid pairs")
@@ -166,8 +164,13 @@ def test_a_quarantined_user_gets_no_file_and_the_quarantine_reason(store, tmp_pa
 def test_all_exports_every_stored_user_reading_vectors_in_batches(store, tmp_path, monkeypatch):
     calls = []
     vectors = StoreReader.vectors
+
+    def counted(self, ids, *args, **kwargs):
+        calls.append(ids)
+        return vectors(self, ids, *args, **kwargs)
+
     monkeypatch.setattr(export, "BATCH_USERS", 3)
-    monkeypatch.setattr(StoreReader, "vectors", lambda self, ids, *a, **k: calls.append(ids) or vectors(self, ids, *a, **k))
+    monkeypatch.setattr(StoreReader, "vectors", counted)
     summary = run_export(store, tmp_path, all=True, format="safetensors")
     assert sorted(f["user_id"] for f in summary["files"]) == USERS and summary["skipped"] == {}
     assert [len(ids) for ids in calls] == [3, 1]
