@@ -1,8 +1,9 @@
 """Steering vectors in the formats serving engines read: llama.cpp GGUF, EasySteer JSON, safetensors.
 
 One convention in every format, so a vector means the same thing in every engine: layer i is the
-output of decoder block i (Hugging Face ``hidden_states[i + 1]``, llama.cpp ``direction.i``,
-EasySteer layer id i) and serving adds ``scale * v`` there. Tensors are float32 (little-endian)
+output of decoder block i (Hugging Face ``hidden_states[i + 1]``, except for the last block, whose
+entry is after the final norm; llama.cpp ``direction.i``; EasySteer layer id i) and serving adds
+``scale * v`` there. Tensors are float32 (little-endian)
 and *unscaled*; the store's recommended scale is recorded beside them and is what each engine is
 given: llama.cpp ``--control-vector-scaled FILE SCALE``, EasySteer's ``scale`` field, the
 safetensors sidecar's ``scale``. Composition happens before export: BT vectors arrive composed
