@@ -161,11 +161,13 @@ class StoreReader:
 
     Lookups never raise for ids that are absent or malformed: those users are simply missing
     from the result (``artifacts`` says why). Thread-safe; the LRU cache keeps the rows of about
-    ``cache_users`` users (each table's rows of a user are one entry; 0 disables it).
+    ``cache_users`` users (each table's rows of a user are one entry; 0 disables it), and the
+    footers of the ``open_files`` most recently used bucket files (each about 100 bytes per row
+    group and column, read again from storage when evicted).
     """
 
     def __init__(self, uri: str, storage: StorageConfig | None = None, version: str | None = None,
-                 cache_users: int = 4096):
+                 cache_users: int = 4096, open_files: int = 256):
         self.store = SteeringStore(uri, storage)
         self.version = self.store.resolve(version)
         self.manifest = self.store.read_manifest(self.version)
@@ -175,7 +177,8 @@ class StoreReader:
         self._bt: tuple | None = None
         self._dps_clusters: dict[int, dict] | None = None
         self._population: tuple[UserVectors | None] | None = None
-        self._files: dict[str, _BucketFile] = {}
+        self.open_files = max(1, open_files)
+        self._files: OrderedDict[str, _BucketFile] = OrderedDict()
         self._cache: OrderedDict[tuple[str, str], list[dict]] = OrderedDict()
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
@@ -193,6 +196,12 @@ class StoreReader:
                 f"{name} has weights fingerprint {fingerprint}, but store version {self.version} of "
                 f"{self.store.uri} was built for {self.manifest['model'].get('id')} ({expected}); serve it with "
                 "that model or rebuild the store for this one")
+
+    def _table(self, name: str) -> pa.Table:
+        """A whole (small) table; empty when this version predates it."""
+        if name not in self.manifest["tables"]:
+            return STORE_TABLES[name].empty_table()
+        return self.store.read_table(name, self.version)
 
     # ---- point lookups --------------------------------------------------------------------
 
@@ -212,10 +221,14 @@ class StoreReader:
         uri = join(self.store.table_uri(self.version, table), name)
         with self._lock:
             opened = self._files.get(uri)
-        if opened is None:
-            opened = _BucketFile(open_parquet(uri, self.store.storage))
-            with self._lock:
-                self._files.setdefault(uri, opened)
+            if opened is not None:
+                self._files.move_to_end(uri)
+                return opened
+        opened = _BucketFile(open_parquet(uri, self.store.storage))
+        with self._lock:
+            opened = self._files.setdefault(uri, opened)
+            while len(self._files) > self.open_files:
+                self._files.popitem(last=False)  # a lookup still holding it finishes; the file closes with it
         return opened
 
     def _lookup(self, table: str, ids: list[str]) -> dict[str, list[dict]]:
@@ -231,7 +244,10 @@ class StoreReader:
         if not misses:
             return found
         fetched: dict[str, list[dict]] = {u: [] for u in misses}
-        if self._bucketed(table):
+        if table not in self.manifest["tables"] or (self.layout and table in BUCKETED_TABLES
+                                                    and not self._bucketed(table)):
+            pass  # the table is older than this version's writer, or its method did not run: no rows
+        elif self._bucketed(table):
             buckets: dict[int, list[str]] = {}
             for uid in misses:
                 buckets.setdefault(user_bucket(uid, int(self.layout["buckets"])), []).append(uid)
@@ -303,7 +319,7 @@ class StoreReader:
     def bt_basis(self) -> pa.Table:
         """The version's preference basis, one row per layer (empty when BT was not fitted)."""
         if self._basis is None:
-            self._basis = self.store.read_table("bt_basis", self.version).sort_by("layer")
+            self._basis = self._table("bt_basis").sort_by("layer")
         return self._basis
 
     def _bt_parts(self) -> tuple[list[int], np.ndarray, np.ndarray, dict]:
@@ -339,7 +355,7 @@ class StoreReader:
     def dps_clusters(self) -> dict[int, dict]:
         """The version's DPS clusters by id (empty without clusters)."""
         if self._dps_clusters is None:
-            rows = self.store.read_table("dps_clusters", self.version).to_pylist()
+            rows = self._table("dps_clusters").to_pylist()
             self._dps_clusters = {r["cluster"]: r for r in rows}
         return self._dps_clusters
 
@@ -371,8 +387,8 @@ class StoreReader:
         problem = id_problem(user_id)
         if problem is not None:
             return UserArtifacts(user_id, "invalid", problem, population=self.population())
-        tables = ["vectors", "steerx_users", "dps_heads"] + (["bt_coords"] if self.manifest["tables"]["bt_basis"]["rows"]
-                                                             else [])
+        has_bt = bool(self.manifest["tables"].get("bt_basis", {}).get("rows"))
+        tables = ["vectors", "steerx_users", "dps_heads"] + (["bt_coords"] if has_bt else [])
         # one read per table, concurrently: over S3 the lookup costs about one request's latency
         rows = dict(zip(tables, self._pool().map(lambda t: self._lookup(t, [user_id])[user_id], tables)))
         style = {r["source"]: _from_row(r) for r in rows["vectors"] if r["method"] == "steerx"}

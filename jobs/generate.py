@@ -18,8 +18,8 @@ from infra.config import check, option
 from infra.reader import StoreReader, UserVectors
 from infra.storage import StorageConfig, read_text, write_text
 from operators.runtime import ModelConfig, ModelRuntime, Steering
-from operators.serving import (DEFAULT_INFLUENCE_TEMPERATURE, METHODS, Method, Request, Served, plan_requests,
-                               serve)
+from operators.serving import (DEFAULT_INFLUENCE_TEMPERATURE, METHODS, Method, Request, Served, check_request,
+                               plan_requests, serve)
 
 WHAT = {"caa": "vectors", "bt": "BT ideal point", "population": "population vector",
         "style_vector": "SteerX style vector", "influence": "SteerX style description",
@@ -115,7 +115,9 @@ def read_requests(uri: str, storage: StorageConfig | None = None) -> list[Reques
             unknown = set(row) - {f.name for f in dataclasses.fields(Request)}
             if unknown:
                 raise ValueError(f"unknown fields {sorted(unknown)}")
-            requests.append(Request(**row))
+            request = Request(**row)
+            check_request(request)  # BadRequest is a ValueError: reported with the line
+            requests.append(request)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{uri} line {n}: {exc}") from None
     return requests
@@ -156,10 +158,12 @@ def main(config: GenerateConfig) -> dict | list[Served]:
         details.append(f"layers {steered.layers}")
     if steered.scale is not None:
         details.append(f"{STRENGTH[config.method]} {steered.scale:g}")
+    if steered.applied == "none" and config.method != "none":
+        details.append(f"fallback: unsteered ({steered.note})")
     print(" · ".join(details))
-    if config.method == "influence":
+    if config.method == "influence" and steered.applied == "user":
         print(f"style: {reader.steerx([config.user])[config.user]['context']}")
-    if config.method == "dps":
+    if config.method == "dps" and steered.applied == "user":
         print(f"heads: {reader.dps([config.user])[config.user].heads}")
     print(f"prompt: {config.prompt}")
     print(f"  unsteered: {plain.text}")

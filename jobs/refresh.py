@@ -62,10 +62,14 @@ class OutputConfig:
         4096, help="users per hash-bucket file of the per-user tables (fewer: smaller files and shuffle groups)")
     row_group_bytes: int = option(
         256 << 10, help="about this many bytes per Parquet row group of the per-user tables (what a lookup reads)")
+    bucket_bytes: int = option(
+        64 << 20, help="about this many bytes of vectors per bucket file at most: models with large vectors get "
+                       "more buckets than users_per_bucket gives, so file footers and write tasks stay small")
 
     def __post_init__(self) -> None:
         check(self.users_per_bucket >= 1, "output.users_per_bucket must be >= 1")
         check(self.row_group_bytes >= 1024, "output.row_group_bytes must be >= 1024")
+        check(self.bucket_bytes >= self.row_group_bytes, "output.bucket_bytes must be >= output.row_group_bytes")
 
 
 @dataclass
@@ -395,7 +399,10 @@ def main(config: RefreshConfig) -> dict:
 
     # 6. write the version, then publish (manifest, then LATEST). Per-user tables go to one file per
     # hash bucket of the user id (point lookups read one small row group); the others as they come.
-    buckets = bucket_count(n_users, config.output.users_per_bucket)
+    vector_bytes = n_stored * 4 * len(population["layers"]) * int(population["hidden_size"]) if population else 0
+    if steerx_out is not None and steerx_out["vectors"] is not None:
+        vector_bytes += steerx_out["vectors"].size_bytes()  # materialized: from block metadata
+    buckets = bucket_count(n_users, config.output.users_per_bucket, vector_bytes, config.output.bucket_bytes)
     per_user = {"vectors": [final], "users": [users_table]}
     rows = {"vectors": n_stored, "users": n_users, "quarantine": summary["quarantine_rows"], "bt_coords": 0,
             "bt_basis": 0, "dps_heads": n_dps, "dps_clusters": 0, "dps_population": 0, "steerx_users": n_steerx,

@@ -17,6 +17,7 @@ decoding for ``influence`` and ``dps``; ``Served.applied`` says which was used a
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 from typing import Literal, Sequence, get_args
@@ -28,6 +29,7 @@ from operators.runtime import HeadContrast, Influence, ModelConfig, ModelRuntime
 
 Method = Literal["none", "caa", "bt", "population", "style_vector", "influence", "dps"]
 METHODS: tuple[str, ...] = get_args(Method)
+VECTOR_METHODS = ("caa", "bt", "population", "style_vector")
 DEFAULT_LAMBDA = 1.0  # influence strength when a request gives none (the store records no λ)
 DEFAULT_INFLUENCE_TEMPERATURE = 0.6
 
@@ -61,16 +63,36 @@ class BadRequest(ValueError):
     """A request the serving path cannot run (unknown method, empty prompt, ...)."""
 
 
+SOURCES = ("history", "description", "blend")
+
+
+def check_request(r: object) -> None:
+    """Raise ``BadRequest`` saying what is wrong with one request (nothing is read or decoded)."""
+    if not isinstance(r, Request):
+        raise BadRequest(f"a {type(r).__name__}, expected a serving.Request")
+    if r.method not in METHODS:
+        raise BadRequest(f"unknown method {r.method!r}; methods: {', '.join(METHODS)}")
+    if not isinstance(r.prompt, str) or not r.prompt.strip():
+        raise BadRequest("the prompt must be non-empty text")
+    if r.scale is not None and (isinstance(r.scale, bool) or not isinstance(r.scale, (int, float))
+                                or not math.isfinite(r.scale)):
+        raise BadRequest(f"scale must be a finite number, got {r.scale!r}")
+    if r.source is not None and (r.method != "style_vector" or r.source not in SOURCES):
+        raise BadRequest(f"source applies to method style_vector only and is one of {', '.join(SOURCES)}; "
+                         f"got {r.source!r} with method {r.method!r}")
+    if r.layers is not None and (not isinstance(r.layers, (list, tuple)) or not r.layers
+                                 or any(isinstance(l, bool) or not isinstance(l, int) or l < 0 for l in r.layers)):
+        raise BadRequest(f"layers must be a non-empty list of layer numbers, got {r.layers!r}")
+    if r.layers is not None and r.method not in VECTOR_METHODS:
+        raise BadRequest(f"layers apply to the vector methods ({', '.join(VECTOR_METHODS)}), not {r.method!r}")
+
+
 def _check(requests: Sequence[Request]) -> None:
     for k, r in enumerate(requests):
-        if not isinstance(r, Request):
-            raise BadRequest(f"request {k} is a {type(r).__name__}, expected a serving.Request")
-        if r.method not in METHODS:
-            raise BadRequest(f"request {k}: unknown method {r.method!r}; methods: {', '.join(METHODS)}")
-        if not isinstance(r.prompt, str) or not r.prompt.strip():
-            raise BadRequest(f"request {k}: the prompt must be non-empty text")
-        if r.scale is not None and not (isinstance(r.scale, (int, float)) and torch.isfinite(torch.tensor(float(r.scale)))):
-            raise BadRequest(f"request {k}: scale must be a finite number, got {r.scale!r}")
+        try:
+            check_request(r)
+        except BadRequest as exc:
+            raise BadRequest(f"request {k}: {exc}") from None
 
 
 class _Plan:
@@ -152,10 +174,18 @@ def plan_requests(reader: StoreReader, requests: Sequence[Request],
                 continue
             layers = list(req.layers or vec.recommended_layers)
             missing = [l for l in layers if l not in vec.layers]
-            if missing:
-                raise BadRequest(f"request {i}: layers {missing} are not stored for this vector "
-                                 f"(stored: {vec.layers})")
             scale = float(req.scale) if req.scale is not None else vec.recommended_scale
+            if why is not None:  # the population vector stands in: the request's settings were for another
+                if missing:
+                    layers = [l for l in layers if l in vec.layers] or list(vec.recommended_layers)
+                    why += f"; layers {missing} are not stored for the population vector, steering {layers}"
+                if req.method == "style_vector" and req.scale is not None:  # γ of a style vector is no α
+                    scale = vec.recommended_scale
+                    why += f"; the population's α {scale:g} replaces γ {float(req.scale):g}"
+                record.note = why
+            elif missing:
+                raise BadRequest(f"request {i} (user {req.user_id!r}, {req.method}): layers {missing} are not "
+                                 f"stored for this vector (stored: {vec.layers})")
             plan.vectors[i] = (vec, scale, layers)
             record.applied = "user" if why is None and req.method != "population" else "population"
             record.scale, record.layers = scale, layers
@@ -201,23 +231,24 @@ def serve(runtime: ModelRuntime, reader: StoreReader, requests: Sequence[Request
     return served
 
 
-_RUNTIMES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> weights fingerprint
 
 
 def _runtime_for(model, tokenizer, reader: StoreReader) -> ModelRuntime:
-    """A runtime around the caller's model (kept per model object: its fingerprint is hashed once)."""
+    """A runtime around the caller's model with this store's prompt conventions (chat template,
+    micro-batch budget). Building one is cheap; the weights fingerprint is hashed once per model
+    object and held weakly, so the model is freed when the caller drops it."""
     if isinstance(model, ModelRuntime):
         return model
-    cached = _RUNTIMES.get(model)
-    if cached is not None and cached.tokenizer is tokenizer:
-        return cached
     stored = dict(reader.manifest.get("config", {}).get("model") or {})
-    # the store's prompt conventions (chat template) must hold at serving time too
     config = ModelConfig(name_or_path=reader.manifest["model"].get("id") or "served-model",
                          use_chat_template=bool(stored.get("use_chat_template", True)),
                          max_batch_tokens=int(stored.get("max_batch_tokens", 8192)))
     runtime = ModelRuntime(config, model=model, tokenizer=tokenizer)
-    _RUNTIMES[model] = runtime
+    fingerprint = _FINGERPRINTS.get(model)
+    if fingerprint is None:
+        fingerprint = _FINGERPRINTS[model] = runtime.fingerprint
+    runtime._fingerprint = fingerprint
     return runtime
 
 

@@ -294,8 +294,13 @@ def bucket_file(bucket: int) -> str:
     return f"bucket-{bucket:05d}.parquet"
 
 
-def bucket_count(n_users: int, users_per_bucket: int) -> int:
-    return max(1, math.ceil(n_users / users_per_bucket))
+def bucket_count(n_users: int, users_per_bucket: int, data_bytes: int = 0, bucket_bytes: int = 0) -> int:
+    """Hash buckets for ``n_users``: at most ``users_per_bucket`` users and, when ``bucket_bytes`` is
+    set, about ``data_bytes / bucket_bytes`` buckets or more, so that large models (vectors of 100+
+    KB per row) get more, smaller files: a bucket file's footer lists every row group, and its
+    first lookup reads that footer."""
+    by_bytes = math.ceil(data_bytes / bucket_bytes) if bucket_bytes > 0 else 1
+    return max(1, math.ceil(n_users / users_per_bucket), by_bytes)
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

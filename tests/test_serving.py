@@ -100,6 +100,31 @@ def test_an_unbucketed_store_version_is_read_by_filtering_whole_tables(served, t
         np.testing.assert_array_equal(old.vectors([uid])[uid].vectors, reader.vectors([uid])[uid].vectors)
         assert old.dps([uid])[uid].heads == reader.dps([uid])[uid].heads
     assert old.artifacts("nobody").status == "unknown"
+    # a version from before BT, DPS and SteerX: its manifest lists none of their tables
+    for table in ("bt_coords", "bt_basis", "dps_heads", "dps_clusters", "dps_population", "steerx_users",
+                  "steerx_token_effects"):
+        del manifest["tables"][table]
+    path.write_text(json.dumps(manifest))
+    older = StoreReader(str(copy))
+    art = older.artifacts("ann")
+    assert art.status == "found" and art.caa is not None and art.bt is None and art.dps is None and art.steerx is None
+    assert older.dps(["ann"]) == {} and older.steerx(["ann"]) == {} and older.bt(["ann"]) == {}
+
+
+def test_bucket_files_beyond_open_files_are_closed_and_lookups_stay_right(served):
+    reader, _, _ = served
+    small = StoreReader(reader.store.uri, cache_users=0, open_files=1)
+    for uid in ["ann", "ben", "cat", "dan", "ann", "dan"]:
+        np.testing.assert_array_equal(small.vectors([uid])[uid].vectors, reader.vectors([uid])[uid].vectors)
+        assert len(small._files) == 1
+
+
+def test_large_vectors_get_more_buckets_than_the_user_count_alone():
+    from schemas.store import bucket_count
+
+    assert bucket_count(100_000, 4096) == 25
+    assert bucket_count(100_000, 4096, data_bytes=100_000 * 4 * 9 * 4096 * 4, bucket_bytes=64 << 20) == 879
+    assert bucket_count(0, 4096, 0, 64 << 20) == 1
 
 
 # ---- the mixed batch ----------------------------------------------------------------------
@@ -172,8 +197,58 @@ def test_bad_requests_get_clear_errors(served):
         plan_requests(reader, [Request("ann", "  ", "caa")])
     with pytest.raises(BadRequest, match="scale must be a finite number"):
         plan_requests(reader, [Request("ann", "Hi", "caa", scale=float("nan"))])
-    with pytest.raises(BadRequest, match=r"layers \[29\] are not stored"):
+    with pytest.raises(BadRequest, match=r"request 0 \(user 'ann', caa\): layers \[29\] are not stored"):
         plan_requests(reader, [Request("ann", "Hi", "caa", layers=[29])])
+    for bad, why in [(dict(method="caa", source="blend"), "source applies to method style_vector only"),
+                     (dict(method="style_vector", source="poetry"), "source applies to method style_vector only"),
+                     (dict(method="style_vector", source=[]), "source applies"),
+                     (dict(method="caa", layers=12), "layers must be a non-empty list"),
+                     (dict(method="caa", layers="12"), "layers must be a non-empty list"),
+                     (dict(method="caa", layers=[]), "layers must be a non-empty list"),
+                     (dict(method="caa", layers=[1, True]), "layers must be a non-empty list"),
+                     (dict(method="dps", layers=[1]), "layers apply to the vector methods"),
+                     (dict(method="caa", scale=True), "scale must be a finite number"),
+                     (dict(method="caa", scale="2"), "scale must be a finite number")]:
+        with pytest.raises(BadRequest, match=why):
+            plan_requests(reader, [Request("ann", "Hi", "none"), Request("ann", "Hi", **bad)])
+
+
+def test_the_fallback_adapts_the_requested_layers_and_strength_to_the_population_vector(served):
+    reader, model, tokenizer = served
+    population = reader.population()
+    user = reader.vectors(["ann"], method="steerx")["ann"]
+    only_user = sorted(set(user.layers) - set(population.layers))
+    assert only_user  # the tiny store keeps SteerX layers the population vector has not
+    _, (own, fallback) = plan_requests(reader, [
+        Request("ann", "Hi", "style_vector", scale=3.0, layers=only_user),
+        Request("nobody", "Hi", "style_vector", scale=3.0, layers=only_user)])
+    assert own.applied == "user" and own.layers == only_user and own.scale == 3.0
+    assert fallback.applied == "population" and fallback.layers == population.recommended_layers
+    assert fallback.scale == pytest.approx(population.recommended_scale)
+    assert "not stored for the population vector" in fallback.note and "replaces γ 3" in fallback.note
+    _, (caa,) = plan_requests(reader, [Request("nobody", "Hi", "caa", scale=1.5, layers=population.layers[:1])])
+    assert caa.applied == "population" and caa.scale == 1.5 and caa.layers == population.layers[:1]
+
+
+def test_the_runtime_follows_each_store_prompt_conventions_and_does_not_keep_the_model_alive(served, tmp_path):
+    import gc
+    import weakref
+
+    from operators import serving
+
+    reader, _, tokenizer = served
+    other = StoreReader(reader.store.uri)
+    other.manifest = {**reader.manifest, "config": {**reader.manifest["config"],
+                                                    "model": {**reader.manifest["config"]["model"],
+                                                              "use_chat_template": False}}}
+    model = tiny_model("llama")
+    first, second = serving._runtime_for(model, tokenizer, reader), serving._runtime_for(model, tokenizer, other)
+    assert first.config.use_chat_template and not second.config.use_chat_template
+    assert first.fingerprint == second.fingerprint and model in serving._FINGERPRINTS
+    ref = weakref.ref(model)
+    del model, first, second
+    gc.collect()
+    assert ref() is None
 
 
 def test_generate_serves_a_jsonl_file_of_mixed_requests_as_one_batch(served, tmp_path, capsys):
@@ -201,6 +276,12 @@ def test_generate_serves_a_jsonl_file_of_mixed_requests_as_one_batch(served, tmp
     assert cli.main(["generate", "--store", reader.store.uri, "--user", "nobody", "--prompt", "Hi", "--fallback", "true",
                      "--max_new_tokens", "4"]) == 0
     assert "fallback: population vector" in capsys.readouterr().out
+    assert cli.main(["generate", "--store", reader.store.uri, "--user", "nobody", "--prompt", "Hi", "--method",
+                     "influence", "--fallback", "true", "--max_new_tokens", "4"]) == 0
+    assert "fallback: unsteered" in capsys.readouterr().out
+    bad = write_jsonl(tmp_path / "bad2.jsonl", [requests[0], requests[1], {"user_id": "ann", "prompt": "Hi", "layers": "12"}])
+    assert cli.main(["generate", "--store", reader.store.uri, "--requests", bad]) == 1
+    assert "bad2.jsonl line 3: layers must be a non-empty list" in capsys.readouterr().err
 
 
 def test_the_serving_benchmark_writes_a_store_whose_lookups_return_its_vectors(tmp_path):
