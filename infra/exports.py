@@ -52,6 +52,7 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -181,6 +182,8 @@ def encode_gguf(item: ExportItem) -> Encoded:
     if not layers:
         raise ExportError("no layer llama.cpp can apply: the vectors are at layer 0 only")
     import gguf  # noqa: PLC0415  (only this format needs it)
+
+    logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)  # it logs every temporary file at INFO
 
     meta = _meta(item, layers)
     with tempfile.TemporaryDirectory() as tmp:  # GGUFWriter writes to a path
