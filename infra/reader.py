@@ -23,6 +23,8 @@ from infra.storage import SteeringStore, StorageConfig, join, open_parquet
 from schemas.store import BUCKETED_TABLES, LAYOUT_KIND, POPULATION_FILE, STORE_TABLES, bucket_file, user_bucket
 
 MAX_USER_ID_BYTES = 4096
+
+
 @dataclass
 class UserVectors:
     """One user's (or the population's) vectors with the conventions to apply them."""
@@ -274,7 +276,7 @@ class StoreReader:
         return {**found, **fetched}
 
     def _valid(self, user_ids: Sequence[object]) -> list[str]:
-        return [u for u in dict.fromkeys(u for u in user_ids if isinstance(u, str)) if id_problem(u) is None]
+        return list(dict.fromkeys(u for u in user_ids if id_problem(u) is None))
 
     def default_source(self, method: str) -> str:
         if method == "caa":
@@ -381,6 +383,19 @@ class StoreReader:
             return self.store.read_table("users", self.version)
         rows = [r for rows in self._lookup("users", self._valid(user_ids)).values() for r in rows]
         return pa.Table.from_pylist(rows, schema=STORE_TABLES["users"])
+
+    def why_missing(self, user_id: object, what: str) -> str:
+        """Why ``user_id`` has no ``what`` in this version: a malformed id, not in the inputs,
+        quarantined (with the reason) or stored with other artifacts only."""
+        problem = id_problem(user_id)
+        if problem is not None:
+            return problem
+        rows = self.users([user_id]).to_pylist()
+        why = "it was not in the inputs"
+        if rows:
+            why = f"its artifacts are {rows[0]['methods']}" if rows[0]["status"] == "stored" \
+                else f"it is quarantined: {rows[0]['reason']}"
+        return f"user {user_id!r} has no {what} in store version {self.version}: {why}"
 
     def artifacts(self, user_id: object) -> UserArtifacts:
         """Every artifact of one user (the serving lookup); never raises for a bad or unknown id."""

@@ -471,6 +471,11 @@ class SteeringStore:
                       row_group_size=max(1, row_group_bytes // per_row))
         return name
 
+    def write_empty(self, version: str, table: str, schema: pa.Schema) -> str:
+        """Write an empty file of ``table`` (every version has every table); returns its name."""
+        write_parquet(join(self.table_uri(version, table), "empty.parquet"), schema.empty_table(), self.storage)
+        return "empty.parquet"
+
     def table_files(self, version: str, table: str) -> list[str]:
         """URIs of the table's parquet files, skipping hidden and temporary ones ("." or "_" names)."""
         files = list_files(self.table_uri(version, table), self.storage, suffix=".parquet")

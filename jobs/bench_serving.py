@@ -154,9 +154,7 @@ def synthetic_store(uri: str, cfg: StorageConfig | None, n_users: int, meta: dic
     files["bt_basis"].append("part-0.parquet")
     for table, schema in STORE_TABLES.items():
         if not files[table]:
-            storage.write_parquet(storage.join(store.table_uri(version, table), "empty.parquet"),
-                                  schema.empty_table(), cfg)
-            files[table].append("empty.parquet")
+            files[table].append(store.write_empty(version, table, schema))
     counts = {t: n_users for t in BUCKETED_TABLES}
     counts.update(vectors=n_users + 1, bt_basis=len(layers))
     manifest = Manifest(

@@ -13,7 +13,7 @@ from typing import Literal
 
 from infra.config import check, option
 from infra.exports import ENCODERS, ExportError, ExportItem, LayerChoice, file_stem, model_hint
-from infra.reader import StoreReader, UserVectors, id_problem
+from infra.reader import StoreReader, UserVectors
 from infra.storage import StorageConfig, join, write_bytes
 
 BATCH_USERS = 1000  # ids per vectors() call with --all
@@ -50,33 +50,19 @@ class ExportConfig:
               f"--source must be history, description or blend, got {self.source!r}")
 
 
-def _why(reader: StoreReader, user: str, row: dict | None, what: str) -> str:
-    """Why ``user`` has no ``what`` (as jobs/generate.py explains it), from their users-table row."""
-    problem = id_problem(user)
-    if problem is not None:
-        return problem
-    why = "it was not in the inputs"
-    if row is not None:
-        why = f"its artifacts are {row['methods']}" if row["status"] == "stored" \
-            else f"it is quarantined: {row['reason']}"
-    return f"user {user!r} has no {what} in store version {reader.version}: {why}"
-
-
 def _found(reader: StoreReader, config: ExportConfig, ids: list[str], source: str) -> dict[str, UserVectors]:
     """The vectors of those of ``ids`` that have them (BT: composed from θ and the basis)."""
     return reader.bt(ids) if config.method == "bt" else reader.vectors(ids, method=config.method, source=source)
 
 
 def _batches(reader: StoreReader, config: ExportConfig):
-    """(user rows, ids) to export: the one --user, or every stored user BATCH_USERS at a time."""
+    """Ids to export: the one --user, or every stored user BATCH_USERS at a time."""
     if not config.all:
-        rows = reader.users([config.user]).to_pylist()  # [] for an absent or malformed id
-        yield {config.user: rows[0] if rows else None}, [config.user]
+        yield [config.user]
         return
-    stored = [r for r in reader.users().to_pylist() if r["status"] == "stored"]
+    stored = [r["user_id"] for r in reader.users().to_pylist() if r["status"] == "stored"]
     for start in range(0, len(stored), BATCH_USERS):
-        rows = {r["user_id"]: r for r in stored[start:start + BATCH_USERS]}
-        yield rows, list(rows)
+        yield stored[start:start + BATCH_USERS]
 
 
 def main(config: ExportConfig) -> dict:
@@ -122,13 +108,13 @@ def main(config: ExportConfig) -> dict:
         else:
             export(population)
     else:
-        for rows, ids in _batches(reader, config):
+        for ids in _batches(reader, config):
             found = _found(reader, config, ids, source)
             for uid in ids:
                 if uid in found:
                     export(found[uid])
                 else:
-                    skipped[uid] = _why(reader, uid, rows.get(uid), what)
+                    skipped[uid] = reader.why_missing(uid, what)
     for reason in list(skipped.values())[:SHOWN_SKIPS]:
         print(f"skipped: {reason}")
     if len(skipped) > SHOWN_SKIPS:

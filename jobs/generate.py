@@ -8,18 +8,16 @@ or ``steerstore generate --store URI --requests requests.jsonl --out outputs.jso
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 
-import json
-
-import torch
 
 from infra.config import check, option
 from infra.reader import StoreReader, UserVectors
 from infra.storage import StorageConfig, read_text, write_text
 from operators.runtime import ModelConfig, ModelRuntime, Steering
 from operators.serving import (DEFAULT_INFLUENCE_TEMPERATURE, METHODS, Method, Request, Served, check_request,
-                               plan_requests, serve)
+                               plan_requests, serve, vector_steering)
 
 WHAT = {"caa": "vectors", "bt": "BT ideal point", "population": "population vector",
         "style_vector": "SteerX style vector", "influence": "SteerX style description",
@@ -76,30 +74,15 @@ def load_runtime_for(reader: StoreReader, model: str | None = None) -> ModelRunt
 
 def steering_for(users: list[UserVectors | None], alphas: list[float | None] | None = None,
                  layers: list[int] | None = None) -> Steering:
-    """Per-row steering for a batch of users (``None`` = unsteered row)."""
+    """Per-row steering for a batch of users (``None`` = unsteered row), every row at ``layers``
+    (default: the first user's recommended layers) and α from ``alphas`` or the user's own."""
     present = [u for u in users if u is not None]
     if not present:
         raise ValueError("no user in the batch has vectors")
     use = layers or present[0].recommended_layers
-    hidden = present[0].vectors.shape[1]
-    vectors = {l: torch.zeros(len(users), hidden) for l in use}
-    scales = torch.zeros(len(users))
-    for i, u in enumerate(users):
-        if u is None:
-            continue
-        for l, v in u.at(use).items():
-            vectors[l][i] = torch.from_numpy(v)
-        alpha = alphas[i] if alphas and alphas[i] is not None else u.recommended_scale
-        scales[i] = alpha
-    return Steering(vectors, scales, positions=present[0].positions)  # type: ignore[arg-type]
-
-
-def _missing(reader: StoreReader, user: str, what: str) -> KeyError:
-    status = reader.users([user]).to_pylist()
-    why = f"it is quarantined: {status[0]['reason']}" if status else "it was not in the inputs"
-    if status and status[0]["status"] == "stored":
-        why = f"its artifacts are {status[0]['methods']}"
-    return KeyError(f"user {user!r} has no {what} in store version {reader.version}: {why}")
+    return vector_steering([
+        None if u is None else (u, alphas[i] if alphas and alphas[i] is not None else u.recommended_scale, use)
+        for i, u in enumerate(users)])
 
 
 def read_requests(uri: str, storage: StorageConfig | None = None) -> list[Request]:
@@ -145,7 +128,7 @@ def main(config: GenerateConfig) -> dict | list[Served]:
     if config.method != "none" and record.applied != "user" and not (config.method == "population"
                                                                        and record.applied == "population"):
         if not config.fallback:
-            raise _missing(reader, config.user, WHAT[config.method])
+            raise KeyError(reader.why_missing(config.user, WHAT[config.method]))
     runtime = load_runtime_for(reader, config.model)
     plain, steered = serve(runtime, reader, [Request(config.user, config.prompt), request], config.max_new_tokens,
                            influence_temperature=config.temperature)

@@ -187,10 +187,6 @@ def _write(ds, store: SteeringStore, version: str, table: str, cfg: RefreshConfi
         path, filesystem=fs, try_create_dir=False, max_rows_per_file=cfg.resources.rows_per_file, schema=schema)
 
 
-def _write_empty(store: SteeringStore, version: str, table: str, schema: pa.Schema, cfg: StorageConfig) -> None:
-    storage.write_parquet(storage.join(store.table_uri(version, table), "empty.parquet"), schema.empty_table(), cfg)
-
-
 _BUCKET = "__bucket"
 
 
@@ -437,7 +433,7 @@ def main(config: RefreshConfig) -> dict:
     _write(quarantine, store, version, "quarantine", config)
     for name, schema in STORE_TABLES.items():  # every version has every table, empty when a method did not run
         if not store.table_files(version, name):
-            _write_empty(store, version, name, schema, config.storage)
+            store.write_empty(version, name, schema)
     tables = {name: TableEntry(files=[f.rsplit("/", 1)[-1] for f in store.table_files(version, name)],
                                rows=rows[name], schema=storage.schema_to_b64(schema))
               for name, schema in STORE_TABLES.items()}

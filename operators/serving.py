@@ -95,6 +95,28 @@ def _check(requests: Sequence[Request]) -> None:
             raise BadRequest(f"request {k}: {exc}") from None
 
 
+def vector_steering(rows: Sequence[tuple[UserVectors, float, Sequence[int]] | None]) -> Steering:
+    """Per-row steering from stored vectors: row i adds ``scale · v`` at its layers from its
+    vector's positions; a None row is unsteered. At least one row must have a vector."""
+    present = [r for r in rows if r is not None]
+    if not present:
+        raise ValueError("no row of the batch has a vector to steer with")
+    hidden = present[0][0].vectors.shape[1]
+    layers = sorted({l for _, _, use in present for l in use})
+    vectors = {l: torch.zeros(len(rows), hidden) for l in layers}
+    scales = torch.zeros(len(rows))
+    positions = ["response"] * len(rows)  # unsteered rows (scale 0) are left alone either way
+    for i, entry in enumerate(rows):
+        if entry is None:
+            continue
+        user, scale, use = entry
+        for l, v in user.at(use).items():
+            vectors[l][i] = torch.tensor(v)
+        scales[i] = scale
+        positions[i] = user.positions
+    return Steering(vectors, scales, positions)  # type: ignore[arg-type]
+
+
 class _Plan:
     """Per-row decoding settings of one batch, built request by request."""
 
@@ -108,23 +130,7 @@ class _Plan:
         self.dps_settings: tuple[bool, float] | None = None
 
     def steering(self) -> Steering | None:
-        rows = [v for v in self.vectors if v is not None]
-        if not rows:
-            return None
-        hidden = rows[0][0].vectors.shape[1]
-        layers = sorted({l for _, _, ls in rows for l in ls})
-        vectors = {l: torch.zeros(len(self.vectors), hidden) for l in layers}
-        scales = torch.zeros(len(self.vectors))
-        positions = ["response"] * len(self.vectors)
-        for i, entry in enumerate(self.vectors):
-            if entry is None:
-                continue
-            user, scale, use = entry
-            for l, v in user.at(use).items():
-                vectors[l][i] = torch.tensor(v)
-            scales[i] = scale
-            positions[i] = user.positions
-        return Steering(vectors, scales, positions)  # type: ignore[arg-type]
+        return vector_steering(self.vectors) if any(v is not None for v in self.vectors) else None
 
     def influence(self, temperature: float) -> Influence | None:
         if all(c is None for c in self.contexts):
