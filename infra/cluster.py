@@ -6,11 +6,11 @@ import logging
 import os
 from dataclasses import dataclass
 
-from infra.config import check, option
+from steerstore.infra.config import check, option
 
 log = logging.getLogger("steerstore")
 
-# the project's own packages, shipped to a remote cluster's workers with the job
+# the project's own subpackages, shipped to a remote cluster's workers with the job
 _PACKAGES = ("jobs", "operators", "schemas", "infra")
 
 
@@ -29,6 +29,24 @@ class RayConfig:
         check(self.num_cpus is None or self.num_cpus >= 1, "ray.num_cpus must be >= 1")
 
 
+def package_folder() -> str:
+    """A temporary ``steerstore/`` folder holding a copy of the four subpackages, for runtime_env py_modules.
+
+    ``steerstore`` is a namespace package whose subpackages live in four folders of the checkout
+    (or of site-packages); Ray ships a folder under its own name, so the copy puts them under one
+    ``steerstore`` folder that workers import exactly as the driver does.
+    """
+    import importlib
+    import shutil
+    import tempfile
+
+    root = os.path.join(tempfile.mkdtemp(prefix="steerstore-ship-"), "steerstore")
+    for name in _PACKAGES:
+        source = importlib.import_module(f"steerstore.{name}").__path__[0]
+        shutil.copytree(source, os.path.join(root, name), ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return root
+
+
 def connect(config: RayConfig) -> None:
     """Start or join Ray once per process; later calls reuse the connection."""
     import ray
@@ -38,9 +56,7 @@ def connect(config: RayConfig) -> None:
         if config.address:
             runtime_env = {}
             if config.ship_code:
-                import importlib
-
-                runtime_env["py_modules"] = [importlib.import_module(p) for p in _PACKAGES]
+                runtime_env["py_modules"] = [package_folder()]
             log.info("connecting to Ray at %s", config.address)
             ray.init(address=config.address, runtime_env=runtime_env or None, log_to_driver=True)
         else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import types
 import typing
 from typing import Any, Literal, TypeVar, get_args, get_origin
@@ -68,6 +69,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return from_dict(tp, value, prefix=where)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {value!r} is not one of {[m.value for m in tp]}") from None
     origin = get_origin(tp)
     if origin is Literal:
         allowed = get_args(tp)
@@ -128,8 +134,12 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
-    """The config as plain data (for manifests and YAML)."""
-    return dataclasses.asdict(obj)
+    """The config as plain data (for manifests and YAML): enums become their values."""
+    def plain(pairs):
+        return {k: (v.value if isinstance(v, enum.Enum) else
+                    [x.value if isinstance(x, enum.Enum) else x for x in v] if isinstance(v, list) else v)
+                for k, v in pairs}
+    return dataclasses.asdict(obj, dict_factory=plain)
 
 
 def _flatten_fields(cls: type, prefix: str = ""):
@@ -159,6 +169,8 @@ def _metavar(tp: Any) -> str:
     tp, _ = _strip_optional(tp)
     if get_origin(tp) is Literal:
         return "{" + ",".join(map(str, get_args(tp))) + "}"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "{" + ",".join(str(m.value) for m in tp) + "}"
     if get_origin(tp) in (list, tuple):
         return "A,B,..."
     return getattr(tp, "__name__", "VALUE").upper()
@@ -169,7 +181,7 @@ def load(cls: type[T], path: str | None = None, args: argparse.Namespace | None 
     """Build ``cls`` from an optional YAML file, then CLI flags, then dotted ``overrides``."""
     data: dict[str, Any] = {}
     if path:
-        from infra.storage import read_text  # noqa: PLC0415  (configs may live on object storage)
+        from steerstore.infra.storage import read_text  # noqa: PLC0415  (configs may live on object storage)
 
         loaded = yaml.safe_load(read_text(path)) or {}
         if not isinstance(loaded, dict):

@@ -61,8 +61,8 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 
-from infra.reader import UserVectors
-from infra.storage import StorageConfig, read_bytes, read_text
+from steerstore.infra.reader import UserVectors
+from steerstore.infra.storage import StorageConfig, read_bytes, read_text
 
 FORMATS = ("gguf", "easysteer", "safetensors")
 LayerChoice = Literal["recommended", "all"]
@@ -90,7 +90,7 @@ class ExportItem:
     """One vector set to export and where it came from."""
 
     vectors: UserVectors
-    method: str  # caa | bt | population | steerx
+    method: str  # a vector Method: caa | bt | population | style_vector
     source: str  # pairs | history | description | blend
     store_version: str
     model_hint: str  # the model's architecture, e.g. llama
@@ -119,7 +119,7 @@ def file_stem(user_id: str | None, method: str, source: str) -> str:
     """A file name stem safe on every filesystem: ``<user>.<method>``; odd ids get a hash."""
     if user_id is None:
         return "population"
-    tag = f"steerx-{source}" if method == "steerx" else method
+    tag = f"{method}-{source}" if method == "style_vector" else method
     if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", user_id) and user_id != "population":
         return f"{user_id}.{tag}"
     # ids may hold slashes, "..", any Unicode: keep a readable prefix and tell ids apart by hash

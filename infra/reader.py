@@ -19,8 +19,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from infra.storage import SteeringStore, StorageConfig, join, open_parquet
-from schemas.store import BUCKETED_TABLES, LAYOUT_KIND, POPULATION_FILE, STORE_TABLES, bucket_file, user_bucket
+from steerstore.infra.artifacts import compose, serving_heads
+from steerstore.infra.storage import SteeringStore, StorageConfig, join, open_parquet
+from steerstore.schemas.methods import Family
+from steerstore.schemas.store import (
+    BUCKETED_TABLES,
+    LAYOUT_KIND,
+    POPULATION_FILE,
+    STORE_TABLES,
+    bucket_file,
+    user_bucket,
+)
 
 MAX_USER_ID_BYTES = 4096
 
@@ -278,8 +287,9 @@ class StoreReader:
     def _valid(self, user_ids: Sequence[object]) -> list[str]:
         return list(dict.fromkeys(u for u in user_ids if id_problem(u) is None))
 
-    def default_source(self, method: str) -> str:
-        if method == "caa":
+    def default_source(self, family: str) -> str:
+        """The source a family's vectors are served from: SteerX's configured one, else ``pairs``."""
+        if family != Family.STEERX:
             return "pairs"
         return self.manifest.get("config", {}).get("steerx", {}).get("vectors", {}).get("source", "blend")
 
@@ -345,8 +355,6 @@ class StoreReader:
         return {uid: self._compose(uid, theta) for uid, theta in self.bt_theta(user_ids).items()}
 
     def _compose(self, uid: str, theta: np.ndarray) -> UserVectors:
-        from operators.bt import compose  # noqa: PLC0415
-
         layers, axes, norms, meta = self._bt_parts()
         return UserVectors(
             user_id=uid, layers=layers, vectors=compose(theta, axes, norms),
@@ -367,8 +375,6 @@ class StoreReader:
         return {r["user_id"]: self._heads(r, top_k) for r in rows}
 
     def _heads(self, r: dict, top_k: int | None = None) -> UserHeads:
-        from operators.dps import serving_heads  # noqa: PLC0415
-
         k = top_k or int(self.manifest.get("config", {}).get("dps", {}).get("top_k", 8))
         heads = serving_heads(r, self.dps_clusters() if not r["heads"] else {}, k)
         return UserHeads(

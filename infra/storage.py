@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from infra.config import check, option
-from schemas.store import BUCKETED_TABLES, bucket_file, conform
+from steerstore.infra.config import check, option
+from steerstore.schemas.store import BUCKETED_TABLES, bucket_file, conform
 
 T = TypeVar("T")
 

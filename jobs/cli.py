@@ -1,4 +1,4 @@
-"""The ``steerstore`` command: one subcommand per job."""
+"""The ``steerstore`` command: one subcommand per job; benchmarks under ``steerstore bench <name>``."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ import logging
 import os
 import sys
 
-from infra.config import ConfigError, add_arguments, load
+from steerstore.infra.config import ConfigError, add_arguments, load
 
 
 def _jobs():
-    from jobs import (bench, bench_dps, bench_serving, bench_steerx, demo, evaluate, export, generate, importers,
-                      inspect_store, pref_eval, refresh, steerx_tau)
+    from steerstore.jobs import demo, evaluate, export, generate, importers, inspect_store, refresh
 
     return {
         "refresh": (refresh.RefreshConfig, refresh.main, "compute steering vectors and publish a new store version"),
@@ -22,34 +21,45 @@ def _jobs():
                    "export users' steering vectors for serving engines: llama.cpp GGUF, EasySteer JSON, safetensors"),
         "import": (importers.ImportConfig, importers.main, "convert PRISM or plain pairs into preference_pairs, or LaMP / LongLaMP question files into histories + held-out items"),
         "demo": (demo.DemoConfig, demo.main, "run the embedded demo end to end into ./steerstore-out"),
-        "bench": (bench.BenchConfig, bench.main, "benchmark the activation stage against a plain per-sequence loop"),
-        "bench-dps": (bench_dps.BenchDPSConfig, bench_dps.main,
-                      "benchmark DPS head scoring (naive vs batched exact vs fast) and decoding on real data"),
-        "bench-steerx": (bench_steerx.BenchSteerXConfig, bench_steerx.main,
-                         "benchmark SteerX stages (leave-one-out effects, smoothing, style vectors) on real data"),
-        "bench-serving": (bench_serving.BenchServingConfig, bench_serving.main,
-                          "benchmark store lookups (100k synthetic users, local and S3) and mixed-batch serving"),
-        "steerx-tau": steerx_tau.COMMAND,
         "eval": (evaluate.EvalConfig, evaluate.main,
                  "evaluate every method against baselines on held-out per-user data; write an HTML report"),
-        "pref-accuracy": (pref_eval.PrefEvalConfig, pref_eval.main,
-                          "per-user preference accuracy of population / CAA / BT steering on held-out real pairs"),
     }
 
 
+def _add_job(sub, name: str, cls, help_text: str) -> None:
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("--config", help="YAML config file (local or s3://); flags override it")
+    if name == "inspect":
+        p.add_argument("store_uri", nargs="?", help="store URI")
+    if name in ("refresh", "demo"):
+        p.add_argument("--address", dest="cfg::ray.address", default=argparse.SUPPRESS,
+                       help="Ray cluster address (same as --ray.address); default: embedded local Ray")
+    add_arguments(p, cls)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from steerstore.jobs import bench
+
     parser = argparse.ArgumentParser(prog="steerstore", description="Per-user LLM steering artifacts on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, _, help_text) in _jobs().items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--config", help="YAML config file (local or s3://); flags override it")
-        if name == "inspect":
-            p.add_argument("store_uri", nargs="?", help="store URI")
-        if name in ("refresh", "demo"):
-            p.add_argument("--address", dest="cfg::ray.address", default=argparse.SUPPRESS,
-                           help="Ray cluster address (same as --ray.address); default: embedded local Ray")
-        add_arguments(p, cls)
+        _add_job(sub, name, cls, help_text)
+    bench_parser = sub.add_parser("bench", help="benchmarks and experiments (figures under docs/figures/)",
+                                  description="benchmarks and experiments; each writes its figures as JSON")
+    bench_sub = bench_parser.add_subparsers(dest="bench", required=True)
+    for name in bench.names():
+        _add_job(bench_sub, name, bench.load(name)[0], bench.help_text(name))
     return parser
+
+
+def _resolve(args: argparse.Namespace):
+    if args.command == "bench":
+        from steerstore.jobs import bench
+
+        cls, run = bench.load(args.bench)
+        return f"bench {args.bench}", cls, run
+    cls, run, _ = _jobs()[args.command]
+    return args.command, cls, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,17 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
-    cls, run, _ = _jobs()[args.command]
+    name, cls, run = _resolve(args)
     overrides = {"store": args.store_uri} if getattr(args, "store_uri", None) else {}
     try:
         config = load(cls, args.config, args, overrides)
     except ConfigError as exc:
-        print(f"steerstore {args.command}: config error: {exc}", file=sys.stderr)
+        print(f"steerstore {name}: config error: {exc}", file=sys.stderr)
         return 2
     try:
         run(config)
     except (KeyError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"steerstore {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"steerstore {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -9,16 +9,16 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.cluster import RayConfig
-from infra.config import check, option
-from infra.reader import StoreReader
-from jobs import refresh
-from jobs.demo_data import DEMO_PROMPTS, write_demo_inputs
-from jobs.generate import load_runtime_for, steering_for
-from operators.dps import DPSConfig
-from operators.history import HistoryContextConfig
-from operators.runtime import HeadContrast, Influence, ModelConfig
-from operators.steerx import STYLE_TEMPLATE, SteerXConfig, StyleVectorConfig
+from steerstore.infra.cluster import RayConfig
+from steerstore.infra.config import check, option
+from steerstore.infra.reader import StoreReader
+from steerstore.jobs import refresh
+from steerstore.jobs.demo_data import DEMO_PROMPTS, write_demo_inputs
+from steerstore.jobs.generate import load_runtime_for, steering_for
+from steerstore.operators.dps import DPSConfig
+from steerstore.operators.history import HistoryContextConfig
+from steerstore.operators.runtime import HeadContrast, Influence, ModelConfig
+from steerstore.operators.steerx import STYLE_TEMPLATE, SteerXConfig, StyleVectorConfig
 
 
 @dataclass

@@ -11,10 +11,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from infra.config import check, option
-from infra.exports import ENCODERS, ExportError, ExportItem, LayerChoice, file_stem, model_hint
-from infra.reader import StoreReader, UserVectors
-from infra.storage import StorageConfig, join, write_bytes
+from steerstore.infra.config import check, option
+from steerstore.infra.exports import ENCODERS, ExportError, ExportItem, LayerChoice, file_stem, model_hint
+from steerstore.infra.reader import StoreReader, UserVectors
+from steerstore.infra.storage import StorageConfig, join, write_bytes
+from steerstore.schemas.methods import FAMILY_OF, VECTOR_METHODS, Method
 
 BATCH_USERS = 1000  # ids per vectors() call with --all
 SHOWN_SKIPS = 20  # skipped users printed one by one; the summary lists them all
@@ -28,10 +29,10 @@ class ExportConfig:
     format: Literal["gguf", "easysteer", "safetensors"] = option(
         "gguf", help="gguf: llama.cpp control vector; easysteer: the EasySteer (vLLM) per-request steering JSON "
                      "with the vectors inline; safetensors: one tensor per layer plus a JSON sidecar")
-    method: Literal["caa", "bt", "population", "steerx"] = option(
-        "caa", help="caa: the user's CAA direction; bt: their BT ideal point composed with the basis; population: "
-                    "the one population vector (no --user / --all); steerx: the user's style vector")
-    source: str | None = option(None, help="steerx: history | description | blend; default: the store's")
+    method: Method = option(
+        Method.CAA, help="caa: the user's CAA direction; bt: their BT ideal point composed with the basis; population: "
+                         "the one population vector (no --user / --all); style_vector: the user's SteerX style vector")
+    source: str | None = option(None, help="style_vector: history | description | blend; default: the store's")
     layers: LayerChoice = option(
         "recommended", help="recommended: the store's recommended layers; all: every stored layer (llama.cpp's "
                             "--control-vector-layer-range A B can then select)")
@@ -45,14 +46,17 @@ class ExportConfig:
                                                   "drop --user / --all")
         else:
             check(bool(self.user) != self.all, "give exactly one of --user ID and --all true")
-        check(self.source is None or self.method == "steerx", "--source applies to --method steerx only")
+        check(self.method in VECTOR_METHODS, f"--method must be a vector method: {', '.join(VECTOR_METHODS)}")
+        check(self.source is None or self.method == "style_vector", "--source applies to --method style_vector only")
         check(self.source in (None, "history", "description", "blend"),
               f"--source must be history, description or blend, got {self.source!r}")
 
 
 def _found(reader: StoreReader, config: ExportConfig, ids: list[str], source: str) -> dict[str, UserVectors]:
     """The vectors of those of ``ids`` that have them (BT: composed from θ and the basis)."""
-    return reader.bt(ids) if config.method == "bt" else reader.vectors(ids, method=config.method, source=source)
+    if config.method == "bt":
+        return reader.bt(ids)
+    return reader.vectors(ids, method=FAMILY_OF[config.method], source=source)
 
 
 def _batches(reader: StoreReader, config: ExportConfig):
@@ -68,9 +72,9 @@ def _batches(reader: StoreReader, config: ExportConfig):
 def main(config: ExportConfig) -> dict:
     reader = StoreReader(config.store, config.storage, config.version)
     # BT and the population vector are fitted from pairs, as CAA is
-    source = config.source or reader.default_source("steerx" if config.method == "steerx" else "caa")
+    source = config.source or reader.default_source(FAMILY_OF[config.method])
     hint = model_hint(reader.manifest)
-    what = {"caa": "CAA vectors", "bt": "BT ideal point", "steerx": f"SteerX {source} vectors",
+    what = {"caa": "CAA vectors", "bt": "BT ideal point", "style_vector": f"SteerX {source} style vectors",
             "population": "population vector"}[config.method]
     files: list[dict] = []
     skipped: dict[str, str] = {}

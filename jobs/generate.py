@@ -11,19 +11,25 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-
-from infra.config import check, option
-from infra.reader import StoreReader, UserVectors
-from infra.storage import StorageConfig, read_text, write_text
-from operators.runtime import ModelConfig, ModelRuntime, Steering
-from operators.serving import (DEFAULT_INFLUENCE_TEMPERATURE, METHODS, Method, Request, Served, check_request,
-                               plan_requests, serve, vector_steering)
+from steerstore.infra.config import check, option
+from steerstore.infra.reader import StoreReader, UserVectors
+from steerstore.infra.storage import StorageConfig, read_text, write_text
+from steerstore.operators.runtime import ModelConfig, ModelRuntime, Steering
+from steerstore.operators.serving import (
+    DEFAULT_INFLUENCE_TEMPERATURE,
+    METHODS,
+    Request,
+    Served,
+    check_request,
+    plan_requests,
+    serve,
+    vector_steering,
+)
+from steerstore.schemas.methods import STRENGTH, Family, Method
 
 WHAT = {"caa": "vectors", "bt": "BT ideal point", "population": "population vector",
         "style_vector": "SteerX style vector", "influence": "SteerX style description",
         "dps": "DPS heads with a positive score"}
-STRENGTH = {"caa": "alpha", "bt": "alpha", "population": "alpha", "style_vector": "gamma", "influence": "lambda",
-            "dps": "gamma"}
 
 
 @dataclass
@@ -32,7 +38,7 @@ class GenerateConfig:
     user: str = option("", help="user id to steer for (with --prompt)")
     prompt: str = option("", help="the prompt to answer (with --user)")
     method: Method = option(
-        "caa", help="none | caa: the user's CAA direction | bt: their BT ideal point composed with the basis | "
+        Method.CAA, help="none | caa: the user's CAA direction | bt: their BT ideal point composed with the basis | "
                     "population: the population direction | style_vector: their SteerX style vector | influence: "
                     "SteerX influence decoding with their style description | dps: differential preference "
                     "decoding against their heads")
@@ -132,7 +138,7 @@ def main(config: GenerateConfig) -> dict | list[Served]:
     runtime = load_runtime_for(reader, config.model)
     plain, steered = serve(runtime, reader, [Request(config.user, config.prompt), request], config.max_new_tokens,
                            influence_temperature=config.temperature)
-    what = config.method + (f" ({config.source or reader.default_source('steerx')} source)"
+    what = config.method + (f" ({config.source or reader.default_source(Family.STEERX)} source)"
                             if config.method == "style_vector" else "")
     details = [f"store version {reader.version}", f"user {config.user}", f"method {what}"]
     if steered.applied == "population" and config.method != "population":

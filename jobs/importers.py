@@ -61,10 +61,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal
 
-from infra import storage
-from infra.config import check, option
-from infra.storage import StorageConfig
-from schemas.inputs import parse_timestamp
+from steerstore.infra import storage
+from steerstore.infra.config import check, option
+from steerstore.infra.storage import StorageConfig
+from steerstore.schemas.inputs import parse_timestamp
 
 
 @dataclass

@@ -9,9 +9,9 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-from infra import storage
-from infra.config import check, option
-from infra.storage import SteeringStore, StorageConfig
+from steerstore.infra import storage
+from steerstore.infra.config import check, option
+from steerstore.infra.storage import SteeringStore, StorageConfig
 
 
 @dataclass

@@ -15,14 +15,13 @@ with a weak prior. The user's direction at layer l is B_lᵀθ rescaled to ‖p_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from infra.config import check, option
+from steerstore.infra.config import check, option
 
 
 @dataclass
@@ -128,14 +127,6 @@ def fit_bt(x: np.ndarray, weights: np.ndarray | None, center: np.ndarray, prior:
     return BTFit(theta.astype(np.float32), accuracy, loglik, it)
 
 
-def compose(theta: np.ndarray, basis: np.ndarray, population_norms: np.ndarray) -> np.ndarray:
-    """A user's per-layer direction (layers, hidden): B_lᵀθ rescaled to the population norm ‖p_l‖."""
-    raw = np.einsum("k,lkh->lh", np.asarray(theta, dtype=np.float64), basis.astype(np.float64))
-    n = np.linalg.norm(raw, axis=-1, keepdims=True)
-    n[n == 0] = 1.0
-    return (raw / n * population_norms[:, None]).astype(np.float32)
-
-
 def sample_key(user_id: str, seed: int) -> float:
     """A user's seeded uniform draw in [0, 1): samples are the users with the smallest keys."""
     return int(hashlib.sha256(f"{seed}:{user_id}".encode()).hexdigest()[:12], 16) / 16**12
@@ -157,8 +148,8 @@ def population_theta(x: np.ndarray, weights: np.ndarray, config: BTConfig) -> np
 def finalize_users(batch: pa.Table, population: np.ndarray, kappa: float, theta_pop: np.ndarray | None,
                    config: BTConfig) -> pa.Table:
     """CAA output rows -> final rows: shrunk per-user vectors and (with θ_pop) BT ideal points."""
-    from operators.caa import shrink, vectors_array  # noqa: PLC0415
-    from schemas.store import VECTORS_SCHEMA  # noqa: PLC0415
+    from steerstore.operators.caa import shrink, vectors_array  # noqa: PLC0415
+    from steerstore.schemas.store import VECTORS_SCHEMA  # noqa: PLC0415
 
     means = vectors_array(batch)
     rows = batch.to_pylist()
@@ -176,7 +167,7 @@ def finalize_users(batch: pa.Table, population: np.ndarray, kappa: float, theta_
 
 
 def _final_schema() -> pa.Schema:
-    from schemas.store import BT_COORDS_SCHEMA, VECTORS_SCHEMA  # noqa: PLC0415
+    from steerstore.schemas.store import BT_COORDS_SCHEMA, VECTORS_SCHEMA  # noqa: PLC0415
 
     extra = [f for f in BT_COORDS_SCHEMA if f.name not in VECTORS_SCHEMA.names]
     return pa.schema(list(VECTORS_SCHEMA) + extra)

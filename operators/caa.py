@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from infra.config import check, option
-from operators.runtime import ModelConfig, ModelRuntime, Position, SteerPositions
-from operators.validate import isolate_failures, require_columns
-from schemas.store import VECTORS_SCHEMA
+from steerstore.infra.config import check, option
+from steerstore.operators.runtime import ModelConfig, ModelRuntime, Position, SteerPositions
+from steerstore.operators.validate import isolate_failures, require_columns
+from steerstore.schemas.store import VECTORS_SCHEMA
 
 CAA_OUTPUT_SCHEMA = pa.schema(list(VECTORS_SCHEMA) + [
     pa.field("status", pa.string()), pa.field("reason", pa.string()),
@@ -122,7 +122,7 @@ class CAAVectors:
             row = self._row(user["user_id"], "user", mean, n, user["content_fingerprint"])
             row["weight_sum"] = float(w.sum())
             if self.basis is not None:
-                from operators.bt import features  # noqa: PLC0415
+                from steerstore.operators.bt import features  # noqa: PLC0415
 
                 row["bt_features"] = features(d, self.basis, self.population_norms).astype(np.float32).tolist()
                 row["bt_weights"] = w.astype(np.float32).tolist()

@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from infra.models import DEFAULT_ENCODER, resolve_encoder_path
-from operators.validate import require_columns
+from steerstore.infra.models import DEFAULT_ENCODER, resolve_encoder_path
+from steerstore.operators.validate import require_columns
 
 log = logging.getLogger("steerstore")
 

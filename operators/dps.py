@@ -31,12 +31,12 @@ from typing import Literal, Sequence
 import numpy as np
 import pyarrow as pa
 
-from infra.config import check, option
-from infra.models import DEFAULT_ENCODER
-from operators.history import HistoryContextConfig, scoring_sequences
-from operators.runtime import Encoded, ModelConfig, ModelRuntime
-from operators.validate import isolate_failures, require_columns
-from schemas.store import HEAD_STRUCT
+from steerstore.infra.config import check, option
+from steerstore.infra.models import DEFAULT_ENCODER
+from steerstore.operators.history import HistoryContextConfig, scoring_sequences
+from steerstore.operators.runtime import Encoded, ModelConfig, ModelRuntime
+from steerstore.operators.validate import isolate_failures, require_columns
+from steerstore.schemas.store import HEAD_STRUCT
 
 SEQUENCE_STRUCT = pa.struct([("prompt", pa.string()), ("output", pa.string())])
 
@@ -133,7 +133,7 @@ class PopulationPCS:
 def dps_user_rows(batch: pa.Table, history: HistoryContextConfig, centroids: np.ndarray | None = None,
                   temperature: float = 0.05) -> pa.Table:
     """User rows -> (user_id, scope, sequences, cluster, routing, content_fingerprint) for the DPS stages (CPU)."""
-    from operators.cluster import routing_weights
+    from steerstore.operators.cluster import routing_weights
 
     require_columns("dps_user_rows", batch, ["user_id", "histories", "content_fingerprint"])
     sequences = [[{"prompt": p, "output": o} for p, o in scoring_sequences(h, history)]
@@ -266,19 +266,3 @@ def cluster_sequences(rows: Sequence[dict], clusters: int, items: int, seed: int
     return out
 
 
-def serving_heads(user_row: dict | None, clusters: dict[int, dict], top_k: int) -> list[tuple[int, int]]:
-    """The heads DPS decoding masks for a user: their own, else their clusters' mixed by routing.
-
-    Cluster mixing: a head's score is Σ_c routing_c · score_c(head); the ``top_k`` best positive.
-    An unknown user (no row) gets nothing: decode unsteered.
-    """
-    if user_row is None:
-        return []
-    if user_row.get("heads"):
-        return [(h["layer"], h["head"]) for h in user_row["heads"][:top_k]]
-    mixed: dict[tuple[int, int], float] = {}
-    for c, weight in enumerate(user_row.get("routing") or []):
-        for h in (clusters.get(c) or {}).get("heads") or []:
-            mixed[(h["layer"], h["head"])] = mixed.get((h["layer"], h["head"]), 0.0) + weight * h["score"]
-    ranked = sorted(mixed.items(), key=lambda t: (-t[1], t[0]))
-    return [head for head, score in ranked[:top_k] if score > 0]

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
-from infra.config import check, option
+from steerstore.infra.config import check, option
 
 Selection = Literal["recent", "bm25"]
 _WORD = re.compile(r"\w+", re.UNICODE)

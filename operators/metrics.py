@@ -71,8 +71,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from infra.config import check, option
-from infra.models import cache_root, file_lock
+from steerstore.infra.config import check, option
+from steerstore.infra.models import cache_root, file_lock
 
 if TYPE_CHECKING:
     from nltk.corpus.reader.wordnet import WordNetCorpusReader
@@ -346,7 +346,7 @@ def corpus_bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 
 def _bert_scorer(config: MetricsConfig) -> Any:
-    from infra.models import resolve_encoder_path
+    from steerstore.infra.models import resolve_encoder_path
 
     try:
         path = resolve_encoder_path(config.bertscore_model)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from infra.config import check, option
-from operators.validate import require_columns
-from schemas.store import USER_ROW_SCHEMA, user_bucket
+from steerstore.infra.config import check, option
+from steerstore.operators.validate import require_columns
+from steerstore.schemas.store import USER_ROW_SCHEMA, user_bucket
 
 _PAIR_FIELDS = ("pair_id", "prompt", "chosen", "rejected", "weight")
 _HISTORY_FIELDS = ("item_id", "input", "output", "timestamp")

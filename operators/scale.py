@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from infra.config import check, option
-from operators.runtime import ModelRuntime, Steering, SteerPositions
+from steerstore.infra.config import check, option
+from steerstore.operators.runtime import ModelRuntime, Steering, SteerPositions
 
 
 @dataclass

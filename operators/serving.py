@@ -20,16 +20,15 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
-from typing import Literal, Sequence, get_args
+from typing import Literal, Sequence
 
 import torch
 
-from infra.reader import StoreReader, UserArtifacts, UserVectors
-from operators.runtime import HeadContrast, Influence, ModelConfig, ModelRuntime, Sampling, Steering
+from steerstore.infra.reader import StoreReader, UserArtifacts, UserVectors
+from steerstore.operators.runtime import HeadContrast, Influence, ModelConfig, ModelRuntime, Sampling, Steering
+from steerstore.schemas.methods import VECTOR_METHODS, Family, Method, Source
 
-Method = Literal["none", "caa", "bt", "population", "style_vector", "influence", "dps"]
-METHODS: tuple[str, ...] = get_args(Method)
-VECTOR_METHODS = ("caa", "bt", "population", "style_vector")
+METHODS: tuple[str, ...] = tuple(m.value for m in Method)
 DEFAULT_LAMBDA = 1.0  # influence strength when a request gives none (the store records no λ)
 DEFAULT_INFLUENCE_TEMPERATURE = 0.6
 
@@ -40,7 +39,7 @@ class Request:
 
     user_id: str
     prompt: str
-    method: Method = "none"
+    method: Method | str = "none"  # a Method (or its name)
     scale: float | None = None  # α (caa, bt, population), γ (style_vector, dps) or λ (influence)
     source: str | None = None  # style_vector: history | description | blend (default: the store's)
     layers: list[int] | None = None  # vector methods: layers to steer (default: the vector's recommended)
@@ -63,7 +62,7 @@ class BadRequest(ValueError):
     """A request the serving path cannot run (unknown method, empty prompt, ...)."""
 
 
-SOURCES = ("history", "description", "blend")
+SOURCES: tuple[str, ...] = tuple(s.value for s in Source)
 
 
 def check_request(r: object) -> None:
@@ -153,7 +152,7 @@ def _vector_for(req: Request, art: UserArtifacts, reader: StoreReader) -> tuple[
     elif req.method == "bt":
         own = art.bt
     else:
-        own = art.style_vectors.get(req.source or reader.default_source("steerx"))
+        own = art.style_vectors.get(req.source or reader.default_source(Family.STEERX))
     if own is not None:
         return own, None
     why = art.reason if art.status != "found" else f"user has no {req.method} artifact in this store version"

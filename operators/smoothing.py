@@ -31,9 +31,9 @@ from typing import Literal, Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from infra.config import check, option
-from operators.runtime import ModelConfig, ModelRuntime, Sampling
-from schemas.store import STEERX_DESCRIPTION_STRUCT
+from steerstore.infra.config import check, option
+from steerstore.operators.runtime import ModelConfig, ModelRuntime, Sampling
+from steerstore.schemas.store import STEERX_DESCRIPTION_STRUCT
 
 _WORD = re.compile(r"\w+(?:['’]\w+)*", re.UNICODE)
 # text that addresses a model rather than describing anything: dropped from excerpts, rejected in outputs
@@ -252,32 +252,6 @@ class HFGenerate:
                 .append_column("engine_model_fingerprint", pa.array([self.runtime.fingerprint] * n, pa.string())))
 
 
-def hf_engine(model: ModelConfig, config: SmoothingConfig, actors: dict):
-    """Dataset of rows with ``prompt`` -> plus ``text``: HF generation on a pool of model actors."""
-    return lambda ds: ds.map_batches(HFGenerate, fn_constructor_kwargs={"model": model, "config": config},
-                                     **dict(actors, batch_size=config.batch_size))
-
-
-def vllm_engine(model: ModelConfig, config: SmoothingConfig):
-    """Dataset of rows with ``prompt`` -> plus ``text``: vLLM through a ``ray.data.llm`` processor."""
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
-
-    from infra.models import resolve_model_path
-
-    config.check_engine()
-    path = resolve_model_path(model.name_or_path)
-    keep = ("key", "user_id", "item_id", "anchor_words", "outputs", "attempts", "variant", "prompt")
-    return build_processor(
-        vLLMEngineProcessorConfig(model_source=path, batch_size=config.batch_size, concurrency=config.vllm_concurrency,
-                                  engine_kwargs={"max_model_len": config.vllm_max_model_len,
-                                                 "trust_remote_code": model.trust_remote_code}),
-        preprocess=lambda row: dict(row, messages=[{"role": "user", "content": row["prompt"]}],
-                                    sampling_params={"temperature": config.temperature, "top_p": config.top_p,
-                                                     "seed": config.seed, "max_tokens": config.max_new_tokens}),
-        postprocess=lambda row: dict({k: row[k] for k in keep}, text=row["generated_text"], engine_model_id=path,
-                                     engine_model_fingerprint=f"vllm:{path}"))
-
-
 _UNIT_SCHEMA = pa.schema([
     ("key", pa.string()), ("user_id", pa.string()), ("item_id", pa.string()), ("anchor_words", pa.list_(pa.string())),
     ("outputs", pa.list_(pa.list_(pa.string()))), ("attempts", pa.int32()), ("variant", pa.string()),
@@ -287,7 +261,7 @@ _CHECKED_SCHEMA = pa.schema(list(_UNIT_SCHEMA) + [
     ("engine_model_id", pa.string()), ("engine_model_fingerprint", pa.string())])
 
 
-def _unit_rows(batch: pa.Table, config: SmoothingConfig, specials: Sequence[str], variant: str) -> pa.Table:
+def unit_rows(batch: pa.Table, config: SmoothingConfig, specials: Sequence[str], variant: str) -> pa.Table:
     """Users -> one row per unit with its attempt-1 prompt (typed, so empty batches keep the schema)."""
     rows = [dict(u, key=f"{u['user_id']}\x1f{u['item_id'] or ''}", outputs=[list(o) for o in u["outputs"]],
                  attempts=0, variant=variant, prompt=unit_prompt(u, variant, config, specials))
@@ -296,7 +270,7 @@ def _unit_rows(batch: pa.Table, config: SmoothingConfig, specials: Sequence[str]
     return pa.Table.from_pylist(rows, schema=_UNIT_SCHEMA)
 
 
-def _validated(batch: pa.Table, config: SmoothingConfig, specials: Sequence[str]) -> pa.Table:
+def validated_units(batch: pa.Table, config: SmoothingConfig, specials: Sequence[str]) -> pa.Table:
     rows = []
     for row in batch.to_pylist():
         desc, reason = check_description(row["text"], [tuple(o) for o in row["outputs"]], config, specials)
@@ -304,14 +278,14 @@ def _validated(batch: pa.Table, config: SmoothingConfig, specials: Sequence[str]
     return pa.Table.from_pylist(rows, schema=_CHECKED_SCHEMA)
 
 
-def _reprompt(batch: pa.Table, variant: str, config: SmoothingConfig, specials: Sequence[str]) -> pa.Table:
+def reprompt_units(batch: pa.Table, variant: str, config: SmoothingConfig, specials: Sequence[str]) -> pa.Table:
     rows = [dict(row, variant=variant, prompt=unit_prompt(dict(row, outputs=[tuple(o) for o in row["outputs"]]),
                                                           variant, config, specials))
             for row in batch.select(_UNIT_SCHEMA.names).to_pylist()]
     return pa.Table.from_pylist(rows, schema=_UNIT_SCHEMA)
 
 
-def _valid(batch: pa.Table, valid: bool) -> pa.Table:
+def valid_units(batch: pa.Table, valid: bool) -> pa.Table:
     return batch.filter(pc.is_null(batch["reason"]) if valid else pc.is_valid(batch["reason"]))
 
 
@@ -331,44 +305,12 @@ def _user_row(units_: list[dict]) -> dict:
     return row
 
 
-def _group_users(batch: pa.Table) -> pa.Table:
+def group_users(batch: pa.Table) -> pa.Table:
     rows = batch.to_pylist()
     by_user: dict[str, list[dict]] = {}
     for r in rows:
         by_user.setdefault(r["user_id"], []).append(r)
     return pa.Table.from_pylist([_user_row(u) for u in by_user.values()], schema=SMOOTHING_OUTPUT_SCHEMA)
-
-
-def smooth(users, config: SmoothingConfig, engine, specials: Sequence[str], num_partitions: int = 8):
-    """The smoothing stage: users (user_id, anchors, histories) -> one SMOOTHING_OUTPUT_SCHEMA row per user.
-
-    ``engine`` maps a dataset of rows with ``prompt`` to the same rows plus ``text`` (and the
-    engine's model id/fingerprint): ``hf_engine`` or ``vllm_engine``. Every unit gets attempt 1;
-    the invalid ones get attempt 2 with the next prompt variant. A user is ``ok`` with at least
-    one valid description; otherwise quarantined with the first unit's last reason.
-    """
-    variants = list(VARIANTS) if config.excerpts else ["anchors"]
-    kw = {"config": config, "specials": list(specials)}
-    pending = users.select_columns(["user_id", "anchors", "histories"]).map_batches(
-        _unit_rows, fn_kwargs=dict(kw, variant=variants[0]), batch_format="pyarrow")
-    finished = []
-    for n, variant in enumerate(variants):
-        if n:
-            pending = pending.map_batches(_reprompt, fn_kwargs=dict(kw, variant=variant), batch_format="pyarrow")
-        checked = engine(pending).map_batches(_validated, fn_kwargs=kw, batch_format="pyarrow").materialize()
-        if n == len(variants) - 1:
-            finished.append(checked)  # the last round keeps its invalid units: they carry the reasons
-            break
-        finished.append(checked.map_batches(_valid, fn_kwargs={"valid": True}, batch_format="pyarrow"))
-        pending = checked.map_batches(_valid, fn_kwargs={"valid": False}, batch_format="pyarrow").materialize()
-        if pending.count() == 0:
-            break
-    cols = ["user_id", "item_id", "anchor_words", "attempts", "variant", "description", "reason",
-            "engine_model_id", "engine_model_fingerprint"]
-    done = finished[0].select_columns(cols)
-    for more in finished[1:]:
-        done = done.union(more.select_columns(cols))
-    return done.groupby("user_id", num_partitions=num_partitions).map_groups(_group_users, batch_format="pyarrow")
 
 
 def resolve_model(config: SmoothingConfig, default: ModelConfig) -> ModelConfig:

@@ -46,12 +46,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from infra.config import check, option
-from operators.history import HistoryContextConfig, context_indices, history_prompt
-from operators.runtime import ModelConfig, ModelRuntime, Position, Steering, SteerPositions
-from operators.smoothing import SmoothingConfig, user_context
-from operators.validate import isolate_failures, require_columns
-from schemas.store import HISTORY_STRUCT, STEERX_ANCHOR_STRUCT
+from steerstore.infra.config import check, option
+from steerstore.operators.history import HistoryContextConfig, context_indices, history_prompt
+from steerstore.operators.runtime import ModelConfig, ModelRuntime, Position, Steering, SteerPositions
+from steerstore.operators.smoothing import SmoothingConfig, user_context
+from steerstore.operators.validate import isolate_failures, require_columns
+from steerstore.schemas.store import HISTORY_STRUCT, STEERX_ANCHOR_STRUCT
 
 _WORD = re.compile(r"\w+(?:['’]\w+)*", re.UNICODE)
 SOURCES = ("history", "description", "blend")

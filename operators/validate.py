@@ -7,11 +7,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from infra.config import check, option
-from operators.runtime import ModelConfig, TextEncoder
-from schemas.inputs import (ID_FIELD, TOKEN_CHECKED, InputKind, parse_json_line,
+from steerstore.infra.config import check, option
+from steerstore.operators.runtime import ModelConfig, TextEncoder
+from steerstore.schemas.inputs import (ID_FIELD, TOKEN_CHECKED, InputKind, parse_json_line,
                             raw_text, validate_record)
-from schemas.store import RECORD_SCHEMA
+from steerstore.schemas.store import RECORD_SCHEMA
 
 
 @dataclass

@@ -9,7 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_runtime():
-    from operators.runtime import ModelConfig, ModelRuntime
+    from steerstore.operators.runtime import ModelConfig, ModelRuntime
     from tests.tiny import tiny_model, tiny_tokenizer
 
     return ModelRuntime(ModelConfig(name_or_path="tiny-llama"), model=tiny_model(), tokenizer=tiny_tokenizer())
@@ -44,8 +44,8 @@ def served_store(ray_cluster, tmp_path_factory, tiny_model_folder):
 
     Shared by the serving, lookup and export tests. Returns (store URI, model folder).
     """
-    from infra.config import from_dict
-    from jobs import refresh
+    from steerstore.infra.config import from_dict
+    from steerstore.jobs import refresh
     from tests.tiny import write_jsonl
 
     tmp = tmp_path_factory.mktemp("served-store")

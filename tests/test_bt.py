@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from operators.bt import build_basis, compose, features, fit_bt
+from steerstore.infra.artifacts import compose
+from steerstore.operators.bt import build_basis, features, fit_bt
 
 
 def planted(users=40, pairs=60, layers=3, hidden=32, k=4, seed=0):

@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from infra.models import DEFAULT_ENCODER, resolve_encoder_path
-from operators.cluster import EmbedUsers, SentenceEncoder, kmeans, routing_weights, user_embedding
-from schemas.store import HISTORY_STRUCT
+from steerstore.infra.models import DEFAULT_ENCODER, resolve_encoder_path
+from steerstore.operators.cluster import EmbedUsers, SentenceEncoder, kmeans, routing_weights, user_embedding
+from steerstore.schemas.store import HISTORY_STRUCT
 
 PARAPHRASES = ["A man is eating food.", "A man is eating a piece of bread."]
 UNRELATED = "The stock market crashed today."

@@ -4,8 +4,8 @@ import argparse
 
 import pytest
 
-from infra.config import ConfigError, add_arguments, from_dict, load
-from jobs.refresh import RefreshConfig
+from steerstore.infra.config import ConfigError, add_arguments, from_dict, load
+from steerstore.jobs.refresh import RefreshConfig
 
 
 def parse(tmp_path, yaml_text, *flags):
@@ -60,18 +60,20 @@ def test_the_example_cluster_config_parses_into_the_refresh_config():
 
 
 def test_refresh_accepts_address_as_a_shorthand_for_ray_address():
-    from jobs.cli import build_parser
+    from steerstore.jobs.cli import build_parser
 
     args = build_parser().parse_args(["refresh", "--address", "ray://head:10001",
                                       "--inputs.preference_pairs", "p.jsonl"])
     assert load(RefreshConfig, None, args).ray.address == "ray://head:10001"
 
 
-@pytest.mark.parametrize("command", ["refresh", "inspect", "generate", "import", "demo", "bench", "bench-dps", "bench-steerx", "bench-serving", "export", "pref-accuracy", "steerx-tau"])
+@pytest.mark.parametrize("command", ["refresh", "inspect", "generate", "import", "demo", "export", "eval", "bench",
+                                     "bench activations", "bench dps", "bench steerx", "bench serving", "bench tau",
+                                     "bench pref-accuracy"])
 def test_every_subcommand_prints_its_help(command, capsys):
-    from jobs.cli import build_parser
+    from steerstore.jobs.cli import build_parser
 
     with pytest.raises(SystemExit) as exit_info:
-        build_parser().parse_args([command, "--help"])
+        build_parser().parse_args([*command.split(), "--help"])
     assert exit_info.value.code == 0
     assert "--" in capsys.readouterr().out

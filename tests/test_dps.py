@@ -5,12 +5,15 @@ import pyarrow as pa
 import pytest
 import torch
 
-from infra.config import from_dict
-from infra.storage import SteeringStore
-from jobs import refresh
-from operators.dps import DPSConfig, DPSHeads, PopulationPCS, dps_user_rows, serving_heads
-from operators.history import HistoryContextConfig, bm25_scores, context_indices, scoring_sequences
-from operators.runtime import ModelConfig
+from steerstore.infra.artifacts import serving_heads
+from steerstore.infra.config import from_dict
+from steerstore.infra.storage import SteeringStore
+from steerstore.jobs import refresh
+from steerstore.jobs.refresh import common as refresh_common
+from steerstore.jobs.refresh import dps as refresh_dps
+from steerstore.operators.dps import DPSConfig, DPSHeads, PopulationPCS, dps_user_rows
+from steerstore.operators.history import HistoryContextConfig, bm25_scores, context_indices, scoring_sequences
+from steerstore.operators.runtime import ModelConfig
 from tests.tiny import write_jsonl
 
 ITEMS = [
@@ -142,7 +145,7 @@ def test_serving_heads_prefer_the_users_own_then_mix_clusters_by_routing():
 
 
 def test_user_rows_get_sequences_and_routing():
-    from schemas.store import USER_ROW_SCHEMA
+    from steerstore.schemas.store import USER_ROW_SCHEMA
     hist = [{"item_id": str(i), "input": it["input"], "output": it["output"], "timestamp": None}
             for i, it in enumerate(ITEMS)]
     batch = pa.Table.from_pylist([{"user_id": "u", "histories": hist, "content_fingerprint": "x"}])
@@ -232,8 +235,8 @@ def test_refresh_stores_dps_heads_clusters_and_population(dps_run):
 
 @pytest.mark.slow
 def test_reader_resolves_heads_and_generate_decodes_with_them(dps_run, capsys):
-    from infra.reader import StoreReader
-    from jobs import cli
+    from steerstore.infra.reader import StoreReader
+    from steerstore.jobs import cli
 
     summary, uri = dps_run
     reader = StoreReader(uri)
@@ -257,14 +260,14 @@ def test_reader_resolves_heads_and_generate_decodes_with_them(dps_run, capsys):
 
 
 def test_cluster_only_users_get_valid_store_rows_with_the_model():
-    from infra.config import ConfigError
-    from schemas.store import DPS_HEADS_SCHEMA
+    from steerstore.infra.config import ConfigError
+    from steerstore.schemas.store import DPS_HEADS_SCHEMA
 
     batch = pa.table({"user_id": ["a", "b"], "scope": ["user", "user"], "cluster": pa.array([0, 1], pa.int32()),
                       "routing": pa.array([[0.9, 0.1], [0.2, 0.8]], pa.list_(pa.float32())),
                       "content_fingerprint": ["x", "y"]})
     model = {"num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "model_id": "tiny", "model_fingerprint": "sha256:1"}
-    rows = refresh._dps_heads_rows(refresh._cluster_only_rows(batch, model), DPSConfig(per_user=False), clusters=True)
+    rows = refresh_dps.dps_heads_rows(refresh_dps.cluster_only_rows(batch, model), DPSConfig(per_user=False), clusters=True)
     assert rows.schema.equals(DPS_HEADS_SCHEMA, check_metadata=False)
     assert rows.column("source").to_pylist() == ["cluster", "cluster"]
     assert rows.column("model_fingerprint").to_pylist() == ["sha256:1"] * 2 and rows.column("heads").to_pylist() == [[], []]
@@ -277,13 +280,13 @@ def test_exact_sample_has_exactly_the_requested_number_of_users(ray_cluster, siz
     import ray.data
 
     ds = ray.data.from_items([{"user_id": f"user-{i}"} for i in range(30)])
-    first = sorted(r["user_id"] for r in refresh._exact_sample(ds, size, seed=3, total=30).take_all())
+    first = sorted(r["user_id"] for r in refresh_common.exact_sample(ds, size, seed=3, total=30).take_all())
     assert len(first) == min(size, 30)
-    assert first == sorted(r["user_id"] for r in refresh._exact_sample(ds, size, seed=3, total=30).take_all())
+    assert first == sorted(r["user_id"] for r in refresh_common.exact_sample(ds, size, seed=3, total=30).take_all())
 
 
 def test_adaptive_gamma_scales_by_entropy_and_is_finite_with_masked_logits():
-    from operators.runtime import HeadContrast, ModelRuntime
+    from steerstore.operators.runtime import HeadContrast, ModelRuntime
 
     logits = torch.tensor([[0.0, float("-inf"), 1.0], [3.0, 0.0, 0.0],   # full branch rows
                            [1.0, 0.0, 0.0], [3.0, 0.0, -3.0]])           # masked branch rows

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jobs.evaluate import EvalDataConfig, per_user_table, split_data, summarise
-from operators.metrics import MetricsConfig
+from steerstore.jobs.evaluate import EvalDataConfig, per_user_table, split_data, summarise
+from steerstore.operators.metrics import MetricsConfig
 from tests.tiny import write_jsonl
 
 STYLES = {
@@ -77,7 +77,7 @@ def test_deltas_are_per_user_differences_with_a_bootstrap_interval():
     gain = {"u1": 0.1, "u2": 0.0, "u3": 0.2}
     for u in base:
         for method, strength, value in (("none", math.nan, base[u]), ("caa", 2.0, base[u] + gain[u]),
-                                        ("history_bm25", math.nan, base[u] + 0.05)):
+                                        ("history_prompt", math.nan, base[u] + 0.05)):
             for k in range(2):  # two items per user; the user mean is the value
                 rows.append({"method": method, "label": method, "parameter": "alpha" if method == "caa" else "",
                              "strength": strength, "recommended": True, "user_id": u, "item_id": f"{u}{k}",
@@ -94,7 +94,7 @@ def test_deltas_are_per_user_differences_with_a_bootstrap_interval():
     assert len(per_user) == 6  # one row per user and recommended setting (none excluded)
     caa_users = per_user[per_user["method"] == "caa"]
     assert dict(zip(caa_users["user_id"], caa_users["delta_rougeL"].round(6))) == {"u1": 0.1, "u2": 0.0, "u3": 0.2}
-    hist = per_user[per_user["method"] == "history_bm25"]
+    hist = per_user[per_user["method"] == "history_prompt"]
     assert hist["delta_meteor"].round(6).tolist() == [0.05] * 3 and hist["strength"].isna().all()
 
 
@@ -102,8 +102,8 @@ def test_deltas_are_per_user_differences_with_a_bootstrap_interval():
 
 @pytest.mark.slow
 def test_eval_end_to_end_writes_metrics_and_a_report_that_renders(ray_cluster, tmp_path, capsys):
-    from infra.config import from_dict
-    from jobs import evaluate
+    from steerstore.infra.config import from_dict
+    from steerstore.jobs import evaluate
     from tests.browser import render, require_chromium
 
     require_chromium()
@@ -123,12 +123,12 @@ def test_eval_end_to_end_writes_metrics_and_a_report_that_renders(ray_cluster, t
     result = evaluate.main(cfg)
     summary = result["summary"]
     rec = summary[summary["recommended"]].set_index("method")
-    assert {"none", "history_bm25", "caa", "bt"} <= set(rec.index)
+    assert {"none", "history_prompt", "caa", "bt"} <= set(rec.index)
     assert (rec.loc["none", "n_users"], rec.loc["none", "n_items"]) == (4, 4)
     for m in ("rouge1", "rougeL", "meteor", "bleu", "bertscore", "perplexity"):
         assert np.isfinite(rec.loc["none", m]), m
     assert np.isfinite(rec.loc["caa", "delta_rougeL"])
-    tau = summary[(summary["method"] == "steerx_influence") & (summary["parameter"] == "tau")]
+    tau = summary[(summary["method"] == "influence") & (summary["parameter"] == "tau")]
     assert sorted(tau["strength"]) == [0.75, 1.5]  # the store's τ and one side store's
     assert set(result["meta"]["tau_stores"]) == {"1.5"}
     sweep = summary[summary["method"] == "caa"]
@@ -153,7 +153,7 @@ def test_eval_end_to_end_writes_metrics_and_a_report_that_renders(ray_cluster, t
 def test_evaluating_an_existing_store_refuses_one_refreshed_on_other_inputs(tmp_path):
     from types import SimpleNamespace
 
-    from jobs.evaluate import _check_store_inputs
+    from steerstore.jobs.evaluate import _check_store_inputs
 
     (tmp_path / "h.jsonl").write_text("train items\n")
     (tmp_path / "p.jsonl").write_text("train pairs\n")

@@ -9,12 +9,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from infra.config import from_dict
-from infra.exports import (READERS, CorruptExport, ExportError, ExportItem, encode_gguf, file_stem,
+from steerstore.infra.config import from_dict
+from steerstore.infra.exports import (READERS, CorruptExport, ExportError, ExportItem, encode_gguf, file_stem,
                            model_hint, read_easysteer)
-from infra.reader import StoreReader, UserVectors
-from jobs import cli, export
-from schemas.store import STORE_TABLES
+from steerstore.infra.reader import StoreReader, UserVectors
+from steerstore.jobs import cli, export
+from steerstore.schemas.store import STORE_TABLES
 
 USERS = ["ann", "ben", "cat", "dan"]
 
@@ -93,14 +93,14 @@ def test_population_export_writes_the_one_population_vector(store, tmp_path):
 
 def test_steerx_export_takes_the_store_source_unless_one_is_given(store, tmp_path):
     reader = StoreReader(store)
-    summary = run_export(store, tmp_path, user="ann", method="steerx", format="safetensors")
+    summary = run_export(store, tmp_path, user="ann", method="style_vector", format="safetensors")
     default = reader.vectors(["ann"], method="steerx")["ann"]
     loaded = READERS["safetensors"](summary["files"][0]["files"][0])
     assert loaded.meta["source"] == summary["source"]
     for layer, vector in default.at(default.recommended_layers).items():
         np.testing.assert_array_equal(loaded.vectors[layer], vector)
-    history = run_export(store, tmp_path, user="ann", method="steerx", source="history", format="safetensors")
-    assert history["files"][0]["files"][0].endswith("ann.steerx-history.safetensors")
+    history = run_export(store, tmp_path, user="ann", method="style_vector", source="history", format="safetensors")
+    assert history["files"][0]["files"][0].endswith("ann.style_vector-history.safetensors")
 
 
 def test_layer_0_is_left_out_of_the_gguf_file_with_a_note(store, tmp_path, capsys):

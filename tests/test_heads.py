@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from operators.runtime import HeadContrast, ModelConfig, ModelRuntime
+from steerstore.operators.runtime import HeadContrast, ModelConfig, ModelRuntime
 from tests.tiny import tiny_model, tiny_tokenizer
 
 PROMPTS = ["Tell me about the weather today, please.", "Hi there", "Summarise the plot of a novel in one sentence."]
@@ -170,6 +170,6 @@ def test_bad_heads_are_rejected_with_the_model_shape(tiny_runtime):
     with pytest.raises(ValueError, match="query heads 0..3"):
         tiny_runtime.head_gates([[(0, 9)]])
     with pytest.raises(ValueError, match="more than one of steering, head contrast and influence"):
-        from operators.runtime import Steering
+        from steerstore.operators.runtime import Steering
         steer = Steering({1: torch.zeros(1, tiny_runtime.hidden_size)}, [1.0])
         tiny_runtime.generate(PROMPTS[:1], 2, steer=steer, contrast=HeadContrast([[]]))

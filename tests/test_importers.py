@@ -3,8 +3,8 @@ question files into histories and held-out rows."""
 
 import json
 
-from jobs import cli
-from schemas.inputs import validate_record
+from steerstore.jobs import cli
+from steerstore.schemas.inputs import validate_record
 
 
 def conversation(user="u1", cid="c1"):
@@ -214,9 +214,9 @@ def test_longlamp_topic_rows_from_a_datasets_server_page(tmp_path):
 
 
 def test_benchmark_import_writes_into_an_s3_folder(tmp_path):
-    from infra import storage
-    from jobs.importers import ImportConfig, main
-    from infra.s3server import S3Server
+    from steerstore.infra import storage
+    from steerstore.jobs.importers import ImportConfig, main
+    from tests.s3server import S3Server
 
     src = tmp_path / "questions.json"
     src.write_text(json.dumps(lamp5_questions()))

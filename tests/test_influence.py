@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from operators.runtime import HeadContrast, Influence, ModelConfig, ModelRuntime, Sampling, Steering
+from steerstore.operators.runtime import HeadContrast, Influence, ModelConfig, ModelRuntime, Sampling, Steering
 from tests.tiny import tiny_model, tiny_tokenizer
 
 PROMPTS = ["Tell me about the weather today, please.", "Hi there", "Summarise the plot of a novel in one sentence.",

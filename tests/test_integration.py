@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from infra.reader import StoreReader
-from infra.storage import write_text
-from jobs import cli, refresh
-from jobs.demo_data import demo_pairs
-from operators.caa import pair_differences, shrink
-from operators.runtime import ModelConfig, ModelRuntime
-from infra.s3server import S3Server
+from steerstore.infra.reader import StoreReader
+from steerstore.infra.storage import write_text
+from steerstore.jobs import cli, refresh
+from steerstore.jobs.demo_data import demo_pairs
+from steerstore.operators.caa import pair_differences, shrink
+from steerstore.operators.runtime import ModelConfig, ModelRuntime
+from tests.s3server import S3Server
 
 pytestmark = pytest.mark.slow
 BUCKET = "steer-integration"
@@ -84,7 +84,7 @@ def test_dps_head_ablation_and_decoding_on_the_real_model():
     """Forked exact ablation equals a per-head loop, and γ = 0 is greedy, on SmolLM2 (9 query / 3 KV heads)."""
     import torch
 
-    from operators.runtime import HeadContrast
+    from steerstore.operators.runtime import HeadContrast
 
     runtime = ModelRuntime(ModelConfig())
     assert (runtime.num_layers, runtime.num_heads, runtime.num_kv_heads, runtime.head_dim) == (30, 9, 3, 64)

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from infra.config import ConfigError, from_dict
-from operators.metrics import (LEXNAMES, WORDNET_FILES, MetricResourceError, MetricsConfig, bertscore,
+from steerstore.infra.config import ConfigError, from_dict
+from steerstore.operators.metrics import (LEXNAMES, WORDNET_FILES, MetricResourceError, MetricsConfig, bertscore,
                                bleu, bootstrap_ci, corpus_bleu, ensure_wordnet, meteor,
                                rouge, text_metrics, tokenize, wordnet_reader)
 

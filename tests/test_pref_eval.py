@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs import pref_eval
+from steerstore.jobs.bench import pref_accuracy as pref_eval
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
@@ -14,11 +14,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
 
 
 def small_config(tmp_path):
-    from infra.config import from_dict
+    from steerstore.infra.config import from_dict
 
     return from_dict(pref_eval.PrefEvalConfig, {
         "data_dir": str(DATA), "sources": ["blogs"], "users": 3, "train_pairs": 3, "heldout_pairs": 1,
-        "words": 20, "out": str(tmp_path), "scale": {"sample_pairs": 3, "grid": [1.0, 2.0]},
+        "words": 20, "out": str(tmp_path), "json": str(tmp_path / "figures.json"), "scale": {"sample_pairs": 3, "grid": [1.0, 2.0]},
         "ray": {"progress_bars": False}})
 
 

@@ -7,13 +7,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from infra.config import from_dict
-from infra.reader import StoreReader
-from infra.storage import SteeringStore
-from jobs import refresh
-from operators.bt import compose
-from operators.caa import pair_differences, shrink
-from operators.runtime import ModelConfig, ModelRuntime
+from steerstore.infra.artifacts import compose
+from steerstore.infra.config import from_dict
+from steerstore.infra.reader import StoreReader
+from steerstore.infra.storage import SteeringStore
+from steerstore.jobs import refresh
+from steerstore.operators.caa import pair_differences, shrink
+from steerstore.operators.runtime import ModelConfig, ModelRuntime
 
 CAA = {"layers": [1, 2], "recommended_layers": [2], "scale": 2.0}
 
@@ -117,7 +117,7 @@ def test_stored_vectors_equal_a_direct_in_process_computation(bad_input_run, tin
 
 
 def test_every_store_table_is_written_with_its_explicit_schema(bad_input_run):
-    from schemas.store import STORE_TABLES
+    from steerstore.schemas.store import STORE_TABLES
 
     store = SteeringStore(bad_input_run[1])
     version = store.latest()
@@ -150,7 +150,7 @@ def test_parquet_inputs_are_read_like_jsonl(ray_cluster, tmp_path, tiny_model_fo
 
 
 def test_generate_prints_unsteered_and_steered_answers_for_a_stored_user(bad_input_run, capsys):
-    from jobs import cli
+    from steerstore.jobs import cli
 
     assert cli.main(["generate", "--store", bad_input_run[1], "--user", "alice", "--prompt", "Hi",
                      "--max_new_tokens", "6", "--scale", "8"]) == 0
@@ -164,7 +164,7 @@ def test_generate_prints_unsteered_and_steered_answers_for_a_stored_user(bad_inp
 
 
 def test_generate_for_a_quarantined_user_says_why_it_has_no_vectors(bad_input_run, capsys):
-    from jobs import cli
+    from steerstore.jobs import cli
 
     assert cli.main(["generate", "--store", bad_input_run[1], "--user", "carol", "--prompt", "Hi"]) == 1
     err = capsys.readouterr().err
@@ -172,8 +172,8 @@ def test_generate_for_a_quarantined_user_says_why_it_has_no_vectors(bad_input_ru
 
 
 def test_serving_refuses_a_model_whose_weights_differ_from_the_store(bad_input_run, tmp_path):
-    from infra.reader import FingerprintMismatch
-    from jobs.generate import load_runtime_for
+    from steerstore.infra.reader import FingerprintMismatch
+    from steerstore.jobs.generate import load_runtime_for
     from tests.tiny import save_tiny
 
     other = save_tiny(tmp_path / "other", seed=1)
@@ -182,7 +182,7 @@ def test_serving_refuses_a_model_whose_weights_differ_from_the_store(bad_input_r
 
 
 def test_inspect_describes_versions_tables_and_model(bad_input_run, capsys):
-    from jobs import cli
+    from steerstore.jobs import cli
 
     assert cli.main(["inspect", bad_input_run[1]]) == 0
     out = capsys.readouterr().out
@@ -191,7 +191,7 @@ def test_inspect_describes_versions_tables_and_model(bad_input_run, capsys):
 
 
 def test_a_store_with_no_published_version_gives_a_clear_error(tmp_path, capsys):
-    from jobs import cli
+    from steerstore.jobs import cli
 
     assert cli.main(["inspect", str(tmp_path / "nothing")]) == 1
     assert "steerstore refresh" in capsys.readouterr().err

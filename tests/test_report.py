@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jobs.report import METRICS, ReportData, render_report
+from steerstore.jobs.evaluate.report import METRICS, ReportData, render_report
 from tests.browser import render, require_chromium, screenshot
 
 XSS = "<script>alert(1)</script>"
@@ -19,10 +19,10 @@ ODD_USER = 'u<7>&"x'
 # method, label, parameter, strengths, recommended strength
 METHODS = [
     ("none", "No personalisation", "", [np.nan], np.nan),
-    ("history_bm25", "History (BM25)", "", [np.nan], np.nan),
-    ("steerx_vector_history", "SteerX vector (history)", "alpha", [0.25, 0.5, 1.0, 2.0, 4.0], 1.0),
-    ("steerx_vector_description", "SteerX vector (description)", "alpha", [1.0], 1.0),
-    ("steerx_influence", "SteerX influence", "lambda", [0.0, 0.5, 1.0], 0.5),
+    ("history_prompt", "History (BM25)", "", [np.nan], np.nan),
+    ("style_vector:history", "SteerX vector (history)", "alpha", [0.25, 0.5, 1.0, 2.0, 4.0], 1.0),
+    ("style_vector:description", "SteerX vector (description)", "alpha", [1.0], 1.0),
+    ("influence", "SteerX influence", "lambda", [0.0, 0.5, 1.0], 0.5),
     ("caa", "CAA", "alpha", [0.5, 1.0, 2.0], 0.5),
     ("bt", "BT", "alpha", [1.0], 1.0),
     ("dps", "DPS", "gamma", [0.25, 0.5, 1.0, 2.0], 2.0),
@@ -65,7 +65,7 @@ def synthetic(seed: int = 0, nan_metrics=("bleu",), n_users: int = 24, full: boo
                     per_user.append(pu)
     summary = pd.DataFrame(summary)
     # a known Δ for the formatting check
-    i = summary.index[summary["method"] == "history_bm25"][0]
+    i = summary.index[summary["method"] == "history_prompt"][0]
     summary.loc[i, ["delta_rougeL", "delta_rougeL_lo", "delta_rougeL_hi"]] = [0.012, -0.003, 0.027]
     summary.loc[i, ["delta_meteor", "delta_meteor_lo", "delta_meteor_hi"]] = [0.02, 0.005, 0.035]
     summary.loc[i, ["delta_perplexity", "delta_perplexity_lo", "delta_perplexity_hi"]] = [0.5, 0.2, 0.8]

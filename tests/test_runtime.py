@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from operators.runtime import (ModelConfig, ModelRuntime, Steering, UnsupportedArchitecture,
+from steerstore.operators.runtime import (ModelConfig, ModelRuntime, Steering, UnsupportedArchitecture,
                                decoder_layers, weights_fingerprint)
 from tests.tiny import tiny_model, tiny_tokenizer
 
@@ -172,7 +172,7 @@ def test_steered_logprobs_of_a_batch_equal_each_row_steered_alone(tiny_runtime):
 def test_choose_scale_picks_the_most_accurate_alpha_within_the_fluency_budget(tiny_runtime):
     import numpy as np
 
-    from operators.scale import ScaleConfig, baseline, choose_scale, margins
+    from steerstore.operators.scale import ScaleConfig, baseline, choose_scale, margins
 
     rt = tiny_runtime
     pairs = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in zip(PROMPTS, RESPONSES, RESPONSES[::-1])]

@@ -5,9 +5,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from infra.reader import FingerprintMismatch, StoreReader
-from operators.runtime import HeadContrast, Influence, ModelConfig, ModelRuntime, Sampling, Steering
-from operators.serving import BadRequest, Request, personalised_generate, plan_requests, serve
+from steerstore.infra.reader import FingerprintMismatch, StoreReader
+from steerstore.operators.runtime import HeadContrast, Influence, ModelConfig, ModelRuntime, Sampling, Steering
+from steerstore.operators.serving import BadRequest, Request, personalised_generate, plan_requests, serve
 from tests.tiny import tiny_model, tiny_tokenizer
 
 PROMPTS = ["Tell me about thing 1.", "What do you think of cats?", "Write a note.", "Hi there",
@@ -76,7 +76,7 @@ def test_repeated_lookups_are_served_from_the_cache(served, monkeypatch):
     fresh = StoreReader(reader.store.uri, cache_users=8)
     fresh.vectors(["ben"])
     reads = []
-    monkeypatch.setattr("infra.reader._BucketFile.groups", lambda self, ids: reads.append(ids) or [])
+    monkeypatch.setattr("steerstore.infra.reader._BucketFile.groups", lambda self, ids: reads.append(ids) or [])
     assert "ben" in fresh.vectors(["ben"])  # cached: no row group consulted
     assert reads == []
     fresh.vectors(["cat"])
@@ -120,7 +120,7 @@ def test_bucket_files_beyond_open_files_are_closed_and_lookups_stay_right(served
 
 
 def test_large_vectors_get_more_buckets_than_the_user_count_alone():
-    from schemas.store import bucket_count
+    from steerstore.schemas.store import bucket_count
 
     assert bucket_count(100_000, 4096) == 25
     assert bucket_count(100_000, 4096, data_bytes=100_000 * 4 * 9 * 4096 * 4, bucket_bytes=64 << 20) == 879
@@ -234,7 +234,7 @@ def test_the_runtime_follows_each_store_prompt_conventions_and_does_not_keep_the
     import gc
     import weakref
 
-    from operators import serving
+    from steerstore.operators import serving
 
     reader, _, tokenizer = served
     other = StoreReader(reader.store.uri)
@@ -254,7 +254,7 @@ def test_the_runtime_follows_each_store_prompt_conventions_and_does_not_keep_the
 def test_generate_serves_a_jsonl_file_of_mixed_requests_as_one_batch(served, tmp_path, capsys):
     import json
 
-    from jobs import cli
+    from steerstore.jobs import cli
     from tests.tiny import write_jsonl
 
     reader, _, _ = served
@@ -285,7 +285,7 @@ def test_generate_serves_a_jsonl_file_of_mixed_requests_as_one_batch(served, tmp
 
 
 def test_the_serving_benchmark_writes_a_store_whose_lookups_return_its_vectors(tmp_path):
-    from jobs import bench_serving
+    from steerstore.jobs.bench import serving as bench_serving
 
     meta = {"layers": [3, 4], "recommended": [4], "hidden": 8, "k": 2, "norm": 4.0, "num_layers": 6, "num_heads": 4,
             "group": 2, "model_id": "synthetic", "fingerprint": "sha256:x", "name_or_path": "synthetic",

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs import steerx_tau as st
-from operators.steerx import loo_prompts, token_effects
+from steerstore.jobs.bench import tau as st
+from steerstore.operators.steerx import loo_prompts, token_effects
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -120,7 +120,7 @@ def _write_data(folder: Path, users: int = 6, items: int = 6) -> Path:
 def _config(tmp_path, **kw):
     kw = {"data_dir": str(_write_data(tmp_path / "data")), "sources": ["blogs"], "users": 2, "train_items": 2,
           "heldout_items": 2, "words": 12, "pool_users": 2, "taus": [0.0, 1.0], "percentiles": [90.0],
-          "cache_dir": str(tmp_path / "cache"), "out": str(tmp_path / "tau.json"), **kw}
+          "cache_dir": str(tmp_path / "cache"), "json": str(tmp_path / "tau.json"), **kw}
     return st.SteerXTauConfig(**kw)
 
 
@@ -142,7 +142,7 @@ def test_train_and_held_out_items_are_disjoint_and_the_pool_is_neither_evaluated
 
 
 def test_the_job_writes_curves_and_reuses_its_cache(tmp_path, tiny_model_folder, capsys):
-    from operators.runtime import ModelConfig
+    from steerstore.operators.runtime import ModelConfig
 
     cfg = _config(tmp_path, model=ModelConfig(name_or_path=str(tiny_model_folder)))
     report = st.main(cfg)
@@ -155,7 +155,7 @@ def test_the_job_writes_curves_and_reuses_its_cache(tmp_path, tiny_model_folder,
         assert c["recommended"]["tau"] in (0.0, 1.0)
         # each user's marker word recurs in their held-out notes and nobody else's: distinctive
         assert c["absolute"][0]["distinctive_types"] == 2
-    assert json.loads(Path(cfg.out).read_text())["sources"]["blogs"]["users"] == 2
+    assert json.loads(Path(cfg.json).read_text())["sources"]["blogs"]["users"] == 2
     assert "recommended τ" in capsys.readouterr().out
     again = st.main(cfg)["sources"]["blogs"]
     assert (again["timing"]["users_scored"], again["timing"]["users_cached"]) == (0, 2)
@@ -165,9 +165,9 @@ def test_the_job_writes_curves_and_reuses_its_cache(tmp_path, tiny_model_folder,
 
 
 def test_missing_data_is_a_clear_error(tmp_path, capsys):
-    from jobs.cli import main
+    from steerstore.jobs.cli import main
 
-    assert main(["steerx-tau", "--data_dir", str(tmp_path / "nowhere"), "--out", ""]) == 1
+    assert main(["bench", "tau", "--data_dir", str(tmp_path / "nowhere"), "--json", ""]) == 1
     assert "development data blogs-dev.jsonl.gz not found" in capsys.readouterr().err
 
 
@@ -177,8 +177,7 @@ def test_missing_data_is_a_clear_error(tmp_path, capsys):
 def test_a_small_real_run_on_the_development_data(tmp_path):
     cfg = st.SteerXTauConfig(data_dir=str(DATA), sources=["blogs"], users=2, train_items=2, heldout_items=4,
                              words=16, context_items=1, pool_users=4, taus=[0.0, 1.0, 2.0], percentiles=[90.0],
-                             cache_dir="",
-                             out=str(tmp_path / "tau.json"))
+                             cache_dir="", json=str(tmp_path / "tau.json"))
     report = st.main(cfg)
     c = report["sources"]["blogs"]["counterfactuals"]
     assert set(c) == {"empty", "other_users"}

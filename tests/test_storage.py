@@ -13,10 +13,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from infra import storage
-from infra.config import ConfigError
-from infra.storage import SteeringStore, StorageConfig, StoreNotFound
-from infra.s3server import S3Server
+from steerstore.infra import storage
+from steerstore.infra.config import ConfigError
+from steerstore.infra.storage import SteeringStore, StorageConfig, StoreNotFound
+from tests.s3server import S3Server
 
 BUCKET = "steer-test"
 FAST = StorageConfig(retries=3, retry_backoff_s=0.0)

@@ -5,10 +5,10 @@ import json
 import pyarrow as pa
 import pytest
 
-from operators.prepare import PrepareConfig, PrepareUsers
-from operators.runtime import ModelConfig
-from operators.validate import ValidateConfig, ValidateRecords
-from schemas.inputs import validate_record
+from steerstore.operators.prepare import PrepareConfig, PrepareUsers
+from steerstore.operators.runtime import ModelConfig
+from steerstore.operators.validate import ValidateConfig, ValidateRecords
+from steerstore.schemas.inputs import validate_record
 from tests.tiny import save_tiny
 
 GOOD = {"user_id": "u1", "pair_id": "p1", "prompt": "Hi", "chosen": "Hello.", "rejected": "Yo!!", "weight": 2}

@@ -1,6 +1,6 @@
 """Benchmark of the CAA activation stage: batched capture vs a plain per-sequence loop, one run.
 
-Launch: ``steerstore bench`` (the default model on this machine's device). The baseline is what a
+Launch: ``steerstore bench activations`` (the default model on this machine's device). The baseline is what a
 plain script does: one sequence at a time, a full forward with ``output_hidden_states=True``
 (every layer, the LM head over every position), then the mean over response tokens. Both run
 in the same process on the same pairs; the figures are ratios against that baseline.
@@ -9,16 +9,15 @@ in the same process on the same pairs; the figures are ratios against that basel
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
 from dataclasses import dataclass
 
 import torch
 
-from infra.config import check, option
-from jobs.demo_data import demo_pairs
-from operators.caa import CAAConfig, pair_differences
-from operators.runtime import Encoded, ModelConfig, ModelRuntime
+from steerstore.infra.config import check, option
+from steerstore.jobs.bench.common import best_of, device_info, write_figures
+from steerstore.jobs.demo_data import demo_pairs
+from steerstore.operators.caa import CAAConfig, pair_differences
+from steerstore.operators.runtime import ModelConfig, ModelRuntime
 
 
 @dataclass
@@ -26,6 +25,7 @@ class BenchConfig:
     pairs: int = option(64, help="preference pairs to process (2 sequences each)")
     repeats: int = option(2, help="timed repeats of each variant (the best is reported)")
     threads: int | None = option(None, help="torch CPU threads; default torch's")
+    json: str = option("docs/figures/bench-activations.json", help="where the figures are written ('' = print only)")
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "the model"})
 
     def __post_init__(self) -> None:
@@ -47,28 +47,6 @@ def naive_differences(runtime: ModelRuntime, pairs: list[dict], layers: list[int
     return torch.stack(out)
 
 
-@torch.inference_mode()
-def naive_response_logprobs(runtime: ModelRuntime, encoded: Encoded) -> torch.Tensor:
-    """What a plain script does: batch 1, a full forward (LM head at every position); log p per response token."""
-    logits = runtime.model(input_ids=torch.tensor([encoded.ids], device=runtime.device)).logits[0].float()
-    logp = torch.log_softmax(logits[encoded.prompt_len - 1:-1], -1)
-    targets = torch.tensor(encoded.ids[encoded.prompt_len:], device=runtime.device)
-    return logp.gather(-1, targets[:, None]).squeeze(-1).double().cpu()
-
-
-def _best(fn, repeats: int) -> tuple[float, object]:
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best, result
-
-
 def main(config: BenchConfig) -> dict:
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -79,16 +57,15 @@ def main(config: BenchConfig) -> dict:
     tokens = sum(len(e.ids) for e in runtime.encode(
         [p["prompt"] for p in pairs] * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]))
     naive_differences(runtime, pairs[:2], layers)  # warm-up
-    t_naive, ref = _best(lambda: naive_differences(runtime, pairs, layers), config.repeats)
-    t_batched, got = _best(lambda: pair_differences(runtime, pairs, layers, "mean"), config.repeats)
+    t_naive, ref = best_of(lambda: naive_differences(runtime, pairs, layers), config.repeats)
+    t_batched, got = best_of(lambda: pair_differences(runtime, pairs, layers, "mean"), config.repeats)
     max_diff = float((torch.as_tensor(got) - ref).abs().max())
     result = {
-        "model": runtime.model_id, "device": str(runtime.device), "dtype": str(next(runtime.model.parameters()).dtype),
-        "threads": torch.get_num_threads(), "pairs": len(pairs), "sequences": 2 * len(pairs), "tokens": tokens,
+        **device_info(runtime), "pairs": len(pairs), "sequences": 2 * len(pairs), "tokens": tokens,
         "layers": f"{layers[0]}..{layers[-1]} of {runtime.num_layers}",
         "naive_seconds": round(t_naive, 3), "batched_seconds": round(t_batched, 3),
         "naive_tokens_per_s": round(tokens / t_naive, 1), "batched_tokens_per_s": round(tokens / t_batched, 1),
         "speedup": round(t_naive / t_batched, 2), "max_abs_diff": max_diff,
     }
-    print(json.dumps(result, indent=2))
+    write_figures(result, config.json)
     return result

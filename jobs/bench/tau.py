@@ -1,7 +1,7 @@
 """Choose SteerX's anchor threshold τ (nats) on the development data.
 
-Launch: ``steerstore steerx-tau`` (the default model; reads ``../shared/data``; writes
-``./steerstore-out/steerx-tau.json``). Rerunnable: the word effects are cached per user (keyed by the
+Launch: ``steerstore bench tau`` (the default model; reads ``../shared/data``; writes
+``docs/figures/bench-tau.json``). Rerunnable: the word effects are cached per user (keyed by the
 exact prompts and the model), so a rerun with another grid or rarity threshold does not score
 again, a run with more users scores only the new ones, and an interrupted run resumes.
 
@@ -21,7 +21,7 @@ best is reported as the parsimonious choice, and a bootstrap over users says how
 would have won (how firmly the data pin τ down). Percentile mode and two model-free references
 (every scored word; words in ≥ 2 of the user's train items) are scored the same way.
 
-Items. ``opening`` (blogs): as ``jobs.pref_eval`` builds them — the input asks to continue the
+Items. ``opening`` (blogs): as ``devdata`` builds them — the input asks to continue the
 first sentence, the output is the next ``words`` words. ``whole`` (SynthPAI, whose comments are
 mostly one short sentence, so few have an opening to split off): a fixed instruction, the
 output is the comment's first ``words`` words. Held-out and reference texts are whole items,
@@ -37,7 +37,6 @@ cannot also decide which words count as common. Both counterfactuals are compute
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
 import json
 import logging
@@ -50,11 +49,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from infra.config import check, option
-from jobs.pref_eval import PROMPT, SOURCES, _split
-from operators.history import HistoryContextConfig
-from operators.runtime import ModelConfig, ModelRuntime
-from operators.steerx import _WORD, SteerXConfig, loo_prompts, select_anchors, token_effects, word_effects
+from steerstore.infra.config import check, option
+from steerstore.jobs import devdata
+from steerstore.jobs.bench.common import write_figures
+from steerstore.jobs.devdata import PROMPT, SOURCES
+from steerstore.operators.history import HistoryContextConfig
+from steerstore.operators.runtime import ModelConfig, ModelRuntime
+from steerstore.operators.steerx import _WORD, SteerXConfig, loo_prompts, select_anchors, token_effects, word_effects
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class SteerXTauConfig:
     seed: int = option(0, help="seed of the item order, the pool and the counterfactual")
     threads: int | None = option(None, help="torch CPU threads; default torch's")
     cache_dir: str = option("./steerstore-out/steerx-tau-cache", help="word-effect cache ('' = no cache)")
-    out: str = option("./steerstore-out/steerx-tau.json", help="where the figures are written as JSON ('' = nowhere)")
+    json: str = option("docs/figures/bench-tau.json", help="where the figures are written ('' = print only)")
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "the model"})
 
     def __post_init__(self) -> None:
@@ -116,21 +117,16 @@ def _cut(text: str, words: int) -> str:
 def load_source(config: SteerXTauConfig, source: str) -> dict[str, dict]:
     """user_id -> {"train": [SteerX items], "heldout": [texts], "texts": [texts]} for every user of the source.
 
-    Items are shuffled per user (seeded, in the same order as ``jobs.pref_eval.dev_segments``);
+    Items are shuffled per user (seeded, in the same order as ``devdata.segments``);
     the train items are the first ``train_items`` usable ones, the held-out items the next
     ``heldout_items`` of the rest. ``texts`` (train + held-out, whole, cut to ``text_words``) is
     what the rarity reference sees of the user. A user is complete when both lists are full.
     """
-    path = Path(config.data_dir) / SOURCES[source]
-    if not path.exists():
-        raise FileNotFoundError(f"development data {SOURCES[source]} not found in {Path(config.data_dir).resolve()} "
-                                "(it lives in ../shared/data beside the project checkout, not in the repo)")
     fmt = ITEM_FORMATS[source] if config.item_format == "auto" else config.item_format
-    with gzip.open(path, "rt") as fh:
-        rows = [json.loads(line) for line in fh]
+    rows = devdata.read_users(config.data_dir, source)
     rng = random.Random(config.seed)
     users = {}
-    for row in sorted(rows, key=lambda r: r["user_id"]):
+    for row in rows:
         uid = row["user_id"]
         items = sorted(row["items"], key=lambda it: it["id"])
         rng.shuffle(items)
@@ -139,7 +135,7 @@ def load_source(config: SteerXTauConfig, source: str) -> dict[str, dict]:
             if len(train) == config.train_items:
                 break
             if fmt == "opening":
-                split = _split(it["text"], config.words)
+                split = devdata.split_opening(it["text"], config.words)
                 if split is None:
                     continue
                 prompt, output = PROMPT.format(opening=split[0]), split[1]
@@ -509,10 +505,9 @@ def main(config: SteerXTauConfig) -> dict:
     report["seconds"] = round(time.perf_counter() - start, 1)
     print_report(report)
     print(f"\ntotal {report['seconds']} s")
-    if config.out:
-        Path(config.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(config.out).write_text(json.dumps(report, indent=2))
-        print(f"written to {config.out}")
+    if config.json:
+        write_figures(report, config.json, quiet=True)
+        print(f"written to {config.json}")
     return report
 
 

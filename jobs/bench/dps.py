@@ -1,6 +1,6 @@
 """Benchmark of DPS head scoring and decoding on real per-user data, one run, figures as ratios.
 
-Launch: ``steerstore bench-dps`` (the default model; reads ``../shared/data``). For one real
+Launch: ``steerstore bench dps`` (the default model; reads ``../shared/data``). For one real
 user's history items it measures, in the same process:
 
 - **naive exact**: what a plain script does — for each head, for each item, one batch-1 forward
@@ -19,20 +19,19 @@ user's history items it measures, in the same process:
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from infra.config import check, option
-from jobs.bench import _best, naive_response_logprobs
-from jobs.pref_eval import PROMPT, dev_segments
-from operators.dps import select_heads
-from operators.history import HistoryContextConfig, scoring_sequences
-from operators.runtime import HeadContrast, ModelConfig, ModelRuntime
+from steerstore.infra.config import check, option
+from steerstore.jobs.bench.common import best_of, naive_response_logprobs, write_figures
+from steerstore.jobs.devdata import PROMPT
+from steerstore.jobs.devdata import segments as dev_segments
+from steerstore.operators.dps import select_heads
+from steerstore.operators.history import HistoryContextConfig, scoring_sequences
+from steerstore.operators.runtime import HeadContrast, ModelConfig, ModelRuntime
 
 
 @dataclass
@@ -50,7 +49,7 @@ class BenchDPSConfig:
     max_new_tokens: int = option(32, help="tokens per decoded prompt")
     threads: int | None = option(None, help="torch CPU threads; default torch's")
     seed: int = option(0, help="seed of the item order")
-    out: str = option("./steerstore-out/bench-dps.json", help="where the figures are written as JSON ('' = nowhere)")
+    json: str = option("docs/figures/bench-dps.json", help="where the figures are written ('' = print only)")
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "the model"})
 
     def __post_init__(self) -> None:
@@ -114,17 +113,17 @@ def main(config: BenchDPSConfig) -> dict:
     timed = heads if config.naive_heads <= 0 else heads[:: max(1, len(heads) // config.naive_heads)][: config.naive_heads]
 
     naive_pcs(rt, prompts, outputs, timed[:1])  # warm-up
-    t_naive, ref = _best(lambda: naive_pcs(rt, prompts, outputs, timed), 1)
+    t_naive, ref = best_of(lambda: naive_pcs(rt, prompts, outputs, timed), 1)
     t_naive_all = t_naive * len(heads) / len(timed)
 
     def batched():
         base, ablated = rt.ablation_nll(enc, heads)
         return ((ablated.sum(1) - base.sum()) / target_tokens).numpy()
-    t_exact, exact = _best(batched, 1)
+    t_exact, exact = best_of(batched, 1)
     idx = [heads.index(h) for h in timed]
     max_diff = float(np.abs(exact[idx] - ref).max())
 
-    t_attr, grads = _best(lambda: rt.head_attribution(enc, [0] * len(enc), 1)[0].reshape(-1).numpy(), 1)
+    t_attr, grads = best_of(lambda: rt.head_attribution(enc, [0] * len(enc), 1)[0].reshape(-1).numpy(), 1)
     estimate = -grads
 
     def fast():
@@ -133,7 +132,7 @@ def main(config: BenchDPSConfig) -> dict:
         scores = np.full(len(heads), -np.inf)
         scores[cand] = ((ablated.sum(1) - base.sum()) / target_tokens).numpy()
         return scores
-    t_fast_exact, fast_scores = _best(fast, 1)
+    t_fast_exact, fast_scores = best_of(fast, 1)
     t_fast = t_attr + t_fast_exact
     k = config.top_k
     result = {
@@ -193,8 +192,8 @@ def main(config: BenchDPSConfig) -> dict:
     top = [heads[i] for i in np.argsort(-exact)[:8]]
     contrast = HeadContrast([top] * len(decode_prompts), gamma=1.0)
     rt.generate(decode_prompts[:1], max_new_tokens=2)  # warm-up
-    t_plain, plain = _best(lambda: rt.generate(decode_prompts, config.max_new_tokens), 1)
-    t_dps, steered = _best(lambda: rt.generate(decode_prompts, config.max_new_tokens, contrast=contrast), 1)
+    t_plain, plain = best_of(lambda: rt.generate(decode_prompts, config.max_new_tokens), 1)
+    t_dps, steered = best_of(lambda: rt.generate(decode_prompts, config.max_new_tokens, contrast=contrast), 1)
     # per generated token (+1 for the end-of-turn token), as the two may stop at different lengths
     n_plain = sum(len(x) + 1 for x in rt.response_ids(plain))
     n_dps = sum(len(x) + 1 for x in rt.response_ids(steered))
@@ -202,8 +201,5 @@ def main(config: BenchDPSConfig) -> dict:
                    "plain_decode_ms_per_token": round(1000 * t_plain / n_plain, 2),
                    "dps_decode_ms_per_token": round(1000 * t_dps / n_dps, 2),
                    "dps_decode_overhead_per_token": round((t_dps / n_dps) / (t_plain / n_plain), 2)})
-    print(json.dumps(result, indent=2))
-    if config.out:
-        Path(config.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(config.out).write_text(json.dumps(result, indent=2))
+    write_figures(result, config.json)
     return result

@@ -10,7 +10,7 @@ import socket
 import threading
 import urllib.request
 
-from infra.storage import StorageConfig
+from steerstore.infra.storage import StorageConfig
 
 REGION = "us-east-1"
 ACCESS_KEY = "testing"
@@ -96,3 +96,25 @@ class S3Server:
             "AWS_REGION": REGION,
             "AWS_EC2_METADATA_DISABLED": "true",
         }
+
+
+def main() -> None:
+    """``make s3-local``: serve on loopback with a bucket ``steerstore`` until interrupted; print the environment."""
+    import time
+
+    with S3Server() as server:
+        server.create_bucket("steerstore")
+        print("S3 test server (moto) on", server.endpoint_url, "with bucket 'steerstore'. In another shell:\n")
+        for key, value in server.env().items():
+            print(f"export {key}={value}")
+        print("\nthen use a store URI such as s3://steerstore/store (e.g. --output.store, --store).\n"
+              "Data lives in memory until this process stops (Ctrl-C).", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,10 +1,12 @@
 """Benchmark of the serving side: point-lookup latency in a large store, and mixed-batch overhead.
 
-Launch: ``steerstore bench-serving`` (100,000 synthetic users, local disk and the S3 test server).
+Launch: ``steerstore bench serving`` (100,000 synthetic users on local disk); add
+``--s3_uri s3://bucket/prefix`` (with ``--storage.*`` or the AWS environment) to measure over S3
+too, e.g. against ``make s3-local`` (the S3 test server on loopback).
 
 1. **Lookups.** A synthetic store version of ``--users`` users (CAA vectors of the default
    model's stored shape, BT coordinates, DPS heads, SteerX rows) is written with the store's
-   bucketed layout, locally and (``--s3``) to a moto S3 server over HTTP. Latency p50/p99 of
+   bucketed layout, locally and (``--s3_uri``) to S3-compatible object storage over HTTP. Latency p50/p99 of
    single-user lookups: uncached (each lookup reads its row group; bucket-file footers are open),
    cached, the full ``artifacts`` lookup, and absent ids; the baseline is a filtered scan of the
    whole table (what an unbucketed reader does), measured in the same run.
@@ -27,14 +29,24 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from infra import storage
-from infra.config import check, option, to_dict
-from infra.reader import StoreReader
-from infra.storage import SteeringStore, StorageConfig
-from operators.runtime import ModelConfig, ModelRuntime
-from operators.serving import METHODS, Request, serve
-from schemas.store import (BUCKETED_TABLES, LAYOUT_KIND, POPULATION_FILE, STORE_TABLES, Manifest, TableEntry,
-                           bucket_count, conform, user_bucket)
+from steerstore.infra import storage
+from steerstore.infra.config import check, option, to_dict
+from steerstore.infra.reader import StoreReader
+from steerstore.infra.storage import SteeringStore, StorageConfig
+from steerstore.jobs.bench.common import write_figures
+from steerstore.operators.runtime import ModelConfig, ModelRuntime
+from steerstore.operators.serving import METHODS, Request, serve
+from steerstore.schemas.store import (
+    BUCKETED_TABLES,
+    LAYOUT_KIND,
+    POPULATION_FILE,
+    STORE_TABLES,
+    Manifest,
+    TableEntry,
+    bucket_count,
+    conform,
+    user_bucket,
+)
 
 log = logging.getLogger("steerstore.bench")
 
@@ -53,12 +65,15 @@ class BenchServingConfig:
     hidden: int = option(576, help="hidden size of the synthetic vectors (the default model's)")
     users_per_bucket: int = option(4096, help="users per bucket file (as output.users_per_bucket)")
     row_group_bytes: int = option(256 << 10, help="bytes per row group (as output.row_group_bytes)")
-    s3: bool = option(True, help="also measure over a moto S3 server on loopback (needs moto)")
+    s3_uri: str = option("", help="also measure over S3 here (s3://bucket/prefix; the bucket must exist)")
+    storage: StorageConfig = dataclasses.field(default_factory=StorageConfig,
+                                               metadata={"help": "object storage of --s3_uri"})
     generation: bool = option(True, help="measure mixed-batch generation overhead on the real model")
     requests: int = option(24, help="requests in the generation batch")
     new_tokens: int = option(32, help="tokens each request decodes")
     repeats: int = option(2, help="timed repeats of each generation arm (the best is reported)")
-    out: str = option("./steerstore-out/bench-serving", help="local folder for the synthetic stores and results")
+    out: str = option("./steerstore-out/bench-serving", help="local folder for the synthetic stores")
+    json: str = option("docs/figures/bench-serving.json", help="where the figures are written ('' = print only)")
     seed: int = option(0, help="seed of the synthetic data and the lookup sample")
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "the model"})
 
@@ -289,21 +304,16 @@ def main(config: BenchServingConfig) -> dict:
     result["local_write_s"] = round(time.perf_counter() - start, 1)
     result["local"] = measure_lookups(local, None, version, ids, config.lookups, config.scans, config.seed)
     print(json.dumps({"local": result["local"]}, indent=2), flush=True)
-    if config.s3:
-        from infra.s3server import S3Server  # noqa: PLC0415  (moto: a test dependency)
-
-        with S3Server() as server:
-            server.create_bucket("bench")
-            cfg = server.storage_config()
-            start = time.perf_counter()
-            version, ids = synthetic_store("s3://bench/store", cfg, config.users, meta, config.seed,
-                                           config.users_per_bucket, config.row_group_bytes)
-            result["s3_write_s"] = round(time.perf_counter() - start, 1)
-            result["s3"] = measure_lookups("s3://bench/store", cfg, version, ids, config.s3_lookups,
-                                           max(2, config.scans // 5), config.seed)
+    if config.s3_uri:
+        start = time.perf_counter()
+        version, ids = synthetic_store(config.s3_uri, config.storage, config.users, meta, config.seed,
+                                       config.users_per_bucket, config.row_group_bytes)
+        result["s3_write_s"] = round(time.perf_counter() - start, 1)
+        result["s3"] = measure_lookups(config.s3_uri, config.storage, version, ids, config.s3_lookups,
+                                       max(2, config.scans // 5), config.seed)
         print(json.dumps({"s3": result["s3"]}, indent=2), flush=True)
     if config.generation:
         result["generation"] = measure_generation(config, config.out)
         print(json.dumps({"generation": result["generation"]}, indent=2), flush=True)
-    storage.write_text(storage.join(config.out, "bench-serving.json"), json.dumps(result, indent=2))
+    write_figures(result, config.json, quiet=True)
     return result

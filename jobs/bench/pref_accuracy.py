@@ -1,6 +1,6 @@
 """Per-user preference accuracy on held-out pairs of real per-user data.
 
-Launch: ``steerstore pref-accuracy`` (reads ``../shared/data``; writes ``./steerstore-out/pref-eval``).
+Launch: ``steerstore bench pref-accuracy`` (reads ``../shared/data``; writes ``./steerstore-out/pref-eval``).
 
 Pairs are built per user as LongLaMP builds tasks. The prompt asks to continue the opening
 (first sentence) of one of the user's texts; ``chosen`` is the user's own continuation,
@@ -15,26 +15,24 @@ likelihood.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import random
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from infra.cluster import RayConfig
-from infra.config import check, option
-from infra.reader import StoreReader
-from jobs import refresh
-from operators.bt import fit_bt
-from operators.runtime import ModelConfig, ModelRuntime
-from operators.scale import ScaleConfig, baseline, margins, unsteered_prefers_chosen
-
-SOURCES = {"blogs": "blogs-dev.jsonl.gz", "synthpai": "synthpai-dev.jsonl.gz"}
-PROMPT = "Continue this text in the same voice, in one short paragraph:\n\n{opening}"
+from steerstore.infra import storage
+from steerstore.infra.cluster import RayConfig
+from steerstore.infra.config import check, option
+from steerstore.infra.reader import StoreReader
+from steerstore.jobs import devdata, refresh
+from steerstore.jobs.bench.common import write_figures
+from steerstore.jobs.devdata import PROMPT, SOURCES
+from steerstore.operators.bt import fit_bt
+from steerstore.operators.runtime import ModelConfig, ModelRuntime
+from steerstore.operators.scale import ScaleConfig, baseline, margins, unsteered_prefers_chosen
 
 
 @dataclass
@@ -47,6 +45,7 @@ class PrefEvalConfig:
     words: int = option(40, help="continuation length in words (chosen and rejected alike)")
     seed: int = option(0, help="seed for item order and the other user's continuation")
     out: str = option("./steerstore-out/pref-eval", help="folder for the inputs, the store and the results")
+    json: str = option("docs/figures/bench-pref-accuracy.json", help="where the figures are written ('' = print only)")
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "the model"})
     scale: ScaleConfig = dataclasses.field(default_factory=ScaleConfig, metadata={"help": "α choice (training)"})
     ray: RayConfig = dataclasses.field(default_factory=RayConfig, metadata={"help": "Ray connection"})
@@ -57,44 +56,13 @@ class PrefEvalConfig:
               "need >= 2 users, >= 2 training and >= 1 held-out pairs per user")
 
 
-def _split(text: str, words: int) -> tuple[str, str] | None:
-    """(opening sentence, continuation of ``words`` words) or None when the text is too short."""
-    text = re.sub(r"\s+", " ", text).strip()
-    m = re.search(r"(?<=[.!?])\s", text[20:300])
-    if not m:
-        return None
-    cut = 20 + m.start()
-    opening, rest = text[:cut].strip(), text[cut:].split()
-    if len(rest) < words // 2 or len(opening.split()) < 4:
-        return None
-    return opening, " ".join(rest[:words])
-
-
-def dev_segments(data_dir: str, source: str, need: int, words: int, rng: random.Random) -> dict[str, list[tuple[str, str]]]:
-    """user_id -> (opening, continuation) of each of their texts (shuffled by ``rng``), users with >= ``need``."""
-    path = Path(data_dir) / SOURCES[source]
-    if not path.exists():
-        raise FileNotFoundError(f"development data {SOURCES[source]} not found in {Path(data_dir).resolve()} "
-                                "(it lives in ../shared/data beside the project checkout)")
-    with gzip.open(path, "rt") as fh:
-        users = [json.loads(line) for line in fh]
-    segments = {}
-    for u in sorted(users, key=lambda u: u["user_id"]):
-        items = sorted(u["items"], key=lambda it: it["id"])
-        rng.shuffle(items)
-        split = [s for s in (_split(it["text"], words) for it in items) if s]
-        if len(split) >= need:
-            segments[u["user_id"]] = split
-    return segments
-
-
 def build_pairs(config: PrefEvalConfig) -> tuple[list[dict], list[dict]]:
     """(training pairs, held-out pairs) over all sources, deterministic for a seed."""
     rng = random.Random(config.seed)
     train, heldout = [], []
     need = config.train_pairs + config.heldout_pairs
     for source in config.sources:
-        segments = dev_segments(config.data_dir, source, need, config.words, rng)
+        segments = devdata.segments(config.data_dir, source, need, config.words, rng)
         chosen_users = sorted(segments)[: config.users]
         for uid in chosen_users:
             others = [o for o in segments if o != uid]
@@ -148,7 +116,7 @@ def main(config: PrefEvalConfig) -> dict:
     for name, r in results.items():
         print(f"{name:<24}{r['alpha']:>7g}{r['accuracy']:>10.3f}{r['per_user_accuracy']:>10.3f}"
               f"{r.get('nll_increase', 0.0):>10.3f}")
-    print(json.dumps(figures, indent=2))
+    write_figures(report, config.json)
     return report
 
 
@@ -162,8 +130,6 @@ def _per_user(pairs: list[dict], hits: np.ndarray) -> float:
 
 def _store_figures(reader: StoreReader, n_users: int) -> dict:
     """Bytes per user for full per-layer vectors vs BT coordinates, and BT fit time per user."""
-    from infra import storage  # noqa: PLC0415
-
     def parquet_bytes(table: str) -> int:
         return sum(len(storage.read_bytes(f)) for f in reader.store.table_files(reader.version, table))
 

@@ -1,6 +1,6 @@
 """Benchmark of SteerX on real data: each stage batched vs its plain baseline, in one run, and cost per user.
 
-Launch: ``steerstore bench-steerx`` (the default model; reads ``../shared/data``).
+Launch: ``steerstore bench steerx`` (the default model; reads ``../shared/data``).
 
 1. Leave-one-out scoring: for a few real users' history items, both conditions (the user's
    other items as context, and the counterfactual) are scored for every output token. The
@@ -17,22 +17,30 @@ Both variants of a comparison run in the same process on the same inputs; the fi
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from infra.config import check, option
-from jobs.bench import _best, naive_response_logprobs
-from jobs.pref_eval import PROMPT, dev_segments
-from operators.history import HistoryContextConfig
-from operators.runtime import ModelConfig, ModelRuntime
-from operators.smoothing import SmoothingConfig, special_strings, unit_prompt, units
-from operators.steerx import (SOURCES, StyleVectorConfig, SteerXConfig, calibration_gains, item_differences,
-                              loo_prompts, select_anchors, token_effects, word_effects)
+from steerstore.infra.config import check, option
+from steerstore.jobs.bench.common import best_of, naive_response_logprobs, write_figures
+from steerstore.jobs.devdata import PROMPT
+from steerstore.jobs.devdata import segments as dev_segments
+from steerstore.operators.history import HistoryContextConfig
+from steerstore.operators.runtime import ModelConfig, ModelRuntime
+from steerstore.operators.smoothing import SmoothingConfig, special_strings, unit_prompt, units
+from steerstore.operators.steerx import (
+    SOURCES,
+    SteerXConfig,
+    StyleVectorConfig,
+    calibration_gains,
+    item_differences,
+    loo_prompts,
+    select_anchors,
+    token_effects,
+    word_effects,
+)
 
 
 @dataclass
@@ -47,7 +55,7 @@ class BenchSteerXConfig:
     threads: int | None = option(None, help="torch CPU threads; default torch's")
     seed: int = option(0, help="seed of the item order and the counterfactual")
     smoothing_tokens: int = option(96, help="max new tokens of each smoothing generation")
-    out: str = option("./steerstore-out/bench-steerx.json", help="where the figures are written as JSON ('' = nowhere)")
+    json: str = option("docs/figures/bench-steerx.json", help="where the figures are written ('' = print only)")
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "the model"})
 
     def __post_init__(self) -> None:
@@ -80,8 +88,8 @@ def main(config: BenchSteerXConfig) -> dict:
     tokens = sum(len(e.ids) for e in encoded)
     scored_tokens = sum(len(e.ids) - e.prompt_len for e in encoded[: len(scored)])
     naive_effects(rt, scored[:1])  # warm-up
-    t_naive, ref = _best(lambda: naive_effects(rt, scored), 1)
-    t_batched, got = _best(lambda: token_effects(rt, scored), 1)
+    t_naive, ref = best_of(lambda: naive_effects(rt, scored), 1)
+    t_batched, got = best_of(lambda: token_effects(rt, scored), 1)
     n_users = len(users)
     # anchors per user from the batched effects
     anchors, start = {}, 0
@@ -95,19 +103,19 @@ def main(config: BenchSteerXConfig) -> dict:
     sm = SmoothingConfig(max_new_tokens=config.smoothing_tokens)
     specials = special_strings(rt.tokenizer)
     prompts = [unit_prompt(unit, "excerpts", sm, specials) for u in users for unit in units(u, anchors[u], items[u], sm)]
-    t_seq, seq_out = _best(lambda: [rt.generate([p], sm.max_new_tokens)[0] for p in prompts], 1)
-    t_batch_gen, batch_out = _best(lambda: rt.generate(prompts, sm.max_new_tokens), 1)
+    t_seq, seq_out = best_of(lambda: [rt.generate([p], sm.max_new_tokens)[0] for p in prompts], 1)
+    t_batch_gen, batch_out = best_of(lambda: rt.generate(prompts, sm.max_new_tokens), 1)
     gen_tokens = sum(len(rt.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in batch_out)
     # style vectors: neutral answers + activations for all items at once, then calibration per user
     vc = StyleVectorConfig()
     layers = vc.resolve_layers(rt.num_layers)
     flat = [it for u in users for it in items[u]]
     contexts = [batch_out[k] for k, u in enumerate(users) for _ in items[u]]
-    t_vec, (diffs, _) = _best(lambda: item_differences(rt, flat, contexts, layers, vc.position,
+    t_vec, (diffs, _) = best_of(lambda: item_differences(rt, flat, contexts, layers, vc.position,
                                                          vc.neutral_max_new_tokens), 1)
     u0 = users[0]
     mine = {k: v[: len(items[u0])] for k, v in diffs.items()}
-    t_cal, _ = _best(lambda: calibration_gains(rt, items[u0], mine, list(SOURCES), layers, vc), 1)
+    t_cal, _ = best_of(lambda: calibration_gains(rt, items[u0], mine, list(SOURCES), layers, vc), 1)
     result = {
         "model": rt.model_id, "device": str(rt.device), "dtype": str(next(rt.model.parameters()).dtype),
         "threads": torch.get_num_threads(), "users": len(users), "items": len(scored),
@@ -129,8 +137,5 @@ def main(config: BenchSteerXConfig) -> dict:
                              "calibration_user": round(t_cal, 2)},
         "vectors": {"layers": layers, "sources": list(SOURCES), "gamma_grid": vc.gamma_grid},
     }
-    print(json.dumps(result, indent=2))
-    if config.out:
-        Path(config.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(config.out).write_text(json.dumps(result, indent=2))
+    write_figures(result, config.json)
     return result

@@ -1,0 +1,41 @@
+"""Benchmarks and experiments, behind one subcommand: ``steerstore bench <name>``.
+
+Each writes its figures as JSON under ``docs/figures/`` (``--json`` elsewhere), with ratios
+against a baseline measured in the same run. ``BENCHMARKS`` maps a name to
+(config class, main, one-line help); modules are imported only when their benchmark runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# name -> (module, config class name, help)
+_REGISTRY: dict[str, tuple[str, str, str]] = {
+    "activations": ("activations", "BenchConfig",
+                    "CAA activation capture: batched vs a plain per-sequence loop"),
+    "dps": ("dps", "BenchDPSConfig",
+            "DPS head scoring (naive vs batched exact vs fast) and decoding, on the development data"),
+    "steerx": ("steerx", "BenchSteerXConfig",
+               "SteerX stages (leave-one-out effects, smoothing, style vectors), on the development data"),
+    "serving": ("serving", "BenchServingConfig",
+                "store lookups (100k synthetic users; --s3_uri for S3) and mixed-batch serving overhead"),
+    "tau": ("tau", "SteerXTauConfig",
+            "choose SteerX's anchor threshold τ on the development data (anchor precision/recall)"),
+    "pref-accuracy": ("pref_accuracy", "PrefEvalConfig",
+                      "per-user preference accuracy of population / CAA / BT steering on held-out real pairs"),
+}
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def help_text(name: str) -> str:
+    return _REGISTRY[name][2]
+
+
+def load(name: str):
+    """(config class, main) of benchmark ``name``."""
+    module_name, config_name, _ = _REGISTRY[name]
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    return getattr(module, config_name), module.main

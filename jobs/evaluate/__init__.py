@@ -1,0 +1,149 @@
+"""The evaluation job: does each method personalise held-out text, and at what cost to fluency?
+
+Launch: ``steerstore eval`` (the development data in ``../shared/data``, the default model) or
+``steerstore eval --data.histories s3://bucket/histories.jsonl --out s3://bucket/eval-run``.
+
+1. **Split.** Per user, the last ``data.heldout_items`` items by time are held out (a seeded
+   split for users whose items lack timestamps, or when ``data.split`` is ``seeded``). A held-out
+   item's ``input`` (e.g. the opening of a text) is the prompt and its ``output`` the target.
+   An explicit held-out file (``data.heldout``, e.g. from ``steerstore import --format lamp``)
+   replaces the split. Preference pairs are split per user the same way (seeded); without
+   pairs, pairs are built from the histories: (input, the user's own output, another user's
+   output for another input), training pairs from training items, held-out pairs from held-out
+   items. Nothing the refresh job fits — per-user or population — sees a held-out target.
+2. **Refresh** on the training split only, into ``<out>/store`` (a new store version).
+3. **Generate**, greedy, on every held-out item: no personalisation, history in the prompt
+   (top-k training items by BM25), SteerX style vectors (history / description / blend
+   sources: the disentangling ablation), SteerX influence decoding, per-user CAA, BT and DPS,
+   each at its recommended strength plus sweeps of γ / α / λ (and τ: each extra τ reruns the
+   SteerX anchor and smoothing stages into a side store).
+4. **Score**: ROUGE-1/L, METEOR, BLEU, BERTScore against the target; fluency as the perplexity
+   of the output under the unsteered model (given the plain prompt); per-user deltas against
+   no personalisation with bootstrap confidence intervals over users; per-user preference
+   accuracy on held-out pairs.
+5. **Write** ``report.html`` (self-contained), ``items.parquet``, ``summary.parquet``,
+   ``per_user.parquet``, ``preference.parquet`` and ``summary.json`` to
+   ``<store>/versions/<version>/eval/<run id>/`` and print the summary table.
+
+A user a method has no artifact for (quarantined for it, or no DPS head with a positive score)
+is not evaluated for that method: ``n_users`` per row says how many were, and the missing
+users are listed in ``summary.json`` with the reason, never silently replaced by another
+method's output.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+import numpy as np
+import pandas as pd
+
+from steerstore.infra import storage
+from steerstore.infra.config import from_dict
+from steerstore.infra.reader import StoreReader
+from steerstore.jobs import refresh
+from steerstore.jobs.evaluate.config import (
+    KEYS,
+    LABELS,
+    METHODS,
+    METRICS,
+    EvalConfig,
+    EvalDataConfig,
+    MethodsConfig,
+    _flags,
+    _refresh_config,
+)
+from steerstore.jobs.evaluate.generate import Generator, Setting, _tau_sweep
+from steerstore.jobs.evaluate.score import (
+    anchor_word_effects,
+    per_user_table,
+    preference_accuracy,
+    score_items,
+    summarise,
+)
+from steerstore.jobs.evaluate.split import Split, _check_store_inputs, dev_histories, split_data
+from steerstore.jobs.evaluate.write import _examples, _jsonl, _notes, _write, print_summary
+from steerstore.operators.metrics import ensure_wordnet
+from steerstore.operators.runtime import ModelRuntime
+from steerstore.operators.steerx import SteerXConfig
+
+__all__ = ["KEYS", "LABELS", "METHODS", "METRICS", "EvalConfig", "EvalDataConfig", "Generator", "MethodsConfig",
+           "Setting", "Split", "anchor_word_effects", "dev_histories", "main", "per_user_table", "preference_accuracy",
+           "print_summary", "score_items", "split_data", "summarise"]
+
+
+def main(config: EvalConfig) -> dict:
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 1)
+        clock = now
+
+    ensure_wordnet(config.metrics)  # fail before any work when METEOR cannot run
+    split = split_data(config.data, config.storage)
+    texts = {"histories": _jsonl([i for items in split.train.values() for i in items]),
+             "pairs": _jsonl(split.train_pairs)}
+    if config.store:  # evaluate a store version refreshed earlier, on exactly this training split
+        reader = StoreReader(config.store, config.storage, config.version)
+        inputs = _check_store_inputs(reader, texts, config.storage)
+        store_uri, summary_refresh = config.store, reader.manifest.get("summary", {})
+        steerx = from_dict(SteerXConfig, reader.manifest["config"]["steerx"])
+    else:
+        inputs = {"histories": storage.join(config.out, "inputs", "train_histories.jsonl"),
+                  "pairs": storage.join(config.out, "inputs", "train_pairs.jsonl")}
+        for kind, uri in inputs.items():
+            storage.write_text(uri, texts[kind], config.storage)
+        steerx = config.steerx
+    storage.write_text(storage.join(config.out, "inputs", "heldout.jsonl"), _jsonl(split.heldout), config.storage)
+    storage.write_text(storage.join(config.out, "inputs", "heldout_pairs.jsonl"), _jsonl(split.heldout_pairs),
+                       config.storage)
+    lap("split")
+    if not config.store:
+        store_uri = storage.join(config.out, "store")
+        summary_refresh = refresh.main(_refresh_config(config, inputs, store_uri))
+        reader = StoreReader(store_uri, config.storage, summary_refresh["version"])
+    lap("refresh")
+    runtime = ModelRuntime(config.model)
+    reader.check_model(runtime.fingerprint, "the evaluation model")
+    gen = Generator(runtime, reader, split, config)
+    gen.run()
+    lap("generate")
+    tau_stores = _tau_sweep(config, inputs, gen, steerx)
+    items = pd.DataFrame(gen.rows)
+    lap("tau sweep")
+    scored = score_items(items, runtime, config.metrics)
+    users = per_user_table(scored)
+    summary, per_user = summarise(users, config.metrics)
+    lap("metrics")
+    preference = preference_accuracy(runtime, reader, split.heldout_pairs, config.metrics, config.methods.include)
+    lap("preference accuracy")
+    effects = anchor_word_effects(reader, runtime, split) if any(
+        m.startswith(("style_vector", "influence")) for m in config.methods.include) else np.zeros(0)
+    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out_uri = storage.join(reader.store.version_uri(reader.version), "eval", run_id)
+    meta = {"title": "steerstore evaluation", "store": store_uri, "version": reader.version,
+            "model": reader.manifest["model"].get("id"), "model_fingerprint": runtime.fingerprint, "run_id": run_id,
+            "command": "steerstore eval " + " ".join(_flags(config)),
+            "users": len(gen.users), "heldout_items": len(split.heldout), "train_items":
+                sum(len(v) for v in split.train.values()),
+            "train_pairs": len(split.train_pairs), "heldout_pairs": len(split.heldout_pairs),
+            "decoding": f"greedy, {config.methods.max_new_tokens} new tokens",
+            "data": split.notes, "missing": gen.missing, "tau": steerx.tau, "tau_stores": tau_stores,
+            "refresh_stage_seconds": summary_refresh.get("stage_seconds"), "seconds": timings,
+            "notes": _notes(summary, gen)}
+    examples = _examples(scored, config.examples)
+    from steerstore.jobs.evaluate.report import ReportData, render_report  # noqa: PLC0415  (matplotlib only when reporting)
+
+    html = render_report(ReportData(meta=meta, summary=summary, per_user=per_user, token_effects=effects,
+                                    tau=steerx.tau, preference=preference, examples=examples))
+    lap("report")
+    meta["seconds"] = timings
+    _write(out_uri, config.storage, html, scored, summary, per_user, preference, meta)
+    print_summary(summary, preference)
+    print(f"\nreport: {storage.join(out_uri, 'report.html')}")
+    return {"uri": out_uri, "summary": summary, "per_user": per_user, "preference": preference, "meta": meta,
+            "items": scored}

@@ -1,0 +1,149 @@
+"""Step 4 of the evaluation: score the outputs, per user and per setting, against no personalisation."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+import pandas as pd
+
+from steerstore.infra.reader import StoreReader, UserVectors
+from steerstore.jobs.evaluate.config import KEYS, LABELS, METRICS
+from steerstore.jobs.evaluate.split import Split
+from steerstore.operators.metrics import METRICS as TEXT_METRICS
+from steerstore.operators.metrics import MetricsConfig, bootstrap_ci, text_metrics
+from steerstore.operators.runtime import ModelRuntime
+from steerstore.operators.scale import baseline, margins, unsteered_prefers_chosen
+from steerstore.operators.steerx import word_effects
+from steerstore.schemas.methods import Family
+
+
+def score_items(items: pd.DataFrame, runtime: ModelRuntime, metrics: MetricsConfig) -> pd.DataFrame:
+    """Per item: the text metrics against the target and the output's NLL under the unsteered model."""
+    pairs = list(dict.fromkeys(zip(items["output"], items["target"])))
+    values = text_metrics([p for p, _ in pairs], [t for _, t in pairs], metrics, which=TEXT_METRICS)
+    index = {pair: k for k, pair in enumerate(pairs)}
+    rows = [index[p] for p in zip(items["output"], items["target"])]
+    out = items.copy()
+    for name in TEXT_METRICS:
+        out[name] = np.asarray(values[name], dtype=np.float64)[rows]
+    # fluency: log-likelihood of the output given the plain prompt (the held-out input), nothing steered
+    # (each distinct input/output once: sweeps and the τ rows repeat outputs)
+    texts = [t for t in dict.fromkeys(zip(items["input"], items["output"])) if t[1].strip()]
+    scores: dict[tuple[str, str], tuple[float, int]] = {}
+    if texts:
+        lp, n = runtime.response_logprobs([x for x, _ in texts], [y for _, y in texts])
+        scores = {t: (-s, c) for t, s, c in zip(texts, lp.tolist(), n.tolist())}
+    nll_tokens = [scores.get(t, (0.0, 0)) for t in zip(items["input"], items["output"])]
+    out["nll"] = np.asarray([v for v, _ in nll_tokens], dtype=np.float64)
+    out["tokens"] = np.asarray([c for _, c in nll_tokens], dtype=np.int64)
+    out["empty"] = ~out["output"].str.strip().astype(bool)
+    return out
+
+
+def per_user_table(items: pd.DataFrame) -> pd.DataFrame:
+    """One row per (setting, user): mean text metrics; perplexity = exp(Σ NLL / Σ tokens) over the user's items."""
+    keys = KEYS + ["user_id"]
+    g = items.fillna({"strength": -1.0}).groupby(keys, sort=False)
+    users = g[list(TEXT_METRICS)].mean()
+    sums = g[["nll", "tokens"]].sum()
+    users["perplexity"] = np.where(sums["tokens"] > 0, np.exp(sums["nll"] / sums["tokens"].clip(lower=1)), np.nan)
+    users["n_items"] = g.size()
+    users["empty_outputs"] = g["empty"].sum()
+    users = users.reset_index()
+    users["strength"] = users["strength"].where(users["parameter"] != "", np.nan)
+    return users
+
+
+def summarise(users: pd.DataFrame, metrics: MetricsConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(summary per setting with Δ vs no personalisation and bootstrap CIs over users, per-user Δ rows)."""
+    base = users[users["method"] == "none"].set_index("user_id")
+    if base.empty:
+        raise ValueError("the evaluation needs the 'none' method (the baseline of every delta)")
+    summary: list[dict] = []
+    per_user: dict[tuple, dict] = {}  # (setting, user) -> the user's Δ per metric, recommended settings only
+    for key, grp in users.groupby(KEYS, sort=False, dropna=False):
+        row = dict(zip(KEYS, key))
+        row["n_users"] = int(grp["user_id"].nunique())
+        row["n_items"] = int(grp["n_items"].sum())
+        row["empty_outputs"] = int(grp["empty_outputs"].sum())
+        for m in METRICS:
+            vals = grp[m].to_numpy(dtype=float)
+            row[m] = float(np.nanmean(vals)) if np.isfinite(vals).any() else math.nan
+            deltas = vals - base.loc[grp["user_id"], m].to_numpy(dtype=float)
+            finite = deltas[np.isfinite(deltas)]
+            if row["method"] == "none" or not len(finite):
+                row[f"delta_{m}"] = row[f"delta_{m}_lo"] = row[f"delta_{m}_hi"] = math.nan
+            else:
+                mean, lo, hi = bootstrap_ci(finite, metrics)
+                row[f"delta_{m}"], row[f"delta_{m}_lo"], row[f"delta_{m}_hi"] = mean, lo, hi
+            if row["recommended"] and row["method"] != "none":
+                for uid, d in zip(grp["user_id"], deltas):
+                    entry = per_user.setdefault((key, uid), {
+                        "user_id": uid, **{k: row[k] for k in ("method", "label", "parameter", "strength")}})
+                    entry[f"delta_{m}"] = float(d)
+        summary.append(row)
+    return pd.DataFrame(summary), pd.DataFrame(list(per_user.values()))
+
+
+# ---- preference accuracy ---------------------------------------------------------------------
+
+def preference_accuracy(runtime: ModelRuntime, reader: StoreReader, pairs: list[dict], metrics: MetricsConfig,
+                        include: list[str]) -> pd.DataFrame:
+    """Per-user accuracy on held-out pairs: steering raises log p(chosen) more than log p(rejected)."""
+    if not pairs:
+        return pd.DataFrame()
+    users = sorted({p["user_id"] for p in pairs})
+    base = baseline(runtime, pairs)
+    reference = unsteered_prefers_chosen(runtime, pairs, base)
+    rows = [_accuracy_row("none", "unsteered likelihood (reference)", math.nan, pairs, reference, metrics)]
+    sources: dict[str, dict[str, UserVectors]] = {}
+    if "caa" in include:
+        sources["caa"] = reader.vectors(users)
+    if "bt" in include:
+        try:
+            sources["bt"] = reader.bt(users)
+        except KeyError:
+            pass
+    for source in ("history", "description", "blend"):
+        if f"style_vector:{source}" in include:
+            sources[f"style_vector:{source}"] = reader.vectors(users, method=Family.STEERX, source=source)
+    for method, found in sources.items():
+        evaluated = [p for p in pairs if p["user_id"] in found]
+        if not evaluated:
+            continue
+        idx = [k for k, p in enumerate(pairs) if p["user_id"] in found]
+        first = found[evaluated[0]["user_id"]]
+        vectors = {l: np.stack([found[p["user_id"]].at([l])[l] * found[p["user_id"]].recommended_scale
+                                for p in evaluated]) for l in first.recommended_layers}
+        margin, _ = margins(runtime, evaluated, vectors, 1.0, base.select(idx), first.positions)
+        rows.append(_accuracy_row(method, LABELS[method], first.recommended_scale, evaluated, margin > 0, metrics))
+    return pd.DataFrame(rows)
+
+
+def _accuracy_row(method: str, label: str, strength: float, pairs: list[dict], hits: np.ndarray,
+                  metrics: MetricsConfig) -> dict:
+    by_user: dict[str, list[bool]] = defaultdict(list)
+    for p, h in zip(pairs, hits):
+        by_user[p["user_id"]].append(bool(h))
+    acc = np.asarray([np.mean(v) for v in by_user.values()])
+    mean, lo, hi = bootstrap_ci(acc, metrics)
+    return {"method": method, "label": label, "strength": strength, "pair_accuracy": float(np.mean(hits)),
+            "user_accuracy": mean, "user_accuracy_lo": lo, "user_accuracy_hi": hi,
+            "n_pairs": len(pairs), "n_users": len(by_user)}
+
+
+# ---- token effects ---------------------------------------------------------------------------
+
+def anchor_word_effects(reader: StoreReader, runtime: ModelRuntime, split: Split) -> np.ndarray:
+    """The per-word leave-one-out effects the anchor threshold τ is applied to (Σ Δ of a word's tokens)."""
+    table = reader.store.read_table("steerx_token_effects", reader.version)
+    texts = {(u, i["item_id"]): i["output"] for u, items in split.train.items() for i in items}
+    values = []
+    for row in table.to_pylist():
+        text = texts.get((row["user_id"], row["item_id"]))
+        if text is None or row["delta"] is None:
+            continue
+        values.extend(e for _, e in word_effects(runtime.tokenizer, text, np.asarray(row["delta"])))
+    return np.asarray(values, dtype=np.float64)

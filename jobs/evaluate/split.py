@@ -1,0 +1,216 @@
+"""Step 1 of the evaluation: read the inputs and split them per user into training and held-out parts.
+
+Nothing the refresh fits may see a held-out target, so the split is made here, before the
+refresh, and an existing store is accepted only when it was refreshed on exactly this split.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import io
+import json
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import pyarrow.parquet as pq
+
+from steerstore.infra import storage
+from steerstore.infra.reader import StoreReader
+from steerstore.infra.storage import StorageConfig
+from steerstore.jobs import devdata, refresh
+from steerstore.jobs.evaluate.config import EvalDataConfig
+from steerstore.schemas.inputs import validate_record
+
+
+def _read_rows(uri: str, cfg: StorageConfig) -> list[dict]:
+    """Rows of a JSONL(.gz) or Parquet file (a folder: all such files in it)."""
+    formats = refresh.PARQUET_EXT + refresh.JSONL_EXT
+    if not uri.lower().endswith(formats):
+        files = [f for f in storage.list_files(uri, cfg) if f.lower().endswith(formats)]
+        if not files:
+            raise FileNotFoundError(f"no JSONL or Parquet files in {uri}")
+        return [r for f in sorted(files) for r in _read_rows(f, cfg)]
+    data = storage.read_bytes(uri, cfg)
+    if uri.lower().endswith(refresh.PARQUET_EXT):
+        return pq.read_table(io.BytesIO(data)).to_pylist()
+    if uri.lower().endswith(".gz"):
+        data = gzip.decompress(data)
+    rows = []
+    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{uri} line {n}: invalid JSON ({exc.msg})") from None
+    return rows
+
+
+def dev_histories(data: EvalDataConfig) -> list[dict]:
+    """History rows from the development data: input = the opening as a task, output = the continuation."""
+    rows = []
+    for source in data.dev_sources:
+        users = devdata.read_users(data.dev_dir, source)
+        taken = 0
+        for user in users:
+            items = []
+            for item in user["items"]:
+                split = devdata.split_opening(item["text"], data.dev_words)
+                if split:
+                    items.append({"user_id": user["user_id"], "item_id": item["id"],
+                                  "input": devdata.PROMPT.format(opening=split[0]), "output": split[1],
+                                  "timestamp": _dev_date(item.get("date"))})
+            if len(items) >= data.min_history + data.heldout_items:
+                rows.extend(items)
+                taken += 1
+            if taken == data.dev_users:
+                break
+    return rows
+
+
+def _dev_date(value: str | None) -> str | None:
+    """Blog dates like '12,December,2003' as ISO dates (None when absent or unparseable)."""
+    if not value:
+        return None
+    try:
+        return dt.datetime.strptime(value, "%d,%B,%Y").replace(tzinfo=dt.timezone.utc).isoformat()
+    except ValueError:
+        return None
+
+
+@dataclass
+class Split:
+    train: dict[str, list[dict]]  # user -> training history items, oldest first
+    heldout: list[dict]  # user_id, item_id, input, target
+    train_pairs: list[dict]
+    heldout_pairs: list[dict]
+    notes: dict  # how each part was made, counts of skipped rows by reason
+
+
+def _clean_histories(rows: list[dict], skipped: Counter) -> dict[str, list[dict]]:
+    by_user: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        clean, reason = validate_record("histories", row)
+        if clean is None:
+            skipped[f"history row: {reason}"] += 1
+            continue
+        by_user[clean["user_id"]].append(clean)
+    return by_user
+
+
+def _order(items: list[dict], user: str, mode: str, seed: int) -> tuple[list[dict], str]:
+    """Items oldest first when every item has a timestamp (and mode is time), else a seeded order."""
+    if mode == "time" and all(i.get("timestamp") is not None for i in items):
+        return sorted(items, key=lambda i: (i["timestamp"], i["item_id"])), "time"
+    shuffled = sorted(items, key=lambda i: i["item_id"])
+    random.Random(f"{seed}:{user}").shuffle(shuffled)
+    return shuffled, "seeded"
+
+
+def split_data(config: EvalDataConfig, cfg: StorageConfig) -> Split:
+    skipped: Counter = Counter()
+    rows = _read_rows(config.histories, cfg) if config.histories else dev_histories(config)
+    by_user = _clean_histories(rows, skipped)
+    train: dict[str, list[dict]] = {}
+    heldout: list[dict] = []
+    modes: dict[str, int] = defaultdict(int)
+    too_few: list[str] = []
+    if config.heldout:
+        given: dict[str, list[dict]] = defaultdict(list)
+        for row in _read_rows(config.heldout, cfg):
+            if not all(isinstance(row.get(f), str) and row[f].strip() for f in ("user_id", "item_id", "input", "target")):
+                skipped["held-out row without non-empty user_id, item_id, input and target"] += 1
+                continue
+            given[row["user_id"]].append({k: row[k] for k in ("user_id", "item_id", "input", "target")})
+        for user in sorted(given):
+            items, mode = _order(by_user.get(user, []), user, config.split, config.seed)
+            if len(items) < config.min_history:
+                too_few.append(user)
+                continue
+            modes[mode] += 1
+            train[user] = items[-config.max_history:]
+            heldout.extend(given[user])
+    else:
+        for user in sorted(by_user):
+            items, mode = _order(by_user[user], user, config.split, config.seed)
+            if len(items) < config.min_history + config.heldout_items:
+                too_few.append(user)
+                continue
+            modes[mode] += 1
+            train[user] = items[: -config.heldout_items][-config.max_history:]
+            heldout.extend({"user_id": user, "item_id": i["item_id"], "input": i["input"], "target": i["output"]}
+                           for i in items[-config.heldout_items:])
+    if len(train) < 2:
+        raise ValueError(f"only {len(train)} users have >= {config.min_history} training items and a held-out item; "
+                         "the evaluation needs at least 2 (lower data.min_history or add data)")
+    if config.preference_pairs:
+        train_pairs, heldout_pairs = _split_pairs(_read_rows(config.preference_pairs, cfg), set(train), config, skipped)
+        pairs_from = config.preference_pairs
+    else:
+        train_pairs, heldout_pairs = _built_pairs(train, heldout, config.seed)
+        pairs_from = "built from the histories: (input, the user's output, another user's output)"
+    notes = {"histories": config.histories or f"development data {config.dev_sources} in {config.dev_dir}",
+             "heldout": config.heldout or f"last {config.heldout_items} items per user ({config.split} split)",
+             "split_modes": dict(modes), "users_with_too_few_items": too_few, "skipped_rows": dict(skipped),
+             "pairs": pairs_from}
+    return Split(train, heldout, train_pairs, heldout_pairs, notes)
+
+
+def _split_pairs(rows: list[dict], users: set[str], config: EvalDataConfig, skipped: Counter) -> tuple[list, list]:
+    by_user: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        clean, reason = validate_record("preference_pairs", row)
+        if clean is None:
+            skipped[f"pair row: {reason}"] += 1
+        elif clean["user_id"] in users:
+            by_user[clean["user_id"]].append(clean)
+    train, held = [], []
+    for user in sorted(by_user):
+        pairs = sorted(by_user[user], key=lambda p: p["pair_id"])
+        random.Random(f"{config.seed}:pairs:{user}").shuffle(pairs)
+        cut = len(pairs) - config.heldout_pairs if len(pairs) > config.heldout_pairs else len(pairs)  # else all train
+        train.extend(pairs[:cut])
+        held.extend(pairs[cut:])
+    return train, held
+
+
+def _built_pairs(train: dict[str, list[dict]], heldout: list[dict], seed: int) -> tuple[list, list]:
+    """Training pairs from training items, held-out pairs from held-out items (rejected: another user's text)."""
+    rng = random.Random(f"{seed}:built-pairs")
+    users = sorted(train)
+    train_pairs = []
+    for user in users:
+        others = [o for o in users if o != user]
+        for item in train[user]:
+            other = rng.choice(train[rng.choice(others)])
+            train_pairs.append({"user_id": user, "pair_id": f"{item['item_id']}-pair", "prompt": item["input"],
+                                "chosen": item["output"], "rejected": other["output"], "weight": 1.0})
+    held_by_user = defaultdict(list)
+    for h in heldout:
+        held_by_user[h["user_id"]].append(h)
+    heldout_pairs = []
+    for h in heldout:
+        others = [o for o in held_by_user if o != h["user_id"]]
+        other = rng.choice(held_by_user[rng.choice(others)])
+        heldout_pairs.append({"user_id": h["user_id"], "pair_id": f"{h['item_id']}-heldout-pair", "prompt": h["input"],
+                              "chosen": h["target"], "rejected": other["target"], "weight": 1.0})
+    return train_pairs, heldout_pairs
+
+
+def _check_store_inputs(reader: StoreReader, texts: dict[str, str], cfg: StorageConfig) -> dict[str, str]:
+    """The store version's training inputs, refusing a version refreshed on anything but this split."""
+    recorded = reader.manifest.get("inputs", {})
+    uris = {"histories": recorded.get("histories"), "pairs": recorded.get("preference_pairs")}
+    for kind, uri in uris.items():
+        try:
+            same = bool(uri) and storage.read_text(uri, cfg) == texts[kind]
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise ValueError(
+                f"store version {reader.version} was refreshed on training {kind} {uri!r} that are not this "
+                "evaluation's training split (missing, or different items): its artifacts may have seen held-out "
+                "targets. Run eval without --store to refresh on the split, or use the same --data settings and "
+                "--out as the run that built it")
+    return uris

@@ -1,0 +1,104 @@
+"""Step 5 of the evaluation: the run's files (Parquet tables, summary.json, the report) and the printed table."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from steerstore.infra import storage
+from steerstore.infra.storage import StorageConfig
+from steerstore.jobs.evaluate.config import LABELS
+
+if TYPE_CHECKING:  # only for annotations: writing needs no model
+    from steerstore.jobs.evaluate.generate import Generator
+
+
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, default=_json_default, ensure_ascii=False) + "\n" for r in rows)
+
+
+def _json_default(value):
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _notes(summary: pd.DataFrame, gen: Generator) -> list[str]:
+    notes = []
+    for method, users in gen.missing.items():
+        notes.append(f"{LABELS[method]}: {len(users)} of {len(gen.users)} users not evaluated "
+                     f"({next(iter(users.values()))})")
+    empty = summary[summary["empty_outputs"] > 0]
+    for _, r in empty.iterrows():
+        notes.append(f"{r['label']} at {r['parameter'] or 'default'} {r['strength']:g}: {r['empty_outputs']} empty "
+                     "outputs (scored as written; no perplexity)")
+    return notes
+
+
+def _examples(scored: pd.DataFrame, n: int) -> pd.DataFrame:
+    """Every method's recommended output for the first held-out item of the first ``n`` users."""
+    rec = scored[scored["recommended"]]
+    first: dict[str, tuple] = {}
+    for key in zip(rec["user_id"], rec["item_id"]):
+        first.setdefault(key[0], key)
+    keys = set(list(first.values())[:n])
+    picked = rec[[k in keys for k in zip(rec["user_id"], rec["item_id"])]]
+    return picked[["user_id", "item_id", "input", "target", "label", "output"]].reset_index(drop=True)
+
+
+def _write(uri: str, cfg: StorageConfig, html: str, items: pd.DataFrame, summary: pd.DataFrame,
+           per_user: pd.DataFrame, preference: pd.DataFrame, meta: dict) -> None:
+    def parquet(df: pd.DataFrame) -> bytes:
+        sink = io.BytesIO()
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), sink)
+        return sink.getvalue()
+
+    storage.write_text(storage.join(uri, "report.html"), html, cfg)
+    for name, df in (("items", items), ("summary", summary), ("per_user", per_user), ("preference", preference)):
+        storage.write_bytes(storage.join(uri, f"{name}.parquet"), parquet(df), cfg)
+    doc = {"meta": meta, "summary": summary.to_dict("records"), "preference": preference.to_dict("records")}
+    storage.write_text(storage.join(uri, "summary.json"),
+                       json.dumps(_finite(doc), indent=2, default=_json_default, ensure_ascii=False), cfg)
+
+
+def _finite(value):
+    """NaN / inf as null, so summary.json is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def print_summary(summary: pd.DataFrame, preference: pd.DataFrame) -> None:
+    """The recommended setting of each method: metric means and Δ vs no personalisation [95% CI]."""
+    rec = summary[summary["recommended"]]
+    print(f"\n{'method':<36}{'strength':>9}{'users':>6}{'ROUGE-1':>9}{'ROUGE-L':>9}{'METEOR':>8}{'BLEU':>7}"
+          f"{'BERTSc':>8}{'PPL':>8}   ΔROUGE-L [CI]           ΔMETEOR [CI]")
+    for _, r in rec.iterrows():
+        strength = "" if r["parameter"] == "" else f"{r['parameter'][:1]}={r['strength']:g}"
+        line = (f"{r['label']:<36}{strength:>9}{r['n_users']:>6}{r['rouge1']:>9.4f}{r['rougeL']:>9.4f}"
+                f"{r['meteor']:>8.4f}{r['bleu']:>7.2f}{r['bertscore']:>8.4f}{r['perplexity']:>8.2f}")
+        if r["method"] != "none":
+            line += (f"   {r['delta_rougeL']:+.4f} [{r['delta_rougeL_lo']:+.4f},{r['delta_rougeL_hi']:+.4f}]"
+                     f"  {r['delta_meteor']:+.4f} [{r['delta_meteor_lo']:+.4f},{r['delta_meteor_hi']:+.4f}]")
+        print(line)
+    if not preference.empty:
+        print(f"\n{'preference accuracy (held-out pairs)':<40}{'pairs':>7}{'users':>7}{'pair acc':>10}{'user acc [CI]':>24}")
+        for _, r in preference.iterrows():
+            print(f"{r['label']:<40}{r['n_pairs']:>7}{r['n_users']:>7}{r['pair_accuracy']:>10.3f}"
+                  f"   {r['user_accuracy']:.3f} [{r['user_accuracy_lo']:.3f},{r['user_accuracy_hi']:.3f}]")

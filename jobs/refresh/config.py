@@ -1,0 +1,105 @@
+"""The refresh job's configuration: inputs, output, scheduling and every method's settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+from steerstore.infra.cluster import RayConfig
+from steerstore.infra.config import check, option
+from steerstore.infra.storage import StorageConfig
+from steerstore.operators.bt import BTConfig
+from steerstore.operators.caa import CAAConfig
+from steerstore.operators.dps import DPSConfig
+from steerstore.operators.prepare import PrepareConfig
+from steerstore.operators.runtime import ModelConfig
+from steerstore.operators.scale import ScaleConfig
+from steerstore.operators.steerx import SteerXConfig
+from steerstore.operators.validate import ValidateConfig
+
+log = logging.getLogger("steerstore")
+
+
+@dataclass
+class InputsConfig:
+    preference_pairs: str = option(
+        "", help="URI of preference pairs: a .jsonl/.jsonl.gz/.parquet file or a folder of them (local or s3://)")
+    histories: str | None = option(None, help="URI of user histories (same formats); optional for CAA")
+    format: Literal["auto", "jsonl", "parquet"] = option("auto", help="input format; auto = from the file extension")
+
+    def __post_init__(self) -> None:
+        check(bool(self.preference_pairs), "inputs.preference_pairs is required (a file or folder URI)")
+
+
+@dataclass
+class OutputConfig:
+    store: str = option("./steerstore-out/store", help="store URI: a local folder or s3://bucket/prefix")
+    users_per_bucket: int = option(
+        4096, help="users per hash-bucket file of the per-user tables (fewer: smaller files and shuffle groups)")
+    row_group_bytes: int = option(
+        256 << 10, help="about this many bytes per Parquet row group of the per-user tables (what a lookup reads)")
+    bucket_bytes: int = option(
+        64 << 20, help="about this many bytes of vectors per bucket file at most: models with large vectors get "
+                       "more buckets than users_per_bucket gives, so file footers and write tasks stay small")
+
+    def __post_init__(self) -> None:
+        check(self.users_per_bucket >= 1, "output.users_per_bucket must be >= 1")
+        check(self.row_group_bytes >= 1024, "output.row_group_bytes must be >= 1024")
+        check(self.bucket_bytes >= self.row_group_bytes, "output.bucket_bytes must be >= output.row_group_bytes")
+
+
+@dataclass
+class ResourcesConfig:
+    """How stages are scheduled (operators know nothing of this)."""
+
+    validate_actors: int = option(1, help="actors validating input rows (each loads the tokenizer once)")
+    validate_batch_size: int = option(2048, help="input rows per validation batch")
+    shuffle: Literal["sort", "hash"] = option(
+        "sort", help="how rows are grouped by user: sort (tasks; fast to start) or hash (aggregator actors; "
+                     "Ray's default, starts ~10 s slower but scales to very many partitions)")
+    prepare_partitions: int = option(
+        8, help="hash partitions when grouping rows by user (raise to a few per CPU on a cluster)")
+    caa_actors: int = option(1, help="model actors per model stage (activations, DPS scoring; each loads the model once)")
+    caa_batch_size: int = option(16, help="users per activation batch")
+    dps_batch_size: int = option(4, help="users per DPS head-scoring batch (each user's items × candidate heads)")
+    embed_actors: int = option(1, help="sentence-encoder actors embedding users' histories for DPS clusters")
+    embed_gpus_per_actor: float = option(0.0, help="GPUs per sentence-encoder actor (0: CPU, one core each)")
+    gpus_per_actor: float = option(0.0, help="GPUs per activation actor (1 on a GPU cluster)")
+    cpus_per_actor: float = option(
+        2.0, help="CPUs reserved per activation actor; Ray sets the actor's torch threads to this (2 fits the demo machine)")
+    rows_per_file: int = option(100_000, help="most rows per Parquet file in the store")
+
+    def __post_init__(self) -> None:
+        check(min(self.validate_actors, self.caa_actors, self.embed_actors) >= 1, "resources: actor counts must be >= 1")
+        check(self.embed_gpus_per_actor >= 0, "resources.embed_gpus_per_actor must be >= 0")
+        check(self.prepare_partitions >= 1, "resources.prepare_partitions must be >= 1")
+        check(min(self.validate_batch_size, self.caa_batch_size, self.dps_batch_size) >= 1,
+              "resources: batch sizes must be >= 1")
+        check(self.gpus_per_actor >= 0 and self.cpus_per_actor > 0, "resources: gpus >= 0 and cpus > 0 per actor")
+
+
+@dataclass
+class RefreshConfig:
+    inputs: InputsConfig = option(None, help="where the input tables are")
+    output: OutputConfig = dataclasses.field(default_factory=OutputConfig, metadata={"help": "where the store is"})
+    storage: StorageConfig = dataclasses.field(default_factory=StorageConfig, metadata={"help": "object storage"})
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig, metadata={"help": "Ray connection"})
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "the model"})
+    validate: ValidateConfig = dataclasses.field(default_factory=ValidateConfig, metadata={"help": "validation"})
+    prepare: PrepareConfig = dataclasses.field(default_factory=PrepareConfig, metadata={"help": "per-user prepare"})
+    caa: CAAConfig = dataclasses.field(default_factory=CAAConfig, metadata={"help": "CAA vectors"})
+    bt: BTConfig = dataclasses.field(default_factory=BTConfig, metadata={"help": "preference basis and ideal points"})
+    scale: ScaleConfig = dataclasses.field(default_factory=ScaleConfig, metadata={"help": "choice of α per method"})
+    dps: DPSConfig = dataclasses.field(default_factory=DPSConfig, metadata={"help": "DPS preference heads"})
+    steerx: SteerXConfig = dataclasses.field(default_factory=SteerXConfig,
+                                             metadata={"help": "SteerX leave-one-out token effects and anchors"})
+    resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig, metadata={"help": "scheduling"})
+
+    def __post_init__(self) -> None:
+        check(self.inputs is not None, "inputs.preference_pairs is required")
+
+
+class ReconciliationError(RuntimeError):
+    """Some input user ended in neither the store nor quarantine: nothing is published."""

@@ -1,0 +1,184 @@
+"""Forward passes that capture activations or score responses (log-probabilities, NLL)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Literal, Sequence
+
+import torch
+
+from .hooks import Steering, check_layers
+from .text import Encoded
+
+if TYPE_CHECKING:
+    from . import ModelRuntime
+
+Position = Literal["mean", "last"]
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook after the last layer needed, to skip the rest of the model."""
+
+
+def forward(rt: ModelRuntime, input_ids, attention_mask, position_ids, past_key_values=None,
+            logits_to_keep: int = 0, base_only: bool = False):
+    """One forward pass; records the positions so steering hooks can see them."""
+    rt._position_ids = position_ids
+    try:
+        target = rt.model.base_model if base_only else rt.model
+        kwargs = {} if base_only else {"logits_to_keep": logits_to_keep}
+        return target(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      past_key_values=past_key_values, use_cache=past_key_values is not None, **kwargs)
+    finally:
+        rt._position_ids = None
+
+
+@torch.inference_mode()
+def activations(rt: ModelRuntime, prompts: Sequence[str], responses: Sequence[str], layers: Sequence[int],
+                position: Position = "mean",
+                padding_side: Literal["left", "right"] = "right") -> torch.Tensor:
+    """Block-output activations over each response: float32 (rows, len(layers), hidden) on CPU.
+
+    ``mean`` averages over the response tokens, ``last`` takes the last response token.
+    Forward passes stop after the deepest requested layer (no later blocks, no LM head).
+    """
+    layers = check_layers(rt, layers)
+    encoded = rt.encode(prompts, responses)
+    empty = [i for i, e in enumerate(encoded) if len(e.ids) == e.prompt_len]
+    if empty:
+        raise ValueError(f"rows {empty[:5]} have an empty response: nothing to capture")
+    out = torch.empty((len(encoded), len(layers), rt.hidden_size), dtype=torch.float32)
+    deepest = max(layers)
+    for batch in rt.micro_batches([len(e.ids) for e in encoded]):
+        seqs = [encoded[i].ids for i in batch]
+        ids, mask, pos = rt.collate(seqs, padding_side)
+        # response token mask (batch, seq): positions >= prompt_len among real tokens
+        starts = torch.as_tensor([encoded[i].prompt_len for i in batch], device=rt.device)
+        resp = (pos >= starts[:, None]) & mask.bool()
+        if position == "last":
+            last = pos.masked_fill(~mask.bool(), -1).argmax(-1)  # column of each row's last real token
+            resp = torch.zeros_like(resp)
+            resp[torch.arange(len(batch)), last] = True
+        weights = resp.float() / resp.sum(-1, keepdim=True).float()  # (batch, seq)
+        captured: dict[int, torch.Tensor] = {}
+
+        def hook(layer_index):
+            def fn(_module, _inputs, output):
+                hidden = output[0] if isinstance(output, tuple) else output
+                # (batch, seq, hidden) x (batch, seq) -> (batch, hidden)
+                captured[layer_index] = torch.einsum("bsh,bs->bh", hidden.float(), weights)
+                if layer_index == deepest:
+                    raise _StopForward
+            return fn
+
+        handles = [rt.layers[l].register_forward_hook(hook(l)) for l in set(layers)]
+        try:
+            rt.forward(ids, mask, pos, base_only=True)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        for j, l in enumerate(layers):
+            out[batch, j] = captured[l].cpu()
+    return out
+
+
+@torch.inference_mode()
+def response_logprobs(rt: ModelRuntime, prompts: Sequence[str], responses: Sequence[str],
+                      steer: Steering | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of log p(response token | prefix) per row, and the response token counts.
+
+    Float32 (rows,) on CPU. The LM head runs only on the positions that predict response
+    tokens (not the whole vocabulary at every position). With ``steer``, row i is steered by
+    row i of ``steer`` at its configured positions.
+    """
+    if steer is not None and steer.rows != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but steering for {steer.rows} rows")
+    encoded = rt.encode(prompts, responses)
+    totals = torch.zeros(len(encoded), dtype=torch.float32)
+    counts = torch.as_tensor([len(e.ids) - e.prompt_len for e in encoded], dtype=torch.long)
+    for batch in rt.micro_batches([len(e.ids) for e in encoded]):
+        ids, mask, pos = rt.collate([encoded[i].ids for i in batch], "right")
+        starts = torch.as_tensor([encoded[i].prompt_len for i in batch])
+        ctx = rt.steering(steer.select(batch), starts - 1) if steer is not None else contextlib.nullcontext()
+        with ctx:
+            hidden = rt.forward(ids, mask, pos, base_only=True).last_hidden_state  # (b, seq, hidden)
+        nll = response_nll(rt, hidden, ids, [encoded[i] for i in batch])
+        totals[batch] = -nll.float().cpu()
+    return totals, counts
+
+
+def token_nll(rt: ModelRuntime, hidden: torch.Tensor, ids: torch.Tensor, encoded: Sequence[Encoded],
+              chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """−log p of every response token from final hidden states (b, seq, hidden): (row index, nll), flat.
+
+    Tokens are in row order, then position order. The LM head runs only on positions that
+    predict response tokens, in chunks that bound the (tokens × vocabulary) logits.
+    Differentiable; float32 on the model's device.
+    """
+    head = rt.model.get_output_embeddings()
+    cap = getattr(rt.model.config, "final_logit_softcapping", None)
+    scaling = getattr(rt.model.config, "logits_scaling", None)  # Granite divides its logits by this
+    rows, cols = [], []
+    for row, e in enumerate(encoded):
+        start, end = e.prompt_len, len(e.ids)
+        rows += [row] * (end - start)
+        cols += range(start - 1, end - 1)  # position t predicts token t + 1
+    r = torch.as_tensor(rows, dtype=torch.long, device=hidden.device)
+    c = torch.as_tensor(cols, dtype=torch.long, device=hidden.device)
+    if not rows:
+        return r, torch.zeros(0, dtype=torch.float32, device=hidden.device)
+    tgt = ids[r, c + 1]
+    chunk = chunk_tokens or max(256, 2 ** 26 // max(1, head.weight.shape[0]))
+    parts = []
+    for lo in range(0, len(rows), chunk):
+        logits = head(hidden[r[lo:lo + chunk], c[lo:lo + chunk]]).float()
+        if scaling:
+            logits = logits / scaling
+        if cap:
+            logits = cap * torch.tanh(logits / cap)
+        parts.append(torch.logsumexp(logits, -1) - logits.gather(-1, tgt[lo:lo + chunk, None]).squeeze(-1))
+    return r, torch.cat(parts)
+
+
+def response_nll(rt: ModelRuntime, hidden: torch.Tensor, ids: torch.Tensor,
+                 encoded: Sequence[Encoded]) -> torch.Tensor:
+    """Sum of −log p(response token) per row (float32 (rows,), differentiable)."""
+    rows, nll = token_nll(rt, hidden, ids, encoded)
+    out = torch.zeros(len(encoded), dtype=torch.float32, device=hidden.device)
+    return out.index_add(0, rows, nll)
+
+
+@torch.inference_mode()
+def token_logprobs(rt: ModelRuntime, encoded: Sequence[Encoded]) -> list[torch.Tensor]:
+    """log p of each response token given everything before it: float32 (response len,) per sequence, on CPU."""
+    out: list[torch.Tensor] = [torch.zeros(0)] * len(encoded)
+    for batch in rt.micro_batches([len(e.ids) for e in encoded]):
+        ids, mask, pos = rt.collate([encoded[i].ids for i in batch], "right")
+        hidden = rt.forward(ids, mask, pos, base_only=True).last_hidden_state
+        _, nll = token_nll(rt, hidden, ids, [encoded[i] for i in batch])
+        values = (-nll).cpu()
+        start = 0
+        for i in batch:
+            n = len(encoded[i].ids) - encoded[i].prompt_len
+            out[i] = values[start:start + n]
+            start += n
+    return out
+
+
+@torch.inference_mode()
+def sequence_nll(rt: ModelRuntime, encoded: Sequence[Encoded], gates: torch.Tensor | None = None,
+                 budget: int | None = None) -> torch.Tensor:
+    """−log p(response) per sequence (float64 (rows,) on CPU), optionally with per-row head gates.
+
+    The plain path: one forward per micro-batch. ``gates`` is (rows, layers, heads).
+    """
+    out = torch.zeros(len(encoded), dtype=torch.float64)
+    for batch in rt.micro_batches([len(e.ids) for e in encoded], budget=budget):
+        ids, mask, pos = rt.collate([encoded[i].ids for i in batch], "right")
+        ctx = rt.head_gating(gates[batch]) if gates is not None else contextlib.nullcontext()
+        with ctx:
+            hidden = rt.forward(ids, mask, pos, base_only=True).last_hidden_state
+        out[batch] = response_nll(rt, hidden, ids, [encoded[i] for i in batch]).double().cpu()
+    return out
