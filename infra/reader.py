@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from steerstore.infra.artifacts import compose, serving_heads
-from steerstore.infra.storage import SteeringStore, StorageConfig, join, open_parquet
+from steerstore.infra.storage import StorageConfig, join, open_parquet
+from steerstore.infra.store import SteeringStore
 from steerstore.schemas.methods import Family
 from steerstore.schemas.store import (
     BUCKETED_TABLES,

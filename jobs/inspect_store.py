@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from steerstore.infra import storage
 from steerstore.infra.config import check, option
-from steerstore.infra.storage import SteeringStore, StorageConfig
+from steerstore.infra.storage import StorageConfig
+from steerstore.infra.store import SteeringStore
 
 
 @dataclass

@@ -16,6 +16,7 @@ how strongly the choice was made, e.g. a rating gap.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 

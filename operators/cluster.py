@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from steerstore.infra.models import DEFAULT_ENCODER, resolve_encoder_path
+from steerstore.operators.runtime.sources import DEFAULT_ENCODER, resolve_encoder_path
 from steerstore.operators.validate import require_columns
 
 log = logging.getLogger("steerstore")

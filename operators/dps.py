@@ -32,9 +32,9 @@ import numpy as np
 import pyarrow as pa
 
 from steerstore.infra.config import check, option
-from steerstore.infra.models import DEFAULT_ENCODER
 from steerstore.operators.history import HistoryContextConfig, scoring_sequences
 from steerstore.operators.runtime import Encoded, ModelConfig, ModelRuntime
+from steerstore.operators.runtime.sources import DEFAULT_ENCODER
 from steerstore.operators.validate import isolate_failures, require_columns
 from steerstore.schemas.store import HEAD_STRUCT
 

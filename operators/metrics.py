@@ -39,7 +39,7 @@ Exact definitions
 
 ``bertscore``
     F1 of ``bert_score.BERTScorer(model_type=<local folder>, num_layers=bertscore_layers)``
-    with the packaged all-MiniLM-L6-v2 encoder by default (``infra.models.resolve_encoder_path``),
+    with the packaged all-MiniLM-L6-v2 encoder by default (``operators.runtime.sources.resolve_encoder_path``),
     no idf weighting and **no baseline rescaling**: rescaling needs bert_score's baseline file
     for the exact model/layer, and none ships for this encoder offline, so values are raw
     cosine-based F1 (unrelated sentences score well above 0; compare methods, not absolute
@@ -71,8 +71,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from steerstore.infra.cache import cache_root, file_lock
 from steerstore.infra.config import check, option
-from steerstore.infra.models import cache_root, file_lock
+from steerstore.infra.extras import require
 
 if TYPE_CHECKING:
     from nltk.corpus.reader.wordnet import WordNetCorpusReader
@@ -346,7 +347,7 @@ def corpus_bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 
 def _bert_scorer(config: MetricsConfig) -> Any:
-    from steerstore.infra.models import resolve_encoder_path
+    from steerstore.operators.runtime.sources import resolve_encoder_path
 
     try:
         path = resolve_encoder_path(config.bertscore_model)
@@ -392,6 +393,7 @@ def bertscore(predictions: Sequence[str], references: Sequence[str], config: Met
 def text_metrics(predictions: Sequence[str], references: Sequence[str], config: MetricsConfig,
                  which: Sequence[str] = METRICS) -> dict[str, np.ndarray]:
     """The chosen per-item metrics (names from ``METRICS``), in the order asked."""
+    require("eval", "the evaluation metrics")
     unknown = [m for m in which if m not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; known: {list(METRICS)}")

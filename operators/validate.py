@@ -9,8 +9,7 @@ import pyarrow as pa
 
 from steerstore.infra.config import check, option
 from steerstore.operators.runtime import ModelConfig, TextEncoder
-from steerstore.schemas.inputs import (ID_FIELD, TOKEN_CHECKED, InputKind, parse_json_line,
-                            raw_text, validate_record)
+from steerstore.schemas.inputs import ID_FIELD, TOKEN_CHECKED, InputKind, parse_json_line, raw_text, validate_record
 from steerstore.schemas.store import RECORD_SCHEMA
 
 

@@ -6,6 +6,57 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Tests honest about cost: `make test-fast` (-m "not slow") runs tiny random models only. A test that
+# uses one of these fixtures is marked slow here; one that starts Ray, the S3 server, Chromium or loads
+# the real default model or sentence encoder any other way without the mark fails (see _cost_guard).
+HEAVY_FIXTURES = {"ray_cluster", "served_store", "s3_server"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _cost_guard(request, monkeypatch):
+    """Outside ``slow`` tests, refuse what makes a test slow, naming the fix."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+
+    def refuse(what):
+        def fn(*args, **kwargs):
+            pytest.fail(f"this test {what}: mark it @pytest.mark.slow (make test-fast runs tiny models only)",
+                        pytrace=False)
+        return fn
+
+    def packaged_only(real, what):
+        from steerstore.operators.runtime import sources
+
+        def fn(name, *args, **kwargs):
+            if name in sources.PACKAGED_NAMES:
+                refuse(what)()
+            return real(name, *args, **kwargs)
+        return fn
+
+    import ray
+
+    import tests.browser
+    import tests.s3server
+    from steerstore.operators import cluster
+    from steerstore.operators.runtime import loading, sources, text
+
+    monkeypatch.setattr(ray, "init", refuse("starts Ray"))
+    monkeypatch.setattr(tests.s3server.S3Server, "start", refuse("starts the S3 test server"))
+    monkeypatch.setattr(tests.browser, "_run", refuse("runs headless Chromium"))
+    for module in (loading, text, sources):
+        monkeypatch.setattr(module, "resolve_model_path",
+                            packaged_only(sources.resolve_model_path, "loads the real default model"))
+    for module in (sources, cluster):
+        monkeypatch.setattr(module, "resolve_encoder_path",
+                            packaged_only(sources.resolve_encoder_path, "loads the sentence encoder"))
+
 
 @pytest.fixture(scope="session")
 def tiny_runtime():

@@ -4,8 +4,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from steerstore.operators.caa import (CAAConfig, CAAVectors, pair_differences, population_mean, population_partials,
-                           shrink, vectors_array)
+from steerstore.operators.caa import (
+    CAAConfig,
+    CAAVectors,
+    pair_differences,
+    population_mean,
+    population_partials,
+    shrink,
+    vectors_array,
+)
 from steerstore.operators.runtime import ModelConfig, ModelRuntime
 from steerstore.schemas.store import USER_ROW_SCHEMA
 from tests.tiny import save_tiny

@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from steerstore.infra.models import DEFAULT_ENCODER, resolve_encoder_path
 from steerstore.operators.cluster import EmbedUsers, SentenceEncoder, kmeans, routing_weights, user_embedding
+from steerstore.operators.runtime.sources import DEFAULT_ENCODER, resolve_encoder_path
 from steerstore.schemas.store import HISTORY_STRUCT
 
 PARAPHRASES = ["A man is eating food.", "A man is eating a piece of bread."]

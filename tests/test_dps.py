@@ -7,7 +7,7 @@ import torch
 
 from steerstore.infra.artifacts import serving_heads
 from steerstore.infra.config import from_dict
-from steerstore.infra.storage import SteeringStore
+from steerstore.infra.store import SteeringStore
 from steerstore.jobs import refresh
 from steerstore.jobs.refresh import common as refresh_common
 from steerstore.jobs.refresh import dps as refresh_dps

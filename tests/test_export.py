@@ -10,8 +10,16 @@ import pyarrow as pa
 import pytest
 
 from steerstore.infra.config import from_dict
-from steerstore.infra.exports import (READERS, CorruptExport, ExportError, ExportItem, encode_gguf, file_stem,
-                           model_hint, read_easysteer)
+from steerstore.infra.exports import (
+    READERS,
+    CorruptExport,
+    ExportError,
+    ExportItem,
+    encode_gguf,
+    file_stem,
+    model_hint,
+    read_easysteer,
+)
 from steerstore.infra.reader import StoreReader, UserVectors
 from steerstore.jobs import cli, export
 from steerstore.schemas.store import STORE_TABLES

@@ -3,6 +3,8 @@ question files into histories and held-out rows."""
 
 import json
 
+import pytest
+
 from steerstore.jobs import cli
 from steerstore.schemas.inputs import validate_record
 
@@ -213,6 +215,7 @@ def test_longlamp_topic_rows_from_a_datasets_server_page(tmp_path):
     assert held[0]["target"] == "Oolong, always."
 
 
+@pytest.mark.slow
 def test_benchmark_import_writes_into_an_s3_folder(tmp_path):
     from steerstore.infra import storage
     from steerstore.jobs.importers import ImportConfig, main

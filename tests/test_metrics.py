@@ -7,9 +7,22 @@ import numpy as np
 import pytest
 
 from steerstore.infra.config import ConfigError, from_dict
-from steerstore.operators.metrics import (LEXNAMES, WORDNET_FILES, MetricResourceError, MetricsConfig, bertscore,
-                               bleu, bootstrap_ci, corpus_bleu, ensure_wordnet, meteor,
-                               rouge, text_metrics, tokenize, wordnet_reader)
+from steerstore.operators.metrics import (
+    LEXNAMES,
+    WORDNET_FILES,
+    MetricResourceError,
+    MetricsConfig,
+    bertscore,
+    bleu,
+    bootstrap_ci,
+    corpus_bleu,
+    ensure_wordnet,
+    meteor,
+    rouge,
+    text_metrics,
+    tokenize,
+    wordnet_reader,
+)
 
 WORDNET_SOURCE = Path(MetricsConfig().wordnet_source)
 needs_wordnet = pytest.mark.skipif(

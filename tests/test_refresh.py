@@ -10,7 +10,7 @@ import pytest
 from steerstore.infra.artifacts import compose
 from steerstore.infra.config import from_dict
 from steerstore.infra.reader import StoreReader
-from steerstore.infra.storage import SteeringStore
+from steerstore.infra.store import SteeringStore
 from steerstore.jobs import refresh
 from steerstore.operators.caa import pair_differences, shrink
 from steerstore.operators.runtime import ModelConfig, ModelRuntime

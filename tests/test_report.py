@@ -188,6 +188,7 @@ def test_report_minimal_inputs(minimal):
     assert '<section id="summary">' in empty and "<figure" not in empty
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["full", "minimal"])
 def test_report_renders_in_chromium(tmp_path, request, case):
     require_chromium()

@@ -3,8 +3,14 @@
 import pytest
 import torch
 
-from steerstore.operators.runtime import (ModelConfig, ModelRuntime, Steering, UnsupportedArchitecture,
-                               decoder_layers, weights_fingerprint)
+from steerstore.operators.runtime import (
+    ModelConfig,
+    ModelRuntime,
+    Steering,
+    UnsupportedArchitecture,
+    decoder_layers,
+    weights_fingerprint,
+)
 from tests.tiny import tiny_model, tiny_tokenizer
 
 PROMPTS = ["Tell me about the weather today, please.", "Hi", "Summarise the plot of a novel in one sentence."]

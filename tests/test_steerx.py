@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from steerstore.operators.history import HistoryContextConfig
-from steerstore.operators.steerx import SteerXConfig, loo_prompts, select_anchors, token_effects, user_anchors, word_effects
+from steerstore.operators.steerx import (
+    SteerXConfig,
+    loo_prompts,
+    select_anchors,
+    token_effects,
+    user_anchors,
+    word_effects,
+)
 
 ITEMS = [{"item_id": f"i{k}", "user_id": "ann", "input": f"Tell me about thing {k}.",
           "output": text} for k, text in enumerate([

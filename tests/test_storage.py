@@ -15,7 +15,8 @@ import pytest
 
 from steerstore.infra import storage
 from steerstore.infra.config import ConfigError
-from steerstore.infra.storage import SteeringStore, StorageConfig, StoreNotFound
+from steerstore.infra.storage import StorageConfig
+from steerstore.infra.store import SteeringStore, StoreNotFound
 from tests.s3server import S3Server
 
 BUCKET = "steer-test"
@@ -36,7 +37,7 @@ class Root:
     cfg: StorageConfig | None
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.slow)])
 def root(request, tmp_path) -> Root:
     if request.param == "local":
         return Root(str(tmp_path / "root"), None)
@@ -215,6 +216,7 @@ def test_errors_are_classified_by_the_aws_error_in_their_message(message, transi
     assert storage.is_transient(OSError(message)) is transient
 
 
+@pytest.mark.slow
 def test_a_server_that_refuses_connections_is_a_transient_error(tmp_path):
     server = S3Server().start()
     cfg = StorageConfig(endpoint_url=server.endpoint_url, access_key_id="testing", secret_access_key="testing",

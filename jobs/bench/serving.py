@@ -32,7 +32,8 @@ import torch
 from steerstore.infra import storage
 from steerstore.infra.config import check, option, to_dict
 from steerstore.infra.reader import StoreReader
-from steerstore.infra.storage import SteeringStore, StorageConfig
+from steerstore.infra.storage import StorageConfig
+from steerstore.infra.store import SteeringStore
 from steerstore.jobs.bench.common import write_figures
 from steerstore.operators.runtime import ModelConfig, ModelRuntime
 from steerstore.operators.serving import METHODS, Request, serve

@@ -41,6 +41,7 @@ import pandas as pd
 
 from steerstore.infra import storage
 from steerstore.infra.config import from_dict
+from steerstore.infra.extras import require
 from steerstore.infra.reader import StoreReader
 from steerstore.jobs import refresh
 from steerstore.jobs.evaluate.config import (
@@ -74,6 +75,7 @@ __all__ = ["KEYS", "LABELS", "METHODS", "METRICS", "EvalConfig", "EvalDataConfig
 
 
 def main(config: EvalConfig) -> dict:
+    require("eval", "steerstore eval (metrics and the report)")  # fail before any work without the extra
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 

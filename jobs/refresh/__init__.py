@@ -10,7 +10,7 @@ import datetime as dt
 import logging
 
 from steerstore.infra.cluster import connect
-from steerstore.infra.storage import SteeringStore
+from steerstore.infra.store import SteeringStore
 from steerstore.jobs.refresh.caa import caa_stage
 from steerstore.jobs.refresh.common import Timer, package_version, redacted, where, where_not_null
 from steerstore.jobs.refresh.config import (

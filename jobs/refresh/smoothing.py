@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from steerstore.infra.models import resolve_model_path
 from steerstore.operators.runtime import ModelConfig
+from steerstore.operators.runtime.sources import resolve_model_path
 from steerstore.operators.smoothing import (
     VARIANTS,
     HFGenerate,

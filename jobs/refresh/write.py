@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 from steerstore.infra import storage
-from steerstore.infra.storage import SteeringStore
+from steerstore.infra.store import SteeringStore
 from steerstore.jobs.refresh.caa import CAAResult
 from steerstore.jobs.refresh.config import RefreshConfig
 from steerstore.jobs.refresh.reconcile import Reconciled

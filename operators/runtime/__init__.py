@@ -33,7 +33,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from steerstore.infra.models import canonical_model_id
+from steerstore.operators.runtime.sources import canonical_model_id
 
 from . import ablation, decoding, hooks, scoring, text
 from .controls import HeadContrast, Influence, Sampling

