@@ -6,7 +6,6 @@ S3-compatible server, and on AWS; transient errors are retried in one place (``w
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import posixpath
@@ -336,11 +335,3 @@ def make_dirs(uri: str, cfg: StorageConfig | None = None) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # The versioned steering store
-
-
-def schema_to_b64(schema: pa.Schema) -> str:
-    return base64.b64encode(schema.serialize().to_pybytes()).decode("ascii")
-
-
-def schema_from_b64(s: str) -> pa.Schema:
-    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(s)))

@@ -20,12 +20,11 @@ from steerstore.infra.storage import (
     list_dir,
     list_files,
     read_text,
-    schema_from_b64,
     with_retries,
     write_parquet,
     write_text,
 )
-from steerstore.schemas.store import BUCKETED_TABLES, bucket_file, conform
+from steerstore.schemas.store import BUCKETED_TABLES, bucket_file, conform, schema_from_b64
 
 log = logging.getLogger("steerstore")
 

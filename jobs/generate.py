@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from steerstore.infra.config import check, option
 from steerstore.infra.reader import StoreReader, UserVectors
+from steerstore.infra.records import jsonl_lines
 from steerstore.infra.storage import StorageConfig, read_text, write_text
 from steerstore.operators.runtime import ModelConfig, ModelRuntime, Steering
 from steerstore.operators.serving import (
@@ -94,13 +95,10 @@ def steering_for(users: list[UserVectors | None], alphas: list[float | None] | N
 def read_requests(uri: str, storage: StorageConfig | None = None) -> list[Request]:
     """Requests from a JSONL file; a bad line is an error naming the line."""
     requests = []
-    for n, line in enumerate(read_text(uri, storage).splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, row, problem in jsonl_lines(read_text(uri, storage)):
         try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError(f"a JSON {type(row).__name__}, expected an object")
+            if problem:
+                raise ValueError(problem)
             unknown = set(row) - {f.name for f in dataclasses.fields(Request)}
             if unknown:
                 raise ValueError(f"unknown fields {sorted(unknown)}")

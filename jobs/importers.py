@@ -63,6 +63,7 @@ from typing import Any, Callable, Iterator, Literal
 
 from steerstore.infra import storage
 from steerstore.infra.config import check, option
+from steerstore.infra.records import jsonl_lines
 from steerstore.infra.storage import StorageConfig
 from steerstore.schemas.inputs import parse_timestamp
 
@@ -97,18 +98,11 @@ class ImportConfig:
 
 
 def _lines(text: str, skipped: Counter) -> Iterator[dict]:
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            skipped["invalid JSON line"] += 1
-            continue
-        if isinstance(row, dict):
+    for _, row, problem in jsonl_lines(text):
+        if problem is None:
             yield row
         else:
-            skipped["line is not a JSON object"] += 1
+            skipped["invalid JSON line" if problem.startswith("invalid JSON") else "line is not a JSON object"] += 1
 
 
 def prism_pairs(text: str, skipped: Counter) -> Iterator[dict]:

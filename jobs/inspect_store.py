@@ -9,10 +9,10 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-from steerstore.infra import storage
 from steerstore.infra.config import check, option
 from steerstore.infra.storage import StorageConfig
 from steerstore.infra.store import SteeringStore
+from steerstore.schemas.store import schema_from_b64
 
 
 @dataclass
@@ -33,7 +33,7 @@ def main(config: InspectConfig) -> dict:
     info = {"store": config.store, "versions": versions, "latest": store.latest(), "version": version,
             "model": manifest["model"], "summary": manifest["summary"],
             "tables": {name: {"rows": t["rows"], "files": len(t["files"]),
-                              "schema": str(storage.schema_from_b64(t["schema"])).splitlines()}
+                              "schema": str(schema_from_b64(t["schema"])).splitlines()}
                        for name, t in manifest["tables"].items()}}
     print(f"store {config.store}")
     print(f"versions ({len(versions)}): " + ", ".join(v + (" (LATEST)" if v == info["latest"] else "") for v in versions))

@@ -24,6 +24,7 @@ then ``manifest.json`` (written last but one) and the store's ``LATEST`` pointer
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import math
 from dataclasses import asdict, dataclass, field
@@ -312,6 +313,15 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return table.select(schema.names).cast(schema)
 
 
+def schema_to_b64(schema: pa.Schema) -> str:
+    """An Arrow schema as base64 text (how the manifest records each table's schema)."""
+    return base64.b64encode(schema.serialize().to_pybytes()).decode("ascii")
+
+
+def schema_from_b64(text: str) -> pa.Schema:
+    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text)))
+
+
 @dataclass
 class TableEntry:
     """A table of a store version as the manifest lists it."""
@@ -341,3 +351,16 @@ class Manifest:
 
     def to_json_dict(self) -> dict:
         return asdict(self)
+
+
+def table_entries(files: dict[str, list[str]], rows: dict[str, int]) -> dict[str, TableEntry]:
+    """The manifest's ``tables``: every store table with its file names (not paths), row count and schema."""
+    return {name: TableEntry(files=[f.rsplit("/", 1)[-1] for f in files.get(name, [])], rows=int(rows.get(name, 0)),
+                             schema=schema_to_b64(schema))
+            for name, schema in STORE_TABLES.items()}
+
+
+def layout_entry(buckets: int, tables, row_group_bytes: int) -> dict:
+    """The manifest's ``layout``: the per-user ``tables`` bucketed into ``buckets`` files by user id."""
+    return {"kind": LAYOUT_KIND, "buckets": int(buckets), "tables": {t: list(BUCKETED_TABLES[t]) for t in tables},
+            "row_group_bytes": int(row_group_bytes)}

@@ -17,6 +17,7 @@ from steerstore.infra import storage
 from steerstore.infra.config import ConfigError
 from steerstore.infra.storage import StorageConfig
 from steerstore.infra.store import SteeringStore, StoreNotFound
+from steerstore.schemas.store import schema_to_b64
 from tests.s3server import S3Server
 
 BUCKET = "steer-test"
@@ -303,7 +304,7 @@ def test_read_table_returns_the_written_parquet_files_with_projection_and_filter
     data = people()
     write_parquet(store, version, "people", data.slice(0, 2), "part-0.parquet")
     write_parquet(store, version, "people", data.slice(2), "part-1.parquet")
-    store.publish(version, {"tables": {"people": {"schema": storage.schema_to_b64(data.schema)}}})
+    store.publish(version, {"tables": {"people": {"schema": schema_to_b64(data.schema)}}})
 
     assert store.table_files(version, "people") == [
         storage.join(store.table_uri(version, "people"), "part-0.parquet"),
@@ -318,7 +319,7 @@ def test_an_empty_table_folder_reads_as_an_empty_table_with_the_manifest_schema(
     store = SteeringStore(root.uri, root.cfg)
     version = store.new_version_id()
     schema = pa.schema([("user_id", pa.string()), ("vector", pa.list_(pa.float32()))])
-    store.publish(version, {"tables": {"vectors": {"schema": storage.schema_to_b64(schema)}, "other": {}}})
+    store.publish(version, {"tables": {"vectors": {"schema": schema_to_b64(schema)}, "other": {}}})
 
     empty = store.read_table("vectors")
     assert empty.num_rows == 0 and empty.schema == schema

@@ -39,13 +39,13 @@ from steerstore.operators.runtime import ModelConfig, ModelRuntime
 from steerstore.operators.serving import METHODS, Request, serve
 from steerstore.schemas.store import (
     BUCKETED_TABLES,
-    LAYOUT_KIND,
     POPULATION_FILE,
     STORE_TABLES,
     Manifest,
-    TableEntry,
     bucket_count,
     conform,
+    layout_entry,
+    table_entries,
     user_bucket,
 )
 
@@ -176,13 +176,10 @@ def synthetic_store(uri: str, cfg: StorageConfig | None, n_users: int, meta: dic
     manifest = Manifest(
         version=version, created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         model={"name_or_path": meta["name_or_path"], "id": meta["model_id"], "fingerprint": meta["fingerprint"]},
-        tables={t: TableEntry(files=files[t], rows=counts.get(t, 0), schema=storage.schema_to_b64(s))
-                for t, s in STORE_TABLES.items()},
+        tables=table_entries(files, counts),
         summary={"synthetic": True, "users_in": n_users}, inputs={}, methods=["caa", "bt", "dps", "steerx"],
         config={"model": meta["model_config"], "steerx": {"vectors": {"source": "blend"}}, "dps": {"top_k": 8}},
-        steerstore_version="bench", layout={"kind": LAYOUT_KIND, "buckets": buckets,
-                                            "tables": {t: list(k) for t, k in BUCKETED_TABLES.items()},
-                                            "row_group_bytes": row_group_bytes})
+        steerstore_version="bench", layout=layout_entry(buckets, BUCKETED_TABLES, row_group_bytes))
     store.publish(version, manifest.to_json_dict())
     return version, ids
 

@@ -7,44 +7,17 @@ refresh, and an existing store is accepted only when it was refreshed on exactly
 from __future__ import annotations
 
 import datetime as dt
-import gzip
-import io
-import json
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
-import pyarrow.parquet as pq
-
 from steerstore.infra import storage
 from steerstore.infra.reader import StoreReader
+from steerstore.infra.records import read_records
 from steerstore.infra.storage import StorageConfig
-from steerstore.jobs import devdata, refresh
+from steerstore.jobs import devdata
 from steerstore.jobs.evaluate.config import EvalDataConfig
 from steerstore.schemas.inputs import validate_record
-
-
-def _read_rows(uri: str, cfg: StorageConfig) -> list[dict]:
-    """Rows of a JSONL(.gz) or Parquet file (a folder: all such files in it)."""
-    formats = refresh.PARQUET_EXT + refresh.JSONL_EXT
-    if not uri.lower().endswith(formats):
-        files = [f for f in storage.list_files(uri, cfg) if f.lower().endswith(formats)]
-        if not files:
-            raise FileNotFoundError(f"no JSONL or Parquet files in {uri}")
-        return [r for f in sorted(files) for r in _read_rows(f, cfg)]
-    data = storage.read_bytes(uri, cfg)
-    if uri.lower().endswith(refresh.PARQUET_EXT):
-        return pq.read_table(io.BytesIO(data)).to_pylist()
-    if uri.lower().endswith(".gz"):
-        data = gzip.decompress(data)
-    rows = []
-    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{uri} line {n}: invalid JSON ({exc.msg})") from None
-    return rows
 
 
 def dev_histories(data: EvalDataConfig) -> list[dict]:
@@ -110,7 +83,7 @@ def _order(items: list[dict], user: str, mode: str, seed: int) -> tuple[list[dic
 
 def split_data(config: EvalDataConfig, cfg: StorageConfig) -> Split:
     skipped: Counter = Counter()
-    rows = _read_rows(config.histories, cfg) if config.histories else dev_histories(config)
+    rows = read_records(config.histories, cfg) if config.histories else dev_histories(config)
     by_user = _clean_histories(rows, skipped)
     train: dict[str, list[dict]] = {}
     heldout: list[dict] = []
@@ -118,7 +91,7 @@ def split_data(config: EvalDataConfig, cfg: StorageConfig) -> Split:
     too_few: list[str] = []
     if config.heldout:
         given: dict[str, list[dict]] = defaultdict(list)
-        for row in _read_rows(config.heldout, cfg):
+        for row in read_records(config.heldout, cfg):
             if not all(isinstance(row.get(f), str) and row[f].strip() for f in ("user_id", "item_id", "input", "target")):
                 skipped["held-out row without non-empty user_id, item_id, input and target"] += 1
                 continue
@@ -145,7 +118,7 @@ def split_data(config: EvalDataConfig, cfg: StorageConfig) -> Split:
         raise ValueError(f"only {len(train)} users have >= {config.min_history} training items and a held-out item; "
                          "the evaluation needs at least 2 (lower data.min_history or add data)")
     if config.preference_pairs:
-        train_pairs, heldout_pairs = _split_pairs(_read_rows(config.preference_pairs, cfg), set(train), config, skipped)
+        train_pairs, heldout_pairs = _split_pairs(read_records(config.preference_pairs, cfg), set(train), config, skipped)
         pairs_from = config.preference_pairs
     else:
         train_pairs, heldout_pairs = _built_pairs(train, heldout, config.seed)

@@ -21,7 +21,7 @@ from steerstore.jobs.refresh.config import (
     ResourcesConfig,
 )
 from steerstore.jobs.refresh.dps import dps_stage
-from steerstore.jobs.refresh.inputs import JSONL_EXT, PARQUET_EXT, read_input
+from steerstore.jobs.refresh.inputs import read_input
 from steerstore.jobs.refresh.reconcile import print_summary, reconcile
 from steerstore.jobs.refresh.steerx import steerx_stage
 from steerstore.jobs.refresh.write import write_version
@@ -31,7 +31,7 @@ from steerstore.schemas.methods import Family
 from steerstore.schemas.store import Manifest
 
 __all__ = ["InputsConfig", "OutputConfig", "ReconciliationError", "RefreshConfig", "ResourcesConfig", "main",
-           "read_input", "JSONL_EXT", "PARQUET_EXT"]
+           "read_input"]
 
 log = logging.getLogger("steerstore")
 

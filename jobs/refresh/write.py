@@ -15,14 +15,14 @@ from steerstore.jobs.refresh.reconcile import Reconciled
 from steerstore.operators.bt import BTConfig
 from steerstore.schemas.store import (
     BT_BASIS_SCHEMA,
-    BUCKETED_TABLES,
-    LAYOUT_KIND,
     POPULATION_FILE,
     STORE_TABLES,
     VECTORS_SCHEMA,
     TableEntry,
     bucket_count,
     conform,
+    layout_entry,
+    table_entries,
     user_bucket,
 )
 
@@ -136,9 +136,5 @@ def write_version(config: RefreshConfig, store: SteeringStore, version: str, caa
     for name, schema in STORE_TABLES.items():
         if not store.table_files(version, name):
             store.write_empty(version, name, schema)
-    tables = {name: TableEntry(files=[f.rsplit("/", 1)[-1] for f in store.table_files(version, name)],
-                               rows=rows[name], schema=storage.schema_to_b64(schema))
-              for name, schema in STORE_TABLES.items()}
-    layout = {"kind": LAYOUT_KIND, "buckets": buckets, "tables": {t: list(BUCKETED_TABLES[t]) for t in per_user},
-              "row_group_bytes": config.output.row_group_bytes}
-    return tables, layout
+    tables = table_entries({name: store.table_files(version, name) for name in STORE_TABLES}, rows)
+    return tables, layout_entry(buckets, per_user, config.output.row_group_bytes)
