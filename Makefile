@@ -41,7 +41,7 @@ demo: setup
 test: setup lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-# unit tests on tiny models only: no real model, Ray, S3 server, browser or sentence encoder (< 3 min)
+# unit tests on tiny models only: no real model, Ray, S3 server, browser or sentence encoder (~1 min)
 test-fast: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 

@@ -14,8 +14,6 @@ import types
 import typing
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-import yaml
-
 T = TypeVar("T")
 
 
@@ -114,8 +112,41 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported config type {tp}")
 
 
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return dataclasses.MISSING
+
+
+def _over(default: Any, data: dict[str, Any], where: str) -> dict[str, Any]:
+    """``data`` laid over a default section instance: fields not given keep the parent's defaults.
+
+    A parent may default a section to something other than the section class's own defaults
+    (``demo`` sizes DPS for a CPU); setting one field of it must not reset the others.
+    """
+    names = {g.name for g in dataclasses.fields(default)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    out = {}
+    for name in names:
+        base = getattr(default, name)
+        if name not in data:
+            out[name] = base
+        elif isinstance(data[name], dict) and dataclasses.is_dataclass(base):
+            out[name] = _over(base, data[name], f"{where}.{name}")
+        else:
+            out[name] = data[name]
+    return out
+
+
 def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
-    """Build ``cls`` from a nested dict, rejecting unknown keys with the list of known ones."""
+    """Build ``cls`` from a nested dict, rejecting unknown keys with the list of known ones.
+
+    A nested section given in part starts from the parent's default for that section.
+    """
     data = dict(data or {})
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -126,7 +157,11 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in data:
-            kwargs[f.name] = _coerce(data[f.name], hints[f.name], f"{prefix + '.' if prefix else ''}{f.name}")
+            where = f"{prefix + '.' if prefix else ''}{f.name}"
+            value, default = data[f.name], _field_default(f)
+            if isinstance(value, dict) and dataclasses.is_dataclass(default) and not isinstance(default, type):
+                value = _over(default, value, where)
+            kwargs[f.name] = _coerce(value, hints[f.name], where)
     try:
         return cls(**kwargs)
     except ConfigError as exc:
@@ -142,22 +177,24 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj, dict_factory=plain)
 
 
-def _flatten_fields(cls: type, prefix: str = ""):
+def _flatten_fields(cls: type, prefix: str = "", instance: Any = None):
+    """(dotted name, field, type, effective default) per leaf field; nested defaults come from the parent's."""
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
         tp, _ = _strip_optional(hints[f.name])
         name = f"{prefix}{f.name}"
+        default = getattr(instance, f.name) if instance is not None else _field_default(f)
         if _is_dataclass_type(tp):
-            yield from _flatten_fields(tp, name + ".")
+            yield from _flatten_fields(tp, name + ".", default if isinstance(default, tp) else None)
         else:
-            yield name, f, hints[f.name]
+            yield name, f, hints[f.name], (None if default is dataclasses.MISSING else default)
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add a ``--a.b.c`` flag per leaf field of ``cls`` (and nested configs), with its help."""
-    for name, f, tp in _flatten_fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+    for name, f, tp, default in _flatten_fields(cls):
+        if isinstance(default, enum.Enum):
+            default = default.value
         parser.add_argument(
             f"--{name}", dest=f"cfg::{name}", default=argparse.SUPPRESS, metavar=_metavar(tp),
             # argparse %-formats help texts: escape literal percent signs
@@ -181,7 +218,9 @@ def load(cls: type[T], path: str | None = None, args: argparse.Namespace | None 
     """Build ``cls`` from an optional YAML file, then CLI flags, then dotted ``overrides``."""
     data: dict[str, Any] = {}
     if path:
-        from steerstore.infra.storage import read_text  # noqa: PLC0415  (configs may live on object storage)
+        import yaml
+
+        from steerstore.infra.storage import read_text  # configs may live on object storage
 
         loaded = yaml.safe_load(read_text(path)) or {}
         if not isinstance(loaded, dict):

@@ -12,7 +12,7 @@ import importlib.util
 # extra -> the import names it provides (kept in step with pyproject.toml's optional-dependencies)
 EXTRAS: dict[str, tuple[str, ...]] = {
     "eval": ("nltk", "bert_score", "sacrebleu", "rouge_score", "matplotlib"),
-    "vllm": ("vllm",),
+    "vllm": ("vllm", "aiohttp"),  # ray.data.llm's vLLM stage needs aiohttp too (ray[llm])
     "test": ("pytest", "moto", "boto3"),
 }
 

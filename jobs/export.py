@@ -1,7 +1,7 @@
 """Export users' steering vectors for serving engines: llama.cpp GGUF, EasySteer JSON, safetensors.
 
 Launch: ``steerstore export --store ./steerstore-out/store --user enthusiastic-0 --format gguf --out ./vectors``
-(or ``--all true`` for every stored user; ``--method bt|population|steerx``). One file per user (and a
+(or ``--all true`` for every stored user; ``--method caa|bt|population|style_vector``). One file per user (and a
 sidecar for safetensors); formats and conventions are described in infra/exports.py.
 """
 

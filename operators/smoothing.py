@@ -23,7 +23,6 @@ installed. Prompt building and validation are the same for both engines.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from dataclasses import dataclass
 from typing import Literal, Sequence
@@ -32,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from steerstore.infra.config import check, option
+from steerstore.infra.extras import require
 from steerstore.operators.runtime import ModelConfig, ModelRuntime, Sampling
 from steerstore.schemas.store import STEERX_DESCRIPTION_STRUCT
 
@@ -84,10 +84,7 @@ class SmoothingConfig:
     def check_engine(self) -> None:
         """Fail early, with the fix, when the configured engine cannot run here."""
         if self.engine == "vllm":
-            missing = [m for m in ("vllm", "aiohttp") if importlib.util.find_spec(m) is None]
-            if missing:
-                raise RuntimeError(f"steerx.smoothing.engine=vllm needs {missing}: pip install vllm 'ray[llm]' "
-                                   f"(or use steerx.smoothing.engine=hf)")
+            require("vllm", "steerx.smoothing.engine=vllm (or use steerx.smoothing.engine=hf)")
 
 
 def special_strings(tokenizer) -> list[str]:

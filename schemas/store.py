@@ -112,7 +112,7 @@ USERS_SCHEMA = pa.schema([
     pa.field("user_id", pa.string(), nullable=False),
     pa.field("status", pa.string(), nullable=False),  # stored (some method stored artifacts) | quarantined
     pa.field("reason", pa.string()),
-    pa.field("methods", pa.list_(pa.string())),  # methods with artifacts for this user: caa, bt, dps
+    pa.field("methods", pa.list_(pa.string())),  # artifact families stored for this user: caa, bt, dps, steerx
     pa.field("n_pairs_in", pa.int32()),  # rows in the input, valid or not
     pa.field("n_pairs_valid", pa.int32()),  # rows that passed validation and de-duplication
     pa.field("n_pairs_used", pa.int32()),  # rows behind the stored vectors (0 when quarantined)
@@ -126,7 +126,7 @@ QUARANTINE_SCHEMA = pa.schema([
     pa.field("source", pa.string()),
     pa.field("user_id", pa.string()),
     pa.field("record_id", pa.string()),
-    pa.field("stage", pa.string(), nullable=False),  # validate | prepare | caa | dps
+    pa.field("stage", pa.string(), nullable=False),  # validate | prepare | caa | dps | steerx
     pa.field("reason", pa.string(), nullable=False),
     pa.field("raw", pa.string()),
 ], metadata=_meta("quarantine"))

@@ -77,3 +77,36 @@ def test_every_subcommand_prints_its_help(command, capsys):
         build_parser().parse_args([*command.split(), "--help"])
     assert exit_info.value.code == 0
     assert "--" in capsys.readouterr().out
+
+
+def test_setting_one_field_of_a_section_keeps_the_parents_defaults_for_the_others():
+    from steerstore.jobs.demo import DemoConfig
+    from steerstore.operators.dps import DPSConfig
+    from steerstore.operators.history import HistoryContextConfig
+    from steerstore.operators.steerx import SteerXConfig
+
+    demo = DemoConfig()
+    assert demo.dps.candidates != DPSConfig().candidates  # the demo sizes DPS for a CPU
+    changed = from_dict(DemoConfig, {"dps": {"gamma": 3}})
+    assert changed.dps.gamma == 3.0
+    assert (changed.dps.candidates, changed.dps.clusters, changed.dps.baseline_users) == \
+        (demo.dps.candidates, demo.dps.clusters, demo.dps.baseline_users)
+    # two levels down: SteerX's history section has its own defaults
+    assert SteerXConfig().history.context_items != HistoryContextConfig().context_items
+    refresh = from_dict(RefreshConfig, {"inputs": {"preference_pairs": "p.jsonl"},
+                                        "steerx": {"history": {"selection": "bm25"}}})
+    assert refresh.steerx.history.selection == "bm25"
+    assert refresh.steerx.history.context_items == SteerXConfig().history.context_items
+    with pytest.raises(ConfigError, match=r"dps: unknown key\(s\) \['nope'\]"):
+        from_dict(DemoConfig, {"dps": {"nope": 1}})
+
+
+def test_help_shows_the_parents_default_for_a_nested_field(capsys):
+    from steerstore.jobs.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--help"])
+    from steerstore.jobs.demo import DemoConfig
+
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {DemoConfig().dps.candidates})" in help_text.split("--dps.candidates INT", 2)[-1][:200]

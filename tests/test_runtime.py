@@ -1,5 +1,7 @@
 """The shared model runtime: layer resolution, batched capture and per-row steering."""
 
+import json
+
 import pytest
 import torch
 
@@ -191,3 +193,27 @@ def test_choose_scale_picks_the_most_accurate_alpha_within_the_fluency_budget(ti
     assert alpha == best["alpha"] and [c["alpha"] for c in curve] == [0.5, 2.0, 8.0]
     strict, _ = choose_scale(rt, pairs, vec, ScaleConfig(grid=[0.5, 2.0, 8.0], max_nll_increase=-1e9), base)
     assert strict == 0.5  # nothing passes the guard: the smallest α
+
+
+def test_the_runtime_benchmark_measures_every_pass_on_a_tiny_shape(tmp_path):
+    from steerstore.jobs.bench import runtime as bench
+    from tests.tiny import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    cfg = bench.BenchRuntimeConfig(shape="tiny", tokenizer=str(tmp_path / "tok"), users=1, pairs=2, items=2,
+                                   item_tokens=12, pair_tokens=16, context_items=1, ablation_heads=3,
+                                   decode_rows=2, decode_tokens=3, naive_sequences=2, repeats=1,
+                                   json=str(tmp_path / "out.json"))
+    result = bench.main(cfg)
+    assert set(result["passes"]) == set(bench.PASSES)
+    work = bench.workload(cfg, 49152)
+    assert result["passes"]["scoring"]["tokens"] == sum(len(e.ids) for e in work["scored"])
+    assert result["passes"]["ablation"]["heads"] == 3
+    # FLOPs of a forward: 2 per block parameter per token + causal attention, by hand for one sequence
+    rt = bench.build_runtime(cfg)
+    blocks = sum(p.numel() for layer in rt.layers for p in layer.parameters())
+    expected = 2 * blocks * 10 + 2 * rt.num_layers * rt.hidden_size * 100
+    from steerstore.operators.runtime import Encoded
+
+    assert bench.forward_flops(rt, [Encoded(list(range(10)), 5)], 0) == expected
+    assert json.loads((tmp_path / "out.json").read_text())["shape"] == "tiny"

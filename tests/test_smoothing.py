@@ -161,6 +161,6 @@ def test_vllm_engine_fails_early_with_the_fix_when_vllm_is_missing():
 
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed here")
-    with pytest.raises(RuntimeError, match=r"pip install vllm 'ray\[llm\]'"):
+    with pytest.raises(RuntimeError, match=r"pip install 'steerstore\[vllm\]'"):
         SmoothingConfig(engine="vllm").check_engine()
     SmoothingConfig(engine="hf").check_engine()

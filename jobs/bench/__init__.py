@@ -21,6 +21,9 @@ _REGISTRY: dict[str, tuple[str, str, str]] = {
                 "store lookups (100k synthetic users; --s3_uri for S3) and mixed-batch serving overhead"),
     "tau": ("tau", "SteerXTauConfig",
             "choose SteerX's anchor threshold τ on the development data (anchor precision/recall)"),
+    "runtime": ("runtime", "BenchRuntimeConfig",
+                "throughput and MFU of every model pass (capture, scoring, ablation, attribution, decode) at a "
+                "model shape, e.g. --shape llama-3.1-8b on a GPU"),
     "pref-accuracy": ("pref_accuracy", "PrefEvalConfig",
                       "per-user preference accuracy of population / CAA / BT steering on held-out real pairs"),
 }

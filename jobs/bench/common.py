@@ -10,8 +10,6 @@ from typing import Callable, TypeVar
 
 import torch
 
-from steerstore.infra import storage
-from steerstore.infra.storage import StorageConfig
 from steerstore.operators.runtime import Encoded, ModelRuntime
 
 T = TypeVar("T")
@@ -50,12 +48,17 @@ def device_info(runtime: ModelRuntime) -> dict:
     return info
 
 
-def write_figures(result: dict, path: str, cfg: StorageConfig | None = None, quiet: bool = False) -> None:
+def write_figures(result: dict, path: str, cfg=None, quiet: bool = False) -> None:
     """Print the figures as JSON (unless ``quiet``) and write them to ``path`` (local or s3://; '' = print only)."""
     text = json.dumps(result, indent=2, default=str)
     if not quiet:
         print(text)
-    if path:
-        if "://" not in path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if not path:
+        return
+    if "://" in path:
+        from steerstore.infra import storage  # object storage only when asked: the GPU bench runs without pyarrow
+
         storage.write_text(path, text + "\n", cfg)
+    else:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")
