@@ -236,7 +236,7 @@ class HFGenerate:
     """
 
     def __init__(self, model: ModelConfig, config: SmoothingConfig):
-        self.runtime = ModelRuntime(model)
+        self.runtime = ModelRuntime.shared(model)
         self.max_new_tokens = config.max_new_tokens
         self.sampling = Sampling(config.temperature, config.top_p, config.seed) if config.temperature > 0 else None
 
@@ -313,3 +313,39 @@ def group_users(batch: pa.Table) -> pa.Table:
 def resolve_model(config: SmoothingConfig, default: ModelConfig) -> ModelConfig:
     """The smoothing LLM's model config: its own when configured, else the job's model."""
     return config.model if config.model is not None else default
+
+
+def describe(users: pa.Table, config: SmoothingConfig, generate, specials: Sequence[str]) -> pa.Table:
+    """Users (user_id, anchors, histories) -> one SMOOTHING_OUTPUT_SCHEMA row per user, in one process.
+
+    ``generate`` maps a table of units with ``prompt`` to the same rows plus ``text`` and the
+    engine's ``engine_model_id`` / ``engine_model_fingerprint`` (``HFGenerate``, or any engine).
+    Every unit gets attempt 1; the invalid ones get attempt 2 with the next prompt variant. A user
+    is ``ok`` with at least one valid description, else quarantined with the first unit's last
+    reason; a user with no anchor word to describe is quarantined saying so.
+    """
+    users = users.select(["user_id", "anchors", "histories"])
+    variants = list(VARIANTS) if config.excerpts else ["anchors"]
+    kw = {"config": config, "specials": list(specials)}
+    pending = unit_rows(users, variant=variants[0], **kw)
+    finished = []
+    for n, variant in enumerate(variants):
+        if pending.num_rows == 0:
+            break
+        if n:
+            pending = reprompt_units(pending, variant=variant, **kw)
+        checked = validated_units(generate(pending), **kw)
+        if n == len(variants) - 1:
+            finished.append(checked)  # the last round keeps its invalid units: they carry the reasons
+            break
+        finished.append(valid_units(checked, valid=True))
+        pending = valid_units(checked, valid=False)
+    cols = ["user_id", "item_id", "anchor_words", "attempts", "variant", "description", "reason",
+            "engine_model_id", "engine_model_fingerprint"]
+    described = group_users(pa.concat_tables([t.select(cols) for t in finished])) if finished else \
+        SMOOTHING_OUTPUT_SCHEMA.empty_table()
+    seen = set(described.column("user_id").to_pylist())
+    missing = [{"user_id": u, "status": "quarantined", "descriptions": [],
+                "reason": "steerx smoothing: no anchor word to describe"}
+               for u in users.column("user_id").to_pylist() if u not in seen]
+    return pa.concat_tables([described, pa.Table.from_pylist(missing, schema=SMOOTHING_OUTPUT_SCHEMA)])
