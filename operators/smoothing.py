@@ -17,8 +17,9 @@ refresh job quarantines the user for SteerX. These are mitigations, tested with 
 obeys any instruction it sees and with the real default model; they are not a proof.
 
 The engine is pluggable: ``hf`` (the shared ``ModelRuntime.generate``, batched with left
-padding, greedy unless ``temperature`` > 0) or ``vllm`` through ``ray.data.llm`` where vLLM and ``ray[llm]`` are
-installed. Prompt building and validation are the same for both engines.
+padding, greedy unless ``temperature`` > 0) or ``vllm`` (an in-process ``vllm.LLM``: continuous
+batching and prefix caching, on a GPU node with the ``[vllm]`` extra). Prompt building and
+validation are the same for both engines.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class SmoothingConfig:
     enabled: bool = option(True, help="write style descriptions from the anchors (SteerX stage 3)")
     model: ModelConfig | None = option(None, help="the smoothing LLM; unset = the refresh job's model")
     engine: Literal["hf", "vllm"] = option(
-        "hf", help="hf: batched Hugging Face generation on the shared runtime; vllm: ray.data.llm (needs vllm, ray[llm])")
+        "hf", help="hf: batched Hugging Face generation on the shared runtime; vllm: an in-process vllm.LLM per "
+                   "worker (GPU, the [vllm] extra)")
     granularity: Literal["user", "item"] = option("user", help="one description per user, or per scored history item")
     max_anchors: int = option(12, help="anchor words shown to the smoothing LLM (best first)")
     excerpts: bool = option(True, help="show short quoted excerpts around the anchors (attempt 1)")
@@ -69,7 +71,6 @@ class SmoothingConfig:
     max_chars: int = option(600, help="a longer description is cut back to its last full sentence within this")
     max_copy_words: int = option(8, help="a description sharing a run of this many words with a history output is a copy")
     batch_size: int = option(32, help="prompts per engine batch")
-    vllm_concurrency: int = option(1, help="vllm engine: engine replicas (each on its own GPU)")
     vllm_max_model_len: int = option(4096, help="vllm engine: max_model_len")
 
     def __post_init__(self) -> None:
@@ -79,7 +80,7 @@ class SmoothingConfig:
         check(self.temperature >= 0 and 0 < self.top_p <= 1, "smoothing: need temperature >= 0 and 0 < top_p <= 1")
         check(0 < self.min_chars < self.max_chars, "smoothing: need 0 < min_chars < max_chars")
         check(self.max_copy_words >= 3, "smoothing.max_copy_words must be >= 3")
-        check(self.batch_size >= 1 and self.vllm_concurrency >= 1, "smoothing: batch sizes and concurrency must be >= 1")
+        check(self.batch_size >= 1, "smoothing: batch_size must be >= 1")
 
     def check_engine(self) -> None:
         """Fail early, with the fix, when the configured engine cannot run here."""
@@ -249,6 +250,38 @@ class HFGenerate:
                 .append_column("engine_model_fingerprint", pa.array([self.runtime.fingerprint] * n, pa.string())))
 
 
+class VLLMGenerate:
+    """The ``vllm`` engine: the same contract as ``HFGenerate``, on an in-process ``vllm.LLM`` (one per worker).
+
+    Chat-templated prompts, greedy unless ``temperature`` > 0 (then seeded per request), prefix
+    caching on (the prompts share their instructions). Needs a GPU and the ``[vllm]`` extra;
+    not exercised by the CPU test suite.
+    """
+
+    def __init__(self, model: ModelConfig, config: SmoothingConfig):
+        config.check_engine()
+        from vllm import LLM, SamplingParams  # noqa: PLC0415  (optional: the [vllm] extra)
+
+        from steerstore.operators.runtime.sources import canonical_model_id, resolve_model_path  # noqa: PLC0415
+
+        self.path = resolve_model_path(model.name_or_path)
+        self.model_id = canonical_model_id(model.name_or_path)
+        self.llm = LLM(model=self.path, max_model_len=config.vllm_max_model_len, enable_prefix_caching=True,
+                       trust_remote_code=model.trust_remote_code,
+                       dtype="auto" if model.dtype == "auto" else model.dtype)
+        self.params = SamplingParams(temperature=config.temperature, top_p=config.top_p, seed=config.seed,
+                                     max_tokens=config.max_new_tokens)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        messages = [[{"role": "user", "content": p}] for p in batch.column("prompt").to_pylist()]
+        outputs = self.llm.chat(messages, self.params, use_tqdm=False)
+        texts = [o.outputs[0].text if o.outputs else "" for o in outputs]
+        n = batch.num_rows
+        return (batch.append_column("text", pa.array(texts, pa.string()))
+                .append_column("engine_model_id", pa.array([self.model_id] * n, pa.string()))
+                .append_column("engine_model_fingerprint", pa.array([f"vllm:{self.path}"] * n, pa.string())))
+
+
 _UNIT_SCHEMA = pa.schema([
     ("key", pa.string()), ("user_id", pa.string()), ("item_id", pa.string()), ("anchor_words", pa.list_(pa.string())),
     ("outputs", pa.list_(pa.list_(pa.string()))), ("attempts", pa.int32()), ("variant", pa.string()),
@@ -334,7 +367,9 @@ def describe(users: pa.Table, config: SmoothingConfig, generate, specials: Seque
             break
         if n:
             pending = reprompt_units(pending, variant=variant, **kw)
-        checked = validated_units(generate(pending), **kw)
+        generated = [generate(pending.slice(i, config.batch_size))
+                     for i in range(0, pending.num_rows, config.batch_size)]
+        checked = validated_units(pa.concat_tables(generated), **kw)
         if n == len(variants) - 1:
             finished.append(checked)  # the last round keeps its invalid units: they carry the reasons
             break

@@ -37,7 +37,7 @@ from steerstore.operators.cluster import EmbedUsers
 from steerstore.operators.dps import DPSHeads, dps_user_rows
 from steerstore.operators.runtime import ModelConfig, ModelRuntime
 from steerstore.operators.scale import choose_scales_task
-from steerstore.operators.smoothing import HFGenerate, describe, special_strings
+from steerstore.operators.smoothing import HFGenerate, VLLMGenerate, describe, special_strings
 from steerstore.operators.steerx import STYLE_OUTPUT_SCHEMA, SteerXAnchors, SteerXStyleVectors
 
 
@@ -199,16 +199,17 @@ class ModelWorker:
     def steerx_anchors(self, users: pa.Table, stage: str = "sample") -> pa.Table:
         pool = (self.globals or {}).get("steerx_pool") or []
         op = self._op("anchors", lambda: SteerXAnchors(self.config.steerx, self.model, pool))
-        return self._timed(stage, op, users)
+        return self._timed(stage, chunked, op, users, self.config.resources.caa_batch_size)
 
     def style_vectors(self, inputs: pa.Table, stage: str = "sample") -> pa.Table:
         op = self._op("styles", lambda: SteerXStyleVectors(self.config.steerx, self.model))
-        return self._timed(stage, op, inputs)
+        return self._timed(stage, chunked, op, inputs, self.config.resources.caa_batch_size)
 
     def describe(self, users: pa.Table, stage: str = "generate") -> pa.Table:
         """SteerX descriptions of (user_id, anchors, histories) rows with this worker's model (the smoothing LLM)."""
         sm = self.config.steerx.smoothing
-        op = self._op("generate", lambda: HFGenerate(self.model, sm))
+        engine = VLLMGenerate if sm.engine == "vllm" else HFGenerate
+        op = self._op("generate", lambda: engine(self.model, sm))
         specials = special_strings(self.runtime.tokenizer)
         return self._timed(stage, describe, users, sm, op, specials)
 
@@ -263,7 +264,7 @@ class ModelWorker:
         elif caa_in.num_rows:
             op = self._op("caa", lambda: CAAVectors(cfg.caa, self.model, basis=g["basis"],
                                                     population_norms=g["feature_norms"]))
-            rows = op(caa_in)
+            rows = chunked(op, caa_in, cfg.resources.caa_batch_size)
             state["failed"]["caa"] = _failures(rows)
             stored = ok_rows(rows)
             if stored.num_rows:
@@ -297,7 +298,7 @@ class ModelWorker:
         rows = dps_user_rows(hist, dps.history, centroids, dps.routing_temperature)
         if dps.per_user:
             op = self._op("dps", lambda: DPSHeads(dps, self.model, population=g.get("dps_population")))
-            scored = op(rows)
+            scored = chunked(op, rows, cfg.resources.dps_batch_size)
         else:
             scored = cluster_only_rows(rows, g["dps_model"])
         failed["dps"] = _failures(scored)
@@ -341,6 +342,13 @@ def _partial(rows: pa.Table) -> dict:
     w = np.asarray(rows.column("weight_sum").to_pylist(), dtype=np.float64)
     return {"sums": np.einsum("u,ulh->lh", w, vectors_array(rows).astype(np.float64)), "weight": float(w.sum()),
             "users": rows.num_rows}
+
+
+def chunked(fn, table: pa.Table, size: int) -> pa.Table:
+    """``fn`` on slices of at most ``size`` rows (how many users one model call holds), concatenated."""
+    if table.num_rows <= size:
+        return fn(table)
+    return pa.concat_tables([fn(table.slice(i, size)) for i in range(0, table.num_rows, size)])
 
 
 def _read_cache(uri: str, config: RefreshConfig):
