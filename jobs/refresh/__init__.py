@@ -53,9 +53,7 @@ log = logging.getLogger("steerstore")
 def main(config: RefreshConfig) -> dict:
     """Run the refresh (or resume an interrupted one) and publish a new store version. Returns the summary."""
     timer = Timer()
-    res = config.resources
-    # model workers and the smoothing LLM's (if another model), a writer task and a validation actor at once
-    connect(config.ray, min_cpus=math.ceil((res.model_actors + res.generation_actors) * res.cpus_per_actor) + 2)
+    connect(config.ray, min_cpus=_cpus_needed(config))
     if config.steerx.enabled and config.inputs.histories and config.steerx.smoothing.enabled:
         config.steerx.smoothing.check_engine()  # fail before any work when the engine cannot run
     inputs = {"preference_pairs": config.inputs.preference_pairs}
@@ -68,6 +66,7 @@ def main(config: RefreshConfig) -> dict:
     shape = model_shape(config.model)
     shards, estimated = _shards(config, run, inputs, active, shape, timer)
     # the model workers start once the CPU phase is done (they hold their CPUs/GPUs for the rest of the run)
+    _check_cpus(config)
     pool, gen = _workers(config, active["steerx"])
     model = pool.info
     if not run.check_model(model["model_fingerprint"]):
@@ -85,6 +84,25 @@ def main(config: RefreshConfig) -> dict:
     if gen is not pool:
         gen.shutdown()
     return summary
+
+
+def _cpus_needed(config: RefreshConfig) -> int:
+    """Logical CPUs the run holds at once: the model workers, the smoothing LLM's, and one for the writer tasks."""
+    res = config.resources
+    return math.ceil((res.model_actors + res.generation_actors) * res.cpus_per_actor) + 1
+
+
+def _check_cpus(config: RefreshConfig) -> None:
+    """Fail with the fix when the workers would take every CPU: the writer and reduce tasks would wait forever."""
+    import ray
+
+    have = ray.cluster_resources().get("CPU", 0)
+    need = _cpus_needed(config)
+    if have < need:
+        raise ValueError(f"the Ray cluster has {have:g} CPUs; this refresh needs {need}: {config.resources.model_actors} "
+                         f"model worker(s) and up to {config.resources.generation_actors} smoothing worker(s) of "
+                         f"resources.cpus_per_actor={config.resources.cpus_per_actor:g}, plus 1 for the writers. "
+                         "Lower resources.cpus_per_actor, or give Ray more (logical) CPUs: ray.num_cpus")
 
 
 def _workers(config: RefreshConfig, steerx: bool) -> tuple[Pool, Pool]:

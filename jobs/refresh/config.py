@@ -40,6 +40,8 @@ class OutputConfig:
         4096, help="users per hash-bucket file of the per-user tables (fewer: smaller files and shuffle groups)")
     row_group_bytes: int = option(
         256 << 10, help="about this many bytes per Parquet row group of the per-user tables (what a lookup reads)")
+    vector_dtype: Literal["float32", "float16"] = option(
+        "float32", help="how stored vectors hold their values (float16: half the bytes; readers get float32)")
     min_buckets: int = option(
         16, help="at least this many hash buckets (= shards, the unit of work and resume): enough to keep every "
                  "model worker busy even for few users")

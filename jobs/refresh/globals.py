@@ -317,7 +317,7 @@ def _cache_steerx(run: Run, config: RefreshConfig, state: dict, styled: pa.Table
     for b, ids in by_bucket.items():
         keep = pa.array(ids, pa.string())
         pick = lambda t: None if t is None else t.filter(pc.is_in(t.column("user_id"), keep))  # noqa: E731
-        payload = {"anchors": pick(state.get("anchors")), "described": pick(described),
+        payload = {"users": sorted(ids), "anchors": pick(state.get("anchors")), "described": pick(described),
                    "styles": pick(styled),
                    "failed": {u: r for u, r in state["failed"]["steerx"].items() if u in set(ids)}}
         storage.write_bytes(cache_uri(run, "steerx", b), pickle.dumps(payload), config.storage)

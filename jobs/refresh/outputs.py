@@ -33,6 +33,7 @@ from steerstore.schemas.store import (
     STORE_TABLES,
     VECTORS_SCHEMA,
     conform,
+    vectors_schema,
 )
 
 
@@ -81,9 +82,10 @@ def write_shard(state: dict, run: Run, config: RefreshConfig, g: dict) -> dict:
     store = run.store
     files: dict[str, list[str]] = {}
     rows: dict[str, int] = {}
+    schemas = {**STORE_TABLES, "vectors": vectors_schema(g["model"]["hidden_size"], config.output.vector_dtype)}
     for table, data in tables.items():
         if data is not None and data.num_rows:
-            files[table] = [store.write_bucket(run.version, table, bucket, data, STORE_TABLES[table],
+            files[table] = [store.write_bucket(run.version, table, bucket, data, schemas[table],
                                                config.output.row_group_bytes)]
             rows[table] = data.num_rows
     validation = read_rows(run.shard_quarantine_uri(bucket), config)

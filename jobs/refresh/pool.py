@@ -22,7 +22,7 @@ class Pool:
         res = config.resources
         actor = ray.remote(ModelWorker).options(
             num_gpus=res.gpus_per_actor, num_cpus=res.cpus_per_actor, max_restarts=res.actor_restarts,
-            max_task_retries=res.actor_restarts)
+            max_task_retries=res.actor_restarts, scheduling_strategy="SPREAD")  # across nodes, not packed on one
         self.name = name
         self.handles = [actor.remote(config, model) for _ in range(size)]
         self.info = ray.get(self.handles[0].info.remote())

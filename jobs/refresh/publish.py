@@ -26,6 +26,7 @@ from steerstore.schemas.store import (
     conform,
     layout_entry,
     table_entries,
+    vectors_schema,
 )
 
 log = logging.getLogger("steerstore")
@@ -48,8 +49,9 @@ def publish(config: RefreshConfig, run: Run, inputs: dict[str, str], shards: Sha
                               _read(run.unattributed_uri, config), config.storage)
         files["quarantine"].append(name)
         rows["quarantine"] += _unattributed(shards)
-    _version_tables(config, run, g, markers, files, rows)
-    for name, schema in STORE_TABLES.items():  # every version has every table, empty when a method did not run
+    schemas = {**STORE_TABLES, "vectors": vectors_schema(g["model"]["hidden_size"], config.output.vector_dtype)}
+    _version_tables(config, run, g, markers, files, rows, schemas)
+    for name, schema in schemas.items():  # every version has every table, empty when a method did not run
         if not files[name]:
             files[name].append(store.write_empty(version, name, schema))
     summary = _summary(run, shards, markers, result, g, stats)
@@ -63,7 +65,7 @@ def publish(config: RefreshConfig, run: Run, inputs: dict[str, str], shards: Sha
         version=version, created_at=dt.datetime.now(dt.timezone.utc).isoformat(),
         model={"name_or_path": config.model.name_or_path, "id": model["model_id"],
                "fingerprint": model["model_fingerprint"], "hidden_size": model["hidden_size"]},
-        tables=table_entries(files, rows), summary=summary, config=redacted(config), inputs=inputs,
+        tables=table_entries(files, rows, schemas), vector_dtype=config.output.vector_dtype, summary=summary, config=redacted(config), inputs=inputs,
         layout=layout_entry(shards.buckets, ["vectors", "users", "bt_coords", "dps_heads", "steerx_users"],
                             config.output.row_group_bytes),
         methods=methods, steerstore_version=package_version(), scale_choice=dict(g["scale_curves"], **steerx))
@@ -85,14 +87,15 @@ def _unattributed(shards: Shards) -> int:
     return sum(int(s["records_quarantined"]) for s in shards.summaries if s["bucket"] == UNATTRIBUTED)
 
 
-def _version_tables(config: RefreshConfig, run: Run, g: dict, markers: list[dict], files: dict, rows: Counter) -> None:
+def _version_tables(config: RefreshConfig, run: Run, g: dict, markers: list[dict], files: dict, rows: Counter,
+                    schemas: dict) -> None:
     """The population vector, BT basis, DPS clusters (users counted over every shard) and DPS population."""
     store, version = run.store, run.version
 
     def write(table: str, data: pa.Table | None, name: str = "part-version.parquet") -> None:
         if data is not None and data.num_rows:
             storage.write_parquet(storage.join(store.table_uri(version, table), name),
-                                  conform(data, STORE_TABLES[table]), config.storage)
+                                  conform(data, schemas[table]), config.storage)
             files[table].append(name)
             rows[table] += data.num_rows
 
@@ -146,7 +149,8 @@ def _worker_stats(stats: list[dict]) -> dict:
     busy: Counter = Counter()
     for s in stats:
         busy.update(s["busy"])
-    return {"workers": len(stats), "model_loads": sum(s["model_loads"] for s in stats),
+    return {"workers": len(stats), "nodes": len({s.get("node") for s in stats}),
+            "model_loads": sum(s["model_loads"] for s in stats),
             "busy_seconds": {k: round(v, 2) for k, v in busy.items()},
             "busy_fraction": {k: round(v / alive, 3) for k, v in busy.items() if k != "load"}}
 

@@ -55,10 +55,19 @@ class Shards:
         return sorted(int(s["bucket"]) for s in self.summaries if s["bucket"] != UNATTRIBUTED and s["users"])
 
 
+def _use_shuffle(config: RefreshConfig) -> None:
+    import ray.data
+
+    ray.data.DataContext.get_current().shuffle_strategy = {
+        "sort": ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED,
+        "hash": ray.data.context.ShuffleStrategy.HASH_SHUFFLE}[config.resources.shuffle]
+
+
 def count_users(config: RefreshConfig, inputs: dict[str, str]) -> int:
     """Distinct user ids in the raw inputs (a shuffle of ids only; nothing but the count reaches the driver)."""
     from steerstore.schemas.inputs import parse_json_line
 
+    _use_shuffle(config)
     def ids(batch: pa.Table) -> pa.Table:
         if "user_id" in batch.column_names:
             col = batch.column("user_id")
@@ -129,6 +138,7 @@ def prepare_shards(config: RefreshConfig, run: Run, inputs: dict[str, str], hist
     from ray.data import ActorPoolStrategy
 
     res = config.resources
+    _use_shuffle(config)
     validated = [
         read_input(uri, config.inputs.format, config.storage).map_batches(
             ValidateRecords, fn_constructor_kwargs={"kind": kind, "config": config.validate, "model": config.model},

@@ -79,8 +79,10 @@ class ModelWorker:
 
     def stats(self) -> dict:
         """Seconds busy per stage, seconds alive since the model was loaded, and models this process loaded."""
+        import ray
+
         return {"busy": dict(self.busy), "alive": time.perf_counter() - self.born,
-                "model_loads": runtime_module.LOADS["count"]}
+                "model_loads": runtime_module.LOADS["count"], "node": ray.get_runtime_context().get_node_id()}
 
     def _timed(self, stage: str, fn, *args):
         start = time.perf_counter()
@@ -279,8 +281,7 @@ class ModelWorker:
         if hist.num_rows and g["steerx_active"]:
             cached = _read_cache(storage.join(staging, "cache", "steerx", f"{bucket:05d}.pkl"), cfg)
             if cached is not None:  # the calibration users of this bucket went through the whole chain already
-                hist = hist.filter(pc.invert(pc.is_in(hist.column("user_id"), cached["styles"].column("user_id")))) \
-                    if cached["styles"] is not None else hist
+                hist = hist.filter(pc.invert(pc.is_in(hist.column("user_id"), pa.array(cached["users"], pa.string()))))
                 state["failed"]["steerx"].update(cached["failed"])
                 state["cached_steerx"] = cached
             if hist.num_rows:
