@@ -18,7 +18,6 @@ from steerstore.jobs import refresh
 from steerstore.schemas.store import BUCKETED_TABLES, STORE_TABLES
 from tests.tiny import write_jsonl
 
-pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 STYLES = ["Wow, I absolutely love it! Amazing!", "Noted. Brief and formal.", "Wow, fantastic and wonderful!",
           "The quick brown fox.", "Summarise the plot of a novel.", "Tell me about the weather today."]
@@ -45,7 +44,7 @@ def fleet_config(store: str, model: str, pairs: str, histories: str, **extra) ->
         "dps": {"mode": "fast", "top_k": 2, "candidates": 4, "clusters": 2, "cluster_items": 4, "baseline_users": 2,
                 "history": {"context_items": 1}},
         "steerx": {"min_anchors": 1, "history": {"context_items": 1}, "smoothing": {"enabled": False},
-                   "vectors": {"layers": [1, 3], "calibration_users": 3, "gamma_grid": [0.5, 1],
+                   "vectors": {"layers": [1, 3], "source": "history", "calibration_users": 3, "gamma_grid": [0.5, 1],
                                "neutral_max_new_tokens": 3}},
         **extra})
 
@@ -70,6 +69,7 @@ def uninterrupted(ray_cluster, tmp_path_factory, tiny_model_folder):
     return summary, str(tmp / "store"), pairs, histories
 
 
+@pytest.mark.slow
 def test_every_worker_loads_its_model_once_and_every_shard_is_written(uninterrupted):
     summary, store_uri, _, _ = uninterrupted
     assert summary["workers"]["model_loads"] == summary["workers"]["workers"] == 1
@@ -81,7 +81,9 @@ def test_every_worker_loads_its_model_once_and_every_shard_is_written(uninterrup
     assert "population.parquet" in files and sum(f.startswith("bucket-") for f in files) == summary["shards"]
     # the staging folder (raw input text) is gone once the version is published
     assert not (Path(store_uri) / "versions" / manifest["version"] / "_staging").exists()
-    assert summary["population_drift"]["cosine_min"] > 0.999999  # every user is in the sample here
+    drift = summary["population_drift"]  # the sampled population direction against all 12 users'
+    assert drift["users"] == 12 and drift["sample_users"] == summary["samples"]["bt"]["users"] < 12
+    assert 0.5 < drift["cosine_min"] <= 1.0 + 1e-9
 
 
 def _run_cli(config: refresh.RefreshConfig, log: Path) -> subprocess.Popen:
@@ -94,6 +96,7 @@ def _run_cli(config: refresh.RefreshConfig, log: Path) -> subprocess.Popen:
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
+@pytest.mark.slow
 def test_a_run_killed_after_some_shards_resumes_them_and_publishes_what_an_uninterrupted_run_would(
         uninterrupted, tmp_path, tiny_model_folder):
     _, reference, pairs, histories = uninterrupted
@@ -128,13 +131,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_refresh_on_a_two_node_cluster_runs_workers_on_both(tmp_path, tiny_model_folder):
+    import shutil
+    import tempfile
+
     port = _free_port()
     ray_bin = str(Path(sys.executable).with_name("ray"))
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    # its own short temp dir: the default /tmp/ray would record this cluster as "the local one" for other drivers
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     common = ["--block", "--num-cpus", "3", "--object-store-memory", str(256 * 2**20), "--disable-usage-stats"]
     head = subprocess.Popen([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                             "--include-dashboard", "false", *common], env=env, start_new_session=True,
+                             "--include-dashboard", "false", "--temp-dir", temp, *common], env=env, start_new_session=True,
                             stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT)
     nodes = [head]
     try:
@@ -160,8 +169,10 @@ def test_a_refresh_on_a_two_node_cluster_runs_workers_on_both(tmp_path, tiny_mod
                 p.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_float16_vectors_read_back_as_float32_within_half_precision(ray_cluster, tmp_path, tiny_model_folder,
                                                                     uninterrupted):
     _, reference, pairs, histories = uninterrupted
@@ -179,3 +190,35 @@ def test_float16_vectors_read_back_as_float32_within_half_precision(ray_cluster,
     for u in users:
         assert a[u].vectors.dtype == np.float32
         np.testing.assert_allclose(a[u].vectors, b[u].vectors, rtol=2e-3, atol=1e-4)
+
+
+def test_a_run_resumes_its_unpublished_version_and_starts_a_new_one_once_published(tmp_path):
+    from steerstore.jobs.refresh.run import Run
+
+    store = SteeringStore(str(tmp_path / "store"))
+    first = Run.start(store, "key-a")
+    assert not first.resumed
+    again = Run.start(store, "key-a")
+    assert again.resumed and again.version == first.version
+    assert Run.start(store, "key-b").version != first.version  # other inputs or config: another version
+    assert again.check_model("sha256:w1") and Run.start(store, "key-a").check_model("sha256:w1")
+    assert not Run.start(store, "key-a").check_model("sha256:w2")  # other weights: not resumed
+    fresh = Run.start(store, "key-a")
+    assert not fresh.resumed and fresh.version != first.version
+    store.publish(fresh.version, {"tables": {}})
+    assert Run.start(store, "key-a").version not in (first.version, fresh.version)
+
+
+def test_the_run_key_changes_with_an_input_file_or_an_output_setting_but_not_with_scheduling(tmp_path):
+    from steerstore.jobs.refresh.run import run_key
+
+    pairs, histories = inputs(tmp_path, users=2)
+    base = fleet_config(str(tmp_path / "store"), "m", pairs, histories)
+    key = run_key({"preference_pairs": pairs, "histories": histories}, base)
+    scheduled = fleet_config(str(tmp_path / "store"), "m", pairs, histories, resources={"model_actors": 4})
+    assert run_key({"preference_pairs": pairs, "histories": histories}, scheduled) == key
+    other = fleet_config(str(tmp_path / "store"), "m", pairs, histories, bt={"k": 3})
+    assert run_key({"preference_pairs": pairs, "histories": histories}, other) != key
+    time.sleep(0.01)
+    Path(pairs).write_text(Path(pairs).read_text() + "\n")
+    assert run_key({"preference_pairs": pairs, "histories": histories}, base) != key

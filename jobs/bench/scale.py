@@ -55,8 +55,12 @@ class BenchScaleConfig:
 
 
 def tiny_model(folder: Path) -> str:
-    """A randomly initialised 4-layer Llama with the packaged default model's tokenizer, saved once."""
-    if (folder / "config.json").exists():
+    """A randomly initialised 4-layer Llama with the packaged default model's tokenizer, saved once.
+
+    Its special and whitespace-only tokens' embeddings are zero (the LM head is tied), so greedy
+    decoding never picks them and the neutral answers SteerX's style vectors need are not empty.
+    """
+    if (folder / ".steerstore-bench-model").exists():
         return str(folder)
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -69,8 +73,14 @@ def tiny_model(folder: Path) -> str:
         hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=len(tokenizer), max_position_embeddings=1024, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    # special and whitespace-only tokens get logit 0, below the largest random logit: never the argmax,
+    # so the random model writes (meaningless) visible text
+    blank = [i for i in range(len(tokenizer)) if not tokenizer.decode([i], skip_special_tokens=True).strip()]
+    with torch.no_grad():
+        model.model.embed_tokens.weight[blank] = 0
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    (folder / ".steerstore-bench-model").touch()
     return str(folder)
 
 
@@ -143,7 +153,7 @@ def main(config: BenchScaleConfig) -> dict:
         "dps": {"mode": "fast", "top_k": 2, "candidates": 4, "clusters": 2, "baseline_users": 4,
                 "cluster_sample_users": 256, "history": {"context_items": 1}},
         "steerx": {"min_anchors": 1, "pool_users": 4, "history": {"context_items": 1}, "smoothing": {"enabled": False},
-                   "vectors": {"layers": [2], "calibration_users": 4, "gamma_grid": [1.0],
+                   "vectors": {"layers": [2], "source": "history", "calibration_users": 4, "gamma_grid": [1.0],
                                "neutral_max_new_tokens": 4}},
         "resources": {"model_actors": config.model_actors, "cpus_per_actor": config.cpus_per_actor,
                       "caa_batch_size": 64, "dps_batch_size": 16}})

@@ -64,6 +64,7 @@ class ModelWorker:
         self.runtime = ModelRuntime.shared(model)
         self.busy: dict[str, float] = defaultdict(float)
         self.busy["load"] = time.perf_counter() - started
+        self._timing = False
         self.born = time.perf_counter()
         self.globals = None
         self._ops: dict[str, object] = {}
@@ -85,10 +86,15 @@ class ModelWorker:
                 "model_loads": runtime_module.LOADS["count"], "node": ray.get_runtime_context().get_node_id()}
 
     def _timed(self, stage: str, fn, *args):
+        """``fn(*args)``, its seconds added to ``stage`` (the outermost timed call counts; nested ones are in it)."""
+        if self._timing:
+            return fn(*args)
+        self._timing = True
         start = time.perf_counter()
         try:
             return fn(*args)
         finally:
+            self._timing = False
             self.busy[stage] += time.perf_counter() - start
 
     def set_globals(self, values) -> None:
