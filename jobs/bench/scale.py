@@ -41,7 +41,7 @@ class BenchScaleConfig:
     items: int = option(2, help="history items per user")
     words: int = option(6, help="words per response and history output")
     out: str = option("./steerstore-out/bench-scale", help="folder for the inputs, the tiny model and the store")
-    model_actors: int = option(1, help="model workers")
+    model_actors: int = option(2, help="model workers (each uses cpus_per_actor cores)")
     cpus_per_actor: float = option(1.0, help="CPUs per model worker")
     users_per_bucket: int = option(4096, help="users per bucket (= shard)")
     poll_seconds: float = option(0.5, help="how often the object store's use is read")
@@ -55,32 +55,16 @@ class BenchScaleConfig:
 
 
 def tiny_model(folder: Path) -> str:
-    """A randomly initialised 4-layer Llama with the packaged default model's tokenizer, saved once.
+    """A tiny random 4-layer Llama with a few-hundred-token tokenizer that knows the synthetic words, saved once.
 
-    Its special and whitespace-only tokens' embeddings are zero (the LM head is tied), so greedy
-    decoding never picks them and the neutral answers SteerX's style vectors need are not empty.
+    The small vocabulary keeps the LM head from dominating (it would with a 49k-token vocabulary
+    on a 64-wide model): what the benchmark measures is the pipeline around the model.
     """
-    if (folder / ".steerstore-bench-model").exists():
-        return str(folder)
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    if not (folder / ".steerstore-bench-model").exists():
+        from steerstore.operators.runtime.tiny import save_tiny
 
-    from steerstore.operators.runtime.sources import DEFAULT_MODEL, resolve_model_path
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(DEFAULT_MODEL))
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(tokenizer), max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
-    # special and whitespace-only tokens get logit 0, below the largest random logit: never the argmax,
-    # so the random model writes (meaningless) visible text
-    blank = [i for i in range(len(tokenizer)) if not tokenizer.decode([i], skip_special_tokens=True).strip()]
-    with torch.no_grad():
-        model.model.embed_tokens.weight[blank] = 0
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    (folder / ".steerstore-bench-model").touch()
+        save_tiny(folder, corpus=[" ".join(WORDS).capitalize() + ".", "Say something.", "Write a line."])
+        (folder / ".steerstore-bench-model").touch()
     return str(folder)
 
 
@@ -112,6 +96,8 @@ class ObjectStorePeak:
 
     def __init__(self, every: float):
         self.every, self.peak, self._stop = every, 0, threading.Event()
+        self.samples: list[tuple[float, int]] = []  # (seconds since start, bytes in use)
+        self._start = time.perf_counter()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def _poll(self) -> None:
@@ -122,7 +108,9 @@ class ObjectStorePeak:
                 try:
                     total = ray.cluster_resources().get("object_store_memory", 0)
                     free = ray.available_resources().get("object_store_memory", total)
-                    self.peak = max(self.peak, int(total - free))
+                    used = int(total - free)
+                    self.peak = max(self.peak, used)
+                    self.samples.append((time.perf_counter() - self._start, used))
                 except Exception:  # noqa: BLE001 — a poll during shutdown
                     pass
             self._stop.wait(self.every)
@@ -134,6 +122,15 @@ class ObjectStorePeak:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+    def by_stage(self, stage_seconds: dict[str, float]) -> dict[str, int]:
+        """The peak within each stage (stages are consecutive, in the order the refresh ran them)."""
+        out, start = {}, 0.0
+        for stage, seconds in stage_seconds.items():
+            end = start + seconds
+            out[stage] = max((u for t, u in self.samples if start <= t < end), default=0)
+            start = end
+        return out
 
 
 def main(config: BenchScaleConfig) -> dict:
@@ -165,7 +162,9 @@ def main(config: BenchScaleConfig) -> dict:
     result = {"users": config.users, "pairs_per_user": config.pairs, "items_per_user": config.items,
               "seconds": round(seconds, 1), "users_per_second": round(config.users / seconds, 1),
               "peak_driver_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-              "peak_object_store_bytes": peak.peak, "model_loads": workers["model_loads"],
+              "peak_object_store_bytes": peak.peak,
+              "peak_object_store_bytes_by_stage": peak.by_stage(summary["stage_seconds"]),
+              "model_loads": workers["model_loads"],
               "model_workers": workers["workers"], "busy_fraction": workers["busy_fraction"],
               "stage_seconds": summary["stage_seconds"], "shards": summary["shards"],
               "users_stored": summary["users_stored"], "users_by_method": summary["users_by_method"],
