@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from steerstore.infra.config import from_dict, to_dict
@@ -222,3 +223,65 @@ def test_the_run_key_changes_with_an_input_file_or_an_output_setting_but_not_wit
     time.sleep(0.01)
     Path(pairs).write_text(Path(pairs).read_text() + "\n")
     assert run_key({"preference_pairs": pairs, "histories": histories}, base) != key
+
+
+@pytest.mark.slow
+def test_the_stored_dps_heads_steerx_anchors_and_bt_points_equal_an_in_process_computation(uninterrupted,
+                                                                                        tiny_model_folder):
+    """The fleet pass against the operators run directly, in this process, on the same users."""
+    from steerstore.infra.reader import StoreReader
+    from steerstore.operators.bt import features, fit_bt
+    from steerstore.operators.caa import pair_differences, pair_weights
+    from steerstore.operators.dps import DPSHeads, dps_user_rows
+    from steerstore.operators.runtime import ModelConfig, ModelRuntime
+    from steerstore.operators.steerx import user_anchors
+
+    summary, store_uri, pairs_uri, histories_uri = uninterrupted
+    config = fleet_config(store_uri, str(tiny_model_folder), pairs_uri, histories_uri)
+    reader = StoreReader(store_uri)
+    rt = ModelRuntime(ModelConfig(name_or_path=str(tiny_model_folder)))
+    pairs = [json.loads(line) for line in Path(pairs_uri).read_text().splitlines()]
+    histories = [json.loads(line) for line in Path(histories_uri).read_text().splitlines()]
+    users = ["user-00", "user-05", "user-11"]
+    art = {u: reader.artifacts(u) for u in users}
+
+    def items_of(u):
+        return [{k: h[k] for k in ("item_id", "input", "output", "timestamp")}
+                for h in sorted((h for h in histories if h["user_id"] == u), key=lambda h: h["timestamp"])]
+
+    # SteerX anchors, against the other-users counterfactual: the pool sample (pool_users = 64) is every
+    # user here, their last max_items items, in user-id order
+    names = sorted({h["user_id"] for h in histories})
+    pool = [{**h, "user_id": v} for v in names for h in items_of(v)[-config.steerx.history.max_items:]]
+    for u in users:
+        _, anchors = user_anchors(rt, u, items_of(u), pool, config.steerx)
+        assert [a["word"] for a in art[u].steerx["anchors"]] == [a["word"] for a in anchors]
+        np.testing.assert_allclose([a["mean_effect"] for a in art[u].steerx["anchors"]],
+                                   [a["mean_effect"] for a in anchors], rtol=1e-4, atol=1e-5)
+
+    # BT: θ fitted on the user's own pair features in the stored basis, centred on the stored θ_pop
+    basis = reader.bt_basis().sort_by("layer").to_pylist()
+    axes = np.stack([np.asarray(r["axes"], dtype=np.float32) for r in basis])
+    feature_norms = np.asarray([r["feature_norm"] for r in basis])
+    theta_pop = np.asarray(basis[0]["population_theta"])
+    thetas = reader.bt_theta(users)
+    for u in users:
+        mine = [p for p in pairs if p["user_id"] == u]
+        d = pair_differences(rt, mine, [1, 2], "mean")
+        fit = fit_bt(features(d, axes, feature_norms), pair_weights(mine), theta_pop, config.bt.prior,
+                     config.bt.newton_steps)
+        np.testing.assert_allclose(thetas[u], fit.theta, rtol=1e-3, atol=1e-4)
+
+    # DPS: the stored population baseline and the same fast-mode scoring of the user's sequences
+    population = reader.store.read_table("dps_population", reader.version).to_pylist()
+    assert population and {r["n_users"] for r in population} == {2}
+    rows = {r["user_id"]: r for r in reader.store.read_table("dps_heads", reader.version).to_pylist()}
+    for u in users:
+        seq = dps_user_rows(pa.Table.from_pylist([{"user_id": u, "histories": items_of(u),
+                                                   "content_fingerprint": "x"}]), config.dps.history)
+        scored = DPSHeads(config.dps, ModelConfig(name_or_path=str(tiny_model_folder)), population=None)(seq)
+        assert scored.column("status").to_pylist() == ["ok"]
+        stored = rows[u]
+        assert stored["n_tokens"] == scored.column("n_tokens")[0].as_py()
+        np.testing.assert_allclose(stored["base_nll"], scored.column("base_nll")[0].as_py(), rtol=1e-4)
+        assert stored["heads"], u  # the user has preference heads

@@ -44,6 +44,7 @@ class BenchScaleConfig:
     model_actors: int = option(2, help="model workers (each uses cpus_per_actor cores)")
     cpus_per_actor: float = option(1.0, help="CPUs per model worker")
     users_per_bucket: int = option(4096, help="users per bucket (= shard)")
+    vector_dtype: str = option("float32", help="output.vector_dtype: float32 or float16")
     poll_seconds: float = option(0.5, help="how often the object store's use is read")
     seed: int = option(0, help="seed of the synthetic users")
     json: str = option("docs/figures/bench-scale.json", help="where the figures are written ('' = print only)")
@@ -133,6 +134,18 @@ class ObjectStorePeak:
         return out
 
 
+def _bytes_per_user(store_uri: str, users: int) -> dict[str, float]:
+    """Bytes of each per-user table's files over the stored users (the latest version)."""
+    import os
+
+    from steerstore.infra.store import SteeringStore
+
+    store = SteeringStore(store_uri)
+    version = store.latest()
+    return {t: round(sum(os.path.getsize(f) for f in store.table_files(version, t)) / max(users, 1), 1)
+            for t in ("vectors", "users", "bt_coords", "dps_heads", "steerx_users")}
+
+
 def main(config: BenchScaleConfig) -> dict:
     from steerstore.jobs import refresh
 
@@ -143,7 +156,8 @@ def main(config: BenchScaleConfig) -> dict:
     inputs = write_inputs(config, out)
     inputs_seconds = time.perf_counter() - started
     cfg = from_dict(refresh.RefreshConfig, {
-        "inputs": inputs, "output": {"store": str(out / "store"), "users_per_bucket": config.users_per_bucket},
+        "inputs": inputs, "output": {"store": str(out / "store"), "users_per_bucket": config.users_per_bucket,
+                                     "vector_dtype": config.vector_dtype},
         "model": {"name_or_path": model, "max_batch_tokens": 4096}, "ray": dataclasses.asdict(config.ray),
         "caa": {"layers": [1, 2], "recommended_layers": [2]}, "bt": {"k": 2, "sample_users": 256},
         "scale": {"sample_pairs": 8, "grid": [1.0, 2.0]},
@@ -168,6 +182,7 @@ def main(config: BenchScaleConfig) -> dict:
               "model_workers": workers["workers"], "busy_fraction": workers["busy_fraction"],
               "stage_seconds": summary["stage_seconds"], "shards": summary["shards"],
               "users_stored": summary["users_stored"], "users_by_method": summary["users_by_method"],
-              "inputs_seconds": round(inputs_seconds, 1)}
+              "inputs_seconds": round(inputs_seconds, 1), "vector_dtype": config.vector_dtype,
+              "store_bytes_per_user": _bytes_per_user(str(out / "store"), summary["users_stored"])}
     write_figures(result, config.json)
     return result

@@ -31,9 +31,9 @@ from steerstore.jobs.refresh.common import Timer
 from steerstore.jobs.refresh.config import RefreshConfig
 from steerstore.jobs.refresh.pool import Pool
 from steerstore.jobs.refresh.run import Run
-from steerstore.jobs.refresh.samples import SAMPLE_KINDS, Sample, choose, sample_plan
+from steerstore.jobs.refresh.samples import Sample, choose, sample_plan
 from steerstore.jobs.refresh.shards import Shards
-from steerstore.jobs.refresh.tables import MODEL_FIELDS, dps_population_table, style_inputs
+from steerstore.jobs.refresh.tables import MODEL_FIELDS, dps_population_table
 from steerstore.jobs.refresh.workers import ok_rows, read_rows
 from steerstore.operators.bt import build_basis, feature_scales, in_sample, population_theta
 from steerstore.operators.caa import vector_row
@@ -332,4 +332,4 @@ def _public(g: dict) -> dict:
     return {k: v for k, v in g.items() if k not in ("dps_population_table", "scale_curves", "steerx_calibration")}
 
 
-__all__ = ["SAMPLE_KINDS", "Sampler", "cache_uri", "compute_globals", "style_inputs"]
+__all__ = ["Sampler", "cache_uri", "compute_globals"]

@@ -27,7 +27,6 @@ from steerstore.jobs.refresh.tables import (
 )
 from steerstore.jobs.refresh.workers import read_rows
 from steerstore.schemas.store import (
-    BUCKETED_TABLES,
     QUARANTINE_SCHEMA,
     STEERX_TOKEN_EFFECTS_SCHEMA,
     STORE_TABLES,
@@ -142,4 +141,4 @@ def partial_uri(run: Run, bucket: int) -> str:
     return storage.join(run.staging, "partials", f"{bucket:05d}.npz")
 
 
-__all__ = ["BUCKETED_TABLES", "VECTORS_SCHEMA", "merge_cached_steerx", "partial_uri", "write_shard"]
+__all__ = ["merge_cached_steerx", "partial_uri", "write_shard"]
