@@ -47,8 +47,12 @@ def package_folder() -> str:
     return root
 
 
-def connect(config: RayConfig) -> None:
-    """Start or join Ray once per process; later calls reuse the connection."""
+def connect(config: RayConfig, min_cpus: int = 0) -> None:
+    """Start or join Ray once per process; later calls reuse the connection.
+
+    ``min_cpus``: logical CPUs the job's long-lived actors and tasks need at once; embedded Ray
+    gets at least that many (more logical than physical CPUs only oversubscribes them).
+    """
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -61,6 +65,10 @@ def connect(config: RayConfig) -> None:
             ray.init(address=config.address, runtime_env=runtime_env or None, log_to_driver=True)
         else:
             num_cpus = config.num_cpus or max(4, os.cpu_count() or 1)
+            if num_cpus < min_cpus:  # logical slots: fewer would deadlock the job's actors, more only oversubscribe
+                log.info("embedded Ray: %d logical CPUs instead of %d (the job's actors and tasks need that many)",
+                         min_cpus, num_cpus)
+                num_cpus = min_cpus
             kwargs = {"object_store_memory": config.object_store_mb * 2**20} if config.object_store_mb else {}
             log.info("starting embedded Ray with %d logical CPUs", num_cpus)
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **kwargs)

@@ -96,7 +96,7 @@ class CAAVectors:
     def __init__(self, config: CAAConfig, model: ModelConfig, basis: np.ndarray | None = None,
                  population_norms: np.ndarray | None = None):
         self.config = config
-        self.runtime = ModelRuntime(model)
+        self.runtime = ModelRuntime.shared(model)
         self.layers, self.recommended = config.resolve_layers(self.runtime.num_layers)
         self.basis, self.population_norms = basis, population_norms
 
@@ -114,21 +114,23 @@ class CAAVectors:
             n = len(user["pairs"])
             if n == 0:
                 raise ValueError(f"user {user['user_id']!r} has no pairs")
-            d = diffs[start: start + n]  # (n, layers, hidden)
+            rows.append(self.row_from(user, diffs[start: start + n], pair_weights(user["pairs"])))
             start += n
-            w = pair_weights(user["pairs"])
-            if w.sum() <= 0:
-                raise ValueError(f"user {user['user_id']!r}: all pair weights are 0")
-            mean = np.einsum("n,nlh->lh", w, d) / w.sum()
-            row = self._row(user["user_id"], "user", mean, n, user["content_fingerprint"])
-            row["weight_sum"] = float(w.sum())
-            if self.basis is not None:
-                from steerstore.operators.bt import features  # noqa: PLC0415
-
-                row["bt_features"] = features(d, self.basis, self.population_norms).astype(np.float32).tolist()
-                row["bt_weights"] = w.astype(np.float32).tolist()
-            rows.append(row)
         return rows
+
+    def row_from(self, user: dict, d: np.ndarray, w: np.ndarray) -> dict:
+        """The output row of one user from their pair differences ``d`` (pairs, layers, hidden) and weights."""
+        if w.sum() <= 0:
+            raise ValueError(f"user {user['user_id']!r}: all pair weights are 0")
+        mean = np.einsum("n,nlh->lh", w, d) / w.sum()
+        row = self._row(user["user_id"], "user", mean, len(w), user["content_fingerprint"])
+        row["weight_sum"] = float(w.sum())
+        if self.basis is not None:
+            from steerstore.operators.bt import features  # noqa: PLC0415
+
+            row["bt_features"] = features(d, self.basis, self.population_norms).astype(np.float32).tolist()
+            row["bt_weights"] = w.astype(np.float32).tolist()
+        return row
 
     def _row(self, user_id, scope, mean: np.ndarray, n: int, fingerprint) -> dict:
         row = vector_row(user_id, scope, mean, n, fingerprint, layers=self.layers, recommended=self.recommended,

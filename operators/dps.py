@@ -54,6 +54,9 @@ class DPSConfig:
     per_user: bool = option(True, help="score heads per user (else users get their clusters' heads only)")
     clusters: int = option(8, help="k-means clusters of users by history embedding (0 = none)")
     cluster_items: int = option(16, help="history items (sampled from members) scored per cluster")
+    cluster_sample_users: int = option(
+        8192, help="users (seeded sample) whose embeddings k-means is fitted on and clusters' items are drawn from; "
+                   "every user is routed")
     routing_temperature: float = option(0.05, help="softmax temperature of per-user routing over clusters")
     encoder: str = option(DEFAULT_ENCODER, help="sentence encoder for clustering: the packaged MiniLM or an HF folder/id")
     gamma: float = option(1.0, help="serving: contrast strength γ in (1+γ)·ℓ_full − γ·ℓ_masked")
@@ -68,6 +71,7 @@ class DPSConfig:
         check(self.candidates >= self.top_k, "dps.candidates must be >= dps.top_k")
         check(self.baseline_users >= 1, "dps.baseline_users must be >= 1")
         check(self.clusters >= 0 and self.cluster_items >= 1, "dps.clusters >= 0 and dps.cluster_items >= 1")
+        check(self.cluster_sample_users >= 1, "dps.cluster_sample_users must be >= 1")
         check(self.routing_temperature > 0, "dps.routing_temperature must be > 0")
         check(self.per_user or self.clusters > 0, "dps.per_user=false needs dps.clusters > 0 (users get their clusters' heads)")
         check(self.gamma >= 0, "dps.gamma must be >= 0")
@@ -173,7 +177,7 @@ class DPSHeads:
     def __init__(self, config: DPSConfig, model: ModelConfig, population: PopulationPCS | None = None,
                  full: bool = False):
         self.config = config
-        self.runtime = ModelRuntime(model)
+        self.runtime = ModelRuntime.shared(model)
         self.population = population
         self.full = full
         rt = self.runtime

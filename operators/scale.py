@@ -94,7 +94,7 @@ def choose_scale(runtime: ModelRuntime, pairs: list[dict], vectors: dict[int, np
 def choose_scales_task(model_config, pairs: list[dict], method_vectors: dict[str, dict[int, np.ndarray]],
                        config: ScaleConfig, positions: SteerPositions = "response") -> dict[str, dict]:
     """Load the model once and choose α for each method (run as one Ray task, on a GPU if given)."""
-    runtime = ModelRuntime(model_config)
+    runtime = ModelRuntime.shared(model_config)
     base = baseline(runtime, pairs)
     out = {}
     for method, vectors in method_vectors.items():

@@ -17,8 +17,9 @@ refresh job quarantines the user for SteerX. These are mitigations, tested with 
 obeys any instruction it sees and with the real default model; they are not a proof.
 
 The engine is pluggable: ``hf`` (the shared ``ModelRuntime.generate``, batched with left
-padding, greedy unless ``temperature`` > 0) or ``vllm`` through ``ray.data.llm`` where vLLM and ``ray[llm]`` are
-installed. Prompt building and validation are the same for both engines.
+padding, greedy unless ``temperature`` > 0) or ``vllm`` (an in-process ``vllm.LLM``: continuous
+batching and prefix caching, on a GPU node with the ``[vllm]`` extra). Prompt building and
+validation are the same for both engines.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class SmoothingConfig:
     enabled: bool = option(True, help="write style descriptions from the anchors (SteerX stage 3)")
     model: ModelConfig | None = option(None, help="the smoothing LLM; unset = the refresh job's model")
     engine: Literal["hf", "vllm"] = option(
-        "hf", help="hf: batched Hugging Face generation on the shared runtime; vllm: ray.data.llm (needs vllm, ray[llm])")
+        "hf", help="hf: batched Hugging Face generation on the shared runtime; vllm: an in-process vllm.LLM per "
+                   "worker (GPU, the [vllm] extra)")
     granularity: Literal["user", "item"] = option("user", help="one description per user, or per scored history item")
     max_anchors: int = option(12, help="anchor words shown to the smoothing LLM (best first)")
     excerpts: bool = option(True, help="show short quoted excerpts around the anchors (attempt 1)")
@@ -69,7 +71,6 @@ class SmoothingConfig:
     max_chars: int = option(600, help="a longer description is cut back to its last full sentence within this")
     max_copy_words: int = option(8, help="a description sharing a run of this many words with a history output is a copy")
     batch_size: int = option(32, help="prompts per engine batch")
-    vllm_concurrency: int = option(1, help="vllm engine: engine replicas (each on its own GPU)")
     vllm_max_model_len: int = option(4096, help="vllm engine: max_model_len")
 
     def __post_init__(self) -> None:
@@ -79,7 +80,7 @@ class SmoothingConfig:
         check(self.temperature >= 0 and 0 < self.top_p <= 1, "smoothing: need temperature >= 0 and 0 < top_p <= 1")
         check(0 < self.min_chars < self.max_chars, "smoothing: need 0 < min_chars < max_chars")
         check(self.max_copy_words >= 3, "smoothing.max_copy_words must be >= 3")
-        check(self.batch_size >= 1 and self.vllm_concurrency >= 1, "smoothing: batch sizes and concurrency must be >= 1")
+        check(self.batch_size >= 1, "smoothing: batch_size must be >= 1")
 
     def check_engine(self) -> None:
         """Fail early, with the fix, when the configured engine cannot run here."""
@@ -236,7 +237,7 @@ class HFGenerate:
     """
 
     def __init__(self, model: ModelConfig, config: SmoothingConfig):
-        self.runtime = ModelRuntime(model)
+        self.runtime = ModelRuntime.shared(model)
         self.max_new_tokens = config.max_new_tokens
         self.sampling = Sampling(config.temperature, config.top_p, config.seed) if config.temperature > 0 else None
 
@@ -247,6 +248,38 @@ class HFGenerate:
         return (batch.append_column("text", pa.array(texts, pa.string()))
                 .append_column("engine_model_id", pa.array([self.runtime.model_id] * n, pa.string()))
                 .append_column("engine_model_fingerprint", pa.array([self.runtime.fingerprint] * n, pa.string())))
+
+
+class VLLMGenerate:
+    """The ``vllm`` engine: the same contract as ``HFGenerate``, on an in-process ``vllm.LLM`` (one per worker).
+
+    Chat-templated prompts, greedy unless ``temperature`` > 0 (then seeded per request), prefix
+    caching on (the prompts share their instructions). Needs a GPU and the ``[vllm]`` extra;
+    not exercised by the CPU test suite.
+    """
+
+    def __init__(self, model: ModelConfig, config: SmoothingConfig):
+        config.check_engine()
+        from vllm import LLM, SamplingParams  # noqa: PLC0415  (optional: the [vllm] extra)
+
+        from steerstore.operators.runtime.sources import canonical_model_id, resolve_model_path  # noqa: PLC0415
+
+        self.path = resolve_model_path(model.name_or_path)
+        self.model_id = canonical_model_id(model.name_or_path)
+        self.llm = LLM(model=self.path, max_model_len=config.vllm_max_model_len, enable_prefix_caching=True,
+                       trust_remote_code=model.trust_remote_code,
+                       dtype="auto" if model.dtype == "auto" else model.dtype)
+        self.params = SamplingParams(temperature=config.temperature, top_p=config.top_p, seed=config.seed,
+                                     max_tokens=config.max_new_tokens)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        messages = [[{"role": "user", "content": p}] for p in batch.column("prompt").to_pylist()]
+        outputs = self.llm.chat(messages, self.params, use_tqdm=False)
+        texts = [o.outputs[0].text if o.outputs else "" for o in outputs]
+        n = batch.num_rows
+        return (batch.append_column("text", pa.array(texts, pa.string()))
+                .append_column("engine_model_id", pa.array([self.model_id] * n, pa.string()))
+                .append_column("engine_model_fingerprint", pa.array([f"vllm:{self.path}"] * n, pa.string())))
 
 
 _UNIT_SCHEMA = pa.schema([
@@ -313,3 +346,41 @@ def group_users(batch: pa.Table) -> pa.Table:
 def resolve_model(config: SmoothingConfig, default: ModelConfig) -> ModelConfig:
     """The smoothing LLM's model config: its own when configured, else the job's model."""
     return config.model if config.model is not None else default
+
+
+def describe(users: pa.Table, config: SmoothingConfig, generate, specials: Sequence[str]) -> pa.Table:
+    """Users (user_id, anchors, histories) -> one SMOOTHING_OUTPUT_SCHEMA row per user, in one process.
+
+    ``generate`` maps a table of units with ``prompt`` to the same rows plus ``text`` and the
+    engine's ``engine_model_id`` / ``engine_model_fingerprint`` (``HFGenerate``, or any engine).
+    Every unit gets attempt 1; the invalid ones get attempt 2 with the next prompt variant. A user
+    is ``ok`` with at least one valid description, else quarantined with the first unit's last
+    reason; a user with no anchor word to describe is quarantined saying so.
+    """
+    users = users.select(["user_id", "anchors", "histories"])
+    variants = list(VARIANTS) if config.excerpts else ["anchors"]
+    kw = {"config": config, "specials": list(specials)}
+    pending = unit_rows(users, variant=variants[0], **kw)
+    finished = []
+    for n, variant in enumerate(variants):
+        if pending.num_rows == 0:
+            break
+        if n:
+            pending = reprompt_units(pending, variant=variant, **kw)
+        generated = [generate(pending.slice(i, config.batch_size))
+                     for i in range(0, pending.num_rows, config.batch_size)]
+        checked = validated_units(pa.concat_tables(generated), **kw)
+        if n == len(variants) - 1:
+            finished.append(checked)  # the last round keeps its invalid units: they carry the reasons
+            break
+        finished.append(valid_units(checked, valid=True))
+        pending = valid_units(checked, valid=False)
+    cols = ["user_id", "item_id", "anchor_words", "attempts", "variant", "description", "reason",
+            "engine_model_id", "engine_model_fingerprint"]
+    described = group_users(pa.concat_tables([t.select(cols) for t in finished])) if finished else \
+        SMOOTHING_OUTPUT_SCHEMA.empty_table()
+    seen = set(described.column("user_id").to_pylist())
+    missing = [{"user_id": u, "status": "quarantined", "descriptions": [],
+                "reason": "steerx smoothing: no anchor word to describe"}
+               for u in users.column("user_id").to_pylist() if u not in seen]
+    return pa.concat_tables([described, pa.Table.from_pylist(missing, schema=SMOOTHING_OUTPUT_SCHEMA)])

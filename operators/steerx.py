@@ -249,7 +249,7 @@ class SteerXAnchors:
 
     def __init__(self, config: SteerXConfig, model: ModelConfig, pool: list[dict]):
         self.config = config
-        self.runtime = ModelRuntime(model)
+        self.runtime = ModelRuntime.shared(model)
         self.pool = pool
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -418,7 +418,7 @@ class SteerXStyleVectors:
 
     def __init__(self, config: SteerXConfig, model: ModelConfig):
         self.config = config
-        self.runtime = ModelRuntime(model)
+        self.runtime = ModelRuntime.shared(model)
         self.layers = config.vectors.resolve_layers(self.runtime.num_layers)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

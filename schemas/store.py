@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 
 # 2: vectors.source (caa: pairs; steerx: history | description | blend); steerx_anchors became steerx_users
-STORE_SCHEMA_VERSION = 2
+STORE_SCHEMA_VERSION = 3  # 3: vectors as fixed-size lists of a recorded dtype (float32 or float16)
 
 
 def _meta(table: str) -> dict[str, str]:
@@ -313,6 +313,19 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return table.select(schema.names).cast(schema)
 
 
+VECTOR_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+
+
+def vectors_schema(hidden_size: int, dtype: str = "float32") -> pa.Schema:
+    """The ``vectors`` table as a version stores it: each row's per-layer vectors as fixed-size lists of ``dtype``.
+
+    ``VECTORS_SCHEMA`` is the logical schema (any hidden size, float32); a version's files use this
+    one, and ``conform`` casts to it. Readers get float32 either way.
+    """
+    field = pa.field("vectors", pa.list_(pa.list_(VECTOR_DTYPES[dtype], int(hidden_size))), nullable=False)
+    return VECTORS_SCHEMA.set(VECTORS_SCHEMA.get_field_index("vectors"), field)
+
+
 def schema_to_b64(schema: pa.Schema) -> str:
     """An Arrow schema as base64 text (how the manifest records each table's schema)."""
     return base64.b64encode(schema.serialize().to_pybytes()).decode("ascii")
@@ -347,17 +360,21 @@ class Manifest:
     steerstore_version: str
     scale_choice: dict = field(default_factory=dict)  # per method: chosen α and its curve
     layout: dict = field(default_factory=dict)  # kind, buckets, tables (sort keys), row_group_bytes; {} = unbucketed
+    vector_dtype: str = "float32"  # how the vectors table stores its values (readers return float32)
     store_schema_version: int = STORE_SCHEMA_VERSION
 
     def to_json_dict(self) -> dict:
         return asdict(self)
 
 
-def table_entries(files: dict[str, list[str]], rows: dict[str, int]) -> dict[str, TableEntry]:
-    """The manifest's ``tables``: every store table with its file names (not paths), row count and schema."""
+def table_entries(files: dict[str, list[str]], rows: dict[str, int],
+                  schemas: dict[str, pa.Schema] | None = None) -> dict[str, TableEntry]:
+    """The manifest's ``tables``: every store table with its file names (not paths), row count and schema
+    (``schemas`` overrides a table's, e.g. the version's ``vectors_schema``)."""
+    schemas = {**STORE_TABLES, **(schemas or {})}
     return {name: TableEntry(files=[f.rsplit("/", 1)[-1] for f in files.get(name, [])], rows=int(rows.get(name, 0)),
-                             schema=schema_to_b64(schema))
-            for name, schema in STORE_TABLES.items()}
+                             schema=schema_to_b64(schemas[name]))
+            for name in STORE_TABLES}
 
 
 def layout_entry(buckets: int, tables, row_group_bytes: int) -> dict:

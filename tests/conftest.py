@@ -72,7 +72,7 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, object_store_memory=512 * 2**20, log_to_driver=False)
+        ray.init(num_cpus=8, include_dashboard=False, object_store_memory=512 * 2**20, log_to_driver=False)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -110,7 +110,7 @@ def served_store(ray_cluster, tmp_path_factory, tiny_model_folder):
         "inputs": {"preference_pairs": write_jsonl(tmp / "pairs.jsonl", pairs),
                    "histories": write_jsonl(tmp / "histories.jsonl", histories)},
         # two users per bucket file and a row group per row or two: lookups must find users across them
-        "output": {"store": str(tmp / "store"), "users_per_bucket": 2, "row_group_bytes": 1024},
+        "output": {"store": str(tmp / "store"), "users_per_bucket": 2, "min_buckets": 1, "row_group_bytes": 1024},
         "model": {"name_or_path": str(tiny_model_folder)},
         "validate": {"max_tokens": 48}, "caa": {"layers": [0, 1, 2], "recommended_layers": [1, 2]},
         "bt": {"k": 2}, "scale": {"sample_pairs": 4, "grid": [1.0, 4.0]}, "ray": {"progress_bars": False},

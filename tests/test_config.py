@@ -18,10 +18,10 @@ def parse(tmp_path, yaml_text, *flags):
 
 def test_yaml_fills_nested_sections_and_flags_override_it(tmp_path):
     cfg = parse(tmp_path, "inputs: {preference_pairs: a.jsonl}\ncaa: {layers: [3, 4], scale: 1.5}\n",
-                "--caa.scale", "3", "--resources.caa_actors", "2", "--ray.address", "auto")
+                "--caa.scale", "3", "--resources.model_actors", "2", "--ray.address", "auto")
     assert cfg.inputs.preference_pairs == "a.jsonl"
     assert cfg.caa.layers == [3, 4] and cfg.caa.scale == 3.0
-    assert cfg.resources.caa_actors == 2 and cfg.ray.address == "auto"
+    assert cfg.resources.model_actors == 2 and cfg.ray.address == "auto"
 
 
 def test_list_flags_take_comma_separated_values(tmp_path):
@@ -47,8 +47,8 @@ def test_values_are_checked_when_the_config_is_built():
 
 
 def test_wrong_types_name_the_field():
-    with pytest.raises(ConfigError, match="resources.caa_actors: expected int"):
-        from_dict(RefreshConfig, {"inputs": {"preference_pairs": "x"}, "resources": {"caa_actors": "many"}})
+    with pytest.raises(ConfigError, match="resources.model_actors: expected int"):
+        from_dict(RefreshConfig, {"inputs": {"preference_pairs": "x"}, "resources": {"model_actors": "many"}})
 
 
 def test_the_example_cluster_config_parses_into_the_refresh_config():

@@ -9,8 +9,7 @@ from steerstore.infra.artifacts import serving_heads
 from steerstore.infra.config import from_dict
 from steerstore.infra.store import SteeringStore
 from steerstore.jobs import refresh
-from steerstore.jobs.refresh import common as refresh_common
-from steerstore.jobs.refresh import dps as refresh_dps
+from steerstore.jobs.refresh import tables as refresh_tables
 from steerstore.operators.dps import DPSConfig, DPSHeads, PopulationPCS, dps_user_rows
 from steerstore.operators.history import HistoryContextConfig, bm25_scores, context_indices, scoring_sequences
 from steerstore.operators.runtime import ModelConfig
@@ -267,7 +266,7 @@ def test_cluster_only_users_get_valid_store_rows_with_the_model():
                       "routing": pa.array([[0.9, 0.1], [0.2, 0.8]], pa.list_(pa.float32())),
                       "content_fingerprint": ["x", "y"]})
     model = {"num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "model_id": "tiny", "model_fingerprint": "sha256:1"}
-    rows = refresh_dps.dps_heads_rows(refresh_dps.cluster_only_rows(batch, model), DPSConfig(per_user=False), clusters=True)
+    rows = refresh_tables.dps_heads_rows(refresh_tables.cluster_only_rows(batch, model), DPSConfig(per_user=False), clusters=True)
     assert rows.schema.equals(DPS_HEADS_SCHEMA, check_metadata=False)
     assert rows.column("source").to_pylist() == ["cluster", "cluster"]
     assert rows.column("model_fingerprint").to_pylist() == ["sha256:1"] * 2 and rows.column("heads").to_pylist() == [[], []]
@@ -276,13 +275,17 @@ def test_cluster_only_users_get_valid_store_rows_with_the_model():
 
 
 @pytest.mark.parametrize("size", [1, 2, 5, 40])
-def test_exact_sample_has_exactly_the_requested_number_of_users(ray_cluster, size):
-    import ray.data
+def test_an_exact_sample_has_exactly_the_requested_users_whatever_their_order(size):
+    from steerstore.jobs.refresh.samples import choose
+    from steerstore.operators.bt import sample_key
 
-    ds = ray.data.from_items([{"user_id": f"user-{i}"} for i in range(30)])
-    first = sorted(r["user_id"] for r in refresh_common.exact_sample(ds, size, seed=3, total=30).take_all())
+    cfg = from_dict(refresh.RefreshConfig, {"inputs": {"preference_pairs": "x"}, "dps": {"baseline_users": size}})
+    rows = [{"user_id": f"user-{i}", "pairs": [], "histories": [None, None]} for i in range(30)]
+    first = choose("dps_baseline", cfg, rows, 30, {}).users
     assert len(first) == min(size, 30)
-    assert first == sorted(r["user_id"] for r in refresh_common.exact_sample(ds, size, seed=3, total=30).take_all())
+    assert first == choose("dps_baseline", cfg, rows[::-1], 30, {}).users
+    keys = sorted(sample_key(r["user_id"], cfg.dps.seed) for r in rows)
+    assert max(sample_key(u, cfg.dps.seed) for u in first) == keys[min(size, 30) - 1]  # the smallest keys
 
 
 def test_adaptive_gamma_scales_by_entropy_and_is_finite_with_masked_logits():

@@ -5,12 +5,12 @@ import re
 import pyarrow as pa
 import pytest
 
-from steerstore.jobs.refresh.smoothing import smooth
 from steerstore.operators.smoothing import (
     INSTRUCTION_LIKE,
     SmoothingConfig,
     check_description,
     clean_text,
+    describe,
     excerpts,
     unit_prompt,
     units,
@@ -92,11 +92,10 @@ def _gullible(prompts: list[str]) -> list[str]:
 
 
 def _engine(generate):
-    def run(ds):
-        return ds.map_batches(lambda b: b.append_column("text", pa.array(generate(b.column("prompt").to_pylist())))
-                              .append_column("engine_model_id", pa.array(["fake"] * b.num_rows))
-                              .append_column("engine_model_fingerprint", pa.array(["fake:1"] * b.num_rows)),
-                              batch_format="pyarrow")
+    def run(b):
+        return (b.append_column("text", pa.array(generate(b.column("prompt").to_pylist()), pa.string()))
+                .append_column("engine_model_id", pa.array(["fake"] * b.num_rows, pa.string()))
+                .append_column("engine_model_fingerprint", pa.array(["fake:1"] * b.num_rows, pa.string())))
     return run
 
 
@@ -107,18 +106,15 @@ def _users():
              "histories": [{"item_id": "b1", "input": "x", "output": "so we went to the quux market early and bought fresh bread", "timestamp": None}]}]
 
 
-@pytest.mark.slow
-def test_stage_retries_without_excerpts_and_never_stores_an_injected_payload(ray_cluster):
-    import ray.data
-
-    users = ray.data.from_items(_users())
+def test_stage_retries_without_excerpts_and_never_stores_an_injected_payload():
+    users = pa.Table.from_pylist(_users())
     # attempts per description: a copied excerpt is rejected and retried with anchor words only;
     # item a2's excerpt is too short to be a copy, and item a3's only excerpt (the injection) was dropped
     expected = {"user": {"ann": [(None, 2)], "bob": [(None, 2)]},
                 "item": {"ann": [("a1", 2), ("a2", 1), ("a3", 1)], "bob": [("b1", 2)]}}
     for granularity in ("user", "item"):
         cfg = SmoothingConfig(granularity=granularity)
-        rows = {r["user_id"]: r for r in smooth(users, cfg, _engine(_gullible), SPECIALS).take_all()}
+        rows = {r["user_id"]: r for r in describe(users, cfg, _engine(_gullible), SPECIALS).to_pylist()}
         assert set(rows) == {"ann", "bob"}
         for uid, row in rows.items():
             assert row["status"] == "ok", row
@@ -129,12 +125,9 @@ def test_stage_retries_without_excerpts_and_never_stores_an_injected_payload(ray
             assert row["smoothing_model_fingerprint"] == "fake:1"
 
 
-@pytest.mark.slow
-def test_a_user_whose_descriptions_stay_invalid_is_quarantined_with_the_reason(ray_cluster):
-    import ray.data
-
-    rows = {r["user_id"]: r for r in smooth(ray.data.from_items(_users()), SmoothingConfig(),
-                                            _engine(lambda ps: ["" for _ in ps]), SPECIALS).take_all()}
+def test_a_user_whose_descriptions_stay_invalid_is_quarantined_with_the_reason():
+    rows = {r["user_id"]: r for r in describe(pa.Table.from_pylist(_users()), SmoothingConfig(),
+                                              _engine(lambda ps: ["" for _ in ps]), SPECIALS).to_pylist()}
     for row in rows.values():
         assert row["status"] == "quarantined" and row["descriptions"] == []
         assert row["reason"] == "steerx smoothing: no valid description after 2 attempt(s): empty"
@@ -164,3 +157,11 @@ def test_vllm_engine_fails_early_with_the_fix_when_vllm_is_missing():
     with pytest.raises(RuntimeError, match=r"pip install 'steerstore\[vllm\]'"):
         SmoothingConfig(engine="vllm").check_engine()
     SmoothingConfig(engine="hf").check_engine()
+
+
+def test_a_user_without_an_item_to_describe_is_quarantined_saying_so():
+    users = pa.Table.from_pylist([dict(_users()[0], anchors=[]), _users()[1]])
+    rows = {r["user_id"]: r for r in describe(users, SmoothingConfig(granularity="item"), _engine(_gullible),
+                                              SPECIALS).to_pylist()}
+    assert rows["ann"]["status"] == "quarantined" and rows["ann"]["reason"] == "steerx smoothing: no anchor word to describe"
+    assert rows["bob"]["status"] == "ok"

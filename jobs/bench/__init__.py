@@ -21,6 +21,9 @@ _REGISTRY: dict[str, tuple[str, str, str]] = {
                 "store lookups (100k synthetic users; --s3_uri for S3) and mixed-batch serving overhead"),
     "tau": ("tau", "SteerXTauConfig",
             "choose SteerX's anchor threshold τ on the development data (anchor precision/recall)"),
+    "scale": ("scale", "BenchScaleConfig",
+              "the real refresh on N synthetic users with a tiny random model: throughput, driver and object-store "
+              "peaks, model loads, workers' busy time"),
     "runtime": ("runtime", "BenchRuntimeConfig",
                 "throughput and MFU of every model pass (capture, scoring, ablation, attribution, decode) at a "
                 "model shape, e.g. --shape llama-3.1-8b on a GPU"),

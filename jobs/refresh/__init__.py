@@ -1,18 +1,31 @@
-"""The nightly refresh job: inputs -> validated -> one row per user -> CAA vectors -> new store version.
+"""The nightly refresh job: inputs -> shards -> global statistics -> one model pass per user -> a new store version.
 
 Launch: ``steerstore refresh --config refresh.yaml`` (embedded local Ray) or
 ``steerstore refresh --config refresh.yaml --ray.address auto`` (on a Ray cluster).
+
+1. **Shards** (CPU, Ray Data): read and validate every input row; group rows by a hash bucket of
+   the user id; write one shard per bucket (user rows) to the version's staging folder.
+2. **Global statistics** from seeded samples, on the model workers: population direction, BT
+   basis and θ_pop, α per method, DPS clusters and population baseline, SteerX pool and γ/layer.
+3. **Shards through the model workers**, streaming: the user pass, descriptions, the
+   description pass and the writer; each shard's tables go straight into its bucket files,
+   then its completion marker. The model workers are long-lived actors: each loads the model once.
+4. **Publish**: the version-wide tables, reconciliation of every input row and user, the
+   manifest, then ``LATEST``; the staging folder is deleted.
+
+Killed at any point, the same command resumes: the shards, statistics and completed shards of
+the unpublished version are reused, and the published version is the one an uninterrupted run
+would have written.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
+import math
 
 from steerstore.infra.cluster import connect
 from steerstore.infra.store import SteeringStore
-from steerstore.jobs.refresh.caa import caa_stage
-from steerstore.jobs.refresh.common import Timer, package_version, redacted, where, where_not_null
+from steerstore.jobs.refresh.common import Timer
 from steerstore.jobs.refresh.config import (
     InputsConfig,
     OutputConfig,
@@ -20,15 +33,16 @@ from steerstore.jobs.refresh.config import (
     RefreshConfig,
     ResourcesConfig,
 )
-from steerstore.jobs.refresh.dps import dps_stage
+from steerstore.jobs.refresh.executor import run_shards
+from steerstore.jobs.refresh.globals import compute_globals
 from steerstore.jobs.refresh.inputs import read_input
-from steerstore.jobs.refresh.reconcile import print_summary, reconcile
-from steerstore.jobs.refresh.steerx import steerx_stage
-from steerstore.jobs.refresh.write import write_version
-from steerstore.operators.prepare import prepare_user_group
-from steerstore.operators.validate import ValidateRecords
-from steerstore.schemas.methods import Family
-from steerstore.schemas.store import Manifest
+from steerstore.jobs.refresh.pool import Pool
+from steerstore.jobs.refresh.publish import publish
+from steerstore.jobs.refresh.run import Run, run_key
+from steerstore.jobs.refresh.shards import Shards, count_users, prepare_shards
+from steerstore.operators.runtime.loading import model_shape
+from steerstore.operators.smoothing import resolve_model
+from steerstore.schemas.store import bucket_count
 
 __all__ = ["InputsConfig", "OutputConfig", "ReconciliationError", "RefreshConfig", "ResourcesConfig", "main",
            "read_input"]
@@ -37,89 +51,88 @@ log = logging.getLogger("steerstore")
 
 
 def main(config: RefreshConfig) -> dict:
-    """Run the refresh and publish a new store version. Returns the run summary."""
+    """Run the refresh (or resume an interrupted one) and publish a new store version. Returns the summary."""
     timer = Timer()
-    _start_ray(config)
+    connect(config.ray, min_cpus=_cpus_needed(config))
     if config.steerx.enabled and config.inputs.histories and config.steerx.smoothing.enabled:
         config.steerx.smoothing.check_engine()  # fail before any work when the engine cannot run
-    store = SteeringStore(config.output.store, config.storage)
-    version = store.new_version_id()
-    log.info("refresh -> %s version %s", config.output.store, version)
     inputs = {"preference_pairs": config.inputs.preference_pairs}
     if config.inputs.histories:
         inputs["histories"] = config.inputs.histories
-
-    records = validate(config, inputs, timer)
-    attributed = where_not_null(records, "user_id")
-    dps_active = config.dps.enabled and "histories" in inputs
-    steerx_active = config.steerx.enabled and "histories" in inputs
-    users = prepare(config, attributed, dps_active or steerx_active, timer)
-    ok_users = where(users, "status", "ok")
-    caa = caa_stage(config, users, ok_users, timer)
-    dps_out = dps_stage(config, ok_users, timer) if dps_active else None
-    steerx_out = steerx_stage(config, ok_users, timer) if steerx_active else None
-    model_info = _model_info(caa.model_info, caa.n_stored, dps_out, steerx_out)
-    eligibility = {"min_pairs": config.prepare.min_pairs, "min_histories": config.prepare.min_histories,
-                   "dps": dps_active, "steerx": steerx_active, "bt": caa.theta_pop is not None}
-    rec = reconcile(version, records, attributed, users, caa, dps_out, steerx_out, eligibility)
-    summary = rec.summary
-    tables, layout = write_version(config, store, version, caa, rec, dps_out, steerx_out)
-    timer.lap("write", f"{sum(t.rows for t in tables.values())} rows")
-    summary["stage_seconds"] = dict(timer.stages)
-    steerx_choice = ({"steerx": {"recommended": steerx_out["recommended"], "curve": steerx_out["calibration"]}}
-                     if steerx_out and steerx_out["recommended"] else {})
-    manifest = Manifest(
-        version=version, created_at=dt.datetime.now(dt.timezone.utc).isoformat(), model=model_info, tables=tables,
-        summary=summary, config=redacted(config), inputs=inputs, layout=layout,
-        methods=[f.value for f in Family if rec.method_counts.get(f)],
-        steerstore_version=package_version(), scale_choice=dict(caa.scale_curves, **steerx_choice))
-    store.publish(version, manifest.to_json_dict())
-    timer.lap("publish", f"LATEST -> {version}")
-    summary["stage_seconds"] = dict(timer.stages)
-    print_summary(summary, config.output.store)
+    active = {"dps": config.dps.enabled and "histories" in inputs,
+              "steerx": config.steerx.enabled and "histories" in inputs}
+    store = SteeringStore(config.output.store, config.storage)
+    run = Run.start(store, run_key(inputs, config))
+    shape = model_shape(config.model)
+    shards, estimated = _shards(config, run, inputs, active, shape, timer)
+    # the model workers start once the CPU phase is done (they hold their CPUs/GPUs for the rest of the run)
+    _check_cpus(config)
+    pool, gen = _workers(config, active["steerx"])
+    model = pool.info
+    if not run.check_model(model["model_fingerprint"]):
+        pool.shutdown()
+        gen.shutdown()
+        return main(config)  # the interrupted run used other weights: start a new version
+    timer.lap("workers", f"{len(pool)} model workers ({model['model_id']}); version {run.version}"
+              + (" (resumed)" if run.resumed else ""))
+    g = compute_globals(config, run, shards, pool, gen, model, estimated, active, timer)
+    result = run_shards(config, run, shards.with_users, pool, gen, g)
+    timer.lap("model pass", f"{result['computed']} shards computed, {result['reused']} reused")
+    stats = pool.stats() + ([] if gen is pool else gen.stats())
+    summary = publish(config, run, inputs, shards, g, result, stats, timer)
+    pool.shutdown()
+    if gen is not pool:
+        gen.shutdown()
     return summary
 
 
-def _start_ray(config: RefreshConfig) -> None:
-    import ray.data
-
-    connect(config.ray)
-    ray.data.DataContext.get_current().shuffle_strategy = {
-        "sort": ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED,
-        "hash": ray.data.context.ShuffleStrategy.HASH_SHUFFLE}[config.resources.shuffle]
-
-
-def validate(config: RefreshConfig, inputs: dict[str, str], timer: Timer):
-    """Every input row read and validated (bad rows stay, marked quarantined); materialized."""
-    from ray.data import ActorPoolStrategy
-
+def _cpus_needed(config: RefreshConfig) -> int:
+    """Logical CPUs the run holds at once: the model workers, the smoothing LLM's, and one for the writer tasks."""
     res = config.resources
-    validated = [
-        read_input(uri, config.inputs.format, config.storage).map_batches(
-            ValidateRecords, fn_constructor_kwargs={"kind": kind, "config": config.validate, "model": config.model},
-            compute=ActorPoolStrategy(size=res.validate_actors), batch_size=res.validate_batch_size,
-            batch_format="pyarrow")
-        for kind, uri in inputs.items()
-    ]
-    records = (validated[0].union(*validated[1:]) if len(validated) > 1 else validated[0]).materialize()
-    timer.lap("validate", f"{records.count()} input rows")
-    return records
+    return math.ceil((res.model_actors + res.generation_actors) * res.cpus_per_actor) + 1
 
 
-def prepare(config: RefreshConfig, attributed, history_methods: bool, timer: Timer):
-    """One row per user (CPU); duplicate ids and too-few-rows checks happen here; materialized."""
-    users = attributed.groupby("user_id", num_partitions=config.resources.prepare_partitions).map_groups(
-        prepare_user_group, fn_kwargs={"config": config.prepare, "history_methods": history_methods},
-        batch_format="pyarrow").materialize()
-    timer.lap("prepare", f"{users.count()} users")
-    return users
+def _check_cpus(config: RefreshConfig) -> None:
+    """Fail with the fix when the workers would take every CPU: the writer and reduce tasks would wait forever."""
+    import ray
+
+    have = ray.cluster_resources().get("CPU", 0)
+    need = _cpus_needed(config)
+    if have < need:
+        raise ValueError(f"the Ray cluster has {have:g} CPUs; this refresh needs {need}: {config.resources.model_actors} "
+                         f"model worker(s) and up to {config.resources.generation_actors} smoothing worker(s) of "
+                         f"resources.cpus_per_actor={config.resources.cpus_per_actor:g}, plus 1 for the writers. "
+                         "Lower resources.cpus_per_actor, or give Ray more (logical) CPUs: ray.num_cpus")
 
 
-def _model_info(info: dict, n_caa: int, dps_out: dict | None, steerx_out: dict | None) -> dict:
-    """The manifest's model entry: from CAA's rows, else DPS's, else SteerX's."""
-    info = dict(info)
-    if dps_out is not None and not n_caa and dps_out["model"] is not None:
-        info.update(id=dps_out["model"]["model_id"], fingerprint=dps_out["model"]["model_fingerprint"])
-    if steerx_out is not None and "fingerprint" not in info and steerx_out["model"] is not None:
-        info.update(id=steerx_out["model"]["model_id"], fingerprint=steerx_out["model"]["model_fingerprint"])
-    return info
+def _workers(config: RefreshConfig, steerx: bool) -> tuple[Pool, Pool]:
+    """The model workers, and the smoothing LLM's (the same pool when it is the job's model)."""
+    pool = Pool(config, config.model, config.resources.model_actors)
+    smoothing = resolve_model(config.steerx.smoothing, config.model)
+    if not steerx or not config.steerx.smoothing.enabled or smoothing == config.model:
+        return pool, pool
+    return pool, Pool(config, smoothing, config.resources.generation_actors, name="smoothing")
+
+
+def _shards(config: RefreshConfig, run: Run, inputs: dict[str, str], active: dict, model: dict,
+            timer: Timer) -> tuple[Shards, int]:
+    """``model``: the model's shape (num_layers, hidden_size), for the bucket count."""
+    """Phase 1, or its saved result when resuming."""
+    saved = run.read_json(run.shards_done_uri)
+    if saved is not None:
+        timer.lap("shards ready", f"{len(saved['summaries'])} shards of the interrupted run reused")
+        return Shards(saved["buckets"], saved["summaries"]), saved["estimated_users"]
+    estimated = count_users(config, inputs)
+    layers, _ = config.caa.resolve_layers(model["num_layers"])
+    per_user = len(layers)
+    if active["steerx"] and config.steerx.vectors.enabled:
+        per_user += len(config.steerx.vectors.resolve_layers(model["num_layers"])) * len(config.steerx.sources)
+    buckets = max(config.output.min_buckets,
+                  bucket_count(estimated, config.output.users_per_bucket, estimated * per_user * model["hidden_size"] * 4,
+                               config.output.bucket_bytes))
+    shards = prepare_shards(config, run, inputs, active["dps"] or active["steerx"], buckets, estimated)
+    run.write_json(run.shards_done_uri, {"buckets": buckets, "summaries": shards.summaries,
+                                         "estimated_users": estimated})
+    timer.lap("shards", f"{shards.total('records')} input rows, {shards.total('users')} users in "
+                        f"{len(shards.with_users)} shards of {buckets} buckets")
+    return shards, estimated

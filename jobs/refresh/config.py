@@ -40,12 +40,18 @@ class OutputConfig:
         4096, help="users per hash-bucket file of the per-user tables (fewer: smaller files and shuffle groups)")
     row_group_bytes: int = option(
         256 << 10, help="about this many bytes per Parquet row group of the per-user tables (what a lookup reads)")
+    vector_dtype: Literal["float32", "float16"] = option(
+        "float32", help="how stored vectors hold their values (float16: half the bytes; readers get float32)")
+    min_buckets: int = option(
+        16, help="at least this many hash buckets (= shards, the unit of work and resume): enough to keep every "
+                 "model worker busy even for few users")
     bucket_bytes: int = option(
         64 << 20, help="about this many bytes of vectors per bucket file at most: models with large vectors get "
                        "more buckets than users_per_bucket gives, so file footers and write tasks stay small")
 
     def __post_init__(self) -> None:
         check(self.users_per_bucket >= 1, "output.users_per_bucket must be >= 1")
+        check(self.min_buckets >= 1, "output.min_buckets must be >= 1")
         check(self.row_group_bytes >= 1024, "output.row_group_bytes must be >= 1024")
         check(self.bucket_bytes >= self.row_group_bytes, "output.bucket_bytes must be >= output.row_group_bytes")
 
@@ -61,19 +67,26 @@ class ResourcesConfig:
                      "Ray's default, starts ~10 s slower but scales to very many partitions)")
     prepare_partitions: int = option(
         8, help="hash partitions when grouping rows by user (raise to a few per CPU on a cluster)")
-    caa_actors: int = option(1, help="model actors per model stage (activations, DPS scoring; each loads the model once)")
-    caa_batch_size: int = option(16, help="users per activation batch")
-    dps_batch_size: int = option(4, help="users per DPS head-scoring batch (each user's items × candidate heads)")
-    embed_actors: int = option(1, help="sentence-encoder actors embedding users' histories for DPS clusters")
-    embed_gpus_per_actor: float = option(0.0, help="GPUs per sentence-encoder actor (0: CPU, one core each)")
-    gpus_per_actor: float = option(0.0, help="GPUs per activation actor (1 on a GPU cluster)")
+    model_actors: int = option(
+        1, help="model workers: long-lived actors that each load the model once and do every user's model work "
+                "(one per GPU on a GPU cluster)")
+    generation_actors: int = option(
+        1, help="workers for the smoothing LLM when it is not the job's model (else the model workers generate)")
+    caa_batch_size: int = option(16, help="users per model call for CAA activations and SteerX (within a shard)")
+    dps_batch_size: int = option(4, help="users per DPS head-scoring call (each user's items × candidate heads)")
+    gpus_per_actor: float = option(0.0, help="GPUs per model worker (1 on a GPU cluster)")
     cpus_per_actor: float = option(
-        2.0, help="CPUs reserved per activation actor; Ray sets the actor's torch threads to this (2 fits the demo machine)")
-    rows_per_file: int = option(100_000, help="most rows per Parquet file in the store")
+        2.0, help="CPUs reserved per model worker; Ray sets the actor's torch threads to this (2 fits the demo machine)")
+    shards_in_flight: int = option(
+        2, help="shards a model worker holds at once (one computing, one queued): bounds memory, keeps it busy")
+    shard_retries: int = option(1, help="retries of a shard's writer task after a failure")
+    actor_restarts: int = option(1, help="restarts of a model worker that died (its shard is retried)")
 
     def __post_init__(self) -> None:
-        check(min(self.validate_actors, self.caa_actors, self.embed_actors) >= 1, "resources: actor counts must be >= 1")
-        check(self.embed_gpus_per_actor >= 0, "resources.embed_gpus_per_actor must be >= 0")
+        check(min(self.validate_actors, self.model_actors, self.generation_actors) >= 1,
+              "resources: actor counts must be >= 1")
+        check(self.shards_in_flight >= 1 and self.shard_retries >= 0 and self.actor_restarts >= 0,
+              "resources: shards_in_flight >= 1, shard_retries and actor_restarts >= 0")
         check(self.prepare_partitions >= 1, "resources.prepare_partitions must be >= 1")
         check(min(self.validate_batch_size, self.caa_batch_size, self.dps_batch_size) >= 1,
               "resources: batch sizes must be >= 1")

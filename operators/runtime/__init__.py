@@ -29,6 +29,10 @@ ablating a query head leaves the other query heads of its group untouched.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import threading
+import weakref
 from typing import Literal, Sequence
 
 import torch
@@ -57,8 +61,29 @@ __all__ = [
 ]
 
 
+_SHARED: "weakref.WeakValueDictionary[str, ModelRuntime]" = weakref.WeakValueDictionary()
+_SHARED_LOCK = threading.Lock()
+LOADS = {"count": 0}  # models loaded by this process (the refresh reports it per worker)
+
+
 class ModelRuntime:
     """A loaded model plus everything operators do with it. Heavy imports happen in the modules."""
+
+    @classmethod
+    def shared(cls, config: ModelConfig) -> "ModelRuntime":
+        """The process's runtime for ``config``, loading it on first use.
+
+        Every operator of one worker process that asks for the same model gets the same
+        runtime, so a long-lived worker loads each model once however many stages it runs.
+        Held weakly: the runtime is freed when no operator uses it any more.
+        """
+        key = json.dumps(dataclasses.asdict(config), sort_keys=True, default=str)
+        with _SHARED_LOCK:
+            runtime = _SHARED.get(key)
+            if runtime is None:
+                runtime = cls(config)
+                _SHARED[key] = runtime
+            return runtime
 
     def __init__(self, config: ModelConfig | None = None, model: torch.nn.Module | None = None,
                  tokenizer=None):
@@ -66,6 +91,7 @@ class ModelRuntime:
         self.config = config or ModelConfig()
         if model is None:
             model, tokenizer = load_model(self.config)
+            LOADS["count"] += 1
         if tokenizer is None:
             raise ValueError("ModelRuntime needs a tokenizer with an explicit model")
         self.model = model.eval()

@@ -118,3 +118,14 @@ def load_model(config: ModelConfig) -> tuple[torch.nn.Module, object]:
         trust_remote_code=config.trust_remote_code)
     model.to(device)
     return model, tokenizer
+
+
+def model_shape(config: ModelConfig) -> dict:
+    """num_layers, hidden_size, num_heads of ``config``'s model from its config file alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(resolve_model_path(config.name_or_path),
+                                     trust_remote_code=config.trust_remote_code)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    return {"num_layers": int(cfg.num_hidden_layers), "hidden_size": int(cfg.hidden_size),
+            "num_heads": int(cfg.num_attention_heads)}

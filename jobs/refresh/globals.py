@@ -1,0 +1,335 @@
+"""Phase 2: the global statistics, from seeded user samples, before the per-user pass.
+
+Computed on the model workers (each loads its model once for the whole run):
+
+- CAA / BT: the population direction and the preference basis from the basis sample's mean
+  differences, θ_pop from their pairs' features, and the recommended α per method from a seeded
+  sample of their training pairs;
+- DPS: the k-means clusters (sentence-encoder embeddings of a sample), the population PCS
+  baseline (every head ablated for a small exact sample) and each cluster's heads;
+- SteerX: the counterfactual pool (an exact sample's items) and the recommended style-vector
+  layer and γ (leave-one-item-out calibration on an exact sample, which runs the whole SteerX
+  chain for those users).
+
+The sample users' results (CAA rows, the calibration users' SteerX rows) are written to the
+staging folder per bucket, so the per-user pass reuses them instead of computing them again.
+The statistics are saved with the run: a resumed run uses exactly the same ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from steerstore.infra import storage
+from steerstore.infra.artifacts import compose
+from steerstore.jobs.refresh.common import Timer
+from steerstore.jobs.refresh.config import RefreshConfig
+from steerstore.jobs.refresh.pool import Pool
+from steerstore.jobs.refresh.run import Run
+from steerstore.jobs.refresh.samples import Sample, choose, sample_plan
+from steerstore.jobs.refresh.shards import Shards
+from steerstore.jobs.refresh.tables import MODEL_FIELDS, dps_population_table
+from steerstore.jobs.refresh.workers import ok_rows, read_rows
+from steerstore.operators.bt import build_basis, feature_scales, in_sample, population_theta
+from steerstore.operators.caa import vector_row
+from steerstore.operators.cluster import kmeans, routing_weights
+from steerstore.operators.dps import PopulationPCS, cluster_sequences, dps_user_rows
+from steerstore.operators.steerx import choose_recommended
+
+log = logging.getLogger("steerstore")
+
+
+def compute_globals(config: RefreshConfig, run: Run, shards: Shards, pool: Pool, gen: Pool, model: dict,
+                    estimated_users: int, history_methods: dict[str, bool], timer: Timer) -> dict:
+    """The run's global statistics (saved in staging; a resumed run reads them back)."""
+    saved = _load(run)
+    if saved is not None:
+        log.info("refresh: global statistics of the interrupted run reused")
+        return saved
+    sampler = Sampler(config, run, shards, sample_plan(config, estimated_users))
+    g: dict = {"model": model, "dps_active": history_methods["dps"], "steerx_active": history_methods["steerx"],
+               "population_mean": None, "population_row": None, "basis": None, "feature_norms": None,
+               "theta_pop": None, "n_sample": 0, "sample_fraction": 0.0, "caa_sample": [],
+               "scales": {"population": config.caa.scale, "caa": config.caa.scale, "bt": config.bt.scale},
+               "scale_curves": {}, "dps_centroids": None, "dps_population": None, "dps_model": None,
+               "dps_clusters": None, "steerx_pool": [], "steerx_recommended": {}, "steerx_calibration": [],
+               "steerx_calibrated": [], "samples": {}}
+    if shards.eligible("bt"):
+        _caa(config, run, sampler, pool, g, model)
+        timer.lap("sample caa", f"population and basis from {g['n_sample']} users"
+                  + (f"; α {g['scales']}" if g["scale_curves"] else ""))
+    if g["dps_active"] and shards.eligible("dps_baseline"):
+        _dps(config, sampler, pool, g, model)
+        timer.lap("sample dps", f"{0 if g['dps_centroids'] is None else len(g['dps_centroids'])} clusters, baseline "
+                                f"of {0 if g['dps_population'] is None else g['dps_population'].users} users")
+    if g["steerx_active"] and shards.eligible("steerx_pool"):
+        _steerx(config, run, sampler, pool, gen, g)
+        timer.lap("sample steerx", f"pool of {len(g['steerx_pool'])} items, calibration on "
+                                   f"{len(g['steerx_calibrated'])} users")
+    g["samples"] = {k: {"users": len(s.users), "eligible": s.eligible, "fraction": s.fraction}
+                    for k, s in sampler.chosen.items()}
+    storage.write_bytes(run.globals_uri, pickle.dumps(g), config.storage)
+    return g
+
+
+def _load(run: Run) -> dict | None:
+    try:
+        return pickle.loads(storage.read_bytes(run.globals_uri, run.store.storage))
+    except FileNotFoundError:
+        return None
+
+
+class Sampler:
+    """Chooses samples from the shards' candidate files and hands out the sampled users' rows."""
+
+    def __init__(self, config: RefreshConfig, run: Run, shards: Shards, plan: dict[str, float]):
+        self.config, self.run, self.shards, self.plan = config, run, shards, plan
+        self.chosen: dict[str, Sample] = {}
+        self._index: dict[str, list[dict]] = {}  # "candidates" | "shards" -> (user_id, bucket, pairs, histories)
+
+    def _rows(self, source: str) -> list[dict]:
+        """user_id, bucket and list lengths of every candidate (or, as a fallback, of every user)."""
+        if source not in self._index:
+            uri = self.run.candidates_uri if source == "candidates" else self.run.shard_uri
+            rows = []
+            for b in self.shards.with_users:
+                t = read_rows(uri(b), self.config)
+                if source == "shards":
+                    t = ok_rows(t)
+                rows += [{"user_id": u, "bucket": b, "pairs": [None] * n_p, "histories": [None] * n_h}
+                         for u, n_p, n_h in zip(t.column("user_id").to_pylist(),
+                                                pc.list_value_length(t.column("pairs")).to_pylist(),
+                                                pc.list_value_length(t.column("histories")).to_pylist())]
+            self._index[source] = rows
+        return self._index[source]
+
+    def sample(self, kind: str) -> Sample:
+        if kind not in self.chosen:
+            eligible = self.shards.eligible(kind)
+            try:
+                s = choose(kind, self.config, self._rows("candidates"), eligible, self.plan)
+            except ValueError as exc:
+                log.info("refresh: %s; reading every shard for this sample", exc)
+                s = choose(kind, self.config, self._rows("shards"), eligible, {})
+            self.chosen[kind] = s
+        return self.chosen[kind]
+
+    def selection(self, users: list[str]) -> dict[int, tuple[str, list[str]]]:
+        """bucket -> (file holding the users, their ids): what a worker reads to get these users' rows."""
+        wanted = set(users)
+        source = "candidates" if all(u in {r["user_id"] for r in self._rows("candidates")} for u in wanted) \
+            else "shards"
+        uri = self.run.candidates_uri if source == "candidates" else self.run.shard_uri
+        out: dict[int, tuple[str, list[str]]] = {}
+        for r in self._rows(source):
+            if r["user_id"] in wanted:
+                out.setdefault(r["bucket"], (uri(r["bucket"]), []))[1].append(r["user_id"])
+        return out
+
+    def users_table(self, users: list[str]) -> pa.Table:
+        """The full rows of a few sampled users (read on the driver: only for small samples)."""
+        parts = []
+        for uri, ids in self.selection(users).values():
+            t = read_rows(uri, self.config)
+            parts.append(t.filter(pa.compute.is_in(t.column("user_id"), pa.array(ids, pa.string()))))
+        return pa.concat_tables(parts).sort_by("user_id") if parts else pa.table({"user_id": pa.array([], pa.string())})
+
+
+# ---- CAA and BT ---------------------------------------------------------------------------------
+
+def _caa(config: RefreshConfig, run: Run, sampler: Sampler, pool: Pool, g: dict, model: dict) -> None:
+    import ray
+
+    sample = sampler.sample("bt")
+    g["sample_fraction"] = sample.fraction
+    # bucket b's sample users go to worker b mod n: each bucket's cache file is written by one worker;
+    # the sample's mean differences go from the workers to one reduce task, never to the driver
+    refs = pool.by_bucket_refs("caa_sample", sampler.selection(sample.users))
+    reduced = ray.get(ray.remote(_reduce_caa_sample).options(num_cpus=1).remote(
+        config.bt.k if config.bt.enabled else 0, *refs))
+    if reduced is None:
+        return
+    population = reduced["population"]
+    g.update(population_mean=population, n_sample=len(reduced["users"]), caa_sample=[u for u, _ in reduced["users"]],
+             basis=reduced["basis"], feature_norms=reduced["feature_norms"])
+    layers, recommended = config.caa.resolve_layers(model["num_layers"])
+    g["population_row"] = vector_row(
+        None, "population", population, reduced["n_pairs"], None, layers=layers, recommended=recommended,
+        positions=config.caa.apply_positions, scale=config.caa.scale, hidden_size=model["hidden_size"],
+        model_id=model["model_id"], model_fingerprint=model["model_fingerprint"])
+    if config.bt.enabled:
+        pooled = sorted((f for out in pool.call_all("sample_features", g["basis"], g["feature_norms"]) for f in out),
+                        key=lambda f: f[0])
+        x = np.concatenate([f[1] for f in pooled]).reshape(-1, config.bt.k)
+        weights = np.concatenate([f[2] for f in pooled])
+        g["theta_pop"] = population_theta(x, weights, config.bt)
+    if config.scale.enabled:
+        _scales(config, sampler, pool, g, reduced["users"])
+    g["population_row"]["recommended_scale"] = g["scales"]["population"]
+    pool.call_all("cache_caa_sample", _public(g), run.staging)
+    pool.call_all("drop_sample")
+
+
+def _reduce_caa_sample(k: int, *outputs: list[dict]) -> dict | None:
+    """The sample's population direction (Σ w·mean / Σ w), and with ``k`` the basis and feature scales."""
+    means = sorted((r for out in outputs for r in out), key=lambda r: r["user_id"])
+    if not means:
+        return None
+    w = np.asarray([r["weight_sum"] for r in means])
+    stacked = np.stack([r["mean"] for r in means])  # (users, layers, hidden)
+    population = (np.einsum("u,ulh->lh", w, stacked) / w.sum()).astype(np.float32)
+    out = {"population": population, "n_pairs": int(sum(r["n_pairs"] for r in means)),
+           "users": [(r["user_id"], r["n_pairs"]) for r in means], "basis": None, "feature_norms": None}
+    if k:
+        out.update(basis=build_basis(stacked, population, k), feature_norms=feature_scales(stacked))
+    return out
+
+
+def _scales(config: RefreshConfig, sampler: Sampler, pool: Pool, g: dict, users: list[tuple[str, int]]) -> None:
+    """α per method, from a seeded sample of the basis-sample users' own training pairs."""
+    candidates = [(u, j) for u, n in users for j in range(n)]
+    rng = np.random.default_rng(config.scale.seed)
+    picked = [candidates[i] for i in sorted(rng.choice(len(candidates), min(config.scale.sample_pairs,
+                                                                           len(candidates)), replace=False))]
+    users = sorted({u for u, _ in picked})
+    rows = {r["user_id"]: r for r in sampler.users_table(users).to_pylist()}
+    pairs = [rows[u]["pairs"][j] for u, j in picked]
+    finals: dict = {}
+    for out in pool.call_all("sample_finals", users, g["population_mean"], g["theta_pop"], g["basis"],
+                             g["feature_norms"]):
+        finals.update(out)
+    row = g["population_row"]
+    layers, stored = list(row["recommended_layers"]), list(row["layers"])
+    at = [stored.index(l) for l in layers]
+    population = g["population_mean"]
+    methods = {
+        "population": {l: np.stack([population[j]] * len(picked)) for l, j in zip(layers, at)},
+        "caa": {l: np.stack([finals[u]["vectors"][j] for u, _ in picked]) for l, j in zip(layers, at)},
+    }
+    if g["theta_pop"] is not None:
+        norms = np.linalg.norm(population, axis=-1).astype(np.float64)
+        composed = {u: compose(finals[u]["theta"], g["basis"], norms) for u in users}
+        methods["bt"] = {l: np.stack([composed[u][j] for u, _ in picked]) for l, j in zip(layers, at)}
+    result = pool.first("choose_scales", pairs, methods, row["positions"])
+    g["scale_curves"] = {**result, "pairs": len(picked), "users": len(users)}
+    g["scales"].update({m: r["alpha"] for m, r in result.items() if m in g["scales"]})
+
+
+# ---- DPS ----------------------------------------------------------------------------------------
+
+def _dps(config: RefreshConfig, sampler: Sampler, pool: Pool, g: dict, model: dict) -> None:
+    dps = config.dps
+    shape = (model["num_layers"], model["num_heads"])
+    dps_model = {k: model[k] for k in MODEL_FIELDS}
+    g["dps_model"] = dps_model
+    pop_rows = []
+    if dps.pcs_baseline == "population":
+        sample = sampler.sample("dps_baseline")
+        rows = dps_user_rows(sampler.users_table(sample.users), dps.history)
+        scored = [r for out in pool.spread("dps_score", rows, full=True) for r in out.to_pylist()]
+        pop_rows = sorted((r for r in scored if r["status"] == "ok"), key=lambda r: r["user_id"])
+        if not pop_rows:
+            reasons = sorted({r["reason"] for r in scored})[:3]
+            raise RuntimeError(f"dps: none of the {len(scored)} users of the baseline sample could be scored "
+                               f"({reasons}); fix those users or run with dps.pcs_baseline=none")
+        g["dps_population"] = PopulationPCS.from_rows(pop_rows, shape)
+    if dps.clusters:
+        sample = sampler.sample("dps_clusters")
+        embedded = pool.spread_selection("embed_sequences", sampler.selection(sample.users))
+        table = pa.concat_tables(embedded).sort_by("user_id")
+        emb = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
+        centroids, _, _ = kmeans(emb, min(dps.clusters, len(emb)), seed=dps.seed)
+        labels, _ = routing_weights(emb, centroids, dps.routing_temperature)
+        counts = {int(c): int(n) for c, n in zip(*np.unique(labels, return_counts=True))}
+        members = []
+        for c, count in sorted(counts.items()):
+            fraction = min(1.0, 4 * dps.cluster_items / count)
+            members += [{"user_id": u, "cluster": int(lab), "sequences": seqs}
+                        for u, lab, seqs in zip(table.column("user_id").to_pylist(), labels.tolist(),
+                                                table.column("sequences").to_pylist())
+                        if lab == c and in_sample(u, dps.seed + 1, fraction)]
+        pseudo = [{"user_id": f"cluster:{c}", "scope": "cluster", "sequences": seqs, "cluster": c, "routing": None,
+                   "content_fingerprint": None}
+                  for c, seqs in cluster_sequences(members, len(centroids), dps.cluster_items, dps.seed).items()]
+        g["dps_centroids"] = centroids
+        g["dps_sample_counts"] = counts
+        results = {}
+        if pseudo:
+            table = pa.Table.from_pylist(pseudo, schema=_PSEUDO_SCHEMA)
+            scored = pool.first("dps_score_with", table, g["dps_population"])
+            results = {int(r["cluster"]): r for r in scored.to_pylist()}
+        g["dps_clusters"] = results
+        if not dps.per_user and not any(r["status"] == "ok" for r in results.values()):
+            raise RuntimeError("dps: no cluster could be scored, so users have no heads (dps.per_user=false)")
+    g["dps_population_table"] = dps_population_table(g["dps_population"], dps_model)
+
+
+_PSEUDO_SCHEMA = pa.schema([("user_id", pa.string()), ("scope", pa.string()),
+                            ("sequences", pa.list_(pa.struct([("prompt", pa.string()), ("output", pa.string())]))),
+                            ("cluster", pa.int32()), ("routing", pa.list_(pa.float32())),
+                            ("content_fingerprint", pa.string())])
+
+
+# ---- SteerX -------------------------------------------------------------------------------------
+
+def _steerx(config: RefreshConfig, run: Run, sampler: Sampler, pool: Pool, gen: Pool, g: dict) -> None:
+    sx = config.steerx
+    if sx.counterfactual == "other_users":
+        sample = sampler.sample("steerx_pool")
+        for r in sampler.users_table(sample.users).to_pylist():
+            g["steerx_pool"] += [{**h, "user_id": r["user_id"]} for h in r["histories"][-sx.history.max_items:]]
+    pool.call_all("set_globals", _public(g))
+    if not sx.vectors.enabled:
+        return
+    sample = sampler.sample("steerx_calibration")
+    users = sampler.users_table(sample.users)
+    users = users.filter(pc.greater_equal(pc.list_value_length(users.column("histories")),
+                                          config.prepare.min_histories))
+    if users.num_rows == 0:
+        return
+    state = pool.first("calibration_anchors", users)
+    state = gen.first("describe_shard", state)
+    styled = pool.first("calibration_styles", state)
+    curve = [c for r in styled.to_pylist() if r["status"] == "ok" for c in (r["calibration"] or [])]
+    g["steerx_calibration"] = curve
+    g["steerx_recommended"] = choose_recommended(curve)
+    g["steerx_calibrated"] = sorted(styled.column("user_id").to_pylist())
+    for source, choice in g["steerx_recommended"].items():
+        if not choice["improves"]:
+            log.warning("steerx %s vectors: no layer and γ of steerx.vectors.gamma_grid raised the held-out "
+                        "likelihood of the calibration users' responses (best %+.3f nats/token at layer %d, γ=%g); "
+                        "add smaller γ or other layers", source, choice["gain_per_token"], choice["layer"],
+                        choice["gamma"])
+    _cache_steerx(run, config, state, styled)
+
+
+def _cache_steerx(run: Run, config: RefreshConfig, state: dict, styled: pa.Table) -> None:
+    """The calibration users' SteerX rows, per bucket, for the user pass to reuse."""
+    described = state.get("described")
+    by_bucket: dict[int, list[str]] = {}
+    for u, b in zip(state["users"].column("user_id").to_pylist(), state["users"].column("bucket").to_pylist()):
+        by_bucket.setdefault(int(b), []).append(u)
+    for b, ids in by_bucket.items():
+        keep = pa.array(ids, pa.string())
+        pick = lambda t: None if t is None else t.filter(pc.is_in(t.column("user_id"), keep))  # noqa: E731
+        payload = {"users": sorted(ids), "anchors": pick(state.get("anchors")), "described": pick(described),
+                   "styles": pick(styled),
+                   "failed": {u: r for u, r in state["failed"]["steerx"].items() if u in set(ids)}}
+        storage.write_bytes(cache_uri(run, "steerx", b), pickle.dumps(payload), config.storage)
+
+
+def cache_uri(run: Run, kind: str, bucket: int) -> str:
+    return storage.join(run.staging, "cache", kind, f"{bucket:05d}.pkl")
+
+
+def _public(g: dict) -> dict:
+    """What workers need of the statistics (no tables meant for the manifest)."""
+    return {k: v for k, v in g.items() if k not in ("dps_population_table", "scale_curves", "steerx_calibration")}
+
+
+__all__ = ["Sampler", "cache_uri", "compute_globals"]

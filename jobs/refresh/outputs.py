@@ -1,0 +1,144 @@
+"""The per-shard writer (a CPU task): one shard's rows of every table, straight into the version's layout.
+
+Per-user tables (``vectors``, ``users``, ``bt_coords``, ``dps_heads``, ``steerx_users``) get the
+shard's bucket file; ``quarantine`` and ``steerx_token_effects`` a part file per shard. The last
+write is the shard's completion marker: its files, row counts, reconciliation counts, and the
+shard's partial population sums (for the full-population drift check at publish). A shard with
+a marker is never computed again by a resumed run.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+
+from steerstore.infra import storage
+from steerstore.jobs.refresh.config import ReconciliationError, RefreshConfig
+from steerstore.jobs.refresh.run import Run
+from steerstore.jobs.refresh.tables import (
+    steerx_effect_rows,
+    steerx_user_rows,
+    steerx_vector_rows,
+    user_quarantine,
+    users_rows,
+)
+from steerstore.jobs.refresh.workers import read_rows
+from steerstore.schemas.store import (
+    QUARANTINE_SCHEMA,
+    STEERX_TOKEN_EFFECTS_SCHEMA,
+    STORE_TABLES,
+    VECTORS_SCHEMA,
+    conform,
+    vectors_schema,
+)
+
+
+def _concat(parts: list) -> pa.Table | None:
+    parts = [p for p in parts if p is not None and p.num_rows]
+    if not parts:
+        return None
+    schema = parts[0].schema
+    return pa.concat_tables([p.select(schema.names).cast(schema) for p in parts])
+
+
+def merge_cached_steerx(state: dict) -> dict:
+    """Fold the bucket's calibration users (computed in the sample phase) into the shard state."""
+    cached = state.pop("cached_steerx", None)
+    if cached:
+        for key in ("anchors", "described", "styles"):
+            state[key] = _concat([state.get(key), cached.get(key)])
+    return state
+
+
+def write_shard(state: dict, run: Run, config: RefreshConfig, g: dict) -> dict:
+    """Write the shard's rows of every table, then its marker; returns the marker."""
+    state = merge_cached_steerx(state)
+    bucket, users, failed = state["bucket"], state["users"], state["failed"]
+    sx = config.steerx
+    eligibility = {"min_pairs": config.prepare.min_pairs, "min_histories": config.prepare.min_histories,
+                   "dps": g["dps_active"], "steerx": g["steerx_active"], "bt": g["theta_pop"] is not None}
+    described = state.get("described")
+    styles = state.get("styles")
+    steerx_ok = described
+    if sx.vectors.enabled and described is not None:
+        done = set() if styles is None else set(styles.column("user_id").to_pylist())
+        steerx_ok = described.filter(pa.array([u in done for u in described.column("user_id").to_pylist()]))
+        for u in described.column("user_id").to_pylist():  # anchors and description but no vectors: quarantined
+            if u not in done and u not in failed["steerx"]:
+                failed["steerx"][u] = "steerx style vectors: not computed"
+    caa = state.get("caa")
+    tables: dict[str, pa.Table | None] = {
+        "vectors": _concat([None if caa is None else conform(caa, VECTORS_SCHEMA),
+                            None if styles is None else steerx_vector_rows(styles, sx, g["steerx_recommended"])]),
+        "users": users_rows(users, failed, eligibility),
+        "bt_coords": caa if eligibility["bt"] else None,
+        "dps_heads": state.get("dps"),
+        "steerx_users": None if steerx_ok is None or not steerx_ok.num_rows else steerx_user_rows(steerx_ok, sx),
+    }
+    store = run.store
+    files: dict[str, list[str]] = {}
+    rows: dict[str, int] = {}
+    schemas = {**STORE_TABLES, "vectors": vectors_schema(g["model"]["hidden_size"], config.output.vector_dtype)}
+    for table, data in tables.items():
+        if data is not None and data.num_rows:
+            files[table] = [store.write_bucket(run.version, table, bucket, data, schemas[table],
+                                               config.output.row_group_bytes)]
+            rows[table] = data.num_rows
+    validation = read_rows(run.shard_quarantine_uri(bucket), config)
+    quarantine = _concat([validation, user_quarantine(users, failed)]) or QUARANTINE_SCHEMA.empty_table()
+    name = f"part-{bucket:05d}.parquet"
+    if quarantine.num_rows:
+        storage.write_parquet(storage.join(store.table_uri(run.version, "quarantine"), name),
+                              conform(quarantine, QUARANTINE_SCHEMA), config.storage)
+        files["quarantine"], rows["quarantine"] = [name], quarantine.num_rows
+    if sx.token_effects and steerx_ok is not None and steerx_ok.num_rows:
+        effects = steerx_effect_rows(steerx_ok)
+        if effects.num_rows:
+            storage.write_parquet(storage.join(store.table_uri(run.version, "steerx_token_effects"), name),
+                                  conform(effects, STEERX_TOKEN_EFFECTS_SCHEMA), config.storage)
+            files["steerx_token_effects"], rows["steerx_token_effects"] = [name], effects.num_rows
+    marker = {"bucket": bucket, "files": files, "rows": rows,
+              "counts": _counts(tables["users"], quarantine, tables, state),
+              "cluster_counts": _cluster_counts(state.get("dps")),
+              "model_fingerprint": g["model"]["model_fingerprint"]}
+    if state.get("caa_partial") is not None:
+        buf = io.BytesIO()
+        np.savez(buf, **state["caa_partial"])
+        storage.write_bytes(partial_uri(run, bucket), buf.getvalue(), config.storage)
+    run.write_json(run.marker_uri(bucket), marker)
+    return marker
+
+
+def _counts(users: pa.Table, quarantine: pa.Table, tables: dict, state: dict) -> dict:
+    status = Counter(users.column("status").to_pylist())
+    methods = Counter(m for ms in users.column("methods").to_pylist() for m in ms)
+    by_input = Counter(quarantine.column("input").to_pylist())
+    stored = {"caa": 0 if state.get("caa") is None else state["caa"].num_rows,
+              "dps": 0 if tables["dps_heads"] is None else tables["dps_heads"].num_rows,
+              "steerx": 0 if tables["steerx_users"] is None else tables["steerx_users"].num_rows}
+    counts = {"users_in": users.num_rows, "users_stored": status.get("stored", 0),
+              "users_quarantined": status.get("quarantined", 0), "users_by_method": dict(methods),
+              "rows_kept": int(sum(users.column("n_pairs_valid").to_pylist())
+                               + sum(users.column("n_histories_valid").to_pylist())),
+              "rows_quarantined": sum(n for k, n in by_input.items() if k != "user"),
+              "quarantine_rows": quarantine.num_rows, "stored": stored}
+    if (counts["users_stored"] + counts["users_quarantined"] != counts["users_in"]
+            or any(methods.get(m, 0) != n for m, n in stored.items())):
+        raise ReconciliationError(f"shard {state['bucket']} does not reconcile: {counts}")
+    return counts
+
+
+def _cluster_counts(dps: pa.Table | None) -> dict[str, int]:
+    if dps is None or "cluster" not in dps.column_names:
+        return {}
+    return {str(c): n for c, n in Counter(c for c in dps.column("cluster").to_pylist() if c is not None).items()}
+
+
+def partial_uri(run: Run, bucket: int) -> str:
+    return storage.join(run.staging, "partials", f"{bucket:05d}.npz")
+
+
+__all__ = ["merge_cached_steerx", "partial_uri", "write_shard"]
