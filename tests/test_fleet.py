@@ -285,3 +285,20 @@ def test_the_stored_dps_heads_steerx_anchors_and_bt_points_equal_an_in_process_c
         assert stored["n_tokens"] == scored.column("n_tokens")[0].as_py()
         np.testing.assert_allclose(stored["base_nll"], scored.column("base_nll")[0].as_py(), rtol=1e-4)
         assert stored["heads"], u  # the user has preference heads
+
+
+@pytest.mark.slow
+def test_the_scale_benchmark_runs_the_refresh_and_reports_its_figures(ray_cluster, tmp_path):
+    from steerstore.jobs.bench import scale
+
+    result = scale.main(scale.BenchScaleConfig(users=24, out=str(tmp_path / "out"), json=str(tmp_path / "f" /
+                                                                                             "bench-scale-24.json")))
+    for key in ("users", "seconds", "users_per_second", "peak_driver_rss_bytes", "peak_object_store_bytes",
+                "model_loads", "busy_fraction"):
+        assert key in result, key
+    assert result["users_stored"] == 24 and result["users_by_method"] == {"caa": 24, "bt": 24, "dps": 24, "steerx": 24}
+    assert result["model_loads"] == result["model_workers"] == 2
+    assert 0 < result["busy_fraction"]["user_pass"] <= 1
+    assert result["store_bytes_per_user"]["vectors"] > 0
+    table = (tmp_path / "f" / "bench-scale.md").read_text()
+    assert "| 24 | float32 |" in table and "bench-scale-24.json" in table
