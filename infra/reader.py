@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from steerstore.infra.artifacts import compose, serving_heads
-from steerstore.infra.storage import StorageConfig, join, open_parquet
+from steerstore.infra.storage import StorageConfig, join, open_parquet, with_retries
 from steerstore.infra.store import SteeringStore
 from steerstore.schemas.methods import Family
 from steerstore.schemas.store import (
@@ -120,6 +120,11 @@ def _from_row(row: dict) -> UserVectors:
         n_pairs=int(row["n_pairs"] or 0))
 
 
+def _read_groups(opened, groups: list[int]) -> pa.Table:
+    with opened.lock:
+        return opened.file.read_row_groups(groups)
+
+
 def _rows_of(table: pa.Table) -> list[dict]:
     """Python rows; a ``vectors`` column (list of per-layer lists) becomes one (layers, hidden) array per row."""
     if "vectors" not in table.column_names or table.num_rows == 0:
@@ -172,7 +177,8 @@ class StoreReader:
     """Looks up users in one version of a store (the latest unless pinned).
 
     Lookups never raise for ids that are absent or malformed: those users are simply missing
-    from the result (``artifacts`` says why). Thread-safe; the LRU cache keeps the rows of about
+    from the result (``artifacts`` says why). Storage errors are retried within the store's
+    ``StorageConfig`` (``retries``, ``retry_budget_s``: give a serving process seconds, not minutes). Thread-safe; the LRU cache keeps the rows of about
     ``cache_users`` users (each table's rows of a user are one entry; 0 disables it), and the
     footers of the ``open_files`` most recently used bucket files (each about 100 bytes per row
     group and column, read again from storage when evicted).
@@ -267,8 +273,8 @@ class StoreReader:
                 opened = self._bucket_file(table, bucket)
                 groups = opened.groups(wanted) if opened is not None else []
                 if groups:
-                    with opened.lock:
-                        part = opened.file.read_row_groups(groups)
+                    part = with_retries(lambda o=opened, g=groups: _read_groups(o, g), self.store.storage,
+                                        f"look up {len(wanted)} user(s) in {table} bucket {bucket}")
                     part = part.filter(pc.is_in(part["user_id"], value_set=pa.array(wanted, pa.string())))
                     for row in _rows_of(part):
                         fetched[row["user_id"]].append(row)

@@ -75,3 +75,148 @@ def read_records(uri: str, cfg: StorageConfig | None = None) -> list[dict]:
             raise ValueError(f"{uri} line {n}: {problem}")
         rows.append(row)
     return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming input rows (the refresh): every line or Parquet row becomes one text row, or a problem
+# ----------------------------------------------------------------------------------------------
+
+ROW_TEXT_SCHEMA = None  # built lazily (pyarrow import) by row_text_schema()
+_MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bz2"}
+MAX_LINE_BYTES = 16 << 20
+
+
+def row_text_schema():
+    import pyarrow as pa
+
+    global ROW_TEXT_SCHEMA
+    if ROW_TEXT_SCHEMA is None:
+        ROW_TEXT_SCHEMA = pa.schema([("text", pa.string()), ("path", pa.string()), ("line", pa.int64()),
+                                     ("problem", pa.string())])
+    return ROW_TEXT_SCHEMA
+
+
+def sniff(head: bytes, name: str) -> tuple[str, str | None]:
+    """(format, compression) of a file from its first bytes: Parquet by its magic, else JSON Lines (maybe compressed)."""
+    if head[:4] == b"PAR1" or (name.lower().endswith(PARQUET_EXT) and not head):
+        return "parquet", None
+    for magic, codec in _MAGIC.items():
+        if head.startswith(magic):
+            return "jsonl", codec
+    return "jsonl", None
+
+
+def _json_default(value):
+    import datetime as dt
+    import decimal
+
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8")  # UnicodeDecodeError: the row is quarantined
+    raise TypeError(f"a value of type {type(value).__name__} cannot be read as JSON")
+
+
+def _decode(line: bytes) -> tuple[str, str | None]:
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    try:
+        return line.decode("utf-8"), None
+    except UnicodeDecodeError as exc:
+        return line.decode("utf-8", "replace"), f"invalid UTF-8 (byte 0x{line[exc.start]:02x} at offset {exc.start})"
+
+
+def _jsonl_rows(stream, chunk_bytes: int) -> Iterator[tuple[str, int, str | None]]:
+    """(text, line number, problem) of every non-blank line of a byte stream; split on ``\\n`` only."""
+    pending, number, skipping = b"", 0, False
+    while True:
+        chunk = stream.read(chunk_bytes)
+        if not chunk:
+            break
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            if skipping:  # the rest of a line that was too long
+                skipping = False
+                continue
+            number += 1
+            if line.strip():
+                yield _row(line, number)
+        if len(pending) > MAX_LINE_BYTES:
+            if not skipping:
+                number += 1
+                yield "", number, f"line longer than {MAX_LINE_BYTES} bytes"
+            pending, skipping = b"", True
+    if pending.strip() and not skipping:
+        yield _row(pending, number + 1)
+
+
+def _row(line: bytes, number: int) -> tuple[str, int, str | None]:
+    if number == 1 and line.startswith(b"\xef\xbb\xbf"):  # a byte-order mark
+        line = line[3:]
+    text, problem = _decode(line)
+    return text, number, problem
+
+
+def _parquet_rows(handle, batch_rows: int) -> Iterator[tuple[str, int, str | None]]:
+    import pyarrow.parquet as pq
+
+    number = 0
+    for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_rows):
+        for row in batch.to_pylist():
+            number += 1
+            try:
+                yield json.dumps(row, default=_json_default, ensure_ascii=False, allow_nan=True), number, None
+            except (TypeError, ValueError, UnicodeDecodeError) as exc:
+                yield json.dumps({k: (v if isinstance(v, (str, int, float, bool)) or v is None else repr(v)[:200])
+                                  for k, v in row.items()}, ensure_ascii=False), number, \
+                    f"row cannot be read as text: {exc}"
+
+
+def row_batches(uri: str, cfg: StorageConfig | None = None, fmt: str = "auto", batch_rows: int = 8192,
+                chunk_bytes: int = 8 << 20):
+    """Arrow tables (``row_text_schema``) of one input file: a JSON text per JSONL line or Parquet row.
+
+    Nothing in a file stops the read: a line that is not UTF-8 carries its ``problem`` (its text
+    decoded with replacement characters, so its user can still be named); compression (gzip, zstd,
+    bz2) is found from the first bytes, not the name; Parquet files are read one by one, each with
+    its own schema, and every row becomes JSON text, so files whose column types differ never
+    meet in one Arrow schema; a file that cannot be read past some point gives one problem row.
+    Blank lines are skipped.
+    """
+    import pyarrow as pa
+
+    schema = row_text_schema()
+    fs, path = storage.filesystem(uri, cfg)
+
+    def table(rows: list) -> "pa.Table":
+        return pa.table({"text": [r[0] for r in rows], "path": [uri] * len(rows), "line": [r[1] for r in rows],
+                         "problem": [r[2] for r in rows]}, schema=schema)
+
+    rows: list = []
+    number = 0
+    try:
+        with fs.open_input_stream(path, compression=None) as raw:
+            head = raw.read(4)
+        kind, codec = sniff(head, uri)
+        kind = fmt if fmt != "auto" else kind
+        if kind == "parquet":
+            source = fs.open_input_file(path)
+            it = _parquet_rows(source, batch_rows)
+        else:
+            source = fs.open_input_stream(path, compression=codec)
+            it = _jsonl_rows(source, chunk_bytes)
+        with source:
+            for text, number, problem in it:
+                rows.append((text, number, problem))
+                if len(rows) >= batch_rows:
+                    yield table(rows)
+                    rows = []
+    except Exception as exc:  # noqa: BLE001 — a corrupt or truncated file: its rows so far, then one problem row
+        if storage.is_transient(exc):
+            raise  # the storage, not the file: the read task is retried
+        rows.append(("", number + 1, f"file unreadable after row {number}: {type(exc).__name__}: {exc}"[:500]))
+    if rows:
+        yield table(rows)

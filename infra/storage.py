@@ -6,6 +6,8 @@ S3-compatible server, and on AWS; transient errors are retried in one place (``w
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import posixpath
@@ -44,13 +46,23 @@ class StorageConfig:
     secret_access_key: str | None = option(None, help="S3 secret key (set together with access_key_id)",
                                            repr=False)
     session_token: str | None = option(None, help="S3 session token for temporary credentials", repr=False)
-    retries: int = option(5, help="attempts for transient storage errors (connection resets, timeouts, "
-                                  "throttling, 5xx)")
-    retry_backoff_s: float = option(0.5, help="first backoff; doubles each retry")
+    retries: int = option(40, help="attempts at most for transient storage errors (connection resets, timeouts, "
+                                   "throttling, 5xx), within retry_budget_s")
+    retry_backoff_s: float = option(0.5, help="first backoff; doubles each retry up to retry_max_backoff_s, "
+                                              "with random jitter")
+    retry_max_backoff_s: float = option(30.0, help="longest pause between two attempts")
+    conditional_writes: bool = option(
+        True, help="use conditional PUTs (If-None-Match / If-Match) for the store's lease and LATEST; set false "
+                   "for S3-compatible stores without them (a weaker check-write-read-back is used)")
+    retry_budget_s: float = option(
+        300.0, help="give up retrying a call after this many seconds (an object store restarting takes minutes; "
+                    "a serving process may want seconds)")
 
     def __post_init__(self) -> None:
         check(self.retries >= 1, f"storage.retries must be >= 1 (it counts attempts), got {self.retries}")
         check(self.retry_backoff_s >= 0, f"storage.retry_backoff_s must be >= 0, got {self.retry_backoff_s}")
+        check(self.retry_max_backoff_s >= self.retry_backoff_s and self.retry_budget_s >= 0,
+              "storage.retry_max_backoff_s must be >= retry_backoff_s and storage.retry_budget_s >= 0")
         if self.endpoint_url:
             check(self.endpoint_url.startswith(("http://", "https://")),
                   f"storage.endpoint_url must start with http:// or https://, got {self.endpoint_url!r}")
@@ -195,21 +207,26 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def with_retries(fn: Callable[[], T], cfg: StorageConfig | None, what: str) -> T:
-    """Call fn, retrying transient storage errors with exponential backoff; others raise at once."""
+    """Call fn, retrying transient storage errors with jittered exponential backoff; others raise at once.
+
+    Gives up after ``cfg.retries`` attempts or once ``cfg.retry_budget_s`` seconds have passed.
+    """
     cfg = cfg or StorageConfig()
     delay = cfg.retry_backoff_s
+    deadline = time.monotonic() + cfg.retry_budget_s
     for attempt in range(1, cfg.retries + 1):
         try:
             return fn()
         except Exception as exc:
-            if attempt >= cfg.retries or not is_transient(exc):
+            left = deadline - time.monotonic()
+            if attempt >= cfg.retries or left <= 0 or not is_transient(exc):
                 raise
             # Jitter keeps many Ray workers that were throttled together from retrying in lockstep.
-            pause = delay * (1 + random.random() * 0.25)
+            pause = min(delay * (0.5 + random.random() * 0.75), left)
             log.warning("%s failed (attempt %d of %d), retrying in %.2fs: %s", what, attempt, cfg.retries,
                         pause, exc)
             time.sleep(pause)
-            delay *= 2
+            delay = min(delay * 2, cfg.retry_max_backoff_s)
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
@@ -266,6 +283,120 @@ def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None
             f.write(data)
 
     with_retries(put, cfg, f"write {uri}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Conditional writes (compare-and-swap): the store's lease and LATEST
+#
+# S3 (and S3-compatible stores that support it) checks ``If-None-Match: *`` / ``If-Match: <etag>``
+# on PutObject; a local file system does the same under an exclusive ``flock`` of a sidecar lock
+# file. ``storage.conditional_writes=false`` is the fallback for stores without conditional PUTs:
+# plain writes, then a read-back to confirm (best effort; two writers racing within one round trip
+# can both believe they won; see docs/operations.md).
+
+
+class PreconditionFailed(Exception):
+    """A conditional write found the object absent, present or changed, against its condition."""
+
+
+def _s3_client(cfg: StorageConfig):
+    import boto3  # noqa: PLC0415
+
+    options = _s3_options(cfg)
+    kwargs = {"region_name": options["region"]}
+    if "endpoint_override" in options:
+        kwargs["endpoint_url"] = f"{options['scheme']}://{options['endpoint_override']}"
+    if cfg.access_key_id:
+        kwargs.update(aws_access_key_id=cfg.access_key_id, aws_secret_access_key=cfg.secret_access_key,
+                      aws_session_token=cfg.session_token)
+    return boto3.client("s3", **kwargs)
+
+
+def _bucket_key(uri: str) -> tuple[str, str]:
+    bucket, _, key = join(uri)[len("s3://"):].partition("/")
+    return bucket, key
+
+
+@contextlib.contextmanager
+def _local_lock(path: str):
+    import fcntl  # noqa: PLC0415
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(f"{path}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _tag(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_tagged(uri: str, cfg: StorageConfig | None = None) -> tuple[bytes, str] | None:
+    """(content, tag) of an object, or None when it does not exist. The tag changes whenever the content does."""
+    cfg = cfg or StorageConfig()
+    if is_s3(uri) and cfg.conditional_writes:
+        client, (bucket, key) = _s3_client(cfg), _bucket_key(uri)
+
+        def get():
+            from botocore.exceptions import ClientError  # noqa: PLC0415
+
+            try:
+                obj = client.get_object(Bucket=bucket, Key=key)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return None
+                raise
+            return obj["Body"].read(), obj["ETag"]
+
+        return with_retries(get, cfg, f"read {uri}")
+    try:
+        data = read_bytes(uri, cfg)
+    except FileNotFoundError:
+        return None
+    return data, _tag(data)
+
+
+def write_if(uri: str, data: bytes, tag: str | None, cfg: StorageConfig | None = None) -> str:
+    """Write ``data`` only if the object is absent (``tag`` None) or still has ``tag``; returns the new tag.
+
+    Raises PreconditionFailed when the condition does not hold.
+    """
+    cfg = cfg or StorageConfig()
+    if is_s3(uri) and cfg.conditional_writes:
+        client, (bucket, key) = _s3_client(cfg), _bucket_key(uri)
+
+        def put() -> str:
+            from botocore.exceptions import ClientError  # noqa: PLC0415
+
+            condition = {"IfNoneMatch": "*"} if tag is None else {"IfMatch": tag}
+            try:
+                return client.put_object(Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code")
+                if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "412", "409"):
+                    raise PreconditionFailed(f"{uri}: {code}") from None
+                raise
+
+        return with_retries(put, cfg, f"conditional write {uri}")
+    fs, path = filesystem(uri, cfg)
+    if isinstance(fs, pafs.LocalFileSystem):
+        with _local_lock(path):
+            current = read_tagged(uri, cfg)
+            if (current is None) != (tag is None) or (current is not None and current[1] != tag):
+                raise PreconditionFailed(f"{uri}: changed since it was read")
+            _write_local_atomically(path, data)
+        return _tag(data)
+    current = read_tagged(uri, cfg)  # the fallback: check, write, read back
+    if (current is None) != (tag is None) or (current is not None and current[1] != tag):
+        raise PreconditionFailed(f"{uri}: changed since it was read")
+    write_bytes(uri, data, cfg)
+    back = read_tagged(uri, cfg)
+    if back is None or back[0] != data:
+        raise PreconditionFailed(f"{uri}: overwritten by another writer")
+    return back[1]
 
 
 def parquet_bytes(table: pa.Table, row_group_size: int | None = None) -> bytes:

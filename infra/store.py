@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
+import re
 import secrets
 from datetime import datetime, timezone
 from typing import Any
@@ -13,20 +14,24 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from steerstore.infra.storage import (
+    PreconditionFailed,
     StorageConfig,
     exists,
     filesystem,
     join,
     list_dir,
     list_files,
+    read_tagged,
     read_text,
     with_retries,
+    write_if,
     write_parquet,
     write_text,
 )
 from steerstore.schemas.store import BUCKETED_TABLES, bucket_file, conform, schema_from_b64
 
 log = logging.getLogger("steerstore")
+_SEQUENCE = re.compile(r"^v(\d+)-")
 
 
 class StoreNotFound(FileNotFoundError):
@@ -61,6 +66,17 @@ class SteeringStore:
             now = now.replace(tzinfo=timezone.utc)
         # The random part keeps two jobs started in the same second from sharing a version.
         return now.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+    def next_version_id(self, now: datetime | None = None) -> str:
+        """``v<sequence>-<UTC time>-<random>``: the sequence is one above every version in the store.
+
+        Versions sort by their sequence, so a driver whose clock is off can neither roll ``LATEST``
+        back nor pin it. Taken under the store's lease (``infra/lease.py``), sequences are unique;
+        the random part keeps ids distinct even without it. Older timestamp-only ids sort first.
+        """
+        names = list_dir(join(self.uri, "versions"), self.storage)
+        sequence = 1 + max([int(m.group(1)) for m in map(_SEQUENCE.match, names) if m], default=0)
+        return f"v{sequence:06d}-{self.new_version_id(now)}"
 
     @property
     def _latest_uri(self) -> str:
@@ -127,13 +143,20 @@ class SteeringStore:
                              f"versions are immutable; write a new version instead")
         write_text(manifest_uri, json.dumps(manifest, indent=2, sort_keys=True) + "\n", self.storage)
         # Read the raw LATEST (not latest()): a LATEST that points at a missing manifest must not
-        # block the publish that repairs it.
-        current = self._read_latest()
-        if current is not None and version <= current:
-            # A job that started earlier but finished later must not roll readers back.
-            log.info("published %s in %s but kept LATEST at the newer %s", version, self.uri, current)
-            return
-        write_text(self._latest_uri, version, self.storage)
+        # block the publish that repairs it. LATEST moves by compare-and-swap, so of two writers
+        # racing, the newer version wins whatever the order of their writes.
+        while True:
+            seen = read_tagged(self._latest_uri, self.storage)
+            current = seen[0].decode("utf-8", "replace").strip() or None if seen else None
+            if current is not None and version <= current:
+                # A job that started earlier but finished later must not roll readers back.
+                log.info("published %s in %s but kept LATEST at the newer %s", version, self.uri, current)
+                return
+            try:
+                write_if(self._latest_uri, version.encode(), seen[1] if seen else None, self.storage)
+                break
+            except PreconditionFailed:
+                continue
         log.info("published %s in %s (LATEST updated)", version, self.uri)
 
     def write_bucket(self, version: str, table: str, bucket: int, rows: pa.Table, schema: pa.Schema,

@@ -11,10 +11,12 @@ from steerstore.infra.config import ConfigError, add_arguments, load
 
 
 def _jobs():
-    from steerstore.jobs import demo, evaluate, export, generate, importers, inspect_store, refresh
+    from steerstore.jobs import demo, evaluate, export, forget, generate, importers, inspect_store, refresh
 
     return {
         "refresh": (refresh.RefreshConfig, refresh.main, "compute steering vectors and publish a new store version"),
+        "forget": (forget.ForgetConfig, forget.main,
+                   "remove users from every retained store version and from every later refresh"),
         "inspect": (inspect_store.InspectConfig, inspect_store.main, "describe a store: versions, rows, schema, model"),
         "generate": (generate.GenerateConfig, generate.main, "answer a prompt unsteered and steered for a user"),
         "export": (export.ExportConfig, export.main,
@@ -74,8 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"steerstore {name}: config error: {exc}", file=sys.stderr)
         return 2
+    from steerstore.jobs.refresh.guard import PublishRefused
+
     try:
         run(config)
+    except PublishRefused as exc:  # its own status: the job worked, the guard kept its version off serving
+        print(f"steerstore {name}: publish refused: {exc}", file=sys.stderr)
+        return 3
     except (KeyError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"steerstore {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

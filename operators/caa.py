@@ -3,7 +3,8 @@
 Per layer l, a pair's difference is d = h_l(prompt ⊕ chosen) − h_l(prompt ⊕ rejected), with h
 the block output averaged over the response tokens (``position='mean'``) or taken at the last
 response token (``'last'``). Each pair has a weight w (its ``weight`` field, 1 when absent):
-how strongly the choice was made, e.g. a rating gap.
+how strongly the choice was made, e.g. a rating gap. A user's weights are scaled to mean 1
+(``pair_weights``), so a user weighs in by their number of pairs, never by the scale of their weights.
 
 - population p = Σ w d / Σ w over all pairs of all users, a reduce of per-batch partial sums
   (never a collect of all users);
@@ -77,8 +78,15 @@ def pair_differences(runtime: ModelRuntime, pairs: list[dict], layers: list[int]
 
 
 def pair_weights(pairs: list[dict]) -> np.ndarray:
-    """Each pair's weight (1 when absent)."""
-    return np.asarray([1.0 if p.get("weight") is None else float(p["weight"]) for p in pairs], dtype=np.float64)
+    """Each pair's weight (1 when absent), scaled so the user's weights have mean 1.
+
+    Weights say which of a user's own pairs count more; after scaling a user counts in the
+    population (and against the shrinkage prior) by their number of pairs, whatever the scale of
+    their weights: one user's weight of 1e6 cannot become the population direction.
+    """
+    w = np.asarray([1.0 if p.get("weight") is None else float(p["weight"]) for p in pairs], dtype=np.float64)
+    total = w.sum()
+    return w * (len(w) / total) if total > 0 and np.isfinite(total) else w
 
 
 class CAAVectors:

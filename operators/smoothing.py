@@ -25,6 +25,7 @@ validation are the same for both engines.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -34,15 +35,10 @@ import pyarrow.compute as pc
 from steerstore.infra.config import check, option
 from steerstore.infra.extras import require
 from steerstore.operators.runtime import ModelConfig, ModelRuntime, Sampling
+from steerstore.operators.safety import anchor_ok, description_problem, excerpt_problem
 from steerstore.schemas.store import STEERX_DESCRIPTION_STRUCT
 
 _WORD = re.compile(r"\w+(?:['’]\w+)*", re.UNICODE)
-# text that addresses a model rather than describing anything: dropped from excerpts, rejected in outputs
-INSTRUCTION_LIKE = re.compile(
-    r"\b(?:ignore|disregard|forget|override)\b[\w\s,'’]{0,40}?\b(?:instruction|instructions|prompt|prompts|rules|"
-    r"above|previous|prior|directions)\b"
-    r"|\b(?:system prompt|you are now|new instructions|jailbreak|developer mode)\b"
-    r"|(?:^|\n)\s*(?:system|assistant|user)\s*:", re.IGNORECASE)
 _ROLE_MARKERS = re.compile(r"<\|[^|>]{1,40}\|>|\[/?INST\]|<</?SYS>>|</?s>|<start_of_turn>|<end_of_turn>",
                            re.IGNORECASE)
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
@@ -102,7 +98,8 @@ def clean_text(text: str, specials: Sequence[str] = ()) -> str:
     for s in specials:
         text = text.replace(s, " ")
     text = _ROLE_MARKERS.sub(" ", text)
-    text = "".join(ch if ch.isprintable() else " " for ch in text)
+    # format characters (zero-width spaces and joiners, bidi controls) go; other unprintables become spaces
+    text = "".join("" if unicodedata.category(ch) == "Cf" else ch if ch.isprintable() else " " for ch in text)
     return re.sub(r"\s+", " ", text).strip()
 
 
@@ -117,7 +114,7 @@ def excerpts(anchor_words: Sequence[str], outputs: Sequence[str], config: Smooth
             if hit is None:
                 continue
             window = " ".join(words[max(0, hit - config.excerpt_words): hit + config.excerpt_words + 1])
-            if not INSTRUCTION_LIKE.search(window) and window not in found:
+            if excerpt_problem(window) is None and window not in found:
                 found.append(window)
             break
         if len(found) >= config.max_excerpts:
@@ -171,8 +168,9 @@ def check_description(text: str, outputs: Sequence[tuple[str, str]], config: Smo
             return text, f"no complete sentence within {config.max_chars} characters"
     if len(text) < config.min_chars:
         return text, f"too short ({len(text)} characters < {config.min_chars})" if text else "empty"
-    if INSTRUCTION_LIKE.search(text):
-        return text, "instruction-like text in the description"
+    problem = description_problem(text)
+    if problem:
+        return text, problem
     words = [w.lower() for w in _WORD.findall(text)]
     grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
     stutter = sum(a == b for a, b in zip(words, words[1:]))  # "dry, dry tone": a word right after itself
@@ -206,7 +204,8 @@ def units(user_id: str, anchors: Sequence[dict], items: Sequence[dict], config: 
 def unit_prompt(unit: dict, variant: str, config: SmoothingConfig, specials: Sequence[str] = ()) -> str:
     quoted = excerpts(unit["anchor_words"], [o for _, o in unit["outputs"]], config, specials) \
         if variant == "excerpts" else []
-    return smoothing_prompt([clean_text(w, specials) for w in unit["anchor_words"]], quoted, variant)
+    words = [clean_text(w, specials) for w in unit["anchor_words"]]
+    return smoothing_prompt([w for w in words if anchor_ok(w)], quoted, variant)
 
 
 def user_context(descriptions: Sequence[dict]) -> str:

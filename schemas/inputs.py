@@ -89,17 +89,42 @@ def parse_timestamp(value: Any) -> dt.datetime | None:
     if isinstance(value, (int, float)):
         if not math.isfinite(value):
             raise ValueError("timestamp is not finite")
+        if not EPOCH_RANGE[0] <= value <= EPOCH_RANGE[1]:
+            raise ValueError(f"timestamp {value!r} is out of range: epoch seconds between 1900 and 2200 are "
+                             "expected (is it in milliseconds or nanoseconds?)")
         return dt.datetime.fromtimestamp(value, tz=dt.timezone.utc)
     if isinstance(value, str):
         try:
             parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
+        except (ValueError, OverflowError):
             raise ValueError(f"timestamp {value[:40]!r} is not ISO-8601 text or epoch seconds") from None
         return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
     raise ValueError(f"timestamp must be ISO-8601 text or epoch seconds, got {type(value).__name__}")
 
 
-def validate_record(kind: InputKind, row: Any) -> tuple[dict | None, str | None]:
+MAX_WEIGHT = 1000.0  # pair weights are numbers in [0, MAX_WEIGHT]; each user's are then scaled to mean 1
+# epoch-second timestamps between 1900 and 2200 (larger numbers are milliseconds or nanoseconds by mistake)
+EPOCH_RANGE = (-2_208_988_800, 7_258_118_400)
+
+
+def is_text(value: Any) -> bool:
+    """A string that is valid Unicode (no lone surrogate, as JSON's ``\\ud800`` escapes can produce)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def user_id_of(row: Any) -> str | None:
+    """The row's user id when it is valid text, else None (the row is then quarantined without a user)."""
+    uid = row.get("user_id") if isinstance(row, dict) else None
+    return uid if is_text(uid) else None
+
+
+def validate_record(kind: InputKind, row: Any, max_weight: float = MAX_WEIGHT) -> tuple[dict | None, str | None]:
     """Check one parsed row. Returns (clean record, None) or (None, reason)."""
     if not isinstance(row, dict):
         return None, f"row is a JSON {type(row).__name__}, expected an object"
@@ -110,6 +135,8 @@ def validate_record(kind: InputKind, row: Any) -> tuple[dict | None, str | None]
         value = row[name]
         if not isinstance(value, str):
             return None, f"field {name!r} must be a string, got {type(value).__name__}"
+        if not is_text(value):
+            return None, f"field {name!r} is not valid Unicode (a lone surrogate)"
         clean[name] = value
     for name in ("user_id", ID_FIELD[kind]):
         if not clean[name].strip():
@@ -122,9 +149,13 @@ def validate_record(kind: InputKind, row: Any) -> tuple[dict | None, str | None]
         if weight is not None:
             if isinstance(weight, bool) or not isinstance(weight, (int, float)):
                 return None, f"field 'weight' must be a number, got {type(weight).__name__}"
-            if not math.isfinite(weight) or weight < 0:
-                return None, f"field 'weight' must be a finite number >= 0, got {weight!r}"
-            weight = float(weight)
+            try:
+                weight = float(weight)
+            except OverflowError:
+                return None, f"field 'weight' must be a number in [0, {max_weight:g}], got an integer of " \
+                             f"{row['weight'].bit_length()} bits"
+            if not math.isfinite(weight) or not 0 <= weight <= max_weight:
+                return None, f"field 'weight' must be a number in [0, {max_weight:g}], got {weight!r}"
         clean["weight"] = weight
         if clean["chosen"] == clean["rejected"]:
             return None, "chosen and rejected are identical"
@@ -143,6 +174,8 @@ def parse_json_line(line: str) -> tuple[Any, str | None]:
         return json.loads(line), None
     except json.JSONDecodeError as exc:
         return None, f"invalid JSON: {exc.msg} at column {exc.colno}"
+    except (ValueError, RecursionError) as exc:  # an integer of over 4,300 digits; nesting too deep
+        return None, f"invalid JSON: {type(exc).__name__}: {str(exc)[:200]}"
 
 
 def raw_text(row: Any, limit: int = 2000) -> str:
@@ -151,4 +184,5 @@ def raw_text(row: Any, limit: int = 2000) -> str:
         text = row if isinstance(row, str) else json.dumps(row, default=str, ensure_ascii=False)
     except (TypeError, ValueError):
         text = repr(row)
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates as \\udXXX escapes
     return text if len(text) <= limit else text[:limit] + "…"

@@ -110,3 +110,26 @@ def test_help_shows_the_parents_default_for_a_nested_field(capsys):
 
     help_text = " ".join(capsys.readouterr().out.split())
     assert f"(default: {DemoConfig().dps.candidates})" in help_text.split("--dps.candidates INT", 2)[-1][:200]
+
+
+def test_the_rayjob_entrypoint_and_cronjob_of_the_deploy_folder_parse():
+    import shlex
+    from pathlib import Path
+
+    import yaml
+
+    from steerstore.jobs.cli import build_parser
+
+    deploy = Path(__file__).parents[1] / "infra" / "deploy"
+    rayjob = yaml.safe_load((deploy / "rayjob.yaml").read_text())
+    argv = shlex.split(rayjob["spec"]["entrypoint"])
+    assert argv[:2] == ["steerstore", "refresh"]
+    args = build_parser().parse_args(argv[1:] + ["--inputs.preference_pairs", "p.jsonl"])
+    cfg = load(RefreshConfig, None, args)
+    assert cfg.resources.deadline_s == 72000 and rayjob["spec"]["activeDeadlineSeconds"] > cfg.resources.deadline_s
+    label = rayjob["metadata"]["labels"]["app.kubernetes.io/name"]
+    cron = yaml.safe_load((deploy / "cronjob.yaml").read_text())
+    script = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid" and f"app.kubernetes.io/name={label}" in script
+    example = load(RefreshConfig, str(deploy / "refresh.example.yaml"))
+    assert example.retention.keep_versions == 7 and example.publish.max_users_drop == 0.2

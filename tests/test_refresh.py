@@ -213,13 +213,15 @@ def test_a_store_with_no_published_version_gives_a_clear_error(tmp_path, capsys)
     assert "steerstore refresh" in capsys.readouterr().err
 
 
-def test_a_run_where_every_user_is_quarantined_still_publishes_a_consistent_version(ray_cluster, tmp_path,
-                                                                                      tiny_model_folder):
+def test_a_run_where_every_user_is_quarantined_is_refused_or_when_allowed_publishes_a_consistent_version(
+        ray_cluster, tmp_path, tiny_model_folder):
     folder = tmp_path / "inputs"
     folder.mkdir()
     write_jsonl(folder / "part-1.jsonl", [pair("solo", "s0")])
     write_jsonl(folder / "part-2.jsonl", [pair("other", "o0", chosen="")])
-    summary = refresh.main(config(tmp_path, tiny_model_folder, str(folder)))  # a folder of JSONL files
+    with pytest.raises(refresh.PublishRefused, match=r"it stores 0 users \(publish.min_users=1; 2 users in"):
+        refresh.main(config(tmp_path, tiny_model_folder, str(folder)))  # a folder of JSONL files
+    summary = refresh.main(config(tmp_path, tiny_model_folder, str(folder), publish={"min_users": 0}))
     assert (summary["users_in"], summary["users_stored"], summary["users_quarantined"]) == (2, 0, 2)
     reader = StoreReader(str(tmp_path / "store"))
     assert reader.vectors(["solo"]) == {} and reader.population() is None

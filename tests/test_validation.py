@@ -19,7 +19,7 @@ GOOD = {"user_id": "u1", "pair_id": "p1", "prompt": "Hi", "chosen": "Hello.", "r
     ({"pair_id": 7}, "field 'pair_id' must be a string, got int"),
     ({"chosen": "   "}, "empty text in field 'chosen'"),
     ({"weight": "high"}, "field 'weight' must be a number"),
-    ({"weight": -1}, "finite number >= 0"),
+    ({"weight": -1}, "a number in [0, 1000], got -1.0"),
     ({"rejected": "Hello."}, "chosen and rejected are identical"),
 ])
 def test_each_kind_of_bad_pair_gets_its_own_reason(change, reason):

@@ -10,8 +10,9 @@ Launch: ``steerstore refresh --config refresh.yaml`` (embedded local Ray) or
 3. **Shards through the model workers**, streaming: the user pass, descriptions, the
    description pass and the writer; each shard's tables go straight into its bucket files,
    then its completion marker. The model workers are long-lived actors: each loads the model once.
-4. **Publish**: the version-wide tables, reconciliation of every input row and user, the
-   manifest, then ``LATEST``; the staging folder is deleted.
+4. **Publish**: the version-wide tables, reconciliation of every input row and user, the publish
+   guard (``guard.py``: no empty version, no collapse against the current one), the manifest,
+   then ``LATEST``; the staging folder is deleted.
 
 Killed at any point, the same command resumes: the shards, statistics and completed shards of
 the unpublished version are reused, and the published version is the one an uninterrupted run
@@ -24,8 +25,9 @@ import logging
 import math
 
 from steerstore.infra.cluster import connect
+from steerstore.infra.lease import StoreLease
 from steerstore.infra.store import SteeringStore
-from steerstore.jobs.refresh.common import Timer
+from steerstore.jobs.refresh.common import DeadlineExceeded, Timer
 from steerstore.jobs.refresh.config import (
     InputsConfig,
     OutputConfig,
@@ -35,6 +37,7 @@ from steerstore.jobs.refresh.config import (
 )
 from steerstore.jobs.refresh.executor import run_shards
 from steerstore.jobs.refresh.globals import compute_globals
+from steerstore.jobs.refresh.guard import PublishConfig, PublishRefused
 from steerstore.jobs.refresh.inputs import read_input
 from steerstore.jobs.refresh.pool import Pool
 from steerstore.jobs.refresh.publish import publish
@@ -44,15 +47,15 @@ from steerstore.operators.runtime.loading import model_shape
 from steerstore.operators.smoothing import resolve_model
 from steerstore.schemas.store import bucket_count
 
-__all__ = ["InputsConfig", "OutputConfig", "ReconciliationError", "RefreshConfig", "ResourcesConfig", "main",
-           "read_input"]
+__all__ = ["DeadlineExceeded", "InputsConfig", "OutputConfig", "PublishConfig", "PublishRefused", "ReconciliationError", "RefreshConfig",
+           "ResourcesConfig", "main", "read_input"]
 
 log = logging.getLogger("steerstore")
 
 
 def main(config: RefreshConfig) -> dict:
     """Run the refresh (or resume an interrupted one) and publish a new store version. Returns the summary."""
-    timer = Timer()
+    timer = Timer(config.resources.deadline_s)
     connect(config.ray, min_cpus=_cpus_needed(config))
     if config.steerx.enabled and config.inputs.histories and config.steerx.smoothing.enabled:
         config.steerx.smoothing.check_engine()  # fail before any work when the engine cannot run
@@ -62,6 +65,16 @@ def main(config: RefreshConfig) -> dict:
     active = {"dps": config.dps.enabled and "histories" in inputs,
               "steerx": config.steerx.enabled and "histories" in inputs}
     store = SteeringStore(config.output.store, config.storage)
+    with StoreLease(store.uri, config.storage, config.lease) as lease:  # one writer at a time
+        timer.lap("lease", lease.holder)
+        while True:
+            summary = _run(config, store, lease, inputs, active, timer)
+            if summary is not None:
+                return summary  # else: the interrupted run used other weights; a new version starts
+
+
+def _run(config: RefreshConfig, store: SteeringStore, lease: StoreLease, inputs: dict[str, str], active: dict,
+         timer: Timer) -> dict | None:
     run = Run.start(store, run_key(inputs, config))
     shape = model_shape(config.model)
     shards, estimated = _shards(config, run, inputs, active, shape, timer)
@@ -72,18 +85,21 @@ def main(config: RefreshConfig) -> dict:
     if not run.check_model(model["model_fingerprint"]):
         pool.shutdown()
         gen.shutdown()
-        return main(config)  # the interrupted run used other weights: start a new version
+        return None
     timer.lap("workers", f"{len(pool)} model workers ({model['model_id']}); version {run.version}"
               + (" (resumed)" if run.resumed else ""))
-    g = compute_globals(config, run, shards, pool, gen, model, estimated, active, timer)
-    result = run_shards(config, run, shards.with_users, pool, gen, g)
-    timer.lap("model pass", f"{result['computed']} shards computed, {result['reused']} reused")
-    stats = pool.stats() + ([] if gen is pool else gen.stats())
-    summary = publish(config, run, inputs, shards, g, result, stats, timer)
-    pool.shutdown()
-    if gen is not pool:
-        gen.shutdown()
-    return summary
+    try:
+        timer.check("the shards phase")
+        g = compute_globals(config, run, shards, pool, gen, model, estimated, active, timer)
+        timer.check("the global statistics")
+        result = run_shards(config, run, shards.with_users, pool, gen, g, timer)
+        timer.lap("model pass", f"{result['computed']} shards computed, {result['reused']} reused")
+        stats = pool.stats() + ([] if gen is pool else gen.stats())
+        return publish(config, run, inputs, shards, g, result, stats, timer, lease)
+    finally:
+        pool.shutdown()
+        if gen is not pool:
+            gen.shutdown()
 
 
 def _cpus_needed(config: RefreshConfig) -> int:

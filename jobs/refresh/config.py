@@ -9,7 +9,10 @@ from typing import Literal
 
 from steerstore.infra.cluster import RayConfig
 from steerstore.infra.config import check, option
+from steerstore.infra.lease import LeaseConfig
+from steerstore.infra.lifecycle import RetentionConfig
 from steerstore.infra.storage import StorageConfig
+from steerstore.jobs.refresh.guard import PublishConfig
 from steerstore.operators.bt import BTConfig
 from steerstore.operators.caa import CAAConfig
 from steerstore.operators.dps import DPSConfig
@@ -25,9 +28,11 @@ log = logging.getLogger("steerstore")
 @dataclass
 class InputsConfig:
     preference_pairs: str = option(
-        "", help="URI of preference pairs: a .jsonl/.jsonl.gz/.parquet file or a folder of them (local or s3://)")
+        "", help="URI of preference pairs: a JSON Lines (plain, gzip, zstd or bz2) or Parquet file, or a folder of "
+                 "them (local or s3://; names starting with '.' or '_' are skipped)")
     histories: str | None = option(None, help="URI of user histories (same formats); optional for CAA")
-    format: Literal["auto", "jsonl", "parquet"] = option("auto", help="input format; auto = from the file extension")
+    format: Literal["auto", "jsonl", "parquet"] = option(
+        "auto", help="input format; auto = each file's own, from its first bytes (Parquet's magic, else JSON Lines)")
 
     def __post_init__(self) -> None:
         check(bool(self.preference_pairs), "inputs.preference_pairs is required (a file or folder URI)")
@@ -81,12 +86,19 @@ class ResourcesConfig:
         2, help="shards a model worker holds at once (one computing, one queued): bounds memory, keeps it busy")
     shard_retries: int = option(1, help="retries of a shard's writer task after a failure")
     actor_restarts: int = option(1, help="restarts of a model worker that died (its shard is retried)")
+    task_retries: int = option(
+        2, help="retries of a CPU task (reading, validation, shard writing) whose worker died; a task that raises "
+                "is not retried (its error is deterministic); Ray's default would retry a crashing task forever")
+    deadline_s: float = option(
+        0.0, help="stop the run with an error after this many seconds (0 = no deadline); completed shards are "
+                  "kept, so the same command resumes")
 
     def __post_init__(self) -> None:
         check(min(self.validate_actors, self.model_actors, self.generation_actors) >= 1,
               "resources: actor counts must be >= 1")
-        check(self.shards_in_flight >= 1 and self.shard_retries >= 0 and self.actor_restarts >= 0,
-              "resources: shards_in_flight >= 1, shard_retries and actor_restarts >= 0")
+        check(self.shards_in_flight >= 1 and min(self.shard_retries, self.actor_restarts, self.task_retries) >= 0,
+              "resources: shards_in_flight >= 1, shard_retries, actor_restarts and task_retries >= 0")
+        check(self.deadline_s >= 0, "resources.deadline_s must be >= 0 (0 = no deadline)")
         check(self.prepare_partitions >= 1, "resources.prepare_partitions must be >= 1")
         check(min(self.validate_batch_size, self.caa_batch_size, self.dps_batch_size) >= 1,
               "resources: batch sizes must be >= 1")
@@ -109,6 +121,12 @@ class RefreshConfig:
     steerx: SteerXConfig = dataclasses.field(default_factory=SteerXConfig,
                                              metadata={"help": "SteerX leave-one-out token effects and anchors"})
     resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig, metadata={"help": "scheduling"})
+    retention: RetentionConfig = dataclasses.field(
+        default_factory=RetentionConfig, metadata={"help": "versions kept after each publish"})
+    lease: LeaseConfig = dataclasses.field(
+        default_factory=LeaseConfig, metadata={"help": "the store's writer lease: one refresh (or forget) at a time"})
+    publish: PublishConfig = dataclasses.field(
+        default_factory=PublishConfig, metadata={"help": "limits a new version must meet before LATEST moves to it"})
 
     def __post_init__(self) -> None:
         check(self.inputs is not None, "inputs.preference_pairs is required")

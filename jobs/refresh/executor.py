@@ -15,6 +15,7 @@ import logging
 import time
 from collections import deque
 
+from steerstore.jobs.refresh.common import Timer
 from steerstore.jobs.refresh.config import RefreshConfig
 from steerstore.jobs.refresh.outputs import write_shard
 from steerstore.jobs.refresh.pool import Pool
@@ -23,7 +24,8 @@ from steerstore.jobs.refresh.run import Run
 log = logging.getLogger("steerstore")
 
 
-def run_shards(config: RefreshConfig, run: Run, buckets: list[int], pool: Pool, gen: Pool, g: dict) -> dict:
+def run_shards(config: RefreshConfig, run: Run, buckets: list[int], pool: Pool, gen: Pool, g: dict,
+               timer: Timer | None = None) -> dict:
     """Process every bucket without a marker; returns {"markers": [...], "reused": n, "computed": n}."""
     import ray
 
@@ -56,7 +58,14 @@ def run_shards(config: RefreshConfig, run: Run, buckets: list[int], pool: Pool, 
 
     fill()
     while pending:
-        [ref], _ = ray.wait(list(pending), num_returns=1)
+        left = None if timer is None else timer.left()
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=None if left is None else max(left, 0.0))
+        if not ready:
+            for r in pending:
+                ray.cancel(r)
+            timer.check(f"the model pass ({len(done)} of {total} shards written)")
+            continue
+        ref = ready[0]
         step, b, w = pending.pop(ref)
         if step == "user_pass" and describe:
             nxt = (pool.worker(w) if gen is pool else gen.worker(b)).describe_shard.remote(ref)

@@ -11,8 +11,11 @@ import numpy as np
 import pyarrow as pa
 
 from steerstore.infra import storage
+from steerstore.infra.lifecycle import prune
+from steerstore.infra.store import StoreNotFound
 from steerstore.jobs.refresh.common import Timer, package_version, redacted
 from steerstore.jobs.refresh.config import ReconciliationError, RefreshConfig
+from steerstore.jobs.refresh.guard import PublishRefused, refusals
 from steerstore.jobs.refresh.outputs import partial_uri
 from steerstore.jobs.refresh.run import Run
 from steerstore.jobs.refresh.shards import UNATTRIBUTED, Shards
@@ -33,7 +36,7 @@ log = logging.getLogger("steerstore")
 
 
 def publish(config: RefreshConfig, run: Run, inputs: dict[str, str], shards: Shards, g: dict, result: dict,
-            stats: list[dict], timer: Timer) -> dict:
+            stats: list[dict], timer: Timer, lease=None) -> dict:
     """Write the version-wide tables, reconcile, publish; returns the run summary."""
     store, version = run.store, run.version
     markers = result["markers"]
@@ -69,12 +72,46 @@ def publish(config: RefreshConfig, run: Run, inputs: dict[str, str], shards: Sha
         layout=layout_entry(shards.buckets, ["vectors", "users", "bt_coords", "dps_heads", "steerx_users"],
                             config.output.row_group_bytes),
         methods=methods, steerstore_version=package_version(), scale_choice=dict(g["scale_curves"], **steerx))
+    _guard(config, run, summary, g)
+    if lease is not None:
+        lease.check()  # LeaseLost when another job took the store over: never publish beside it
     store.publish(version, manifest.to_json_dict())
     timer.lap("publish", f"LATEST -> {version}")
     summary["stage_seconds"] = dict(timer.stages)
+    _report(run, config, {"status": "published", "summary": summary})
     run.cleanup()
+    summary["retention"] = prune(store, config.retention, keep={version})
     print_summary(summary, config.output.store)
     return summary
+
+
+def report_uri(run: Run) -> str:
+    """The run report of a version: its summary, and whether (or why not) it was published."""
+    return storage.join(run.store.uri, "reports", f"{run.version}.json")
+
+
+def _report(run: Run, config: RefreshConfig, report: dict) -> None:
+    run.write_json(report_uri(run), {"version": run.version, "run": run.key, **report})
+
+
+def _guard(config: RefreshConfig, run: Run, summary: dict, g: dict) -> None:
+    """Refuse (PublishRefused, the version left unpublished and resumable) what must not replace the current version."""
+    try:
+        current = run.store.latest()
+        previous = run.store.read_manifest(current) if current else None
+    except StoreNotFound:  # LATEST names a missing version: this publish repairs it
+        current, previous = None, None
+    mean = g.get("population_mean")
+    reasons = refusals(summary, (previous or {}).get("summary"), config.publish,
+                       population_finite=mean is None or bool(np.isfinite(mean).all()))
+    if not reasons:
+        return
+    if config.publish.force:
+        log.warning("refresh: publishing %s although %s (publish.force)", run.version, "; ".join(reasons))
+        summary["forced_past"] = reasons
+        return
+    _report(run, config, {"status": "refused", "reasons": reasons, "current_version": current, "summary": summary})
+    raise PublishRefused(run.version, reasons, report_uri(run))
 
 
 def _read(uri: str, config: RefreshConfig) -> pa.Table:
@@ -130,13 +167,13 @@ def _summary(run: Run, shards: Shards, markers: list[dict], result: dict, g: dic
     summary = {
         "version": run.version, "input_rows": n_records, "input_rows_by_kind": dict(by_kind),
         "rows_kept": total["rows_kept"], "rows_quarantined": total["rows_quarantined"] + unattributed,
-        "rows_without_user": unattributed, "users_in": total["users_in"], "users_stored": total["users_stored"],
+        "rows_without_user": unattributed, "rows_forgotten": shards.total("records_forgotten"), "users_in": total["users_in"], "users_stored": total["users_stored"],
         "users_quarantined": total["users_quarantined"], "users_by_method": dict(by_method),
         "quarantine_rows": total["quarantine_rows"] + unattributed,
         "shards": len(markers), "shards_reused": result["reused"], "shards_computed": result["computed"],
         "samples": g["samples"], "workers": _worker_stats(stats),
     }
-    if (summary["rows_kept"] + summary["rows_quarantined"] != n_records
+    if (summary["rows_kept"] + summary["rows_quarantined"] + summary["rows_forgotten"] != n_records
             or summary["users_stored"] + summary["users_quarantined"] != summary["users_in"]
             or summary["users_in"] != shards.total("users")):
         raise ReconciliationError(f"inputs do not reconcile, nothing published: {summary}")

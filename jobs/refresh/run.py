@@ -23,8 +23,9 @@ from steerstore.jobs.refresh.config import RefreshConfig
 
 log = logging.getLogger("steerstore")
 
-# config sections that do not change what a run writes (where and how it runs, credentials)
-_NOT_OUTPUT = ("ray", "resources", "storage")
+# config sections that do not change what a run writes (where and how it runs, credentials, the publish guard:
+# a refused version is resumed and published by the same command with --publish.force true)
+_NOT_OUTPUT = ("ray", "resources", "storage", "publish", "lease", "retention")
 
 
 def inputs_listing(inputs: dict[str, str], config: RefreshConfig) -> list[list]:
@@ -68,7 +69,7 @@ class Run:
         if previous is not None and previous not in store.versions():
             log.info("refresh: resuming version %s (run %s)", previous, key)
             return cls(store, previous, key, resumed=True)
-        version = store.new_version_id()
+        version = store.next_version_id()
         storage.write_text(record, json.dumps({"version": version, "key": key}) + "\n", store.storage)
         return cls(store, version, key)
 

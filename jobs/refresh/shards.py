@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from steerstore.infra import storage
+from steerstore.infra.lifecycle import forgotten_hashes, hashed
 from steerstore.jobs.refresh.config import RefreshConfig
 from steerstore.jobs.refresh.inputs import read_input
 from steerstore.jobs.refresh.run import Run
@@ -33,7 +34,7 @@ log = logging.getLogger("steerstore")
 UNATTRIBUTED = -1  # the group of rows without a user id: quarantined, in no shard
 SUMMARY_SCHEMA = pa.schema([
     ("bucket", pa.int32()), ("users", pa.int64()), ("users_ok", pa.int64()), ("records", pa.int64()),
-    ("records_quarantined", pa.int64()), ("candidates", pa.int64()),
+    ("records_quarantined", pa.int64()), ("records_forgotten", pa.int64()), ("candidates", pa.int64()),
     ("records_by_kind", pa.map_(pa.string(), pa.int64())),
     ("eligible", pa.map_(pa.string(), pa.int64())),
 ])
@@ -45,7 +46,7 @@ class Shards:
     summaries: list[dict]  # one per bucket with users (and the unattributed group), see SUMMARY_SCHEMA
 
     def total(self, key: str) -> int:
-        return sum(int(s[key]) for s in self.summaries)
+        return sum(int(s.get(key) or 0) for s in self.summaries)
 
     def eligible(self, kind: str) -> int:
         return sum(int(dict(s["eligible"]).get(kind, 0)) for s in self.summaries)
@@ -65,22 +66,17 @@ def _use_shuffle(config: RefreshConfig) -> None:
 
 def count_users(config: RefreshConfig, inputs: dict[str, str]) -> int:
     """Distinct user ids in the raw inputs (a shuffle of ids only; nothing but the count reaches the driver)."""
-    from steerstore.schemas.inputs import parse_json_line
+    from steerstore.schemas.inputs import parse_json_line, user_id_of
 
     _use_shuffle(config)
+
     def ids(batch: pa.Table) -> pa.Table:
-        if "user_id" in batch.column_names:
-            col = batch.column("user_id")
-            values = [u if isinstance(u, str) else None for u in col.to_pylist()]
-        else:
-            values = []
-            for line in batch.column("text").to_pylist():
-                row, _ = parse_json_line(line) if line and line.strip() else (None, None)
-                uid = row.get("user_id") if isinstance(row, dict) else None
-                values.append(uid if isinstance(uid, str) else None)
+        values = [user_id_of(parse_json_line(line)[0]) if line and line.strip() else None
+                  for line in batch.column("text").to_pylist()]
         return pa.table({"user_id": pa.array(values, pa.string())}).filter(pc.is_valid(pa.array(values, pa.string())))
 
-    parts = [read_input(uri, config.inputs.format, config.storage).map_batches(ids, batch_format="pyarrow")
+    parts = [read_input(uri, config.inputs.format, config.storage).map_batches(ids, batch_format="pyarrow",
+                                                                                       max_retries=config.resources.task_retries)
              for uri in inputs.values()]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     return ds.groupby("user_id", num_partitions=config.resources.prepare_partitions).count().count()
@@ -97,16 +93,25 @@ def _record_quarantine(records: list[dict]) -> list[dict]:
              "stage": "validate", "reason": r["reason"], "raw": r["raw"]} for r in records]
 
 
-def write_shard(group: pa.Table, run: Run, config: RefreshConfig, history_methods: bool, plan: dict) -> pa.Table:
-    """map_groups function: every validated record of one bucket -> its shard files; returns one summary row."""
+def write_shard(group: pa.Table, run: Run, config: RefreshConfig, history_methods: bool, plan: dict,
+                forgotten: frozenset = frozenset()) -> pa.Table:
+    """map_groups function: every validated record of one bucket -> its shard files; returns one summary row.
+
+    Rows of forgotten users (``forgotten``: sha256 of their ids, from ``steerstore forget``) are
+    dropped here, counted and nothing else: no quarantine row keeps their text.
+    """
     bucket = int(group.column("bucket")[0].as_py())
     records = group.drop_columns(["bucket"]).to_pylist()
-    bad = [r for r in records if r["status"] != "ok"]
+    n_in = len(records)
     by_kind: dict[str, int] = {}
     for r in records:
         by_kind[r["kind"]] = by_kind.get(r["kind"], 0) + 1
-    summary = {"bucket": bucket, "users": 0, "users_ok": 0, "records": len(records), "records_quarantined": len(bad),
-               "candidates": 0, "records_by_kind": list(by_kind.items()), "eligible": []}
+    if forgotten:
+        records = [r for r in records if r["user_id"] is None or hashed(r["user_id"]) not in forgotten]
+    bad = [r for r in records if r["status"] != "ok"]
+    summary = {"bucket": bucket, "users": 0, "users_ok": 0, "records": n_in, "records_quarantined": len(bad),
+               "records_forgotten": n_in - len(records), "candidates": 0, "records_by_kind": list(by_kind.items()),
+               "eligible": []}
     quarantine = pa.Table.from_pylist(_record_quarantine(bad), schema=QUARANTINE_SCHEMA)
     if bucket == UNATTRIBUTED:
         storage.write_parquet(run.unattributed_uri, quarantine, config.storage)
@@ -143,15 +148,18 @@ def prepare_shards(config: RefreshConfig, run: Run, inputs: dict[str, str], hist
         read_input(uri, config.inputs.format, config.storage).map_batches(
             ValidateRecords, fn_constructor_kwargs={"kind": kind, "config": config.validate, "model": config.model},
             compute=ActorPoolStrategy(size=res.validate_actors), batch_size=res.validate_batch_size,
-            batch_format="pyarrow")
+            batch_format="pyarrow", max_restarts=res.task_retries, max_task_retries=res.task_retries)
         for kind, uri in inputs.items()
     ]
     records = validated[0].union(*validated[1:]) if len(validated) > 1 else validated[0]
     plan = sample_plan(config, estimated_users)
-    summaries = records.map_batches(_with_bucket, fn_kwargs={"buckets": buckets}, batch_format="pyarrow") \
+    forgotten = frozenset(forgotten_hashes(run.store))
+    summaries = records.map_batches(_with_bucket, fn_kwargs={"buckets": buckets}, batch_format="pyarrow",
+                                    max_retries=res.task_retries) \
         .groupby("bucket", num_partitions=min(max(buckets, 1), res.prepare_partitions)) \
         .map_groups(write_shard, fn_kwargs={"run": run, "config": config, "history_methods": history_methods,
-                                            "plan": plan}, batch_format="pyarrow").take_all()
+                                            "plan": plan, "forgotten": forgotten}, batch_format="pyarrow",
+                    max_retries=res.task_retries).take_all()
     for s in summaries:
         s["records_by_kind"] = dict(s["records_by_kind"] or [])
         s["eligible"] = dict(s["eligible"] or [])

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 
 from steerstore.infra import storage
 from steerstore.jobs.refresh.config import RefreshConfig
+from steerstore.jobs.refresh.guard import vector_problems
 from steerstore.jobs.refresh.tables import cluster_only_rows, dps_heads_rows, style_inputs
 from steerstore.operators import runtime as runtime_module
 from steerstore.operators.bt import features, finalize_users, fit_bt
@@ -265,16 +266,16 @@ class ModelWorker:
         if cached is not None:  # the sample users of this bucket, computed in the sample phase
             caa_in = caa_in.filter(pc.invert(pc.is_in(caa_in.column("user_id"), cached["final"].column("user_id"))))
             partials.append(cached["partial"])
-        parts = [] if cached is None else [cached["final"]]
+        parts = [] if cached is None else [self._in_range(cached["final"], "caa", state["failed"])]
         if caa_in.num_rows and g["population_mean"] is None:
-            state["failed"]["caa"] = {u: "caa: no population direction (no user of the basis sample could be "
-                                         "computed)" for u in caa_in.column("user_id").to_pylist()}
+            state["failed"]["caa"].update({u: "caa: no population direction (no user of the basis sample could be "
+                                         "computed)" for u in caa_in.column("user_id").to_pylist()})
         elif caa_in.num_rows:
             op = self._op("caa", lambda: CAAVectors(cfg.caa, self.model, basis=g["basis"],
                                                     population_norms=g["feature_norms"]))
             rows = chunked(op, caa_in, cfg.resources.caa_batch_size)
-            state["failed"]["caa"] = _failures(rows)
-            stored = ok_rows(rows)
+            state["failed"]["caa"].update(_failures(rows))
+            stored = self._in_range(ok_rows(rows), "caa", state["failed"])
             if stored.num_rows:
                 parts.append(self._final_caa(stored))
                 partials.append(_partial(stored))
@@ -340,8 +341,18 @@ class ModelWorker:
             return state
         styled = self.style_vectors(style_inputs(described, calibrate=set()), stage="description_pass")
         state["failed"]["steerx"].update(_failures(styled))
-        state["styles"] = ok_rows(styled)
+        state["styles"] = self._in_range(ok_rows(styled), "steerx", state["failed"])
         return state
+
+    def _in_range(self, rows: pa.Table, method: str, failed: dict) -> pa.Table:
+        """``rows`` without the users whose vector is not finite or out of range (those fail ``method``)."""
+        mean = self.globals.get("population_mean") if method == "caa" else None
+        norms = None if mean is None else np.linalg.norm(np.asarray(mean, dtype=np.float64), axis=-1)
+        problems = vector_problems(rows, norms, self.config.publish.max_norm_ratio, method)
+        if not problems:
+            return rows
+        failed[method].update(problems)
+        return rows.filter(pc.invert(pc.is_in(rows.column("user_id"), pa.array(list(problems), pa.string()))))
 
 
 def _partial(rows: pa.Table) -> dict:

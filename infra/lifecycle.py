@@ -1,0 +1,189 @@
+"""A store's lifecycle: retention of versions, and forgetting users. Run under the store's lease.
+
+- **Retention** (``prune``): keep the newest ``keep_versions`` published versions (and always the
+  one ``LATEST`` names); delete older ones, and delete unfinished versions (no manifest) whose
+  newest file is older than ``unfinished_grace_s``. Ages are measured with the object store's own
+  clock (the modification time of a marker written just before), never the driver's.
+- **Forgetting** (``forget``): remove users from every retained version: their rows of every
+  per-user table (bucket files rewritten without them), their quarantine rows (raw input text
+  included, and rows without a user id whose raw text names them), their SteerX token effects;
+  each version's manifest is re-published with the new row counts and a ``forgotten`` record.
+  Unfinished versions are deleted whole (their staging holds raw input). The ids are appended,
+  hashed, to ``<store>/forget/`` so later refreshes drop those users' input rows. Reports name
+  users only by the sha256 of their id, never the id or any text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+
+from steerstore.infra import storage
+from steerstore.infra.config import check, option
+from steerstore.infra.store import SteeringStore
+from steerstore.schemas.store import BUCKETED_TABLES, bucket_file, user_bucket
+
+log = logging.getLogger("steerstore")
+
+FORGET_FOLDER = "forget"
+_PER_SHARD_TABLES = ("quarantine", "steerx_token_effects")  # part-<bucket>.parquet files
+
+
+@dataclass
+class RetentionConfig:
+    keep_versions: int = option(7, help="published versions kept (the newest; the one LATEST names always)")
+    unfinished_grace_s: float = option(
+        2 * 86400.0, help="unfinished versions (never published: interrupted or refused runs) are deleted once "
+                          "their newest file is this old; within it, the same command can still resume them")
+
+    def __post_init__(self) -> None:
+        check(self.keep_versions >= 1, "retention.keep_versions must be >= 1")
+        check(self.unfinished_grace_s >= 0, "retention.unfinished_grace_s must be >= 0")
+
+
+def hashed(user_id: str) -> str:
+    return hashlib.sha256(user_id.encode()).hexdigest()
+
+
+def _now_on_store(store: SteeringStore) -> int:
+    """The object store's clock (ns): the modification time of a marker written now."""
+    uri = storage.join(store.uri, "_clock")
+    storage.write_bytes(uri, b"", store.storage)
+    fs, path = storage.filesystem(uri, store.storage)
+    return fs.get_file_info(path).mtime_ns
+
+
+def _newest_file_ns(store: SteeringStore, version: str) -> int | None:
+    fs, path = storage.filesystem(store.version_uri(version), store.storage)
+    infos = storage.with_retries(lambda: fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)),
+                                 store.storage, f"list {version}")
+    times = [i.mtime_ns for i in infos if i.type == pafs.FileType.File and i.mtime_ns is not None]
+    return max(times) if times else None
+
+
+def _delete_version(store: SteeringStore, version: str) -> None:
+    fs, path = storage.filesystem(store.version_uri(version), store.storage)
+    storage.with_retries(lambda: fs.delete_dir(path), store.storage, f"delete version {version}")
+    for record in storage.list_files(storage.join(store.uri, "runs"), store.storage, suffix=".json"):
+        try:
+            if json.loads(storage.read_text(record, store.storage)).get("version") == version:
+                rfs, rpath = storage.filesystem(record, store.storage)
+                rfs.delete_file(rpath)
+        except (FileNotFoundError, ValueError):
+            continue
+
+
+def prune(store: SteeringStore, config: RetentionConfig, keep: set[str] = frozenset()) -> dict:
+    """Apply retention; ``keep``: versions never deleted (a run in progress). Returns what was deleted."""
+    names = storage.list_dir(storage.join(store.uri, "versions"), store.storage)
+    published = store.versions()
+    latest = store.latest()
+    kept = set(published[-config.keep_versions:]) | {latest} | set(keep)
+    old = [v for v in published if v not in kept]
+    for v in old:
+        _delete_version(store, v)
+    unfinished = []
+    now = _now_on_store(store) if set(names) - set(published) - set(keep) else 0
+    for v in sorted(set(names) - set(published) - set(keep)):
+        newest = _newest_file_ns(store, v)
+        if newest is None or (now - newest) / 1e9 >= config.unfinished_grace_s:
+            _delete_version(store, v)
+            unfinished.append(v)
+    if old or unfinished:
+        log.info("retention: deleted %d old and %d unfinished version(s) of %s", len(old), len(unfinished), store.uri)
+    return {"deleted_versions": old, "deleted_unfinished": unfinished}
+
+
+def forgotten_hashes(store: SteeringStore) -> set[str]:
+    """Hashed ids of every user forgotten in this store (what later refreshes must not take in again)."""
+    out: set[str] = set()
+    for f in storage.list_files(storage.join(store.uri, FORGET_FOLDER), store.storage, suffix=".json"):
+        out.update(json.loads(storage.read_text(f, store.storage)).get("hashed_ids", []))
+    return out
+
+
+def _without(table: pa.Table, ids: list[str]) -> pa.Table:
+    """``table`` without the rows of ``ids``, nor user-less rows whose raw text names one of them."""
+    keep = pc.invert(pc.fill_null(pc.is_in(table.column("user_id"), pa.array(ids, pa.string())), False))
+    if "raw" in table.column_names:
+        orphan = pc.is_null(table.column("user_id"))
+        names = pa.array([False] * table.num_rows)
+        for uid in ids:
+            names = pc.or_(names, pc.fill_null(pc.match_substring(table.column("raw"), uid), False))
+        keep = pc.and_(keep, pc.invert(pc.and_(orphan, names)))
+    return table.filter(keep)
+
+
+def _rewrite(store: SteeringStore, version: str, table: str, name: str, ids: list[str], sort: tuple | None,
+             row_group_bytes: int) -> int:
+    """Rewrite one file of ``table`` without ``ids``; returns the rows removed."""
+    uri = storage.join(store.table_uri(version, table), name)
+    try:
+        data = storage.open_parquet(uri, store.storage).read()
+    except FileNotFoundError:
+        return 0
+    kept = _without(data, ids)
+    removed = data.num_rows - kept.num_rows
+    if removed:
+        if sort:
+            kept = kept.sort_by([(k, "ascending") for k in sort])
+        per_row = max(1, kept.nbytes // max(1, kept.num_rows))
+        storage.write_parquet(uri, kept, store.storage, row_group_size=max(1, row_group_bytes // per_row))
+    return removed
+
+
+def forget_in_version(store: SteeringStore, version: str, ids: list[str]) -> dict[str, int]:
+    """Remove ``ids`` from one published version and re-publish its manifest; returns rows removed per table."""
+    manifest = store.read_manifest(version)
+    layout = manifest.get("layout") or {}
+    buckets = int(layout.get("buckets", 0))
+    row_group_bytes = int(layout.get("row_group_bytes", 256 << 10))
+    targets = {bucket_file(user_bucket(u, buckets)) for u in ids} if buckets else None
+    parts = ({f"part-{user_bucket(u, buckets):05d}.parquet" for u in ids} | {"part-unattributed.parquet"}
+             if buckets else None)
+    removed: dict[str, int] = {}
+    for table, entry in manifest.get("tables", {}).items():
+        if table in BUCKETED_TABLES:
+            names, sort = [n for n in entry.get("files", []) if targets is None or n in targets], BUCKETED_TABLES[table]
+        elif table in _PER_SHARD_TABLES:
+            names, sort = [n for n in entry.get("files", []) if parts is None or n in parts], None
+        else:
+            continue  # version-wide tables (population, basis, clusters) hold no user's rows
+        n = sum(_rewrite(store, version, table, name, ids, sort, row_group_bytes) for name in names)
+        if n:
+            removed[table] = n
+            entry["rows"] = int(entry.get("rows", 0)) - n
+    if removed:
+        record = manifest.setdefault("forgotten", [])
+        record.append({"users": len(ids), "rows_removed": removed})
+        storage.write_text(storage.join(store.version_uri(version), "manifest.json"),
+                           json.dumps(manifest, indent=2, sort_keys=True) + "\n", store.storage)
+    return removed
+
+
+def forget(store: SteeringStore, user_ids: list[str], request_id: str) -> dict:
+    """Forget users in every retained version and record them for later refreshes; returns the report."""
+    ids = sorted(set(user_ids))
+    hashes = [hashed(u) for u in ids]
+    storage.write_text(storage.join(store.uri, FORGET_FOLDER, f"{request_id}.json"),
+                       json.dumps({"request": request_id, "hashed_ids": hashes}, sort_keys=True) + "\n",
+                       store.storage)
+    per_version = {}
+    for v in store.versions():
+        per_version[v] = forget_in_version(store, v, ids)
+    published = set(store.versions())
+    unfinished = [v for v in storage.list_dir(storage.join(store.uri, "versions"), store.storage)
+                  if v not in published]
+    for v in unfinished:
+        _delete_version(store, v)
+    report = {"request": request_id, "users": len(ids), "hashed_ids": hashes, "rows_removed": per_version,
+              "unfinished_versions_deleted": unfinished}
+    storage.write_text(storage.join(store.uri, "reports", f"forget-{request_id}.json"),
+                       json.dumps(report, indent=2, sort_keys=True) + "\n", store.storage)
+    return report
