@@ -28,20 +28,36 @@ class S3Server:
         self._server = None
         self.endpoint_url = ""
 
-    def start(self) -> S3Server:
+    def start(self, port: int = 0, reset: bool = True) -> S3Server:
+        """Start serving (``port`` 0: one the OS picks); ``reset=False`` keeps the objects of a stopped server."""
         from moto.server import ThreadedMotoServer  # noqa: PLC0415  (moto is a test-only dependency)
 
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
         # Keep the SDKs from probing EC2 instance metadata for credentials (slow off-EC2).
         os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
         # Port 0: the OS binds a free port atomically, so parallel test runs cannot collide.
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         self._server.start()
         host, port = self._server.get_host_and_port()
         self.endpoint_url = f"http://{host}:{port}"
-        # moto keeps its buckets in process-global state that outlives a server; start empty.
-        self._post("/moto-api/reset")
+        if reset:  # moto keeps its buckets in process-global state that outlives a server; start empty
+            self._post("/moto-api/reset")
         return self
+
+    def restart(self, down_s: float) -> None:
+        """Stop serving for ``down_s`` seconds (connections refused), then serve the same objects on the same port."""
+        import time  # noqa: PLC0415
+
+        port = int(self.endpoint_url.rsplit(":", 1)[1])
+        self.stop()
+        time.sleep(down_s)
+        for _ in range(50):  # the port can take a moment to be free again
+            try:
+                self.start(port=port, reset=False)
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"could not restart the S3 server on port {port}")
 
     def stop(self) -> None:
         if self._server is None:

@@ -42,6 +42,7 @@ def fleet_config(store: str, model: str, pairs: str, histories: str, **extra) ->
         "model": {"name_or_path": model}, "validate": {"max_tokens": 48},
         "caa": {"layers": [1, 2], "recommended_layers": [2]}, "bt": {"k": 2, "sample_users": 6},
         "scale": {"sample_pairs": 4, "grid": [1.0, 4.0]}, "ray": {"progress_bars": False},
+        "lease": {"ttl_s": 3, "wait_s": 120, "poll_s": 0.5},  # a killed run's lease is taken over in seconds
         "dps": {"mode": "fast", "top_k": 2, "candidates": 4, "clusters": 2, "cluster_items": 4, "baseline_users": 2,
                 "history": {"context_items": 1}},
         "steerx": {"min_anchors": 1, "history": {"context_items": 1}, "smoothing": {"enabled": False},
@@ -50,9 +51,9 @@ def fleet_config(store: str, model: str, pairs: str, histories: str, **extra) ->
         **extra})
 
 
-def tables(store_uri: str) -> dict:
+def tables(store_uri: str, storage=None) -> dict:
     """Every table of the latest version, rows sorted: what two equivalent runs must agree on."""
-    store = SteeringStore(store_uri)
+    store = SteeringStore(store_uri, storage)
     version = store.latest()
     out = {}
     for name in STORE_TABLES:
@@ -124,6 +125,76 @@ def test_a_run_killed_after_some_shards_resumes_them_and_publishes_what_an_unint
         assert len(got[name]) == len(want[name]), name
         for a, b in zip(got[name], want[name]):
             assert a == b, (name, a, b)
+
+
+@pytest.mark.slow
+def test_a_model_worker_killed_mid_run_is_replaced_and_the_tables_equal_an_uninterrupted_run(
+        uninterrupted, tmp_path, tiny_model_folder):
+    import threading
+
+    from ray.util.state import list_actors
+
+    _, reference, pairs, histories = uninterrupted
+    store = str(tmp_path / "store")
+    killed = []
+
+    def kill_a_worker_after_the_first_shard():
+        deadline = time.time() + 600
+        while time.time() < deadline and not list(Path(store).glob("versions/*/_staging/done/*.json")):
+            time.sleep(0.1)
+        for actor in list_actors(filters=[("class_name", "=", "ModelWorker"), ("state", "=", "ALIVE")]):
+            os.kill(actor.pid, signal.SIGKILL)  # the worker process dies as on a crash or an OOM kill
+            killed.append(actor.pid)
+            return
+
+    killer = threading.Thread(target=kill_a_worker_after_the_first_shard, daemon=True)
+    killer.start()
+    summary = refresh.main(fleet_config(store, str(tiny_model_folder), pairs, histories))
+    killer.join(timeout=5)
+    assert killed and summary["shards_computed"] == summary["shards"]
+    got, want = tables(store), tables(reference)
+    for name in ("vectors", "users", "bt_coords", "dps_heads", "steerx_users", "quarantine"):
+        assert [json.dumps(r, sort_keys=True, default=str) for r in got[name]] == \
+            [json.dumps(r, sort_keys=True, default=str) for r in want[name]], name
+
+
+@pytest.mark.slow
+def test_an_object_store_that_stops_and_restarts_mid_run_ends_in_a_complete_publish(uninterrupted, tmp_path,
+                                                                                   tiny_model_folder):
+    import threading
+
+    from tests.s3server import S3Server
+
+    _, reference, pairs, histories = uninterrupted
+    with S3Server() as server:
+        server.create_bucket("night")
+        cfg = server.storage_config()
+        store = "s3://night/store"
+        outage = []
+
+        def stop_the_store_after_the_first_shard():
+            client, deadline = server.client(), time.time() + 600
+            while time.time() < deadline:
+                listed = client.list_objects_v2(Bucket="night", Prefix="store/versions/")
+                if any("/_staging/done/" in o["Key"] for o in listed.get("Contents", [])):
+                    break
+                time.sleep(0.2)
+            outage.append(time.time())
+            server.restart(down_s=6.0)  # every request in these seconds is refused
+            outage.append(time.time())
+
+        stopper = threading.Thread(target=stop_the_store_after_the_first_shard, daemon=True)
+        stopper.start()
+        config = fleet_config(store, str(tiny_model_folder), pairs, histories)
+        config.storage = cfg
+        summary = refresh.main(config)
+        stopper.join(timeout=60)
+        assert len(outage) == 2 and outage[1] - outage[0] >= 6.0
+        assert summary["shards_computed"] == summary["shards"]
+        got, want = tables(store, cfg), tables(reference)
+        for name in ("vectors", "users", "bt_coords", "dps_heads", "steerx_users", "quarantine"):
+            assert [json.dumps(r, sort_keys=True, default=str) for r in got[name]] == \
+                [json.dumps(r, sort_keys=True, default=str) for r in want[name]], name
 
 
 def _free_port() -> int:

@@ -80,7 +80,7 @@ def _run(config: RefreshConfig, store: SteeringStore, lease: StoreLease, inputs:
     shards, estimated = _shards(config, run, inputs, active, shape, timer)
     # the model workers start once the CPU phase is done (they hold their CPUs/GPUs for the rest of the run)
     _check_cpus(config)
-    pool, gen = _workers(config, active["steerx"])
+    pool, gen = _workers(config, active["steerx"], run.globals_uri)
     model = pool.info
     if not run.check_model(model["model_fingerprint"]):
         pool.shutdown()
@@ -121,13 +121,14 @@ def _check_cpus(config: RefreshConfig) -> None:
                          "Lower resources.cpus_per_actor, or give Ray more (logical) CPUs: ray.num_cpus")
 
 
-def _workers(config: RefreshConfig, steerx: bool) -> tuple[Pool, Pool]:
+def _workers(config: RefreshConfig, steerx: bool, globals_uri: str) -> tuple[Pool, Pool]:
     """The model workers, and the smoothing LLM's (the same pool when it is the job's model)."""
-    pool = Pool(config, config.model, config.resources.model_actors)
+    pool = Pool(config, config.model, config.resources.model_actors, globals_uri=globals_uri)
     smoothing = resolve_model(config.steerx.smoothing, config.model)
     if not steerx or not config.steerx.smoothing.enabled or smoothing == config.model:
         return pool, pool
-    return pool, Pool(config, smoothing, config.resources.generation_actors, name="smoothing")
+    return pool, Pool(config, smoothing, config.resources.generation_actors, name="smoothing",
+                      globals_uri=globals_uri)
 
 
 def _shards(config: RefreshConfig, run: Run, inputs: dict[str, str], active: dict, model: dict,

@@ -20,6 +20,7 @@ from steerstore.jobs.refresh.config import RefreshConfig
 from steerstore.jobs.refresh.outputs import write_shard
 from steerstore.jobs.refresh.pool import Pool
 from steerstore.jobs.refresh.run import Run
+from steerstore.jobs.refresh.workers import worker_globals
 
 log = logging.getLogger("steerstore")
 
@@ -34,7 +35,7 @@ def run_shards(config: RefreshConfig, run: Run, buckets: list[int], pool: Pool, 
     todo = deque(b for b in buckets if markers[b] is None)
     if reused:
         log.info("refresh: %d of %d shards reused from the interrupted run", len(reused), len(buckets))
-    values = ray.put(_worker_globals(g))
+    values = ray.put(worker_globals(g))
     g_ref = ray.put(g)
     pool.call_all("set_globals", values)
     if gen is not pool:
@@ -83,8 +84,3 @@ def run_shards(config: RefreshConfig, run: Run, buckets: list[int], pool: Pool, 
                          sum(m["counts"]["users_in"] for m in done.values()) / max(elapsed, 1e-9))
             fill()
     return {"markers": [({**reused, **done})[b] for b in buckets], "reused": len(reused), "computed": len(done)}
-
-
-def _worker_globals(g: dict) -> dict:
-    """The statistics the workers use (not the manifest-only tables)."""
-    return {k: v for k, v in g.items() if k not in ("dps_population_table", "scale_curves", "steerx_calibration")}

@@ -16,7 +16,8 @@ log = logging.getLogger("steerstore")
 class Pool:
     """``size`` ModelWorker actors for ``model``, scheduled with the job's resources (GPUs, CPUs per actor)."""
 
-    def __init__(self, config: RefreshConfig, model: ModelConfig, size: int, name: str = "model"):
+    def __init__(self, config: RefreshConfig, model: ModelConfig, size: int, name: str = "model",
+                 globals_uri: str | None = None):
         import ray
 
         res = config.resources
@@ -24,7 +25,7 @@ class Pool:
             num_gpus=res.gpus_per_actor, num_cpus=res.cpus_per_actor, max_restarts=res.actor_restarts,
             max_task_retries=res.actor_restarts, scheduling_strategy="SPREAD")  # across nodes, not packed on one
         self.name = name
-        self.handles = [actor.remote(config, model) for _ in range(size)]
+        self.handles = [actor.remote(config, model, globals_uri) for _ in range(size)]
         self.info = ray.get(self.handles[0].info.remote())
 
     def __len__(self) -> int:

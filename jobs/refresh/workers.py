@@ -58,9 +58,10 @@ def with_at_least(table: pa.Table, column: str, minimum: int) -> pa.Table:
 class ModelWorker:
     """A Ray actor holding one model. Methods take and return Arrow tables and small Python values."""
 
-    def __init__(self, config: RefreshConfig, model: ModelConfig):
+    def __init__(self, config: RefreshConfig, model: ModelConfig, globals_uri: str | None = None):
         self.config = config
         self.model = model
+        self.globals_uri = globals_uri  # where a restarted worker finds the run's statistics again
         started = time.perf_counter()
         self.runtime = ModelRuntime.shared(model)
         self.busy: dict[str, float] = defaultdict(float)
@@ -102,6 +103,11 @@ class ModelWorker:
         """The frozen global statistics of this run (the per-user operators are built from them)."""
         self.globals = values
         self._ops = {}
+
+    def _ensure_globals(self) -> None:
+        """A worker restarted after a crash lost the statistics it was given: read them from the run's staging."""
+        if self.globals is None and self.globals_uri:
+            self.set_globals(worker_globals(pickle.loads(storage.read_bytes(self.globals_uri, self.config.storage))))
 
     def _op(self, name: str, build):
         if name not in self._ops:
@@ -253,6 +259,7 @@ class ModelWorker:
 
     def user_pass(self, bucket: int, shard_uri: str, staging: str) -> dict:
         """Every model computation of one shard's users that needs no description: returns the shard state."""
+        self._ensure_globals()
         return self._timed("user_pass", self._user_pass, bucket, shard_uri, staging)
 
     def _user_pass(self, bucket: int, shard_uri: str, staging: str) -> dict:
@@ -314,6 +321,7 @@ class ModelWorker:
 
     def describe_shard(self, state: dict) -> dict:
         """The shard's SteerX users with anchors, with their descriptions (when smoothing runs): ``described``."""
+        self._ensure_globals()
         anchors = state.get("anchors")
         if anchors is None or anchors.num_rows == 0:
             return state
@@ -333,6 +341,7 @@ class ModelWorker:
 
     def description_pass(self, state: dict) -> dict:
         """Style vectors of the shard's users with anchors (and descriptions, when smoothing ran)."""
+        self._ensure_globals()
         return self._timed("description_pass", self._description_pass, state)
 
     def _description_pass(self, state: dict) -> dict:
@@ -379,3 +388,8 @@ def _read_cache(uri: str, config: RefreshConfig):
 def _failures(table: pa.Table) -> dict[str, str]:
     bad = table.filter(pc.invert(pc.fill_null(pc.equal(table.column("status"), "ok"), False)))
     return dict(zip(bad.column("user_id").to_pylist(), bad.column("reason").to_pylist()))
+
+
+def worker_globals(g: dict) -> dict:
+    """The statistics the workers use (not the manifest-only tables)."""
+    return {k: v for k, v in g.items() if k not in ("dps_population_table", "scale_curves", "steerx_calibration")}
