@@ -121,21 +121,34 @@ def _without(table: pa.Table, ids: list[str]) -> pa.Table:
 
 
 def _rewrite(store: SteeringStore, version: str, table: str, name: str, ids: list[str], sort: tuple | None,
-             row_group_bytes: int) -> int:
-    """Rewrite one file of ``table`` without ``ids``; returns the rows removed."""
+             row_group_bytes: int) -> pa.Table | None:
+    """Rewrite one file of ``table`` without ``ids``; returns the rows removed (None: the file is absent)."""
     uri = storage.join(store.table_uri(version, table), name)
     try:
         data = storage.open_parquet(uri, store.storage).read()
     except FileNotFoundError:
-        return 0
+        return None
     kept = _without(data, ids)
-    removed = data.num_rows - kept.num_rows
-    if removed:
+    if kept.num_rows < data.num_rows:
         if sort:
             kept = kept.sort_by([(k, "ascending") for k in sort])
         per_row = max(1, kept.nbytes // max(1, kept.num_rows))
         storage.write_parquet(uri, kept, store.storage, row_group_size=max(1, row_group_bytes // per_row))
-    return removed
+        return data.filter(pc.invert(pc.is_in(data.column("user_id"), kept.column("user_id")))) \
+            if table == "users" else data.slice(0, data.num_rows - kept.num_rows)
+    return data.slice(0, 0)
+
+
+def _discount(summary: dict, users: pa.Table) -> None:
+    """Take forgotten users out of a version's summary counts (what the next publish guard compares with)."""
+    for u in users.select(["status", "methods"]).to_pylist():
+        summary["users_in"] = summary.get("users_in", 0) - 1
+        key = "users_stored" if u["status"] == "stored" else "users_quarantined"
+        summary[key] = summary.get(key, 0) - 1
+        for m in u["methods"] or []:
+            by = summary.setdefault("users_by_method", {})
+            by[m] = by.get(m, 0) - 1
+    summary["users_forgotten"] = summary.get("users_forgotten", 0) + users.num_rows
 
 
 def forget_in_version(store: SteeringStore, version: str, ids: list[str]) -> dict[str, int]:
@@ -155,10 +168,14 @@ def forget_in_version(store: SteeringStore, version: str, ids: list[str]) -> dic
             names, sort = [n for n in entry.get("files", []) if parts is None or n in parts], None
         else:
             continue  # version-wide tables (population, basis, clusters) hold no user's rows
-        n = sum(_rewrite(store, version, table, name, ids, sort, row_group_bytes) for name in names)
+        gone = [p for p in (_rewrite(store, version, table, name, ids, sort, row_group_bytes) for name in names)
+                if p is not None and p.num_rows]
+        n = sum(p.num_rows for p in gone)
         if n:
             removed[table] = n
             entry["rows"] = int(entry.get("rows", 0)) - n
+        if table == "users" and gone:
+            _discount(manifest.get("summary") or {}, pa.concat_tables(gone))
     if removed:
         record = manifest.setdefault("forgotten", [])
         record.append({"users": len(ids), "rows_removed": removed})

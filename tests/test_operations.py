@@ -77,10 +77,12 @@ def test_a_refused_version_stays_unpublished_and_force_publishes_it_without_reco
                                  "the share of users quarantined rose from 0.0% to 75.0% (more than "
                                  "publish.max_quarantine_rise=0.1)"]
     # the command line says so with its own exit status
-    args = ["refresh", "--inputs.preference_pairs", second, "--output.store", str(tmp_path / "store"),
-            "--model.name_or_path", str(tiny_model_folder), "--validate.max_tokens", "48", "--caa.layers", "[1, 2]",
-            "--caa.recommended_layers", "[2]", "--caa.scale", "2.0", "--scale.sample_pairs", "4",
-            "--scale.grid", "[1.0, 4.0]", "--ray.progress_bars", "false"]
+    import yaml
+
+    from steerstore.infra.config import to_dict
+
+    (tmp_path / "night2.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    args = ["refresh", "--config", str(tmp_path / "night2.yaml")]
     assert cli.main(args) == 3
     assert "publish refused" in capsys.readouterr().err and store.latest() == good
     # forced: the same run resumes (no shard computed again) and publishes
@@ -136,7 +138,7 @@ def _bad_corpus(folder):
         line("cat", "cat-surrogate").replace(b"Wow", b"\\ud800 Wow"),         # a lone surrogate (JSON escape)
         b'{"user_id": "\\udfff", "pair_id": "x", "prompt": "p", "chosen": "a", "rejected": "b"}',  # in the id
         b"[" * 100_000 + b"]" * 100_000,                                     # nesting deeper than the parser
-        line("dan", "dan-0", chosen="Line one\u2028line two, one JSON string"),  # U+2028 inside a string
+        line("dan", "dan-0", chosen="One\u2028two."),  # U+2028 inside a string
         line("dan", "dan-1", 1) + b"\r",                                      # CRLF line end
         b'"just a string"',
     ]
@@ -349,7 +351,7 @@ def test_forget_removes_a_user_from_every_retained_version_and_every_later_refre
         return write_jsonl(tmp_path / name, rows + [pair("alice.m", "alice-bad", chosen="")], extra_lines=extra)
 
     hist = write_jsonl(tmp_path / "h.jsonl", [{"user_id": u, "item_id": f"{u}-h{k}", "input": "Write.",
-                                                "output": f"Words {k} by {u}."} for u in ("alice.m", "bob")
+                                                "output": f"Words {k} by {u}."} for u in ("alice.m", "bob", "carol")
                                                for k in range(2)])
     orphan = '{"user": "alice.m", "pair_id": "lost", "prompt": "x"}'  # no user_id, but it names her
     v1 = refresh.main(config(tmp_path, tiny_model_folder, night("n1.jsonl", [orphan]), hist))["version"]
@@ -359,7 +361,8 @@ def test_forget_removes_a_user_from_every_retained_version_and_every_later_refre
     (tmp_path / "forget.txt").write_text("alice.m\n")
     assert cli.main(["forget", "--store", str(store_dir), "--users", str(tmp_path / "forget.txt")]) == 0
     assert "forgot 1 user(s) in 2 version(s)" in capsys.readouterr().out
-    assert not any("alice.m" in s for s in _strings_in_store(store_dir))  # versions, reports, forget log
+    leftover = [s[:300] for s in _strings_in_store(store_dir) if "alice.m" in s]
+    assert not leftover  # versions, reports, forget log
     store = SteeringStore(str(store_dir))
     for v in (v1, v2):
         reader = StoreReader(store.uri, version=v)
@@ -368,9 +371,11 @@ def test_forget_removes_a_user_from_every_retained_version_and_every_later_refre
         for table in ("vectors", "users", "quarantine", "steerx_users"):
             assert manifest["tables"][table]["rows"] == store.read_table(table, v).num_rows, (v, table)
         assert manifest["forgotten"][0]["users"] == 1
+        assert manifest["summary"]["users_stored"] == 2 and manifest["summary"]["users_forgotten"] == 1
+        assert manifest["summary"]["users_by_method"]["caa"] == 2  # what the next night's guard compares with
     # a later night still holding her rows: they are dropped, counted, and nothing of hers is written
     summary = refresh.main(config(tmp_path, tiny_model_folder, night("n3.jsonl"), hist,
                                   retention={"keep_versions": 2}))
-    assert summary["rows_forgotten"] == 5 and summary["users_in"] == 2
+    assert summary["rows_forgotten"] == 5 and summary["users_in"] == 2 and summary["users_stored"] == 2
     assert summary["retention"]["deleted_versions"] == [v1] and store.versions() == [v2, summary["version"]]
-    assert not any("alice.m" in s for s in _strings_in_store(store_dir))
+    assert not [s[:300] for s in _strings_in_store(store_dir) if "alice.m" in s]
