@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -48,7 +49,24 @@ class RetentionConfig:
 
 
 def hashed(user_id: str) -> str:
-    return hashlib.sha256(user_id.encode()).hexdigest()
+    return hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+_JSON_STRING = re.compile(r'"((?:[^"\\]|\\.){1,4096})"')
+
+
+def names_forgotten(raw: str | None, forgotten: frozenset) -> bool:
+    """Whether a row without a user id names a forgotten user in one of its JSON strings (by hash)."""
+    if not raw or not forgotten:
+        return False
+    for m in _JSON_STRING.finditer(raw):
+        try:
+            value = json.loads(f'"{m.group(1)}"')
+        except ValueError:
+            value = m.group(1)
+        if hashed(value) in forgotten:
+            return True
+    return False
 
 
 def _now_on_store(store: SteeringStore) -> int:
@@ -88,6 +106,9 @@ def prune(store: SteeringStore, config: RetentionConfig, keep: set[str] = frozen
     old = [v for v in published if v not in kept]
     for v in old:
         _delete_version(store, v)
+    for v in kept & set(published):
+        if storage.exists(storage.join(store.version_uri(v), "_staging", "shards.json"), store.storage):
+            _delete_staging(store, v)
     unfinished = []
     now = _now_on_store(store) if set(names) - set(published) - set(keep) else 0
     for v in sorted(set(names) - set(published) - set(keep)):
@@ -184,8 +205,21 @@ def forget_in_version(store: SteeringStore, version: str, ids: list[str]) -> dic
     return removed
 
 
-def forget(store: SteeringStore, user_ids: list[str], request_id: str) -> dict:
-    """Forget users in every retained version and record them for later refreshes; returns the report."""
+def _delete_staging(store: SteeringStore, version: str) -> None:
+    """A published version's leftover staging (a publish that crashed before cleaning up): raw input text."""
+    fs, path = storage.filesystem(storage.join(store.version_uri(version), "_staging"), store.storage)
+    try:
+        storage.with_retries(lambda: fs.delete_dir(path), store.storage, f"delete staging of {version}")
+    except (FileNotFoundError, OSError):
+        pass
+
+
+def forget(store: SteeringStore, user_ids: list[str], request_id: str, lease=None) -> dict:
+    """Forget users in every retained version and record them for later refreshes; returns the report.
+
+    ``lease``: the store's lease held by the caller, checked before every change (``LeaseLost`` stops it).
+    """
+    check = lease.check if lease is not None else (lambda: None)
     ids = sorted(set(user_ids))
     hashes = [hashed(u) for u in ids]
     storage.write_text(storage.join(store.uri, FORGET_FOLDER, f"{request_id}.json"),
@@ -193,11 +227,14 @@ def forget(store: SteeringStore, user_ids: list[str], request_id: str) -> dict:
                        store.storage)
     per_version = {}
     for v in store.versions():
+        check()
+        _delete_staging(store, v)
         per_version[v] = forget_in_version(store, v, ids)
     published = set(store.versions())
     unfinished = [v for v in storage.list_dir(storage.join(store.uri, "versions"), store.storage)
                   if v not in published]
     for v in unfinished:
+        check()
         _delete_version(store, v)
     report = {"request": request_id, "users": len(ids), "hashed_ids": hashes, "rows_removed": per_version,
               "unfinished_versions_deleted": unfinished}

@@ -160,13 +160,60 @@ def _row(line: bytes, number: int) -> tuple[str, int, str | None]:
     return text, number, problem
 
 
+class _Decompressing:
+    """A streaming gzip (multi-member) or bz2 reader that hands out every byte before a truncation, then raises."""
+
+    def __init__(self, raw, codec: str):
+        import bz2
+        import zlib
+
+        self.raw, self.codec = raw, codec
+        self._new = (lambda: zlib.decompressobj(31)) if codec == "gzip" else bz2.BZ2Decompressor
+        self.d, self.buf, self.error = self._new(), b"", None
+
+    def read(self, n: int) -> bytes:
+        while len(self.buf) < n and self.error is None:
+            chunk = self.raw.read(1 << 16)
+            if not chunk:
+                if not self.d.eof:
+                    self.error = EOFError(f"truncated {self.codec} stream")
+                break
+            while chunk:
+                self.buf += self.d.decompress(chunk)
+                chunk = self.d.unused_data if self.d.eof else b""
+                if chunk:  # the next member of a concatenated gzip file
+                    self.d = self._new()
+        if not self.buf and self.error is not None:
+            raise self.error
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.raw.close()
+
+
 def _parquet_rows(handle, batch_rows: int) -> Iterator[tuple[str, int, str | None]]:
     import pyarrow.parquet as pq
 
     number = 0
     for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_rows):
-        for row in batch.to_pylist():
+        try:
+            rows = batch.to_pylist()
+        except Exception:  # noqa: BLE001 — a value Python cannot hold (a date out of range): row by row
+            rows = []
+            for i in range(batch.num_rows):
+                try:
+                    rows.extend(batch.slice(i, 1).to_pylist())
+                except Exception as exc:  # noqa: BLE001
+                    rows.append({"__unreadable__": f"{type(exc).__name__}: {str(exc)[:200]}"})
+        for row in rows:
             number += 1
+            if "__unreadable__" in row:
+                yield "", number, f"row cannot be read: {row['__unreadable__']}"
+                continue
             try:
                 yield json.dumps(row, default=_json_default, ensure_ascii=False, allow_nan=True), number, None
             except (TypeError, ValueError, UnicodeDecodeError) as exc:
@@ -206,7 +253,8 @@ def row_batches(uri: str, cfg: StorageConfig | None = None, fmt: str = "auto", b
             source = fs.open_input_file(path)
             it = _parquet_rows(source, batch_rows)
         else:
-            source = fs.open_input_stream(path, compression=codec)
+            raw = fs.open_input_stream(path, compression=None if codec in ("gzip", "bz2") else codec)
+            source = _Decompressing(raw, codec) if codec in ("gzip", "bz2") else raw
             it = _jsonl_rows(source, chunk_bytes)
         with source:
             for text, number, problem in it:

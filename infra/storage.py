@@ -299,7 +299,19 @@ class PreconditionFailed(Exception):
     """A conditional write found the object absent, present or changed, against its condition."""
 
 
+_clients: dict = {}
+
+
 def _s3_client(cfg: StorageConfig):
+    """One boto3 client per storage config (boto3's default session is not thread-safe; a client is)."""
+    key = tuple(sorted(_s3_options(cfg).items()))
+    with _s3_cache_lock:
+        if key not in _clients:
+            _clients[key] = _new_s3_client(cfg)
+        return _clients[key]
+
+
+def _new_s3_client(cfg: StorageConfig):
     import boto3  # noqa: PLC0415
 
     options = _s3_options(cfg)
@@ -309,7 +321,7 @@ def _s3_client(cfg: StorageConfig):
     if cfg.access_key_id:
         kwargs.update(aws_access_key_id=cfg.access_key_id, aws_secret_access_key=cfg.secret_access_key,
                       aws_session_token=cfg.session_token)
-    return boto3.client("s3", **kwargs)
+    return boto3.session.Session().client("s3", **kwargs)
 
 
 def _bucket_key(uri: str) -> tuple[str, str]:
@@ -377,6 +389,11 @@ def write_if(uri: str, data: bytes, tag: str | None, cfg: StorageConfig | None =
             except ClientError as exc:
                 code = exc.response.get("Error", {}).get("Code")
                 if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "412", "409"):
+                    # a retried PUT whose first attempt landed (its response lost) fails its own condition:
+                    # the object holding exactly these bytes means the write succeeded
+                    now = read_tagged(uri, cfg)
+                    if now is not None and now[0] == data:
+                        return now[1]
                     raise PreconditionFailed(f"{uri}: {code}") from None
                 raise
 

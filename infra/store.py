@@ -34,6 +34,12 @@ log = logging.getLogger("steerstore")
 _SEQUENCE = re.compile(r"^v(\d+)-")
 
 
+def _order(version: str) -> tuple:
+    """Sort key of version ids: sequenced ids by their number (after every timestamp-only id), others by text."""
+    m = _SEQUENCE.match(version)
+    return (1, int(m.group(1)), version) if m else (0, 0, version)
+
+
 class StoreNotFound(FileNotFoundError):
     """The steering store has no (usable) published version."""
 
@@ -74,7 +80,7 @@ class SteeringStore:
         back nor pin it. Taken under the store's lease (``infra/lease.py``), sequences are unique;
         the random part keeps ids distinct even without it. Older timestamp-only ids sort first.
         """
-        names = list_dir(join(self.uri, "versions"), self.storage)
+        names = list_dir(join(self.uri, "versions"), self.storage) + [self._read_latest() or ""]
         sequence = 1 + max([int(m.group(1)) for m in map(_SEQUENCE.match, names) if m], default=0)
         return f"v{sequence:06d}-{self.new_version_id(now)}"
 
@@ -135,8 +141,8 @@ class SteeringStore:
             raise StoreNotFound(self.uri, f"version {version!r} is not published ({uri} does not exist)") from None
         return json.loads(text)
 
-    def publish(self, version: str, manifest: dict[str, Any]) -> None:
-        """Make version visible: write its manifest, then move LATEST forward to it."""
+    def publish(self, version: str, manifest: dict[str, Any]) -> bool:
+        """Make version visible: write its manifest, then move LATEST forward to it (True) unless it is older (False)."""
         manifest_uri = self._manifest_uri(version)
         if exists(manifest_uri, self.storage):
             raise ValueError(f"version {version} of steering store {self.uri} is already published and "
@@ -148,16 +154,20 @@ class SteeringStore:
         while True:
             seen = read_tagged(self._latest_uri, self.storage)
             current = seen[0].decode("utf-8", "replace").strip() or None if seen else None
-            if current is not None and version <= current:
+            if current is not None and not exists(self._manifest_uri(current), self.storage):
+                log.warning("LATEST of %s names %s, which has no manifest: moving it to %s", self.uri, current, version)
+                current = None
+            if current is not None and _order(version) <= _order(current):
                 # A job that started earlier but finished later must not roll readers back.
                 log.info("published %s in %s but kept LATEST at the newer %s", version, self.uri, current)
-                return
+                return False
             try:
                 write_if(self._latest_uri, version.encode(), seen[1] if seen else None, self.storage)
                 break
             except PreconditionFailed:
                 continue
         log.info("published %s in %s (LATEST updated)", version, self.uri)
+        return True
 
     def write_bucket(self, version: str, table: str, bucket: int, rows: pa.Table, schema: pa.Schema,
                      row_group_bytes: int) -> str:

@@ -57,9 +57,9 @@ def read_ids(uri: str, cfg: StorageConfig) -> list[str]:
 def main(config: ForgetConfig) -> dict:
     store = SteeringStore(config.store, config.storage)
     ids = read_ids(config.users, config.storage)
-    with StoreLease(store.uri, config.storage, config.lease, purpose="forget"):
+    with StoreLease(store.uri, config.storage, config.lease, purpose="forget") as lease:
         prune(store, config.retention)
-        report = forget(store, ids, SteeringStore.new_version_id())
+        report = forget(store, ids, SteeringStore.new_version_id(), lease)
     removed = sum(n for per in report["rows_removed"].values() for n in per.values())
     print(f"forgot {report['users']} user(s) in {len(report['rows_removed'])} version(s) of {config.store}: "
           f"{removed} rows removed; {len(report['unfinished_versions_deleted'])} unfinished version(s) deleted; "

@@ -132,8 +132,6 @@ def test_a_model_worker_killed_mid_run_is_replaced_and_the_tables_equal_an_unint
         uninterrupted, tmp_path, tiny_model_folder):
     import threading
 
-    from ray.util.state import list_actors
-
     _, reference, pairs, histories = uninterrupted
     store = str(tmp_path / "store")
     killed = []
@@ -141,11 +139,16 @@ def test_a_model_worker_killed_mid_run_is_replaced_and_the_tables_equal_an_unint
     def kill_a_worker_after_the_first_shard():
         deadline = time.time() + 600
         while time.time() < deadline and not list(Path(store).glob("versions/*/_staging/done/*.json")):
-            time.sleep(0.1)
-        for actor in list_actors(filters=[("class_name", "=", "ModelWorker"), ("state", "=", "ALIVE")]):
-            os.kill(actor.pid, signal.SIGKILL)  # the worker process dies as on a crash or an OOM kill
-            killed.append(actor.pid)
-            return
+            time.sleep(0.05)
+        for pid in os.listdir("/proc"):  # the worker processes are titled ray::ModelWorker[.<method>]
+            try:
+                title = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if title.startswith(b"ray::ModelWorker"):
+                os.kill(int(pid), signal.SIGKILL)  # the worker process dies as on a crash or an OOM kill
+                killed.append(int(pid))
+                return
 
     killer = threading.Thread(target=kill_a_worker_after_the_first_shard, daemon=True)
     killer.start()

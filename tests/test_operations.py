@@ -374,8 +374,8 @@ def test_forget_removes_a_user_from_every_retained_version_and_every_later_refre
         assert manifest["summary"]["users_stored"] == 2 and manifest["summary"]["users_forgotten"] == 1
         assert manifest["summary"]["users_by_method"]["caa"] == 2  # what the next night's guard compares with
     # a later night still holding her rows: they are dropped, counted, and nothing of hers is written
-    summary = refresh.main(config(tmp_path, tiny_model_folder, night("n3.jsonl"), hist,
+    summary = refresh.main(config(tmp_path, tiny_model_folder, night("n3.jsonl", [orphan]), hist,
                                   retention={"keep_versions": 2}))
-    assert summary["rows_forgotten"] == 5 and summary["users_in"] == 2 and summary["users_stored"] == 2
+    assert summary["rows_forgotten"] == 6 and summary["users_in"] == 2 and summary["users_stored"] == 2
     assert summary["retention"]["deleted_versions"] == [v1] and store.versions() == [v2, summary["version"]]
     assert not [s[:300] for s in _strings_in_store(store_dir) if "alice.m" in s]

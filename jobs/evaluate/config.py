@@ -124,7 +124,10 @@ def _refresh_config(config: EvalConfig, inputs: dict[str, str], store: str, stee
         inputs=refresh.InputsConfig(preference_pairs=inputs["pairs"], histories=inputs["histories"]),
         output=refresh.OutputConfig(store=store), storage=config.storage, ray=config.ray, model=config.model,
         validate=config.validate, caa=config.caa, bt=config.bt, scale=config.scale, dps=config.dps, steerx=steerx,
-        resources=config.resources)
+        resources=config.resources,
+        # the evaluation's own store serves nothing: only an empty version is refused, never a change against
+        # the evaluation run before it (another split, other settings)
+        publish=refresh.PublishConfig(max_users_drop=1.0, max_method_drop=1.0, max_quarantine_rise=1.0))
     if side_store:  # a τ-sweep store: SteerX anchors and descriptions only
         rc.bt = dataclasses.replace(config.bt, enabled=False)
         rc.dps = dataclasses.replace(config.dps, enabled=False)

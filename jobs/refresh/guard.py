@@ -36,8 +36,9 @@ class PublishConfig:
     max_quarantine_rise: float = option(
         0.1, help="refuse when the share of input users quarantined rises by more than this (0.1 = 10 points)")
     max_norm_ratio: float = option(
-        100.0, help="a user's CAA/BT vector whose norm at a layer exceeds this many times the population "
-                    "direction's is not stored (the user's method is quarantined)")
+        100.0, help="a user's CAA/BT vector whose norm at a layer exceeds this many times the larger of the "
+                    "population direction's and the median user's (in the batch) is not stored (the user's method "
+                    "is quarantined)")
 
     def __post_init__(self) -> None:
         check(self.min_users >= 0, "publish.min_users must be >= 0")

@@ -75,8 +75,9 @@ def publish(config: RefreshConfig, run: Run, inputs: dict[str, str], shards: Sha
     _guard(config, run, summary, g)
     if lease is not None:
         lease.check()  # LeaseLost when another job took the store over: never publish beside it
-    store.publish(version, manifest.to_json_dict())
-    timer.lap("publish", f"LATEST -> {version}")
+    moved = store.publish(version, manifest.to_json_dict())
+    summary["latest_moved"] = moved  # False: a newer version was published meanwhile (LATEST never moves back)
+    timer.lap("publish", f"LATEST -> {version}" if moved else f"published {version}; LATEST stays at a newer version")
     summary["stage_seconds"] = dict(timer.stages)
     _report(run, config, {"status": "published", "summary": summary})
     run.cleanup()

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from steerstore.infra import storage
-from steerstore.infra.lifecycle import forgotten_hashes, hashed
+from steerstore.infra.lifecycle import forgotten_hashes, hashed, names_forgotten
 from steerstore.jobs.refresh.config import RefreshConfig
 from steerstore.jobs.refresh.inputs import read_input
 from steerstore.jobs.refresh.run import Run
@@ -106,8 +106,9 @@ def write_shard(group: pa.Table, run: Run, config: RefreshConfig, history_method
     by_kind: dict[str, int] = {}
     for r in records:
         by_kind[r["kind"]] = by_kind.get(r["kind"], 0) + 1
-    if forgotten:
-        records = [r for r in records if r["user_id"] is None or hashed(r["user_id"]) not in forgotten]
+    if forgotten:  # by their id, or (rows without one) by an id named in their raw text
+        records = [r for r in records if not (hashed(r["user_id"]) in forgotten if r["user_id"] is not None
+                                              else names_forgotten(r["raw"], forgotten))]
     bad = [r for r in records if r["status"] != "ok"]
     summary = {"bucket": bucket, "users": 0, "users_ok": 0, "records": n_in, "records_quarantined": len(bad),
                "records_forgotten": n_in - len(records), "candidates": 0, "records_by_kind": list(by_kind.items()),

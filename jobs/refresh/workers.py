@@ -357,6 +357,14 @@ class ModelWorker:
         """``rows`` without the users whose vector is not finite or out of range (those fail ``method``)."""
         mean = self.globals.get("population_mean") if method == "caa" else None
         norms = None if mean is None else np.linalg.norm(np.asarray(mean, dtype=np.float64), axis=-1)
+        if norms is not None and rows.num_rows >= 5:
+            # the population mean shrinks as users' directions spread; the users' own median norm does not,
+            # and one poisoned user cannot move it
+            with np.errstate(over="ignore", invalid="ignore"):
+                own = np.linalg.norm(vectors_array(rows).astype(np.float64), axis=-1)
+            own = own[np.isfinite(own).all(axis=1)]
+            if len(own) and own.shape[1] == len(norms):
+                norms = np.maximum(norms, np.median(own, axis=0))
         problems = vector_problems(rows, norms, self.config.publish.max_norm_ratio, method)
         if not problems:
             return rows
