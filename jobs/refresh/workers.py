@@ -107,7 +107,11 @@ class ModelWorker:
     def _ensure_globals(self) -> None:
         """A worker restarted after a crash lost the statistics it was given: read them from the run's staging."""
         if self.globals is None and self.globals_uri:
-            self.set_globals(worker_globals(pickle.loads(storage.read_bytes(self.globals_uri, self.config.storage))))
+            try:
+                data = storage.read_bytes(self.globals_uri, self.config.storage)
+            except FileNotFoundError:
+                return  # the sample phase: the statistics are still being computed (and handed over as they are)
+            self.set_globals(worker_globals(pickle.loads(data)))
 
     def _op(self, name: str, build):
         if name not in self._ops:
