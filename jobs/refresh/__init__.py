@@ -66,7 +66,7 @@ def main(config: RefreshConfig) -> dict:
               "steerx": config.steerx.enabled and "histories" in inputs}
     store = SteeringStore(config.output.store, config.storage)
     with StoreLease(store.uri, config.storage, config.lease) as lease:  # one writer at a time
-        timer.lap("lease", lease.holder)
+        timer.lap("start", f"Ray connected, store lease held by {lease.holder}")
         while True:
             summary = _run(config, store, lease, inputs, active, timer)
             if summary is not None:
