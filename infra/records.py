@@ -142,7 +142,9 @@ def _jsonl_rows(stream, chunk_bytes: int) -> Iterator[tuple[str, int, str | None
                 skipping = False
                 continue
             number += 1
-            if line.strip():
+            if len(line) > MAX_LINE_BYTES:
+                yield "", number, f"line longer than {MAX_LINE_BYTES} bytes"
+            elif line.strip():
                 yield _row(line, number)
         if len(pending) > MAX_LINE_BYTES:
             if not skipping:
@@ -150,7 +152,8 @@ def _jsonl_rows(stream, chunk_bytes: int) -> Iterator[tuple[str, int, str | None
                 yield "", number, f"line longer than {MAX_LINE_BYTES} bytes"
             pending, skipping = b"", True
     if pending.strip() and not skipping:
-        yield _row(pending, number + 1)
+        yield ("", number + 1, f"line longer than {MAX_LINE_BYTES} bytes") if len(pending) > MAX_LINE_BYTES \
+            else _row(pending, number + 1)
 
 
 def _row(line: bytes, number: int) -> tuple[str, int, str | None]:

@@ -379,3 +379,18 @@ def test_forget_removes_a_user_from_every_retained_version_and_every_later_refre
     assert summary["rows_forgotten"] == 6 and summary["users_in"] == 2 and summary["users_stored"] == 2
     assert summary["retention"]["deleted_versions"] == [v1] and store.versions() == [v2, summary["version"]]
     assert not [s[:300] for s in _strings_in_store(store_dir) if "alice.m" in s]
+
+
+def test_the_row_reader_splits_on_newlines_only_and_bounds_line_length(tmp_path, monkeypatch):
+    import gzip
+
+    from steerstore.infra import records
+
+    monkeypatch.setattr(records, "MAX_LINE_BYTES", 40)
+    lines = [b'{"a": "one\xe2\x80\xa8two"}', b"x" * 45, b'{"b": 1}\r', b"", b"y" * 100, b'{"c": "\xff"}', b'{"d": 2}']
+    (tmp_path / "f.bin").write_bytes(gzip.compress(b"\xef\xbb\xbf" + b"\n".join(lines)))  # gzip, BOM, no .gz name
+    rows = [r for t in records.row_batches(str(tmp_path / "f.bin"), chunk_bytes=16) for r in t.to_pylist()]
+    got = [(r["line"], r["text"], r["problem"]) for r in rows]
+    assert got == [(1, '{"a": "one\u2028two"}', None), (2, "", "line longer than 40 bytes"), (3, '{"b": 1}', None),
+                   (5, "", "line longer than 40 bytes"), (6, '{"c": "\ufffd"}', "invalid UTF-8 (byte 0xff at offset 7)"),
+                   (7, '{"d": 2}', None)]
