@@ -129,8 +129,8 @@ def forgotten_hashes(store: SteeringStore) -> set[str]:
     return out
 
 
-def _without(table: pa.Table, ids: list[str]) -> pa.Table:
-    """``table`` without the rows of ``ids``, nor user-less rows whose raw text names one of them."""
+def _keep(table: pa.Table, ids: list[str]) -> pa.Array:
+    """Which rows of ``table`` to keep: not the rows of ``ids``, nor user-less rows whose raw text names one of them."""
     keep = pc.invert(pc.fill_null(pc.is_in(table.column("user_id"), pa.array(ids, pa.string())), False))
     if "raw" in table.column_names:
         orphan = pc.is_null(table.column("user_id"))
@@ -138,7 +138,7 @@ def _without(table: pa.Table, ids: list[str]) -> pa.Table:
         for uid in ids:
             names = pc.or_(names, pc.fill_null(pc.match_substring(table.column("raw"), uid), False))
         keep = pc.and_(keep, pc.invert(pc.and_(orphan, names)))
-    return table.filter(keep)
+    return keep
 
 
 def _rewrite(store: SteeringStore, version: str, table: str, name: str, ids: list[str], sort: tuple | None,
@@ -149,15 +149,14 @@ def _rewrite(store: SteeringStore, version: str, table: str, name: str, ids: lis
         data = storage.open_parquet(uri, store.storage).read()
     except FileNotFoundError:
         return None
-    kept = _without(data, ids)
+    keep = _keep(data, ids)
+    kept = data.filter(keep)
     if kept.num_rows < data.num_rows:
         if sort:
             kept = kept.sort_by([(k, "ascending") for k in sort])
         per_row = max(1, kept.nbytes // max(1, kept.num_rows))
         storage.write_parquet(uri, kept, store.storage, row_group_size=max(1, row_group_bytes // per_row))
-        return data.filter(pc.invert(pc.is_in(data.column("user_id"), kept.column("user_id")))) \
-            if table == "users" else data.slice(0, data.num_rows - kept.num_rows)
-    return data.slice(0, 0)
+    return data.filter(pc.invert(keep))
 
 
 def _discount(summary: dict, users: pa.Table) -> None:

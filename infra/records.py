@@ -12,6 +12,8 @@ import io
 import json
 from typing import Iterator
 
+import pyarrow as pa
+
 from steerstore.infra import storage
 from steerstore.infra.storage import StorageConfig
 
@@ -81,18 +83,13 @@ def read_records(uri: str, cfg: StorageConfig | None = None) -> list[dict]:
 # Streaming input rows (the refresh): every line or Parquet row becomes one text row, or a problem
 # ----------------------------------------------------------------------------------------------
 
-ROW_TEXT_SCHEMA = None  # built lazily (pyarrow import) by row_text_schema()
+ROW_TEXT_SCHEMA = pa.schema([("text", pa.string()), ("path", pa.string()), ("line", pa.int64()),
+                             ("problem", pa.string())])
 _MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bz2"}
 MAX_LINE_BYTES = 16 << 20
 
 
-def row_text_schema():
-    import pyarrow as pa
-
-    global ROW_TEXT_SCHEMA
-    if ROW_TEXT_SCHEMA is None:
-        ROW_TEXT_SCHEMA = pa.schema([("text", pa.string()), ("path", pa.string()), ("line", pa.int64()),
-                                     ("problem", pa.string())])
+def row_text_schema() -> pa.Schema:
     return ROW_TEXT_SCHEMA
 
 
@@ -236,12 +233,10 @@ def row_batches(uri: str, cfg: StorageConfig | None = None, fmt: str = "auto", b
     meet in one Arrow schema; a file that cannot be read past some point gives one problem row.
     Blank lines are skipped.
     """
-    import pyarrow as pa
-
-    schema = row_text_schema()
+    schema = ROW_TEXT_SCHEMA
     fs, path = storage.filesystem(uri, cfg)
 
-    def table(rows: list) -> "pa.Table":
+    def table(rows: list) -> pa.Table:
         return pa.table({"text": [r[0] for r in rows], "path": [uri] * len(rows), "line": [r[1] for r in rows],
                          "problem": [r[2] for r in rows]}, schema=schema)
 

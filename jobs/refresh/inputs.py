@@ -21,14 +21,15 @@ from steerstore.infra.storage import StorageConfig
 log = logging.getLogger("steerstore")
 
 
-def input_files(uri: str, cfg: StorageConfig) -> list[tuple[str, int]]:
-    """(URI, size) of the input file, or of every file below the folder but hidden ones ("." or "_" names)."""
+def input_files(uri: str, cfg: StorageConfig) -> list[tuple[str, int, int]]:
+    """(URI, size, mtime in ns) of the input file, or of every file below the folder but hidden ones ("." or "_"
+    names): what the refresh reads, and what its run key is made of."""
     import pyarrow.fs as pafs
 
     fs, path = storage.filesystem(uri, cfg)
     info = storage.with_retries(lambda: fs.get_file_info(path), cfg, f"stat {uri}")
     if info.type == pafs.FileType.File:
-        return [(uri, info.size)]
+        return [(uri, info.size, info.mtime_ns)]
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"input {uri} does not exist")
     infos = storage.with_retries(lambda: fs.get_file_info(pafs.FileSelector(path, recursive=True)), cfg,
@@ -38,7 +39,7 @@ def input_files(uri: str, cfg: StorageConfig) -> list[tuple[str, int]]:
     for i in infos:
         rel = i.path[len(base):].lstrip("/")
         if i.type == pafs.FileType.File and not any(p.startswith((".", "_")) for p in rel.split("/")):
-            files.append((storage.join(uri, rel), i.size))
+            files.append((storage.join(uri, rel), i.size, i.mtime_ns))
     return sorted(files)
 
 
@@ -84,7 +85,7 @@ def read_input(uri: str, fmt: str, cfg: StorageConfig):
     """A Ray dataset of the input's rows as JSON text (``text``, ``path``, ``line``, ``problem``)."""
     import ray.data
 
-    files = input_files(uri, cfg)
+    files = [(u, size) for u, size, _ in input_files(uri, cfg)]
     if not files:
         log.warning("refresh: input %s has no files", uri)
         return ray.data.from_arrow(row_text_schema().empty_table())

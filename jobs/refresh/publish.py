@@ -168,7 +168,8 @@ def _summary(run: Run, shards: Shards, markers: list[dict], result: dict, g: dic
     summary = {
         "version": run.version, "input_rows": n_records, "input_rows_by_kind": dict(by_kind),
         "rows_kept": total["rows_kept"], "rows_quarantined": total["rows_quarantined"] + unattributed,
-        "rows_without_user": unattributed, "rows_forgotten": shards.total("records_forgotten"), "users_in": total["users_in"], "users_stored": total["users_stored"],
+        "rows_without_user": unattributed, "rows_forgotten": shards.total("records_forgotten"),
+        "users_in": total["users_in"], "users_stored": total["users_stored"],
         "users_quarantined": total["users_quarantined"], "users_by_method": dict(by_method),
         "quarantine_rows": total["quarantine_rows"] + unattributed,
         "shards": len(markers), "shards_reused": result["reused"], "shards_computed": result["computed"],

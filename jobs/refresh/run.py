@@ -29,19 +29,10 @@ _NOT_OUTPUT = ("ray", "resources", "storage", "publish", "lease", "retention")
 
 
 def inputs_listing(inputs: dict[str, str], config: RefreshConfig) -> list[list]:
-    """(kind, path, size, mtime) of every input file, sorted: changes when any input file does."""
-    import pyarrow.fs as pafs
+    """(kind, URI, size, mtime) of every input file the refresh reads, sorted: changes when any of them does."""
+    from steerstore.jobs.refresh.inputs import input_files
 
-    rows = []
-    for kind, uri in sorted(inputs.items()):
-        fs, path = storage.filesystem(uri, config.storage)
-        info = fs.get_file_info(path)
-        infos = [info] if info.type == pafs.FileType.File else \
-            fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        for i in infos:
-            if i.type == pafs.FileType.File:
-                rows.append([kind, i.path, i.size, i.mtime_ns])
-    return sorted(rows)
+    return sorted([kind, *f] for kind, uri in inputs.items() for f in input_files(uri, config.storage))
 
 
 def run_key(inputs: dict[str, str], config: RefreshConfig) -> str:
