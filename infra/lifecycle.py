@@ -8,7 +8,9 @@
   per-user table (bucket files rewritten without them), their quarantine rows (raw input text
   included, and rows without a user id whose raw text names them), their SteerX token effects;
   each version's manifest is re-published with the new row counts and a ``forgotten`` record.
-  Unfinished versions are deleted whole (their staging holds raw input). The ids are appended,
+  A version's saved global statistics (``_state/``, the next incremental refresh's starting
+  point) are deleted when they hold a forgotten user (a sample member, SteerX pool text): the
+  next refresh then computes new ones. Unfinished versions are deleted whole (their staging holds raw input). The ids are appended,
   hashed, to ``<store>/forget/`` so later refreshes drop those users' input rows. Reports name
   users only by the sha256 of their id, never the id or any text.
 """
@@ -33,6 +35,8 @@ from steerstore.schemas.store import BUCKETED_TABLES, bucket_file, user_bucket
 log = logging.getLogger("steerstore")
 
 FORGET_FOLDER = "forget"
+STATE_FOLDER = "_state"  # a version's global statistics, reused by the next incremental refresh
+STATE_USERS = "users.json"  # sha256 of every user id the saved statistics hold (samples, SteerX pool)
 _PER_SHARD_TABLES = ("quarantine", "steerx_token_effects")  # part-<bucket>.parquet files
 
 
@@ -196,12 +200,28 @@ def forget_in_version(store: SteeringStore, version: str, ids: list[str]) -> dic
             entry["rows"] = int(entry.get("rows", 0)) - n
         if table == "users" and gone:
             _discount(manifest.get("summary") or {}, pa.concat_tables(gone))
+    if _drop_state(store, version, {hashed(u) for u in ids}):
+        removed["global_statistics"] = 1
     if removed:
         record = manifest.setdefault("forgotten", [])
         record.append({"users": len(ids), "rows_removed": removed})
         storage.write_text(storage.join(store.version_uri(version), "manifest.json"),
                            json.dumps(manifest, indent=2, sort_keys=True) + "\n", store.storage)
     return removed
+
+
+def _drop_state(store: SteeringStore, version: str, hashes: set[str]) -> bool:
+    """Delete the version's saved global statistics when they hold one of the forgotten users; True if deleted."""
+    folder = storage.join(store.version_uri(version), STATE_FOLDER)
+    try:
+        held = set(json.loads(storage.read_text(storage.join(folder, STATE_USERS), store.storage)))
+    except FileNotFoundError:
+        return False
+    if not held & hashes:
+        return False
+    fs, path = storage.filesystem(folder, store.storage)
+    storage.with_retries(lambda: fs.delete_dir(path), store.storage, f"delete the statistics of {version}")
+    return True
 
 
 def _delete_staging(store: SteeringStore, version: str) -> None:

@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 
 # 2: vectors.source (caa: pairs; steerx: history | description | blend); steerx_anchors became steerx_users
-STORE_SCHEMA_VERSION = 3  # 3: vectors as fixed-size lists of a recorded dtype (float32 or float16)
+# 3: vectors as fixed-size lists of a recorded dtype (float32 or float16)
+STORE_SCHEMA_VERSION = 4  # 4: users.fingerprints (per method family, for the incremental refresh)
 
 
 def _meta(table: str) -> dict[str, str]:
@@ -119,6 +120,9 @@ USERS_SCHEMA = pa.schema([
     pa.field("n_histories_in", pa.int32()),
     pa.field("n_histories_valid", pa.int32()),
     pa.field("content_fingerprint", pa.string()),
+    # family (caa | dps | steerx) -> sha256 of what its artifacts depend on: the user's rows of that input,
+    # the family's settings, the model and its global statistics. Equal next night: carried forward.
+    pa.field("fingerprints", pa.map_(pa.string(), pa.string())),
 ], metadata=_meta("users"))
 
 QUARANTINE_SCHEMA = pa.schema([

@@ -7,7 +7,10 @@ Launch: ``steerstore refresh --config refresh.yaml`` (embedded local Ray) or
    the user id; write one shard per bucket (user rows) to the version's staging folder.
 2. **Global statistics** from seeded samples, on the model workers: population direction, BT
    basis and θ_pop, α per method, DPS clusters and population baseline, SteerX pool and γ/layer.
-3. **Shards through the model workers**, streaming: the user pass, descriptions, the
+   With a current version (incremental refresh, ``incremental.py``), each family's statistics
+   are reused (frozen) until they are due.
+3. **Shards through the model workers**, streaming (users whose rows, settings and statistics did
+   not change are carried forward from the current version without model work): the user pass, descriptions, the
    description pass and the writer; each shard's tables go straight into its bucket files,
    then its completion marker. The model workers are long-lived actors: each loads the model once.
 4. **Publish**: the version-wide tables, reconciliation of every input row and user, the publish
@@ -38,6 +41,7 @@ from steerstore.jobs.refresh.config import (
 from steerstore.jobs.refresh.executor import run_shards
 from steerstore.jobs.refresh.globals import compute_globals
 from steerstore.jobs.refresh.guard import PublishConfig, PublishRefused
+from steerstore.jobs.refresh.incremental import IncrementalConfig, Previous, keep_buckets, previous_version
 from steerstore.jobs.refresh.inputs import read_input
 from steerstore.jobs.refresh.pool import Pool
 from steerstore.jobs.refresh.publish import publish
@@ -47,7 +51,7 @@ from steerstore.operators.runtime.loading import model_shape
 from steerstore.operators.smoothing import resolve_model
 from steerstore.schemas.store import bucket_count
 
-__all__ = ["DeadlineExceeded", "InputsConfig", "OutputConfig", "PublishConfig", "PublishRefused", "ReconciliationError", "RefreshConfig",
+__all__ = ["DeadlineExceeded", "IncrementalConfig", "InputsConfig", "OutputConfig", "PublishConfig", "PublishRefused", "ReconciliationError", "RefreshConfig",
            "ResourcesConfig", "main", "read_input"]
 
 log = logging.getLogger("steerstore")
@@ -66,18 +70,20 @@ def main(config: RefreshConfig) -> dict:
               "steerx": config.steerx.enabled and "histories" in inputs}
     store = SteeringStore(config.output.store, config.storage)
     with StoreLease(store.uri, config.storage, config.lease) as lease:  # one writer at a time
-        timer.lap("start", f"Ray connected, store lease held by {lease.holder}")
+        previous = previous_version(store)  # read under the lease: no other job publishes meanwhile
+        timer.lap("start", f"Ray connected, store lease held by {lease.holder}"
+                  + (f"; current version {previous.version}" if previous else "; first version"))
         while True:
-            summary = _run(config, store, lease, inputs, active, timer)
+            summary = _run(config, store, lease, inputs, active, timer, previous)
             if summary is not None:
                 return summary  # else: the interrupted run used other weights; a new version starts
 
 
 def _run(config: RefreshConfig, store: SteeringStore, lease: StoreLease, inputs: dict[str, str], active: dict,
-         timer: Timer) -> dict | None:
-    run = Run.start(store, run_key(inputs, config))
+         timer: Timer, previous: Previous | None) -> dict | None:
+    run = Run.start(store, run_key(inputs, config, None if previous is None else previous.version))
     shape = model_shape(config.model)
-    shards, estimated = _shards(config, run, inputs, active, shape, timer)
+    shards, estimated = _shards(config, run, inputs, active, shape, timer, previous)
     # the model workers start once the CPU phase is done (they hold their CPUs/GPUs for the rest of the run)
     _check_cpus(config)
     pool, gen = _workers(config, active["steerx"], run.globals_uri)
@@ -90,9 +96,9 @@ def _run(config: RefreshConfig, store: SteeringStore, lease: StoreLease, inputs:
               + (" (resumed)" if run.resumed else ""))
     try:
         timer.check("the shards phase")
-        g = compute_globals(config, run, shards, pool, gen, model, estimated, active, timer)
+        g = compute_globals(config, run, shards, pool, gen, model, estimated, active, timer, previous)
         timer.check("the global statistics")
-        result = run_shards(config, run, shards.with_users, pool, gen, g, timer)
+        result = run_shards(config, run, _buckets(shards, g, previous), pool, gen, g, timer)
         timer.lap("model pass", f"{result['computed']} shards computed, {result['reused']} reused")
         stats = pool.stats() + ([] if gen is pool else gen.stats())
         return publish(config, run, inputs, shards, g, result, stats, timer, lease)
@@ -131,10 +137,20 @@ def _workers(config: RefreshConfig, steerx: bool, globals_uri: str) -> tuple[Poo
                       globals_uri=globals_uri)
 
 
+def _buckets(shards: Shards, g: dict, previous: Previous | None) -> list[int]:
+    """The buckets to process: those with input users, and (absent users kept) those of the previous version."""
+    carry = g.get("carry")
+    if carry is None or carry["absent"] != "keep" or previous is None:
+        return shards.with_users
+    files = (previous.manifest.get("tables", {}).get("users") or {}).get("files", [])
+    before = {int(f[len("bucket-"):-len(".parquet")]) for f in files if f.startswith("bucket-")}
+    return sorted(set(shards.with_users) | before)
+
+
 def _shards(config: RefreshConfig, run: Run, inputs: dict[str, str], active: dict, model: dict,
-            timer: Timer) -> tuple[Shards, int]:
-    """``model``: the model's shape (num_layers, hidden_size), for the bucket count."""
-    """Phase 1, or its saved result when resuming."""
+            timer: Timer, previous: Previous | None = None) -> tuple[Shards, int]:
+    """Phase 1, or its saved result when resuming. ``model``: the model's shape (num_layers, hidden_size),
+    for the bucket count (the previous version's, when rows are carried from it)."""
     saved = run.read_json(run.shards_done_uri)
     if saved is not None:
         timer.lap("shards ready", f"{len(saved['summaries'])} shards of the interrupted run reused")
@@ -144,9 +160,10 @@ def _shards(config: RefreshConfig, run: Run, inputs: dict[str, str], active: dic
     per_user = len(layers)
     if active["steerx"] and config.steerx.vectors.enabled:
         per_user += len(config.steerx.vectors.resolve_layers(model["num_layers"])) * len(config.steerx.sources)
-    buckets = max(config.output.min_buckets,
-                  bucket_count(estimated, config.output.users_per_bucket, estimated * per_user * model["hidden_size"] * 4,
-                               config.output.bucket_bytes))
+    buckets = keep_buckets(config, previous, max(
+        config.output.min_buckets, bucket_count(estimated, config.output.users_per_bucket,
+                                                estimated * per_user * model["hidden_size"] * 4,
+                                                config.output.bucket_bytes)))
     shards = prepare_shards(config, run, inputs, active["dps"] or active["steerx"], buckets, estimated)
     run.write_json(run.shards_done_uri, {"buckets": buckets, "summaries": shards.summaries,
                                          "estimated_users": estimated})

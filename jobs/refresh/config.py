@@ -13,6 +13,7 @@ from steerstore.infra.lease import LeaseConfig
 from steerstore.infra.lifecycle import RetentionConfig
 from steerstore.infra.storage import StorageConfig
 from steerstore.jobs.refresh.guard import PublishConfig
+from steerstore.jobs.refresh.incremental import IncrementalConfig
 from steerstore.operators.bt import BTConfig
 from steerstore.operators.caa import CAAConfig
 from steerstore.operators.dps import DPSConfig
@@ -125,6 +126,9 @@ class RefreshConfig:
         default_factory=RetentionConfig, metadata={"help": "versions kept after each publish"})
     lease: LeaseConfig = dataclasses.field(
         default_factory=LeaseConfig, metadata={"help": "the store's writer lease: one refresh (or forget) at a time"})
+    incremental: IncrementalConfig = dataclasses.field(
+        default_factory=IncrementalConfig,
+        metadata={"help": "reuse of the current version: frozen global statistics, unchanged users carried forward"})
     publish: PublishConfig = dataclasses.field(
         default_factory=PublishConfig, metadata={"help": "limits a new version must meet before LATEST moves to it"})
 

@@ -28,7 +28,9 @@ import pyarrow.compute as pc
 from steerstore.infra import storage
 from steerstore.infra.artifacts import compose
 from steerstore.jobs.refresh.common import Timer
+from steerstore.infra.lifecycle import forgotten_hashes
 from steerstore.jobs.refresh.config import RefreshConfig
+from steerstore.jobs.refresh.incremental import Previous, carry_plan, finish_plan, plan_globals
 from steerstore.jobs.refresh.pool import Pool
 from steerstore.jobs.refresh.run import Run
 from steerstore.jobs.refresh.samples import Sample, choose, sample_plan
@@ -45,34 +47,52 @@ log = logging.getLogger("steerstore")
 
 
 def compute_globals(config: RefreshConfig, run: Run, shards: Shards, pool: Pool, gen: Pool, model: dict,
-                    estimated_users: int, history_methods: dict[str, bool], timer: Timer) -> dict:
-    """The run's global statistics (saved in staging; a resumed run reads them back)."""
+                    estimated_users: int, history_methods: dict[str, bool], timer: Timer,
+                    previous: Previous | None = None) -> dict:
+    """The run's global statistics (saved in staging; a resumed run reads them back).
+
+    With a ``previous`` version (incremental refresh), each family's statistics are reused as they
+    were unless they are due (``incremental.plan_globals``); ``g["carry"]`` tells the workers where
+    to find the rows of unchanged users.
+    """
     saved = _load(run)
     if saved is not None:
         log.info("refresh: global statistics of the interrupted run reused")
         return saved
     sampler = Sampler(config, run, shards, sample_plan(config, estimated_users))
     g: dict = {"model": model, "dps_active": history_methods["dps"], "steerx_active": history_methods["steerx"],
+               "smoothing_fingerprint": (gen.info if gen is not pool else model)["model_fingerprint"],
                "population_mean": None, "population_row": None, "basis": None, "feature_norms": None,
                "theta_pop": None, "n_sample": 0, "sample_fraction": 0.0, "caa_sample": [],
                "scales": {"population": config.caa.scale, "caa": config.caa.scale, "bt": config.bt.scale},
                "scale_curves": {}, "dps_centroids": None, "dps_population": None, "dps_model": None,
                "dps_clusters": None, "steerx_pool": [], "steerx_recommended": {}, "steerx_calibration": [],
                "steerx_calibrated": [], "samples": {}}
-    if shards.eligible("bt"):
+    frozen, decisions = plan_globals(config, previous, g, {"caa": True, **history_methods})
+    for family, values in frozen.items():
+        g.update(values)
+    if frozen:
+        timer.lap("frozen statistics", ", ".join(f"{f} (from {decisions[f]['computed_in']}, run {decisions[f]['runs']})"
+                                                 for f in frozen))
+    if "caa" not in frozen and shards.eligible("bt"):
         _caa(config, run, sampler, pool, g, model)
         timer.lap("sample caa", f"population and basis from {g['n_sample']} users"
                   + (f"; α {g['scales']}" if g["scale_curves"] else ""))
-    if g["dps_active"] and shards.eligible("dps_baseline"):
+    if g["dps_active"] and "dps" not in frozen and shards.eligible("dps_baseline"):
         _dps(config, sampler, pool, g, model)
         timer.lap("sample dps", f"{0 if g['dps_centroids'] is None else len(g['dps_centroids'])} clusters, baseline "
                                 f"of {0 if g['dps_population'] is None else g['dps_population'].users} users")
-    if g["steerx_active"] and shards.eligible("steerx_pool"):
+    if g["steerx_active"] and "steerx" not in frozen and shards.eligible("steerx_pool"):
         _steerx(config, run, sampler, pool, gen, g)
         timer.lap("sample steerx", f"pool of {len(g['steerx_pool'])} items, calibration on "
                                    f"{len(g['steerx_calibrated'])} users")
-    g["samples"] = {k: {"users": len(s.users), "eligible": s.eligible, "fraction": s.fraction}
-                    for k, s in sampler.chosen.items()}
+    g["samples"] = {**((previous.state or {}).get("samples", {}) if frozen else {}),
+                    **{k: {"users": len(s.users), "eligible": s.eligible, "fraction": s.fraction}
+                       for k, s in sampler.chosen.items()}}
+    g["globals"] = finish_plan(decisions, run.version)
+    g["carry"] = carry_plan(config, previous, shards.buckets)
+    if g["carry"] is not None and g["carry"]["absent"] == "keep":
+        g["carry"]["forgotten"] = sorted(forgotten_hashes(run.store))
     storage.write_bytes(run.globals_uri, pickle.dumps(g), config.storage)
     return g
 

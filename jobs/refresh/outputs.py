@@ -14,6 +14,7 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from steerstore.infra import storage
 from steerstore.jobs.refresh.config import ReconciliationError, RefreshConfig
@@ -27,9 +28,13 @@ from steerstore.jobs.refresh.tables import (
 )
 from steerstore.jobs.refresh.workers import read_rows
 from steerstore.schemas.store import (
+    BT_COORDS_SCHEMA,
+    DPS_HEADS_SCHEMA,
     QUARANTINE_SCHEMA,
     STEERX_TOKEN_EFFECTS_SCHEMA,
+    STEERX_USERS_SCHEMA,
     STORE_TABLES,
+    USERS_SCHEMA,
     VECTORS_SCHEMA,
     conform,
     vectors_schema,
@@ -70,13 +75,19 @@ def write_shard(state: dict, run: Run, config: RefreshConfig, g: dict) -> dict:
             if u not in done and u not in failed["steerx"]:
                 failed["steerx"][u] = "steerx style vectors: not computed"
     caa = state.get("caa")
+    carried = state.get("carried") or {}  # the previous version's rows of unchanged users (incremental refresh)
     tables: dict[str, pa.Table | None] = {
         "vectors": _concat([None if caa is None else conform(caa, VECTORS_SCHEMA),
-                            None if styles is None else steerx_vector_rows(styles, sx, g["steerx_recommended"])]),
-        "users": users_rows(users, failed, eligibility),
-        "bt_coords": caa if eligibility["bt"] else None,
-        "dps_heads": state.get("dps"),
-        "steerx_users": None if steerx_ok is None or not steerx_ok.num_rows else steerx_user_rows(steerx_ok, sx),
+                            None if styles is None else steerx_vector_rows(styles, sx, g["steerx_recommended"]),
+                            _conformed(carried.get("vectors"), VECTORS_SCHEMA)]),
+        "users": _concat([users_rows(users, failed, eligibility, state.get("fingerprints")),
+                          _conformed(carried.get("users"), USERS_SCHEMA)]),
+        "bt_coords": _concat([_conformed(caa, BT_COORDS_SCHEMA), _conformed(carried.get("bt_coords"), BT_COORDS_SCHEMA)])
+        if eligibility["bt"] else None,
+        "dps_heads": _concat([_conformed(state.get("dps"), DPS_HEADS_SCHEMA),
+                              _conformed(carried.get("dps_heads"), DPS_HEADS_SCHEMA)]),
+        "steerx_users": _concat([None if steerx_ok is None or not steerx_ok.num_rows else steerx_user_rows(steerx_ok, sx),
+                                 _conformed(carried.get("steerx_users"), STEERX_USERS_SCHEMA)]),
     }
     store = run.store
     files: dict[str, list[str]] = {}
@@ -87,22 +98,28 @@ def write_shard(state: dict, run: Run, config: RefreshConfig, g: dict) -> dict:
             files[table] = [store.write_bucket(run.version, table, bucket, data, schemas[table],
                                                config.output.row_group_bytes)]
             rows[table] = data.num_rows
-    validation = read_rows(run.shard_quarantine_uri(bucket), config)
+    try:
+        validation = read_rows(run.shard_quarantine_uri(bucket), config)
+    except FileNotFoundError:  # a bucket without input tonight (absent users kept)
+        validation = None
     quarantine = _concat([validation, user_quarantine(users, failed)]) or QUARANTINE_SCHEMA.empty_table()
     name = f"part-{bucket:05d}.parquet"
     if quarantine.num_rows:
         storage.write_parquet(storage.join(store.table_uri(run.version, "quarantine"), name),
                               conform(quarantine, QUARANTINE_SCHEMA), config.storage)
         files["quarantine"], rows["quarantine"] = [name], quarantine.num_rows
-    if sx.token_effects and steerx_ok is not None and steerx_ok.num_rows:
-        effects = steerx_effect_rows(steerx_ok)
-        if effects.num_rows:
+    if sx.token_effects:
+        effects = _concat([None if steerx_ok is None else steerx_effect_rows(steerx_ok),
+                           _conformed(carried.get("steerx_token_effects"), STEERX_TOKEN_EFFECTS_SCHEMA)])
+        if effects is not None:
+            effects = effects.sort_by([("user_id", "ascending"), ("item_id", "ascending")])
             storage.write_parquet(storage.join(store.table_uri(run.version, "steerx_token_effects"), name),
                                   conform(effects, STEERX_TOKEN_EFFECTS_SCHEMA), config.storage)
             files["steerx_token_effects"], rows["steerx_token_effects"] = [name], effects.num_rows
     marker = {"bucket": bucket, "files": files, "rows": rows,
               "counts": _counts(tables["users"], quarantine, tables, state),
-              "cluster_counts": _cluster_counts(state.get("dps")),
+              "incremental": state.get("incremental"),
+              "cluster_counts": _cluster_counts(tables["dps_heads"]),  # computed and carried users
               "model_fingerprint": g["model"]["model_fingerprint"]}
     if state.get("caa_partial") is not None:
         buf = io.BytesIO()
@@ -113,22 +130,30 @@ def write_shard(state: dict, run: Run, config: RefreshConfig, g: dict) -> dict:
 
 
 def _counts(users: pa.Table, quarantine: pa.Table, tables: dict, state: dict) -> dict:
+    """The shard's reconciliation; ``users`` holds tonight's input users and the absent users kept."""
     status = Counter(users.column("status").to_pylist())
     methods = Counter(m for ms in users.column("methods").to_pylist() for m in ms)
     by_input = Counter(quarantine.column("input").to_pylist())
-    stored = {"caa": 0 if state.get("caa") is None else state["caa"].num_rows,
+    vectors = tables["vectors"]
+    stored = {"caa": 0 if vectors is None else pc.sum(pc.equal(vectors.column("method"), "caa")).as_py() or 0,
               "dps": 0 if tables["dps_heads"] is None else tables["dps_heads"].num_rows,
               "steerx": 0 if tables["steerx_users"] is None else tables["steerx_users"].num_rows}
-    counts = {"users_in": users.num_rows, "users_stored": status.get("stored", 0),
+    tonight = state["users"]
+    kept = users.num_rows - tonight.num_rows
+    counts = {"users_in": tonight.num_rows, "users_kept_absent": kept, "users_stored": status.get("stored", 0),
               "users_quarantined": status.get("quarantined", 0), "users_by_method": dict(methods),
-              "rows_kept": int(sum(users.column("n_pairs_valid").to_pylist())
-                               + sum(users.column("n_histories_valid").to_pylist())),
+              "rows_kept": int((pc.sum(pc.list_value_length(tonight.column("pairs"))).as_py() or 0)
+                               + (pc.sum(pc.list_value_length(tonight.column("histories"))).as_py() or 0)),
               "rows_quarantined": sum(n for k, n in by_input.items() if k != "user"),
               "quarantine_rows": quarantine.num_rows, "stored": stored}
-    if (counts["users_stored"] + counts["users_quarantined"] != counts["users_in"]
+    if (counts["users_stored"] + counts["users_quarantined"] != counts["users_in"] + kept
             or any(methods.get(m, 0) != n for m, n in stored.items())):
         raise ReconciliationError(f"shard {state['bucket']} does not reconcile: {counts}")
     return counts
+
+
+def _conformed(table: pa.Table | None, schema: pa.Schema) -> pa.Table | None:
+    return None if table is None or not table.num_rows else conform(table, schema)
 
 
 def _cluster_counts(dps: pa.Table | None) -> dict[str, int]:

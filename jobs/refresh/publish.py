@@ -16,6 +16,7 @@ from steerstore.infra.store import StoreNotFound
 from steerstore.jobs.refresh.common import Timer, package_version, redacted
 from steerstore.jobs.refresh.config import ReconciliationError, RefreshConfig
 from steerstore.jobs.refresh.guard import PublishRefused, refusals
+from steerstore.jobs.refresh.incremental import incremental_summary, save_state
 from steerstore.jobs.refresh.outputs import partial_uri
 from steerstore.jobs.refresh.run import Run
 from steerstore.jobs.refresh.shards import UNATTRIBUTED, Shards
@@ -73,6 +74,7 @@ def publish(config: RefreshConfig, run: Run, inputs: dict[str, str], shards: Sha
                             config.output.row_group_bytes),
         methods=methods, steerstore_version=package_version(), scale_choice=dict(g["scale_curves"], **steerx))
     _guard(config, run, summary, g)
+    save_state(store, version, g)  # the next incremental refresh starts from these statistics
     if lease is not None:
         lease.check()  # LeaseLost when another job took the store over: never publish beside it
     moved = store.publish(version, manifest.to_json_dict())
@@ -157,8 +159,8 @@ def _summary(run: Run, shards: Shards, markers: list[dict], result: dict, g: dic
     by_method: Counter = Counter()
     for m in markers:
         c = m["counts"]
-        total.update({k: c[k] for k in ("users_in", "users_stored", "users_quarantined", "rows_kept",
-                                        "rows_quarantined", "quarantine_rows")})
+        total.update({k: c.get(k, 0) for k in ("users_in", "users_kept_absent", "users_stored", "users_quarantined",
+                                               "rows_kept", "rows_quarantined", "quarantine_rows")})
         by_method.update(c["users_by_method"])
     unattributed = _unattributed(shards)
     n_records = shards.total("records")
@@ -169,14 +171,16 @@ def _summary(run: Run, shards: Shards, markers: list[dict], result: dict, g: dic
         "version": run.version, "input_rows": n_records, "input_rows_by_kind": dict(by_kind),
         "rows_kept": total["rows_kept"], "rows_quarantined": total["rows_quarantined"] + unattributed,
         "rows_without_user": unattributed, "rows_forgotten": shards.total("records_forgotten"),
-        "users_in": total["users_in"], "users_stored": total["users_stored"],
+        "users_in": total["users_in"], "users_kept_absent": total["users_kept_absent"],
+        "users_stored": total["users_stored"],
         "users_quarantined": total["users_quarantined"], "users_by_method": dict(by_method),
         "quarantine_rows": total["quarantine_rows"] + unattributed,
         "shards": len(markers), "shards_reused": result["reused"], "shards_computed": result["computed"],
         "samples": g["samples"], "workers": _worker_stats(stats),
+        "incremental": incremental_summary(run.store, g, markers),
     }
     if (summary["rows_kept"] + summary["rows_quarantined"] + summary["rows_forgotten"] != n_records
-            or summary["users_stored"] + summary["users_quarantined"] != summary["users_in"]
+            or summary["users_stored"] + summary["users_quarantined"] != summary["users_in"] + total["users_kept_absent"]
             or summary["users_in"] != shards.total("users")):
         raise ReconciliationError(f"inputs do not reconcile, nothing published: {summary}")
     return summary
@@ -186,10 +190,13 @@ def _worker_stats(stats: list[dict]) -> dict:
     """Model loads, and each stage's busy share of the workers' time alive (all workers together)."""
     alive = sum(s["alive"] for s in stats) or 1.0
     busy: Counter = Counter()
+    work: Counter = Counter()
     for s in stats:
         busy.update(s["busy"])
+        work.update(s.get("work", {}))
     return {"workers": len(stats), "nodes": len({s.get("node") for s in stats}),
             "model_loads": sum(s["model_loads"] for s in stats),
+            "users_computed": dict(work),  # users through the model per method family (sample phase included)
             "busy_seconds": {k: round(v, 2) for k, v in busy.items()},
             "busy_fraction": {k: round(v / alive, 3) for k, v in busy.items() if k != "load"}}
 

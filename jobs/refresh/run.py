@@ -35,10 +35,14 @@ def inputs_listing(inputs: dict[str, str], config: RefreshConfig) -> list[list]:
     return sorted([kind, *f] for kind, uri in inputs.items() for f in input_files(uri, config.storage))
 
 
-def run_key(inputs: dict[str, str], config: RefreshConfig) -> str:
-    """What the output depends on, but the model's weights (checked once the workers load them: ``check_model``)."""
+def run_key(inputs: dict[str, str], config: RefreshConfig, previous: str | None = None) -> str:
+    """What the output depends on, but the model's weights (checked once the workers load them: ``check_model``).
+
+    ``previous``: the version the run starts from (its statistics and unchanged users are reused).
+    """
     settings = {k: v for k, v in to_dict(config).items() if k not in _NOT_OUTPUT}
-    blob = json.dumps([inputs_listing(inputs, config), settings], sort_keys=True, default=str)
+    blob = json.dumps([inputs_listing(inputs, config), settings] + ([previous] if previous else []),
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 

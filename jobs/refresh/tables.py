@@ -158,7 +158,11 @@ def _user_methods(u: dict, failed: dict[str, dict[str, str]], eligibility: dict)
     return methods, reasons
 
 
-def users_rows(batch: pa.Table, failed: dict[str, dict[str, str]], eligibility: dict) -> pa.Table:
+def users_rows(batch: pa.Table, failed: dict[str, dict[str, str]], eligibility: dict,
+               fingerprints: dict[str, dict[str, str]] | None = None) -> pa.Table:
+    """One ``users`` row per user of the batch; ``fingerprints``: user -> {family: fingerprint} (kept for the
+    families the user has stored: what the next incremental refresh compares)."""
+    fingerprints = fingerprints or {}
     rows = []
     for u in batch.to_pylist():
         methods, reasons = _user_methods(u, failed, eligibility)
@@ -173,6 +177,7 @@ def users_rows(batch: pa.Table, failed: dict[str, dict[str, str]], eligibility: 
             "n_pairs_in": u["n_pairs_in"], "n_pairs_valid": len(u["pairs"]),
             "n_pairs_used": len(u["pairs"]) if "caa" in methods else 0, "n_histories_in": u["n_histories_in"],
             "n_histories_valid": len(u["histories"]), "content_fingerprint": u["content_fingerprint"],
+            "fingerprints": sorted((f, fp) for f, fp in fingerprints.get(u["user_id"], {}).items() if f in methods),
         })
     return pa.Table.from_pylist(rows, schema=USERS_SCHEMA)
 

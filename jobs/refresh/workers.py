@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from steerstore.infra import storage
 from steerstore.jobs.refresh.config import RefreshConfig
 from steerstore.jobs.refresh.guard import vector_problems
+from steerstore.jobs.refresh.incremental import carried_partial, carried_rows, fingerprints, plan_carry, read_previous
 from steerstore.jobs.refresh.tables import cluster_only_rows, dps_heads_rows, style_inputs
 from steerstore.operators import runtime as runtime_module
 from steerstore.operators.bt import features, finalize_users, fit_bt
@@ -40,6 +41,7 @@ from steerstore.operators.runtime import ModelConfig, ModelRuntime
 from steerstore.operators.scale import choose_scales_task
 from steerstore.operators.smoothing import HFGenerate, VLLMGenerate, describe, special_strings
 from steerstore.operators.steerx import STYLE_OUTPUT_SCHEMA, SteerXAnchors, SteerXStyleVectors
+from steerstore.schemas.store import USER_ROW_SCHEMA
 
 
 def read_rows(uri: str, config: RefreshConfig) -> pa.Table:
@@ -65,6 +67,7 @@ class ModelWorker:
         started = time.perf_counter()
         self.runtime = ModelRuntime.shared(model)
         self.busy: dict[str, float] = defaultdict(float)
+        self.work: dict[str, int] = defaultdict(int)  # users through the model, per method family
         self.busy["load"] = time.perf_counter() - started
         self._timing = False
         self.born = time.perf_counter()
@@ -84,7 +87,7 @@ class ModelWorker:
         """Seconds busy per stage, seconds alive since the model was loaded, and models this process loaded."""
         import ray
 
-        return {"busy": dict(self.busy), "alive": time.perf_counter() - self.born,
+        return {"busy": dict(self.busy), "work": dict(self.work), "alive": time.perf_counter() - self.born,
                 "model_loads": runtime_module.LOADS["count"], "node": ray.get_runtime_context().get_node_id()}
 
     def _timed(self, stage: str, fn, *args):
@@ -134,6 +137,7 @@ class ModelWorker:
 
     def _caa_sample(self, users: pa.Table) -> list[dict]:
         op = self._op("caa_plain", lambda: CAAVectors(self.config.caa, self.model))
+        self.work["caa"] += users.num_rows
         out = []
         for user in users.select(["user_id", "pairs", "content_fingerprint", "bucket"]).to_pylist():
             try:
@@ -203,6 +207,7 @@ class ModelWorker:
     def dps_score(self, rows: pa.Table, full: bool) -> pa.Table:
         """DPS heads of rows (user_id, sequences, ...): ``full`` scores every head exactly (the baseline sample)."""
         population = None if full else (self.globals or {}).get("dps_population")
+        self.work["dps"] += rows.num_rows
         op = DPSHeads(self.config.dps, self.model, population=population, full=full)
         return self._timed("sample", op, rows)
 
@@ -216,6 +221,7 @@ class ModelWorker:
         return op(users)
 
     def steerx_anchors(self, users: pa.Table, stage: str = "sample") -> pa.Table:
+        self.work["steerx"] += users.num_rows
         pool = (self.globals or {}).get("steerx_pool") or []
         op = self._op("anchors", lambda: SteerXAnchors(self.config.steerx, self.model, pool))
         return self._timed(stage, chunked, op, users, self.config.resources.caa_batch_size)
@@ -268,12 +274,20 @@ class ModelWorker:
 
     def _user_pass(self, bucket: int, shard_uri: str, staging: str) -> dict:
         cfg, g = self.config, self.globals
-        users = read_rows(shard_uri, cfg)
+        try:
+            users = read_rows(shard_uri, cfg)
+        except FileNotFoundError:  # a bucket with no user tonight, visited for the absent users it keeps
+            users = USER_ROW_SCHEMA.empty_table()
         ok = ok_rows(users)
         state: dict = {"bucket": bucket, "users": users, "failed": {"caa": {}, "dps": {}, "steerx": {}}}
         caa_in = with_at_least(ok, "pairs", cfg.prepare.min_pairs)
+        hist = with_at_least(ok, "histories", cfg.prepare.min_histories)
+        eligible = {"caa": caa_in, "dps": hist if g["dps_active"] else None,
+                    "steerx": hist if g["steerx_active"] else None}
+        todo = self._carry(state, ok, {f: t for f, t in eligible.items() if t is not None})
+        caa_in = todo["caa"]
         cached = _read_cache(storage.join(staging, "cache", "caa", f"{bucket:05d}.pkl"), cfg)
-        partials = []
+        partials = [] if state.get("carried_partial") is None else [state.pop("carried_partial")]
         if cached is not None:  # the sample users of this bucket, computed in the sample phase
             caa_in = caa_in.filter(pc.invert(pc.is_in(caa_in.column("user_id"), cached["final"].column("user_id"))))
             partials.append(cached["partial"])
@@ -284,6 +298,7 @@ class ModelWorker:
         elif caa_in.num_rows:
             op = self._op("caa", lambda: CAAVectors(cfg.caa, self.model, basis=g["basis"],
                                                     population_norms=g["feature_norms"]))
+            self.work["caa"] += caa_in.num_rows
             rows = chunked(op, caa_in, cfg.resources.caa_batch_size)
             state["failed"]["caa"].update(_failures(rows))
             stored = self._in_range(ok_rows(rows), "caa", state["failed"])
@@ -292,11 +307,12 @@ class ModelWorker:
                 partials.append(_partial(stored))
         if parts:
             state["caa"] = pa.concat_tables(parts).sort_by("user_id")
+        if partials:
             state["caa_partial"] = {k: sum(p[k] for p in partials) for k in ("sums", "weight", "users")}
-        hist = with_at_least(ok, "histories", cfg.prepare.min_histories)
-        if hist.num_rows and g["dps_active"]:
-            state.update(self._dps(hist, state["failed"]))
-        if hist.num_rows and g["steerx_active"]:
+        if g["dps_active"] and todo["dps"].num_rows:
+            state.update(self._dps(todo["dps"], state["failed"]))
+        hist = todo.get("steerx")
+        if g["steerx_active"] and hist.num_rows:
             cached = _read_cache(storage.join(staging, "cache", "steerx", f"{bucket:05d}.pkl"), cfg)
             if cached is not None:  # the calibration users of this bucket went through the whole chain already
                 hist = hist.filter(pc.invert(pc.is_in(hist.column("user_id"), pa.array(cached["users"], pa.string()))))
@@ -308,6 +324,30 @@ class ModelWorker:
                 state["anchors"] = ok_rows(anchors)
         return state
 
+    def _carry(self, state: dict, ok: pa.Table, eligible: dict[str, pa.Table]) -> dict[str, pa.Table]:
+        """Fingerprint the shard's users; take the previous version's rows of every unchanged (user, family).
+
+        Returns, per family, the eligible users still to compute.
+        """
+        cfg, g = self.config, self.globals
+        fps = fingerprints(ok, cfg, g)
+        state["fingerprints"] = fps
+        carry = g.get("carry")
+        if carry is None:
+            state["incremental"] = {"families": {f: {"computed": t.num_rows} for f, t in eligible.items()}}
+            return eligible
+        previous = read_previous(cfg, carry, state["bucket"])
+        ids = {f: set(t.column("user_id").to_pylist()) for f, t in eligible.items()}
+        carried, kept, counts = plan_carry(previous, fps, ids, set(state["users"].column("user_id").to_pylist()),
+                                          carry["absent"], frozenset(carry.get("forgotten") or ()))
+        state["incremental"] = counts
+        content = dict(zip(ok.column("user_id").to_pylist(), ok.column("content_fingerprint").to_pylist()))
+        state["carried"] = carried_rows(previous, carried, kept, content)
+        state["carried_partial"] = carried_partial(state["carried"].get("vectors"), g["population_mean"],
+                                                   cfg.caa.shrinkage)
+        return {f: t.filter(pc.invert(pc.is_in(t.column("user_id"), pa.array(sorted(carried[f]), pa.string()))))
+                for f, t in eligible.items()}
+
     def _dps(self, hist: pa.Table, failed: dict) -> dict:
         cfg, g = self.config, self.globals
         dps = cfg.dps
@@ -316,6 +356,7 @@ class ModelWorker:
             hist = self._embed(hist)
         rows = dps_user_rows(hist, dps.history, centroids, dps.routing_temperature)
         if dps.per_user:
+            self.work["dps"] += rows.num_rows
             op = self._op("dps", lambda: DPSHeads(dps, self.model, population=g.get("dps_population")))
             scored = chunked(op, rows, cfg.resources.dps_batch_size)
         else:
