@@ -27,6 +27,9 @@ _REGISTRY: dict[str, tuple[str, str, str]] = {
     "runtime": ("runtime", "BenchRuntimeConfig",
                 "throughput and MFU of every model pass (capture, scoring, ablation, attribution, decode) at a "
                 "model shape, e.g. --shape llama-3.1-8b on a GPU"),
+    "cost": ("cost", "BenchCostConfig",
+             "model work per typical user, counted per stage with hooks on the decoder blocks (forward-token-"
+             "equivalents), and at a model shape (--shape llama-3.1-8b) FLOPs, GPU-seconds and users per GPU-hour"),
     "pref-accuracy": ("pref_accuracy", "PrefEvalConfig",
                       "per-user preference accuracy of population / CAA / BT steering on held-out real pairs"),
 }

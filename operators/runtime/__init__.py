@@ -85,6 +85,14 @@ class ModelRuntime:
                 _SHARED[key] = runtime
             return runtime
 
+    @classmethod
+    def share(cls, runtime: "ModelRuntime") -> "ModelRuntime":
+        """Make an already built runtime the process's runtime for its config (benchmarks with random weights)."""
+        key = json.dumps(dataclasses.asdict(runtime.config), sort_keys=True, default=str)
+        with _SHARED_LOCK:
+            _SHARED[key] = runtime
+        return runtime
+
     def __init__(self, config: ModelConfig | None = None, model: torch.nn.Module | None = None,
                  tokenizer=None):
         """Load ``config.name_or_path``, or wrap an already built ``model``/``tokenizer`` (tests)."""

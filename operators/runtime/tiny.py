@@ -68,9 +68,11 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
-def save_tiny(folder: Path, model_type: str = "llama", seed: int = 0, corpus: list[str] | None = None) -> Path:
-    """Write a tiny model + tokenizer as a Hugging Face folder (for pipeline tests and benchmarks)."""
+def save_tiny(folder: Path, model_type: str = "llama", seed: int = 0, corpus: list[str] | None = None,
+              **overrides) -> Path:
+    """Write a tiny model + tokenizer as a Hugging Face folder (for pipeline tests and benchmarks);
+    ``overrides``: config fields (e.g. a real model's layer and head counts at a tiny width)."""
     folder.mkdir(parents=True, exist_ok=True)
-    tiny_model(model_type, seed).save_pretrained(folder)
+    tiny_model(model_type, seed, **overrides).save_pretrained(folder)
     tiny_tokenizer(corpus).save_pretrained(folder)
     return folder
