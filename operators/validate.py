@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,8 @@ from steerstore.schemas.inputs import (
     validate_record,
 )
 from steerstore.schemas.store import RECORD_SCHEMA
+
+log = logging.getLogger("steerstore")
 
 
 @dataclass
@@ -125,7 +128,10 @@ def isolate_failures(users: list, compute, on_error) -> list[dict]:
     """
     try:
         return compute(users)
-    except Exception:  # noqa: BLE001 — isolate the failing user(s) below
+    except Exception as exc:  # noqa: BLE001 — isolate the failing user(s) below
+        if len(users) > 1:  # not silent: a batch that fails for its size (out of memory) costs a pass per user
+            log.warning("a batch of %d users failed (%s: %s); computing them one at a time", len(users),
+                        type(exc).__name__, str(exc)[:200])
         rows: list[dict] = []
         for user in users:
             try:

@@ -13,7 +13,7 @@ from steerstore.jobs.refresh import tables as refresh_tables
 from steerstore.operators.dps import DPSConfig, DPSHeads, PopulationPCS, dps_user_rows
 from steerstore.operators.history import HistoryContextConfig, bm25_scores, context_indices, scoring_sequences
 from steerstore.operators.runtime import ModelConfig
-from tests.tiny import write_jsonl
+from tests.tiny import answers, write_jsonl
 
 ITEMS = [
     {"input": "Describe your weekend.", "output": "Wow, I absolutely love the weather today!"},
@@ -253,7 +253,9 @@ def test_reader_resolves_heads_and_generate_decodes_with_them(dps_run, capsys):
     assert cli.main(["generate", "--store", uri, "--user", user, "--prompt", "Tell me about thing 1.",
                      "--method", "dps", "--scale", "2", "--max_new_tokens", "6"]) == 0
     out = capsys.readouterr().out
-    assert "method dps" in out and "steered:" in out
+    assert "method dps" in out
+    plain, steered = answers(out)
+    assert steered != plain  # the head contrast changed the answer
     assert cli.main(["generate", "--store", uri, "--user", "eve", "--prompt", "Hi", "--method", "dps"]) == 1
     assert "quarantined" in capsys.readouterr().err
 

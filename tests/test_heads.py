@@ -110,6 +110,24 @@ def test_attribution_is_the_gradient_of_the_mean_nll_per_group(tiny_runtime):
     assert grads[0, 1, 2].item() == pytest.approx(fd, rel=2e-2, abs=1e-4)
 
 
+def test_attribution_cuts_its_micro_batches_by_the_backward_budget_with_the_same_gradients(tiny_runtime):
+    from steerstore.jobs.bench.cost import BlockCounter
+
+    rt = tiny_runtime
+    enc = rt.encode(PROMPTS, RESPONSES)
+    whole = rt.head_attribution(enc, [0, 1, 0], 2)
+    saved = rt.config.max_backward_tokens
+    rt.config.max_backward_tokens = 1  # below every sequence: one sequence per micro-batch
+    try:
+        with BlockCounter(rt) as counter, counter.at("attribution"):
+            split = rt.head_attribution(enc, [0, 1, 0], 2)
+    finally:
+        rt.config.max_backward_tokens = saved
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-7)
+    # each sequence alone: no padding, so the blocks saw exactly the sequences' own tokens
+    assert counter.counts["attribution"]["forward_block_tokens"] == sum(len(e.ids) for e in enc) * rt.num_layers
+
+
 def test_contrast_decoding_with_gamma_zero_equals_greedy(tiny_runtime):
     rt = tiny_runtime
     plain = rt.generate(PROMPTS, max_new_tokens=12)

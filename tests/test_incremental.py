@@ -164,7 +164,7 @@ def _state(config, g, runs=1, computed_in="v000001-a"):
                      "action": "computed"} for f in ("caa", "dps", "steerx")}
     return {"population_mean": np.ones((2, 4), np.float32), "dps_population": object(),
             "dps_centroids": np.ones((2, 3)), "steerx_pool": [{"user_id": "ann"}],
-            "steerx_recommended": {"history": {}}, "globals": finish_plan(decisions, computed_in), "samples": {}}
+            "steerx_recommended": {"history": {}}, "globals": finish_plan(decisions, computed_in, {}), "samples": {}}
 
 
 def test_global_statistics_are_frozen_until_due_and_recomputed_for_each_reason():
@@ -202,7 +202,7 @@ def test_a_fingerprint_changes_with_the_familys_own_rows_settings_and_statistics
 
     cfg = _config()
     g = {"model": {"model_fingerprint": "m1"}, "smoothing_fingerprint": "s1",
-         "globals": finish_plan({f: {"settings": "x", "computed_in": "v1"} for f in ("caa", "dps", "steerx")}, "v1")}
+         "globals": finish_plan({f: {"settings": "x", "computed_in": None} for f in ("caa", "dps", "steerx")}, "v1", {})}
 
     def fps(pairs_text="a", history_text="b", g=g, config=cfg):
         row = {"user_id": "ann", "status": "ok", "pairs": [{"pair_id": "p", "prompt": "q", "chosen": pairs_text,
@@ -263,3 +263,20 @@ def test_the_incremental_settings_are_checked_and_travel_through_the_config_file
     assert from_dict(refresh.RefreshConfig, to_dict(cfg)).incremental.absent_users == "keep"
     with pytest.raises(ConfigError):
         _config(incremental={"refresh_globals_after": 0})
+
+
+def test_statistics_ids_depend_on_their_values_not_on_the_run_that_computed_them():
+    import pyarrow as pa
+
+    from steerstore.jobs.refresh.incremental import content_digest
+
+    g = {"population_mean": np.arange(6, dtype=np.float32).reshape(2, 3), "scales": {"caa": 4.0},
+         "dps_population_table": pa.table({"x": [1, 2]}), "caa_sample": ["ann", "ben"]}
+    same = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in g.items()}
+    assert content_digest(g) == content_digest(same)
+    moved = {**g, "population_mean": g["population_mean"] + np.float32(1e-6)}
+    assert content_digest(moved) != content_digest(g)
+    assert content_digest({**g, "scales": {"caa": 2.0}}) != content_digest(g)
+    a = finish_plan({"caa": {"settings": "s", "computed_in": None}}, "v000001-a", g)
+    b = finish_plan({"caa": {"settings": "s", "computed_in": None}}, "v000009-b", same)
+    assert a["caa"]["id"] == b["caa"]["id"] and a["caa"]["computed_in"] != b["caa"]["computed_in"]

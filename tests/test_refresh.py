@@ -1,6 +1,7 @@
 """The refresh job on real local Ray with a tiny model: quarantine, reconciliation, store contents."""
 
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +15,7 @@ from steerstore.infra.store import SteeringStore
 from steerstore.jobs import refresh
 from steerstore.operators.caa import pair_differences, shrink
 from steerstore.operators.runtime import ModelConfig, ModelRuntime
+from tests.tiny import answers
 
 CAA = {"layers": [1, 2], "recommended_layers": [2], "scale": 2.0}
 
@@ -172,7 +174,8 @@ def test_generate_prints_unsteered_and_steered_answers_for_a_stored_user(bad_inp
                      "--max_new_tokens", "6", "--scale", "8"]) == 0
     out = capsys.readouterr().out
     assert "user alice · method caa · layers [2] · alpha 8" in out
-    assert "unsteered:" in out and "steered:" in out
+    plain, steered = answers(out)
+    assert steered != plain  # α 8 on the tiny model changes the greedy answer
     for method in ("bt", "population"):
         assert cli.main(["generate", "--store", bad_input_run[1], "--user", "alice", "--prompt", "Hi",
                          "--max_new_tokens", "4", "--method", method]) == 0
@@ -200,10 +203,25 @@ def test_serving_refuses_a_model_whose_weights_differ_from_the_store(bad_input_r
 def test_inspect_describes_versions_tables_and_model(bad_input_run, capsys):
     from steerstore.jobs import cli
 
-    assert cli.main(["inspect", bad_input_run[1]]) == 0
+    summary, uri = bad_input_run
+    assert cli.main(["inspect", uri]) == 0
     out = capsys.readouterr().out
-    assert "(LATEST)" in out and "users in 5 = stored 2 + quarantined 3" in out
-    assert "table quarantine: 12 rows" in out and "vectors: list<item: fixed_size_list<item: float>[" in out
+    assert f"{summary['version']} (LATEST)" in out and "users: 5 in = 2 stored + 3 quarantined" in out
+    assert "by method: bt 2, caa 2" in out and "table quarantine: 12 rows" in out
+    assert "weights fingerprint " + StoreReader(uri).manifest["model"]["fingerprint"] in out
+    assert re.search(r"^\s+1  missing field '…'$", out, flags=re.MULTILINE), out  # reasons, values masked
+    assert "KiB per stored user" in out and "fixed_size_list" not in out  # schemas only with --schema
+    assert cli.main(["inspect", uri, "--schema", "true"]) == 0
+    assert "vectors: list<item: fixed_size_list<item: float>[" in capsys.readouterr().out
+    assert cli.main(["inspect", uri, "--users", "true", "--limit", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[:2] == ["alice\tcaa,bt", "bob\tcaa,bt"] and "(1-2 of 5; --offset 2 for more)" in out
+    assert cli.main(["inspect", uri, "--user", "carol"]) == 0
+    out = capsys.readouterr().out
+    assert "status quarantined (user has 1 valid preference pair(s)" in out and "caa: none — user 'carol'" in out
+    assert "quarantined prepare c0: " in out or "quarantined validate c0: " in out
+    assert cli.main(["inspect", uri, "--version", "nope"]) == 1
+    assert f"its versions: {summary['version']}" in capsys.readouterr().err
 
 
 def test_a_store_with_no_published_version_gives_a_clear_error(tmp_path, capsys):

@@ -193,6 +193,22 @@ def test_choose_scale_picks_the_most_accurate_alpha_within_the_fluency_budget(ti
     assert alpha == best["alpha"] and [c["alpha"] for c in curve] == [0.5, 2.0, 8.0]
     strict, _ = choose_scale(rt, pairs, vec, ScaleConfig(grid=[0.5, 2.0, 8.0], max_nll_increase=-1e9), base)
     assert strict == 0.5  # nothing passes the guard: the smallest α
+    # one pair's margin by hand: (log p steered − unsteered) of chosen minus the same of rejected
+    m2, nll2 = margins(rt, pairs, vec, 2.0, base)
+    one = Steering({1: torch.as_tensor(vec[1][:1], dtype=torch.float32)}, torch.tensor([2.0]), "response")
+    c_s, n_c = rt.response_logprobs([pairs[0]["prompt"]], [pairs[0]["chosen"]], one)
+    r_s, _ = rt.response_logprobs([pairs[0]["prompt"]], [pairs[0]["rejected"]], one)
+    c_0, _ = rt.response_logprobs([pairs[0]["prompt"]], [pairs[0]["chosen"]])
+    r_0, _ = rt.response_logprobs([pairs[0]["prompt"]], [pairs[0]["rejected"]])
+    assert m2[0] == pytest.approx(float((c_s - c_0) - (r_s - r_0)), abs=1e-3)
+    assert nll2[0] == pytest.approx(float(-(c_s - c_0) / n_c), abs=1e-4)
+    # the fluency guard excludes the most accurate α when its NLL rise is over the limit
+    by_alpha = {c["alpha"]: c for c in curve}
+    cheapest = min(curve, key=lambda c: c["nll_increase"])
+    assert best["nll_increase"] > cheapest["nll_increase"], curve  # here the most accurate α costs the most
+    limit = (best["nll_increase"] + cheapest["nll_increase"]) / 2
+    guarded, _ = choose_scale(rt, pairs, vec, ScaleConfig(grid=[0.5, 2.0, 8.0], max_nll_increase=limit), base)
+    assert guarded != best["alpha"] and by_alpha[guarded]["nll_increase"] <= limit
 
 
 def test_the_runtime_benchmark_measures_every_pass_on_a_tiny_shape(tmp_path):

@@ -13,6 +13,7 @@ from steerstore.operators.steerx import (
     user_anchors,
     word_effects,
 )
+from tests.tiny import answers
 
 ITEMS = [{"item_id": f"i{k}", "user_id": "ann", "input": f"Tell me about thing {k}.",
           "output": text} for k, text in enumerate([
@@ -293,7 +294,9 @@ def test_generate_serves_steerx_by_influence_decoding_and_by_style_vector(steerx
     assert cli.main(["generate", "--store", uri, "--user", "ann", "--prompt", "Write a note about the sea.",
                      "--method", "influence", "--scale", "2", "--max_new_tokens", "8"]) == 0
     out = capsys.readouterr().out
-    assert "method influence" in out and "lambda 2" in out and "style: This person" in out and "steered:" in out
+    assert "method influence" in out and "lambda 2" in out and "style: This person" in out
+    plain, steered = answers(out)
+    assert steered != plain  # influence decoding changed the answer
     assert cli.main(["generate", "--store", uri, "--user", "ann", "--prompt", "Write a note about the sea.",
                      "--method", "style_vector", "--source", "history", "--max_new_tokens", "8"]) == 0
     assert "method style_vector (history source)" in capsys.readouterr().out

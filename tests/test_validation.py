@@ -104,3 +104,19 @@ def test_the_content_fingerprint_ignores_row_order_but_not_content():
     b = prep(_records(p2, GOOD)).to_pylist()[0]["content_fingerprint"]
     c = prep(_records(GOOD, {**p2, "chosen": "Changed."})).to_pylist()[0]["content_fingerprint"]
     assert a == b != c
+
+
+def test_a_batch_that_fails_is_retried_user_by_user_and_says_so(caplog):
+    from steerstore.operators.validate import isolate_failures
+
+    def compute(users):
+        if len(users) > 1:
+            raise MemoryError("CUDA out of memory")
+        if users[0] == "bad":
+            raise ValueError("bad user")
+        return [{"user": users[0]}]
+
+    with caplog.at_level("WARNING", logger="steerstore"):
+        rows = isolate_failures(["a", "bad", "b"], compute, lambda u, exc: {"user": u, "error": str(exc)})
+    assert rows == [{"user": "a"}, {"user": "bad", "error": "bad user"}, {"user": "b"}]
+    assert "a batch of 3 users failed (MemoryError: CUDA out of memory)" in caplog.text

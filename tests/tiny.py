@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import json
 from pathlib import Path
 
@@ -14,3 +15,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
     """Rows as a JSONL input file; returns its path as a string (for input configs)."""
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+def answers(out: str) -> tuple[str, str]:
+    """The (unsteered, steered) answers `steerstore generate` printed (each line must be there once)."""
+    plain = re.findall(r"^  unsteered: (.*)$", out, flags=re.MULTILINE)
+    steered = re.findall(r"^  steered:   (.*)$", out, flags=re.MULTILINE)
+    assert len(plain) == len(steered) == 1, out
+    return plain[0], steered[0]

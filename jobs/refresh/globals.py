@@ -89,7 +89,7 @@ def compute_globals(config: RefreshConfig, run: Run, shards: Shards, pool: Pool,
     g["samples"] = {**((previous.state or {}).get("samples", {}) if frozen else {}),
                     **{k: {"users": len(s.users), "eligible": s.eligible, "fraction": s.fraction}
                        for k, s in sampler.chosen.items()}}
-    g["globals"] = finish_plan(decisions, run.version)
+    g["globals"] = finish_plan(decisions, run.version, g)
     g["carry"] = carry_plan(config, previous, shards.buckets)
     if g["carry"] is not None and g["carry"]["absent"] == "keep":
         g["carry"]["forgotten"] = sorted(forgotten_hashes(run.store))

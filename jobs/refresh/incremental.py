@@ -185,13 +185,49 @@ def _drifted(previous: Previous, min_cosine: float) -> bool:
     return bool(drift) and drift.get("cosine_min", 1.0) < min_cosine
 
 
-def finish_plan(decisions: dict, version: str) -> dict:
-    """Statistics computed by this run get this version as their origin, and an id the fingerprints include."""
-    for d in decisions.values():
+def finish_plan(decisions: dict, version: str, g: dict) -> dict:
+    """Statistics computed by this run get this version as their origin, and an id the fingerprints include:
+    a digest of their settings and values, so two runs that compute the same statistics (resumed, or on
+    another copy of the store) write the same fingerprints."""
+    for family, d in decisions.items():
         if d["computed_in"] is None:
             d["computed_in"] = version
-        d["id"] = _digest([d["settings"], d["computed_in"]])
+            d["id"] = _digest([d["settings"], content_digest({k: g.get(k) for k in GLOBAL_KEYS[family]})])
     return decisions
+
+
+def content_digest(value) -> str:
+    """A digest of nested statistics (arrays by dtype, shape and bytes; tables by their IPC bytes)."""
+    h = hashlib.sha256()
+
+    def walk(v) -> None:
+        if isinstance(v, np.ndarray):
+            h.update(f"nd{v.dtype}{v.shape}".encode())
+            h.update(np.ascontiguousarray(v).tobytes())
+        elif isinstance(v, pa.Table):
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, v.schema) as writer:
+                writer.write_table(v)
+            h.update(sink.getvalue().to_pybytes())
+        elif isinstance(v, dict):
+            h.update(b"{")
+            for k in sorted(v, key=str):
+                h.update(repr(k).encode())
+                walk(v[k])
+            h.update(b"}")
+        elif isinstance(v, (list, tuple)):
+            h.update(b"[")
+            for x in v:
+                walk(x)
+            h.update(b"]")
+        elif hasattr(v, "__dict__"):
+            h.update(type(v).__name__.encode())
+            walk(vars(v))
+        else:
+            h.update(repr(v).encode())
+
+    walk(value)
+    return h.hexdigest()[:32]
 
 
 def carry_plan(config, previous: Previous | None, buckets: int) -> dict | None:

@@ -128,7 +128,7 @@ def head_attribution(rt: ModelRuntime, encoded: Sequence[Encoded], groups: Seque
         tokens[g] += len(e.ids) - e.prompt_len
     grads = torch.zeros((n_groups, rt.num_layers, rt.num_heads), dtype=torch.float64)
     group_index = torch.as_tensor(list(groups), dtype=torch.long)
-    for batch in rt.micro_batches([len(e.ids) for e in encoded]):
+    for batch in rt.micro_batches([len(e.ids) for e in encoded], budget=rt.config.max_backward_tokens):
         ids, mask, pos = rt.collate([encoded[i].ids for i in batch], "right")
         gates = torch.ones((len(batch), rt.num_layers, rt.num_heads), device=rt.device, requires_grad=True)
         with torch.enable_grad(), rt.head_gating(gates):

@@ -43,13 +43,17 @@ class ModelConfig:
         "sdpa", help="attention kernel passed to from_pretrained")
     max_batch_tokens: int = option(
         8192, help="padded tokens per forward micro-batch (sequences are length-bucketed to fill it)")
+    max_backward_tokens: int = option(
+        8192, help="padded tokens per micro-batch of a pass with a backward (DPS attribution): its saved "
+                   "activations need several times a forward's memory (an 8B model: ~50 GB at 8192 tokens)")
     use_chat_template: bool = option(
         True, help="wrap prompts in the model's chat template when it has one")
     trust_remote_code: bool = option(False, help="allow custom modelling code from the hub")
 
     def __post_init__(self) -> None:
         check(bool(self.name_or_path), "model.name_or_path must not be empty")
-        check(self.max_batch_tokens >= 64, "model.max_batch_tokens must be >= 64")
+        check(self.max_batch_tokens >= 64 and self.max_backward_tokens >= 64,
+              "model.max_batch_tokens and model.max_backward_tokens must be >= 64")
 
 
 class UnsupportedArchitecture(ValueError):
