@@ -195,8 +195,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     for name, f, tp, default in _flatten_fields(cls):
         if isinstance(default, enum.Enum):
             default = default.value
+        switch = _strip_optional(tp)[0] is bool
         parser.add_argument(
-            f"--{name}", dest=f"cfg::{name}", default=argparse.SUPPRESS, metavar=_metavar(tp),
+            f"--{name}", dest=f"cfg::{name}", default=argparse.SUPPRESS,
+            metavar="true|false" if switch else _metavar(tp),
+            # a boolean is a switch: --flag alone means true (--flag false still turns it off)
+            **({"nargs": "?", "const": "true"} if switch else {}),
             # argparse %-formats help texts: escape literal percent signs
             help=f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%"),
         )

@@ -79,12 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     from steerstore.jobs.refresh.guard import PublishRefused
 
     try:
-        run(config)
+        result = run(config)
     except PublishRefused as exc:  # its own status: the job worked, the guard kept its version off serving
         print(f"steerstore {name}: publish refused: {exc}", file=sys.stderr)
         return 3
     except (KeyError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"steerstore {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if isinstance(result, dict) and result.get("nothing_done"):  # ran, but did none of what was asked
+        print(f"steerstore {name}: {result['nothing_done']}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,7 +1,7 @@
 """Export users' steering vectors for serving engines: llama.cpp GGUF, EasySteer JSON, safetensors.
 
 Launch: ``steerstore export --store ./steerstore-out/store --user enthusiastic-0 --format gguf --out ./vectors``
-(or ``--all true`` for every stored user; ``--method caa|bt|population|style_vector``). One file per user (and a
+(or ``--all`` for every stored user; ``--method caa|bt|population|style_vector``). One file per user (and a
 sidecar for safetensors); formats and conventions are described in infra/exports.py.
 """
 
@@ -45,7 +45,7 @@ class ExportConfig:
             check(not self.user and not self.all, "--method population exports the one population vector: "
                                                   "drop --user / --all")
         else:
-            check(bool(self.user) != self.all, "give exactly one of --user ID and --all true")
+            check(bool(self.user) != self.all, "give exactly one of --user ID and --all")
         check(self.method in VECTOR_METHODS, f"--method must be a vector method: {', '.join(VECTOR_METHODS)}")
         check(self.source is None or self.method == "style_vector", "--source applies to --method style_vector only")
         check(self.source in (None, "history", "description", "blend"),
@@ -128,5 +128,8 @@ def main(config: ExportConfig) -> dict:
               "fitted for response positions (the last prompt token onwards)")
     print(f"exported {len(files)} file set(s) to {config.out} ({config.format}, {config.method}, store version "
           f"{reader.version}); skipped {len(skipped)}")
-    return {"store": config.store, "version": reader.version, "format": config.format, "method": config.method,
-            "source": source, "out": config.out, "files": files, "skipped": skipped}
+    summary = {"store": config.store, "version": reader.version, "format": config.format, "method": config.method,
+               "source": source, "out": config.out, "files": files, "skipped": skipped}
+    if not files:  # the CLI exits non-zero: a script must not take "nothing written" for success
+        summary["nothing_done"] = "nothing was exported" + (f": {next(iter(skipped.values()))}" if skipped else "")
+    return summary

@@ -132,7 +132,8 @@ def main(config: GenerateConfig) -> dict | list[Served]:
     if config.method != "none" and record.applied != "user" and not (config.method == "population"
                                                                        and record.applied == "population"):
         if not config.fallback:
-            raise KeyError(reader.why_missing(config.user, WHAT[config.method]))
+            raise ValueError(reader.why_missing(config.user, WHAT[config.method])
+                             + ". Pass --fallback to answer with the population vector (or unsteered) instead")
     runtime = load_runtime_for(reader, config.model)
     plain, steered = serve(runtime, reader, [Request(config.user, config.prompt), request], config.max_new_tokens,
                            influence_temperature=config.temperature)
@@ -155,5 +156,9 @@ def main(config: GenerateConfig) -> dict | list[Served]:
     print(f"prompt: {config.prompt}")
     print(f"  unsteered: {plain.text}")
     print(f"  steered:   {steered.text}")
+    if config.method != "none" and steered.text == plain.text:
+        strength = "" if steered.scale is None else f" ({steered.scale:g})"
+        print(f"note: the steered answer equals the unsteered one at this strength{strength}; "
+              "try a larger --scale, or more --max_new_tokens")
     return {"unsteered": plain.text, "steered": steered.text, "scale": steered.scale, "layers": steered.layers,
             "applied": steered.applied}

@@ -133,3 +133,21 @@ def test_the_rayjob_entrypoint_and_cronjob_of_the_deploy_folder_parse():
     assert cron["spec"]["concurrencyPolicy"] == "Forbid" and f"app.kubernetes.io/name={label}" in script
     example = load(RefreshConfig, str(deploy / "refresh.example.yaml"))
     assert example.retention.keep_versions == 7 and example.publish.max_users_drop == 0.2
+
+
+def test_boolean_options_are_switches_that_still_take_a_value():
+    from steerstore.infra.config import load
+    from steerstore.jobs.cli import _resolve, build_parser
+
+    parser = build_parser()
+
+    def parsed(*argv):
+        args = parser.parse_args(["export", "--store", "s", *argv])
+        _, cls, _ = _resolve(args)
+        return load(cls, None, args)
+
+    assert parsed("--all").all is True
+    assert parsed("--all", "true").all is True
+    assert parsed("--user", "ann", "--all", "false").all is False
+    assert parsed("--user", "ann").all is False
+    assert "true|false" in parser._subparsers._group_actions[0].choices["export"].format_help()

@@ -157,6 +157,12 @@ def test_an_absent_user_gets_no_file_and_a_reason(store, tmp_path, capsys):
     assert "it was not in the inputs" in summary["skipped"]["zed"]
     assert "skipped: user 'zed' has no CAA vectors" in capsys.readouterr().out
     assert run_export(store, tmp_path / "out", user=" ", format="gguf")["skipped"] == {" ": "the user id is empty"}
+    from steerstore.jobs import cli
+
+    # from the command line, nothing exported is a failure a script can see
+    assert cli.main(["export", "--store", store, "--user", "zed", "--format", "gguf", "--out", str(tmp_path)]) == 1
+    assert "steerstore export: nothing was exported: user 'zed' has no CAA vectors" in capsys.readouterr().err
+    assert cli.main(["export", "--store", store, "--user", "ann", "--format", "gguf", "--out", str(tmp_path)]) == 0
 
 
 def test_a_quarantined_user_gets_no_file_and_the_quarantine_reason(store, tmp_path, monkeypatch):
@@ -192,7 +198,7 @@ def test_the_cli_exports_and_prints_the_llama_cpp_flags(store, tmp_path, capsys)
     scale = StoreReader(store).vectors(["dan"])["dan"].recommended_scale
     assert path.exists() and f"--control-vector-scaled {path} {scale:g}" in capsys.readouterr().out
     assert cli.main(["export", "--store", store, "--format", "gguf"]) == 2  # neither --user nor --all
-    assert "exactly one of --user ID and --all true" in capsys.readouterr().err
+    assert "exactly one of --user ID and --all" in capsys.readouterr().err
 
 
 def test_the_model_hint_comes_from_the_model_config_or_else_its_id(served_store):

@@ -179,7 +179,10 @@ def test_generate_prints_unsteered_and_steered_answers_for_a_stored_user(bad_inp
     for method in ("bt", "population"):
         assert cli.main(["generate", "--store", bad_input_run[1], "--user", "alice", "--prompt", "Hi",
                          "--max_new_tokens", "4", "--method", method]) == 0
-        assert f"method {method}" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert f"method {method}" in out
+        plain, steered = answers(out)  # an answer the steering did not change is said so
+        assert ("note: the steered answer equals the unsteered one" in out) == (plain == steered)
 
 
 def test_generate_for_a_quarantined_user_says_why_it_has_no_vectors(bad_input_run, capsys):

@@ -272,7 +272,8 @@ def test_generate_serves_a_jsonl_file_of_mixed_requests_as_one_batch(served, tmp
     assert cli.main(["generate", "--store", reader.store.uri, "--requests", bad]) == 1
     assert "bad.jsonl line 2: unknown fields ['colour']" in capsys.readouterr().err
     assert cli.main(["generate", "--store", reader.store.uri, "--user", "nobody", "--prompt", "Hi"]) == 1
-    assert "'nobody' has no vectors" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "ValueError: user 'nobody' has no vectors" in err and "Pass --fallback to answer" in err
     assert cli.main(["generate", "--store", reader.store.uri, "--user", "nobody", "--prompt", "Hi", "--fallback", "true",
                      "--max_new_tokens", "4"]) == 0
     assert "fallback: population vector" in capsys.readouterr().out

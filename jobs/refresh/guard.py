@@ -8,7 +8,7 @@
   stored, users stored or any method's users falling by more than the configured share, the share
   of input users quarantined rising by more than the configured amount, or a population direction
   that is not finite. A refused version stays unpublished (its shards kept, so the same command
-  with ``--publish.force true`` resumes it and publishes without recomputing), the reasons go to
+  with ``--publish.force`` resumes it and publishes without recomputing), the reasons go to
   the run report ``<store>/reports/<version>.json``, and the job exits with status 3.
 """
 
@@ -54,7 +54,7 @@ class PublishRefused(RuntimeError):
         self.version, self.reasons, self.report_uri = version, reasons, report_uri
         super().__init__(f"version {version} was not published: " + "; ".join(reasons)
                          + f". The run report is {report_uri}. If the change is intended, rerun the same command "
-                           "with --publish.force true: it publishes this version without recomputing it")
+                           "with --publish.force: it publishes this version without recomputing it")
 
     def __reduce__(self):
         return (type(self), (self.version, self.reasons, self.report_uri))

@@ -24,7 +24,7 @@ from steerstore.jobs.refresh.config import RefreshConfig
 log = logging.getLogger("steerstore")
 
 # config sections that do not change what a run writes (where and how it runs, credentials, the publish guard:
-# a refused version is resumed and published by the same command with --publish.force true)
+# a refused version is resumed and published by the same command with --publish.force)
 _NOT_OUTPUT = ("ray", "resources", "storage", "publish", "lease", "retention")
 
 
