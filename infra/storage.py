@@ -57,12 +57,17 @@ class StorageConfig:
     retry_budget_s: float = option(
         300.0, help="give up retrying a call after this many seconds (an object store restarting takes minutes; "
                     "a serving process may want seconds)")
+    connect_budget_s: float = option(
+        60.0, help="an endpoint this process has never reached is given up on after this many seconds of "
+                   "connection errors (a wrong endpoint fails fast, naming the setting); once reached, "
+                   "retry_budget_s applies")
 
     def __post_init__(self) -> None:
         check(self.retries >= 1, f"storage.retries must be >= 1 (it counts attempts), got {self.retries}")
         check(self.retry_backoff_s >= 0, f"storage.retry_backoff_s must be >= 0, got {self.retry_backoff_s}")
         check(self.retry_max_backoff_s >= self.retry_backoff_s and self.retry_budget_s >= 0,
               "storage.retry_max_backoff_s must be >= retry_backoff_s and storage.retry_budget_s >= 0")
+        check(self.connect_budget_s >= 0, "storage.connect_budget_s must be >= 0")
         if self.endpoint_url:
             check(self.endpoint_url.startswith(("http://", "https://")),
                   f"storage.endpoint_url must start with http:// or https://, got {self.endpoint_url!r}")
@@ -206,23 +211,64 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+class StorageUnreachable(ConnectionError):
+    """The object store never answered this process: most often a wrong endpoint, or a server that is not running."""
+
+
+_REACHED: set[str] = set()  # endpoints that answered at least once in this process
+_CONNECT = re.compile(r"connection refused|could(n'?t| not) connect|curl.?code: ?(6|7)\b|network.?connection|"
+                      r"name or service not known|failed to resolve|no route to host", re.IGNORECASE)
+
+
+def _endpoint_name(cfg: StorageConfig) -> str:
+    """The object store's endpoint as a person would name it (the setting, the environment, or AWS)."""
+    return cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") \
+        or f"AWS S3 ({cfg.region or os.environ.get('AWS_REGION') or os.environ.get('AWS_DEFAULT_REGION') or 'us-east-1'})"
+
+
+def _is_connect_error(exc: BaseException) -> bool:
+    for _ in range(5):
+        if isinstance(exc, ConnectionRefusedError) or type(exc).__name__ == "EndpointConnectionError" \
+                or _CONNECT.search(str(exc)):
+            return True
+        if exc.__cause__ is None:
+            return False
+        exc = exc.__cause__
+    return False
+
+
 def with_retries(fn: Callable[[], T], cfg: StorageConfig | None, what: str) -> T:
     """Call fn, retrying transient storage errors with jittered exponential backoff; others raise at once.
 
-    Gives up after ``cfg.retries`` attempts or once ``cfg.retry_budget_s`` seconds have passed.
+    Gives up after ``cfg.retries`` attempts or once ``cfg.retry_budget_s`` seconds have passed; an
+    object-store endpoint that never answered this process, after ``cfg.connect_budget_s`` seconds of
+    connection errors (``StorageUnreachable``, naming the endpoint and the setting).
     """
     cfg = cfg or StorageConfig()
     delay = cfg.retry_backoff_s
-    deadline = time.monotonic() + cfg.retry_budget_s
+    start = time.monotonic()
+    deadline = start + cfg.retry_budget_s
+    remote = "s3://" in what
     for attempt in range(1, cfg.retries + 1):
         try:
-            return fn()
+            result = fn()
+            if remote:
+                _REACHED.add(_endpoint_name(cfg))
+            return result
         except Exception as exc:
             left = deadline - time.monotonic()
+            if remote and _endpoint_name(cfg) not in _REACHED and _is_connect_error(exc) \
+                    and time.monotonic() - start >= cfg.connect_budget_s:
+                raise StorageUnreachable(
+                    f"could not reach the object store at {_endpoint_name(cfg)} ({what}): {str(exc)[:300]}. Check "
+                    "--storage.endpoint_url (or $AWS_ENDPOINT_URL), the network, and that the server is running"
+                ) from exc
             if attempt >= cfg.retries or left <= 0 or not is_transient(exc):
                 raise
             # Jitter keeps many Ray workers that were throttled together from retrying in lockstep.
             pause = min(delay * (0.5 + random.random() * 0.75), left)
+            if remote and _endpoint_name(cfg) not in _REACHED:  # never answered: do not sleep past the connect budget
+                pause = min(pause, max(0.05, start + cfg.connect_budget_s - time.monotonic()))
             log.warning("%s failed (attempt %d of %d), retrying in %.2fs: %s", what, attempt, cfg.retries,
                         pause, exc)
             time.sleep(pause)
@@ -232,6 +278,19 @@ def with_retries(fn: Callable[[], T], cfg: StorageConfig | None, what: str) -> T
 
 # ----------------------------------------------------------------------------------------------
 # Files
+
+
+def missing_bucket(uri: str, cfg: StorageConfig | None = None) -> str | None:
+    """For an s3:// URI whose bucket does not exist, what to tell the person; else None."""
+    if not uri.startswith("s3://"):
+        return None
+    bucket = uri[len("s3://"):].split("/", 1)[0]
+    fs, _ = filesystem(f"s3://{bucket}", cfg)
+    info = with_retries(lambda: fs.get_file_info(bucket), cfg, f"stat s3://{bucket}")
+    if info.type != pafs.FileType.NotFound:
+        return None
+    return (f"the bucket {bucket!r} does not exist at {_endpoint_name(cfg or StorageConfig())} (check the URI, "
+            "--storage.endpoint_url and --storage.region)")
 
 
 def read_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:

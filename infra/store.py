@@ -21,6 +21,7 @@ from steerstore.infra.storage import (
     join,
     list_dir,
     list_files,
+    missing_bucket,
     read_tagged,
     read_text,
     with_retries,
@@ -43,15 +44,17 @@ def _order(version: str) -> tuple:
 class StoreNotFound(FileNotFoundError):
     """The steering store has no (usable) published version."""
 
-    def __init__(self, uri: str, reason: str | None = None):
+    def __init__(self, uri: str, reason: str | None = None, refresh_hint: bool = True):
         self.uri = uri
         self.reason = reason
+        self.refresh_hint = refresh_hint
         what = reason or "it has no published version (no LATEST file)"
-        super().__init__(f"steering store {uri}: {what}. Create a version by running `steerstore refresh` "
-                         f"with this store URI.")
+        super().__init__(f"steering store {uri}: {what}."
+                         + (" Create a version by running `steerstore refresh` with this store URI."
+                            if refresh_hint else ""))
 
-    def __reduce__(self):  # keep the (uri, reason) arguments when Ray pickles the error
-        return (type(self), (self.uri, self.reason))
+    def __reduce__(self):  # keep the arguments when Ray pickles the error
+        return (type(self), (self.uri, self.reason, self.refresh_hint))
 
 
 class SteeringStore:
@@ -129,7 +132,8 @@ class SteeringStore:
             return version
         latest = self.latest()
         if latest is None:
-            raise StoreNotFound(self.uri)
+            bucket = missing_bucket(self.uri, self.storage)
+            raise StoreNotFound(self.uri, bucket, refresh_hint=bucket is None)
         return latest
 
     def read_manifest(self, version: str | None = None) -> dict[str, Any]:

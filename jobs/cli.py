@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     from steerstore.jobs import bench
 
     parser = argparse.ArgumentParser(prog="steerstore", description="Per-user LLM steering artifacts on Ray.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, _, help_text) in _jobs().items():
         _add_job(sub, name, cls, help_text)
@@ -64,6 +65,25 @@ def _resolve(args: argparse.Namespace):
     return args.command, cls, run
 
 
+def _message(exc: BaseException) -> str:
+    return exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)  # KeyError's str() adds quotes
+
+
+_ACCESS = ("accessdenied", "access denied", "invalidaccesskeyid", "signaturedoesnotmatch", "expiredtoken",
+           "no credentials", "unable to locate credentials")
+
+
+def _hint(exc: BaseException) -> str:
+    """What to check, for the storage errors a person can fix by a setting (the full traceback: --debug)."""
+    text = str(exc).lower()
+    if any(a in text for a in _ACCESS):
+        return (". Check the credentials: --storage.access_key_id / --storage.secret_access_key, $AWS_ACCESS_KEY_ID "
+                "/ $AWS_SECRET_ACCESS_KEY or ~/.aws/credentials, and the bucket's permissions")
+    if "nosuchbucket" in text or "bucket does not exist" in text:
+        return ". Check the bucket name in the URI and --storage.endpoint_url / --storage.region"
+    return "" if isinstance(exc, (KeyError, ValueError, FileNotFoundError)) else " (the full traceback: --debug)"
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -83,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     except PublishRefused as exc:  # its own status: the job worked, the guard kept its version off serving
         print(f"steerstore {name}: publish refused: {exc}", file=sys.stderr)
         return 3
-    except (KeyError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"steerstore {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except (KeyError, FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
+        if args.debug:
+            raise
+        print(f"steerstore {name}: {type(exc).__name__}: {_message(exc)}{_hint(exc)}", file=sys.stderr)
         return 1
     if isinstance(result, dict) and result.get("nothing_done"):  # ran, but did none of what was asked
         print(f"steerstore {name}: {result['nothing_done']}", file=sys.stderr)

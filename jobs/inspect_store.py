@@ -47,7 +47,7 @@ def main(config: InspectConfig) -> dict:
     versions = store.versions()
     if config.version and config.version not in versions:
         raise StoreNotFound(store.uri, f"it has no published version {config.version!r}; its versions: "
-                                       + (", ".join(versions) or "none"))
+                                       + (", ".join(versions) or "none"), refresh_hint=not versions)
     version = store.resolve(config.version)
     manifest = store.read_manifest(version)
     if config.user is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -335,3 +336,40 @@ def test_store_not_found_survives_pickling_so_ray_can_report_it():
     error = pickle.loads(pickle.dumps(StoreNotFound("s3://b/store")))
     assert isinstance(error, FileNotFoundError)
     assert "s3://b/store" in str(error) and "steerstore refresh" in str(error)
+
+
+# ---------------------------------------------------------------------------------------------
+# errors a person can act on
+
+
+def test_an_endpoint_that_never_answers_fails_fast_naming_the_setting(capsys):
+    import socket
+
+    from steerstore.jobs import cli
+
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = StorageConfig(endpoint_url=f"http://127.0.0.1:{port}", access_key_id="k", secret_access_key="s",
+                        connect_budget_s=1.0, retry_backoff_s=0.05)
+    start = time.monotonic()
+    with pytest.raises(storage.StorageUnreachable, match=rf"could not reach the object store at http://127.0.0.1:{port}"):
+        storage.read_text("s3://bucket/LATEST", cfg)
+    assert time.monotonic() - start < 15  # not the 5-minute retry budget of an endpoint that once answered
+    flags = ["--storage.endpoint_url", f"http://127.0.0.1:{port}", "--storage.access_key_id", "k",
+             "--storage.secret_access_key", "s", "--storage.connect_budget_s", "1"]
+    assert cli.main(["inspect", "s3://bucket/store", *flags]) == 1
+    err = capsys.readouterr().err
+    assert "StorageUnreachable: could not reach the object store" in err and "--storage.endpoint_url" in err
+    assert "Traceback" not in err and "--debug" in err
+    with pytest.raises(storage.StorageUnreachable):
+        cli.main(["--debug", "inspect", "s3://bucket/store", *flags])
+
+
+def test_a_store_in_a_bucket_that_does_not_exist_says_so(s3_server):
+    store = SteeringStore("s3://no-such-bucket/store", s3_server.storage_config())
+    with pytest.raises(StoreNotFound, match="the bucket 'no-such-bucket' does not exist at http") as raised:
+        store.resolve()
+    assert "steerstore refresh" not in str(raised.value)
+    with pytest.raises(StoreNotFound, match="no published version .*steerstore refresh"):
+        SteeringStore(f"s3://{BUCKET}/empty", s3_server.storage_config()).resolve()
