@@ -210,10 +210,12 @@ class StoreReader:
         """Refuse to serve this version with weights other than the ones it was built with."""
         expected = self.manifest["model"].get("fingerprint")
         if expected and fingerprint != expected:
+            built = self.manifest["model"]
             raise FingerprintMismatch(
                 f"{name} has weights fingerprint {fingerprint}, but store version {self.version} of "
-                f"{self.store.uri} was built for {self.manifest['model'].get('id')} ({expected}); serve it with "
-                "that model or rebuild the store for this one")
+                f"{self.store.uri} was built with {built.get('name_or_path')!r} (id {built.get('id')}, weights "
+                f"fingerprint {expected}). Serve it with that model (`steerstore model --store {self.store.uri}` "
+                "prints where it is) or rebuild the store for this one")
 
     def _table(self, name: str) -> pa.Table:
         """A whole (small) table; empty when this version predates it."""

@@ -11,13 +11,15 @@ from steerstore.infra.config import ConfigError, add_arguments, load
 
 
 def _jobs():
-    from steerstore.jobs import demo, evaluate, export, forget, generate, importers, inspect_store, refresh
+    from steerstore.jobs import demo, evaluate, export, forget, generate, importers, inspect_store, model_cmd, refresh
 
     return {
         "refresh": (refresh.RefreshConfig, refresh.main, "compute steering vectors and publish a new store version"),
         "forget": (forget.ForgetConfig, forget.main,
                    "remove users from every retained store version and from every later refresh"),
         "inspect": (inspect_store.InspectConfig, inspect_store.main, "describe a store: versions, rows, schema, model"),
+        "model": (model_cmd.ModelCmdConfig, model_cmd.main,
+                  "print the model folder or hub id a store must be served with (--check: load and compare)"),
         "generate": (generate.GenerateConfig, generate.main, "answer a prompt unsteered and steered for a user"),
         "export": (export.ExportConfig, export.main,
                    "export users' steering vectors for serving engines: llama.cpp GGUF, EasySteer JSON, safetensors"),

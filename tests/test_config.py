@@ -67,9 +67,9 @@ def test_refresh_accepts_address_as_a_shorthand_for_ray_address():
     assert load(RefreshConfig, None, args).ray.address == "ray://head:10001"
 
 
-@pytest.mark.parametrize("command", ["refresh", "inspect", "generate", "import", "demo", "export", "eval", "bench",
+@pytest.mark.parametrize("command", ["refresh", "inspect", "model", "forget", "generate", "import", "demo", "export", "eval", "bench",
                                      "bench activations", "bench dps", "bench steerx", "bench serving", "bench tau",
-                                     "bench pref-accuracy"])
+                                     "bench pref-accuracy", "bench cost", "bench runtime", "bench scale"])
 def test_every_subcommand_prints_its_help(command, capsys):
     from steerstore.jobs.cli import build_parser
 

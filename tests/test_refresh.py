@@ -193,14 +193,22 @@ def test_generate_for_a_quarantined_user_says_why_it_has_no_vectors(bad_input_ru
     assert "'carol' has no vectors" in err and "quarantined: user has 1 valid preference pair(s)" in err
 
 
-def test_serving_refuses_a_model_whose_weights_differ_from_the_store(bad_input_run, tmp_path):
+def test_serving_refuses_a_model_whose_weights_differ_from_the_store(bad_input_run, tmp_path, capsys):
     from steerstore.infra.reader import FingerprintMismatch
     from steerstore.jobs.generate import load_runtime_for
     from tests.tiny import save_tiny
 
+    from steerstore.jobs import cli
+
     other = save_tiny(tmp_path / "other", seed=1)
-    with pytest.raises(FingerprintMismatch, match="serve it with that model or rebuild the store"):
-        load_runtime_for(StoreReader(bad_input_run[1]), str(other))
+    uri = bad_input_run[1]
+    with pytest.raises(FingerprintMismatch, match=rf"model '{other}' has weights fingerprint .* built with") as raised:
+        load_runtime_for(StoreReader(uri), str(other))
+    assert f"`steerstore model --store {uri}` prints where it is" in str(raised.value)
+    # the model to serve with, printed and checked against the store's fingerprint
+    assert cli.main(["model", "--store", uri, "--check"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == StoreReader(uri).manifest["model"]["name_or_path"] and "checked: " in out
 
 
 def test_inspect_describes_versions_tables_and_model(bad_input_run, capsys):

@@ -185,8 +185,10 @@ def test_the_mixed_batch_plan_matches_the_single_mode_runtime_calls(served):
 
 def test_serving_refuses_a_model_whose_weights_differ_from_the_store(served):
     reader, _, _ = served
-    with pytest.raises(FingerprintMismatch, match="serve it with that model or rebuild the store"):
+    built = reader.manifest["model"]
+    with pytest.raises(FingerprintMismatch, match=r"Serve it with that model \(`steerstore model --store") as raised:
         personalised_generate(tiny_model(seed=1), tiny_tokenizer(), [Request("ann", "Hi")], reader)
+    assert f"built with {built['name_or_path']!r}" in str(raised.value) and built["fingerprint"] in str(raised.value)
 
 
 def test_bad_requests_get_clear_errors(served):

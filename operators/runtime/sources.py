@@ -47,6 +47,12 @@ def canonical_model_id(name: str) -> str:
     return name
 
 
+def model_for_store(manifest: dict) -> str:
+    """What to load to serve a store version: the local folder of a packaged model (converted once, the
+    weights the store was built with), else the folder or hub id recorded in the manifest."""
+    return resolve_model_path(manifest["model"]["name_or_path"])
+
+
 def resolve_model_path(name: str) -> str:
     """Return something ``from_pretrained`` can load for ``name``.
 
