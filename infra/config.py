@@ -190,20 +190,38 @@ def _flatten_fields(cls: type, prefix: str = "", instance: Any = None):
             yield name, f, hints[f.name], (None if default is dataclasses.MISSING else default)
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add a ``--a.b.c`` flag per leaf field of ``cls`` (and nested configs), with its help."""
+def add_arguments(parser: argparse.ArgumentParser, cls: type, full: bool = True) -> None:
+    """Add a ``--a.b.c`` flag per leaf field of ``cls`` (and nested configs), with its help.
+
+    ``full=False``: the help lists the top-level options and one line per section (``--caa.*``);
+    every flag still parses (``--help-all`` shows them all).
+    """
+    sections: dict[str, list[str]] = {}
+    hints = _hints(cls)
     for name, f, tp, default in _flatten_fields(cls):
         if isinstance(default, enum.Enum):
             default = default.value
         switch = _strip_optional(tp)[0] is bool
+        section = name.split(".", 1)[0] if "." in name else None
+        if section is not None:
+            sections.setdefault(section, []).append(name)
+        text = f.metadata.get("help", "")
+        if "default" not in text.lower():  # a help text that already says its default keeps it once
+            text = f"{text} (default: {default!r})"
         parser.add_argument(
             f"--{name}", dest=f"cfg::{name}", default=argparse.SUPPRESS,
             metavar="true|false" if switch else _metavar(tp),
             # a boolean is a switch: --flag alone means true (--flag false still turns it off)
             **({"nargs": "?", "const": "true"} if switch else {}),
             # argparse %-formats help texts: escape literal percent signs
-            help=f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%"),
+            help=text.replace("%", "%%") if full or section is None else argparse.SUPPRESS,
         )
+    if sections and not full:
+        described = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name in hints}
+        lines = [f"  --{sec}.*  {described.get(sec, '')} ({len(names)} option{'s' * (len(names) > 1)})"
+                 for sec, names in sections.items()]
+        parser.epilog = ("option sections (every option: --help-all):\n" + "\n".join(lines)).replace("%", "%%")
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 def _metavar(tp: Any) -> str:

@@ -30,30 +30,31 @@ def _jobs():
     }
 
 
-def _add_job(sub, name: str, cls, help_text: str) -> None:
+def _add_job(sub, name: str, cls, help_text: str, full: bool = False) -> None:
     p = sub.add_parser(name, help=help_text, description=help_text)
     p.add_argument("--config", help="YAML config file (local or s3://); flags override it")
     if name == "inspect":
         p.add_argument("store_uri", nargs="?", help="store URI")
     if name in ("refresh", "demo"):
-        p.add_argument("--address", dest="cfg::ray.address", default=argparse.SUPPRESS,
+        p.add_argument("--address", dest="cfg::ray.address", default=argparse.SUPPRESS, metavar="ADDRESS",
                        help="Ray cluster address (same as --ray.address); default: embedded local Ray")
-    add_arguments(p, cls)
+    add_arguments(p, cls, full=full)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(full: bool = False) -> argparse.ArgumentParser:
+    """``full``: every option in each subcommand's help (``--help-all``), else the top-level ones and sections."""
     from steerstore.jobs import bench
 
     parser = argparse.ArgumentParser(prog="steerstore", description="Per-user LLM steering artifacts on Ray.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, _, help_text) in _jobs().items():
-        _add_job(sub, name, cls, help_text)
+        _add_job(sub, name, cls, help_text, full)
     bench_parser = sub.add_parser("bench", help="benchmarks and experiments (figures under docs/figures/)",
                                   description="benchmarks and experiments; each writes its figures as JSON")
     bench_sub = bench_parser.add_subparsers(dest="bench", required=True)
     for name in bench.names():
-        _add_job(bench_sub, name, bench.load(name)[0], bench.help_text(name))
+        _add_job(bench_sub, name, bench.load(name)[0], bench.help_text(name), full)
     return parser
 
 
@@ -90,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    full = "--help-all" in argv
+    args = build_parser(full).parse_args(["--help" if a == "--help-all" else a for a in argv])
     name, cls, run = _resolve(args)
     overrides = {"store": args.store_uri} if getattr(args, "store_uri", None) else {}
     try:

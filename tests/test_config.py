@@ -105,7 +105,7 @@ def test_help_shows_the_parents_default_for_a_nested_field(capsys):
     from steerstore.jobs.cli import build_parser
 
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["demo", "--help"])
+        build_parser(full=True).parse_args(["demo", "--help"])
     from steerstore.jobs.demo import DemoConfig
 
     help_text = " ".join(capsys.readouterr().out.split())
@@ -151,3 +151,19 @@ def test_boolean_options_are_switches_that_still_take_a_value():
     assert parsed("--user", "ann", "--all", "false").all is False
     assert parsed("--user", "ann").all is False
     assert "true|false" in parser._subparsers._group_actions[0].choices["export"].format_help()
+
+
+def test_help_fits_a_screen_and_help_all_lists_every_option(capsys):
+    from steerstore.jobs import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["refresh", "--help"])
+    short = capsys.readouterr().out
+    assert len(short.splitlines()) <= 60 and "--caa.*  CAA vectors (" in short and "--caa.layers" not in short
+    assert "(default: None) (default" not in short and "CFG::" not in short
+    with pytest.raises(SystemExit):
+        cli.main(["refresh", "--help-all"])
+    full = capsys.readouterr().out
+    assert "--caa.layers" in full and "--incremental.absent_users" in full
+    assert all(line.count("(default:") <= 1 for line in full.splitlines())
+    assert "CFG::" not in full
