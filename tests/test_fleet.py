@@ -365,8 +365,8 @@ def test_the_stored_dps_heads_steerx_anchors_and_bt_points_equal_an_in_process_c
 def test_the_scale_benchmark_runs_the_refresh_and_reports_its_figures(ray_cluster, tmp_path):
     from steerstore.jobs.bench import scale
 
-    result = scale.main(scale.BenchScaleConfig(users=24, out=str(tmp_path / "out"), json=str(tmp_path / "f" /
-                                                                                             "bench-scale-24.json")))
+    result = scale.main(scale.BenchScaleConfig(users=24, changed=0.25, out=str(tmp_path / "out"),
+                                               json=str(tmp_path / "f" / "bench-scale-24.json")))
     for key in ("users", "seconds", "users_per_second", "peak_driver_rss_bytes", "peak_object_store_bytes",
                 "model_loads", "busy_fraction"):
         assert key in result, key
@@ -374,5 +374,11 @@ def test_the_scale_benchmark_runs_the_refresh_and_reports_its_figures(ray_cluste
     assert result["model_loads"] == result["model_workers"] == 2
     assert 0 < result["busy_fraction"]["user_pass"] <= 1
     assert result["store_bytes_per_user"]["vectors"] > 0
+    # the second night: the changed users alone went through the model, everyone else was carried
+    inc = result["incremental"]
+    changed = inc["users"]["caa"]["recomputed"]
+    assert 0 < changed < 24 and inc["users"]["caa"]["carried"] == 24 - changed
+    assert inc["users_computed"] == {"caa": changed, "dps": changed, "steerx": changed}
+    assert set(inc["global_statistics"].values()) == {"frozen"} and inc["speedup_over_full_night"] > 0
     table = (tmp_path / "f" / "bench-scale.md").read_text()
     assert "| 24 | float32 |" in table and "bench-scale-24.json" in table

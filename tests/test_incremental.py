@@ -280,3 +280,27 @@ def test_statistics_ids_depend_on_their_values_not_on_the_run_that_computed_them
     a = finish_plan({"caa": {"settings": "s", "computed_in": None}}, "v000001-a", g)
     b = finish_plan({"caa": {"settings": "s", "computed_in": None}}, "v000009-b", same)
     assert a["caa"]["id"] == b["caa"]["id"] and a["caa"]["computed_in"] != b["caa"]["computed_in"]
+
+
+def test_a_kept_absent_user_keeps_only_the_families_whose_statistics_stay_frozen():
+    import pyarrow as pa
+
+    from steerstore.jobs.refresh.incremental import carried_rows
+    from steerstore.schemas.store import USERS_SCHEMA
+
+    users = pa.Table.from_pylist([
+        {"user_id": "ann", "status": "stored", "methods": ["caa", "bt", "dps"],
+         "fingerprints": [("caa", "1"), ("dps", "2")]},
+        {"user_id": "cat", "status": "stored", "methods": ["dps"], "fingerprints": [("dps", "4")]},
+    ], schema=USERS_SCHEMA)
+    bt = pa.table({"user_id": ["ann"], "theta": [[0.1, 0.2]]})
+    dps = pa.table({"user_id": ["ann", "cat"], "cluster": [0, 1]})
+    previous = {"users": users, "bt_coords": bt, "dps_heads": dps}
+    # tonight recomputes the DPS statistics (new clusters): last night's routing means nothing against them
+    carried, kept, counts = plan_carry(previous, {}, {}, set(), "keep", frozenset(), frozenset({"caa"}))
+    assert kept == {"ann"} and counts["kept_absent"] == 1 and counts["dropped"] == 1
+    assert counts["dropped_by_method"] == {"dps": 2}
+    rows = carried_rows(previous, carried, kept, None, frozenset({"caa"}))
+    assert rows["bt_coords"].column("user_id").to_pylist() == ["ann"] and "dps_heads" not in rows
+    (ann,) = rows["users"].to_pylist()
+    assert ann["methods"] == ["caa", "bt"] and ann["fingerprints"] == [("caa", "1")]

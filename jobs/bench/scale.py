@@ -21,6 +21,7 @@ import dataclasses
 import json
 import random
 import resource
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -47,12 +48,16 @@ class BenchScaleConfig:
     vector_dtype: str = option("float32", help="output.vector_dtype: float32 or float16")
     poll_seconds: float = option(0.5, help="how often the object store's use is read")
     seed: int = option(0, help="seed of the synthetic users")
+    changed: float = option(
+        0.0, help="then a second night on the same store with this share of users changed (one pair and one "
+                  "history item each): the incremental refresh, measured against the first (full) night")
     json: str = option("docs/figures/bench-scale.json", help="where the figures are written ('' = print only)")
     ray: RayConfig = dataclasses.field(default_factory=lambda: RayConfig(progress_bars=False),
                                        metadata={"help": "Ray connection"})
 
     def __post_init__(self) -> None:
         check(self.users >= 2 and self.pairs >= 2 and self.items >= 2, "users, pairs and items must be >= 2")
+        check(0.0 <= self.changed <= 1.0, "changed must be in [0, 1]")
 
 
 def tiny_model(folder: Path) -> str:
@@ -69,12 +74,17 @@ def tiny_model(folder: Path) -> str:
     return str(folder)
 
 
-def write_inputs(config: BenchScaleConfig, folder: Path) -> dict[str, str]:
-    """Synthetic JSONL inputs, written a user at a time (the bench's own memory stays small)."""
+def write_inputs(config: BenchScaleConfig, folder: Path, changed: float = 0.0) -> dict[str, str]:
+    """Synthetic JSONL inputs, written a user at a time (the bench's own memory stays small).
+
+    ``changed``: a seeded share of users gets one pair and one history item rewritten (a later night).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
     pairs, histories = folder / "pairs.jsonl", folder / "histories.jsonl"
-    stamp = folder / f".users-{config.users}-{config.pairs}-{config.items}-{config.words}-{config.seed}"
+    stamp = folder / f".users-{config.users}-{config.pairs}-{config.items}-{config.words}-{config.seed}-{changed}"
     if not stamp.exists():
         rng = random.Random(config.seed)
+        pick = random.Random(config.seed + 1)
 
         def text() -> str:
             return " ".join(rng.choice(WORDS) for _ in range(config.words)).capitalize() + "."
@@ -82,12 +92,13 @@ def write_inputs(config: BenchScaleConfig, folder: Path) -> dict[str, str]:
         with open(pairs, "w") as fp, open(histories, "w") as fh:
             for u in range(config.users):
                 uid = f"user-{u:07d}"
+                edit = " Changed." if pick.random() < changed else ""
                 for k in range(config.pairs):
                     fp.write(json.dumps({"user_id": uid, "pair_id": f"{uid}-p{k}", "prompt": "Say something.",
-                                         "chosen": text(), "rejected": text()}) + "\n")
+                                         "chosen": text() + (edit if k == 0 else ""), "rejected": text()}) + "\n")
                 for k in range(config.items):
                     fh.write(json.dumps({"user_id": uid, "item_id": f"{uid}-h{k}", "input": "Write a line.",
-                                         "output": text(), "timestamp": k}) + "\n")
+                                         "output": text() + (edit if k == 0 else ""), "timestamp": k}) + "\n")
         stamp.touch()
     return {"preference_pairs": str(pairs), "histories": str(histories)}
 
@@ -152,6 +163,7 @@ def main(config: BenchScaleConfig) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     model = tiny_model(out / "tiny-model")
+    shutil.rmtree(out / "store", ignore_errors=True)  # the first night is a full one
     started = time.perf_counter()
     inputs = write_inputs(config, out)
     inputs_seconds = time.perf_counter() - started
@@ -184,10 +196,36 @@ def main(config: BenchScaleConfig) -> dict:
               "users_stored": summary["users_stored"], "users_by_method": summary["users_by_method"],
               "inputs_seconds": round(inputs_seconds, 1), "vector_dtype": config.vector_dtype,
               "store_bytes_per_user": _bytes_per_user(str(out / "store"), summary["users_stored"])}
+    if config.changed > 0:
+        result["incremental"] = _second_night(config, cfg, out, seconds)
     write_figures(result, config.json)
     if config.json and "://" not in config.json:
         render_table(Path(config.json).parent)
     return result
+
+
+def _second_night(config: BenchScaleConfig, cfg, out: Path, full_seconds: float) -> dict:
+    """The same users with ``config.changed`` of them changed, on the store the first night wrote."""
+    from steerstore.jobs import refresh
+
+    cfg.inputs.preference_pairs, cfg.inputs.histories = write_inputs(config, out / "night2", config.changed).values()
+    started = time.perf_counter()
+    summary = refresh.main(cfg)
+    seconds = time.perf_counter() - started
+    inc = summary["incremental"]
+    return {"changed_share": config.changed, "seconds": round(seconds, 1),
+            "users_per_second": round(config.users / seconds, 1),
+            "speedup_over_full_night": round(full_seconds / seconds, 2),
+            "users_computed": summary["workers"]["users_computed"], "users": inc["users"],
+            "global_statistics": {f: d["action"] for f, d in inc["global_statistics"].items()},
+            "stage_seconds": summary["stage_seconds"]}
+
+
+def _incremental_cell(d: dict) -> str:
+    inc = d.get("incremental")
+    if not inc:
+        return "—"
+    return f"{inc['changed_share']:.0%}, {inc['seconds']:,.0f} s ({inc['speedup_over_full_night']:.2f}×)"
 
 
 def render_table(folder: Path) -> Path:
@@ -198,8 +236,9 @@ def render_table(folder: Path) -> Path:
         if "users_per_second" in d:
             rows.append((d["users"], d.get("vector_dtype", "float32"), f.name, d))
     lines = ["| users | dtype | seconds | users/s | driver peak RSS | object store peak (shards phase / model pass) "
-             "| model loads / workers | busy: user pass / description pass / sample | vectors bytes per user | file |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| model loads / workers | busy: user pass / description pass / sample | vectors bytes per user "
+             "| incremental night: changed, seconds (speedup) | file |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for users, dtype, name, d in sorted(rows, key=lambda r: (r[0], r[1])):
         stages = d.get("peak_object_store_bytes_by_stage", {})
         busy = d.get("busy_fraction", {})
@@ -209,7 +248,7 @@ def render_table(folder: Path) -> Path:
             f"| {stages.get('shards', 0) / 2**20:,.1f} / {stages.get('model pass', 0) / 2**20:,.1f} MiB "
             f"| {d['model_loads']} / {d['model_workers']} "
             f"| {busy.get('user_pass', 0):.2f} / {busy.get('description_pass', 0):.2f} / {busy.get('sample', 0):.2f} "
-            f"| {d.get('store_bytes_per_user', {}).get('vectors', 0):,.0f} | [{name}]({name}) |")
+            f"| {d.get('store_bytes_per_user', {}).get('vectors', 0):,.0f} | {_incremental_cell(d)} | [{name}]({name}) |")
     out = folder / "bench-scale.md"
     out.write_text("Generated by `steerstore bench scale` from the `bench-scale*.json` files beside it.\n\n"
                    + "\n".join(lines) + "\n")

@@ -47,6 +47,7 @@ log = logging.getLogger("steerstore")
 FAMILIES = ("caa", "dps", "steerx")
 FAMILY_SECTIONS = {"caa": ("caa", "bt", "scale"), "dps": ("dps",), "steerx": ("steerx",)}
 FAMILY_METHOD = {"caa": "caa", "dps": "dps", "steerx": "steerx"}  # the users-table method that marks it stored
+METHOD_FAMILY = {"caa": "caa", "bt": "caa", "dps": "dps", "steerx": "steerx"}
 GLOBAL_KEYS = {
     "caa": ("population_mean", "population_row", "basis", "feature_norms", "theta_pop", "n_sample",
             "sample_fraction", "caa_sample", "scales", "scale_curves"),
@@ -283,11 +284,14 @@ def read_previous(config, carry: dict, bucket: int) -> dict[str, pa.Table]:
 
 
 def plan_carry(previous: dict[str, pa.Table], fps: dict[str, dict[str, str]], eligible: dict[str, set[str]],
-               present: set[str], absent: str, forgotten: frozenset) -> tuple[dict[str, set[str]], set[str], dict]:
-    """Which users each family carries, which absent users are kept whole, and the counts for the summary.
+               present: set[str], absent: str, forgotten: frozenset,
+               frozen: frozenset = frozenset(FAMILIES)) -> tuple[dict[str, set[str]], set[str], dict]:
+    """Which users each family carries, which absent users are kept, and the counts for the summary.
 
     ``eligible``: per family, tonight's users with enough rows for it; ``present``: every user of
-    tonight's shard (quarantined ones too).
+    tonight's shard (quarantined ones too); ``frozen``: the families whose statistics tonight reuses.
+    An absent user keeps only the families in ``frozen`` (a θ in last night's basis, or a routing
+    over last night's clusters, means nothing against new ones), and is dropped when none is left.
     """
     prev = previous.get("users")
     before = {} if prev is None else {r["user_id"]: r for r in prev.select(
@@ -305,26 +309,30 @@ def plan_carry(previous: dict[str, pa.Table], fps: dict[str, dict[str, str]], el
     kept = set()
     if absent == "keep" and prev is not None:  # users with stored artifacts keep them; quarantined ones: nothing to keep
         stored = set(prev.filter(pc.equal(prev.column("status"), "stored")).column("user_id").to_pylist())
-        kept = {u for u in absent_ids & stored if hashed(u) not in forgotten}
+        kept = {u for u in absent_ids & stored if hashed(u) not in forgotten
+                and any(METHOD_FAMILY.get(m) in frozen for m in before[u]["methods"] or [])}
     counts["absent"] = len(absent_ids)
     counts["kept_absent"] = len(kept)
     counts["dropped"] = len(absent_ids) - len(kept)
     counts["dropped_by_method"] = {}
-    for u in absent_ids - kept:
+    for u in absent_ids:
         for m in before[u]["methods"] or []:
-            counts["dropped_by_method"][m] = counts["dropped_by_method"].get(m, 0) + 1
+            if u not in kept or METHOD_FAMILY.get(m) not in frozen:
+                counts["dropped_by_method"][m] = counts["dropped_by_method"].get(m, 0) + 1
     return carried, kept, counts
 
 
 def carried_rows(previous: dict[str, pa.Table], carried: dict[str, set[str]], kept: set[str],
-                 content: dict[str, str] | None = None) -> dict[str, pa.Table]:
-    """The previous version's rows to copy: carried families' rows, and every row of kept absent users.
+                 content: dict[str, str] | None = None,
+                 frozen: frozenset = frozenset(FAMILIES)) -> dict[str, pa.Table]:
+    """The previous version's rows to copy: carried families' rows, and kept absent users' rows of the
+    ``frozen`` families (their ``users`` rows listing only those methods).
 
     ``content``: tonight's ``content_fingerprint`` per user (of all their rows), stamped on carried rows
     as a recompute would (a user whose histories changed keeps a CAA row that names tonight's content).
     """
     def ids(family: str) -> pa.Array:
-        return pa.array(sorted(carried.get(family, set()) | kept), pa.string())
+        return pa.array(sorted(carried.get(family, set()) | (kept if family in frozen else set())), pa.string())
 
     def pick(table: str, family: str, method: str | None = None) -> pa.Table | None:
         t = previous.get(table)
@@ -347,8 +355,12 @@ def carried_rows(previous: dict[str, pa.Table], carried: dict[str, set[str]], ke
                        for u, old in zip(t.column("user_id").to_pylist(), t.column(i).to_pylist())]
             out[table] = t.set_column(i, t.schema.field(i), pa.array(stamped, t.schema.field(i).type))
     if kept and previous.get("users") is not None:
-        out["users"] = previous["users"].filter(pc.is_in(previous["users"].column("user_id"),
-                                                         pa.array(sorted(kept), pa.string())))
+        rows = previous["users"].filter(pc.is_in(previous["users"].column("user_id"),
+                                                 pa.array(sorted(kept), pa.string()))).to_pylist()
+        for r in rows:
+            r["methods"] = [m for m in r["methods"] or [] if METHOD_FAMILY.get(m) in frozen]
+            r["fingerprints"] = [(f, fp) for f, fp in r["fingerprints"] or [] if f in frozen]
+        out["users"] = pa.Table.from_pylist(rows, schema=previous["users"].schema)
     return {k: v for k, v in out.items() if v is not None and v.num_rows}
 
 

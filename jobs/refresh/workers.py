@@ -338,11 +338,12 @@ class ModelWorker:
             return eligible
         previous = read_previous(cfg, carry, state["bucket"])
         ids = {f: set(t.column("user_id").to_pylist()) for f, t in eligible.items()}
+        frozen = frozenset(f for f, d in g["globals"].items() if d["action"] == "frozen")
         carried, kept, counts = plan_carry(previous, fps, ids, set(state["users"].column("user_id").to_pylist()),
-                                          carry["absent"], frozenset(carry.get("forgotten") or ()))
+                                          carry["absent"], frozenset(carry.get("forgotten") or ()), frozen)
         state["incremental"] = counts
         content = dict(zip(ok.column("user_id").to_pylist(), ok.column("content_fingerprint").to_pylist()))
-        state["carried"] = carried_rows(previous, carried, kept, content)
+        state["carried"] = carried_rows(previous, carried, kept, content, frozen)
         state["carried_partial"] = carried_partial(state["carried"].get("vectors"), g["population_mean"],
                                                    cfg.caa.shrinkage)
         return {f: t.filter(pc.invert(pc.is_in(t.column("user_id"), pa.array(sorted(carried[f]), pa.string()))))
