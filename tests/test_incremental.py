@@ -304,3 +304,14 @@ def test_a_kept_absent_user_keeps_only_the_families_whose_statistics_stay_frozen
     assert rows["bt_coords"].column("user_id").to_pylist() == ["ann"] and "dps_heads" not in rows
     (ann,) = rows["users"].to_pylist()
     assert ann["methods"] == ["caa", "bt"] and ann["fingerprints"] == [("caa", "1")]
+
+
+def test_a_frozen_familys_decision_carries_no_stale_reason():
+    cfg = _config()
+    g = {"model": {"model_fingerprint": "m1"}, "smoothing_fingerprint": "s1"}
+    state = _state(cfg, g)
+    for d in state["globals"].values():
+        d["reason"] = "no previous version"  # how the night that computed them recorded it
+    _, decisions = plan_globals(cfg, Previous("v000001-a", {"summary": {}}, state), g,
+                                {"caa": True, "dps": True, "steerx": True})
+    assert all(d["action"] == "frozen" and d["reason"] is None for d in decisions.values())

@@ -163,7 +163,7 @@ def plan_globals(config, previous: Previous | None, g: dict, active: dict[str, b
                       f" < incremental.min_drift_cosine {inc.min_drift_cosine}")
         if reason is None:
             frozen[family] = {k: previous.state[k] for k in GLOBAL_KEYS[family] if k in previous.state}
-            decisions[family] = {**prior, "runs": prior["runs"] + 1, "action": "frozen"}
+            decisions[family] = {**prior, "runs": prior["runs"] + 1, "action": "frozen", "reason": None}
         else:
             decisions[family] = {"settings": settings, "computed_in": None, "runs": 1, "action": "computed",
                                  "reason": reason}
