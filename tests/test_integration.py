@@ -12,6 +12,7 @@ from steerstore.jobs.demo_data import demo_pairs
 from steerstore.operators.caa import pair_differences, shrink
 from steerstore.operators.runtime import ModelConfig, ModelRuntime
 from tests.s3server import S3Server
+from tests.tiny import answers
 
 pytestmark = pytest.mark.slow
 BUCKET = "steer-integration"
@@ -70,13 +71,11 @@ def test_the_refresh_job_on_the_real_model_writes_an_s3_store_that_matches_direc
 
     assert cli.main(["inspect", store_uri, *storage_flags(s3)]) == 0
     out = capsys.readouterr().out
-    assert "users in 3 = stored 2 + quarantined 1" in out and "table vectors: 3 rows" in out
+    assert "users: 3 in = 2 stored + 1 quarantined" in out and "table vectors: 3 rows" in out
 
     assert cli.main(["generate", "--store", store_uri, "--user", "enthusiastic-0", "--prompt",
                      "Tell me about cats.", "--max_new_tokens", "16", *storage_flags(s3)]) == 0
-    out = capsys.readouterr().out
-    unsteered = out.split("unsteered:")[1].split("\n")[0].strip()
-    steered = out.split("steered:")[-1].split("\n")[0].strip()
+    unsteered, steered = answers(capsys.readouterr().out)
     assert unsteered and steered and unsteered != steered
 
 
