@@ -48,6 +48,7 @@ class BenchScaleConfig:
     vector_dtype: str = option("float32", help="output.vector_dtype: float32 or float16")
     poll_seconds: float = option(0.5, help="how often the object store's use is read")
     seed: int = option(0, help="seed of the synthetic users")
+    sample_users: int = option(256, help="bt.sample_users: users behind the population direction and basis")
     changed: float = option(
         0.0, help="then a second night on the same store with this share of users changed (one pair and one "
                   "history item each): the incremental refresh, measured against the first (full) night")
@@ -171,7 +172,7 @@ def main(config: BenchScaleConfig) -> dict:
         "inputs": inputs, "output": {"store": str(out / "store"), "users_per_bucket": config.users_per_bucket,
                                      "vector_dtype": config.vector_dtype},
         "model": {"name_or_path": model, "max_batch_tokens": 4096}, "ray": dataclasses.asdict(config.ray),
-        "caa": {"layers": [1, 2], "recommended_layers": [2]}, "bt": {"k": 2, "sample_users": 256},
+        "caa": {"layers": [1, 2], "recommended_layers": [2]}, "bt": {"k": 2, "sample_users": config.sample_users},
         "scale": {"sample_pairs": 8, "grid": [1.0, 2.0]},
         "dps": {"mode": "fast", "top_k": 2, "candidates": 4, "clusters": 2, "baseline_users": 4,
                 "cluster_sample_users": 256, "history": {"context_items": 1}},
@@ -195,7 +196,8 @@ def main(config: BenchScaleConfig) -> dict:
               "stage_seconds": summary["stage_seconds"], "shards": summary["shards"],
               "users_stored": summary["users_stored"], "users_by_method": summary["users_by_method"],
               "inputs_seconds": round(inputs_seconds, 1), "vector_dtype": config.vector_dtype,
-              "store_bytes_per_user": _bytes_per_user(str(out / "store"), summary["users_stored"])}
+              "store_bytes_per_user": _bytes_per_user(str(out / "store"), summary["users_stored"]),
+              "sample_users": config.sample_users, "population_drift": summary.get("population_drift")}
     if config.changed > 0:
         result["incremental"] = _second_night(config, cfg, out, seconds)
     write_figures(result, config.json)
@@ -213,7 +215,8 @@ def _second_night(config: BenchScaleConfig, cfg, out: Path, full_seconds: float)
     summary = refresh.main(cfg)
     seconds = time.perf_counter() - started
     inc = summary["incremental"]
-    return {"changed_share": config.changed, "seconds": round(seconds, 1),
+    return {"changed_share": config.changed, "seconds": round(seconds, 1), "why": {
+                f: d["reason"] for f, d in inc["global_statistics"].items() if d["action"] == "computed"},
             "users_per_second": round(config.users / seconds, 1),
             "speedup_over_full_night": round(full_seconds / seconds, 2),
             "users_computed": summary["workers"]["users_computed"], "users": inc["users"],
@@ -225,7 +228,9 @@ def _incremental_cell(d: dict) -> str:
     inc = d.get("incremental")
     if not inc:
         return "—"
-    return f"{inc['changed_share']:.0%}, {inc['seconds']:,.0f} s ({inc['speedup_over_full_night']:.2f}×)"
+    again = [f for f, a in inc.get("global_statistics", {}).items() if a == "computed"]
+    return (f"{inc['changed_share']:.0%}, {inc['seconds']:,.0f} s ({inc['speedup_over_full_night']:.2f}×)"
+            + (f"; {', '.join(again)} statistics recomputed" if again else "; statistics frozen"))
 
 
 def render_table(folder: Path) -> Path:
