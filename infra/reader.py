@@ -208,8 +208,13 @@ class StoreReader:
 
     def check_model(self, fingerprint: str, name: str = "the serving model") -> None:
         """Refuse to serve this version with weights other than the ones it was built with."""
-        expected = self.manifest["model"].get("fingerprint")
-        if expected and fingerprint != expected:
+        expected = self.manifest.get("model", {}).get("fingerprint")
+        if not expected:  # no silent pass: a version that cannot say its weights cannot be checked against any
+            raise FingerprintMismatch(
+                f"store version {self.version} of {self.store.uri} records no weights fingerprint "
+                f"(manifest model: {self.manifest.get('model')}), so {name} cannot be checked against it; "
+                "rebuild the store with `steerstore refresh`")
+        if fingerprint != expected:
             built = self.manifest["model"]
             raise FingerprintMismatch(
                 f"{name} has weights fingerprint {fingerprint}, but store version {self.version} of "

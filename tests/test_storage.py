@@ -373,3 +373,18 @@ def test_a_store_in_a_bucket_that_does_not_exist_says_so(s3_server):
     assert "steerstore refresh" not in str(raised.value)
     with pytest.raises(StoreNotFound, match="no published version .*steerstore refresh"):
         SteeringStore(f"s3://{BUCKET}/empty", s3_server.storage_config()).resolve()
+
+
+def test_a_version_without_a_weights_fingerprint_is_refused_not_silently_served(tmp_path):
+    from steerstore.infra.reader import FingerprintMismatch, StoreReader
+
+    store = SteeringStore(str(tmp_path / "store"))
+    store.publish(store.next_version_id(), {"model": {"name_or_path": "x", "id": "x"}, "tables": {}})
+    with pytest.raises(FingerprintMismatch, match="records no weights fingerprint"):
+        StoreReader(store.uri).check_model("sha256:abc", "model x")
+    fingerprinted = SteeringStore(str(tmp_path / "other"))
+    fingerprinted.publish(fingerprinted.next_version_id(),
+                          {"model": {"name_or_path": "x", "id": "x", "fingerprint": "sha256:abc"}, "tables": {}})
+    StoreReader(fingerprinted.uri).check_model("sha256:abc", "model x")  # the same weights: served
+    with pytest.raises(FingerprintMismatch, match="has weights fingerprint sha256:def"):
+        StoreReader(fingerprinted.uri).check_model("sha256:def", "model x")
