@@ -27,7 +27,8 @@ import time
 from dataclasses import dataclass
 
 from steerstore.infra.config import check, option
-from steerstore.infra.storage import PreconditionFailed, StorageConfig, join, read_tagged, write_if
+from steerstore.infra.conditional import PreconditionFailed, read_tagged, write_if
+from steerstore.infra.storage import StorageConfig, join
 
 log = logging.getLogger("steerstore")
 

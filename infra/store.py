@@ -13,8 +13,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.dataset as ds
 
+from steerstore.infra.conditional import PreconditionFailed, read_tagged, write_if
 from steerstore.infra.storage import (
-    PreconditionFailed,
     StorageConfig,
     exists,
     filesystem,
@@ -22,10 +22,8 @@ from steerstore.infra.storage import (
     list_dir,
     list_files,
     missing_bucket,
-    read_tagged,
     read_text,
     with_retries,
-    write_if,
     write_parquet,
     write_text,
 )

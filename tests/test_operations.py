@@ -214,20 +214,20 @@ def root(request, tmp_path):
 
 
 def test_conditional_writes_create_once_and_replace_only_what_was_read(root):
-    from steerstore.infra import storage
+    from steerstore.infra import conditional, storage
 
     uri, cfg = root
     target = storage.join(uri, "_lease.json")
-    assert storage.read_tagged(target, cfg) is None
-    tag = storage.write_if(target, b"first", None, cfg)
-    with pytest.raises(storage.PreconditionFailed):
-        storage.write_if(target, b"second", None, cfg)  # exists already
-    data, seen = storage.read_tagged(target, cfg)
+    assert conditional.read_tagged(target, cfg) is None
+    tag = conditional.write_if(target, b"first", None, cfg)
+    with pytest.raises(conditional.PreconditionFailed):
+        conditional.write_if(target, b"second", None, cfg)  # exists already
+    data, seen = conditional.read_tagged(target, cfg)
     assert data == b"first" and seen == tag
-    new = storage.write_if(target, b"second", seen, cfg)
-    with pytest.raises(storage.PreconditionFailed):
-        storage.write_if(target, b"third", seen, cfg)  # changed since it was read
-    assert storage.read_tagged(target, cfg) == (b"second", new)
+    new = conditional.write_if(target, b"second", seen, cfg)
+    with pytest.raises(conditional.PreconditionFailed):
+        conditional.write_if(target, b"third", seen, cfg)  # changed since it was read
+    assert conditional.read_tagged(target, cfg) == (b"second", new)
 
 
 def test_one_lease_holder_at_a_time_a_released_lease_is_taken_at_once_and_a_dead_ones_after_its_ttl(root):
@@ -272,11 +272,11 @@ def test_two_writers_publishing_at_once_leave_latest_at_the_newer_version(tmp_pa
     import threading
 
     import steerstore.infra.store as store_module
-    from steerstore.infra import storage
+    from steerstore.infra import conditional
 
     store = SteeringStore(str(tmp_path / "store"))
     ids = [f"v{n:06d}-x" for n in range(1, 41)]
-    real = storage.write_if
+    real = conditional.write_if
     barrier = threading.Barrier(8)
 
     def slow_write_if(*args, **kwargs):  # every writer reads LATEST, then they all try to swap it at once
