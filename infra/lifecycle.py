@@ -30,7 +30,7 @@ import pyarrow.fs as pafs
 from steerstore.infra import storage
 from steerstore.infra.config import check, option
 from steerstore.infra.store import SteeringStore
-from steerstore.schemas.store import BUCKETED_TABLES, bucket_file, user_bucket
+from steerstore.schemas.store import BUCKETED_TABLES, UNATTRIBUTED_PART, bucket_file, part_file, user_bucket
 
 log = logging.getLogger("steerstore")
 
@@ -182,7 +182,7 @@ def forget_in_version(store: SteeringStore, version: str, ids: list[str]) -> dic
     buckets = int(layout.get("buckets", 0))
     row_group_bytes = int(layout.get("row_group_bytes", 256 << 10))
     targets = {bucket_file(user_bucket(u, buckets)) for u in ids} if buckets else None
-    parts = ({f"part-{user_bucket(u, buckets):05d}.parquet" for u in ids} | {"part-unattributed.parquet"}
+    parts = ({part_file(user_bucket(u, buckets)) for u in ids} | {UNATTRIBUTED_PART}
              if buckets else None)
     removed: dict[str, int] = {}
     for table, entry in manifest.get("tables", {}).items():

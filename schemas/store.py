@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import math
+import re
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
@@ -297,6 +298,20 @@ def user_bucket(user_id: str, buckets: int) -> int:
 
 def bucket_file(bucket: int) -> str:
     return f"bucket-{bucket:05d}.parquet"
+
+
+def bucket_of_file(name: str) -> int | None:
+    """The bucket a ``bucket_file`` name holds (None for any other file, e.g. ``empty.parquet``)."""
+    m = re.fullmatch(r"bucket-(\d+)\.parquet", name)
+    return None if m is None else int(m.group(1))
+
+
+def part_file(bucket: int) -> str:
+    """One shard's file of the per-shard tables (``quarantine``, ``steerx_token_effects``)."""
+    return f"part-{bucket:05d}.parquet"
+
+
+UNATTRIBUTED_PART = "part-unattributed.parquet"  # the quarantine rows without a user id
 
 
 def bucket_count(n_users: int, users_per_bucket: int, data_bytes: int = 0, bucket_bytes: int = 0) -> int:

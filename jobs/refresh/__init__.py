@@ -49,7 +49,7 @@ from steerstore.jobs.refresh.run import Run, run_key
 from steerstore.jobs.refresh.shards import Shards, count_users, prepare_shards
 from steerstore.operators.runtime.loading import model_shape
 from steerstore.operators.smoothing import resolve_model
-from steerstore.schemas.store import bucket_count
+from steerstore.schemas.store import bucket_count, bucket_of_file
 
 __all__ = ["DeadlineExceeded", "IncrementalConfig", "InputsConfig", "OutputConfig", "PublishConfig", "PublishRefused", "ReconciliationError", "RefreshConfig",
            "ResourcesConfig", "main", "read_input"]
@@ -143,7 +143,7 @@ def _buckets(shards: Shards, g: dict, previous: Previous | None) -> list[int]:
     if carry is None or carry["absent"] != "keep" or previous is None:
         return shards.with_users
     files = (previous.manifest.get("tables", {}).get("users") or {}).get("files", [])
-    before = {int(f[len("bucket-"):-len(".parquet")]) for f in files if f.startswith("bucket-")}
+    before = {b for b in map(bucket_of_file, files) if b is not None}
     return sorted(set(shards.with_users) | before)
 
 

@@ -40,13 +40,13 @@ from steerstore.infra import storage
 from steerstore.infra.config import check, option, to_dict
 from steerstore.infra.lifecycle import STATE_FOLDER, STATE_USERS, hashed
 from steerstore.infra.store import SteeringStore, StoreNotFound
-from steerstore.schemas.store import bucket_file
+from steerstore.schemas.store import bucket_file, bucket_of_file, part_file
 
 log = logging.getLogger("steerstore")
 
 FAMILIES = ("caa", "dps", "steerx")
 FAMILY_SECTIONS = {"caa": ("caa", "bt", "scale"), "dps": ("dps",), "steerx": ("steerx",)}
-FAMILY_METHOD = {"caa": "caa", "dps": "dps", "steerx": "steerx"}  # the users-table method that marks it stored
+# a family is stored for a user when the users table lists the method of the same name; bt belongs to caa
 METHOD_FAMILY = {"caa": "caa", "bt": "caa", "dps": "dps", "steerx": "steerx"}
 GLOBAL_KEYS = {
     "caa": ("population_mean", "population_row", "basis", "feature_norms", "theta_pop", "n_sample",
@@ -271,7 +271,7 @@ def read_previous(config, carry: dict, bucket: int) -> dict[str, pa.Table]:
     store = SteeringStore(config.output.store, config.storage)
     out = {}
     for table in ("users",) + CARRIED_TABLES:
-        name = f"part-{bucket:05d}.parquet" if table == "steerx_token_effects" else bucket_file(bucket)
+        name = part_file(bucket) if table == "steerx_token_effects" else bucket_file(bucket)
         try:
             out[table] = storage.open_parquet(storage.join(store.table_uri(carry["version"], table), name),
                                               config.storage).read()
@@ -299,8 +299,7 @@ def plan_carry(previous: dict[str, pa.Table], fps: dict[str, dict[str, str]], el
     carried: dict[str, set[str]] = {}
     counts: dict = {"families": {}}
     for family, users in eligible.items():
-        method = FAMILY_METHOD[family]
-        same = {u for u in users if u in before and method in (before[u]["methods"] or [])
+        same = {u for u in users if u in before and family in (before[u]["methods"] or [])
                 and dict(before[u]["fingerprints"] or []).get(family) == fps.get(u, {}).get(family)}
         carried[family] = same
         counts["families"][family] = {"carried": len(same), "recomputed": len([u for u in users - same if u in before]),
@@ -404,7 +403,7 @@ def incremental_summary(store: SteeringStore, g: dict, markers: list[dict]) -> d
         visited = {int(m["bucket"]) for m in markers}
         users = store.read_manifest(carry["version"]).get("tables", {}).get("users", {}).get("files", [])
         for name in users:
-            if not name.startswith("bucket-") or int(name[len("bucket-"):-len(".parquet")]) in visited:
+            if bucket_of_file(name) in visited | {None}:
                 continue
             t = storage.open_parquet(storage.join(store.table_uri(carry["version"], "users"), name),
                                      store.storage).read(columns=["methods"])

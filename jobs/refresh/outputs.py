@@ -37,6 +37,7 @@ from steerstore.schemas.store import (
     USERS_SCHEMA,
     VECTORS_SCHEMA,
     conform,
+    part_file,
     vectors_schema,
 )
 
@@ -103,7 +104,7 @@ def write_shard(state: dict, run: Run, config: RefreshConfig, g: dict) -> dict:
     except FileNotFoundError:  # a bucket without input tonight (absent users kept)
         validation = None
     quarantine = _concat([validation, user_quarantine(users, failed)]) or QUARANTINE_SCHEMA.empty_table()
-    name = f"part-{bucket:05d}.parquet"
+    name = part_file(bucket)
     if quarantine.num_rows:
         storage.write_parquet(storage.join(store.table_uri(run.version, "quarantine"), name),
                               conform(quarantine, QUARANTINE_SCHEMA), config.storage)

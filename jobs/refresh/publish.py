@@ -25,6 +25,7 @@ from steerstore.schemas.methods import Family
 from steerstore.schemas.store import (
     POPULATION_FILE,
     STORE_TABLES,
+    UNATTRIBUTED_PART,
     VECTORS_SCHEMA,
     Manifest,
     conform,
@@ -48,7 +49,7 @@ def publish(config: RefreshConfig, run: Run, inputs: dict[str, str], shards: Sha
             files[table] += names
         rows.update(m["rows"])
     if shards.total("records_quarantined") and any(s["bucket"] == UNATTRIBUTED for s in shards.summaries):
-        name = "part-unattributed.parquet"
+        name = UNATTRIBUTED_PART
         storage.write_parquet(storage.join(store.table_uri(version, "quarantine"), name),
                               _read(run.unattributed_uri, config), config.storage)
         files["quarantine"].append(name)

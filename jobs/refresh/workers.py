@@ -282,12 +282,13 @@ class ModelWorker:
         state: dict = {"bucket": bucket, "users": users, "failed": {"caa": {}, "dps": {}, "steerx": {}}}
         caa_in = with_at_least(ok, "pairs", cfg.prepare.min_pairs)
         hist = with_at_least(ok, "histories", cfg.prepare.min_histories)
-        eligible = {"caa": caa_in, "dps": hist if g["dps_active"] else None,
-                    "steerx": hist if g["steerx_active"] else None}
-        todo = self._carry(state, ok, {f: t for f, t in eligible.items() if t is not None})
+        eligible = {"caa": caa_in, **({"dps": hist} if g["dps_active"] else {}),
+                    **({"steerx": hist} if g["steerx_active"] else {})}
+        todo = self._carry(state, ok, eligible)
         caa_in = todo["caa"]
         cached = _read_cache(storage.join(staging, "cache", "caa", f"{bucket:05d}.pkl"), cfg)
-        partials = [] if state.get("carried_partial") is None else [state.pop("carried_partial")]
+        carried = carried_partial((state.get("carried") or {}).get("vectors"), g["population_mean"], cfg.caa.shrinkage)
+        partials = [] if carried is None else [carried]
         if cached is not None:  # the sample users of this bucket, computed in the sample phase
             caa_in = caa_in.filter(pc.invert(pc.is_in(caa_in.column("user_id"), cached["final"].column("user_id"))))
             partials.append(cached["partial"])
@@ -344,8 +345,6 @@ class ModelWorker:
         state["incremental"] = counts
         content = dict(zip(ok.column("user_id").to_pylist(), ok.column("content_fingerprint").to_pylist()))
         state["carried"] = carried_rows(previous, carried, kept, content, frozen)
-        state["carried_partial"] = carried_partial(state["carried"].get("vectors"), g["population_mean"],
-                                                   cfg.caa.shrinkage)
         return {f: t.filter(pc.invert(pc.is_in(t.column("user_id"), pa.array(sorted(carried[f]), pa.string()))))
                 for f, t in eligible.items()}
 
