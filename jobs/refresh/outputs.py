@@ -71,7 +71,7 @@ def write_shard(state: dict, run: Run, config: RefreshConfig, g: dict) -> dict:
     steerx_ok = described
     if sx.vectors.enabled and described is not None:
         done = set() if styles is None else set(styles.column("user_id").to_pylist())
-        steerx_ok = described.filter(pa.array([u in done for u in described.column("user_id").to_pylist()]))
+        steerx_ok = described.filter(pa.array([u in done for u in described.column("user_id").to_pylist()], pa.bool_()))
         for u in described.column("user_id").to_pylist():  # anchors and description but no vectors: quarantined
             if u not in done and u not in failed["steerx"]:
                 failed["steerx"][u] = "steerx style vectors: not computed"
