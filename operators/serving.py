@@ -24,6 +24,7 @@ from typing import Literal, Sequence
 
 import torch
 
+from steerstore.infra.follow import StoreFollower
 from steerstore.infra.reader import StoreReader, UserArtifacts, UserVectors
 from steerstore.operators.runtime import HeadContrast, Influence, ModelConfig, ModelRuntime, Sampling, Steering
 from steerstore.schemas.methods import VECTOR_METHODS, Family, Method, Source
@@ -56,6 +57,7 @@ class Served:
     scale: float | None  # the strength used (None when nothing was applied)
     layers: list[int] | None = None  # steered layers (vector methods)
     note: str | None = None  # why a fallback was used
+    version: str | None = None  # the store version the request was served from (one per batch)
 
 
 class BadRequest(ValueError):
@@ -166,7 +168,7 @@ def plan_requests(reader: StoreReader, requests: Sequence[Request],
     plan = _Plan(len(requests))
     served: list[Served] = []
     for i, req in enumerate(requests):
-        record = Served("", req.user_id, req.method, "none", None)
+        record = Served("", req.user_id, req.method, "none", None, version=reader.version)
         served.append(record)
         if req.method == "none":
             continue
@@ -257,16 +259,20 @@ def _runtime_for(model, tokenizer, reader: StoreReader) -> ModelRuntime:
     return runtime
 
 
-def personalised_generate(model, tokenizer, requests: Sequence[Request], store: StoreReader | str,
+def personalised_generate(model, tokenizer, requests: Sequence[Request], store: StoreReader | StoreFollower | str,
                           max_new_tokens: int = 64, sampling: Sampling | None = None,
                           influence_temperature: float = DEFAULT_INFLUENCE_TEMPERATURE) -> list[Served]:
     """Generate for a batch of requests of different users and methods with a Hugging Face model.
 
     ``model`` is a transformers causal LM (or a ``ModelRuntime``) with the weights the store was
     built for (refused otherwise: ``FingerprintMismatch``); it is put in eval mode with gradients
-    off. ``store`` is a ``StoreReader`` (keep one per process: it caches lookups) or a store URI.
-    Outputs come back in request order; each equals what serving that request alone gives.
+    off. ``store`` is a ``StoreReader`` (keep one per process: it caches lookups), a ``StoreFollower``
+    (a long-lived server: each call is served wholly from the newest version it has switched to) or a
+    store URI. Outputs come back in request order; each equals what serving that request alone gives.
     """
-    reader = store if isinstance(store, StoreReader) else StoreReader(store)
+    if isinstance(store, StoreFollower):
+        reader = store.current()
+    else:
+        reader = store if isinstance(store, StoreReader) else StoreReader(store)
     runtime = _runtime_for(model, tokenizer, reader)
     return serve(runtime, reader, requests, max_new_tokens, sampling, influence_temperature)

@@ -83,10 +83,52 @@ def nights(ray_cluster, tmp_path_factory, tiny_model_folder):
     shutil.copytree(tmp / "a", tmp / "b")
     tonight = [u for u in users if u != "user-11"] + ["user-new"]  # one dropped, one new
     inputs = write_inputs(tmp / "night2", tonight, changed_pair="user-03", changed_history="user-07")
-    incremental = refresh.main(config(str(tmp / "a"), model, inputs))
+    with Serving(str(tmp / "a")) as serving:  # a long-lived server reads the store while the night publishes
+        incremental = refresh.main(config(str(tmp / "a"), model, inputs))
+        serving.until(lambda: serving.follower.version == incremental["version"])
     full = refresh.main(config(str(tmp / "b"), model, inputs, incremental={"enabled": False}))
     return {"tmp": tmp, "model": model, "first": first, "incremental": incremental, "full": full,
-            "users": tonight}
+            "users": tonight, "serving": serving}
+
+
+class Serving:
+    """A thread that looks users up through a ``StoreFollower`` every few milliseconds, as a server does."""
+
+    def __init__(self, uri: str):
+        import threading
+
+        from steerstore.infra.follow import StoreFollower
+
+        self.follower = StoreFollower(uri, interval_s=0.05)
+        self.seen: list[tuple[str, str, np.ndarray]] = []  # (version, user, CAA vectors)
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        while not self._stop.is_set():
+            try:
+                reader = self.follower.current()
+                for user in ("user-03", "user-05"):
+                    self.seen.append((reader.version, user, reader.artifacts(user).caa.vectors))
+            except BaseException as exc:  # noqa: BLE001
+                self.errors.append(exc)
+            self._stop.wait(0.02)
+
+    def until(self, condition, timeout_s: float = 10.0):
+        import time
+
+        end = time.monotonic() + timeout_s
+        while not condition() and time.monotonic() < end:
+            time.sleep(0.05)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(10)
 
 
 @pytest.mark.slow
@@ -116,6 +158,32 @@ def test_an_incremental_night_computes_only_the_changed_users_and_stores_what_a_
     assert {r["user_id"] for r in got["users"]} == set(nights["users"])
     for key in ("users_in", "users_stored", "users_quarantined", "users_by_method", "rows_kept"):
         assert inc[key] == full[key], key
+
+
+@pytest.mark.slow
+def test_a_server_following_the_store_switches_to_the_new_night_and_serves_each_lookup_from_one_version(nights, capsys):
+    from steerstore.infra.reader import StoreReader
+    from steerstore.operators.runtime import ModelConfig, ModelRuntime
+    from steerstore.operators.serving import Request, personalised_generate
+
+    serving, store = nights["serving"], str(nights["tmp"] / "a")
+    old, new = nights["first"]["version"], nights["incremental"]["version"]
+    assert not serving.errors, serving.errors
+    versions = [v for v, _, _ in serving.seen]
+    assert versions[0] == old and versions[-1] == new and set(versions) == {old, new}
+    assert versions == sorted(versions, key=[old, new].index)  # never back to the old one
+    assert [s[:2] for s in serving.follower.switches] == [(old, new)]
+    truth = {v: StoreReader(store, version=v) for v in (old, new)}
+    for version, user, vectors in serving.seen:
+        np.testing.assert_array_equal(vectors, truth[version].artifacts(user).caa.vectors)
+    # user-03's pairs changed that night: the server's answer for it follows the new version
+    assert not np.allclose(truth[old].artifacts("user-03").caa.vectors, truth[new].artifacts("user-03").caa.vectors)
+    runtime = ModelRuntime(ModelConfig(name_or_path=nights["model"]))
+    request = [Request("user-03", "Tell me about thing 1.", method="caa")]
+    via_follower = personalised_generate(runtime, None, request, serving.follower, max_new_tokens=6)
+    assert via_follower[0].version == new
+    assert [s.text for s in via_follower] == [s.text for s in personalised_generate(runtime, None, request, truth[new],
+                                                                                   max_new_tokens=6)]
 
 
 @pytest.mark.slow

@@ -139,7 +139,7 @@ def synthetic_store(uri: str, cfg: StorageConfig | None, n_users: int, meta: dic
                     users_per_bucket: int, row_group_bytes: int) -> tuple[str, list[str]]:
     """Write and publish a synthetic store version in the bucketed layout; returns (version, user ids)."""
     store = SteeringStore(uri, cfg)
-    version = SteeringStore.new_version_id()
+    version = store.next_version_id()
     rng = np.random.default_rng(seed)
     ids = [f"user-{i:07d}" for i in range(n_users)]
     buckets = bucket_count(n_users, users_per_bucket)
