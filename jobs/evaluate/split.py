@@ -114,20 +114,57 @@ def split_data(config: EvalDataConfig, cfg: StorageConfig) -> Split:
             train[user] = items[: -config.heldout_items][-config.max_history:]
             heldout.extend({"user_id": user, "item_id": i["item_id"], "input": i["input"], "target": i["output"]}
                            for i in items[-config.heldout_items:])
+    leaks = _Targets(heldout)
+    for user in list(train):  # a history item that is (or holds) a held-out target never trains
+        kept = [i for i in train[user] if not leaks.held(user, i["item_id"], i["output"])]
+        skipped["history item held out (its id or text is a held-out target)"] += len(train[user]) - len(kept)
+        train[user] = kept
+        if len(kept) < config.min_history:
+            too_few.append(user)
+            del train[user]
+    heldout = [h for h in heldout if h["user_id"] in train]
     if len(train) < 2:
         raise ValueError(f"only {len(train)} users have >= {config.min_history} training items and a held-out item; "
                          "the evaluation needs at least 2 (lower data.min_history or add data)")
     if config.preference_pairs:
         train_pairs, heldout_pairs = _split_pairs(read_records(config.preference_pairs, cfg), set(train), config, skipped)
+        kept = [p for p in train_pairs if not (leaks.held_text(p["chosen"]) or leaks.held_text(p["rejected"]))]
+        skipped["training pair holding a held-out target"] += len(train_pairs) - len(kept)
+        train_pairs = kept
         pairs_from = config.preference_pairs
     else:
         train_pairs, heldout_pairs = _built_pairs(train, heldout, config.seed)
         pairs_from = "built from the histories: (input, the user's output, another user's output)"
+    skipped = Counter({k: v for k, v in skipped.items() if v})
     notes = {"histories": config.histories or f"development data {config.dev_sources} in {config.dev_dir}",
              "heldout": config.heldout or f"last {config.heldout_items} items per user ({config.split} split)",
              "split_modes": dict(modes), "users_with_too_few_items": too_few, "skipped_rows": dict(skipped),
              "pairs": pairs_from}
     return Split(train, heldout, train_pairs, heldout_pairs, notes)
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+class _Targets:
+    """The held-out targets, to keep them out of everything the refresh fits (every user's: the population
+    statistics see all users). A training text leaks when it equals a target (whitespace and case aside)
+    or contains one of at least ``MIN_CONTAINED`` characters."""
+
+    MIN_CONTAINED = 32
+
+    def __init__(self, heldout: list[dict]):
+        self.items = {(h["user_id"], h["item_id"]) for h in heldout}
+        self.texts = {_normal(h["target"]) for h in heldout}
+        self.long = [t for t in self.texts if len(t) >= self.MIN_CONTAINED]
+
+    def held_text(self, text: str) -> bool:
+        text = _normal(text)
+        return text in self.texts or any(t in text for t in self.long)
+
+    def held(self, user: str, item_id: str, text: str) -> bool:
+        return (user, item_id) in self.items or self.held_text(text)
 
 
 def _split_pairs(rows: list[dict], users: set[str], config: EvalDataConfig, skipped: Counter) -> tuple[list, list]:
