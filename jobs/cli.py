@@ -11,7 +11,7 @@ from steerstore.infra.config import ConfigError, add_arguments, load
 
 
 def _jobs():
-    from steerstore.jobs import demo, evaluate, export, forget, generate, importers, inspect_store, model_cmd, refresh
+    from steerstore.jobs import demo, evaluate, export, forget, generate, importers, inspect_store, model_cmd, refresh, serve
 
     return {
         "refresh": (refresh.RefreshConfig, refresh.main, "compute steering vectors and publish a new store version"),
@@ -21,6 +21,8 @@ def _jobs():
         "model": (model_cmd.ModelCmdConfig, model_cmd.main,
                   "print the model folder or hub id a store must be served with (--check: load and compare)"),
         "generate": (generate.GenerateConfig, generate.main, "answer a prompt unsteered and steered for a user"),
+        "serve": (serve.ServeConfig, serve.main,
+                  "an OpenAI-compatible HTTP endpoint personalising each request by its 'user' (reference path)"),
         "export": (export.ExportConfig, export.main,
                    "export users' steering vectors for serving engines: llama.cpp GGUF, EasySteer JSON, safetensors"),
         "import": (importers.ImportConfig, importers.main, "convert PRISM or plain pairs into preference_pairs, or LaMP / LongLaMP question files into histories + held-out items"),

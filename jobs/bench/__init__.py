@@ -19,6 +19,8 @@ _REGISTRY: dict[str, tuple[str, str, str]] = {
                "SteerX stages (leave-one-out effects, smoothing, style vectors), on the development data"),
     "serving": ("serving", "BenchServingConfig",
                 "store lookups (100k synthetic users; --s3_uri for S3) and mixed-batch serving overhead"),
+    "endpoint": ("endpoint", "BenchEndpointConfig",
+                 "load test of `steerstore serve` over loopback HTTP: concurrent users (mixed batches) vs one at a time"),
     "tau": ("tau", "SteerXTauConfig",
             "choose SteerX's anchor threshold τ on the development data (anchor precision/recall)"),
     "scale": ("scale", "BenchScaleConfig",
