@@ -129,6 +129,34 @@ def test_large_vectors_get_more_buckets_than_the_user_count_alone():
 
 # ---- the mixed batch ----------------------------------------------------------------------
 
+def test_a_batch_mixing_all_and_response_positions_decodes_each_row_as_its_own_steering_alone(tiny_runtime):
+    """Per-row vectors, scales and positions in one runtime batch equal each row's own one-row Steering."""
+    rt = tiny_runtime
+    g = torch.Generator().manual_seed(7)
+    prompts = ["Tell me about the weather today, please.", "Hi", "Summarise the plot of a novel in one sentence.",
+               "Noted."]
+    # per row: its layers' vectors, its scale, its positions; the last row is unsteered
+    rows = [({1: torch.randn(rt.hidden_size, generator=g), 2: torch.randn(rt.hidden_size, generator=g)}, 4.0, "all"),
+            ({1: torch.randn(rt.hidden_size, generator=g)}, -3.0, "response"),
+            ({2: torch.randn(rt.hidden_size, generator=g)}, 6.0, "all"),
+            ({}, 0.0, "response")]
+    batch = Steering({l: torch.stack([vecs.get(l, torch.zeros(rt.hidden_size)) for vecs, _, _ in rows])
+                      for l in (1, 2)}, torch.tensor([s for _, s, _ in rows]), [p for _, _, p in rows])
+    got = rt.generate(prompts, 10, steer=batch)
+
+    def alone(prompt, vecs, scale, positions):
+        return rt.generate([prompt], 10, steer=Steering({l: v[None] for l, v in vecs.items()}, [scale],
+                                                        positions) if vecs else None)[0]
+
+    expected = [alone(p, *row) for p, row in zip(prompts, rows)]
+    assert got == expected
+    # every steered row is changed by its steering, and by where it applies: a batch that steered
+    # a row from the wrong positions (or not at all) could not match
+    for p, (vecs, scale, positions), own in zip(prompts[:3], rows[:3], expected):
+        assert own != alone(p, {}, 0.0, positions), p
+        assert own != alone(p, vecs, scale, "response" if positions == "all" else "all"), p
+
+
 def mixed_requests():
     methods = ["none", "caa", "bt", "population", "style_vector", "influence", "dps"]
     users = ["ann", "ben", "cat", "dan", "nobody"]
@@ -181,6 +209,50 @@ def test_the_mixed_batch_plan_matches_the_single_mode_runtime_calls(served):
     out = serve(runtime, reader, [Request("ann", PROMPTS[1], "caa"), Request("ann", PROMPTS[2], "dps"),
                                   Request("ann", PROMPTS[3], "influence"), Request("ann", PROMPTS[0])], 8)
     assert [o.text for o in out[:3]] == alone_caa + alone_dps + alone_inf
+
+
+def test_every_vector_method_of_a_mixed_batch_decodes_as_the_runtime_steered_by_the_readers_vectors(served):
+    """bt, population, style_vector (explicit source, layers, γ) and caa (explicit layers) rows, with the
+    positions each vector records (CAA-family response, SteerX all), in one batch: each row decodes as
+    the one-row runtime call with a Steering built by hand from the reader's own vectors."""
+    reader, model, tokenizer = served
+    runtime = ModelRuntime(ModelConfig(name_or_path="tiny"), model=model, tokenizer=tokenizer)
+    bt = reader.bt(["ben"])["ben"]
+    population = reader.population()
+    style = reader.vectors(["cat"], method="steerx", source="history")["cat"]
+    caa = reader.vectors(["dan"])["dan"]
+    # the batch mixes positions: the CAA family steers from the response on, SteerX everywhere
+    assert (bt.positions, population.positions, caa.positions, style.positions) == ("response",) * 3 + ("all",)
+    assert reader.default_source("steerx") != "history" and caa.recommended_layers != [0]
+    rows = [  # (request, the vector it must use, scale, layers, applied); the last row is unsteered
+        (Request("ben", PROMPTS[0], "bt"), bt, bt.recommended_scale, bt.recommended_layers, "user"),
+        (Request("ann", PROMPTS[4], "population"), population, population.recommended_scale,
+         population.recommended_layers, "population"),
+        (Request("cat", PROMPTS[1], "style_vector", scale=1.5, source="history", layers=[1, 3]), style, 1.5, [1, 3],
+         "user"),
+        (Request("dan", PROMPTS[2], "caa", scale=3.0, layers=[0]), caa, 3.0, [0], "user"),
+        (Request("ann", PROMPTS[3]), None, None, None, "none")]
+    out = serve(runtime, reader, [r for r, *_ in rows], 8)
+
+    def alone(prompt, vec, scale, layers, positions):
+        steer = Steering({l: torch.from_numpy(np.array(vec.vectors[vec.layers.index(l)]))[None] for l in layers},
+                         torch.tensor([scale]), positions)
+        return runtime.generate([prompt], 8, steer=steer)[0]
+
+    expected = [alone(r.prompt, vec, scale, layers, vec.positions) if vec is not None else
+                runtime.generate([r.prompt], 8)[0] for r, vec, scale, layers, _ in rows]
+    assert [o.text for o in out] == expected
+    assert [(o.applied, o.scale, o.layers) for o in out] == [(a, s, l) for _, _, s, l, a in rows]
+    # each steered row is changed by its steering and by where it applies, and the explicit rows by
+    # their layers (and the style row by its source): a row decoded unsteered, from the other
+    # positions, at the vector's default layers or with the default source could not match
+    for (r, vec, scale, layers, _), text in zip(rows[:-1], expected):
+        assert text != runtime.generate([r.prompt], 8)[0], r
+        assert text != alone(r.prompt, vec, scale, layers, "all" if vec.positions == "response" else "response"), r
+        if r.layers is not None:
+            assert text != alone(r.prompt, vec, scale, vec.recommended_layers, vec.positions), r
+    blend = reader.vectors(["cat"], method="steerx")["cat"]
+    assert expected[2] != alone(PROMPTS[1], blend, 1.5, [1, 3], blend.positions)
 
 
 def test_serving_refuses_a_model_whose_weights_differ_from_the_store(served):
