@@ -63,15 +63,29 @@ def test_a_failing_user_is_quarantined_without_sinking_the_batch(operator):
     assert "empty response" in out[1]["reason"]
 
 
-def test_the_population_reduce_over_batches_equals_the_mean_over_all_pairs(operator):
+def test_the_population_reduce_over_batches_equals_the_weighted_mean_over_all_pairs(operator):
     users = [user("a", 3), user("b", 1, offset=5), user("c", 4, offset=9)]
+    weights = {"a": [1.0, 3.0, 0.5], "b": [7.0], "c": [2.0, 0.0, 1.0, 1.0]}
+    for u in users:
+        for p, w in zip(u["pairs"], weights[u["user_id"]]):
+            p["weight"] = w
     out = operator(pa.Table.from_pylist(users, schema=USER_ROW_SCHEMA))
     partials = pa.concat_tables([population_partials(out.slice(0, 1)), population_partials(out.slice(1, 2))])
     mean, n = population_mean(partials)
-    all_pairs = [p for u in users for p in u["pairs"]]
-    expected = pair_differences(operator.runtime, all_pairs, [1, 2], "mean").mean(axis=0)
+    # each user's weighted mean difference, the user counting as many pairs as it has (weights only rank a
+    # user's own pairs): Σ_u n_u · (Σ_i w_ui d_ui / Σ_i w_ui) / Σ_u n_u
+    own = {}
+    for u in users:
+        d = pair_differences(operator.runtime, u["pairs"], [1, 2], "mean").astype(np.float64)
+        w = np.asarray(weights[u["user_id"]])
+        own[u["user_id"]] = sum(wi * di for wi, di in zip(w, d)) / w.sum()
+    expected = (3 * own["a"] + 1 * own["b"] + 4 * own["c"]) / 8
     assert n == 8
     np.testing.assert_allclose(mean, expected, rtol=1e-4, atol=1e-5)
+    assert float(pa.compute.sum(partials.column("weight")).as_py()) == pytest.approx(8.0)
+    # the weights matter: the plain mean over all pairs is another direction
+    plain = pair_differences(operator.runtime, [p for u in users for p in u["pairs"]], [1, 2], "mean").mean(axis=0)
+    assert np.abs(plain - expected).max() > 1e-3
     assert vectors_array(out).shape == (3, 2, operator.runtime.hidden_size)
 
 

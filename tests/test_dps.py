@@ -158,16 +158,25 @@ def test_user_rows_get_sequences_and_routing():
 
 # ---- end to end on real Ray ---------------------------------------------------------------
 
+STYLES = {"ann": "Wow, I absolutely love it! Amazing!", "ben": "Noted. Brief and formal.",
+          "cat": "Wow, fantastic and wonderful!", "dan": "The quick brown fox.", "gus": "Meh, it is fine I guess."}
+
+
+def _history(uid):
+    return [{"user_id": uid, "item_id": f"{uid}{i}", "input": f"Tell me about thing {i}.",
+             "output": f"{STYLES[uid]} {i}", "timestamp": i} for i in range(3)]
+
+
 @pytest.fixture(scope="module")
 def dps_run(ray_cluster, tmp_path_factory, tiny_model_folder):
     tmp = tmp_path_factory.mktemp("dps-run")
-    styles = {"ann": "Wow, I absolutely love it! Amazing!", "ben": "Noted. Brief and formal.",
-              "cat": "Wow, fantastic and wonderful!", "dan": "The quick brown fox."}
-    histories = [{"user_id": u, "item_id": f"{u}{i}", "input": f"Tell me about thing {i}.",
-                  "output": f"{text} {i}", "timestamp": i} for u, text in styles.items() for i in range(3)]
+    histories = [h for u in STYLES for h in _history(u)]
     histories.append({"user_id": "eve", "item_id": "e0", "input": "Hi", "output": "One item only.", "timestamp": 1})
     pairs = [{"user_id": u, "pair_id": f"{u}p{k}", "prompt": f"Tell me about thing {k}.",
-              "chosen": styles[u], "rejected": "Meh.", "weight": 1.0} for u in ("ann", "ben") for k in range(2)]
+              "chosen": STYLES[u], "rejected": "Meh.", "weight": 1.0} for u in ("ann", "ben") for k in range(2)]
+    # gus: 2 valid pairs whose weights are all 0 (validation accepts 0) -> CAA fails inside the job, not in prepare
+    pairs += [{"user_id": "gus", "pair_id": f"gusp{k}", "prompt": f"Tell me about thing {k}.",
+               "chosen": STYLES["gus"], "rejected": "Meh.", "weight": 0.0} for k in range(2)]
     cfg = from_dict(refresh.RefreshConfig, {
         "inputs": {"preference_pairs": write_jsonl(tmp / "pairs.jsonl", pairs),
                    "histories": write_jsonl(tmp / "histories.jsonl", histories)},
@@ -180,38 +189,65 @@ def dps_run(ray_cluster, tmp_path_factory, tiny_model_folder):
                    "smoothing": {"enabled": False},  # descriptions need a real model: tests/test_steerx.py
                    "vectors": {"source": "history", "layers": [1, 3], "calibration_users": 2, "gamma_grid": [0.5, 1],
                                "neutral_max_new_tokens": 4}}})
-    return refresh.main(cfg), str(tmp / "store")
+    return refresh.main(cfg), str(tmp / "store"), cfg
+
+
+def _expected_dps_heads(cfg, tiny_model_folder) -> dict[str, dict]:
+    """Each history user's DPS row recomputed in this process: the population baseline from an exact (every
+    head) scoring of the dps.baseline_users users with the smallest seeded keys, then the configured scoring."""
+    from steerstore.operators.bt import sample_key
+
+    model = ModelConfig(name_or_path=str(tiny_model_folder))
+    users = {u: {"user_id": u, "sequences": [{"prompt": p, "output": o}
+                                             for p, o in scoring_sequences(_history(u), cfg.dps.history)]}
+             for u in STYLES}
+    baseline = sorted(STYLES, key=lambda u: sample_key(u, cfg.dps.seed))[: cfg.dps.baseline_users]
+    full = DPSHeads(cfg.dps, model, full=True)(pa.Table.from_pylist([users[u] for u in baseline])).to_pylist()
+    population = PopulationPCS.from_rows(full, (4, 4))
+    dps = DPSHeads(cfg.dps, model, population=population)
+    return {u: dps(pa.Table.from_pylist([users[u]])).to_pylist()[0] for u in STYLES}
 
 
 @pytest.mark.slow
-def test_refresh_stores_dps_heads_clusters_and_population(dps_run):
-    summary, uri = dps_run
+def test_refresh_stores_dps_heads_clusters_and_population(dps_run, tiny_model_folder):
+    summary, uri, cfg = dps_run
     store = SteeringStore(uri)
     version = store.latest()
     manifest = store.read_manifest(version)
     assert "dps" in manifest["methods"]
     users = {r["user_id"]: r for r in store.read_table("users", version).to_pylist()}
-    # ann/ben: pairs + histories; cat/dan: histories only; eve: one history item and no pairs
+    # ann/ben: pairs + histories; cat/dan: histories only; eve: one history item and no pairs;
+    # gus: histories and 2 pairs of weight 0, so CAA fails for gus inside the job (covered below)
     assert users["ann"]["methods"] == ["caa", "dps", "steerx"] and users["cat"]["methods"] == ["dps", "steerx"]
     assert users["eve"]["status"] == "quarantined" and "prepare.min_histories" in users["eve"]["reason"]
-    assert summary["users_by_method"] == {"caa": 2, "dps": 4, "steerx": 4}
+    assert summary["users_by_method"] == {"caa": 2, "dps": 5, "steerx": 5}
     heads = {r["user_id"]: r for r in store.read_table("dps_heads", version).to_pylist()}
-    assert set(heads) == {"ann", "ben", "cat", "dan"}
-    for row in heads.values():
+    assert set(heads) == set(STYLES)
+    expected = _expected_dps_heads(cfg, tiny_model_folder)
+    for uid, row in heads.items():
         assert row["mode"] == "fast" and row["pcs_baseline"] == "population"
         assert row["cluster"] in (0, 1) and sum(row["routing"]) == pytest.approx(1.0, abs=1e-5)
         assert row["model_fingerprint"] == manifest["model"]["fingerprint"]
         assert row["num_heads"] == 4 and row["num_kv_heads"] == 2 and row["n_items"] == 3
-        assert len(row["heads"]) <= 3 and all(h["score"] > 0 for h in row["heads"])
-        assert row["source"] in ("user", "cluster")
+        # exactly the heads an in-process scoring against the same population baseline picks
+        want = expected[uid]
+        assert [(h["layer"], h["head"]) for h in row["heads"]] == [(h["layer"], h["head"]) for h in want["heads"]], uid
+        assert [h["score"] for h in row["heads"]] == pytest.approx([h["score"] for h in want["heads"]], abs=1e-4)
+        assert [h["pcs"] for h in row["heads"]] == pytest.approx([h["pcs"] for h in want["heads"]], abs=1e-4)
+        assert row["baseline_users"] == want["baseline_users"] and row["n_tokens"] == want["n_tokens"]
+        assert row["base_nll"] == pytest.approx(want["base_nll"], rel=1e-4)
+        assert row["source"] == ("user" if want["heads"] else "cluster")
+        if row["source"] == "user":
+            assert 1 <= len(row["heads"]) <= 3 and all(h["score"] > 0 for h in row["heads"])
+    assert sum(r["source"] == "user" for r in heads.values()) >= 1  # the check above ran on some user's heads
     clusters = store.read_table("dps_clusters", version).to_pylist()
     assert [c["cluster"] for c in clusters] == [0, 1]
-    assert sum(c["n_users"] for c in clusters) == 4 and all(c["n_items"] > 0 for c in clusters)
+    assert sum(c["n_users"] for c in clusters) == 5 and all(c["n_items"] > 0 for c in clusters)
     population = store.read_table("dps_population", version).to_pylist()
     assert len(population) == 16 and {p["n_users"] for p in population} == {2}
     # SteerX anchors (leave-one-out effects against other users' items) and the per-token effects
     anchors = {r["user_id"]: r for r in store.read_table("steerx_users", version).to_pylist()}
-    assert set(anchors) == {"ann", "ben", "cat", "dan"}
+    assert set(anchors) == set(STYLES)
     for row in anchors.values():
         assert row["counterfactual"] == "other_users" and row["context_items"] == 1 and row["n_items"] == 3
         assert len(row["anchors"]) >= 1 and row["model_fingerprint"] == manifest["model"]["fingerprint"]
@@ -219,17 +255,37 @@ def test_refresh_stores_dps_heads_clusters_and_population(dps_run):
         assert row["descriptions"] == [] and row["context"] is None and row["vector_source"] == "history"
     # StyleVector (history source) vectors: one row per SteerX user, recommended layer/γ from calibration
     vectors = [r for r in store.read_table("vectors", version).to_pylist() if r["method"] == "steerx"]
-    assert sorted(r["user_id"] for r in vectors) == ["ann", "ben", "cat", "dan"]
+    assert sorted(r["user_id"] for r in vectors) == sorted(STYLES)
     rec = manifest["scale_choice"]["steerx"]["recommended"]["history"]
     for r in vectors:
         assert r["source"] == "history" and r["layers"] == [1, 3] and r["n_pairs"] == 3
         assert r["recommended_layers"] == [rec["layer"]] and r["recommended_scale"] == rec["gamma"]
         assert np.asarray(r["vectors"]).shape == (2, 64) and np.linalg.norm(r["vectors"]) > 0
     assert len(manifest["scale_choice"]["steerx"]["curve"]) == 2 * 2 * 2  # 2 users × 2 layers × 2 γ
-    assert manifest["tables"]["vectors"]["rows"] == 2 + 1 + 4  # caa users, population, steerx users
+    assert manifest["tables"]["vectors"]["rows"] == 2 + 1 + 5  # caa users, population, steerx users
     effects = store.read_table("steerx_token_effects", version).to_pylist()
-    assert len(effects) == 12 and all(len(e["tokens"]) == len(e["delta"]) > 0 for e in effects)
-    assert manifest["tables"]["steerx_token_effects"]["rows"] == 12
+    assert len(effects) == 15 and all(len(e["tokens"]) == len(e["delta"]) > 0 for e in effects)
+    assert manifest["tables"]["steerx_token_effects"]["rows"] == 15
+
+
+@pytest.mark.slow
+def test_a_user_whose_caa_fails_inside_the_job_keeps_the_other_methods_and_is_quarantined_for_caa(dps_run):
+    from steerstore.infra.reader import StoreReader
+
+    summary, uri, _ = dps_run
+    reader = StoreReader(uri)
+    gus = next(r for r in reader.users().to_pylist() if r["user_id"] == "gus")
+    assert gus["status"] == "stored" and gus["methods"] == ["dps", "steerx"]
+    assert "caa failed" in gus["reason"] and "all pair weights are 0" in gus["reason"]
+    assert (gus["n_pairs_valid"], gus["n_pairs_used"], gus["n_histories_valid"]) == (2, 0, 3)
+    quarantine = [q for q in reader.store.read_table("quarantine", reader.version).to_pylist() if q["user_id"] == "gus"]
+    assert [(q["input"], q["stage"], q["record_id"]) for q in quarantine] == [("user", "caa", None)]
+    assert "all pair weights are 0" in quarantine[0]["reason"]
+    assert reader.vectors(["gus"]) == {} and set(reader.dps(["gus"])) == {"gus"}
+    # reconciliation: every input user is stored or quarantined, and the per-method counts add up
+    assert summary["users_in"] == 6 and (summary["users_stored"], summary["users_quarantined"]) == (5, 1)
+    assert summary["users_stored"] + summary["users_quarantined"] == summary["users_in"]
+    assert reader.manifest["summary"]["users_by_method"]["caa"] == 2
 
 
 @pytest.mark.slow
@@ -237,7 +293,7 @@ def test_reader_resolves_heads_and_generate_decodes_with_them(dps_run, capsys):
     from steerstore.infra.reader import StoreReader
     from steerstore.jobs import cli
 
-    summary, uri = dps_run
+    summary, uri, _ = dps_run
     reader = StoreReader(uri)
     found = reader.dps(["ann", "cat", "nobody"])
     assert set(found) == {"ann", "cat"}
@@ -274,6 +330,54 @@ def test_cluster_only_users_get_valid_store_rows_with_the_model():
     assert rows.column("model_fingerprint").to_pylist() == ["sha256:1"] * 2 and rows.column("heads").to_pylist() == [[], []]
     with pytest.raises(ConfigError, match="needs dps.clusters > 0"):
         from_dict(refresh.RefreshConfig, {"inputs": {"preference_pairs": "x"}, "dps": {"per_user": False, "clusters": 0}})
+
+
+def test_users_rows_keep_the_methods_that_worked_and_quarantine_each_failed_stage():
+    from steerstore.schemas.store import USER_ROW_SCHEMA
+
+    pair = {"pair_id": "p", "prompt": "P", "chosen": "C", "rejected": "R", "weight": 1.0}
+    item = {"item_id": "h", "input": "I", "output": "O", "timestamp": None}
+    dropped = {"kind": "preference_pairs", "source": "pairs.jsonl", "record_id": "p9", "reason": "bad row", "raw": "{}"}
+
+    def row(uid, pairs=0, histories=0, status="ok", reason=None, drops=()):
+        return {"user_id": uid, "status": status, "reason": reason, "pairs": [pair] * pairs,
+                "histories": [item] * histories, "n_pairs_in": pairs + len(drops), "n_histories_in": histories,
+                "dropped": list(drops), "content_fingerprint": f"fp-{uid}", "bucket": 0}
+
+    batch = pa.Table.from_pylist([
+        row("both", 2, 3),                      # CAA fails, the history methods work: stored without caa
+        row("pairs_only", 2, 0),                # CAA fails and nothing else applies: quarantined
+        row("hist_only", 0, 3),                 # DPS and SteerX both fail: quarantined with both reasons
+        row("fine", 2, 3, drops=[dropped]),     # nothing fails; one of its rows was dropped in prepare
+        row("early", 1, 0, status="quarantined", reason="too few pairs"),
+    ], schema=USER_ROW_SCHEMA)
+    failed = {"caa": {"both": "caa failed: zero weights", "pairs_only": "caa failed: nan"},
+              "dps": {"hist_only": "dps failed: x"}, "steerx": {"hist_only": "steerx failed: y"}}
+    eligibility = {"min_pairs": 2, "min_histories": 2, "bt": True, "dps": True, "steerx": True}
+    fps = {u: {"caa": "c", "dps": "d", "steerx": "s"} for u in ("both", "fine")}
+    users = {r["user_id"]: r for r in refresh_tables.users_rows(batch, failed, eligibility, fps).to_pylist()}
+    got = {u: (r["status"], r["methods"], r["reason"]) for u, r in users.items()}
+    assert got == {
+        "both": ("stored", ["dps", "steerx"], "caa failed: zero weights"),
+        "pairs_only": ("quarantined", [], "caa failed: nan"),
+        "hist_only": ("quarantined", [], "dps failed: x; steerx failed: y"),
+        "fine": ("stored", ["caa", "bt", "dps", "steerx"], None),
+        "early": ("quarantined", [], "too few pairs"),
+    }
+    assert (users["both"]["n_pairs_valid"], users["both"]["n_pairs_used"]) == (2, 0)
+    assert users["fine"]["n_pairs_used"] == 2 and users["fine"]["n_pairs_in"] == 3
+    assert users["both"]["fingerprints"] == [("dps", "d"), ("steerx", "s")]  # none for the failed family
+    assert users["fine"]["fingerprints"] == [("caa", "c"), ("dps", "d"), ("steerx", "s")]
+
+    quarantine = refresh_tables.user_quarantine(batch, failed).to_pylist()
+    assert sorted((q["input"], q["user_id"], q["record_id"], q["stage"], q["reason"]) for q in quarantine) == sorted([
+        ("user", "both", None, "caa", "caa failed: zero weights"),
+        ("user", "pairs_only", None, "caa", "caa failed: nan"),
+        ("user", "hist_only", None, "dps", "dps failed: x"),
+        ("user", "hist_only", None, "steerx", "steerx failed: y"),
+        ("preference_pairs", "fine", "p9", "prepare", "bad row"),
+        ("user", "early", None, "prepare", "too few pairs"),
+    ])
 
 
 @pytest.mark.parametrize("size", [1, 2, 5, 40])

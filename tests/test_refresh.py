@@ -13,8 +13,9 @@ from steerstore.infra.config import from_dict
 from steerstore.infra.reader import StoreReader
 from steerstore.infra.store import SteeringStore
 from steerstore.jobs import refresh
-from steerstore.operators.caa import pair_differences, shrink
+from steerstore.operators.caa import pair_differences
 from steerstore.operators.runtime import ModelConfig, ModelRuntime
+from steerstore.operators.scale import ScaleConfig
 from tests.tiny import answers
 
 CAA = {"layers": [1, 2], "recommended_layers": [2], "scale": 2.0}
@@ -44,10 +45,21 @@ def config(tmp_path, tiny_model_folder, pairs, histories=None, **extra):
         "scale": {"sample_pairs": 4, "grid": [1.0, 4.0]}, **extra})
 
 
+ALICE_WEIGHTS = [1.0, 3.0, 0.5]  # unequal: the job scales them to mean 1 (alice counts as 3 pairs)
+
+
+def alice_pairs():
+    return [pair("alice", f"a{k}", k, weight=w) for k, w in enumerate(ALICE_WEIGHTS)]
+
+
+def bob_pairs():
+    return [pair("bob", f"b{k}", k + 5) for k in range(2)]
+
+
 @pytest.fixture(scope="module")
 def bad_input(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("bad-input")
-    good = [pair("alice", f"a{k}", k) for k in range(3)] + [pair("bob", f"b{k}", k + 5) for k in range(2)]
+    good = alice_pairs() + bob_pairs()
     bad = [
         pair("alice", "a-empty", chosen=""),                      # empty text
         pair("alice", 12),                                         # wrong-typed id
@@ -104,18 +116,26 @@ def test_stored_vectors_equal_a_direct_in_process_computation(bad_input_run, tin
     stored = reader.vectors(["alice", "bob", "carol"])
     assert set(stored) == {"alice", "bob"}
     rt = ModelRuntime(ModelConfig(name_or_path=str(tiny_model_folder)))
-    alice = [pair("alice", f"a{k}", k) for k in range(3)]
-    bob = [pair("bob", f"b{k}", k + 5) for k in range(2)]
-    population = pair_differences(rt, alice + bob, [1, 2], "mean").mean(axis=0)
-    for uid, pairs in (("alice", alice), ("bob", bob)):
-        own = pair_differences(rt, pairs, [1, 2], "mean").mean(axis=0)
-        expected = shrink(own, len(pairs), population, kappa=2.0)  # the default κ = 2 pseudo-pairs
-        np.testing.assert_allclose(stored[uid].vectors, expected, rtol=1e-4, atol=1e-5)
+    d_alice = pair_differences(rt, alice_pairs(), [1, 2], "mean").astype(np.float64)  # (3, layers, hidden)
+    d_bob = pair_differences(rt, bob_pairs(), [1, 2], "mean").astype(np.float64)
+    w = np.asarray(ALICE_WEIGHTS)
+    own_alice = (w[:, None, None] * d_alice).sum(axis=0) / w.sum()  # weighted mean: 1·d0 + 3·d1 + 0.5·d2 over 4.5
+    own_bob = d_bob.mean(axis=0)
+    # each user weighs in by their number of pairs (3 and 2), whatever the scale of their weights
+    population = (3 * own_alice + 2 * own_bob) / 5
+    kappa = 2.0  # the default κ: 2 pseudo-pairs of the population
+    expected = {"alice": (3 * own_alice + kappa * population) / (3 + kappa),
+                "bob": (2 * own_bob + kappa * population) / (2 + kappa)}
+    for uid in ("alice", "bob"):
+        np.testing.assert_allclose(stored[uid].vectors, expected[uid], rtol=1e-4, atol=1e-5)
         assert stored[uid].model_fingerprint == rt.fingerprint == reader.manifest["model"]["fingerprint"]
-    population = reader.population()
-    expected = pair_differences(rt, alice + bob, [1, 2], "mean").mean(axis=0)
-    np.testing.assert_allclose(population.vectors, expected, rtol=1e-4, atol=1e-5)
-    assert population.n_pairs == 5
+    assert stored["alice"].n_pairs == 3
+    # the unequal weights matter: the plain mean would be a different vector
+    plain = (3 * d_alice.mean(axis=0) + kappa * population) / (3 + kappa)
+    assert np.abs(plain - expected["alice"]).max() > 1e-3
+    stored_population = reader.population()
+    np.testing.assert_allclose(stored_population.vectors, population, rtol=1e-4, atol=1e-5)
+    assert stored_population.n_pairs == 5
 
 
 def _same_type(a: pa.DataType, b: pa.DataType) -> bool:
@@ -275,16 +295,38 @@ def test_bt_ideal_points_and_the_basis_are_stored_and_compose_into_vectors(bad_i
     np.testing.assert_allclose(composed.vectors, compose(thetas["alice"], axes, norms), rtol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(composed.vectors, axis=-1), norms, rtol=1e-4)
     coords = {r["user_id"]: r for r in reader.store.read_table("bt_coords", reader.version).to_pylist()}
-    assert coords["alice"]["n_pairs"] == 3 and 0 <= coords["alice"]["train_accuracy"] <= 1
+    assert coords["alice"]["n_pairs"] == 3 and coords["bob"]["n_pairs"] == 2
+    # train accuracy and log-likelihood recomputed from each pair's features x = mean_l B_l d_l / s_l and θ
+    rt = ModelRuntime(ModelConfig(name_or_path=str(tiny_model_folder)))
+    s = basis.column("feature_norm").to_numpy().astype(np.float64)
+    for uid, pairs, w in (("alice", alice_pairs(), np.asarray(ALICE_WEIGHTS)), ("bob", bob_pairs(), np.ones(2))):
+        d = pair_differences(rt, pairs, [1, 2], "mean").astype(np.float64)  # (pairs, layers, hidden)
+        x = np.mean([d[:, l] @ axes[l].astype(np.float64).T / s[l] for l in range(2)], axis=0)  # (pairs, k)
+        z = x @ thetas[uid].astype(np.float64)
+        assert coords[uid]["train_accuracy"] == pytest.approx(np.count_nonzero(z > 0) / len(z)), uid
+        w = w * len(w) / w.sum()  # the pair weights scaled to mean 1
+        loglik = float(np.sum(w * np.log(1 / (1 + np.exp(-z)))))
+        assert coords[uid]["log_likelihood"] == pytest.approx(loglik, rel=1e-3, abs=1e-4), uid
 
 
 def test_the_recommended_scale_of_each_method_is_chosen_on_training_pairs(bad_input_run):
     reader = StoreReader(bad_input_run[1])
     choice = reader.manifest["scale_choice"]
     assert set(choice) >= {"population", "caa", "bt"} and choice["pairs"] == 4
+    budget = ScaleConfig().max_nll_increase  # the run keeps the default fluency budget
     for method in ("population", "caa", "bt"):
-        assert [c["alpha"] for c in choice[method]["curve"]] == [1.0, 4.0]
-        assert choice[method]["alpha"] in (1.0, 4.0)
+        curve = choice[method]["curve"]
+        assert [c["alpha"] for c in curve] == [1.0, 4.0]
+        # the rule: among α whose NLL rise stays within the budget (none: the smallest α), the best
+        # accuracy, then the larger mean margin, then the smaller α
+        fluent = [c for c in curve if c["nll_increase"] <= budget]
+        if not fluent:
+            want = min(c["alpha"] for c in curve)
+        else:
+            top = [c for c in fluent if c["accuracy"] == max(f["accuracy"] for f in fluent)]
+            top = [c for c in top if c["mean_margin"] == max(t["mean_margin"] for t in top)]
+            want = min(c["alpha"] for c in top)
+        assert choice[method]["alpha"] == want, (method, curve)
     assert reader.population().recommended_scale == choice["population"]["alpha"]
     assert reader.vectors(["alice"])["alice"].recommended_scale == choice["caa"]["alpha"]
     assert reader.bt(["alice"])["alice"].recommended_scale == choice["bt"]["alpha"]
