@@ -300,15 +300,15 @@ def test_the_run_key_changes_with_an_input_file_or_an_output_setting_but_not_wit
 
 
 @pytest.mark.slow
-def test_the_stored_dps_heads_steerx_anchors_and_bt_points_equal_an_in_process_computation(uninterrupted,
-                                                                                        tiny_model_folder):
+def test_the_stored_dps_heads_steerx_anchors_style_vectors_and_bt_points_equal_an_in_process_computation(
+        uninterrupted, tiny_model_folder):
     """The fleet pass against the operators run directly, in this process, on the same users."""
     from steerstore.infra.reader import StoreReader
-    from steerstore.operators.bt import features, fit_bt
+    from steerstore.operators.bt import features, fit_bt, sample_key
     from steerstore.operators.caa import pair_differences, pair_weights
-    from steerstore.operators.dps import DPSHeads, dps_user_rows
+    from steerstore.operators.dps import DPSHeads, PopulationPCS, dps_user_rows
     from steerstore.operators.runtime import ModelConfig, ModelRuntime
-    from steerstore.operators.steerx import user_anchors
+    from steerstore.operators.steerx import item_differences, user_anchors
 
     summary, store_uri, pairs_uri, histories_uri = uninterrupted
     config = fleet_config(store_uri, str(tiny_model_folder), pairs_uri, histories_uri)
@@ -346,19 +346,70 @@ def test_the_stored_dps_heads_steerx_anchors_and_bt_points_equal_an_in_process_c
                      config.bt.newton_steps)
         np.testing.assert_allclose(thetas[u], fit.theta, rtol=1e-3, atol=1e-4)
 
-    # DPS: the stored population baseline and the same fast-mode scoring of the user's sequences
-    population = reader.store.read_table("dps_population", reader.version).to_pylist()
-    assert population and {r["n_users"] for r in population} == {2}
+    # DPS population baseline: the baseline_users users with the smallest seeded keys, every head ablated
+    # exactly in this process; the stored table is their mean PCS and attribution per head
+    model = ModelConfig(name_or_path=str(tiny_model_folder))
+    baseline = sorted(sorted(names, key=lambda v: (sample_key(v, config.dps.seed), v))[:config.dps.baseline_users])
+    assert "user-11" in baseline and "user-00" not in baseline  # one checked user is in the sample, one is not
+
+    def sequences(us):
+        return dps_user_rows(pa.Table.from_pylist([{"user_id": v, "histories": items_of(v), "content_fingerprint": "x"}
+                                                   for v in us]), config.dps.history)
+
+    shape = (rt.num_layers, rt.num_heads)
+    full = {r["user_id"]: r for r in DPSHeads(config.dps, model, full=True)(sequences(sorted(set(users + baseline))))
+            .to_pylist()}
+    pcs = {v: np.asarray(full[v]["pcs"], np.float64).reshape(shape) for v in full}
+    attribution = {v: np.asarray(full[v]["attribution"], np.float64).reshape(shape) for v in full}
+    population = sorted(reader.store.read_table("dps_population", reader.version).to_pylist(),
+                        key=lambda r: (r["layer"], r["head"]))
+    assert [(r["layer"], r["head"]) for r in population] == [(l, h) for l in range(shape[0]) for h in range(shape[1])]
+    assert {r["n_users"] for r in population} == {len(baseline)}
+    np.testing.assert_allclose([r["pcs_mean"] for r in population],
+                               [np.mean([pcs[v][r["layer"], r["head"]] for v in baseline]) for r in population],
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose([r["attribution_mean"] for r in population],
+                               [np.mean([attribution[v][r["layer"], r["head"]] for v in baseline])
+                                for r in population], rtol=1e-4, atol=1e-5)
+
+    # DPS heads: fast-mode scoring against that baseline, in this process; each stored score is the user's exact
+    # PCS of the head minus the mean PCS of the other sampled users (the user itself left out of the mean)
+    pop = PopulationPCS.from_rows([full[v] for v in baseline], shape)
+    scored = {r["user_id"]: r for r in DPSHeads(config.dps, model, population=pop)(sequences(users)).to_pylist()}
     rows = {r["user_id"]: r for r in reader.store.read_table("dps_heads", reader.version).to_pylist()}
     for u in users:
-        seq = dps_user_rows(pa.Table.from_pylist([{"user_id": u, "histories": items_of(u),
-                                                   "content_fingerprint": "x"}]), config.dps.history)
-        scored = DPSHeads(config.dps, ModelConfig(name_or_path=str(tiny_model_folder)), population=None)(seq)
-        assert scored.column("status").to_pylist() == ["ok"]
-        stored = rows[u]
-        assert stored["n_tokens"] == scored.column("n_tokens")[0].as_py()
-        np.testing.assert_allclose(stored["base_nll"], scored.column("base_nll")[0].as_py(), rtol=1e-4)
+        stored, mine = rows[u], scored[u]
+        assert mine["status"] == "ok" and stored["pcs_baseline"] == "population"
+        others = [v for v in baseline if v != u]
+        assert stored["baseline_users"] == mine["baseline_users"] == len(others)
+        assert stored["n_tokens"] == mine["n_tokens"]
+        np.testing.assert_allclose(stored["base_nll"], mine["base_nll"], rtol=1e-4)
         assert stored["heads"], u  # the user has preference heads
+        assert [(h["layer"], h["head"], h["kv_head"]) for h in stored["heads"]] == \
+            [(h["layer"], h["head"], h["kv_head"]) for h in mine["heads"]], u
+        np.testing.assert_allclose([h["score"] for h in stored["heads"]], [h["score"] for h in mine["heads"]],
+                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose([h["pcs"] for h in stored["heads"]],
+                                   [pcs[u][h["layer"], h["head"]] for h in stored["heads"]], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose([h["score"] for h in stored["heads"]],
+                                   [pcs[u][h["layer"], h["head"]] - np.mean([pcs[v][h["layer"], h["head"]]
+                                                                             for v in others])
+                                    for h in stored["heads"]], rtol=1e-4, atol=1e-5)
+
+    # SteerX style vectors (source history; smoothing is off, so no description): per stored layer, the mean over
+    # the user's last max_items items of the activation of their real output minus the model's neutral answer
+    vc = config.steerx.vectors
+    styles = reader.vectors(users, method="steerx", source="history")
+    assert set(styles) == set(users)
+    for u in users:
+        items = items_of(u)[-config.steerx.history.max_items:]
+        diffs, neutral = item_differences(rt, items, [""] * len(items), sorted(vc.layers), vc.position,
+                                          vc.neutral_max_new_tokens)
+        assert len(neutral) == len(items) and styles[u].n_pairs == len(items)
+        assert styles[u].layers == sorted(vc.layers)
+        np.testing.assert_allclose(styles[u].vectors, diffs["history"].mean(axis=0), rtol=1e-4, atol=1e-5)
+        assert set(art[u].style_vectors) == {"history"}
+        np.testing.assert_array_equal(art[u].style_vectors["history"].vectors, styles[u].vectors)
 
 
 @pytest.mark.slow

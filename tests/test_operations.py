@@ -108,6 +108,59 @@ def test_an_empty_input_never_replaces_the_current_version(ray_cluster, tmp_path
     assert StoreReader(store.uri).vectors(["u"])["u"].n_pairs == 2
 
 
+@pytest.mark.slow
+def test_a_refresh_that_fails_part_way_leaves_latest_and_running_readers_on_the_previous_version(
+        ray_cluster, tmp_path, tiny_model_folder, monkeypatch):
+    from steerstore.infra.follow import StoreFollower
+
+    users = [f"u{i}" for i in range(4)]
+    output = {"store": str(tmp_path / "store"), "users_per_bucket": 1, "min_buckets": 4}  # several shards a night
+    first = write_jsonl(tmp_path / "night1.jsonl", [pair(u, f"{u}-{k}", k) for u in users for k in range(2)])
+    good = refresh.main(config(tmp_path, tiny_model_folder, first, output=output))["version"]
+    store = SteeringStore(output["store"])
+    night1 = {u: v.vectors.copy() for u, v in StoreReader(store.uri).vectors(users).items()}
+    assert set(night1) == set(users)
+    reader = StoreReader(store.uri)  # a serving process's reader, open across the failed night
+    np.testing.assert_array_equal(reader.vectors(["u0"])["u0"].vectors, night1["u0"])  # u0 now in its cache
+    follower = StoreFollower(store.uri, interval_s=0.0)  # a serving process that follows LATEST
+
+    # night 2: every user prefers the other answer now; the model pass dies after its first shard is written
+    swapped = {"chosen": "Noted. Brief and formal.", "rejected": "Wow, I absolutely love it!"}
+    second = write_jsonl(tmp_path / "night2.jsonl",
+                         [pair(u, f"{u}-{k}", k, **swapped) for u in users for k in range(2)])
+    real_run_shards, failed = refresh.run_shards, []
+
+    def dies_after_one_shard(cfg, run, buckets, *args, **kwargs):
+        result = real_run_shards(cfg, run, buckets[:1], *args, **kwargs)
+        failed.append((run.version, len(buckets), result["computed"]))
+        raise RuntimeError("the model workers were lost")
+
+    monkeypatch.setattr(refresh, "run_shards", dies_after_one_shard)
+    with pytest.raises(RuntimeError, match="the model workers were lost"):
+        refresh.main(config(tmp_path, tiny_model_folder, second, output=output))
+    [(version, planned, computed)] = failed
+    assert version != good and computed == 1 and planned > 1  # it failed part-way, one night-2 shard written
+    assert store.latest() == good and store.versions() == [good]
+    assert follower.current().version == good and not follower.check()
+    for open_reader in (reader, follower.current(), StoreReader(store.uri)):
+        assert open_reader.version == good
+        got = open_reader.vectors(users)
+        assert set(got) == set(users)
+        for u in users:
+            np.testing.assert_array_equal(got[u].vectors, night1[u])
+
+    # the same night rerun: it resumes the failed version and publishes it; the changed users' vectors change
+    monkeypatch.undo()
+    summary = refresh.main(config(tmp_path, tiny_model_folder, second, output=output))
+    assert summary["version"] == version and summary["shards_reused"] >= 1
+    assert store.latest() == version and store.versions() == [good, version]
+    assert follower.check() and follower.current().version == version
+    now = StoreReader(store.uri).vectors(users)
+    for u in users:
+        assert not np.allclose(now[u].vectors, night1[u], atol=1e-3), u
+    np.testing.assert_array_equal(reader.vectors(["u1"])["u1"].vectors, night1["u1"])  # pinned to its version
+
+
 def test_a_users_weights_are_scaled_to_mean_one_so_no_user_outweighs_another():
     from steerstore.operators.caa import pair_weights
 
