@@ -52,7 +52,12 @@ def test_bt_fitting_recovers_planted_coordinates():
         x = features(d, true_basis.astype(np.float32), scales)
         fit = fit_bt(x, None, center=np.zeros(4), prior=1e-3)
         errors.append(np.linalg.norm(fit.theta - thetas[u]) / np.linalg.norm(thetas[u]))
+        # train accuracy: the fraction of the user's pairs the fitted θ orders chosen-first (θ·x > 0)
+        z = x @ fit.theta.astype(np.float64)
+        assert np.abs(z).min() > 1e-4  # no pair on the boundary: float32 θ gives the same signs
+        assert fit.train_accuracy == pytest.approx(np.count_nonzero(z > 0) / len(z), abs=1e-12)
         assert fit.train_accuracy > 0.6
+        assert fit.log_likelihood == pytest.approx(-np.log1p(np.exp(-z)).sum(), rel=1e-5)
     # 60 pairs per user: the relative error of the MAP estimate stays well below 1
     assert np.median(errors) < 0.45, np.median(errors)
 
@@ -74,6 +79,14 @@ def test_pair_weights_act_like_repeated_pairs():
     weighted = fit_bt(x, w, np.zeros(3), prior=0.5).theta
     repeated = fit_bt(np.repeat(x, w, axis=0), None, np.zeros(3), prior=0.5).theta
     np.testing.assert_allclose(weighted, repeated, atol=1e-5)
+    # the log-likelihood is weighted (Σ w log σ(θ·x)); the train accuracy counts each pair once, as documented
+    fit = fit_bt(x, w, np.zeros(3), prior=0.5)
+    z = x @ fit.theta.astype(np.float64)
+    assert np.abs(z).min() > 1e-4
+    assert fit.log_likelihood == pytest.approx(-(w * np.log1p(np.exp(-z))).sum(), rel=1e-5)
+    hits = z > 0
+    assert fit.train_accuracy == pytest.approx(hits.mean(), abs=1e-12)
+    assert hits.mean() != pytest.approx((w * hits).sum() / w.sum()), hits  # the two definitions differ here
 
 
 def test_composition_is_the_basis_combination_rescaled_to_the_population_norm():

@@ -3,14 +3,49 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from steerstore.jobs.bench import pref_accuracy as pref_eval
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+real_data = [pytest.mark.slow, pytest.mark.skipif(
     not (DATA / "blogs-dev.jsonl.gz").exists(),
     reason=f"development data not found at {DATA} (it is shared beside the checkout, not part of the repo)")]
+
+
+def _with_real_data(test):
+    for mark in real_data:
+        test = mark(test)
+    return test
+
+
+def _steered_margin(runtime, pair, vectors, alpha=1.0):
+    """One pair scored alone: (log p_α(chosen) − log p_0(chosen)) − (log p_α(rejected) − log p_0(rejected))."""
+    from steerstore.operators.runtime import Steering
+
+    steer = Steering({l: torch.as_tensor(np.asarray(v)[None], dtype=torch.float32) for l, v in vectors.items()},
+                     torch.tensor([float(alpha)]), "response")
+    scored = []
+    for response in (pair["chosen"], pair["rejected"]):
+        steered, _ = runtime.response_logprobs([pair["prompt"]], [response], steer)
+        plain, _ = runtime.response_logprobs([pair["prompt"]], [response])
+        scored.append(float(steered[0] - plain[0]))
+    return scored[0] - scored[1]
+
+
+def _per_token_prefers_chosen(runtime, pair):
+    c, n_c = runtime.response_logprobs([pair["prompt"]], [pair["chosen"]])
+    r, n_r = runtime.response_logprobs([pair["prompt"]], [pair["rejected"]])
+    return float(c[0]) / int(n_c[0]) > float(r[0]) / int(n_r[0])
+
+
+def _user_mean(pairs, hits):
+    by_user = {}
+    for p, h in zip(pairs, hits):
+        by_user.setdefault(p["user_id"], []).append(float(h))
+    return float(np.mean([np.mean(v) for v in by_user.values()]))
 
 
 def small_config(tmp_path):
@@ -22,6 +57,7 @@ def small_config(tmp_path):
         "ray": {"progress_bars": False}})
 
 
+@_with_real_data
 def test_held_out_pairs_never_reach_the_refresh_job():
     cfg = pref_eval.PrefEvalConfig(data_dir=str(DATA), sources=["blogs"], users=4, train_pairs=3, heldout_pairs=2)
     train, heldout = pref_eval.build_pairs(cfg)
@@ -32,11 +68,98 @@ def test_held_out_pairs_never_reach_the_refresh_job():
     assert pref_eval.build_pairs(cfg) == (train, heldout)  # deterministic for a seed
 
 
+@_with_real_data
 def test_the_evaluation_scores_every_method_on_held_out_pairs_of_real_users(ray_cluster, tmp_path):
-    report = pref_eval.main(small_config(tmp_path))
+    from steerstore.infra.reader import StoreReader
+    from steerstore.operators.runtime import ModelRuntime
+
+    cfg = small_config(tmp_path)
+    report = pref_eval.main(cfg)
     assert report["pairs"] == {"train": 9, "heldout": 3} and report["users"] == 3
-    for method in ("unsteered (reference)", "population", "caa", "bt"):
-        assert 0.0 <= report["methods"][method]["accuracy"] <= 1.0
     assert report["store"]["caa_vector_bytes_per_user_raw"] == 8 * 576 * 4
     assert report["store"]["bt_theta_bytes_per_user_raw"] == 8 * 4
-    assert json.loads((tmp_path / "results.json").read_text())["methods"]["caa"]["alpha"] in (1.0, 2.0)
+    assert json.loads((tmp_path / "results.json").read_text())["methods"] == report["methods"]
+    # α per method: the documented rule on the curve the refresh recorded (within the NLL guard, the best
+    # accuracy, ties to the larger mean margin, then the smaller α)
+    reader = StoreReader(str(tmp_path / "store"))
+    curves = reader.manifest["scale_choice"]
+    for method in ("population", "caa", "bt"):
+        curve = curves[method]["curve"]
+        assert sorted(c["alpha"] for c in curve) == [1.0, 2.0]
+        allowed = [c for c in curve if c["nll_increase"] <= cfg.scale.max_nll_increase] or curve[:1]
+        top = max(round(c["accuracy"], 6) for c in allowed)
+        tied = [c for c in allowed if round(c["accuracy"], 6) == top]
+        top_margin = max(c["mean_margin"] for c in tied)
+        expected_alpha = min(c["alpha"] for c in tied if c["mean_margin"] == top_margin)
+        assert curves[method]["alpha"] == expected_alpha and report["methods"][method]["alpha"] == expected_alpha
+    # accuracy per method: each held-out pair's margin recomputed alone with the stored vectors
+    _, heldout = pref_eval.build_pairs(cfg)
+    runtime = ModelRuntime(cfg.model)
+    layers = reader.population().recommended_layers
+    assert report["layers"] == layers
+    stored = {"population": lambda u: reader.population(), "caa": lambda u: reader.vectors([u])[u],
+              "bt": lambda u: reader.bt([u])[u]}
+    for method, get in stored.items():
+        alpha = report["methods"][method]["alpha"]
+        m = np.asarray([_steered_margin(runtime, p, get(p["user_id"]).at(layers), alpha) for p in heldout])
+        assert np.abs(m).min() > 1e-3, (method, m)  # no margin near 0: its sign is unambiguous
+        got = report["methods"][method]
+        assert got["accuracy"] == pytest.approx(float((m > 0).mean()), abs=1e-9), (method, m)
+        assert got["per_user_accuracy"] == pytest.approx(_user_mean(heldout, m > 0), abs=1e-9), (method, m)
+        assert got["mean_margin"] == pytest.approx(float(m.mean()), rel=1e-2, abs=2e-2), (method, m)
+    reference = [_per_token_prefers_chosen(runtime, p) for p in heldout]
+    assert report["methods"]["unsteered (reference)"]["accuracy"] == pytest.approx(float(np.mean(reference)))
+
+
+def test_eval_preference_accuracy_counts_pairs_whose_margin_each_users_scaled_vector_makes_positive(tiny_runtime):
+    from steerstore.infra.reader import UserVectors
+    from steerstore.jobs.evaluate.score import preference_accuracy
+    from steerstore.operators.metrics import MetricsConfig, bootstrap_ci
+
+    rt = tiny_runtime
+    pairs = [
+        {"user_id": "cat", "prompt": "Say hello.", "chosen": "Hello there, friend.", "rejected": "Go away."},
+        {"user_id": "ann", "prompt": "Tell me about the weather today, please.", "chosen": "Wow, I love it!",
+         "rejected": "The fox jumps."},
+        {"user_id": "bob", "prompt": "Hi", "chosen": "Noted. The answer is brief and formal.", "rejected": "Sure thing!"},
+        {"user_id": "ann", "prompt": "Summarise the plot of a novel in one sentence.", "chosen": "A boy finds a dragon.",
+         "rejected": "Wow, amazing!!"},
+        {"user_id": "bob", "prompt": "Describe your morning.", "chosen": "I woke early and read.",
+         "rejected": "Coffee!!! Then chaos, lol."},
+    ]
+    g = np.random.default_rng(5)
+    scales = {"ann": 3.0, "bob": 0.5}  # each user's own α; cat has no vectors
+    found = {u: UserVectors(user_id=u, layers=[1, 2], vectors=g.standard_normal((2, rt.hidden_size)).astype(np.float32),
+                            recommended_layers=[2], recommended_scale=scales[u], positions="response", model_id="tiny",
+                            model_fingerprint="tiny", n_pairs=2) for u in ("ann", "bob")}
+
+    class Reader:  # what preference_accuracy reads: CAA vectors; no BT in this store
+        def vectors(self, user_ids, method="caa", source=None):
+            assert method == "caa"
+            return {u: found[u] for u in user_ids if u in found}
+
+        def bt(self, user_ids):
+            raise KeyError("bt_coords")
+
+    metrics = MetricsConfig(bootstrap_resamples=200)
+    table = preference_accuracy(rt, Reader(), pairs, metrics, ["caa", "bt"])
+    assert table["method"].tolist() == ["none", "caa"]
+    rows = {r["method"]: r for r in table.to_dict("records")}
+    # unsteered reference: every pair, chosen has the higher per-token log-likelihood
+    reference = [_per_token_prefers_chosen(rt, p) for p in pairs]
+    assert rows["none"]["pair_accuracy"] == pytest.approx(np.mean(reference))
+    assert rows["none"]["user_accuracy"] == pytest.approx(_user_mean(pairs, reference))
+    assert (rows["none"]["n_pairs"], rows["none"]["n_users"]) == (5, 3)
+    # CAA: only users with vectors; pair i steered at the recommended layer by its user's vector × its user's α
+    evaluated = [p for p in pairs if p["user_id"] in found]
+    m = np.asarray([_steered_margin(rt, p, {2: found[p["user_id"]].vectors[1]}, scales[p["user_id"]])
+                    for p in evaluated])
+    assert np.abs(m).min() > 0.05, m  # no margin near 0: its sign is unambiguous
+    hits = m > 0
+    assert hits.tolist() == [False, False, False, True], m  # mixed, and unlike unscaled or shared-α vectors
+    assert rows["caa"]["pair_accuracy"] == pytest.approx(hits.mean())
+    per_user = [np.mean([h for p, h in zip(evaluated, hits) if p["user_id"] == u]) for u in ("ann", "bob")]
+    assert rows["caa"]["user_accuracy"] == pytest.approx(np.mean(per_user))
+    assert (rows["caa"]["user_accuracy_lo"], rows["caa"]["user_accuracy_hi"]) == pytest.approx(
+        bootstrap_ci(per_user, metrics)[1:])
+    assert (rows["caa"]["n_pairs"], rows["caa"]["n_users"], rows["caa"]["strength"]) == (4, 2, 3.0)

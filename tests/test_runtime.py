@@ -188,9 +188,31 @@ def test_choose_scale_picks_the_most_accurate_alpha_within_the_fluency_budget(ti
     base = baseline(rt, pairs)
     m0, nll0 = margins(rt, pairs, vec, 1e-9, base)
     np.testing.assert_allclose(m0, 0, atol=1e-3)  # no steering: no margin, no fluency cost
+    np.testing.assert_allclose(nll0, 0, atol=1e-4)
     alpha, curve = choose_scale(rt, pairs, vec, ScaleConfig(grid=[0.5, 2.0, 8.0], max_nll_increase=1e9), base)
+    assert [c["alpha"] for c in curve] == [0.5, 2.0, 8.0]
+    # every curve point recomputed from steered and unsteered log-likelihoods (not through margins())
+    prompts = [p["prompt"] for p in pairs]
+    c_0, n_0 = rt.response_logprobs(prompts, [p["chosen"] for p in pairs])
+    r_0, _ = rt.response_logprobs(prompts, [p["rejected"] for p in pairs])
+    same = np.asarray([p["chosen"] == p["rejected"] for p in pairs])  # pair 1: margin 0 by definition
+    assert same.tolist() == [False, True, False]
+    expected_accuracy = []
+    for point in curve:
+        steer = Steering({1: torch.as_tensor(vec[1], dtype=torch.float32)}, torch.full((3,), point["alpha"]), "response")
+        c_a, _ = rt.response_logprobs(prompts, [p["chosen"] for p in pairs], steer)
+        r_a, _ = rt.response_logprobs(prompts, [p["rejected"] for p in pairs], steer)
+        ref_margin = ((c_a - c_0) - (r_a - r_0)).numpy()
+        ref_nll = (-(c_a - c_0) / n_0).numpy()
+        assert np.all(np.abs(ref_margin[~same]) > 1e-2), ref_margin  # no margin near 0: the sign is unambiguous
+        hits = (ref_margin > 0) & ~same
+        expected_accuracy.append(float(hits.mean()))
+        assert point["accuracy"] == pytest.approx(hits.mean(), abs=1e-9), (point, ref_margin)
+        assert point["mean_margin"] == pytest.approx(float(ref_margin.mean()), abs=1e-3), (point, ref_margin)
+        assert point["nll_increase"] == pytest.approx(float(ref_nll.mean()), abs=1e-4), (point, ref_nll)
+    assert len(set(expected_accuracy)) > 1 and 0.5 not in expected_accuracy  # a flipped sign would show
     best = max(curve, key=lambda c: (c["accuracy"], c["mean_margin"]))
-    assert alpha == best["alpha"] and [c["alpha"] for c in curve] == [0.5, 2.0, 8.0]
+    assert alpha == best["alpha"]
     strict, _ = choose_scale(rt, pairs, vec, ScaleConfig(grid=[0.5, 2.0, 8.0], max_nll_increase=-1e9), base)
     assert strict == 0.5  # nothing passes the guard: the smallest α
     # one pair's margin by hand: (log p steered − unsteered) of chosen minus the same of rejected

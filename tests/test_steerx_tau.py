@@ -152,7 +152,17 @@ def test_the_job_writes_curves_and_reuses_its_cache(tmp_path, tiny_model_folder,
     for cf in ("empty", "other_users"):
         c = res["counterfactuals"][cf]
         assert [r["tau"] for r in c["absolute"]] == [0.0, 1.0] and [r["percentile"] for r in c["percentile"]] == [90.0]
-        assert c["recommended"]["tau"] in (0.0, 1.0)
+        # the recommendation is the documented rule on the reported curve: τ values with the same anchors are
+        # one choice (the smallest), then the best macro F1 (the mean of the users' F1), ties to the larger τ
+        for row in c["absolute"]:
+            assert row["macro"]["f1"] == pytest.approx(np.mean(list(row["user_f1"].values())))
+        distinct = {}
+        for row in sorted(c["absolute"], key=lambda r: r["tau"]):
+            distinct.setdefault(row["anchor_sets"], row)
+        best_f1 = max(r["macro"]["f1"] for r in distinct.values())
+        want = max(r["tau"] for r in distinct.values() if r["macro"]["f1"] >= best_f1 - 1e-9)
+        assert (c["recommended"]["tau"], c["recommended"]["macro_f1"]) == (want, best_f1), c["absolute"]
+        assert c["recommended"] == st.recommend(c["absolute"])
         # each user's marker word recurs in their held-out notes and nobody else's: distinctive
         assert c["absolute"][0]["distinctive_types"] == 2
     assert json.loads(Path(cfg.json).read_text())["sources"]["blogs"]["users"] == 2
