@@ -172,7 +172,7 @@ def test_eval_end_to_end_writes_metrics_and_a_report_that_renders(ray_cluster, t
     result = evaluate.main(cfg)
     summary = result["summary"]
     rec = summary[summary["recommended"]].set_index("method")
-    assert {"none", "history_prompt", "caa", "bt"} <= set(rec.index)
+    assert {"none", "history_prompt", "population", "caa", "bt"} <= set(rec.index)
     assert (rec.loc["none", "n_users"], rec.loc["none", "n_items"]) == (4, 4)
     for m in ("rouge1", "rougeL", "meteor", "bleu", "bertscore", "perplexity"):
         assert np.isfinite(rec.loc["none", m]), m
@@ -205,6 +205,13 @@ def test_eval_end_to_end_writes_metrics_and_a_report_that_renders(ray_cluster, t
         return rows.groupby("user_id")["rougeL_again"].mean()
 
     none = per_user("none")
+    # the population direction is one vector for every user, at the store's population α
+    pop = items[(items["method"] == "population") & items["recommended"]]
+    assert pop["user_id"].nunique() == 4 and set(pop["strength"]) == {rec.loc["population", "strength"]}
+    from steerstore.infra.reader import StoreReader
+
+    stored = StoreReader(str(tmp_path / "eval" / "store")).population()
+    assert rec.loc["population", "strength"] == pytest.approx(stored.recommended_scale)
     assert rec.loc["none", "rougeL"] == pytest.approx(none.mean(), abs=1e-9)
     caa = per_user("caa", rec.loc["caa", "strength"])
     assert len(caa) == 4

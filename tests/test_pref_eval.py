@@ -163,3 +163,35 @@ def test_eval_preference_accuracy_counts_pairs_whose_margin_each_users_scaled_ve
     assert (rows["caa"]["user_accuracy_lo"], rows["caa"]["user_accuracy_hi"]) == pytest.approx(
         bootstrap_ci(per_user, metrics)[1:])
     assert (rows["caa"]["n_pairs"], rows["caa"]["n_users"], rows["caa"]["strength"]) == (4, 2, 3.0)
+
+
+def test_eval_preference_accuracy_scores_the_population_direction_for_every_user(tiny_runtime):
+    """The central comparison: one population direction at its α for every user, beside per-user CAA."""
+    from steerstore.infra.reader import UserVectors
+    from steerstore.jobs.evaluate.score import preference_accuracy
+    from steerstore.operators.metrics import MetricsConfig
+
+    rt = tiny_runtime
+    pairs = [{"user_id": u, "prompt": p, "chosen": c, "rejected": r} for u, p, c, r in [
+        ("ann", "Tell me about the weather today, please.", "Wow, I love it!", "The fox jumps."),
+        ("bob", "Describe your morning.", "I woke early and read.", "Coffee!!! Then chaos, lol."),
+        ("cat", "Say hello.", "Hello there, friend.", "Go away.")]]
+    g = np.random.default_rng(11)
+    population = UserVectors(user_id=None, layers=[1, 2], vectors=g.standard_normal((2, rt.hidden_size)).astype(np.float32),
+                             recommended_layers=[2], recommended_scale=2.0, positions="response", model_id="tiny",
+                             model_fingerprint="tiny", n_pairs=9)
+
+    class Reader:  # a store with the population vector only (no user has CAA vectors)
+        def population(self):
+            return population
+
+        def vectors(self, user_ids, method="caa", source=None):
+            return {}
+
+    table = preference_accuracy(rt, Reader(), pairs, MetricsConfig(bootstrap_resamples=50), ["population", "caa"])
+    assert table["method"].tolist() == ["none", "population"]
+    row = table.set_index("method").loc["population"]
+    m = np.asarray([_steered_margin(rt, p, {2: population.vectors[1]}, 2.0) for p in pairs])
+    assert np.abs(m).min() > 0.01, m
+    assert row["pair_accuracy"] == pytest.approx((m > 0).mean())
+    assert (row["n_pairs"], row["n_users"], row["strength"]) == (3, 3, 2.0)

@@ -32,6 +32,7 @@ LABELS = {
     "style_vector:description": "SteerX style vector · description",
     "style_vector:blend": "SteerX style vector · blend",
     "influence": "SteerX influence decoding",
+    "population": "CAA population direction",
     "caa": "CAA (per-user)",
     "bt": "BT ideal point",
     "dps": "DPS heads",

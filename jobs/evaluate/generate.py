@@ -67,7 +67,8 @@ class Generator:
     def run(self) -> None:
         m = self.config.methods
         steps = {"none": self.none, "history_prompt": self.history, "caa": lambda: self.vectors("caa"),
-                 "bt": lambda: self.vectors("bt"), "influence": self.influence, "dps": self.dps}
+                 "bt": lambda: self.vectors("bt"), "population": lambda: self.vectors("population"),
+                 "influence": self.influence, "dps": self.dps}
         for source in ("history", "description", "blend"):
             steps[f"style_vector:{source}"] = lambda s=source: self.vectors(f"style_vector:{s}")
         for method in METHODS:
@@ -92,8 +93,14 @@ class Generator:
         self._emit([(Setting("history_prompt", "", math.nan, True), h) for h in self.items], outs, prompts)
 
     def _user_vectors(self, method: str) -> tuple[dict[str, UserVectors], str, list[float]]:
-        if method in ("caa", "bt"):
-            found = self.reader.vectors(self.users) if method == "caa" else self.reader.bt(self.users)
+        if method in ("caa", "bt", "population"):
+            if method == "population":  # the same direction for every user: what per-user steering must beat
+                population = self.reader.population()
+                if population is None:
+                    raise KeyError(f"store version {self.reader.version} has no population vector")
+                found = {u: population for u in self.users}
+            else:
+                found = self.reader.vectors(self.users) if method == "caa" else self.reader.bt(self.users)
             grid = self.config.methods.alpha_grid or self.reader.manifest["config"]["scale"]["grid"]
             return found, "alpha", grid
         source = method.split(":", 1)[1]

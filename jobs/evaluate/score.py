@@ -99,6 +99,8 @@ def preference_accuracy(runtime: ModelRuntime, reader: StoreReader, pairs: list[
     reference = unsteered_prefers_chosen(runtime, pairs, base)
     rows = [_accuracy_row("none", "unsteered likelihood (reference)", math.nan, pairs, reference, metrics)]
     sources: dict[str, dict[str, UserVectors]] = {}
+    if "population" in include and reader.population() is not None:  # one direction for all: the baseline
+        sources["population"] = {u: reader.population() for u in users}
     if "caa" in include:
         sources["caa"] = reader.vectors(users)
     if "bt" in include:
