@@ -176,7 +176,7 @@ def test_eval_preference_accuracy_scores_the_population_direction_for_every_user
         ("ann", "Tell me about the weather today, please.", "Wow, I love it!", "The fox jumps."),
         ("bob", "Describe your morning.", "I woke early and read.", "Coffee!!! Then chaos, lol."),
         ("cat", "Say hello.", "Hello there, friend.", "Go away.")]]
-    g = np.random.default_rng(11)
+    g = np.random.default_rng(23)  # mixed hits at α = 2, and different ones at α = 1
     population = UserVectors(user_id=None, layers=[1, 2], vectors=g.standard_normal((2, rt.hidden_size)).astype(np.float32),
                              recommended_layers=[2], recommended_scale=2.0, positions="response", model_id="tiny",
                              model_fingerprint="tiny", n_pairs=9)
@@ -192,6 +192,7 @@ def test_eval_preference_accuracy_scores_the_population_direction_for_every_user
     assert table["method"].tolist() == ["none", "population"]
     row = table.set_index("method").loc["population"]
     m = np.asarray([_steered_margin(rt, p, {2: population.vectors[1]}, 2.0) for p in pairs])
-    assert np.abs(m).min() > 0.01, m
+    assert np.abs(m).min() > 0.05, m
+    assert (m > 0).tolist() == [False, False, True], m
     assert row["pair_accuracy"] == pytest.approx((m > 0).mean())
     assert (row["n_pairs"], row["n_users"], row["strength"]) == (3, 3, 2.0)
