@@ -34,8 +34,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from steerstore.infra.config import check, option
 from steerstore.infra.follow import StoreFollower
 from steerstore.infra.storage import StorageConfig
-from steerstore.operators.runtime import ModelConfig, ModelRuntime, Sampling
-from steerstore.operators.runtime.sources import model_for_store
+from steerstore.jobs.generate import load_runtime_for
+from steerstore.operators.runtime import ModelRuntime, Sampling
 from steerstore.operators.serving import BadRequest, Request, check_request, personalised_generate
 from steerstore.schemas.methods import Method
 
@@ -196,8 +196,11 @@ class Endpoint:
         self.config = config
         self.follower = StoreFollower(config.store, config.storage, interval_s=config.follow_interval_s)
         reader = self.follower.current()
-        self.runtime = runtime or ModelRuntime(ModelConfig(name_or_path=config.model or model_for_store(reader.manifest)))
-        reader.check_model(self.runtime.fingerprint, f"model {self.runtime.model_id!r}")
+        if runtime is None:  # the model the store was built with (or config.model), its weights checked
+            runtime = load_runtime_for(reader, config.model)
+        else:
+            reader.check_model(runtime.fingerprint, f"model {runtime.model_id!r}")
+        self.runtime = runtime
         self.batcher = Batcher(self.runtime, self.follower, config.max_batch, config.batch_wait_ms / 1000)
         self.httpd = ThreadingHTTPServer((config.host, config.port), self._handler())
         self.httpd.daemon_threads = True

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
+import numpy as np
 import torch
 
 from steerstore.operators.runtime import Encoded, ModelRuntime
@@ -46,6 +47,13 @@ def device_info(runtime: ModelRuntime) -> dict:
     if runtime.device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(runtime.device)
     return info
+
+
+def latency_percentiles(seconds: list[float]) -> dict:
+    """p50 / p99 in milliseconds of measured latencies (seconds), and how many there were."""
+    ms = np.asarray(seconds) * 1e3
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3),
+            "n": len(seconds)}
 
 
 def write_figures(result: dict, path: str, cfg=None, quiet: bool = False) -> None:

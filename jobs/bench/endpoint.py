@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from steerstore.infra.config import check, option
-from steerstore.jobs.bench.common import device_info, write_figures
+from steerstore.jobs.bench.common import device_info, latency_percentiles, write_figures
 from steerstore.jobs.serve import Endpoint, ServeConfig
 
 PROMPTS = ["What do you think of cats?", "Plan my weekend.", "Describe a city park.", "Tell me about the weather."]
@@ -87,12 +87,11 @@ def _phase(url: str, bodies: list[dict], clients: int, max_seconds: float) -> di
         t.join()
     wall = time.perf_counter() - start
     done = [k for k, a in enumerate(answers) if a is not None]
-    lat = np.array([latencies[k] for k in done]) * 1000
+    percentiles = latency_percentiles([latencies[k] for k in done]) if done else {"p50_ms": None, "p99_ms": None}
     return {"clients": clients, "sent": len(done), "not_sent": len(bodies) - len(done), "errors": errors[:5],
             "error_count": len(errors), "seconds": round(wall, 3),
             "requests_per_s": round(len(done) / wall, 3) if wall > 0 else None,
-            "p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
-            "p99_ms": round(float(np.percentile(lat, 99)), 1) if len(lat) else None, "answers": answers}
+            "p50_ms": percentiles["p50_ms"], "p99_ms": percentiles["p99_ms"], "answers": answers}
 
 
 def main(config: BenchEndpointConfig) -> dict:

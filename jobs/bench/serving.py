@@ -34,7 +34,7 @@ from steerstore.infra.config import check, option, to_dict
 from steerstore.infra.reader import StoreReader
 from steerstore.infra.storage import StorageConfig
 from steerstore.infra.store import SteeringStore
-from steerstore.jobs.bench.common import write_figures
+from steerstore.jobs.bench.common import latency_percentiles, write_figures
 from steerstore.operators.runtime import ModelConfig, ModelRuntime
 from steerstore.operators.serving import METHODS, Request, serve
 from steerstore.schemas.store import (
@@ -187,12 +187,6 @@ def synthetic_store(uri: str, cfg: StorageConfig | None, n_users: int, meta: dic
 
 # ---- lookups ------------------------------------------------------------------------------------
 
-def _percentiles(seconds: list[float]) -> dict:
-    ms = np.asarray(seconds) * 1e3
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3),
-            "n": len(seconds)}
-
-
 def _timed(fn, args) -> list[float]:
     out = []
     for a in args:
@@ -220,16 +214,16 @@ def measure_lookups(uri: str, cfg: StorageConfig | None, version: str, ids: list
     result = {
         "reader_open_ms": round(open_s * 1e3, 1),
         "first_lookup_per_bucket_ms": round(footers_s * 1e3 / len(first), 2),
-        "vectors_uncached": _percentiles(_timed(lambda u: uncached.vectors([u]), present)),
-        "artifacts_uncached": _percentiles(_timed(uncached.artifacts, present)),
-        "absent": _percentiles(_timed(uncached.artifacts, absent)),
+        "vectors_uncached": latency_percentiles(_timed(lambda u: uncached.vectors([u]), present)),
+        "artifacts_uncached": latency_percentiles(_timed(uncached.artifacts, present)),
+        "absent": latency_percentiles(_timed(uncached.artifacts, absent)),
     }
     cached = StoreReader(uri, cfg, version, cache_users=len(present))
     for uid in present:
         cached.artifacts(uid)
-    result["artifacts_cached"] = _percentiles(_timed(cached.artifacts, present))
+    result["artifacts_cached"] = latency_percentiles(_timed(cached.artifacts, present))
     store = SteeringStore(uri, cfg)
-    result["scan_baseline"] = _percentiles(_timed(
+    result["scan_baseline"] = latency_percentiles(_timed(
         lambda u: store.read_table("vectors", version, filter=pc.field("user_id") == u), present[:scans]))
     result["speedup_vs_scan_p50"] = round(result["scan_baseline"]["p50_ms"] / result["vectors_uncached"]["p50_ms"], 1)
     return result
