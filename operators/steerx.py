@@ -105,6 +105,9 @@ class SteerXConfig:
     anchor_mode: Literal["absolute", "percentile"] = option("absolute", help="anchor threshold: absolute τ or a per-user percentile")
     percentile: float = option(90.0, help="percentile mode: the per-user percentile of word effects to pass")
     min_anchors: int = option(5, help="when fewer words pass, the top-m words are kept")
+    counterfactual_draw: Literal["user", "item"] = option(
+        "item", help="other_users: one seeded draw of other users' items per user, shared by all its scored items "
+                     "(the shared context is computed once), or a new draw per item")
     seed: int = option(0, help="seed of the other users' items in the counterfactual")
     history: HistoryContextConfig = dataclasses.field(
         default_factory=lambda: HistoryContextConfig(context_items=4, max_items=8),
@@ -150,7 +153,8 @@ def loo_prompts(user_id: str, items: Sequence[dict], pool: Sequence[dict], confi
             if len(others) < len(context):
                 raise ValueError(f"the other-users counterfactual needs {len(context)} items of other users; "
                                  f"the pool has {len(others)}")
-            pick = _rng(config.seed, user_id, str(items[j].get("item_id", j))).choice(
+            keys = (user_id,) if config.counterfactual_draw == "user" else (user_id, str(items[j].get("item_id", j)))
+            pick = _rng(config.seed, *keys).choice(
                 len(others), size=len(context), replace=False)
             counter = [others[i] for i in sorted(pick)]
         out.append({"item_id": items[j].get("item_id"), "output": items[j]["output"],

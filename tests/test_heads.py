@@ -82,6 +82,28 @@ def test_batched_forked_ablation_equals_a_per_head_loop(model_type, budget):
         torch.testing.assert_close(ablated[i], loop, rtol=1e-5, atol=1e-4, msg=f"head {head}")
 
 
+def test_forked_ablation_runs_the_blocks_below_a_chunk_once_per_micro_batch():
+    """Later chunks of variants start from the unablated hidden states cached at their first fork."""
+    rt = _runtime("llama", 96)
+    enc = rt.encode(PROMPTS, RESPONSES)
+    heads = [(l, h) for l in (1, 2, 3) for h in range(rt.num_heads)]
+    calls = {l: 0 for l in range(rt.num_layers)}
+    handles = [rt.layers[l].register_forward_hook(lambda m, a, o, l=l: calls.__setitem__(l, calls[l] + 1))
+               for l in range(rt.num_layers)]
+    try:
+        base, ablated = rt.ablation_nll(enc, heads)
+    finally:
+        for h in handles:
+            h.remove()
+    batches = rt.micro_batches([len(e.ids) for e in enc], budget=max(1, 96 // 8))
+    assert calls[0] == len(batches), "block 0 (below every fork) must run once per base micro-batch"
+    assert calls[3] > calls[1] > calls[0], "blocks with forks run once per chunk"
+    assert all(isinstance(block, torch.nn.Module) and type(block).__name__ != "_Skipped" for block in rt.layers)
+    for i, head in enumerate(heads):
+        torch.testing.assert_close(ablated[i], rt.sequence_nll(enc, rt.head_gates([[head]] * len(enc))),
+                                   rtol=1e-5, atol=1e-4)
+
+
 def test_forked_ablation_of_a_subset_in_any_order(tiny_runtime):
     rt = tiny_runtime
     enc = rt.encode(PROMPTS[:2], RESPONSES[:2])

@@ -114,6 +114,28 @@ def test_planted_markers_are_the_top_anchors_and_other_users_cancel_boilerplate(
                 assert np.mean(effects) > 1.0, (user, effects)
 
 
+def test_one_counterfactual_draw_per_user_gives_its_items_one_shared_context(tiny_runtime):
+    from steerstore.operators.runtime.scoring import prefix_groups
+
+    pool = POOL + [{"item_id": f"c{k}", "user_id": "cy", "input": "Hey", "output": f"Cy wrote {k}."} for k in range(6)]
+    per_item = loo_prompts("ann", ITEMS, pool, _config("other_users"))
+    per_user = loo_prompts("ann", ITEMS, pool, _config("other_users", counterfactual_draw="user"))
+    contexts = {s["counterfactual"].rsplit("Write this user's", 1)[0] for s in per_user}
+    assert len(contexts) == 1 and "Response:" in contexts.pop()
+    assert len({s["counterfactual"].rsplit("Write this user's", 1)[0] for s in per_item}) > 1
+    assert [s["prompt"] for s in per_user] == [s["prompt"] for s in per_item]  # the user's own context is unchanged
+    assert loo_prompts("bob", ITEMS, pool, _config("other_users", counterfactual_draw="user")) != per_user
+    # the shared context is one token prefix of every counterfactual: scored once, same effects
+    enc = tiny_runtime.encode([s["counterfactual"] for s in per_user], [s["output"] for s in per_user])
+    assert [len(m) for shared, m in prefix_groups(enc, 16) if shared] == [len(ITEMS)]
+    shared = token_effects(tiny_runtime, per_user)
+    whole = [a - b for a, b in zip(*(lambda lp: (lp[:4], lp[4:]))(tiny_runtime.token_logprobs(
+        tiny_runtime.encode([s["prompt"] for s in per_user] + [s["counterfactual"] for s in per_user],
+                            [s["output"] for s in per_user] * 2), min_shared=0)))]
+    for a, b in zip(shared, whole):
+        np.testing.assert_allclose(a, b.double().numpy(), atol=2e-4)
+
+
 def test_the_actor_quarantines_a_user_with_one_item_and_keeps_the_batch(tiny_model_folder):
     import pyarrow as pa
 

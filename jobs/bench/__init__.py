@@ -15,6 +15,9 @@ _REGISTRY: dict[str, tuple[str, str, str]] = {
                     "CAA activation capture: batched vs a plain per-sequence loop"),
     "dps": ("dps", "BenchDPSConfig",
             "DPS head scoring (naive vs batched exact vs fast) and decoding, on the development data"),
+    "dps-cut": ("dps_cut", "BenchDPSCutConfig",
+                "cheaper DPS settings (fewer verified heads, less context) vs today's: model work per user and "
+                "agreement of the heads, on the development data"),
     "steerx": ("steerx", "BenchSteerXConfig",
                "SteerX stages (leave-one-out effects, smoothing, style vectors), on the development data"),
     "serving": ("serving", "BenchServingConfig",

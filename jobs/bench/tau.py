@@ -82,6 +82,8 @@ class SteerXTauConfig:
     pool_users: int = option(16, help="users (seeded, neither evaluated nor reference) whose train items form "
                                       "the other-users counterfactual pool")
     counterfactuals: list[str] = option(list(COUNTERFACTUALS), help="empty and/or other_users")
+    counterfactual_draw: str = option("item", help="other_users: one draw of other users' items per user, or per item "
+                                                   "(steerx.counterfactual_draw)")
     taus: list[float] = option([-0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0],
                                help="absolute-mode τ grid (nats)")
     percentiles: list[float] = option([80.0, 90.0, 95.0], help="percentile-mode grid, for comparison")
@@ -98,6 +100,7 @@ class SteerXTauConfig:
         check(bool(self.counterfactuals) and set(self.counterfactuals) <= set(COUNTERFACTUALS),
               f"counterfactuals must be among {list(COUNTERFACTUALS)}")
         check(self.item_format in ("auto", "opening", "whole"), "item_format must be auto, opening or whole")
+        check(self.counterfactual_draw in ("user", "item"), "counterfactual_draw must be user or item")
         check(self.users >= 2 and self.train_items >= 2 and self.heldout_items >= 1,
               "need >= 2 users, >= 2 train items and >= 1 held-out item per user")
         check(self.words >= 2 and self.text_words >= 0, "words must be >= 2 and text_words >= 0")
@@ -323,6 +326,7 @@ def curves(users: dict[str, tuple[ItemWords, set[str]]], config: SteerXTauConfig
 
 def steerx_config(config: SteerXTauConfig, cf: str) -> SteerXConfig:
     return SteerXConfig(counterfactual=cf, seed=config.seed, min_anchors=config.min_anchors,  # type: ignore[arg-type]
+                        counterfactual_draw=config.counterfactual_draw,  # type: ignore[arg-type]
                         history=HistoryContextConfig(context_items=config.context_items, max_items=config.train_items))
 
 

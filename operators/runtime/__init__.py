@@ -168,9 +168,12 @@ class ModelRuntime:
         """Sum of log p(response token | prefix) per row, and the response token counts."""
         return scoring.response_logprobs(self, prompts, responses, steer)
 
-    def token_logprobs(self, encoded: Sequence[Encoded]) -> list[torch.Tensor]:
-        """log p of each response token given everything before it: float32 (response len,) per sequence."""
-        return scoring.token_logprobs(self, encoded)
+    def token_logprobs(self, encoded: Sequence[Encoded], min_shared: int = 64) -> list[torch.Tensor]:
+        """log p of each response token given everything before it: float32 (response len,) per sequence.
+
+        Token prefixes of at least ``min_shared`` tokens that several sequences share run once.
+        """
+        return scoring.token_logprobs(self, encoded, min_shared)
 
     def sequence_nll(self, encoded: Sequence[Encoded], gates: torch.Tensor | None = None,
                      budget: int | None = None) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+import contextlib
+from typing import TYPE_CHECKING, Collection, Sequence
 
 import torch
 
@@ -27,7 +28,9 @@ def ablation_nll(rt: ModelRuntime, encoded: Sequence[Encoded],
     together and *forked* inside the forward pass: ablating a head of block l cannot change
     blocks below l, so a variant's rows are copied from the unablated rows at the input of
     block l rather than computed from the embeddings (about half the work of one full pass
-    per head over all 30 blocks). Float64 on CPU.
+    per head over all 30 blocks). When the variants need several passes (chunks), the first
+    keeps the unablated hidden states at each later chunk's first fork block, and the later
+    chunks start there: the blocks below run once per micro-batch. Float64 on CPU.
     """
     heads = [(int(l), int(h)) for l, h in heads]
     check_heads(rt, heads)
@@ -41,9 +44,15 @@ def ablation_nll(rt: ModelRuntime, encoded: Sequence[Encoded],
         ids, mask, pos = rt.collate([e.ids for e in seqs], "right")
         per_chunk = max(1, budget // (len(batch) * ids.shape[1]) - 1)
         chunks = [order[i:i + per_chunk] for i in range(0, len(order), per_chunk)] or [[]]
+        # the first chunk keeps the unablated rows to the end and leaves their hidden states at each
+        # later chunk's first fork block: later chunks start there instead of at the embeddings
+        starts = {heads[chunk[0]][0] for chunk in chunks[1:]}
+        cache: dict[int, torch.Tensor] = {}
         for n, chunk in enumerate(chunks):
+            start = heads[chunk[0]][0] if n else 0
             blocks, nll = _forked_forward(rt, ids, mask, pos, seqs, [heads[i] for i in chunk],
-                                          keep_base=(n == 0))
+                                          keep_base=(n == 0), capture=starts if n == 0 else (),
+                                          cache=cache, start=start)
             for block, variant in enumerate(blocks):
                 values = nll[block * len(batch):(block + 1) * len(batch)].double().cpu()
                 if variant < 0:
@@ -53,21 +62,54 @@ def ablation_nll(rt: ModelRuntime, encoded: Sequence[Encoded],
     return base, ablated
 
 
+class _Skipped(torch.nn.Module):
+    """Stands in for a decoder block below the first fork: returns the cached unablated hidden states."""
+
+    def __init__(self, hidden: torch.Tensor, as_tuple: bool):
+        super().__init__()
+        self.hidden, self.as_tuple = hidden, as_tuple
+
+    def forward(self, *args, **kwargs):
+        return (self.hidden,) if self.as_tuple else self.hidden
+
+
+@contextlib.contextmanager
+def _start_at(rt: ModelRuntime, start: int, hidden: torch.Tensor | None, as_tuple: bool):
+    """While open, blocks ``0 .. start-1`` are not run: block ``start`` receives ``hidden``."""
+    if start <= 0 or hidden is None:
+        yield
+        return
+    originals = [rt.layers[i] for i in range(start)]
+    stub = _Skipped(hidden, as_tuple)
+    try:
+        for i in range(start):
+            rt.layers[i] = stub
+        yield
+    finally:
+        for i, block in enumerate(originals):
+            rt.layers[i] = block
+
+
 def _forked_forward(rt: ModelRuntime, ids, mask, pos, seqs: Sequence[Encoded], variants: Sequence[Head],
-                    keep_base: bool):
+                    keep_base: bool, capture: Collection[int] = (), cache: dict | None = None, start: int = 0):
     """One forward whose batch grows at each variant's block: returns (block layout, NLL per row).
 
     Rows are blocks of ``B = len(seqs)`` rows; block id −1 is unablated, ``v`` ablates
     ``variants[v]``. Decoder-block pre-hooks copy the unablated block for the variants that start
     at that block (and expand the per-row keyword arguments: masks, positions, rotary tables);
     o_proj pre-hooks ablate each variant's head; the unablated block is dropped once no later
-    variant needs it (unless ``keep_base``).
+    variant needs it (unless ``keep_base``). The unablated rows' input of each block in
+    ``capture`` is stored in ``cache``; with ``start`` > 0 the blocks below ``start`` are not run
+    and block ``start`` gets ``cache[start]`` (every variant must be at or above ``start``).
     """
     b = len(seqs)
+    cache = {} if cache is None else cache
     starts: dict[int, list[int]] = {}
     for v, (layer, _head) in enumerate(variants):
         starts.setdefault(layer, []).append(v)
     last_fork = max(starts) if starts else -1
+    if start and (not starts or min(starts) < start or start not in cache):
+        raise ValueError(f"cannot start at block {start}: a variant is below it or its input was not cached")
     state = {"blocks": [-1]}
     gates: dict[int, torch.Tensor] = {}
 
@@ -82,6 +124,8 @@ def _forked_forward(rt: ModelRuntime, ids, mask, pos, seqs: Sequence[Encoded], v
         def fn(_module, args, kwargs):
             blocks = list(state["blocks"])
             hidden = args[0] if args else kwargs["hidden_states"]
+            if layer_index in capture:
+                cache[layer_index] = hidden[:b].clone()
             new = starts.get(layer_index, [])
             if new:
                 hidden = torch.cat([hidden] + [hidden[:b]] * len(new), dim=0)
@@ -101,10 +145,16 @@ def _forked_forward(rt: ModelRuntime, ids, mask, pos, seqs: Sequence[Encoded], v
             return args, {**kwargs, "hidden_states": hidden}
         return fn
 
+    def output_kind(_module, _args, output):
+        cache["as_tuple"] = isinstance(output, tuple)
+
     handles = [rt.layers[l].register_forward_pre_hook(fork(l), with_kwargs=True)
-               for l in range(rt.num_layers)]
+               for l in range(start, rt.num_layers)]
+    if not start:
+        handles.append(rt.layers[0].register_forward_hook(output_kind))
     try:
-        with gating_hooks(rt, lambda l: gates.get(l), sorted(starts)):
+        with gating_hooks(rt, lambda l: gates.get(l), sorted(starts)), \
+                _start_at(rt, start, cache.get(start), bool(cache.get("as_tuple"))):
             hidden = rt.forward(ids, mask, pos, base_only=True).last_hidden_state
     finally:
         for h in handles:

@@ -150,21 +150,104 @@ def response_nll(rt: ModelRuntime, hidden: torch.Tensor, ids: torch.Tensor,
     return out.index_add(0, rows, nll)
 
 
+def prefix_groups(encoded: Sequence[Encoded], min_shared: int) -> list[tuple[int, list[int]]]:
+    """Sequences grouped by a common token prefix: (shared prefix length, indices) per group.
+
+    The prefix always ends before a sequence's last prompt token, so every position that
+    predicts a response token lies after it. Sequences are sorted by their tokens (a shared
+    prefix makes them neighbours); a sequence joins the current group while the tokens the
+    group saves (members − 1) × prefix do not shrink and the prefix keeps ``min_shared`` tokens.
+    Groups of one, or with a shorter prefix, come back with prefix 0.
+    """
+    order = sorted(range(len(encoded)), key=lambda i: encoded[i].ids)
+    groups: list[tuple[int, list[int]]] = []
+
+    def limit(i: int) -> int:
+        return encoded[i].prompt_len - 1
+
+    def common(a: list[int], b: list[int], n: int) -> int:
+        k = 0
+        while k < n and a[k] == b[k]:
+            k += 1
+        return k
+
+    for i in order:
+        if groups:
+            shared, members = groups[-1]
+            first = encoded[members[0]].ids
+            new = common(first, encoded[i].ids, min(shared, limit(i)))
+            if new >= min_shared and len(members) * new >= (len(members) - 1) * shared:
+                groups[-1] = (new, members + [i])
+                continue
+        groups.append((limit(i), [i]))
+    return [(shared if len(members) > 1 and shared >= min_shared else 0, members) for shared, members in groups]
+
+
 @torch.inference_mode()
-def token_logprobs(rt: ModelRuntime, encoded: Sequence[Encoded]) -> list[torch.Tensor]:
-    """log p of each response token given everything before it: float32 (response len,) per sequence, on CPU."""
+def token_logprobs(rt: ModelRuntime, encoded: Sequence[Encoded], min_shared: int = 64) -> list[torch.Tensor]:
+    """log p of each response token given everything before it: float32 (response len,) per sequence, on CPU.
+
+    Sequences that share a token prefix of at least ``min_shared`` tokens (e.g. the same context
+    items before different inputs) run it once: its keys and values are computed in one pass and
+    every member's remaining tokens attend to them (``min_shared=0`` disables this). Equal to
+    running each sequence whole, up to floating-point rounding.
+    """
     out: list[torch.Tensor] = [torch.zeros(0)] * len(encoded)
-    for batch in rt.micro_batches([len(e.ids) for e in encoded]):
-        ids, mask, pos = rt.collate([encoded[i].ids for i in batch], "right")
-        hidden = rt.forward(ids, mask, pos, base_only=True).last_hidden_state
-        _, nll = token_nll(rt, hidden, ids, [encoded[i] for i in batch])
-        values = (-nll).cpu()
-        start = 0
-        for i in batch:
-            n = len(encoded[i].ids) - encoded[i].prompt_len
-            out[i] = values[start:start + n]
-            start += n
+    groups = prefix_groups(encoded, min_shared) if min_shared > 0 and _can_share(rt) else [(0, list(range(len(encoded))))]
+    plain = [i for shared, members in groups if not shared for i in members]
+    for batch in rt.micro_batches([len(encoded[i].ids) for i in plain]):
+        _score_rows(rt, [plain[j] for j in batch], encoded, out, None, 0)
+    for shared, members in groups:
+        if not shared:
+            continue
+        prefix = encoded[members[0]].ids[:shared]
+        cache = _prefix_cache(rt, prefix)
+        lengths = [len(encoded[i].ids) for i in members]  # the prefix is attended by every row
+        for batch in rt.micro_batches(lengths):
+            _score_rows(rt, [members[j] for j in batch], encoded, out, cache, shared)
     return out
+
+
+def _can_share(rt: ModelRuntime) -> bool:
+    """Prefix caches are used for models without sliding-window attention (whose cache may drop tokens)."""
+    config = rt.model.config
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return all(t == "full_attention" for t in layer_types)
+    return not getattr(config, "sliding_window", None) or getattr(config, "use_sliding_window", True) is False
+
+
+def _prefix_cache(rt: ModelRuntime, prefix: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    from transformers import DynamicCache
+
+    ids = torch.as_tensor([prefix], dtype=torch.long, device=rt.device)
+    cache = DynamicCache(config=rt.model.config)
+    rt.forward(ids, torch.ones_like(ids), torch.arange(len(prefix), device=rt.device)[None],
+               past_key_values=cache, base_only=True)
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _score_rows(rt: ModelRuntime, rows: list[int], encoded: Sequence[Encoded], out: list, prefix_kv, shared: int) -> None:
+    """Score ``rows`` (their tokens after the first ``shared``, behind ``prefix_kv``) into ``out``."""
+    from transformers import DynamicCache
+
+    tails = [Encoded(encoded[i].ids[shared:], encoded[i].prompt_len - shared) for i in rows]
+    ids, mask, pos = rt.collate([t.ids for t in tails], "right")
+    cache = None
+    if shared:
+        cache = DynamicCache(config=rt.model.config)
+        for layer, (k, v) in enumerate(prefix_kv):
+            cache.update(k.expand(len(rows), *k.shape[1:]), v.expand(len(rows), *v.shape[1:]), layer)
+        mask = torch.cat([mask.new_ones((len(rows), shared)), mask], dim=1)
+        pos = pos + shared
+    hidden = rt.forward(ids, mask, pos, past_key_values=cache, base_only=True).last_hidden_state
+    _, nll = token_nll(rt, hidden, ids, tails)
+    values = (-nll).cpu()
+    start = 0
+    for i, t in zip(rows, tails):
+        n = len(t.ids) - t.prompt_len
+        out[i] = values[start:start + n]
+        start += n
 
 
 @torch.inference_mode()

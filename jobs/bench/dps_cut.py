@@ -1,0 +1,158 @@
+"""Cheaper DPS head scoring against today's, on real users and the real default model.
+
+Launch: ``steerstore bench dps-cut`` (reads ``../shared/data``). Each variant is a DPS setting
+``candidates:context_items`` (heads verified by exact ablation after attribution; other history
+items shown as context before each scored item). The first variant is the reference (the
+settings the refresh used before the cut: 32 candidates, 2 context items). For every real user
+and variant the real ``DPSHeads`` operator runs (fast mode, raw PCS: the population baseline
+needs a full exact scoring of a sample and does not change which work a user costs), with the
+model work counted by ``jobs.bench.cost.BlockCounter``, and the variant is compared with the
+reference:
+
+- ``top_k_overlap``: the share of the reference's top-K heads the variant also keeps;
+- ``attribution_spearman``: Spearman rank correlation, over all heads, of the variant's
+  attribution estimate with the reference's (1 where the scoring sequences are the same);
+- ``pcs_captured``: the reference's exact PCS (its own sequences) of the variant's top-K heads,
+  summed, over that of the reference's own top-K. 1.0 = heads as strong by today's definition;
+  above 1 = the variant found heads the reference's candidate list missed.
+
+Figures per variant: forward-token-equivalents per user (``FTE``: one token through every
+block; a backward counts 2), seconds per user on this machine, ratios against the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from steerstore.infra.config import check, option
+from steerstore.jobs.bench.common import write_figures
+from steerstore.jobs.bench.cost import BlockCounter
+from steerstore.jobs.bench.dps import spearman
+from steerstore.jobs.devdata import PROMPT
+from steerstore.jobs.devdata import segments as dev_segments
+from steerstore.operators.dps import DPSConfig, DPSHeads, dps_user_rows
+from steerstore.operators.history import HistoryContextConfig
+from steerstore.operators.runtime import ModelConfig, ModelRuntime
+
+HISTORY_TYPE = pa.list_(pa.struct([("input", pa.string()), ("output", pa.string())]))
+
+
+@dataclass
+class BenchDPSCutConfig:
+    data_dir: str = option("../shared/data", help="folder with the development data")
+    source: str = option("blogs", help="blogs or synthpai")
+    users: int = option(5, help="real users scored")
+    items: int = option(6, help="history items scored per user (dps.history.max_items)")
+    words: int = option(80, help="words per history output")
+    top_k: int = option(8, help="dps.top_k: heads kept per user")
+    variants: str = option("32:2,16:2,12:2,32:0,16:0,12:0,8:0",
+                           help="comma-separated candidates:context_items; the first is the reference")
+    seed: int = option(0, help="seed of the item order")
+    json: str = option("docs/figures/bench-dps-cut.json", help="where the figures are written ('' = print only)")
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "the model"})
+
+    def __post_init__(self) -> None:
+        check(self.users >= 1 and self.items >= 2 and self.top_k >= 1, "users >= 1, items >= 2, top_k >= 1")
+        parse_variants(self.variants, self.top_k)
+
+
+def parse_variants(text: str, top_k: int) -> list[tuple[int, int]]:
+    out = []
+    for part in text.split(","):
+        try:
+            candidates, context = (int(x) for x in part.strip().split(":"))
+        except ValueError:
+            raise ValueError(f"variants: {part!r} is not candidates:context_items (e.g. 16:0)") from None
+        check(candidates >= top_k and context >= 0, f"variants: {part!r} needs candidates >= top_k and context >= 0")
+        out.append((candidates, context))
+    check(len(out) >= 1, "variants: give at least the reference")
+    return out
+
+
+def _config(candidates: int, context: int, cfg: BenchDPSCutConfig) -> DPSConfig:
+    return DPSConfig(mode="fast", top_k=cfg.top_k, candidates=candidates, pcs_baseline="none", clusters=0,
+                     history=HistoryContextConfig(context_items=context, max_items=cfg.items))
+
+
+def main(config: BenchDPSCutConfig) -> dict:
+    variants = parse_variants(config.variants, config.top_k)
+    rt = ModelRuntime.shared(config.model)
+    segments = dev_segments(config.data_dir, config.source, config.items, config.words, random.Random(config.seed))
+    user_ids = sorted(segments)[: config.users]
+    check(len(user_ids) == config.users, f"only {len(user_ids)} users have {config.items} items")
+    users = pa.table({
+        "user_id": user_ids,
+        "histories": pa.array([[{"input": PROMPT.format(opening=o), "output": c} for o, c in segments[u][: config.items]]
+                               for u in user_ids], HISTORY_TYPE),
+        "content_fingerprint": user_ids,
+    })
+    heads_all = [(l, h) for l in range(rt.num_layers) for h in range(rt.num_heads)]
+    per_variant: dict[str, list[dict]] = {}
+    reference: dict[str, dict] = {}
+    for candidates, context in variants:
+        name = f"{candidates}:{context}"
+        cfg = _config(candidates, context, config)
+        op = DPSHeads(cfg, config.model)
+        rows = []
+        for u, uid in enumerate(user_ids):
+            user = dps_user_rows(users.slice(u, 1), cfg.history)
+            counter = BlockCounter(rt)
+            start = time.perf_counter()
+            with counter, counter.at("dps"):
+                out = op(user).to_pylist()[0]
+            seconds = time.perf_counter() - start
+            check(out["status"] == "ok", f"{uid}: {out['reason']}")
+            seqs = user.column("sequences")[0].as_py()
+            enc = rt.encode([s["prompt"] for s in seqs], [s["output"] for s in seqs])
+            attribution = -rt.head_attribution(enc, [0] * len(enc), 1)[0].reshape(-1).numpy()
+            rows.append({"user": uid, "fte": counter.figures()["dps"]["forward_token_equivalents"],
+                         "seconds": seconds, "heads": [(h["layer"], h["head"]) for h in out["heads"]],
+                         "attribution": attribution, "encoded": enc,
+                         "tokens": sum(len(e.ids) for e in enc)})
+        per_variant[name] = rows
+        if not reference:
+            reference = {r["user"]: r for r in rows}
+
+    ref_name = next(iter(per_variant))
+    figures: dict[str, dict] = {}
+    for name, rows in per_variant.items():
+        overlaps, rhos, captured = [], [], []
+        for r in rows:
+            ref = reference[r["user"]]
+            ref_heads = ref["heads"]
+            overlaps.append(len(set(r["heads"]) & set(ref_heads)) / max(1, len(ref_heads)))
+            rhos.append(spearman(r["attribution"], ref["attribution"]))
+            # both head sets scored exactly on the reference's sequences (today's definition)
+            union = sorted(set(r["heads"]) | set(ref_heads))
+            base, ablated = rt.ablation_nll(ref["encoded"], union)
+            tokens = sum(len(e.ids) - e.prompt_len for e in ref["encoded"])
+            pcs = dict(zip(union, ((ablated.sum(1) - base.sum()) / tokens).tolist()))
+            ref_sum = sum(pcs[h] for h in ref_heads)
+            captured.append(sum(pcs[h] for h in r["heads"]) / ref_sum if ref_sum > 0 else float("nan"))
+        ref_rows = per_variant[ref_name]
+        fte = float(np.mean([r["fte"] for r in rows]))
+        seconds = float(np.mean([r["seconds"] for r in rows]))
+        figures[name] = {
+            "candidates": int(name.split(":")[0]), "context_items": int(name.split(":")[1]),
+            "fte_per_user": round(fte, 1),
+            "fte_ratio_vs_reference": round(fte / np.mean([r["fte"] for r in ref_rows]), 3),
+            "seconds_per_user": round(seconds, 2),
+            "speedup_vs_reference": round(np.mean([r["seconds"] for r in ref_rows]) / seconds, 2),
+            "tokens_per_user": round(float(np.mean([r["tokens"] for r in rows])), 1),
+            "top_k_overlap": round(float(np.mean(overlaps)), 3),
+            "top_k_overlap_per_user": [round(x, 3) for x in overlaps],
+            "attribution_spearman": round(float(np.mean(rhos)), 3),
+            "pcs_captured": round(float(np.nanmean(captured)), 3),
+            "pcs_captured_per_user": [round(x, 3) for x in captured],
+        }
+    result = {"model": rt.model_id, "device": str(rt.device), "source": config.source, "users": user_ids,
+              "items": config.items, "words": config.words, "top_k": config.top_k, "heads": len(heads_all),
+              "reference": ref_name, "variants": figures}
+    write_figures(result, config.json)
+    return result
