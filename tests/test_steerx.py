@@ -118,7 +118,7 @@ def test_one_counterfactual_draw_per_user_gives_its_items_one_shared_context(tin
     from steerstore.operators.runtime.scoring import prefix_groups
 
     pool = POOL + [{"item_id": f"c{k}", "user_id": "cy", "input": "Hey", "output": f"Cy wrote {k}."} for k in range(6)]
-    per_item = loo_prompts("ann", ITEMS, pool, _config("other_users"))
+    per_item = loo_prompts("ann", ITEMS, pool, _config("other_users", counterfactual_draw="item"))
     per_user = loo_prompts("ann", ITEMS, pool, _config("other_users", counterfactual_draw="user"))
     contexts = {s["counterfactual"].rsplit("Write this user's", 1)[0] for s in per_user}
     assert len(contexts) == 1 and "Response:" in contexts.pop()

@@ -12,8 +12,8 @@ reference:
 - ``top_k_overlap``: the share of the reference's top-K heads the variant also keeps;
 - ``attribution_spearman``: Spearman rank correlation, over all heads, of the variant's
   attribution estimate with the reference's (1 where the scoring sequences are the same);
-- ``pcs_captured``: the reference's exact PCS (its own sequences) of the variant's top-K heads,
-  summed, over that of the reference's own top-K. 1.0 = heads as strong by today's definition;
+- ``pcs_captured``: the exact PCS on the reference's sequences (today's definition) of the
+  variant's top-K heads, summed, over that of the reference's own top-K. 1.0 = heads as strong by today's definition;
   above 1 = the variant found heads the reference's candidate list missed.
 
 Figures per variant: forward-token-equivalents per user (``FTE``: one token through every
@@ -94,7 +94,7 @@ def main(config: BenchDPSCutConfig) -> dict:
     })
     heads_all = [(l, h) for l in range(rt.num_layers) for h in range(rt.num_heads)]
     per_variant: dict[str, list[dict]] = {}
-    reference: dict[str, dict] = {}
+    attributions: dict[tuple[str, int], np.ndarray] = {}  # (user, context_items): the attribution estimate
     for candidates, context in variants:
         name = f"{candidates}:{context}"
         cfg = _config(candidates, context, config)
@@ -110,30 +110,32 @@ def main(config: BenchDPSCutConfig) -> dict:
             check(out["status"] == "ok", f"{uid}: {out['reason']}")
             seqs = user.column("sequences")[0].as_py()
             enc = rt.encode([s["prompt"] for s in seqs], [s["output"] for s in seqs])
-            attribution = -rt.head_attribution(enc, [0] * len(enc), 1)[0].reshape(-1).numpy()
+            if (uid, context) not in attributions:
+                attributions[uid, context] = -rt.head_attribution(enc, [0] * len(enc), 1)[0].reshape(-1).numpy()
             rows.append({"user": uid, "fte": counter.figures()["dps"]["forward_token_equivalents"],
-                         "seconds": seconds, "heads": [(h["layer"], h["head"]) for h in out["heads"]],
-                         "attribution": attribution, "encoded": enc,
+                         "seconds": seconds, "heads": {(h["layer"], h["head"]): h["pcs"] for h in out["heads"]},
+                         "attribution": attributions[uid, context], "encoded": enc,
                          "tokens": sum(len(e.ids) for e in enc)})
         per_variant[name] = rows
-        if not reference:
-            reference = {r["user"]: r for r in rows}
 
     ref_name = next(iter(per_variant))
+    reference = {r["user"]: r for r in per_variant[ref_name]}
     figures: dict[str, dict] = {}
     for name, rows in per_variant.items():
         overlaps, rhos, captured = [], [], []
         for r in rows:
             ref = reference[r["user"]]
-            ref_heads = ref["heads"]
+            ref_heads = ref["heads"]  # head -> exact PCS on the reference's sequences
             overlaps.append(len(set(r["heads"]) & set(ref_heads)) / max(1, len(ref_heads)))
             rhos.append(spearman(r["attribution"], ref["attribution"]))
-            # both head sets scored exactly on the reference's sequences (today's definition)
-            union = sorted(set(r["heads"]) | set(ref_heads))
-            base, ablated = rt.ablation_nll(ref["encoded"], union)
-            tokens = sum(len(e.ids) - e.prompt_len for e in ref["encoded"])
-            pcs = dict(zip(union, ((ablated.sum(1) - base.sum()) / tokens).tolist()))
-            ref_sum = sum(pcs[h] for h in ref_heads)
+            # the variant's heads scored exactly on the reference's sequences (today's definition)
+            missing = sorted(set(r["heads"]) - set(ref_heads))
+            pcs = dict(ref_heads)
+            if missing:
+                base, ablated = rt.ablation_nll(ref["encoded"], missing)
+                tokens = sum(len(e.ids) - e.prompt_len for e in ref["encoded"])
+                pcs.update(zip(missing, ((ablated.sum(1) - base.sum()) / tokens).tolist()))
+            ref_sum = sum(ref_heads.values())
             captured.append(sum(pcs[h] for h in r["heads"]) / ref_sum if ref_sum > 0 else float("nan"))
         ref_rows = per_variant[ref_name]
         fte = float(np.mean([r["fte"] for r in rows]))
