@@ -86,7 +86,7 @@ def test_setting_one_field_of_a_section_keeps_the_parents_defaults_for_the_other
     from steerstore.operators.steerx import SteerXConfig
 
     demo = DemoConfig()
-    assert demo.dps.candidates != DPSConfig().candidates  # the demo sizes DPS for a CPU
+    assert demo.dps.clusters != DPSConfig().clusters  # the demo sizes DPS for a CPU
     changed = from_dict(DemoConfig, {"dps": {"gamma": 3}})
     assert changed.dps.gamma == 3.0
     assert (changed.dps.candidates, changed.dps.clusters, changed.dps.baseline_users) == \
