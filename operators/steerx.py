@@ -106,7 +106,7 @@ class SteerXConfig:
     percentile: float = option(90.0, help="percentile mode: the per-user percentile of word effects to pass")
     min_anchors: int = option(5, help="when fewer words pass, the top-m words are kept")
     counterfactual_draw: Literal["user", "item"] = option(
-        "user", help="other_users: one seeded draw of other users' items per user, shared by all its scored items "
+        "item", help="other_users: one seeded draw of other users' items per user, shared by all its scored items "
                      "(the shared context is computed once), or a new draw per item")
     seed: int = option(0, help="seed of the other users' items in the counterfactual")
     history: HistoryContextConfig = dataclasses.field(

@@ -82,7 +82,7 @@ class SteerXTauConfig:
     pool_users: int = option(16, help="users (seeded, neither evaluated nor reference) whose train items form "
                                       "the other-users counterfactual pool")
     counterfactuals: list[str] = option(list(COUNTERFACTUALS), help="empty and/or other_users")
-    counterfactual_draw: str = option("user", help="other_users: one draw of other users' items per user, or per item "
+    counterfactual_draw: str = option("item", help="other_users: one draw of other users' items per user, or per item "
                                                    "(steerx.counterfactual_draw)")
     taus: list[float] = option([-0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0],
                                help="absolute-mode τ grid (nats)")
