@@ -416,11 +416,14 @@ def text_metrics(predictions: Sequence[str], references: Sequence[str], config: 
 
 def bootstrap_ci(values: Sequence[float] | np.ndarray, config: MetricsConfig | None = None, *,
                  resamples: int | None = None, confidence: float | None = None,
-                 seed: int | None = None) -> tuple[float, float, float]:
+                 seed: int | None = None, weights: Sequence[float] | np.ndarray | None = None
+                 ) -> tuple[float, float, float]:
     """(mean, lo, hi): percentile bootstrap CI of the mean of per-user ``values``.
 
     ``resamples``, ``confidence`` and ``seed`` default to ``config`` (or ``MetricsConfig()``).
     One value gives ``(v, v, v)``. Empty input or a NaN/inf value raises ValueError.
+    With ``weights`` (e.g. each user's number of pairs, for a share over pooled pairs) the
+    statistic is the weighted mean Σ w·v / Σ w, and users are resampled whole (a cluster bootstrap).
     """
     config = config or MetricsConfig()
     resamples = config.bootstrap_resamples if resamples is None else resamples
@@ -437,7 +440,10 @@ def bootstrap_ci(values: Sequence[float] | np.ndarray, config: MetricsConfig | N
     if bad.size:
         raise ValueError(f"bootstrap_ci got non-finite values at positions {bad[:10].tolist()}; "
                          "drop or fix those users explicitly")
-    mean = float(x.mean())
+    w = np.ones_like(x) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
+    if w.shape != x.shape or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError("bootstrap_ci weights must be finite, >= 0, not all 0, one per value")
+    mean = float((w * x).sum() / w.sum())
     if x.size == 1:
         return mean, mean, mean
     rng = np.random.default_rng(seed)
@@ -445,7 +451,12 @@ def bootstrap_ci(values: Sequence[float] | np.ndarray, config: MetricsConfig | N
     rows = max(1, 4_000_000 // x.size)  # bounds the index matrix at ~32 MB
     for start in range(0, resamples, rows):
         stop = min(resamples, start + rows)
-        means[start:stop] = x[rng.integers(0, x.size, size=(stop - start, x.size))].mean(axis=1)
+        idx = rng.integers(0, x.size, size=(stop - start, x.size))
+        if weights is None:
+            means[start:stop] = x[idx].mean(axis=1)
+        else:
+            ws = w[idx].sum(axis=1)
+            means[start:stop] = np.where(ws > 0, (w[idx] * x[idx]).sum(axis=1) / np.where(ws > 0, ws, 1), mean)
     lo, hi = np.quantile(means, [(1.0 - confidence) / 2.0, (1.0 + confidence) / 2.0])
     return mean, float(lo), float(hi)
 

@@ -147,6 +147,46 @@ def test_deltas_are_per_user_differences_with_a_bootstrap_interval():
     assert hist["delta_meteor"].round(6).tolist() == [0.05] * 3 and hist["strength"].isna().all()
 
 
+def test_an_empty_output_pays_the_likelihood_of_ending_at_once(tiny_runtime, monkeypatch):
+    from steerstore.jobs.evaluate import score
+    from steerstore.operators.runtime import Encoded
+
+    monkeypatch.setattr(score, "text_metrics", lambda outs, targets, cfg, which: {m: [0.0] * len(outs) for m in which})
+    rt = tiny_runtime
+    assert rt.eos_token_ids
+    items = pd.DataFrame([
+        {"method": m, "label": m, "parameter": "", "strength": math.nan, "recommended": True, "user_id": "u",
+         "item_id": "i", "input": "Say something.", "prompt": "Say something.", "target": "hi", "output": out}
+        for m, out in (("none", "Hello there."), ("caa", ""), ("bt", "  "))])
+    scored = score.score_items(items, rt, MetricsConfig())
+    prompt = rt.prompt_ids(["Say something."])[0]
+    stop = rt.eos_token_ids[0]
+    by = scored.set_index("method")
+    end = rt.token_logprobs([Encoded(prompt + [stop], len(prompt))])[0]
+    assert by.loc["caa", "tokens"] == 1 and by.loc["caa", "nll"] == pytest.approx(-float(end.sum()), abs=1e-5)
+    spaces = rt.response_ids(["  "])[0]
+    both = rt.token_logprobs([Encoded(prompt + spaces + [stop], len(prompt))])[0]
+    assert by.loc["bt", "tokens"] == len(spaces) + 1 and by.loc["bt", "nll"] == pytest.approx(-float(both.sum()),
+                                                                                                 abs=1e-5)
+    assert bool(by.loc["caa", "empty"]) and bool(by.loc["bt", "empty"]) and not bool(by.loc["none", "empty"])
+    users = per_user_table(scored)
+    assert np.isfinite(users["perplexity"]).all()
+
+
+def test_users_without_a_finite_delta_are_counted_apart():
+    rows = []
+    for u, ppl_tokens in (("u1", 2), ("u2", 2), ("u3", 0)):  # u3's CAA output has no scored token
+        for method in ("none", "caa"):
+            rows.append({"method": method, "label": method, "parameter": "", "strength": math.nan,
+                         "recommended": True, "user_id": u, "item_id": "i",
+                         **{m: 0.1 for m in ("rouge1", "rougeL", "meteor", "bleu", "bertscore")},
+                         "nll": 2.0, "tokens": ppl_tokens if method == "caa" else 2, "empty": False})
+    summary, _ = summarise(per_user_table(pd.DataFrame(rows)), MetricsConfig(bootstrap_resamples=50))
+    caa = summary.set_index("method").loc["caa"]
+    assert caa["n_users"] == 3 and caa["users_without_delta"] == 1 and caa["delta_perplexity"] == 0.0
+    assert summary.set_index("method").loc["none", "users_without_delta"] == 0
+
+
 # ---- end to end: the real default model, real local Ray, the report in headless Chromium ------------
 
 @pytest.mark.slow

@@ -142,14 +142,14 @@ def test_eval_preference_accuracy_counts_pairs_whose_margin_each_users_scaled_ve
             raise KeyError("bt_coords")
 
     metrics = MetricsConfig(bootstrap_resamples=200)
-    table = preference_accuracy(rt, Reader(), pairs, metrics, ["caa", "bt"])
-    assert table["method"].tolist() == ["none", "caa"]
+    table, unsteered = preference_accuracy(rt, Reader(), pairs, metrics, ["caa", "bt"])
+    assert table["method"].tolist() == ["caa"]  # steered rows only: the unsteered preference is apart
     rows = {r["method"]: r for r in table.to_dict("records")}
-    # unsteered reference: every pair, chosen has the higher per-token log-likelihood
+    # the unsteered model's own preference: chosen has the higher per-token log-likelihood
     reference = [_per_token_prefers_chosen(rt, p) for p in pairs]
-    assert rows["none"]["pair_accuracy"] == pytest.approx(np.mean(reference))
-    assert rows["none"]["user_accuracy"] == pytest.approx(_user_mean(pairs, reference))
-    assert (rows["none"]["n_pairs"], rows["none"]["n_users"]) == (5, 3)
+    assert unsteered["pair_accuracy"] == pytest.approx(np.mean(reference))
+    assert unsteered["user_accuracy"] == pytest.approx(_user_mean(pairs, reference))
+    assert (unsteered["n_pairs"], unsteered["n_users"]) == (5, 3)
     # CAA: only users with vectors; pair i steered at the recommended layer by its user's vector × its user's α
     evaluated = [p for p in pairs if p["user_id"] in found]
     m = np.asarray([_steered_margin(rt, p, {2: found[p["user_id"]].vectors[1]}, scales[p["user_id"]])
@@ -162,6 +162,14 @@ def test_eval_preference_accuracy_counts_pairs_whose_margin_each_users_scaled_ve
     assert rows["caa"]["user_accuracy"] == pytest.approx(np.mean(per_user))
     assert (rows["caa"]["user_accuracy_lo"], rows["caa"]["user_accuracy_hi"]) == pytest.approx(
         bootstrap_ci(per_user, metrics)[1:])
+    assert rows["caa"]["mean_margin_gain"] == pytest.approx(m.mean(), abs=1e-4)
+    # the pooled share's CI resamples users whole: recomputed by hand with the same seed
+    counts = np.asarray([sum(p["user_id"] == u for p in evaluated) for u in ("ann", "bob")], dtype=float)
+    rng = np.random.default_rng(metrics.seed)
+    idx = rng.integers(0, 2, size=(metrics.bootstrap_resamples, 2))
+    shares = (counts[idx] * np.asarray(per_user)[idx]).sum(1) / counts[idx].sum(1)
+    assert (rows["caa"]["pair_accuracy_lo"], rows["caa"]["pair_accuracy_hi"]) == pytest.approx(
+        tuple(np.quantile(shares, [0.025, 0.975])))
     assert (rows["caa"]["n_pairs"], rows["caa"]["n_users"], rows["caa"]["strength"]) == (4, 2, 3.0)
 
 
@@ -188,8 +196,8 @@ def test_eval_preference_accuracy_scores_the_population_direction_for_every_user
         def vectors(self, user_ids, method="caa", source=None):
             return {}
 
-    table = preference_accuracy(rt, Reader(), pairs, MetricsConfig(bootstrap_resamples=50), ["population", "caa"])
-    assert table["method"].tolist() == ["none", "population"]
+    table, _ = preference_accuracy(rt, Reader(), pairs, MetricsConfig(bootstrap_resamples=50), ["population", "caa"])
+    assert table["method"].tolist() == ["population"]
     row = table.set_index("method").loc["population"]
     m = np.asarray([_steered_margin(rt, p, {2: population.vectors[1]}, 2.0) for p in pairs])
     assert np.abs(m).min() > 0.05, m

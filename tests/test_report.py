@@ -78,9 +78,11 @@ def synthetic(seed: int = 0, nan_metrics=("bleu",), n_users: int = 24, full: boo
                           preference=pd.DataFrame(), examples=pd.DataFrame())
     preference = pd.DataFrame([
         {"method": m, "label": lab, "strength": s, "pair_accuracy": 0.55 + 0.02 * k,
+         "pair_accuracy_lo": 0.5 + 0.02 * k, "pair_accuracy_hi": 0.6 + 0.02 * k, "mean_margin_gain": 0.1 * k,
          "user_accuracy": 0.56 + 0.02 * k, "user_accuracy_lo": 0.5 + 0.02 * k,
          "user_accuracy_hi": 0.62 + 0.02 * k, "n_pairs": 240, "n_users": n_users}
-        for k, (m, lab, s) in enumerate([("none", "No personalisation", np.nan), ("caa", "CAA", 0.5), ("bt", "BT", 1.0)])
+        for k, (m, lab, s) in enumerate([("population", "CAA population direction", 2.0), ("caa", "CAA", 0.5),
+                                         ("bt", "BT", 1.0)])
     ])
     examples = []
     for user, item in [(ODD_USER, "item-1"), ("user03", "item-7")]:
@@ -95,6 +97,8 @@ def synthetic(seed: int = 0, nan_metrics=("bleu",), n_users: int = 24, full: boo
         "data": "../shared/data/blogs-dev.jsonl.gz", "users": n_users, "items": 5 * n_users, "pairs": 240,
         "seconds": {"generate": 123.4, "score": 45.6, "bertscore": 12.0},
         "notes": ["BLEU not computed", "a note with <b>markup</b>"],
+        "preference_unsteered": {"pair_accuracy": 0.71, "pair_accuracy_lo": 0.64, "pair_accuracy_hi": 0.78,
+                                 "mean_margin_per_token": 0.123, "n_pairs": 240, "n_users": n_users},
     }
     effects = np.concatenate([rng.normal(0, 0.05, 3000), rng.exponential(0.3, 400)])
     return ReportData(meta=meta, summary=summary, per_user=pd.DataFrame(per_user), token_effects=effects,
@@ -143,6 +147,9 @@ def test_report_structure_and_escaping(full):
     check_structure(page, n_plots)
     for sid in ("preference", "examples"):
         assert f'<section id="{sid}">' in page
+    pref = text(page[page.index('<section id="preference">'):page.index("</section>", page.index('id="preference"'))])
+    assert "59.0 % [54.0 %, 64.0 %]" in pref and "+0.200" in pref  # bt: pooled share with its CI, margin gain
+    assert "Apart, not a steering result" in pref and "71.0 % [64.0 %, 78.0 %] of 240 pairs" in pref and "+0.123" in pref
     for m in SWEPT:
         assert f'data-plot="dose-{m}"' in page
     for m in NON_BASE:

@@ -19,8 +19,9 @@ Launch: ``steerstore eval`` (the development data in ``../shared/data``, the def
    SteerX anchor and smoothing stages into a side store).
 4. **Score**: ROUGE-1/L, METEOR, BLEU, BERTScore against the target; fluency as the perplexity
    of the output under the unsteered model (given the plain prompt); per-user deltas against
-   no personalisation with bootstrap confidence intervals over users; per-user preference
-   accuracy on held-out pairs.
+   no personalisation with bootstrap confidence intervals over users; preference accuracy on
+   held-out pairs (the share where steering raises the own-vs-other margin; chance 0.5), with
+   the unsteered model's own preference shown apart.
 5. **Write** ``report.html`` (self-contained), ``items.parquet``, ``summary.parquet``,
    ``per_user.parquet``, ``preference.parquet`` and ``summary.json`` to
    ``<store>/versions/<version>/eval/<run id>/`` and print the summary table.
@@ -121,7 +122,8 @@ def main(config: EvalConfig) -> dict:
     users = per_user_table(scored)
     summary, per_user = summarise(users, config.metrics)
     lap("metrics")
-    preference = preference_accuracy(runtime, reader, split.heldout_pairs, config.metrics, config.methods.include)
+    preference, unsteered = preference_accuracy(runtime, reader, split.heldout_pairs, config.metrics,
+                                                config.methods.include)
     lap("preference accuracy")
     effects = anchor_word_effects(reader, runtime, split) if any(
         m.startswith(("style_vector", "influence")) for m in config.methods.include) else np.zeros(0)
@@ -136,7 +138,7 @@ def main(config: EvalConfig) -> dict:
             "decoding": f"greedy, {config.methods.max_new_tokens} new tokens",
             "data": split.notes, "missing": gen.missing, "tau": steerx.tau, "tau_stores": tau_stores,
             "refresh_stage_seconds": summary_refresh.get("stage_seconds"), "seconds": timings,
-            "notes": _notes(summary, gen)}
+            "preference_unsteered": unsteered, "notes": _notes(summary, gen)}
     examples = _examples(scored, config.examples)
     from steerstore.jobs.evaluate.report import ReportData, render_report  # noqa: PLC0415  (matplotlib only when reporting)
 
@@ -145,7 +147,7 @@ def main(config: EvalConfig) -> dict:
     lap("report")
     meta["seconds"] = timings
     _write(out_uri, config.storage, html, scored, summary, per_user, preference, meta)
-    print_summary(summary, preference)
+    print_summary(summary, preference, unsteered)
     print(f"\nreport: {storage.join(out_uri, 'report.html')}")
     return {"uri": out_uri, "summary": summary, "per_user": per_user, "preference": preference, "meta": meta,
             "items": scored}

@@ -13,7 +13,7 @@ from steerstore.jobs.evaluate.config import KEYS, LABELS, METRICS
 from steerstore.jobs.evaluate.split import Split
 from steerstore.operators.metrics import METRICS as TEXT_METRICS
 from steerstore.operators.metrics import MetricsConfig, bootstrap_ci, text_metrics
-from steerstore.operators.runtime import ModelRuntime
+from steerstore.operators.runtime import Encoded, ModelRuntime
 from steerstore.operators.scale import baseline, margins, unsteered_prefers_chosen
 from steerstore.operators.steerx import word_effects
 from steerstore.schemas.methods import Family
@@ -35,11 +35,28 @@ def score_items(items: pd.DataFrame, runtime: ModelRuntime, metrics: MetricsConf
     if texts:
         lp, n = runtime.response_logprobs([x for x, _ in texts], [y for _, y in texts])
         scores = {t: (-s, c) for t, s, c in zip(texts, lp.tolist(), n.tolist())}
-    nll_tokens = [scores.get(t, (0.0, 0)) for t in zip(items["input"], items["output"])]
+    scores.update(_blank_nll(runtime, [t for t in dict.fromkeys(zip(items["input"], items["output"]))
+                                       if not t[1].strip()]))
+    nll_tokens = [scores.get(t, (math.nan, 0)) for t in zip(items["input"], items["output"])]
     out["nll"] = np.asarray([v for v, _ in nll_tokens], dtype=np.float64)
     out["tokens"] = np.asarray([c for _, c in nll_tokens], dtype=np.int64)
     out["empty"] = ~out["output"].str.strip().astype(bool)
     return out
+
+
+def _blank_nll(runtime: ModelRuntime, texts: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[float, int]]:
+    """An empty (or whitespace-only) output pays its likelihood too: its tokens and then the end token.
+
+    Without this a method that stops at once would have no perplexity at all. The end token is the
+    model's first end-of-sequence id; a model without one leaves these outputs unscored (NaN).
+    """
+    if not texts or not runtime.eos_token_ids:
+        return {}
+    stop = runtime.eos_token_ids[0]
+    encoded = [Encoded(e.ids + [stop], e.prompt_len) for e in runtime.encode([x for x, _ in texts],
+                                                                             [y for _, y in texts])]
+    lps = runtime.token_logprobs(encoded)
+    return {t: (-float(lp.sum()), int(lp.numel())) for t, lp in zip(texts, lps)}
 
 
 def per_user_table(items: pd.DataFrame) -> pd.DataFrame:
@@ -68,11 +85,14 @@ def summarise(users: pd.DataFrame, metrics: MetricsConfig) -> tuple[pd.DataFrame
         row["n_users"] = int(grp["user_id"].nunique())
         row["n_items"] = int(grp["n_items"].sum())
         row["empty_outputs"] = int(grp["empty_outputs"].sum())
+        dropped: set[str] = set()  # users without a finite Δ in some metric: out of that metric's mean and CI
         for m in METRICS:
             vals = grp[m].to_numpy(dtype=float)
             row[m] = float(np.nanmean(vals)) if np.isfinite(vals).any() else math.nan
             deltas = vals - base.loc[grp["user_id"], m].to_numpy(dtype=float)
             finite = deltas[np.isfinite(deltas)]
+            if row["method"] != "none":
+                dropped |= set(grp["user_id"][~np.isfinite(deltas)])
             if row["method"] == "none" or not len(finite):
                 row[f"delta_{m}"] = row[f"delta_{m}_lo"] = row[f"delta_{m}_hi"] = math.nan
             else:
@@ -83,6 +103,7 @@ def summarise(users: pd.DataFrame, metrics: MetricsConfig) -> tuple[pd.DataFrame
                     entry = per_user.setdefault((key, uid), {
                         "user_id": uid, **{k: row[k] for k in ("method", "label", "parameter", "strength")}})
                     entry[f"delta_{m}"] = float(d)
+        row["users_without_delta"] = len(dropped)
         summary.append(row)
     return pd.DataFrame(summary), pd.DataFrame(list(per_user.values()))
 
@@ -90,14 +111,26 @@ def summarise(users: pd.DataFrame, metrics: MetricsConfig) -> tuple[pd.DataFrame
 # ---- preference accuracy ---------------------------------------------------------------------
 
 def preference_accuracy(runtime: ModelRuntime, reader: StoreReader, pairs: list[dict], metrics: MetricsConfig,
-                        include: list[str]) -> pd.DataFrame:
-    """Per-user accuracy on held-out pairs: steering raises log p(chosen) more than log p(rejected)."""
+                        include: list[str]) -> tuple[pd.DataFrame, dict]:
+    """(one row per steered method, the unsteered model's own preference) on the held-out pairs.
+
+    A steered row counts the pairs where steering raises the own-vs-other margin,
+    (log p(chosen) − log p(rejected)) steered minus unsteered: chance is 0.5. Its CI resamples
+    users whole (their pairs pooled). The unsteered model's preference — the share of pairs whose
+    chosen text it already gives the higher per-token log-likelihood — answers another question
+    (chance depends on the pairs) and is returned apart.
+    """
     if not pairs:
-        return pd.DataFrame()
+        return pd.DataFrame(), {}
     users = sorted({p["user_id"] for p in pairs})
     base = baseline(runtime, pairs)
-    reference = unsteered_prefers_chosen(runtime, pairs, base)
-    rows = [_accuracy_row("none", "unsteered likelihood (reference)", math.nan, pairs, reference, metrics)]
+    prefers = unsteered_prefers_chosen(runtime, pairs, base)
+    rejected_tokens = np.asarray([max(len(t), 1) for t in runtime.response_ids([p["rejected"] for p in pairs])])
+    per_token = (base.chosen / base.chosen_tokens.clamp(min=1)).numpy() - base.rejected.numpy() / rejected_tokens
+    unsteered = _accuracy_row("none", "unsteered model (not a steering result)", math.nan, pairs, prefers,
+                              per_token, metrics)
+    unsteered = {k.replace("mean_margin_gain", "mean_margin_per_token"): v for k, v in unsteered.items()}
+    rows = []
     sources: dict[str, dict[str, UserVectors]] = {}
     if "population" in include and reader.population() is not None:  # one direction for all: the baseline
         sources["population"] = {u: reader.population() for u in users}
@@ -120,18 +153,23 @@ def preference_accuracy(runtime: ModelRuntime, reader: StoreReader, pairs: list[
         vectors = {l: np.stack([found[p["user_id"]].at([l])[l] * found[p["user_id"]].recommended_scale
                                 for p in evaluated]) for l in first.recommended_layers}
         margin, _ = margins(runtime, evaluated, vectors, 1.0, base.select(idx), first.positions)
-        rows.append(_accuracy_row(method, LABELS[method], first.recommended_scale, evaluated, margin > 0, metrics))
-    return pd.DataFrame(rows)
+        rows.append(_accuracy_row(method, LABELS[method], first.recommended_scale, evaluated, margin > 0, margin,
+                                  metrics))
+    return pd.DataFrame(rows), unsteered
 
 
 def _accuracy_row(method: str, label: str, strength: float, pairs: list[dict], hits: np.ndarray,
-                  metrics: MetricsConfig) -> dict:
+                  margin: np.ndarray, metrics: MetricsConfig) -> dict:
     by_user: dict[str, list[bool]] = defaultdict(list)
     for p, h in zip(pairs, hits):
         by_user[p["user_id"]].append(bool(h))
     acc = np.asarray([np.mean(v) for v in by_user.values()])
+    counts = np.asarray([len(v) for v in by_user.values()], dtype=np.float64)
+    share, share_lo, share_hi = bootstrap_ci(acc, metrics, weights=counts)  # pairs pooled, users resampled
     mean, lo, hi = bootstrap_ci(acc, metrics)
-    return {"method": method, "label": label, "strength": strength, "pair_accuracy": float(np.mean(hits)),
+    return {"method": method, "label": label, "strength": strength, "pair_accuracy": share,
+            "pair_accuracy_lo": share_lo, "pair_accuracy_hi": share_hi,
+            "mean_margin_gain": float(np.mean(margin)),
             "user_accuracy": mean, "user_accuracy_lo": lo, "user_accuracy_hi": hi,
             "n_pairs": len(pairs), "n_users": len(by_user)}
 

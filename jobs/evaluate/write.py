@@ -43,7 +43,10 @@ def _notes(summary: pd.DataFrame, gen: Generator) -> list[str]:
     empty = summary[summary["empty_outputs"] > 0]
     for _, r in empty.iterrows():
         notes.append(f"{r['label']} at {r['parameter'] or 'default'} {r['strength']:g}: {r['empty_outputs']} empty "
-                     "outputs (scored as written; no perplexity)")
+                     "outputs (scored as written; their perplexity is that of ending the answer at once)")
+    for _, r in summary[summary.get("users_without_delta", pd.Series(0, index=summary.index)) > 0].iterrows():
+        notes.append(f"{r['label']} at {r['parameter'] or 'default'} {r['strength']:g}: {r['users_without_delta']} "
+                     f"of {r['n_users']} users have a non-finite Δ in some metric and are left out of its mean and CI")
     return notes
 
 
@@ -84,7 +87,7 @@ def _finite(value):
     return value
 
 
-def print_summary(summary: pd.DataFrame, preference: pd.DataFrame) -> None:
+def print_summary(summary: pd.DataFrame, preference: pd.DataFrame, unsteered: dict | None = None) -> None:
     """The recommended setting of each method: metric means and Δ vs no personalisation [95% CI]."""
     rec = summary[summary["recommended"]]
     print(f"\n{'method':<36}{'strength':>9}{'users':>6}{'ROUGE-1':>9}{'ROUGE-L':>9}{'METEOR':>8}{'BLEU':>7}"
@@ -98,7 +101,15 @@ def print_summary(summary: pd.DataFrame, preference: pd.DataFrame) -> None:
                      f"  {r['delta_meteor']:+.4f} [{r['delta_meteor_lo']:+.4f},{r['delta_meteor_hi']:+.4f}]")
         print(line)
     if not preference.empty:
-        print(f"\n{'preference accuracy (held-out pairs)':<40}{'pairs':>7}{'users':>7}{'pair acc':>10}{'user acc [CI]':>24}")
+        print("\npreference accuracy: share of held-out pairs where steering raises the own-vs-other margin "
+              "(chance 0.5; CI: users resampled)")
+        print(f"{'method':<36}{'strength':>9}{'pairs':>7}{'users':>7}{'share [CI]':>24}{'margin gain':>13}")
         for _, r in preference.iterrows():
-            print(f"{r['label']:<40}{r['n_pairs']:>7}{r['n_users']:>7}{r['pair_accuracy']:>10.3f}"
-                  f"   {r['user_accuracy']:.3f} [{r['user_accuracy_lo']:.3f},{r['user_accuracy_hi']:.3f}]")
+            print(f"{r['label']:<36}{r['strength']:>9.3g}{r['n_pairs']:>7}{r['n_users']:>7}"
+                  f"   {r['pair_accuracy']:.3f} [{r['pair_accuracy_lo']:.3f},{r['pair_accuracy_hi']:.3f}]"
+                  f"{r['mean_margin_gain']:>+13.3f}")
+    if unsteered:
+        print(f"unsteered model, apart: prefers the user's own text (per-token log-likelihood) in "
+              f"{unsteered['pair_accuracy']:.3f} [{unsteered['pair_accuracy_lo']:.3f},"
+              f"{unsteered['pair_accuracy_hi']:.3f}] of {unsteered['n_pairs']} pairs "
+              f"(mean margin {unsteered['mean_margin_per_token']:+.3f} nats/token; chance depends on the pairs)")

@@ -117,7 +117,7 @@ def render_report(data: ReportData) -> str:
         dose,
         _token_section(data.token_effects, data.tau),
         _gain_section(per_user, summary, order, labels),
-        _preference_section(data.preference, labels),
+        _preference_section(data.preference, labels, (data.meta or {}).get("preference_unsteered")),
         _all_section(summary, order, labels),
         _examples_section(data.examples),
     ]

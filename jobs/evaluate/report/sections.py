@@ -233,27 +233,42 @@ def _gain_section(per_user: pd.DataFrame, summary: pd.DataFrame, order, labels) 
     return _section("per-user", "Per-user gains", intro + table + '\n<div class="grid">\n' + "\n".join(figures) + "\n</div>")
 
 
-def _preference_section(pref: pd.DataFrame, labels) -> str:
-    if pref is None or pref.empty:
+def _preference_section(pref: pd.DataFrame, labels, unsteered: dict | None = None) -> str:
+    if (pref is None or pref.empty) and not unsteered:
         return ""
     body = []
-    for _, row in pref.iterrows():
-        lo, hi = row.get("user_accuracy_lo"), row.get("user_accuracy_hi")
-        ci = f' <span class="ci">[{_pct(lo)}, {_pct(hi)}]</span>' if _finite(lo) and _finite(hi) else ""
-        strength = row.get("strength")
+
+    def ci(row, key) -> str:
+        lo, hi = row.get(f"{key}_lo"), row.get(f"{key}_hi")
+        return f' <span class="ci">[{_pct(lo)}, {_pct(hi)}]</span>' if _finite(lo) and _finite(hi) else ""
+
+    for _, row in (pref if pref is not None else pd.DataFrame()).iterrows():
+        strength, gain = row.get("strength"), row.get("mean_margin_gain")
         body.append(
             f"<tr><td>{_esc(row.get('label') or labels.get(str(row.get('method')), row.get('method')))}</td>"
             f'<td class="num">{_esc(f"{float(strength):g}") if _finite(strength) else "–"}</td>'
-            f'<td class="num">{_pct(row.get("pair_accuracy"))}</td>'
-            f'<td class="num">{_pct(row.get("user_accuracy"))}{ci}</td>'
+            f'<td class="num">{_pct(row.get("pair_accuracy"))}{ci(row, "pair_accuracy")}</td>'
+            f'<td class="num">{_esc(f"{float(gain):+.3f}") if _finite(gain) else "–"}</td>'
+            f'<td class="num">{_pct(row.get("user_accuracy"))}{ci(row, "user_accuracy")}</td>'
             f'<td class="num">{_int(row.get("n_pairs"))}</td><td class="num">{_int(row.get("n_users"))}</td></tr>')
     table = ('<table class="compact"><thead><tr><th>Method</th><th class="num">Strength</th>'
-             '<th class="num">Pair accuracy</th><th class="num">User accuracy [CI]</th>'
+             '<th class="num">Pairs where steering helps [CI]</th><th class="num">Mean margin gain (nats)</th>'
+             '<th class="num">Mean per-user share [CI]</th>'
              '<th class="num">Pairs</th><th class="num">Users</th></tr></thead>'
-             f"<tbody>{''.join(body)}</tbody></table>")
-    intro = ("<p>Held-out preference pairs: the share of pairs (and the mean per-user share) where "
-             "the method prefers the user's own continuation.</p>")
-    return _section("preference", "Preference accuracy", intro + table)
+             f"<tbody>{''.join(body)}</tbody></table>") if body else ""
+    intro = ("<p>Held-out preference pairs: the share of pairs where steering raises the margin of the "
+             "user's own text over the other text, log p(own) − log p(other), above the unsteered model's "
+             "(chance 0.5). CIs resample users whole.</p>")
+    apart = ""
+    if unsteered:
+        margin = unsteered.get("mean_margin_per_token")
+        shown = f"{float(margin):+.3f}" if _finite(margin) else "–"
+        apart = (f"<p>Apart, not a steering result: the unsteered model already gives the user's own text the "
+                 f"higher per-token log-likelihood in {_pct(unsteered.get('pair_accuracy'))}"
+                 f"{ci(unsteered, 'pair_accuracy')} of {_int(unsteered.get('n_pairs'))} pairs (mean per-token "
+                 f"margin {_esc(shown)} nats); "
+                 "what chance is here depends on how the pairs were built.</p>")
+    return _section("preference", "Preference accuracy", intro + table + apart)
 
 
 def _all_section(summary: pd.DataFrame, order, labels) -> str:
