@@ -18,6 +18,7 @@ from steerstore.jobs.generate import load_runtime_for, steering_for
 from steerstore.operators.dps import DPSConfig
 from steerstore.operators.history import HistoryContextConfig
 from steerstore.operators.runtime import HeadContrast, Influence, ModelConfig
+from steerstore.operators.serving import DEFAULT_INFLUENCE_PLAUSIBILITY, DEFAULT_INFLUENCE_TEMPERATURE
 from steerstore.operators.steerx import STYLE_TEMPLATE, SteerXConfig, StyleVectorConfig
 
 
@@ -111,7 +112,8 @@ def _show_steerx(reader: StoreReader, runtime, shown: list[str], config: DemoCon
     # one batch: per user and prompt, influence decoding at λ = 0 (S in the prompt) and λ = 1 (amplified)
     prompts = [(u, p, lam) for u in rows for p in DEMO_PROMPTS for lam in (0.0, 1.0)]
     influence = Influence([rows[u]["context"] for u, _, _ in prompts], lam=[lam for _, _, lam in prompts],
-                          temperature=0.6, template=STYLE_TEMPLATE)
+                          temperature=DEFAULT_INFLUENCE_TEMPERATURE, template=STYLE_TEMPLATE,
+                          plausibility=DEFAULT_INFLUENCE_PLAUSIBILITY)
     influenced = runtime.generate([p for _, p, _ in prompts], config.max_new_tokens, influence=influence)
     vectors = reader.vectors(list(rows), method="steerx")
     pairs = [(u, p) for u in rows for p in DEMO_PROMPTS]

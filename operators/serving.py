@@ -32,6 +32,8 @@ from steerstore.schemas.methods import VECTOR_METHODS, Family, Method, Source
 METHODS: tuple[str, ...] = tuple(m.value for m in Method)
 DEFAULT_LAMBDA = 1.0  # influence strength when a request gives none (the store records no λ)
 DEFAULT_INFLUENCE_TEMPERATURE = 0.6
+# influence decoding only picks tokens the plain prompt gives >= this share of its top token's probability
+DEFAULT_INFLUENCE_PLAUSIBILITY = 0.1
 
 
 @dataclass
@@ -133,10 +135,11 @@ class _Plan:
     def steering(self) -> Steering | None:
         return vector_steering(self.vectors) if any(v is not None for v in self.vectors) else None
 
-    def influence(self, temperature: float) -> Influence | None:
+    def influence(self, temperature: float, plausibility: float = DEFAULT_INFLUENCE_PLAUSIBILITY) -> Influence | None:
         if all(c is None for c in self.contexts):
             return None
-        return Influence(self.contexts, lam=self.lam, temperature=temperature, template=self.template)
+        return Influence(self.contexts, lam=self.lam, temperature=temperature, template=self.template,
+                         plausibility=plausibility)
 
     def contrast(self) -> HeadContrast | None:
         if all(h is None for h in self.heads):
@@ -224,14 +227,16 @@ def plan_requests(reader: StoreReader, requests: Sequence[Request],
 
 def serve(runtime: ModelRuntime, reader: StoreReader, requests: Sequence[Request], max_new_tokens: int = 64,
           sampling: Sampling | None = None,
-          influence_temperature: float = DEFAULT_INFLUENCE_TEMPERATURE) -> list[Served]:
+          influence_temperature: float = DEFAULT_INFLUENCE_TEMPERATURE,
+          influence_plausibility: float = DEFAULT_INFLUENCE_PLAUSIBILITY) -> list[Served]:
     """Decode every request in one mixed batch with ``runtime`` (checked against the store's model)."""
     reader.check_model(runtime.fingerprint, f"model {runtime.model_id!r}")
     if not requests:
         return []
     plan, served = plan_requests(reader, requests)
     texts = runtime.generate([r.prompt for r in requests], max_new_tokens, steer=plan.steering(),
-                             contrast=plan.contrast(), influence=plan.influence(influence_temperature),
+                             contrast=plan.contrast(),
+                             influence=plan.influence(influence_temperature, influence_plausibility),
                              sampling=sampling)
     for record, text in zip(served, texts):
         record.text = text

@@ -42,6 +42,7 @@ _WORD = re.compile(r"\w+(?:['’]\w+)*", re.UNICODE)
 _ROLE_MARKERS = re.compile(r"<\|[^|>]{1,40}\|>|\[/?INST\]|<</?SYS>>|</?s>|<start_of_turn>|<end_of_turn>",
                            re.IGNORECASE)
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+_SENTENCES = re.compile(r"(?<=[.!?])\s+")
 
 PROMPT_VERSION = "steerx-smoothing-v2"
 VARIANTS = ("excerpts", "anchors")  # attempt 1, attempt 2 (the retry shows no user text but the words)
@@ -174,7 +175,10 @@ def check_description(text: str, outputs: Sequence[tuple[str, str]], config: Smo
     words = [w.lower() for w in _WORD.findall(text)]
     grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
     stutter = sum(a == b for a, b in zip(words, words[1:]))  # "dry, dry tone": a word right after itself
-    if (len(grams) >= 10 and len(set(grams)) < 0.6 * len(grams)) or stutter >= 3:
+    sentences = [" ".join(_WORD.findall(part.lower())) for part in _SENTENCES.split(text)]
+    sentences = [x for x in sentences if len(x.split()) >= 3]
+    if (len(grams) >= 10 and len(set(grams)) < 0.6 * len(grams)) or stutter >= 3 or \
+            len(set(sentences)) < len(sentences):
         return text, "degenerate: the description repeats itself"
     for item_id, output in outputs:
         run = _longest_shared_run(words, [w.lower() for w in _WORD.findall(output or "")])
@@ -380,6 +384,7 @@ def describe(users: pa.Table, config: SmoothingConfig, generate, specials: Seque
         SMOOTHING_OUTPUT_SCHEMA.empty_table()
     seen = set(described.column("user_id").to_pylist())
     missing = [{"user_id": u, "status": "quarantined", "descriptions": [],
-                "reason": "steerx smoothing: no anchor word to describe"}
+                "reason": "steerx smoothing: no anchor word to describe (no word of the user's history has a "
+                          "positive leave-one-out effect: no style signal)"}
                for u in users.column("user_id").to_pylist() if u not in seen]
     return pa.concat_tables([described, pa.Table.from_pylist(missing, schema=SMOOTHING_OUTPUT_SCHEMA)])

@@ -104,7 +104,7 @@ class SteerXConfig:
                    "the blogs dev users under other_users; 1.0 under empty; steerstore steerx-tau)")
     anchor_mode: Literal["absolute", "percentile"] = option("absolute", help="anchor threshold: absolute τ or a per-user percentile")
     percentile: float = option(90.0, help="percentile mode: the per-user percentile of word effects to pass")
-    min_anchors: int = option(5, help="when fewer words pass, the top-m words are kept")
+    min_anchors: int = option(5, help="when fewer words pass, the top-m words with a positive effect are kept")
     counterfactual_draw: Literal["user", "item"] = option(
         "item", help="other_users: one seeded draw of other users' items per user, shared by all its scored items "
                      "(the shared context is computed once), or a new draw per item")
@@ -192,16 +192,19 @@ def word_effects(tokenizer, text: str, delta: np.ndarray) -> list[tuple[str, flo
 def select_anchors(item_words: Sequence[tuple[str, list[tuple[str, float]]]], config: SteerXConfig) -> list[dict]:
     """A user's anchors from (item_id, [(word, effect)]) per item: per lowercase word, count and mean effect.
 
-    Sorted by mean effect, best first.
+    Sorted by mean effect, best first. A word whose effect is not positive is never an anchor (the
+    user's history did not make it more likely), in the percentile mode and in the top-m fallback
+    too: a user without any positive word gets no anchors, hence no description.
     """
     flat = [(item, word, effect) for item, words in item_words for word, effect in words]
     if not flat:
         return []
     effects = np.asarray([e for _, _, e in flat])
     threshold = config.tau if config.anchor_mode == "absolute" else float(np.percentile(effects, config.percentile))
-    passed = [f for f in flat if f[2] >= threshold]
+    positive = [f for f in flat if f[2] > 0]
+    passed = [f for f in positive if f[2] >= threshold]
     if len(passed) < config.min_anchors:
-        passed = sorted(flat, key=lambda f: -f[2])[: config.min_anchors]
+        passed = sorted(positive, key=lambda f: -f[2])[: config.min_anchors]
     by_word: dict[str, dict] = {}
     for item, word, effect in passed:
         entry = by_word.setdefault(word.lower(), {"word": word.lower(), "count": 0, "total": 0.0, "items": []})

@@ -227,6 +227,17 @@ def test_eval_end_to_end_writes_metrics_and_a_report_that_renders(ray_cluster, t
     assert "/versions/" in uri and "/eval/" in uri
     doc = json.loads((tmp_path / uri.split(str(tmp_path) + "/")[1] / "summary.json").read_text())
     assert doc["meta"]["users"] == 4 and {r["method"] for r in doc["summary"]} >= {"none", "caa"}
+    # SteerX: how many users got a valid description, and why the others did not (the refresh's own reasons)
+    described = doc["meta"]["steerx_descriptions"]
+    assert described["users"] == 4 and described["with_description"] + sum(described["without"].values()) == 4
+    assert described["with_description"] == (rec.loc["influence", "n_users"] if "influence" in rec.index else 0)
+    assert any(n.startswith(f"SteerX: {described['with_description']} of 4 users got a valid style description")
+               for n in doc["meta"]["notes"])
+    # preference accuracy: steered rows only (chance 0.5), the unsteered model's preference apart
+    pref = doc["preference"]
+    assert pref and all(r["method"] != "none" and 0 <= r["pair_accuracy_lo"] <= r["pair_accuracy"]
+                        <= r["pair_accuracy_hi"] <= 1 for r in pref)
+    assert doc["meta"]["preference_unsteered"]["n_pairs"] == 4
     items = pd.read_parquet(f"{uri}/items.parquet")
     assert len(items[items["method"] == "none"]) == 4 and items["output"].map(type).eq(str).all()
     # the summary's figures, recomputed from the items: ROUGE-L by rouge_score itself, a user's mean over

@@ -32,7 +32,7 @@ def small_runtime():
     return rt
 
 
-def _reference(rt, prompt, context, lam, temperature, n=N, u=None, top_p=1.0):
+def _reference(rt, prompt, context, lam, temperature, n=N, u=None, top_p=1.0, beta=0.0):
     """Batch 1, no cache, a full forward of both branches per step, the formula as written."""
     with_ctx = rt.prompt_ids(_with_context([prompt], [context]))[0]
     plain = rt.prompt_ids([prompt])[0]
@@ -43,6 +43,9 @@ def _reference(rt, prompt, context, lam, temperature, n=N, u=None, top_p=1.0):
             l0 = rt.model(input_ids=torch.tensor([plain])).logits[0, -1].float()
         lp, lp0 = torch.log_softmax(ls / temperature, -1), torch.log_softmax(l0 / temperature, -1)
         score = torch.log_softmax(lp + lam * (lp - lp0), -1)
+        if beta > 0 and context:  # only tokens with p∅(v) >= β·max p∅ (untempered) may follow
+            p0 = torch.softmax(l0, -1)
+            score = torch.log_softmax(score.masked_fill(p0 < beta * p0.max(), float("-inf")), -1)
         if u is None:
             nxt = int(score.argmax())
         else:  # inverse CDF over the top-p nucleus of softmax(out)
@@ -78,6 +81,25 @@ def test_batched_influence_equals_an_unbatched_uncached_reference(small_runtime,
     for i in range(len(PROMPTS)):
         assert got[i] == _reference(rt, PROMPTS[i], CONTEXTS[i], lams[i], temperature), f"row {i}"
     assert got != rt.generate(_with_context(PROMPTS, CONTEXTS), N), "λ = 2 changed nothing"
+
+
+def test_a_plausibility_floor_keeps_influence_on_tokens_the_plain_prompt_finds_plausible(small_runtime):
+    rt = small_runtime
+    lams = [4.0, 4.0, 4.0, 4.0]
+    free = rt.generate(PROMPTS, N, influence=Influence(CONTEXTS, lam=lams, temperature=0.6))
+    floored = rt.generate(PROMPTS, N, influence=Influence(CONTEXTS, lam=lams, temperature=0.6, plausibility=0.3))
+    for i in range(len(PROMPTS)):
+        assert floored[i] == _reference(rt, PROMPTS[i], CONTEXTS[i], lams[i], 0.6, beta=0.3), f"row {i}"
+    assert floored != free, "the floor changed nothing at λ = 4"
+    assert floored[2] == free[2] == rt.generate([PROMPTS[2]], N)[0]  # no context: no floor, plain decoding
+    sampling = Sampling(temperature=1.0, top_p=0.9, seed=3)
+    got = rt.generate(PROMPTS, N, influence=Influence(CONTEXTS, lam=lams, temperature=0.6, plausibility=0.3),
+                      sampling=sampling)
+    u = sampling.uniforms(len(PROMPTS), N)
+    for i in range(len(PROMPTS)):
+        assert got[i] == _reference(rt, PROMPTS[i], CONTEXTS[i], lams[i], 0.6, u=u[i], top_p=0.9, beta=0.3)
+    with pytest.raises(ValueError, match="plausibility must be in"):
+        Influence(CONTEXTS, plausibility=1.0)
 
 
 def test_sampled_influence_equals_the_reference_with_the_same_random_stream(small_runtime):

@@ -205,7 +205,8 @@ def test_the_mixed_batch_plan_matches_the_single_mode_runtime_calls(served):
                                                                         plausibility=ann.dps.plausibility))
     alone_inf = runtime.generate([PROMPTS[3]], 8, influence=Influence([ann.steerx["context"]], lam=1.0,
                                                                       temperature=0.6,
-                                                                      template=ann.steerx["style_template"]))
+                                                                      template=ann.steerx["style_template"],
+                                                                      plausibility=0.1))
     out = serve(runtime, reader, [Request("ann", PROMPTS[1], "caa"), Request("ann", PROMPTS[2], "dps"),
                                   Request("ann", PROMPTS[3], "influence"), Request("ann", PROMPTS[0])], 8)
     assert [o.text for o in out[:3]] == alone_caa + alone_dps + alone_inf

@@ -58,6 +58,10 @@ def test_units_per_user_and_per_item():
     ("The user writes: dude the beach was totally awesome lol, gonna go back.", "copies 10 consecutive words of history item a1"),
     ("The user writes a lot. " * 8, "repeats itself"),
     ("This person writes in a dry, dry tone with dry, dry words and dry, dry punctuation.", "repeats itself"),
+    # one sentence said twice, among others (the demo's formal user got such a description past the n-gram check)
+    ("The writing is dry and uninspired, with long formal sentences. It avoids slang and exclamation marks "
+     "entirely, and prefers precise technical vocabulary over casual words. The writing is dry and uninspired, "
+     "with long formal sentences.", "repeats itself"),
 ])
 def test_invalid_descriptions_say_why(text, reason):
     outputs = [(i["item_id"], i["output"]) for i in ITEMS]
@@ -163,7 +167,7 @@ def test_a_user_without_an_item_to_describe_is_quarantined_saying_so():
     users = pa.Table.from_pylist([dict(_users()[0], anchors=[]), _users()[1]])
     rows = {r["user_id"]: r for r in describe(users, SmoothingConfig(granularity="item"), _engine(_gullible),
                                               SPECIALS).to_pylist()}
-    assert rows["ann"]["status"] == "quarantined" and rows["ann"]["reason"] == "steerx smoothing: no anchor word to describe"
+    assert rows["ann"]["status"] == "quarantined" and rows["ann"]["reason"].startswith("steerx smoothing: no anchor word to describe (no word")
     assert rows["bob"]["status"] == "ok"
 
 

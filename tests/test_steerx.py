@@ -79,6 +79,12 @@ def test_anchor_selection_threshold_percentile_and_fallback():
     assert [a["word"] for a in select_anchors(words, SteerXConfig(tau=10.0, min_anchors=2))] == ["zorb"]  # top-2 are both zorb
     top = select_anchors(words, SteerXConfig(anchor_mode="percentile", percentile=70, min_anchors=1))
     assert [a["word"] for a in top] == ["zorb"]
+    # a word whose effect is not positive is never an anchor: not by the fallback, not by a low percentile
+    assert [a["word"] for a in select_anchors(words, SteerXConfig(tau=10.0, min_anchors=5))] == ["zorb", "blip", "the"]
+    low = select_anchors(words, SteerXConfig(anchor_mode="percentile", percentile=1, min_anchors=1))
+    assert "a" not in {a["word"] for a in low} and len(low) == 3
+    flat = [("i1", [("is", 0.0), ("a", -0.4)]), ("i2", [("the", -1e-3)])]  # no signal: no anchors, no description
+    assert select_anchors(flat, SteerXConfig(tau=0.75, min_anchors=5)) == []
 
 
 BOILERPLATE = "As always, thanks for reading and have a wonderful day."

@@ -138,7 +138,7 @@ def main(config: EvalConfig) -> dict:
             "decoding": f"greedy, {config.methods.max_new_tokens} new tokens",
             "data": split.notes, "missing": gen.missing, "tau": steerx.tau, "tau_stores": tau_stores,
             "refresh_stage_seconds": summary_refresh.get("stage_seconds"), "seconds": timings,
-            "preference_unsteered": unsteered, "notes": _notes(summary, gen)}
+            "preference_unsteered": unsteered, "steerx_descriptions": gen.descriptions, "notes": _notes(summary, gen)}
     examples = _examples(scored, config.examples)
     from steerstore.jobs.evaluate.report import ReportData, render_report  # noqa: PLC0415  (matplotlib only when reporting)
 

@@ -21,6 +21,7 @@ from steerstore.operators.metrics import METRICS as TEXT_METRICS
 from steerstore.operators.metrics import MetricsConfig
 from steerstore.operators.runtime import ModelConfig
 from steerstore.operators.scale import ScaleConfig
+from steerstore.operators.serving import DEFAULT_INFLUENCE_PLAUSIBILITY
 from steerstore.operators.steerx import SteerXConfig
 from steerstore.operators.validate import ValidateConfig
 
@@ -78,6 +79,9 @@ class MethodsConfig:
     influence_lambda: float = option(1.0, help="influence decoding: the recommended λ")
     lambda_grid: list[float] = option([0.0, 0.5, 1.0, 2.0], help="influence λ sweep (0 = the description in the prompt)")
     influence_temperature: float = option(0.6, help="influence decoding: temperature inside the combination")
+    influence_plausibility: float = option(
+        DEFAULT_INFLUENCE_PLAUSIBILITY, help="influence decoding: only tokens the plain prompt gives at least this "
+                                             "share of its top token's probability (keeps the answer on the prompt; 0: off)")
     dps_gamma_grid: list[float] = option([0.5, 1.0, 2.0, 4.0], help="DPS contrast γ sweep")
     tau_grid: list[float] = option(
         [], help="extra anchor thresholds τ: each reruns SteerX anchors + smoothing into a side store and is "

@@ -6,7 +6,10 @@ import dataclasses
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
+
+import pyarrow.compute as pc
 
 from steerstore.infra import storage
 from steerstore.infra.reader import StoreReader, UserVectors
@@ -44,6 +47,7 @@ class Generator:
         self.users = sorted({h["user_id"] for h in self.items})
         self.rows: list[dict] = []
         self.missing: dict[str, dict[str, str]] = {}  # method -> user -> why
+        self.descriptions: dict = {}  # SteerX: how many evaluated users got a valid style description, and why not
 
     def _emit(self, settings_rows: list[tuple[Setting, dict]], outputs: list[str], prompts: list[str]) -> None:
         for (s, item), out, prompt in zip(settings_rows, outputs, prompts):
@@ -52,11 +56,19 @@ class Generator:
                               "item_id": item["item_id"], "input": item["input"], "prompt": prompt,
                               "target": item["target"], "output": out})
 
-    def _mark_missing(self, method: str, present: set[str], why: str) -> list[dict]:
+    def _mark_missing(self, method: str, present: set[str], why: str, reasons: dict[str, str] | None = None) -> list[dict]:
         for u in self.users:
             if u not in present:
-                self.missing.setdefault(method, {}).setdefault(u, why)
+                self.missing.setdefault(method, {}).setdefault(u, (reasons or {}).get(u, why))
         return [h for h in self.items if h["user_id"] in present]
+
+    def _quarantined(self, stage: str) -> dict[str, str]:
+        """Why the refresh quarantined each evaluated user for ``stage`` (from the store's quarantine table)."""
+        table = self.reader.store.read_table("quarantine", self.reader.version,
+                                             filter=(pc.field("stage") == stage) & (pc.field("input") == "user"))
+        users = set(self.users)
+        return {r["user_id"]: r["reason"] for r in table.select(["user_id", "reason"]).to_pylist()
+                if r["user_id"] in users}
 
     def _timed(self, method: str, fn) -> None:
         start = time.perf_counter()
@@ -136,7 +148,12 @@ class Generator:
         found = contexts if contexts is not None else self.reader.steerx(self.users)
         present = {u for u, r in found.items() if (r.get("context") or "").strip()}
         if tau is None:
-            items = self._mark_missing(method, present, "no SteerX style description (quarantined for SteerX)")
+            reasons = self._quarantined("steerx")
+            items = self._mark_missing(method, present, "no SteerX style description (quarantined for SteerX)",
+                                       reasons)
+            why = Counter(self.missing.get(method, {}).values())
+            self.descriptions = {"users": len(self.users), "with_description": len(present & set(self.users)),
+                                 "without": dict(why.most_common())}
             grid = _grid(m.influence_lambda, m.lambda_grid, m.sweeps)
             rows = [(Setting(method, "lambda", lam, rec), h) for h in items for lam, rec in grid]
         else:
@@ -147,7 +164,8 @@ class Generator:
         lam = [s.strength if s.parameter == "lambda" else m.influence_lambda for s, _ in rows]
         template = next(iter(found.values()))["style_template"]
         influence = Influence([found[h["user_id"]]["context"] for _, h in rows], lam=lam,
-                              temperature=m.influence_temperature, template=template)
+                              temperature=m.influence_temperature, template=template,
+                              plausibility=m.influence_plausibility)
         prompts = [h["input"] for _, h in rows]
         outs = self.runtime.generate(prompts, m.max_new_tokens, influence=influence)
         self._emit(rows, outs, influence.with_context(prompts))

@@ -37,6 +37,10 @@ def _json_default(value):
 
 def _notes(summary: pd.DataFrame, gen: Generator) -> list[str]:
     notes = []
+    if gen.descriptions:
+        d = gen.descriptions
+        notes.append(f"SteerX: {d['with_description']} of {d['users']} users got a valid style description"
+                     + "".join(f"; {n} without: {why}" for why, n in d["without"].items()))
     for method, users in gen.missing.items():
         notes.append(f"{LABELS[method]}: {len(users)} of {len(gen.users)} users not evaluated "
                      f"({next(iter(users.values()))})")

@@ -64,12 +64,16 @@ class Influence:
     inside the combination (reference: T = 0.6 with sampling top-p 0.9). An empty (or blank)
     context leaves the row's prompt as is: both branches are equal and the row decodes plainly.
     A None context means the row is not influence-decoded (``generate`` may steer it otherwise).
+    ``plausibility`` β > 0 keeps the answer on the prompt: a row with a context may only choose
+    tokens the plain prompt finds plausible, p∅(v) ≥ β·max p∅ (untempered), so a strong λ cannot
+    make it write about the context instead of answering (0: no floor).
     """
 
     contexts: list[str | None]
     lam: torch.Tensor | float = 1.0
     temperature: float = 1.0
     template: str = "{context}\n\n{prompt}"
+    plausibility: float = 0.0
     rows: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -85,6 +89,8 @@ class Influence:
             raise ValueError("lam must be finite")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"influence temperature must be > 0; got {self.temperature}")
+        if not 0.0 <= self.plausibility < 1.0:
+            raise ValueError(f"influence plausibility must be in [0, 1); got {self.plausibility}")
         for slot in ("{context}", "{prompt}"):
             if slot not in self.template:
                 raise ValueError(f"influence template {self.template!r} lacks the {slot} placeholder")
@@ -92,7 +98,7 @@ class Influence:
     def select(self, rows: Sequence[int]) -> "Influence":
         rows = list(rows)
         return Influence([self.contexts[i] for i in rows], self.lam[torch.as_tensor(rows, dtype=torch.long)],
-                         self.temperature, self.template)
+                         self.temperature, self.template, self.plausibility)
 
     def with_context(self, prompts: Sequence[str]) -> list[str]:
         """Each row's prompt with its context: the template filled (the prompt alone if the context is blank)."""
