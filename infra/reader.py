@@ -72,6 +72,10 @@ class UserHeads:
     mode: str | None
     pcs_baseline: str | None
     model_fingerprint: str
+    # the prompt condition the heads were chosen in: this many of the user's history items shown before
+    # each scored text (0: the bare text); serving should show the user's retrieved history the same way
+    history_items: int = 0
+    history_chars: int = 600
 
 
 @dataclass
@@ -389,13 +393,16 @@ class StoreReader:
         return {r["user_id"]: self._heads(r, top_k) for r in rows}
 
     def _heads(self, r: dict, top_k: int | None = None) -> UserHeads:
-        k = top_k or int(self.manifest.get("config", {}).get("dps", {}).get("top_k", 8))
+        dps = self.manifest.get("config", {}).get("dps", {})
+        k = top_k or int(dps.get("top_k", 8))
+        history = dps.get("history") or {}
         heads = serving_heads(r, self.dps_clusters() if not r["heads"] else {}, k)
         return UserHeads(
             user_id=r["user_id"], heads=heads, source=r["source"] if heads else "none",
             gamma=float(r["gamma"]), adaptive=bool(r["adaptive"]), plausibility=float(r["plausibility"]),
             cluster=r["cluster"], routing=list(r["routing"] or []), mode=r["mode"],
-            pcs_baseline=r["pcs_baseline"], model_fingerprint=r["model_fingerprint"])
+            pcs_baseline=r["pcs_baseline"], model_fingerprint=r["model_fingerprint"],
+            history_items=int(history.get("context_items", 0)), history_chars=int(history.get("context_chars", 600)))
 
     def users(self, user_ids: Sequence[str] | None = None) -> pa.Table:
         """The reconciliation rows (stored / quarantined and why) of some or all users."""

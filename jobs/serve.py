@@ -115,12 +115,14 @@ def parse_request(body: object, chat: bool, config: ServeConfig) -> tuple[Reques
         raise HTTPError(400, "'user' must name the user to personalise for (a non-empty string)", "user")
     extra = body.get("steerstore") or {}
     if not isinstance(extra, dict):
-        raise HTTPError(400, "'steerstore' must be an object {method?, scale?, source?, layers?}", "steerstore")
-    unknown = sorted(set(extra) - {"method", "scale", "source", "layers"})
+        raise HTTPError(400, "'steerstore' must be an object {method?, scale?, source?, layers?, history?}",
+                        "steerstore")
+    unknown = sorted(set(extra) - {"method", "scale", "source", "layers", "history"})
     if unknown:
-        raise HTTPError(400, f"unknown 'steerstore' fields {unknown}; known: method, scale, source, layers", "steerstore")
+        raise HTTPError(400, f"unknown 'steerstore' fields {unknown}; known: method, scale, source, layers, history",
+                        "steerstore")
     request = Request(user, prompt, extra.get("method", str(config.method)), extra.get("scale"), extra.get("source"),
-                      extra.get("layers"))
+                      extra.get("layers"), extra.get("history"))
     try:
         check_request(request)
     except BadRequest as exc:

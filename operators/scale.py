@@ -5,11 +5,12 @@ margin is [log p_α(chosen) − log p_0(chosen)] − [log p_α(rejected) − log
 "prefers chosen" when the margin is > 0. Per-user preference accuracy is the fraction of pairs
 with a positive margin. Fluency cost is the increase in per-token NLL of the chosen response.
 
-``choose_scale`` picks, per method, the α of a grid with the highest training accuracy, provided
+``choose_scale`` picks, per method, the α of a grid with the highest accuracy, provided
 the chosen responses' NLL rises by at most ``max_nll_increase`` nats/token. Accuracy on a small
 sample ties often, so ties go to the larger mean margin: the strongest preference shift among
 equally accurate α that keep fluency. Only the users' own training pairs are used, never
-evaluation targets.
+evaluation targets, and the refresh scores each sampled pair with its user's vector fitted without
+that pair (``out_of_sample``), so α is chosen out of sample.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class ScaleConfig:
     max_nll_increase: float = option(
         0.5, help="largest allowed rise in per-token NLL of chosen responses (nats), a fluency guard")
     seed: int = option(0, help="seed of the pair sample")
+    out_of_sample: bool = option(
+        True, help="score each sampled pair with its user's CAA vector and BT θ fitted without that pair "
+                   "(leave-one-pair-out), so α is not chosen on the pairs the vectors saw")
 
     def __post_init__(self) -> None:
         check(bool(self.grid) and all(a > 0 for a in self.grid), "scale.grid must be positive multipliers")

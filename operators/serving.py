@@ -26,6 +26,7 @@ import torch
 
 from steerstore.infra.follow import StoreFollower
 from steerstore.infra.reader import StoreReader, UserArtifacts, UserVectors
+from steerstore.operators.history import HistoryContextConfig, history_prompt
 from steerstore.operators.runtime import HeadContrast, Influence, ModelConfig, ModelRuntime, Sampling, Steering
 from steerstore.schemas.methods import VECTOR_METHODS, Family, Method, Source
 
@@ -46,6 +47,9 @@ class Request:
     scale: float | None = None  # α (caa, bt, population), γ (style_vector, dps) or λ (influence)
     source: str | None = None  # style_vector: history | description | blend (default: the store's)
     layers: list[int] | None = None  # vector methods: layers to steer (default: the vector's recommended)
+    # the user's retrieved history items ({"input", "output"}), shown before the prompt the way the refresh
+    # showed history when it chose DPS heads (history_prompt); any method, e.g. none = history in prompt
+    history: list[dict] | None = None
 
 
 @dataclass
@@ -88,6 +92,18 @@ def check_request(r: object) -> None:
         raise BadRequest(f"layers must be a non-empty list of layer numbers, got {r.layers!r}")
     if r.layers is not None and r.method not in VECTOR_METHODS:
         raise BadRequest(f"layers apply to the vector methods ({', '.join(VECTOR_METHODS)}), not {r.method!r}")
+    if r.history is not None and (not isinstance(r.history, (list, tuple)) or not all(
+            isinstance(h, dict) and isinstance(h.get("input"), str) and isinstance(h.get("output"), str)
+            and h["output"].strip() for h in r.history)):
+        raise BadRequest("history must be a list of the user's items, each {\"input\": text, \"output\": "
+                         "non-empty text}")
+
+
+def request_prompt(r: Request, history_chars: int = 600) -> str:
+    """The prompt a request is decoded from: its history items (if any) before it, in the refresh's template."""
+    if not r.history:
+        return r.prompt
+    return history_prompt(list(r.history), r.prompt, HistoryContextConfig(context_chars=history_chars))
 
 
 def _check(requests: Sequence[Request]) -> None:
@@ -220,6 +236,9 @@ def plan_requests(reader: StoreReader, requests: Sequence[Request],
                 raise BadRequest("dps requests of one batch must share adaptive/plausibility settings")
             plan.dps_settings = settings
             plan.heads[i] = user.heads
+            if user.history_items and not req.history:
+                record.note = (f"the heads were chosen with {user.history_items} history item(s) before each text; "
+                               "this request shows none (pass the user's retrieved history)")
             plan.gamma[i] = float(req.scale) if req.scale is not None else user.gamma
             record.applied, record.scale = "user", plan.gamma[i]
     return plan, served
@@ -234,7 +253,9 @@ def serve(runtime: ModelRuntime, reader: StoreReader, requests: Sequence[Request
     if not requests:
         return []
     plan, served = plan_requests(reader, requests)
-    texts = runtime.generate([r.prompt for r in requests], max_new_tokens, steer=plan.steering(),
+    dps_history = ((reader.manifest.get("config") or {}).get("dps") or {}).get("history") or {}
+    chars = int(dps_history.get("context_chars", 600))
+    texts = runtime.generate([request_prompt(r, chars) for r in requests], max_new_tokens, steer=plan.steering(),
                              contrast=plan.contrast(),
                              influence=plan.influence(influence_temperature, influence_plausibility),
                              sampling=sampling)

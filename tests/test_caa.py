@@ -109,3 +109,38 @@ def test_pair_weights_make_a_weighted_mean_and_shrinkage_pulls_toward_the_popula
     np.testing.assert_allclose(shrink(mean, 3.0, population, 0.0), mean, rtol=1e-6)
     np.testing.assert_allclose(shrink(mean, 4.0, population, 4.0), (mean + population) / 2, rtol=1e-5)
     assert np.abs(shrink(mean, 4.0, population, 1e9) - population).max() < 1e-3
+
+
+def test_the_alpha_choice_scores_each_pair_with_its_users_vector_and_theta_fitted_without_it():
+    """Out-of-sample α: a sampled pair is steered by the user's vector (and BT θ) fitted on the other pairs."""
+    from types import SimpleNamespace
+
+    from steerstore.jobs.refresh.workers import ModelWorker
+    from steerstore.operators.bt import BTConfig
+    from steerstore.operators.caa import CAAConfig
+    from steerstore.operators.bt import features, fit_bt
+    from steerstore.operators.caa import shrink
+
+    g = np.random.default_rng(0)
+    worker = object.__new__(ModelWorker)  # the statistics only: no model is loaded
+    worker.config = SimpleNamespace(caa=CAAConfig(), bt=BTConfig())
+    d = g.standard_normal((3, 2, 8))  # 3 pairs, 2 layers, hidden 8
+    w = np.asarray([1.0, 2.0, 0.5])
+    worker._sample = {"ann": (d, w, {}), "solo": (d[:1], w[:1], {})}
+    population = g.standard_normal((2, 8)).astype(np.float32)
+    basis = np.linalg.qr(g.standard_normal((8, 2)))[0].T[None].repeat(2, 0)  # (layers, k, hidden)
+    norms, theta_pop = np.ones(2), np.asarray([0.1, -0.2])
+    out = worker.sample_finals(["ann", "solo"], population, theta_pop, basis, norms, {"ann": [1], "solo": [0]})
+    kappa, bt = worker.config.caa.shrinkage, worker.config.bt
+    keep = [0, 2]
+    mean = np.einsum("n,nlh->lh", w[keep], d[keep]) / w[keep].sum()
+    np.testing.assert_allclose(out["ann"]["loo"][1]["vectors"], shrink(mean, w[keep].sum(), population, kappa),
+                               rtol=1e-5)
+    theta = fit_bt(features(d[keep], basis, norms), w[keep], theta_pop, bt.prior, bt.newton_steps).theta
+    np.testing.assert_allclose(out["ann"]["loo"][1]["theta"], theta, rtol=1e-5)
+    full = np.einsum("n,nlh->lh", w, d) / w.sum()
+    np.testing.assert_allclose(out["ann"]["vectors"], shrink(full, w.sum(), population, kappa), rtol=1e-5)
+    assert not np.allclose(out["ann"]["loo"][1]["vectors"], out["ann"]["vectors"])
+    # a user whose only pair is left out falls back to the priors: the population direction and θ_pop
+    np.testing.assert_allclose(out["solo"]["loo"][0]["vectors"], population, rtol=1e-6)
+    np.testing.assert_allclose(out["solo"]["loo"][0]["theta"], theta_pop, rtol=1e-6)

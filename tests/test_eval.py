@@ -1,5 +1,6 @@
 """The evaluation job: the held-out split, the per-user deltas, and a small real run end to end."""
 
+import dataclasses
 import json
 import math
 
@@ -45,6 +46,35 @@ def test_time_split_holds_out_each_users_latest_items_and_training_never_sees_th
     assert all(p["chosen"] in targets and p["rejected"] in targets for p in split.heldout_pairs)
     assert all(p["rejected"] != p["chosen"] for p in split.heldout_pairs)
     assert split.notes["split_modes"] == {"time": 4}
+
+
+def test_built_pairs_stay_within_one_source_and_neutral_pairs_reject_the_models_own_answer(tmp_path, tiny_runtime):
+    from steerstore.jobs.evaluate.split import with_neutral_rejected
+
+    rows = _histories()
+    source = {"ann": "blogs", "cat": "blogs", "ben": "reddit", "dan": "reddit"}
+    for r in rows:
+        r["source"] = source[r["user_id"]]
+    split = split_data(EvalDataConfig(histories=write_jsonl(tmp_path / "h.jsonl", rows), heldout_items=1,
+                                      min_history=3), None)
+    author = {i["output"]: u for u, items in split.train.items() for i in items}
+    author.update({h["target"]: h["user_id"] for h in split.heldout})
+    for p in split.train_pairs + split.heldout_pairs:  # the other text is a peer's of the same source
+        other = author[p["rejected"]]
+        assert other != p["user_id"] and source[other] == source[p["user_id"]], p
+    assert "same source" in split.notes["pairs"] and split.built_pairs
+    # neutral: the rejected side becomes the unsteered model's greedy answer to the very same prompt
+    neutral = with_neutral_rejected(split, tiny_runtime.generate, 6)
+    prompts = sorted({p["prompt"] for p in split.train_pairs + split.heldout_pairs})
+    answers = dict(zip(prompts, tiny_runtime.generate(prompts, 6)))
+    assert all(a.strip() for a in answers.values())
+    for before, after in zip(split.train_pairs + split.heldout_pairs, neutral.train_pairs + neutral.heldout_pairs):
+        assert after == dict(before, rejected=answers[before["prompt"]].strip())
+    assert "the model's own greedy answer to the same input, 6 new tokens" in neutral.notes["pairs"]
+    assert neutral.train == split.train and neutral.heldout == split.heldout
+    # given pairs are never rewritten
+    given = dataclasses.replace(split, built_pairs=False)
+    assert with_neutral_rejected(given, tiny_runtime.generate, 6) is given
 
 
 def test_users_without_timestamps_get_a_seeded_split_and_too_few_items_are_reported(tmp_path):
@@ -145,6 +175,14 @@ def test_deltas_are_per_user_differences_with_a_bootstrap_interval():
     assert dict(zip(caa_users["user_id"], caa_users["delta_rougeL"].round(6))) == {"u1": 0.1, "u2": 0.0, "u3": 0.2}
     hist = per_user[per_user["method"] == "history_prompt"]
     assert hist["delta_meteor"].round(6).tolist() == [0.05] * 3 and hist["strength"].isna().all()
+    # a method decoded on the history prompt (DPS, as in the paper) is compared with history in prompt
+    summary, per_user = summarise(users, MetricsConfig(bootstrap_resamples=500), {"caa": "history_prompt"})
+    caa = summary[summary["method"] == "caa"].iloc[0]
+    assert caa["baseline"] == "history_prompt" and caa["delta_rougeL"] == pytest.approx(0.1 - 0.05)
+    caa_users = per_user[per_user["method"] == "caa"]
+    assert dict(zip(caa_users["user_id"], caa_users["delta_rougeL"].round(6))) == {"u1": 0.05, "u2": -0.05,
+                                                                                    "u3": 0.15}
+    assert summary.set_index("method").loc["history_prompt", "baseline"] == "none"
 
 
 def test_an_empty_output_pays_the_likelihood_of_ending_at_once(tiny_runtime, monkeypatch):
@@ -240,6 +278,12 @@ def test_eval_end_to_end_writes_metrics_and_a_report_that_renders(ray_cluster, t
     assert doc["meta"]["preference_unsteered"]["n_pairs"] == 4
     items = pd.read_parquet(f"{uri}/items.parquet")
     assert len(items[items["method"] == "none"]) == 4 and items["output"].map(type).eq(str).all()
+    # DPS decodes on the history-in-prompt prompt (as in the paper) and is compared with it
+    dps_rows = items[items["method"] == "dps"]
+    if len(dps_rows):
+        hist = items[items["method"] == "history_prompt"].set_index("item_id")["prompt"]
+        assert all(p == hist[i] for i, p in zip(dps_rows["item_id"], dps_rows["prompt"]))
+        assert set(summary.loc[summary["method"] == "dps", "baseline"]) == {"history_prompt"}
     # the summary's figures, recomputed from the items: ROUGE-L by rouge_score itself, a user's mean over
     # their items, the method's figure the mean over users, Δ the mean of per-user differences
     from rouge_score import rouge_scorer
@@ -311,7 +355,8 @@ def test_evaluating_an_existing_store_refuses_other_weights_and_a_version_withou
 
     monkeypatch.setattr(evaluate, "require", lambda *a, **k: None)  # the refusal comes before any metric
     monkeypatch.setattr(evaluate, "ensure_wordnet", lambda *a, **k: None)
-    data = {"histories": write_jsonl(tmp_path / "h.jsonl", _histories()), "heldout_items": 1, "min_history": 3}
+    data = {"histories": write_jsonl(tmp_path / "h.jsonl", _histories()), "heldout_items": 1, "min_history": 3,
+            "pair_rejected": "other_user"}
     split = split_data(from_dict(EvalDataConfig, data), None)
     (tmp_path / "th.jsonl").write_text(_jsonl([i for items in split.train.values() for i in items]))
     (tmp_path / "tp.jsonl").write_text(_jsonl(split.train_pairs))
@@ -324,3 +369,27 @@ def test_evaluating_an_existing_store_refuses_other_weights_and_a_version_withou
                                              "model": {"name_or_path": str(tiny_model_folder)}})
     with pytest.raises(FingerprintMismatch, match="other-weights" if fingerprint else "records no weights fingerprint"):
         evaluate.main(config)
+
+
+def test_what_to_ship_is_the_best_lower_bound_at_acceptable_fluency_or_nothing():
+    from steerstore.jobs.evaluate.score import ship_recommendation
+    from steerstore.jobs.evaluate.write import ship_line
+
+    def row(method, strength, lo, ppl, delta=None):
+        d = lo + 0.01 if delta is None else delta
+        return {"method": method, "label": method.upper(), "parameter": "alpha" if strength else "",
+                "strength": strength if strength else math.nan, "recommended": True, "baseline": "none",
+                "n_users": 30, "perplexity": ppl, "delta_meteor": d, "delta_meteor_lo": lo, "delta_meteor_hi": d + 0.01}
+
+    summary = pd.DataFrame([row("none", None, math.nan, 10.0), row("history_prompt", None, 0.002, 11.0),
+                            row("caa", 4.0, 0.010, 16.0),  # the best bound, but perplexity 1.6x: not shipped
+                            row("caa", 1.0, 0.004, 12.0), row("bt", 2.0, -0.003, 10.5)])
+    ship = ship_recommendation(summary, "meteor", 1.5, "tiny")
+    assert (ship["method"], ship["strength"], ship["delta_lo"]) == ("caa", 1.0, 0.004)
+    assert ship["perplexity_ratio"] == pytest.approx(1.2) and ship["settings"] == 4 and ship["fluent_settings"] == 3
+    assert "CAA at alpha = 1" in ship_line(ship) and "tiny" in ship["caveat"]
+    # nothing with a lower bound above 0: no personalisation, with the best candidate named
+    weak = summary.assign(delta_meteor_lo=summary["delta_meteor_lo"] - 0.02)
+    ship = ship_recommendation(weak, "meteor", 1.5, "tiny")
+    assert ship["method"] == "none" and ship["best_candidate"]["method"] == "caa"
+    assert ship_line(ship).startswith("What to ship: no personalisation")

@@ -313,6 +313,7 @@ def test_the_recommended_scale_of_each_method_is_chosen_on_training_pairs(bad_in
     reader = StoreReader(bad_input_run[1])
     choice = reader.manifest["scale_choice"]
     assert set(choice) >= {"population", "caa", "bt"} and choice["pairs"] == 4
+    assert choice["pairs_scored"].startswith("out of sample")  # leave-one-pair-out vectors and θ
     budget = ScaleConfig().max_nll_increase  # the run keeps the default fluency budget
     for method in ("population", "caa", "bt"):
         curve = choice[method]["curve"]

@@ -97,6 +97,9 @@ def synthetic(seed: int = 0, nan_metrics=("bleu",), n_users: int = 24, full: boo
         "data": "../shared/data/blogs-dev.jsonl.gz", "users": n_users, "items": 5 * n_users, "pairs": 240,
         "seconds": {"generate": 123.4, "score": 45.6, "bertscore": 12.0},
         "notes": ["BLEU not computed", "a note with <b>markup</b>"],
+        "ship": {"method": "caa", "label": "CAA (per-user)", "parameter": "alpha", "strength": 0.5, "metric": "meteor",
+                 "delta": 0.02, "delta_lo": 0.005, "delta_hi": 0.035, "perplexity_ratio": 1.1, "n_users": n_users,
+                 "reason": "the best lower bound", "caveat": "one model <size>"},
         "preference_unsteered": {"pair_accuracy": 0.71, "pair_accuracy_lo": 0.64, "pair_accuracy_hi": 0.78,
                                  "mean_margin_per_token": 0.123, "n_pairs": 240, "n_users": n_users},
     }
@@ -149,6 +152,9 @@ def test_report_structure_and_escaping(full):
         assert f'<section id="{sid}">' in page
     pref = text(page[page.index('<section id="preference">'):page.index("</section>", page.index('id="preference"'))])
     assert "59.0 % [54.0 %, 64.0 %]" in pref and "+0.200" in pref  # bt: pooled share with its CI, margin gain
+    head = text(page[page.index('<header id="meta">'):page.index("</header>")])
+    assert "What to ship: CAA (per-user) at alpha = 0.5 — Δmeteor +0.0200 [+0.0050, +0.0350]" in head
+    assert "one model <size>" in head and "one model <size>" not in page  # escaped
     assert "Apart, not a steering result" in pref and "71.0 % [64.0 %, 78.0 %] of 240 pairs" in pref and "+0.123" in pref
     for m in SWEPT:
         assert f'data-plot="dose-{m}"' in page

@@ -212,6 +212,30 @@ def test_the_mixed_batch_plan_matches_the_single_mode_runtime_calls(served):
     assert [o.text for o in out[:3]] == alone_caa + alone_dps + alone_inf
 
 
+def test_a_request_with_the_users_history_decodes_the_prompt_the_heads_were_chosen_with(served):
+    """DPS as in the paper: the user's retrieved history before the prompt, in the refresh's template."""
+    from steerstore.operators.history import HistoryContextConfig, history_prompt
+
+    reader, model, tokenizer = served
+    runtime = ModelRuntime(ModelConfig(name_or_path="tiny"), model=model, tokenizer=tokenizer)
+    ann = reader.artifacts("ann")
+    assert ann.dps.history_items == 1  # the store says the heads were chosen with one history item shown
+    history = [{"input": "Tell me about your weekend.", "output": "Wow, I absolutely love it! Amazing!"}]
+    shown = history_prompt(history, PROMPTS[2], HistoryContextConfig(context_chars=ann.dps.history_chars))
+    alone_dps = runtime.generate([shown], 8, contrast=HeadContrast([ann.dps.heads], gamma=ann.dps.gamma,
+                                                                   adaptive=ann.dps.adaptive,
+                                                                   plausibility=ann.dps.plausibility))
+    out = serve(runtime, reader, [Request("ann", PROMPTS[2], "dps", history=history),
+                                  Request("ann", PROMPTS[2], "none", history=history),
+                                  Request("ann", PROMPTS[2], "dps")], 8)
+    assert out[0].text == alone_dps[0] and out[0].note is None
+    assert out[1].text == runtime.generate([shown], 8)[0]  # none + history: the history-in-prompt baseline
+    assert "chosen with 1 history item(s)" in out[2].note  # served without the history it was chosen with
+    for bad in ([{"input": "x"}], "text", [{"input": "x", "output": "  "}]):
+        with pytest.raises(BadRequest, match="history must be a list"):
+            plan_requests(reader, [Request("ann", "Hi", "dps", history=bad)])
+
+
 def test_every_vector_method_of_a_mixed_batch_decodes_as_the_runtime_steered_by_the_readers_vectors(served):
     """bt, population, style_vector (explicit source, layers, γ) and caa (explicit layers) rows, with the
     positions each vector records (CAA-family response, SteerX all), in one batch: each row decodes as

@@ -8,14 +8,15 @@ Launch: ``steerstore eval`` (the development data in ``../shared/data``, the def
    item's ``input`` (e.g. the opening of a text) is the prompt and its ``output`` the target.
    An explicit held-out file (``data.heldout``, e.g. from ``steerstore import --format lamp``)
    replaces the split. Preference pairs are split per user the same way (seeded); without
-   pairs, pairs are built from the histories: (input, the user's own output, another user's
-   output for another input), training pairs from training items, held-out pairs from held-out
-   items. Nothing the refresh job fits — per-user or population — sees a held-out target.
+   pairs, pairs are built from the histories: (input, the user's own output, a rejected text),
+   training pairs from training items, held-out pairs from held-out items; the rejected side is by default the model's own greedy answer to the same input
+   (``data.pair_rejected: neutral``), or another user's text from the same source (``other_user``).
+   Nothing the refresh job fits — per-user or population — sees a held-out target.
 2. **Refresh** on the training split only, into ``<out>/store`` (a new store version).
 3. **Generate**, greedy, on every held-out item: no personalisation, history in the prompt
    (top-k training items by BM25), SteerX style vectors (history / description / blend
-   sources: the disentangling ablation), SteerX influence decoding, per-user CAA, BT and DPS,
-   each at its recommended strength plus sweeps of γ / α / λ (and τ: each extra τ reruns the
+   sources: the disentangling ablation), SteerX influence decoding, per-user CAA, BT and DPS (on
+   the history-in-prompt prompt, as in the paper, and compared with it), each at its recommended strength plus sweeps of γ / α / λ (and τ: each extra τ reruns the
    SteerX anchor and smoothing stages into a side store).
 4. **Score**: ROUGE-1/L, METEOR, BLEU, BERTScore against the target; fluency as the perplexity
    of the output under the unsteered model (given the plain prompt); per-user deltas against
@@ -62,9 +63,16 @@ from steerstore.jobs.evaluate.score import (
     per_user_table,
     preference_accuracy,
     score_items,
+    ship_recommendation,
     summarise,
 )
-from steerstore.jobs.evaluate.split import Split, _check_store_inputs, dev_histories, split_data
+from steerstore.jobs.evaluate.split import (
+    Split,
+    _check_store_inputs,
+    dev_histories,
+    split_data,
+    with_neutral_rejected,
+)
 from steerstore.jobs.evaluate.write import _examples, _jsonl, _notes, _write, print_summary
 from steerstore.operators.metrics import ensure_wordnet
 from steerstore.operators.runtime import ModelRuntime
@@ -88,6 +96,9 @@ def main(config: EvalConfig) -> dict:
 
     ensure_wordnet(config.metrics)  # fail before any work when METEOR cannot run
     split = split_data(config.data, config.storage)
+    runtime = ModelRuntime(config.model)
+    if config.data.pair_rejected == "neutral":  # built pairs contrast the user with the model's own answer
+        split = with_neutral_rejected(split, runtime.generate, config.data.neutral_max_new_tokens)
     texts = {"histories": _jsonl([i for items in split.train.values() for i in items]),
              "pairs": _jsonl(split.train_pairs)}
     if config.store:  # evaluate a store version refreshed earlier, on exactly this training split
@@ -110,7 +121,6 @@ def main(config: EvalConfig) -> dict:
         summary_refresh = refresh.main(_refresh_config(config, inputs, store_uri))
         reader = StoreReader(store_uri, config.storage, summary_refresh["version"])
     lap("refresh")
-    runtime = ModelRuntime(config.model)
     reader.check_model(runtime.fingerprint, "the evaluation model")
     gen = Generator(runtime, reader, split, config)
     gen.run()
@@ -120,7 +130,9 @@ def main(config: EvalConfig) -> dict:
     lap("tau sweep")
     scored = score_items(items, runtime, config.metrics)
     users = per_user_table(scored)
-    summary, per_user = summarise(users, config.metrics)
+    summary, per_user = summarise(users, config.metrics, gen.baselines)
+    ship = ship_recommendation(summary, config.methods.ship_metric, config.methods.max_perplexity_ratio,
+                               reader.manifest["model"].get("id"))
     lap("metrics")
     preference, unsteered = preference_accuracy(runtime, reader, split.heldout_pairs, config.metrics,
                                                 config.methods.include)
@@ -138,7 +150,7 @@ def main(config: EvalConfig) -> dict:
             "decoding": f"greedy, {config.methods.max_new_tokens} new tokens",
             "data": split.notes, "missing": gen.missing, "tau": steerx.tau, "tau_stores": tau_stores,
             "refresh_stage_seconds": summary_refresh.get("stage_seconds"), "seconds": timings,
-            "preference_unsteered": unsteered, "steerx_descriptions": gen.descriptions, "notes": _notes(summary, gen)}
+            "ship": ship, "preference_unsteered": unsteered, "steerx_descriptions": gen.descriptions, "notes": _notes(summary, gen)}
     examples = _examples(scored, config.examples)
     from steerstore.jobs.evaluate.report import ReportData, render_report  # noqa: PLC0415  (matplotlib only when reporting)
 
@@ -147,7 +159,7 @@ def main(config: EvalConfig) -> dict:
     lap("report")
     meta["seconds"] = timings
     _write(out_uri, config.storage, html, scored, summary, per_user, preference, meta)
-    print_summary(summary, preference, unsteered)
+    print_summary(summary, preference, unsteered, ship)
     print(f"\nreport: {storage.join(out_uri, 'report.html')}")
     return {"uri": out_uri, "summary": summary, "per_user": per_user, "preference": preference, "meta": meta,
             "items": scored}

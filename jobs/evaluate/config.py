@@ -58,12 +58,18 @@ class EvalDataConfig:
     min_history: int = option(4, help="training items a user needs to be evaluated")
     max_history: int = option(12, help="most recent training items per user given to the refresh job")
     heldout_pairs: int = option(2, help="held-out preference pairs per user (when pairs are given)")
+    pair_rejected: Literal["neutral", "other_user"] = option(
+        "neutral", help="built pairs (no preference_pairs given): the rejected text is the model's own greedy answer "
+                        "to the same prompt (neutral) or another user's text for another prompt, from the same source "
+                        "(other_user)")
+    neutral_max_new_tokens: int = option(80, help="built pairs, neutral: tokens of the model's answer")
     seed: int = option(0, help="seed of the split and of the other-user continuations in built pairs")
 
     def __post_init__(self) -> None:
         check(self.heldout_items >= 1 and self.min_history >= 2 and self.max_history >= self.min_history,
               "data: heldout_items >= 1, min_history >= 2 and max_history >= min_history")
-        check(self.heldout_pairs >= 1, "data.heldout_pairs must be >= 1")
+        check(self.heldout_pairs >= 1 and self.neutral_max_new_tokens >= 1,
+              "data.heldout_pairs and data.neutral_max_new_tokens must be >= 1")
         check(set(self.dev_sources) <= set(devdata.SOURCES), f"data.dev_sources must be among {sorted(devdata.SOURCES)}")
 
 
@@ -83,6 +89,13 @@ class MethodsConfig:
         DEFAULT_INFLUENCE_PLAUSIBILITY, help="influence decoding: only tokens the plain prompt gives at least this "
                                              "share of its top token's probability (keeps the answer on the prompt; 0: off)")
     dps_gamma_grid: list[float] = option([0.5, 1.0, 2.0, 4.0], help="DPS contrast γ sweep")
+    dps_prompt: Literal["history", "plain"] = option(
+        "history", help="DPS decodes the history-in-prompt prompt (the paper's setting; its Δ is then taken against "
+                        "history in prompt) or the bare input (Δ against no personalisation)")
+    ship_metric: Literal["meteor", "rougeL", "rouge1", "bleu", "bertscore"] = option(
+        "meteor", help="the metric the 'what to ship' recommendation ranks settings by (lower CI bound of its Δ)")
+    max_perplexity_ratio: float = option(
+        1.5, help="what to ship: acceptable fluency, perplexity at most this multiple of no personalisation's")
     tau_grid: list[float] = option(
         [], help="extra anchor thresholds τ: each reruns SteerX anchors + smoothing into a side store and is "
                  "evaluated by influence decoding at the recommended λ")

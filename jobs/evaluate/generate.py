@@ -49,9 +49,13 @@ class Generator:
         self.missing: dict[str, dict[str, str]] = {}  # method -> user -> why
         self.descriptions: dict = {}  # SteerX: how many evaluated users got a valid style description, and why not
 
+    def _label(self, method: str) -> str:
+        base = self.baselines.get(method)
+        return f"{LABELS[method]} + history in prompt (Δ vs {LABELS[base]})" if base else LABELS[method]
+
     def _emit(self, settings_rows: list[tuple[Setting, dict]], outputs: list[str], prompts: list[str]) -> None:
         for (s, item), out, prompt in zip(settings_rows, outputs, prompts):
-            self.rows.append({"method": s.method, "label": LABELS[s.method], "parameter": s.parameter,
+            self.rows.append({"method": s.method, "label": self._label(s.method), "parameter": s.parameter,
                               "strength": s.strength, "recommended": s.recommended, "user_id": item["user_id"],
                               "item_id": item["item_id"], "input": item["input"], "prompt": prompt,
                               "target": item["target"], "output": out})
@@ -92,16 +96,21 @@ class Generator:
         outs = self.runtime.generate(prompts, self.config.methods.max_new_tokens)
         self._emit([(Setting("none", "", math.nan, True), h) for h in self.items], outs, prompts)
 
-    def history(self) -> None:
+    def _history_prompts(self, items: list[dict]) -> list[str]:
+        """Each held-out input after the user's top-k training items by BM25 (the history-in-prompt baseline)."""
         m = self.config.methods
         ctx = HistoryContextConfig(context_items=m.history_k, selection="bm25", context_chars=m.history_chars)
         prompts = []
-        for h in self.items:
+        for h in items:
             train = self.split.train[h["user_id"]]
             # the held-out item as the query after the training items: context_indices never picks it
             picked = context_indices([*train, {"input": h["input"]}], len(train), ctx)
             prompts.append(history_prompt([train[i] for i in picked], h["input"], ctx))
-        outs = self.runtime.generate(prompts, m.max_new_tokens)
+        return prompts
+
+    def history(self) -> None:
+        prompts = self._history_prompts(self.items)
+        outs = self.runtime.generate(prompts, self.config.methods.max_new_tokens)
         self._emit([(Setting("history_prompt", "", math.nan, True), h) for h in self.items], outs, prompts)
 
     def _user_vectors(self, method: str) -> tuple[dict[str, UserVectors], str, list[float]]:
@@ -181,9 +190,18 @@ class Generator:
         first = found[items[0]["user_id"]]
         contrast = HeadContrast([found[h["user_id"]].heads for _, h in rows], gamma=[s.strength for s, _ in rows],
                                 adaptive=first.adaptive, plausibility=first.plausibility)
-        prompts = [h["input"] for _, h in rows]
+        # as in the paper: the contrast applied on top of the retrieved-history prompt, and compared with it
+        prompts = self._history_prompts([h for _, h in rows]) if self.config.methods.dps_prompt == "history" \
+            else [h["input"] for _, h in rows]
         outs = self.runtime.generate(prompts, self.config.methods.max_new_tokens, contrast=contrast)
         self._emit(rows, outs, prompts)
+
+    @property
+    def baselines(self) -> dict[str, str]:
+        """method -> the method its Δ is taken against (else no personalisation)."""
+        m = self.config.methods
+        both = m.dps_prompt == "history" and "history_prompt" in m.include
+        return {"dps": "history_prompt"} if both else {}
 
 
 def _tau_sweep(config: EvalConfig, inputs: dict[str, str], gen: Generator, steerx: SteerXConfig) -> dict[str, str]:

@@ -73,15 +73,26 @@ def per_user_table(items: pd.DataFrame) -> pd.DataFrame:
     return users
 
 
-def summarise(users: pd.DataFrame, metrics: MetricsConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(summary per setting with Δ vs no personalisation and bootstrap CIs over users, per-user Δ rows)."""
-    base = users[users["method"] == "none"].set_index("user_id")
-    if base.empty:
+def summarise(users: pd.DataFrame, metrics: MetricsConfig,
+              baselines: dict[str, str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(summary per setting with Δ vs its baseline and bootstrap CIs over users, per-user Δ rows).
+
+    The baseline is no personalisation unless ``baselines`` names another method for a method (e.g. DPS
+    decoded on the history-in-prompt prompt is compared with history in prompt); ``baseline`` says which.
+    """
+    baselines = baselines or {}
+    bases = {}
+    for name in {"none", *baselines.values()}:
+        bases[name] = users[(users["method"] == name) & users["recommended"]].set_index("user_id")
+    if bases["none"].empty:
         raise ValueError("the evaluation needs the 'none' method (the baseline of every delta)")
     summary: list[dict] = []
     per_user: dict[tuple, dict] = {}  # (setting, user) -> the user's Δ per metric, recommended settings only
     for key, grp in users.groupby(KEYS, sort=False, dropna=False):
         row = dict(zip(KEYS, key))
+        row["baseline"] = baselines.get(row["method"], "none")
+        base = bases[row["baseline"]]
+        present = grp["user_id"].isin(base.index).to_numpy()
         row["n_users"] = int(grp["user_id"].nunique())
         row["n_items"] = int(grp["n_items"].sum())
         row["empty_outputs"] = int(grp["empty_outputs"].sum())
@@ -89,11 +100,12 @@ def summarise(users: pd.DataFrame, metrics: MetricsConfig) -> tuple[pd.DataFrame
         for m in METRICS:
             vals = grp[m].to_numpy(dtype=float)
             row[m] = float(np.nanmean(vals)) if np.isfinite(vals).any() else math.nan
-            deltas = vals - base.loc[grp["user_id"], m].to_numpy(dtype=float)
+            deltas = np.full(len(vals), np.nan)  # a user the baseline has no row for has no Δ
+            deltas[present] = vals[present] - base.loc[grp["user_id"][present], m].to_numpy(dtype=float)
             finite = deltas[np.isfinite(deltas)]
-            if row["method"] != "none":
+            if row["method"] != row["baseline"]:
                 dropped |= set(grp["user_id"][~np.isfinite(deltas)])
-            if row["method"] == "none" or not len(finite):
+            if row["method"] == row["baseline"] or not len(finite):
                 row[f"delta_{m}"] = row[f"delta_{m}_lo"] = row[f"delta_{m}_hi"] = math.nan
             else:
                 mean, lo, hi = bootstrap_ci(finite, metrics)
@@ -101,11 +113,45 @@ def summarise(users: pd.DataFrame, metrics: MetricsConfig) -> tuple[pd.DataFrame
             if row["recommended"] and row["method"] != "none":
                 for uid, d in zip(grp["user_id"], deltas):
                     entry = per_user.setdefault((key, uid), {
-                        "user_id": uid, **{k: row[k] for k in ("method", "label", "parameter", "strength")}})
+                        "user_id": uid, **{k: row[k] for k in ("method", "label", "parameter", "strength", "baseline")}})
                     entry[f"delta_{m}"] = float(d)
         row["users_without_delta"] = len(dropped)
         summary.append(row)
     return pd.DataFrame(summary), pd.DataFrame(list(per_user.values()))
+
+
+# ---- what to ship ----------------------------------------------------------------------------
+
+def ship_recommendation(summary: pd.DataFrame, metric: str, max_perplexity_ratio: float, model: str | None) -> dict:
+    """The method and strength to ship: the best lower CI bound of Δ ``metric`` among settings whose
+    perplexity stays within ``max_perplexity_ratio`` × no personalisation's. None of them when no lower
+    bound is above 0: then no personalisation is what the data supports."""
+    none = summary[summary["method"] == "none"]
+    ref = float(none["perplexity"].iloc[0]) if len(none) else math.nan
+    lo = f"delta_{metric}_lo"
+    rows = summary[(summary["method"] != "none") & np.isfinite(summary[lo].astype(float))].copy()
+    ratio = rows["perplexity"].astype(float) / ref if math.isfinite(ref) and ref > 0 else rows["perplexity"] * np.nan
+    fluent = rows[ratio.le(max_perplexity_ratio).to_numpy()]
+    caveat = (f"chosen among {len(rows)} evaluated settings on the same users (the best of many is optimistic: "
+              f"confirm on other users); measured with {model or 'this model'}: steering strengths and gains do "
+              "not transfer across model sizes")
+    out = {"metric": metric, "max_perplexity_ratio": max_perplexity_ratio, "settings": int(len(rows)),
+           "fluent_settings": int(len(fluent)), "caveat": caveat}
+    if fluent.empty:
+        return dict(out, method="none", reason="no personalised setting kept perplexity within "
+                                              f"{max_perplexity_ratio:g}x of no personalisation")
+    best = fluent.loc[fluent[lo].astype(float).idxmax()]
+    found = {k: (None if isinstance(best[k], float) and math.isnan(best[k]) else best[k])
+             for k in ("method", "label", "parameter", "strength", "baseline")}
+    figures = {"delta": float(best[f"delta_{metric}"]), "delta_lo": float(best[lo]),
+               "delta_hi": float(best[f"delta_{metric}_hi"]), "perplexity_ratio": float(best["perplexity"]) / ref,
+               "n_users": int(best["n_users"])}
+    if figures["delta_lo"] <= 0:
+        return dict(out, method="none", best_candidate={**found, **figures},
+                    reason=f"no setting's Δ{metric} has a CI above 0 (best lower bound {figures['delta_lo']:+.4f}, "
+                           f"{found['label']}): no personalisation is what this evaluation supports")
+    return dict(out, **found, **figures, reason=f"the best lower 95% bound of Δ{metric} at perplexity within "
+                                               f"{max_perplexity_ratio:g}x of no personalisation")
 
 
 # ---- preference accuracy ---------------------------------------------------------------------

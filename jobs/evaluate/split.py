@@ -6,6 +6,7 @@ refresh, and an existing store is accepted only when it was refreshed on exactly
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import random
 from collections import Counter, defaultdict
@@ -33,7 +34,7 @@ def dev_histories(data: EvalDataConfig) -> list[dict]:
                 if split:
                     items.append({"user_id": user["user_id"], "item_id": item["id"],
                                   "input": devdata.PROMPT.format(opening=split[0]), "output": split[1],
-                                  "timestamp": _dev_date(item.get("date"))})
+                                  "timestamp": _dev_date(item.get("date")), "source": source})
             if len(items) >= data.min_history + data.heldout_items:
                 rows.extend(items)
                 taken += 1
@@ -59,6 +60,7 @@ class Split:
     train_pairs: list[dict]
     heldout_pairs: list[dict]
     notes: dict  # how each part was made, counts of skipped rows by reason
+    built_pairs: bool = False  # pairs were built from the histories (their rejected side may be replaced)
 
 
 def _clean_histories(rows: list[dict], skipped: Counter) -> dict[str, list[dict]]:
@@ -84,6 +86,9 @@ def _order(items: list[dict], user: str, mode: str, seed: int) -> tuple[list[dic
 def split_data(config: EvalDataConfig, cfg: StorageConfig) -> Split:
     skipped: Counter = Counter()
     rows = read_records(config.histories, cfg) if config.histories else dev_histories(config)
+    # a history row may name its source (data set, product...): built pairs stay within one source
+    sources = {r["user_id"]: r["source"] for r in rows if isinstance(r, dict) and isinstance(r.get("source"), str)
+               and isinstance(r.get("user_id"), str)}
     by_user = _clean_histories(rows, skipped)
     train: dict[str, list[dict]] = {}
     heldout: list[dict] = []
@@ -133,14 +138,15 @@ def split_data(config: EvalDataConfig, cfg: StorageConfig) -> Split:
         train_pairs = kept
         pairs_from = config.preference_pairs
     else:
-        train_pairs, heldout_pairs = _built_pairs(train, heldout, config.seed)
-        pairs_from = "built from the histories: (input, the user's output, another user's output)"
+        train_pairs, heldout_pairs = _built_pairs(train, heldout, config.seed, sources)
+        pairs_from = ("built from the histories: (input, the user's output, another user's output for another "
+                      "input, from a user of the same source)")
     skipped = Counter({k: v for k, v in skipped.items() if v})
     notes = {"histories": config.histories or f"development data {config.dev_sources} in {config.dev_dir}",
              "heldout": config.heldout or f"last {config.heldout_items} items per user ({config.split} split)",
              "split_modes": dict(modes), "users_with_too_few_items": too_few, "skipped_rows": dict(skipped),
              "pairs": pairs_from}
-    return Split(train, heldout, train_pairs, heldout_pairs, notes)
+    return Split(train, heldout, train_pairs, heldout_pairs, notes, built_pairs=not config.preference_pairs)
 
 
 def _normal(text: str) -> str:
@@ -185,13 +191,26 @@ def _split_pairs(rows: list[dict], users: set[str], config: EvalDataConfig, skip
     return train, held
 
 
-def _built_pairs(train: dict[str, list[dict]], heldout: list[dict], seed: int) -> tuple[list, list]:
-    """Training pairs from training items, held-out pairs from held-out items (rejected: another user's text)."""
+def _built_pairs(train: dict[str, list[dict]], heldout: list[dict], seed: int,
+                 sources: dict[str, str] | None = None) -> tuple[list, list]:
+    """Training pairs from training items, held-out pairs from held-out items.
+
+    The rejected side is another user's text, from a user of the same source (so a pair does not
+    reward telling one data set from another); a source with a single user draws from all users.
+    ``with_neutral_rejected`` later replaces it with the model's own answer to the same prompt.
+    """
     rng = random.Random(f"{seed}:built-pairs")
+    sources = sources or {}
+
+    def peers(user: str, pool) -> list[str]:
+        others = [o for o in pool if o != user]
+        same = [o for o in others if sources.get(o) == sources.get(user)]
+        return same or others
+
     users = sorted(train)
     train_pairs = []
     for user in users:
-        others = [o for o in users if o != user]
+        others = peers(user, users)
         for item in train[user]:
             other = rng.choice(train[rng.choice(others)])
             train_pairs.append({"user_id": user, "pair_id": f"{item['item_id']}-pair", "prompt": item["input"],
@@ -201,11 +220,41 @@ def _built_pairs(train: dict[str, list[dict]], heldout: list[dict], seed: int) -
         held_by_user[h["user_id"]].append(h)
     heldout_pairs = []
     for h in heldout:
-        others = [o for o in held_by_user if o != h["user_id"]]
+        others = peers(h["user_id"], list(held_by_user))
         other = rng.choice(held_by_user[rng.choice(others)])
         heldout_pairs.append({"user_id": h["user_id"], "pair_id": f"{h['item_id']}-heldout-pair", "prompt": h["input"],
                               "chosen": h["target"], "rejected": other["target"], "weight": 1.0})
     return train_pairs, heldout_pairs
+
+
+def with_neutral_rejected(split: Split, generate, max_new_tokens: int) -> Split:
+    """Built pairs whose rejected side is the model's own greedy answer to the same prompt.
+
+    ``generate(prompts, max_new_tokens) -> texts`` is the unsteered model (each distinct prompt
+    once). A pair then contrasts the user's text with what the model writes without them for
+    the same prompt: style, not topic or source. A prompt whose answer is empty keeps its
+    other-user rejected text (counted in the notes).
+    """
+    if not split.built_pairs:
+        return split
+    prompts = list(dict.fromkeys(p["prompt"] for p in split.train_pairs + split.heldout_pairs))
+    answers = dict(zip(prompts, generate(prompts, max_new_tokens)))
+    kept = 0
+
+    def swap(pairs: list[dict]) -> list[dict]:
+        nonlocal kept
+        out = []
+        for p in pairs:
+            neutral = answers[p["prompt"]].strip()
+            kept += not neutral
+            out.append(dict(p, rejected=neutral) if neutral else dict(p))
+        return out
+
+    train_pairs, heldout_pairs = swap(split.train_pairs), swap(split.heldout_pairs)
+    notes = dict(split.notes, pairs=(f"built from the histories: (input, the user's output, the model's own greedy "
+                                     f"answer to the same input, {max_new_tokens} new tokens)"
+                                     + (f"; {kept} pairs with an empty answer kept another user's text" if kept else "")))
+    return dataclasses.replace(split, train_pairs=train_pairs, heldout_pairs=heldout_pairs, notes=notes)
 
 
 def _check_store_inputs(reader: StoreReader, texts: dict[str, str], cfg: StorageConfig) -> dict[str, str]:

@@ -91,7 +91,20 @@ def _finite(value):
     return value
 
 
-def print_summary(summary: pd.DataFrame, preference: pd.DataFrame, unsteered: dict | None = None) -> None:
+def ship_line(ship: dict) -> str:
+    """One sentence: what to ship, by what figure, and the caveat."""
+    if not ship:
+        return ""
+    if ship["method"] == "none":
+        return f"What to ship: no personalisation — {ship['reason']}. Caveat: {ship['caveat']}."
+    setting = f" at {ship['parameter']} = {ship['strength']:g}" if ship.get("parameter") else ""
+    return (f"What to ship: {ship['label']}{setting} — Δ{ship['metric']} {ship['delta']:+.4f} "
+            f"[{ship['delta_lo']:+.4f}, {ship['delta_hi']:+.4f}] over {ship['n_users']} users, perplexity "
+            f"{ship['perplexity_ratio']:.2f}x no personalisation ({ship['reason']}). Caveat: {ship['caveat']}.")
+
+
+def print_summary(summary: pd.DataFrame, preference: pd.DataFrame, unsteered: dict | None = None,
+                  ship: dict | None = None) -> None:
     """The recommended setting of each method: metric means and Δ vs no personalisation [95% CI]."""
     rec = summary[summary["recommended"]]
     print(f"\n{'method':<36}{'strength':>9}{'users':>6}{'ROUGE-1':>9}{'ROUGE-L':>9}{'METEOR':>8}{'BLEU':>7}"
@@ -117,3 +130,5 @@ def print_summary(summary: pd.DataFrame, preference: pd.DataFrame, unsteered: di
               f"{unsteered['pair_accuracy']:.3f} [{unsteered['pair_accuracy_lo']:.3f},"
               f"{unsteered['pair_accuracy_hi']:.3f}] of {unsteered['n_pairs']} pairs "
               f"(mean margin {unsteered['mean_margin_per_token']:+.3f} nats/token; chance depends on the pairs)")
+    if ship:
+        print("\n" + ship_line(ship))

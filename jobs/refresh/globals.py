@@ -220,23 +220,32 @@ def _scales(config: RefreshConfig, sampler: Sampler, pool: Pool, g: dict, users:
     rows = {r["user_id"]: r for r in sampler.users_table(users).to_pylist()}
     pairs = [rows[u]["pairs"][j] for u, j in picked]
     finals: dict = {}
+    leave_out: dict[str, list[int]] = {}
+    if config.scale.out_of_sample:  # each scored pair steered by its user's vector fitted without it
+        for u, j in picked:
+            leave_out.setdefault(u, []).append(j)
     for out in pool.call_all("sample_finals", users, g["population_mean"], g["theta_pop"], g["basis"],
-                             g["feature_norms"]):
+                             g["feature_norms"], leave_out):
         finals.update(out)
+
+    def fit(u: str, j: int) -> dict:
+        return finals[u]["loo"][j] if config.scale.out_of_sample else finals[u]
     row = g["population_row"]
     layers, stored = list(row["recommended_layers"]), list(row["layers"])
     at = [stored.index(l) for l in layers]
     population = g["population_mean"]
     methods = {
         "population": {l: np.stack([population[j]] * len(picked)) for l, j in zip(layers, at)},
-        "caa": {l: np.stack([finals[u]["vectors"][j] for u, _ in picked]) for l, j in zip(layers, at)},
+        "caa": {l: np.stack([fit(u, p)["vectors"][j] for u, p in picked]) for l, j in zip(layers, at)},
     }
     if g["theta_pop"] is not None:
         norms = np.linalg.norm(population, axis=-1).astype(np.float64)
-        composed = {u: compose(finals[u]["theta"], g["basis"], norms) for u in users}
-        methods["bt"] = {l: np.stack([composed[u][j] for u, _ in picked]) for l, j in zip(layers, at)}
+        composed = [compose(fit(u, p)["theta"], g["basis"], norms) for u, p in picked]
+        methods["bt"] = {l: np.stack([c[j] for c in composed]) for l, j in zip(layers, at)}
     result = pool.first("choose_scales", pairs, methods, row["positions"])
-    g["scale_curves"] = {**result, "pairs": len(picked), "users": len(users)}
+    g["scale_curves"] = {**result, "pairs": len(picked), "users": len(users),
+                         "pairs_scored": "out of sample (leave-one-pair-out vectors and θ)" if config.scale.out_of_sample
+                         else "in sample (the vectors were fitted on these pairs)"}
     g["scales"].update({m: r["alpha"] for m, r in result.items() if m in g["scales"]})
 
 

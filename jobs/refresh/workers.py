@@ -157,20 +157,34 @@ class ModelWorker:
         return [(u, features(d, basis, norms), w) for u, (d, w, _) in sorted(self._sample.items())]
 
     def sample_finals(self, user_ids: list[str], population: np.ndarray, theta_pop: np.ndarray | None,
-                      basis, norms) -> dict[str, dict]:
-        """Shrunk vectors (layers, hidden) and BT ideal points θ of sample users held here (for the α choice)."""
+                      basis, norms, leave_out: dict[str, list[int]] | None = None) -> dict[str, dict]:
+        """Shrunk vectors (layers, hidden) and BT ideal points θ of sample users held here (for the α choice).
+
+        With ``leave_out`` (user -> indices of their pairs), also each listed pair's vector and θ fitted
+        without that pair (``entry["loo"][j]``): the α choice then scores a pair out of sample.
+        """
         out = {}
         for u in user_ids:
             if u not in self._sample:
                 continue
             d, w, _ = self._sample[u]
-            mean = np.einsum("n,nlh->lh", w, d) / w.sum()
-            entry = {"vectors": shrink(mean.astype(np.float32), float(w.sum()), population, self.config.caa.shrinkage)}
-            if theta_pop is not None and basis is not None:
-                bt = self.config.bt
-                entry["theta"] = fit_bt(features(d, basis, norms), w, theta_pop, bt.prior, bt.newton_steps).theta
+            entry = self._final(d, w, population, theta_pop, basis, norms)
+            entry["loo"] = {}
+            for j in (leave_out or {}).get(u, []):
+                keep = np.arange(len(w)) != j
+                entry["loo"][j] = self._final(d[keep], w[keep], population, theta_pop, basis, norms)
             out[u] = entry
         return out
+
+    def _final(self, d: np.ndarray, w: np.ndarray, population: np.ndarray, theta_pop, basis, norms) -> dict:
+        """A user's shrunk vectors and θ from pair differences ``d`` with weights ``w`` (none left: the prior)."""
+        total = float(w.sum())
+        mean = np.einsum("n,nlh->lh", w, d) / total if total > 0 else np.zeros(d.shape[1:], dtype=np.float64)
+        entry = {"vectors": shrink(mean.astype(np.float32), total, population, self.config.caa.shrinkage)}
+        if theta_pop is not None and basis is not None:
+            bt = self.config.bt
+            entry["theta"] = fit_bt(features(d, basis, norms), w, theta_pop, bt.prior, bt.newton_steps).theta
+        return entry
 
     def cache_caa_sample(self, values: dict, staging: str) -> int:
         """Write the final CAA rows of the sample users held here, one file per bucket, for the user pass."""

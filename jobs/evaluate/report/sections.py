@@ -26,6 +26,7 @@ from steerstore.jobs.evaluate.report.formatting import (
     _truncate,
 )
 from steerstore.jobs.evaluate.report.plots import _dose_plot, _gain_plot, _token_plot
+from steerstore.jobs.evaluate.write import ship_line
 
 
 def _figure(kind: str, key: str, svg: str, caption: str) -> str:
@@ -65,11 +66,13 @@ def _header(meta: dict) -> tuple[str, str]:
     title = str(meta.get("title") or "steerstore evaluation report")
     rows = []
     for key, value in meta.items():
-        if key in ("title", "notes"):
+        if key in ("title", "notes", "ship"):
             continue
         sub_unit = " s" if ("second" in str(key).lower() or str(key).lower().endswith("_s")) else ""
         rows.append(f"<tr><th>{_esc(key)}</th><td>{_meta_value(str(key), value, sub_unit)}</td></tr>")
     body = f'<table class="kv">{"".join(rows)}</table>' if rows else ""
+    if meta.get("ship"):
+        body = f'<p class="ship"><strong>{_esc(ship_line(meta["ship"]))}</strong></p>' + body
     notes = meta.get("notes") or []
     if isinstance(notes, str):
         notes = [notes]
