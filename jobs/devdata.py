@@ -10,6 +10,7 @@ naming where it should be, and tests that need it skip.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import random
 import re
@@ -30,6 +31,23 @@ def path_of(data_dir: str, source: str) -> Path:
             f"development data {SOURCES[source]} not found in {Path(data_dir).resolve()} (it lives in "
             "../shared/data beside the project checkout, never in the repository); pass your own data instead")
     return path
+
+
+# Development users are split once, by a hash of their id, into a tuning half (defaults are chosen
+# on it: steerstore bench tau) and an evaluation half (steerstore eval uses it by default), so no
+# evaluated user has shaped a default it is evaluated with.
+PARTITIONS = ("tune", "eval", "all")
+
+
+def partition(user_id: str) -> str:
+    """'tune' or 'eval': a fixed half of the development users each (sha256 of the id)."""
+    return "tune" if hashlib.sha256(f"steerstore-dev:{user_id}".encode()).digest()[0] % 2 == 0 else "eval"
+
+
+def in_partition(user_id: str, which: str) -> bool:
+    if which not in PARTITIONS:
+        raise ValueError(f"unknown development partition {which!r}; known: {list(PARTITIONS)}")
+    return which == "all" or partition(user_id) == which
 
 
 def available(data_dir: str = DEFAULT_DIR, sources: tuple[str, ...] = tuple(SOURCES)) -> bool:

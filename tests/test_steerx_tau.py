@@ -120,7 +120,7 @@ def _write_data(folder: Path, users: int = 6, items: int = 6) -> Path:
 def _config(tmp_path, **kw):
     kw = {"data_dir": str(_write_data(tmp_path / "data")), "sources": ["blogs"], "users": 2, "train_items": 2,
           "heldout_items": 2, "words": 12, "pool_users": 2, "taus": [0.0, 1.0], "percentiles": [90.0],
-          "cache_dir": str(tmp_path / "cache"), "json": str(tmp_path / "tau.json"), **kw}
+          "cache_dir": str(tmp_path / "cache"), "json": str(tmp_path / "tau.json"), "partition": "all", **kw}
     return st.SteerXTauConfig(**kw)
 
 

@@ -72,6 +72,8 @@ class SteerXTauConfig:
     data_dir: str = option("../shared/data", help="folder with the development data")
     sources: list[str] = option(["blogs", "synthpai"], help="data sets (each is evaluated on its own)")
     users: int = option(16, help="evaluated users per source (the first N by id with enough items)")
+    partition: str = option("tune", help="development users from this half only: tune (disjoint from the users "
+                                         "steerstore eval evaluates by default), eval or all")
     train_items: int = option(4, help="scored items per user (each with the user's other train items as context)")
     heldout_items: int = option(8, help="further items per user, never scored: where a distinctive word must recur")
     words: int = option(60, help="words per scored output")
@@ -106,6 +108,7 @@ class SteerXTauConfig:
         check(self.words >= 2 and self.text_words >= 0, "words must be >= 2 and text_words >= 0")
         check(0 < self.rarity <= 1, "rarity must be in (0, 1]")
         check(self.pool_users >= 2, "pool_users must be >= 2")
+        check(self.partition in devdata.PARTITIONS, f"partition must be one of {list(devdata.PARTITIONS)}")
         check(self.min_anchors >= 1, "min_anchors must be >= 1")
         check(bool(self.taus), "taus must not be empty")
         check(all(0 < p < 100 for p in self.percentiles), "percentiles must be in (0, 100)")
@@ -127,7 +130,8 @@ def load_source(config: SteerXTauConfig, source: str) -> dict[str, dict]:
     what the rarity reference sees of the user. A user is complete when both lists are full.
     """
     fmt = ITEM_FORMATS[source] if config.item_format == "auto" else config.item_format
-    rows = devdata.read_users(config.data_dir, source)
+    rows = [r for r in devdata.read_users(config.data_dir, source) if devdata.in_partition(r["user_id"],
+                                                                                           config.partition)]
     rng = random.Random(config.seed)
     users = {}
     for row in rows:

@@ -51,6 +51,9 @@ class EvalDataConfig:
     dev_dir: str = option("../shared/data", help="folder of the development data (used when histories is empty)")
     dev_sources: list[str] = option(["blogs", "synthpai"], help="development data sets")
     dev_users: int = option(8, help="development users per source (the first by id with enough items)")
+    dev_partition: Literal["eval", "tune", "all"] = option(
+        "eval", help="development users from this half only: eval (disjoint from the tune half that the defaults, "
+                     "e.g. SteerX's τ, were chosen on), tune or all")
     dev_words: int = option(60, help="development targets: the continuation cut to this many words")
     heldout_items: int = option(2, help="held-out items per user")
     split: Literal["time", "seeded"] = option(

@@ -28,6 +28,8 @@ def dev_histories(data: EvalDataConfig) -> list[dict]:
         users = devdata.read_users(data.dev_dir, source)
         taken = 0
         for user in users:
+            if not devdata.in_partition(user["user_id"], data.dev_partition):
+                continue
             items = []
             for item in user["items"]:
                 split = devdata.split_opening(item["text"], data.dev_words)
@@ -142,7 +144,10 @@ def split_data(config: EvalDataConfig, cfg: StorageConfig) -> Split:
         pairs_from = ("built from the histories: (input, the user's output, another user's output for another "
                       "input, from a user of the same source)")
     skipped = Counter({k: v for k, v in skipped.items() if v})
-    notes = {"histories": config.histories or f"development data {config.dev_sources} in {config.dev_dir}",
+    notes = {"histories": config.histories or (
+                 f"development data {config.dev_sources} in {config.dev_dir}, partition '{config.dev_partition}'"
+                 + (" (disjoint from the 'tune' users the defaults, e.g. SteerX's τ, were chosen on)"
+                    if config.dev_partition == "eval" else "")),
              "heldout": config.heldout or f"last {config.heldout_items} items per user ({config.split} split)",
              "split_modes": dict(modes), "users_with_too_few_items": too_few, "skipped_rows": dict(skipped),
              "pairs": pairs_from}
