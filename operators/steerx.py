@@ -101,7 +101,8 @@ class SteerXConfig:
         "other_users", help="what replaces the user's other items: empty (the paper's ∅) or items of other users (seeded)")
     tau: float = option(
         0.75, help="absolute mode: a word is an anchor when its effect is at least τ nats (0.75: best held-out F1 on "
-                   "the blogs dev users under other_users; 1.0 under empty; steerstore steerx-tau)")
+                   "the blogs dev users under other_users, tied best on the tuning half; 1.0 under empty; "
+                   "steerstore bench tau)")
     anchor_mode: Literal["absolute", "percentile"] = option("absolute", help="anchor threshold: absolute τ or a per-user percentile")
     percentile: float = option(90.0, help="percentile mode: the per-user percentile of word effects to pass")
     min_anchors: int = option(5, help="when fewer words pass, the top-m words with a positive effect are kept")
