@@ -36,7 +36,7 @@ from steerstore.infra.follow import StoreFollower
 from steerstore.infra.storage import StorageConfig
 from steerstore.jobs.generate import load_runtime_for
 from steerstore.operators.runtime import ModelRuntime, Sampling
-from steerstore.operators.serving import BadRequest, Request, check_request, personalised_generate
+from steerstore.operators.serving import BadRequest, Request, check_request, personalised_generate, request_prompt
 from steerstore.schemas.methods import Method
 
 log = logging.getLogger("steerstore")
@@ -233,7 +233,7 @@ class Endpoint:
         tokenizer = self.runtime.tokenizer
         # re-encoding the text counts about the tokens decoded (at most max_tokens were)
         completion = min(max_tokens, len(tokenizer(served.text, add_special_tokens=False)["input_ids"]))
-        prompt_tokens = len(tokenizer(request.prompt, add_special_tokens=False)["input_ids"])
+        prompt_tokens = len(tokenizer(request_prompt(request), add_special_tokens=False)["input_ids"])  # with history
         finish = "length" if completion >= max_tokens else "stop"
         choice = ({"index": 0, "message": {"role": "assistant", "content": served.text}, "finish_reason": finish}
                   if chat else {"index": 0, "text": served.text, "finish_reason": finish, "logprobs": None})

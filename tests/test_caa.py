@@ -133,10 +133,10 @@ def test_the_alpha_choice_scores_each_pair_with_its_users_vector_and_theta_fitte
     out = worker.sample_finals(["ann", "solo"], population, theta_pop, basis, norms, {"ann": [1], "solo": [0]})
     kappa, bt = worker.config.caa.shrinkage, worker.config.bt
     keep = [0, 2]
-    mean = np.einsum("n,nlh->lh", w[keep], d[keep]) / w[keep].sum()
-    np.testing.assert_allclose(out["ann"]["loo"][1]["vectors"], shrink(mean, w[keep].sum(), population, kappa),
-                               rtol=1e-5)
-    theta = fit_bt(features(d[keep], basis, norms), w[keep], theta_pop, bt.prior, bt.newton_steps).theta
+    rest = w[keep] * 2 / w[keep].sum()  # the remaining pairs' weights, mean 1 again (as pair_weights scales them)
+    mean = np.einsum("n,nlh->lh", rest, d[keep]) / rest.sum()
+    np.testing.assert_allclose(out["ann"]["loo"][1]["vectors"], shrink(mean, 2.0, population, kappa), rtol=1e-5)
+    theta = fit_bt(features(d[keep], basis, norms), rest, theta_pop, bt.prior, bt.newton_steps).theta
     np.testing.assert_allclose(out["ann"]["loo"][1]["theta"], theta, rtol=1e-5)
     full = np.einsum("n,nlh->lh", w, d) / w.sum()
     np.testing.assert_allclose(out["ann"]["vectors"], shrink(full, w.sum(), population, kappa), rtol=1e-5)

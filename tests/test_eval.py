@@ -186,26 +186,33 @@ def test_deltas_are_per_user_differences_with_a_bootstrap_interval():
 
 
 def test_an_empty_output_pays_the_likelihood_of_ending_at_once(tiny_runtime, monkeypatch):
+    import torch
+
     from steerstore.jobs.evaluate import score
-    from steerstore.operators.runtime import Encoded
 
     monkeypatch.setattr(score, "text_metrics", lambda outs, targets, cfg, which: {m: [0.0] * len(outs) for m in which})
     rt = tiny_runtime
     assert rt.eos_token_ids
+    monkeypatch.setattr(rt, "eos_token_ids", sorted({*rt.eos_token_ids, 5}))  # decoding stops on any of them
     items = pd.DataFrame([
         {"method": m, "label": m, "parameter": "", "strength": math.nan, "recommended": True, "user_id": "u",
          "item_id": "i", "input": "Say something.", "prompt": "Say something.", "target": "hi", "output": out}
         for m, out in (("none", "Hello there."), ("caa", ""), ("bt", "  "))])
     scored = score.score_items(items, rt, MetricsConfig())
     prompt = rt.prompt_ids(["Say something."])[0]
-    stop = rt.eos_token_ids[0]
     by = scored.set_index("method")
-    end = rt.token_logprobs([Encoded(prompt + [stop], len(prompt))])[0]
-    assert by.loc["caa", "tokens"] == 1 and by.loc["caa", "nll"] == pytest.approx(-float(end.sum()), abs=1e-5)
+
+    def log_p(ids):  # a plain forward: log-probabilities of the next token after ids
+        with torch.no_grad():
+            return torch.log_softmax(rt.model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
+
+    end = torch.logsumexp(log_p(prompt)[rt.eos_token_ids], 0)  # ending is any of the end tokens
+    assert by.loc["caa", "tokens"] == 1 and by.loc["caa", "nll"] == pytest.approx(-float(end), abs=1e-4)
     spaces = rt.response_ids(["  "])[0]
-    both = rt.token_logprobs([Encoded(prompt + spaces + [stop], len(prompt))])[0]
-    assert by.loc["bt", "tokens"] == len(spaces) + 1 and by.loc["bt", "nll"] == pytest.approx(-float(both.sum()),
-                                                                                                 abs=1e-5)
+    body = sum(float(log_p(prompt + spaces[:k])[t]) for k, t in enumerate(spaces))
+    end = torch.logsumexp(log_p(prompt + spaces)[rt.eos_token_ids], 0)
+    assert by.loc["bt", "tokens"] == len(spaces) + 1
+    assert by.loc["bt", "nll"] == pytest.approx(-(body + float(end)), abs=1e-4)
     assert bool(by.loc["caa", "empty"]) and bool(by.loc["bt", "empty"]) and not bool(by.loc["none", "empty"])
     users = per_user_table(scored)
     assert np.isfinite(users["perplexity"]).all()
@@ -280,6 +287,8 @@ def test_eval_end_to_end_writes_metrics_and_a_report_that_renders(ray_cluster, t
     assert len(items[items["method"] == "none"]) == 4 and items["output"].map(type).eq(str).all()
     # DPS decodes on the history-in-prompt prompt (as in the paper) and is compared with it
     dps_rows = items[items["method"] == "dps"]
+    # DPS rows exist unless every user is reported without heads (never silently absent)
+    assert len(dps_rows) or len(result["meta"]["missing"].get("dps", {})) == 4
     if len(dps_rows):
         hist = items[items["method"] == "history_prompt"].set_index("item_id")["prompt"]
         assert all(p == hist[i] for i, p in zip(dps_rows["item_id"], dps_rows["prompt"]))
@@ -355,9 +364,10 @@ def test_evaluating_an_existing_store_refuses_other_weights_and_a_version_withou
 
     monkeypatch.setattr(evaluate, "require", lambda *a, **k: None)  # the refusal comes before any metric
     monkeypatch.setattr(evaluate, "ensure_wordnet", lambda *a, **k: None)
-    data = {"histories": write_jsonl(tmp_path / "h.jsonl", _histories()), "heldout_items": 1, "min_history": 3,
-            "pair_rejected": "other_user"}
-    split = split_data(from_dict(EvalDataConfig, data), None)
+    data = {"histories": write_jsonl(tmp_path / "h.jsonl", _histories()), "heldout_items": 1, "min_history": 3}
+    # the recorded pairs are the other-user ones: with the default neutral pairs they differ, and the weights
+    # are still refused first, with the clear error
+    split = split_data(from_dict(EvalDataConfig, dict(data, pair_rejected="other_user")), None)
     (tmp_path / "th.jsonl").write_text(_jsonl([i for items in split.train.values() for i in items]))
     (tmp_path / "tp.jsonl").write_text(_jsonl(split.train_pairs))
     store = SteeringStore(str(tmp_path / "store"))  # refreshed on exactly this split, by other (or unknown) weights
@@ -381,15 +391,48 @@ def test_what_to_ship_is_the_best_lower_bound_at_acceptable_fluency_or_nothing()
                 "strength": strength if strength else math.nan, "recommended": True, "baseline": "none",
                 "n_users": 30, "perplexity": ppl, "delta_meteor": d, "delta_meteor_lo": lo, "delta_meteor_hi": d + 0.01}
 
+    # DPS on the history prompt: its summary Δ is against history in prompt (a large bound here), so it is
+    # ranked by its Δ against no personalisation, recomputed per user: 0.001..0.003 over three users
+    dps = dict(row("dps", 2.0, 0.05, 11.0), parameter="gamma", baseline="history_prompt")
     summary = pd.DataFrame([row("none", None, math.nan, 10.0), row("history_prompt", None, 0.002, 11.0),
                             row("caa", 4.0, 0.010, 16.0),  # the best bound, but perplexity 1.6x: not shipped
-                            row("caa", 1.0, 0.004, 12.0), row("bt", 2.0, -0.003, 10.5)])
-    ship = ship_recommendation(summary, "meteor", 1.5, "tiny")
+                            row("caa", 1.0, 0.004, 12.0), row("bt", 2.0, -0.003, 10.5), dps])
+    users = pd.DataFrame([{"method": m, "parameter": p, "strength": st, "recommended": True, "user_id": u,
+                           "meteor": v} for u, base, gain in (("u1", 0.1, 0.001), ("u2", 0.2, 0.002), ("u3", 0.3, 0.003))
+                          for m, p, st, v in (("none", "", math.nan, base), ("dps", "gamma", 2.0, base + gain))])
+    ship = ship_recommendation(summary, users, "meteor", 1.5, "tiny", MetricsConfig(bootstrap_resamples=200))
     assert (ship["method"], ship["strength"], ship["delta_lo"]) == ("caa", 1.0, 0.004)
-    assert ship["perplexity_ratio"] == pytest.approx(1.2) and ship["settings"] == 4 and ship["fluent_settings"] == 3
+    assert ship["perplexity_ratio"] == pytest.approx(1.2) and ship["settings"] == 5 and ship["fluent_settings"] == 4
     assert "CAA at alpha = 1" in ship_line(ship) and "tiny" in ship["caveat"]
     # nothing with a lower bound above 0: no personalisation, with the best candidate named
     weak = summary.assign(delta_meteor_lo=summary["delta_meteor_lo"] - 0.02)
-    ship = ship_recommendation(weak, "meteor", 1.5, "tiny")
+    ship = ship_recommendation(weak, users, "meteor", 1.5, "tiny", MetricsConfig(bootstrap_resamples=200))
+    assert ship["method"] == "dps" and ship["delta"] == pytest.approx(0.002)  # recomputed against none
+    weak = weak[weak["method"] != "dps"]
+    ship = ship_recommendation(weak, users, "meteor", 1.5, "tiny")
     assert ship["method"] == "none" and ship["best_candidate"]["method"] == "caa"
     assert ship_line(ship).startswith("What to ship: no personalisation")
+
+
+def test_development_users_split_once_into_a_tuning_and_an_evaluation_half(tmp_path):
+    import gzip
+
+    from steerstore.jobs import devdata
+    from steerstore.jobs.evaluate.split import dev_histories
+
+    ids = [f"user-{k:03d}" for k in range(40)]
+    halves = {u: devdata.partition(u) for u in ids}
+    assert set(halves.values()) == {"tune", "eval"} and 10 < sum(h == "tune" for h in halves.values()) < 30
+    assert halves == {u: devdata.partition(u) for u in ids}  # fixed: the same split every run
+    text = "This is the opening sentence of a post. " + "Then the author goes on with many more words here. " * 6
+    with gzip.open(tmp_path / "blogs-dev.jsonl.gz", "wt") as fh:
+        for u in ids:
+            fh.write(json.dumps({"user_id": u, "items": [{"id": f"{u}-{k}", "text": text} for k in range(6)]}) + "\n")
+    cfg = EvalDataConfig(dev_dir=str(tmp_path), dev_sources=["blogs"], dev_users=100)
+    users = {r["user_id"] for r in dev_histories(cfg)}
+    assert users == {u for u in ids if halves[u] == "eval"}
+    every = {r["user_id"] for r in dev_histories(dataclasses.replace(cfg, dev_partition="all"))}
+    assert every == set(ids)
+    with pytest.raises(ValueError, match="unknown development partition"):
+        devdata.in_partition("u", "both")
+

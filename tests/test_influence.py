@@ -43,7 +43,7 @@ def _reference(rt, prompt, context, lam, temperature, n=N, u=None, top_p=1.0, be
             l0 = rt.model(input_ids=torch.tensor([plain])).logits[0, -1].float()
         lp, lp0 = torch.log_softmax(ls / temperature, -1), torch.log_softmax(l0 / temperature, -1)
         score = torch.log_softmax(lp + lam * (lp - lp0), -1)
-        if beta > 0 and context:  # only tokens with p∅(v) >= β·max p∅ (untempered) may follow
+        if beta > 0 and context and lam > 0:  # only tokens with p∅(v) >= β·max p∅ (untempered) may follow
             p0 = torch.softmax(l0, -1)
             score = torch.log_softmax(score.masked_fill(p0 < beta * p0.max(), float("-inf")), -1)
         if u is None:
@@ -98,6 +98,9 @@ def test_a_plausibility_floor_keeps_influence_on_tokens_the_plain_prompt_finds_p
     u = sampling.uniforms(len(PROMPTS), N)
     for i in range(len(PROMPTS)):
         assert got[i] == _reference(rt, PROMPTS[i], CONTEXTS[i], lams[i], 0.6, u=u[i], top_p=0.9, beta=0.3)
+    # λ <= 0 rows are exact with or without a floor: the context in the prompt, the plain prompt
+    zero = rt.generate(PROMPTS, N, influence=Influence(CONTEXTS, lam=[0.0, -1.0, 0.0, 0.0], plausibility=0.3))
+    assert zero == rt.generate(PROMPTS, N, influence=Influence(CONTEXTS, lam=[0.0, -1.0, 0.0, 0.0]))
     with pytest.raises(ValueError, match="plausibility must be in"):
         Influence(CONTEXTS, plausibility=1.0)
 

@@ -143,7 +143,7 @@ def test_eval_preference_accuracy_counts_pairs_whose_margin_each_users_scaled_ve
 
     metrics = MetricsConfig(bootstrap_resamples=200)
     table, unsteered = preference_accuracy(rt, Reader(), pairs, metrics, ["caa", "bt"])
-    assert table["method"].tolist() == ["caa"]  # steered rows only: the unsteered preference is apart
+    assert table["method"].tolist() == ["caa", "random"]  # steered rows (and their null); unsteered apart
     rows = {r["method"]: r for r in table.to_dict("records")}
     # the unsteered model's own preference: chosen has the higher per-token log-likelihood
     reference = [_per_token_prefers_chosen(rt, p) for p in pairs]
@@ -171,6 +171,15 @@ def test_eval_preference_accuracy_counts_pairs_whose_margin_each_users_scaled_ve
     assert (rows["caa"]["pair_accuracy_lo"], rows["caa"]["pair_accuracy_hi"]) == pytest.approx(
         tuple(np.quantile(shares, [0.025, 0.975])))
     assert (rows["caa"]["n_pairs"], rows["caa"]["n_users"], rows["caa"]["strength"]) == (4, 2, 3.0)
+    # the null: per pair, a seeded random direction with the norm of the pair's scaled CAA vector
+    from steerstore.jobs.evaluate.score import _random_like
+
+    scaled = np.stack([found[p["user_id"]].vectors[1] * scales[p["user_id"]] for p in evaluated])
+    null = _random_like(scaled, metrics.seed, 2)
+    np.testing.assert_allclose(np.linalg.norm(null, axis=-1), np.linalg.norm(scaled, axis=-1), rtol=1e-5)
+    m0 = np.asarray([_steered_margin(rt, p, {2: v}) for p, v in zip(evaluated, null)])
+    assert rows["random"]["pair_accuracy"] == pytest.approx((m0 > 0).mean())
+    assert rows["random"]["mean_margin_gain"] == pytest.approx(m0.mean(), abs=1e-4)
 
 
 def test_eval_preference_accuracy_scores_the_population_direction_for_every_user(tiny_runtime):

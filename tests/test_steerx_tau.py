@@ -139,6 +139,10 @@ def test_train_and_held_out_items_are_disjoint_and_the_pool_is_neither_evaluated
     whole = st.load_source(_config(tmp_path, item_format="whole"), "blogs")
     assert whole["u0"]["train"][0]["input"] == st.WHOLE_PROMPT
     assert st.load_source(cfg, "blogs") == users  # seeded
+    from steerstore.jobs import devdata
+
+    tuned = st.load_source(_config(tmp_path, partition="tune"), "blogs")  # the default: the tuning half only
+    assert set(tuned) == {u for u in users if devdata.partition(u) == "tune"} and 0 < len(tuned) < len(users)
 
 
 def test_the_job_writes_curves_and_reuses_its_cache(tmp_path, tiny_model_folder, capsys):

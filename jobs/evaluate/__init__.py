@@ -96,13 +96,21 @@ def main(config: EvalConfig) -> dict:
 
     ensure_wordnet(config.metrics)  # fail before any work when METEOR cannot run
     split = split_data(config.data, config.storage)
-    runtime = ModelRuntime(config.model)
-    if config.data.pair_rejected == "neutral":  # built pairs contrast the user with the model's own answer
-        split = with_neutral_rejected(split, runtime.generate, config.data.neutral_max_new_tokens)
-    texts = {"histories": _jsonl([i for items in split.train.values() for i in items]),
-             "pairs": _jsonl(split.train_pairs)}
+    runtime = None
     if config.store:  # evaluate a store version refreshed earlier, on exactly this training split
         reader = StoreReader(config.store, config.storage, config.version)
+        runtime = ModelRuntime(config.model)
+        reader.check_model(runtime.fingerprint, "the evaluation model")  # other weights: refused first, clearly
+    if config.data.pair_rejected == "neutral" and split.built_pairs:
+        # built pairs contrast the user with the model's own answer; without --store the model is let go
+        # before the refresh, whose actors load their own
+        writer = runtime or ModelRuntime(config.model)
+        split = with_neutral_rejected(split, writer.generate, config.data.neutral_max_new_tokens)
+        del writer
+        _release_memory()
+    texts = {"histories": _jsonl([i for items in split.train.values() for i in items]),
+             "pairs": _jsonl(split.train_pairs)}
+    if config.store:
         inputs = _check_store_inputs(reader, texts, config.storage)
         store_uri, summary_refresh = config.store, reader.manifest.get("summary", {})
         steerx = from_dict(SteerXConfig, reader.manifest["config"]["steerx"])
@@ -121,6 +129,7 @@ def main(config: EvalConfig) -> dict:
         summary_refresh = refresh.main(_refresh_config(config, inputs, store_uri))
         reader = StoreReader(store_uri, config.storage, summary_refresh["version"])
     lap("refresh")
+    runtime = runtime or ModelRuntime(config.model)
     reader.check_model(runtime.fingerprint, "the evaluation model")
     gen = Generator(runtime, reader, split, config)
     gen.run()
@@ -131,8 +140,8 @@ def main(config: EvalConfig) -> dict:
     scored = score_items(items, runtime, config.metrics)
     users = per_user_table(scored)
     summary, per_user = summarise(users, config.metrics, gen.baselines)
-    ship = ship_recommendation(summary, config.methods.ship_metric, config.methods.max_perplexity_ratio,
-                               reader.manifest["model"].get("id"))
+    ship = ship_recommendation(summary, users, config.methods.ship_metric, config.methods.max_perplexity_ratio,
+                               reader.manifest["model"].get("id"), config.metrics)
     lap("metrics")
     preference, unsteered = preference_accuracy(runtime, reader, split.heldout_pairs, config.metrics,
                                                 config.methods.include)
@@ -163,3 +172,14 @@ def main(config: EvalConfig) -> dict:
     print(f"\nreport: {storage.join(out_uri, 'report.html')}")
     return {"uri": out_uri, "summary": summary, "per_user": per_user, "preference": preference, "meta": meta,
             "items": scored}
+
+
+def _release_memory() -> None:
+    """Free a dropped model's memory (on a GPU, the caching allocator's too) before Ray actors load theirs."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -94,7 +94,7 @@ class MethodsConfig:
     dps_gamma_grid: list[float] = option([0.5, 1.0, 2.0, 4.0], help="DPS contrast γ sweep")
     dps_prompt: Literal["history", "plain"] = option(
         "history", help="DPS decodes the history-in-prompt prompt (the paper's setting; its Δ is then taken against "
-                        "history in prompt) or the bare input (Δ against no personalisation)")
+                        "history in prompt when that is evaluated too) or the bare input (Δ against no personalisation)")
     ship_metric: Literal["meteor", "rougeL", "rouge1", "bleu", "bertscore"] = option(
         "meteor", help="the metric the 'what to ship' recommendation ranks settings by (lower CI bound of its Δ)")
     max_perplexity_ratio: float = option(
@@ -107,6 +107,8 @@ class MethodsConfig:
         unknown = sorted(set(self.include) - set(METHODS))
         check(not unknown, f"methods.include: unknown {unknown}; known: {list(METHODS)}")
         check(self.max_new_tokens >= 1 and self.history_k >= 1, "methods: max_new_tokens and history_k must be >= 1")
+        check(0.0 <= self.influence_plausibility < 1.0, "methods.influence_plausibility must be in [0, 1)")
+        check(self.max_perplexity_ratio > 0, "methods.max_perplexity_ratio must be > 0")
 
 
 @dataclass

@@ -50,8 +50,10 @@ class Generator:
         self.descriptions: dict = {}  # SteerX: how many evaluated users got a valid style description, and why not
 
     def _label(self, method: str) -> str:
-        base = self.baselines.get(method)
-        return f"{LABELS[method]} + history in prompt (Δ vs {LABELS[base]})" if base else LABELS[method]
+        if method == "dps" and self.config.methods.dps_prompt == "history":
+            base = self.baselines.get(method, "none")
+            return f"{LABELS[method]} + history in prompt (Δ vs {LABELS[base]})"
+        return LABELS[method]
 
     def _emit(self, settings_rows: list[tuple[Setting, dict]], outputs: list[str], prompts: list[str]) -> None:
         for (s, item), out, prompt in zip(settings_rows, outputs, prompts):

@@ -7,6 +7,7 @@ from collections import defaultdict
 
 import numpy as np
 import pandas as pd
+import torch
 
 from steerstore.infra.reader import StoreReader, UserVectors
 from steerstore.jobs.evaluate.config import KEYS, LABELS, METRICS
@@ -45,18 +46,23 @@ def score_items(items: pd.DataFrame, runtime: ModelRuntime, metrics: MetricsConf
 
 
 def _blank_nll(runtime: ModelRuntime, texts: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[float, int]]:
-    """An empty (or whitespace-only) output pays its likelihood too: its tokens and then the end token.
+    """An empty (or whitespace-only) output pays its likelihood too: its tokens and then ending there.
 
-    Without this a method that stops at once would have no perplexity at all. The end token is the
-    model's first end-of-sequence id; a model without one leaves these outputs unscored (NaN).
+    Without this a method that stops at once would have no perplexity at all. Decoding stops on any
+    end-of-sequence id, so ending costs −log Σ_e p(e | ...) over all of them (one token). A model
+    without one leaves these outputs unscored (NaN).
     """
     if not texts or not runtime.eos_token_ids:
         return {}
-    stop = runtime.eos_token_ids[0]
-    encoded = [Encoded(e.ids + [stop], e.prompt_len) for e in runtime.encode([x for x, _ in texts],
-                                                                             [y for _, y in texts])]
-    lps = runtime.token_logprobs(encoded)
-    return {t: (-float(lp.sum()), int(lp.numel())) for t, lp in zip(texts, lps)}
+    base = runtime.encode([x for x, _ in texts], [y for _, y in texts])
+    per_stop = [runtime.token_logprobs([Encoded(e.ids + [stop], e.prompt_len) for e in base])
+                for stop in runtime.eos_token_ids]
+    out = {}
+    for k, t in enumerate(texts):
+        body = per_stop[0][k][:-1]  # the output's own tokens (the same under every end token)
+        end = torch.logsumexp(torch.stack([lps[k][-1] for lps in per_stop]), 0)
+        out[t] = (-float(body.sum() + end), int(body.numel()) + 1)
+    return out
 
 
 def per_user_table(items: pd.DataFrame) -> pd.DataFrame:
@@ -122,14 +128,31 @@ def summarise(users: pd.DataFrame, metrics: MetricsConfig,
 
 # ---- what to ship ----------------------------------------------------------------------------
 
-def ship_recommendation(summary: pd.DataFrame, metric: str, max_perplexity_ratio: float, model: str | None) -> dict:
-    """The method and strength to ship: the best lower CI bound of Δ ``metric`` among settings whose
-    perplexity stays within ``max_perplexity_ratio`` × no personalisation's. None of them when no lower
-    bound is above 0: then no personalisation is what the data supports."""
+def ship_recommendation(summary: pd.DataFrame, users: pd.DataFrame, metric: str, max_perplexity_ratio: float,
+                        model: str | None, metrics: MetricsConfig | None = None) -> dict:
+    """The method and strength to ship: the best lower CI bound of Δ ``metric`` against no personalisation
+    among settings whose perplexity stays within ``max_perplexity_ratio`` × no personalisation's. None of
+    them when no lower bound is above 0: then no personalisation is what the data supports.
+
+    Every setting is ranked against no personalisation (a row the summary compares with another baseline,
+    e.g. DPS on the history prompt, gets its Δ against none recomputed from ``users``)."""
     none = summary[summary["method"] == "none"]
     ref = float(none["perplexity"].iloc[0]) if len(none) else math.nan
+    rows = summary[summary["method"] != "none"].copy()
+    base = users[(users["method"] == "none")].set_index("user_id")[metric]
+    for i, r in rows.iterrows():
+        if r.get("baseline", "none") == "none":
+            continue
+        strength = -1.0 if not isinstance(r["strength"], float) or math.isnan(r["strength"]) else r["strength"]
+        grp = users[(users["method"] == r["method"]) & (users["parameter"] == r["parameter"])
+                    & (users["recommended"] == r["recommended"])
+                    & np.isclose(users["strength"].fillna(-1.0).astype(float), strength)]
+        d = (grp.set_index("user_id")[metric] - base).dropna().to_numpy(dtype=float)
+        d = d[np.isfinite(d)]
+        mean, lo, hi = bootstrap_ci(d, metrics) if len(d) else (math.nan,) * 3
+        rows.loc[i, [f"delta_{metric}", f"delta_{metric}_lo", f"delta_{metric}_hi"]] = [mean, lo, hi]
     lo = f"delta_{metric}_lo"
-    rows = summary[(summary["method"] != "none") & np.isfinite(summary[lo].astype(float))].copy()
+    rows = rows[np.isfinite(rows[lo].astype(float))]
     ratio = rows["perplexity"].astype(float) / ref if math.isfinite(ref) and ref > 0 else rows["perplexity"] * np.nan
     fluent = rows[ratio.le(max_perplexity_ratio).to_numpy()]
     caveat = (f"chosen among {len(rows)} evaluated settings on the same users (the best of many is optimistic: "
@@ -142,16 +165,17 @@ def ship_recommendation(summary: pd.DataFrame, metric: str, max_perplexity_ratio
                                               f"{max_perplexity_ratio:g}x of no personalisation")
     best = fluent.loc[fluent[lo].astype(float).idxmax()]
     found = {k: (None if isinstance(best[k], float) and math.isnan(best[k]) else best[k])
-             for k in ("method", "label", "parameter", "strength", "baseline")}
+             for k in ("method", "label", "parameter", "strength")}
     figures = {"delta": float(best[f"delta_{metric}"]), "delta_lo": float(best[lo]),
                "delta_hi": float(best[f"delta_{metric}_hi"]), "perplexity_ratio": float(best["perplexity"]) / ref,
                "n_users": int(best["n_users"])}
     if figures["delta_lo"] <= 0:
         return dict(out, method="none", best_candidate={**found, **figures},
-                    reason=f"no setting's Δ{metric} has a CI above 0 (best lower bound {figures['delta_lo']:+.4f}, "
-                           f"{found['label']}): no personalisation is what this evaluation supports")
-    return dict(out, **found, **figures, reason=f"the best lower 95% bound of Δ{metric} at perplexity within "
-                                               f"{max_perplexity_ratio:g}x of no personalisation")
+                    reason=f"no setting's Δ{metric} against no personalisation has a CI above 0 (best lower bound "
+                           f"{figures['delta_lo']:+.4f}, {found['label']}): no personalisation is what this "
+                           "evaluation supports")
+    return dict(out, **found, **figures, reason=f"the best lower 95% bound of Δ{metric} against no personalisation "
+                                               f"at perplexity within {max_perplexity_ratio:g}x of it")
 
 
 # ---- preference accuracy ---------------------------------------------------------------------
@@ -161,7 +185,9 @@ def preference_accuracy(runtime: ModelRuntime, reader: StoreReader, pairs: list[
     """(one row per steered method, the unsteered model's own preference) on the held-out pairs.
 
     A steered row counts the pairs where steering raises the own-vs-other margin,
-    (log p(chosen) − log p(rejected)) steered minus unsteered: chance is 0.5. Its CI resamples
+    (log p(chosen) − log p(rejected)) steered minus unsteered: chance is about 0.5 (a small random
+    push is as likely to raise as to lower it), and a ``random`` row measures it: a random direction
+    with each CAA vector's norm, at the same layers and α. Its CI resamples
     users whole (their pairs pooled). The unsteered model's preference — the share of pairs whose
     chosen text it already gives the higher per-token log-likelihood — answers another question
     (chance depends on the pairs) and is returned apart.
@@ -201,7 +227,20 @@ def preference_accuracy(runtime: ModelRuntime, reader: StoreReader, pairs: list[
         margin, _ = margins(runtime, evaluated, vectors, 1.0, base.select(idx), first.positions)
         rows.append(_accuracy_row(method, LABELS[method], first.recommended_scale, evaluated, margin > 0, margin,
                                   metrics))
+        if method == "caa":  # the null: a random direction of the same norm, at the same layers and α
+            null = {l: _random_like(v, metrics.seed, l) for l, v in vectors.items()}
+            margin, _ = margins(runtime, evaluated, null, 1.0, base.select(idx), first.positions)
+            rows.append(_accuracy_row("random", "random direction (null: CAA's norm, layers and α)",
+                                      first.recommended_scale, evaluated, margin > 0, margin, metrics))
     return pd.DataFrame(rows), unsteered
+
+
+def _random_like(vectors: np.ndarray, seed: int, layer: int) -> np.ndarray:
+    """Per row, a seeded random direction with that row's norm."""
+    g = np.random.default_rng([seed, layer])
+    r = g.standard_normal(vectors.shape)
+    return (r / np.linalg.norm(r, axis=-1, keepdims=True) * np.linalg.norm(vectors, axis=-1, keepdims=True)
+            ).astype(np.float32)
 
 
 def _accuracy_row(method: str, label: str, strength: float, pairs: list[dict], hits: np.ndarray,

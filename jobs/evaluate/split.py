@@ -276,5 +276,6 @@ def _check_store_inputs(reader: StoreReader, texts: dict[str, str], cfg: Storage
                 f"store version {reader.version} was refreshed on training {kind} {uri!r} that are not this "
                 "evaluation's training split (missing, or different items): its artifacts may have seen held-out "
                 "targets. Run eval without --store to refresh on the split, or use the same --data settings and "
-                "--out as the run that built it")
+                "--out as the run that built it (with data.pair_rejected neutral, the rejected texts are the "
+                "model's greedy answers, regenerated: the same model, dtype and max_batch_tokens are needed)")
     return uris

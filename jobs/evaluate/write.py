@@ -6,6 +6,7 @@ import datetime as dt
 import io
 import json
 import math
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -42,8 +43,9 @@ def _notes(summary: pd.DataFrame, gen: Generator) -> list[str]:
         notes.append(f"SteerX: {d['with_description']} of {d['users']} users got a valid style description"
                      + "".join(f"; {n} without: {why}" for why, n in d["without"].items()))
     for method, users in gen.missing.items():
-        notes.append(f"{LABELS[method]}: {len(users)} of {len(gen.users)} users not evaluated "
-                     f"({next(iter(users.values()))})")
+        why = Counter(users.values()).most_common()
+        notes.append(f"{LABELS[method]}: {len(users)} of {len(gen.users)} users not evaluated ("
+                     + "; ".join(f"{n}: {reason}" for reason, n in why) + ")")
     empty = summary[summary["empty_outputs"] > 0]
     for _, r in empty.iterrows():
         notes.append(f"{r['label']} at {r['parameter'] or 'default'} {r['strength']:g}: {r['empty_outputs']} empty "

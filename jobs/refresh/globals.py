@@ -244,7 +244,8 @@ def _scales(config: RefreshConfig, sampler: Sampler, pool: Pool, g: dict, users:
         methods["bt"] = {l: np.stack([c[j] for c in composed]) for l, j in zip(layers, at)}
     result = pool.first("choose_scales", pairs, methods, row["positions"])
     g["scale_curves"] = {**result, "pairs": len(picked), "users": len(users),
-                         "pairs_scored": "out of sample (leave-one-pair-out vectors and θ)" if config.scale.out_of_sample
+                         "pairs_scored": "out of sample (leave-one-pair-out vectors and θ; the population direction, "
+                                         "θ_pop and the basis still include the pair)" if config.scale.out_of_sample
                          else "in sample (the vectors were fitted on these pairs)"}
     g["scales"].update({m: r["alpha"] for m, r in result.items() if m in g["scales"]})
 

@@ -172,7 +172,8 @@ class ModelWorker:
             entry["loo"] = {}
             for j in (leave_out or {}).get(u, []):
                 keep = np.arange(len(w)) != j
-                entry["loo"][j] = self._final(d[keep], w[keep], population, theta_pop, basis, norms)
+                rest = w[keep] * (keep.sum() / w[keep].sum()) if w[keep].sum() > 0 else w[keep]  # mean 1 again
+                entry["loo"][j] = self._final(d[keep], rest, population, theta_pop, basis, norms)
             out[u] = entry
         return out
 

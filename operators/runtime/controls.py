@@ -64,9 +64,10 @@ class Influence:
     inside the combination (reference: T = 0.6 with sampling top-p 0.9). An empty (or blank)
     context leaves the row's prompt as is: both branches are equal and the row decodes plainly.
     A None context means the row is not influence-decoded (``generate`` may steer it otherwise).
-    ``plausibility`` β > 0 keeps the answer on the prompt: a row with a context may only choose
-    tokens the plain prompt finds plausible, p∅(v) ≥ β·max p∅ (untempered), so a strong λ cannot
-    make it write about the context instead of answering (0: no floor).
+    ``plausibility`` β > 0 keeps the answer on the prompt: a row with a context and λ > 0 may only
+    choose tokens the plain prompt finds plausible, p∅(v) ≥ β·max p∅ (untempered), so a strong λ
+    cannot make it write about the context instead of answering (0: no floor; λ ≤ 0 rows, e.g. the
+    context in the prompt at λ = 0, are decoded exactly as without a floor).
     """
 
     contexts: list[str | None]

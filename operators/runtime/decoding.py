@@ -204,8 +204,8 @@ def influence_score(logits: torch.Tensor, influence: Influence) -> torch.Tensor:
     """out = log_softmax(lp + λ·(lp − lp0)) from the (2 × rows, vocab) step logits (with-context rows first).
 
     Computed as (1 + λ)·lp − λ·lp0, so λ = 0 gives lp and λ = −1 gives lp0 exactly. With a
-    plausibility floor β, a row with a context gets −inf on the tokens its plain prompt gives less
-    than β times its most likely token's probability.
+    plausibility floor β, a row that amplifies its context (λ > 0) gets −inf on the tokens its plain
+    prompt gives less than β times its most likely token's probability (λ ≤ 0 rows are left exact).
     """
     b = influence.rows
     lp = torch.log_softmax(logits[:b].float() / influence.temperature, -1)
@@ -216,6 +216,7 @@ def influence_score(logits: torch.Tensor, influence: Influence) -> torch.Tensor:
         plain = torch.log_softmax(logits[b:].float(), -1)
         floor = plain.max(-1, keepdim=True).values + math.log(influence.plausibility)
         active = torch.as_tensor([bool(c and c.strip()) for c in influence.contexts], device=lp.device)[:, None]
+        active = active & (lam > 0)
         score = torch.log_softmax(score.masked_fill(active & (plain < floor), float("-inf")), -1)
     return score
 
