@@ -393,16 +393,20 @@ class StoreReader:
         return {r["user_id"]: self._heads(r, top_k) for r in rows}
 
     def _heads(self, r: dict, top_k: int | None = None) -> UserHeads:
-        dps = self.manifest.get("config", {}).get("dps", {})
-        k = top_k or int(dps.get("top_k", 8))
-        history = dps.get("history") or {}
+        k = top_k or int(self.manifest.get("config", {}).get("dps", {}).get("top_k", 8))
+        items, chars = self.dps_history()
         heads = serving_heads(r, self.dps_clusters() if not r["heads"] else {}, k)
         return UserHeads(
             user_id=r["user_id"], heads=heads, source=r["source"] if heads else "none",
             gamma=float(r["gamma"]), adaptive=bool(r["adaptive"]), plausibility=float(r["plausibility"]),
             cluster=r["cluster"], routing=list(r["routing"] or []), mode=r["mode"],
             pcs_baseline=r["pcs_baseline"], model_fingerprint=r["model_fingerprint"],
-            history_items=int(history.get("context_items", 0)), history_chars=int(history.get("context_chars", 600)))
+            history_items=items, history_chars=chars)
+
+    def dps_history(self) -> tuple[int, int]:
+        """(history items shown before each text when DPS heads were chosen, characters kept of each output)."""
+        history = ((self.manifest.get("config") or {}).get("dps") or {}).get("history") or {}
+        return int(history.get("context_items", 0)), int(history.get("context_chars", 600))
 
     def users(self, user_ids: Sequence[str] | None = None) -> pa.Table:
         """The reconciliation rows (stored / quarantined and why) of some or all users."""

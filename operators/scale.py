@@ -62,10 +62,15 @@ def baseline(runtime: ModelRuntime, pairs: list[dict]) -> Baseline:
     return Baseline(c, r, n)
 
 
+def unsteered_margin_per_token(runtime: ModelRuntime, pairs: list[dict], base: Baseline) -> np.ndarray:
+    """Per pair: the unsteered per-token log-likelihood of ``chosen`` minus that of ``rejected``."""
+    rejected_tokens = np.asarray([max(len(t), 1) for t in runtime.response_ids([p["rejected"] for p in pairs])])
+    return (base.chosen / base.chosen_tokens.clamp(min=1)).numpy() - base.rejected.numpy() / rejected_tokens
+
+
 def unsteered_prefers_chosen(runtime: ModelRuntime, pairs: list[dict], base: Baseline) -> np.ndarray:
     """Per pair: the unsteered model already gives ``chosen`` the higher per-token log-likelihood."""
-    rejected_tokens = np.asarray([max(len(t), 1) for t in runtime.response_ids([p["rejected"] for p in pairs])])
-    return (base.chosen / base.chosen_tokens.clamp(min=1)).numpy() > base.rejected.numpy() / rejected_tokens
+    return unsteered_margin_per_token(runtime, pairs, base) > 0
 
 
 def margins(runtime: ModelRuntime, pairs: list[dict], vectors: dict[int, np.ndarray], alpha: float,

@@ -253,8 +253,7 @@ def serve(runtime: ModelRuntime, reader: StoreReader, requests: Sequence[Request
     if not requests:
         return []
     plan, served = plan_requests(reader, requests)
-    dps_history = ((reader.manifest.get("config") or {}).get("dps") or {}).get("history") or {}
-    chars = int(dps_history.get("context_chars", 600))
+    _, chars = reader.dps_history()
     texts = runtime.generate([request_prompt(r, chars) for r in requests], max_new_tokens, steer=plan.steering(),
                              contrast=plan.contrast(),
                              influence=plan.influence(influence_temperature, influence_plausibility),

@@ -15,7 +15,7 @@ from steerstore.jobs.evaluate.split import Split
 from steerstore.operators.metrics import METRICS as TEXT_METRICS
 from steerstore.operators.metrics import MetricsConfig, bootstrap_ci, text_metrics
 from steerstore.operators.runtime import Encoded, ModelRuntime
-from steerstore.operators.scale import baseline, margins, unsteered_prefers_chosen
+from steerstore.operators.scale import baseline, margins, unsteered_margin_per_token
 from steerstore.operators.steerx import word_effects
 from steerstore.schemas.methods import Family
 
@@ -196,10 +196,8 @@ def preference_accuracy(runtime: ModelRuntime, reader: StoreReader, pairs: list[
         return pd.DataFrame(), {}
     users = sorted({p["user_id"] for p in pairs})
     base = baseline(runtime, pairs)
-    prefers = unsteered_prefers_chosen(runtime, pairs, base)
-    rejected_tokens = np.asarray([max(len(t), 1) for t in runtime.response_ids([p["rejected"] for p in pairs])])
-    per_token = (base.chosen / base.chosen_tokens.clamp(min=1)).numpy() - base.rejected.numpy() / rejected_tokens
-    unsteered = _accuracy_row("none", "unsteered model (not a steering result)", math.nan, pairs, prefers,
+    per_token = unsteered_margin_per_token(runtime, pairs, base)
+    unsteered = _accuracy_row("none", "unsteered model (not a steering result)", math.nan, pairs, per_token > 0,
                               per_token, metrics)
     unsteered = {k.replace("mean_margin_gain", "mean_margin_per_token"): v for k, v in unsteered.items()}
     rows = []
