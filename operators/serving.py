@@ -254,13 +254,18 @@ def serve(runtime: ModelRuntime, reader: StoreReader, requests: Sequence[Request
         return []
     plan, served = plan_requests(reader, requests)
     _, chars = reader.dps_history()
-    texts = runtime.generate([request_prompt(r, chars) for r in requests], max_new_tokens, steer=plan.steering(),
-                             contrast=plan.contrast(),
-                             influence=plan.influence(influence_temperature, influence_plausibility),
-                             sampling=sampling)
+    texts = decode_plan(runtime, [request_prompt(r, chars) for r in requests], plan, max_new_tokens, sampling,
+                        plan.influence(influence_temperature, influence_plausibility))
     for record, text in zip(served, texts):
         record.text = text
     return served
+
+
+def decode_plan(runtime: ModelRuntime, prompts: Sequence[str], plan: _Plan, max_new_tokens: int,
+                sampling: Sampling | None, influence: Influence | None) -> list[str]:
+    """Decode a planned batch: every row with its own steering, head contrast or influence, in one call."""
+    return runtime.generate(list(prompts), max_new_tokens, steer=plan.steering(), contrast=plan.contrast(),
+                            influence=influence, sampling=sampling)
 
 
 _FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> weights fingerprint

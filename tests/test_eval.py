@@ -376,7 +376,8 @@ def test_evaluating_an_existing_store_refuses_other_weights_and_a_version_withou
         "inputs": {"histories": str(tmp_path / "th.jsonl"), "preference_pairs": str(tmp_path / "tp.jsonl")},
         "config": {"steerx": {}}})
     config = from_dict(evaluate.EvalConfig, {"data": data, "store": store.uri, "out": str(tmp_path / "out"),
-                                             "model": {"name_or_path": str(tiny_model_folder)}})
+                                             "model": {"name_or_path": str(tiny_model_folder)},
+                                             "actors": 0})  # the worker in this process (no Ray in a fast test)
     with pytest.raises(FingerprintMismatch, match="other-weights" if fingerprint else "records no weights fingerprint"):
         evaluate.main(config)
 

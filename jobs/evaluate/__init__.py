@@ -57,7 +57,7 @@ from steerstore.jobs.evaluate.config import (
     _flags,
     _refresh_config,
 )
-from steerstore.jobs.evaluate.generate import Generator, Setting, _tau_sweep
+from steerstore.jobs.evaluate.generate import Generator, Setting, _tau_sweep, with_main_tau
 from steerstore.jobs.evaluate.score import (
     anchor_word_effects,
     per_user_table,
@@ -73,13 +73,13 @@ from steerstore.jobs.evaluate.split import (
     split_data,
     with_neutral_rejected,
 )
+from steerstore.jobs.evaluate.workers import EvalWorker, Workers
 from steerstore.jobs.evaluate.write import _examples, _jsonl, _notes, _write, print_summary
 from steerstore.operators.metrics import ensure_wordnet
-from steerstore.operators.runtime import ModelRuntime
 from steerstore.operators.steerx import SteerXConfig
 
 __all__ = ["KEYS", "LABELS", "METHODS", "METRICS", "EvalConfig", "EvalDataConfig", "Generator", "MethodsConfig",
-           "Setting", "Split", "anchor_word_effects", "dev_histories", "main", "per_user_table", "preference_accuracy",
+           "Setting", "Split", "Workers", "EvalWorker", "anchor_word_effects", "dev_histories", "main", "per_user_table", "preference_accuracy",
            "print_summary", "score_items", "split_data", "summarise"]
 
 
@@ -96,18 +96,20 @@ def main(config: EvalConfig) -> dict:
 
     ensure_wordnet(config.metrics)  # fail before any work when METEOR cannot run
     split = split_data(config.data, config.storage)
-    runtime = None
+    workers = None
     if config.store:  # evaluate a store version refreshed earlier, on exactly this training split
         reader = StoreReader(config.store, config.storage, config.version)
-        runtime = ModelRuntime(config.model)
-        reader.check_model(runtime.fingerprint, "the evaluation model")  # other weights: refused first, clearly
+        workers = Workers(config)
+        reader.check_model(workers.fingerprint(), "the evaluation model")  # other weights: refused first, clearly
     if config.data.pair_rejected == "neutral" and split.built_pairs:
-        # built pairs contrast the user with the model's own answer; without --store the model is let go
+        # built pairs contrast the user with the model's own answer; without --store the workers are let go
         # before the refresh, whose actors load their own
-        writer = runtime or ModelRuntime(config.model)
+        writer = workers or Workers(config)
         split = with_neutral_rejected(split, writer.generate, config.data.neutral_max_new_tokens)
-        del writer
-        _release_memory()
+        if workers is None:
+            writer.close()
+            del writer
+            _release_memory()
     texts = {"histories": _jsonl([i for items in split.train.values() for i in items]),
              "pairs": _jsonl(split.train_pairs)}
     if config.store:
@@ -129,29 +131,32 @@ def main(config: EvalConfig) -> dict:
         summary_refresh = refresh.main(_refresh_config(config, inputs, store_uri))
         reader = StoreReader(store_uri, config.storage, summary_refresh["version"])
     lap("refresh")
-    runtime = runtime or ModelRuntime(config.model)
-    reader.check_model(runtime.fingerprint, "the evaluation model")
-    gen = Generator(runtime, reader, split, config)
-    gen.run()
-    lap("generate")
-    tau_stores = _tau_sweep(config, inputs, gen, steerx)
-    items = pd.DataFrame(gen.rows)
+    gen = Generator(reader, split, config)
+    rows = gen.run()
+    tau_stores = _tau_sweep(config, inputs, gen, steerx)  # side stores' refreshes, before the workers load
     lap("tau sweep")
-    scored = score_items(items, runtime, config.metrics)
+    workers = workers or Workers(config)
+    reader.check_model(workers.fingerprint(), "the evaluation model")
+    workers.open(store_uri, reader.version, config.storage)
+    done = workers.run(rows)
+    scored = pd.DataFrame(with_main_tau(done, steerx.tau,
+                                        "influence" in config.methods.include and config.methods.sweeps))
+    lap("generate and score")
     users = per_user_table(scored)
     summary, per_user = summarise(users, config.metrics, gen.baselines)
     ship = ship_recommendation(summary, users, config.methods.ship_metric, config.methods.max_perplexity_ratio,
                                reader.manifest["model"].get("id"), config.metrics)
     lap("metrics")
-    preference, unsteered = preference_accuracy(runtime, reader, split.heldout_pairs, config.metrics,
-                                                config.methods.include)
+    preference, unsteered = workers.preference(split.heldout_pairs, config.methods.include)
     lap("preference accuracy")
-    effects = anchor_word_effects(reader, runtime, split) if any(
+    effects = workers.anchor_effects(split) if any(
         m.startswith(("style_vector", "influence")) for m in config.methods.include) else np.zeros(0)
+    fingerprint = workers.fingerprint()
+    workers.close()
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out_uri = storage.join(reader.store.version_uri(reader.version), "eval", run_id)
     meta = {"title": "steerstore evaluation", "store": store_uri, "version": reader.version,
-            "model": reader.manifest["model"].get("id"), "model_fingerprint": runtime.fingerprint, "run_id": run_id,
+            "model": reader.manifest["model"].get("id"), "model_fingerprint": fingerprint, "run_id": run_id,
             "command": "steerstore eval " + " ".join(_flags(config)),
             "users": len(gen.users), "heldout_items": len(split.heldout), "train_items":
                 sum(len(v) for v in split.train.values()),

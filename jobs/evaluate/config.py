@@ -121,6 +121,10 @@ class EvalConfig:
                                  "must be exactly this split's: checked)")
     version: str | None = option(None, help="with --store: the version to evaluate (default LATEST)")
     examples: int = option(6, help="held-out items shown with every method's output in the report")
+    actors: int = option(1, help="Ray actors that decode and score the held-out rows (each loads the model and the "
+                                 "scorers once; resources.cpus_per_actor / gpus_per_actor each); 0: in this process")
+    batch_rows: int = option(128, help="planned rows per actor call: all settings of a few held-out items, every "
+                                       "method decoded together in one mixed batch")
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "the model"})
     storage: StorageConfig = dataclasses.field(default_factory=StorageConfig, metadata={"help": "object storage"})
     ray: RayConfig = dataclasses.field(default_factory=RayConfig, metadata={"help": "Ray connection"})
@@ -136,6 +140,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check(self.examples >= 0, "examples must be >= 0")
+        check(self.actors >= 0 and self.batch_rows >= 1, "actors must be >= 0 and batch_rows >= 1")
 
 
 # ---- step 2: the refresh on the training split --------------------------------------------
