@@ -185,6 +185,34 @@ def test_deltas_are_per_user_differences_with_a_bootstrap_interval():
     assert summary.set_index("method").loc["history_prompt", "baseline"] == "none"
 
 
+def test_each_data_source_gets_its_own_deltas_over_its_own_users():
+    from steerstore.jobs.evaluate.score import summarise_by_source
+    from steerstore.jobs.evaluate.write import print_summary
+
+    gain = {"b1": 0.1, "b2": 0.3, "s1": -0.2, "s2": 0.0, "s3": -0.1}
+    rows = []
+    for u, g in gain.items():
+        for method, strength, value, rec in (("none", math.nan, 0.3, True), ("caa", 2.0, 0.3 + g, True),
+                                             ("caa", 8.0, 0.9, False)):
+            rows.append({"method": method, "label": method, "parameter": "alpha" if method == "caa" else "",
+                         "strength": strength, "recommended": rec, "user_id": u, "item_id": f"{u}0",
+                         **{m: value for m in ("rouge1", "rougeL", "meteor", "bleu", "bertscore")},
+                         "nll": 2.0, "tokens": 2, "empty": False})
+    users = per_user_table(pd.DataFrame(rows))
+    sources = {"b1": "blogs", "b2": "blogs", "s1": "synthpai", "s2": "synthpai", "s3": "synthpai"}
+    by = summarise_by_source(users, sources, MetricsConfig(bootstrap_resamples=200))
+    caa = by[by["method"] == "caa"].set_index("source")
+    assert len(caa) == 2 and caa["recommended"].all()  # the recommended settings only, one row per source
+    assert caa.loc["blogs", "delta_meteor"] == pytest.approx(0.2) and caa.loc["blogs", "n_users"] == 2
+    assert caa.loc["synthpai", "delta_meteor"] == pytest.approx(-0.1) and caa.loc["synthpai", "n_users"] == 3
+    assert caa.loc["synthpai", "delta_meteor_hi"] <= 0.0 + 1e-9
+    # one source (or none named): nothing apart from the pooled summary
+    assert summarise_by_source(users, {u: "blogs" for u in gain}, MetricsConfig()).empty
+    assert summarise_by_source(users, {}, MetricsConfig()).empty
+    summary, _ = summarise(users, MetricsConfig(bootstrap_resamples=200))
+    print_summary(summary, pd.DataFrame(), by_source=by)
+
+
 def test_an_empty_output_pays_the_likelihood_of_ending_at_once(tiny_runtime, monkeypatch):
     import torch
 
@@ -241,7 +269,9 @@ def test_eval_end_to_end_writes_metrics_and_a_report_that_renders(ray_cluster, t
     from tests.browser import render, require_chromium
 
     require_chromium()
-    hist = write_jsonl(tmp_path / "histories.jsonl", _histories())
+    # two data sources of two users each: built pairs stay within a source, and each is reported apart
+    sources = {"ann": "forum", "ben": "letters", "cat": "forum", "dan": "letters"}
+    hist = write_jsonl(tmp_path / "histories.jsonl", [dict(r, source=sources[r["user_id"]]) for r in _histories()])
     cfg = from_dict(evaluate.EvalConfig, {
         "data": {"histories": hist, "heldout_items": 1, "min_history": 3},
         "methods": {"max_new_tokens": 8, "alpha_grid": [1.0, 4.0], "gamma_grid": [1.0], "lambda_grid": [0.0, 1.0],
@@ -268,6 +298,9 @@ def test_eval_end_to_end_writes_metrics_and_a_report_that_renders(ray_cluster, t
     sweep = summary[summary["method"] == "caa"]
     assert sorted(sweep["strength"]) == sorted({1.0, 4.0, rec.loc["caa", "strength"]})
     # the files sit next to the store version they evaluate
+    by = result["by_source"]
+    assert set(by["source"]) == {"forum", "letters"} and set(by.loc[by["method"] == "none", "n_users"]) == {2}
+    forum = by[(by["source"] == "forum") & (by["method"] == "caa")].iloc[0]
     uri = result["uri"]
     assert "/versions/" in uri and "/eval/" in uri
     doc = json.loads((tmp_path / uri.split(str(tmp_path) + "/")[1] / "summary.json").read_text())
@@ -319,6 +352,8 @@ def test_eval_end_to_end_writes_metrics_and_a_report_that_renders(ray_cluster, t
     assert rec.loc["none", "rougeL"] == pytest.approx(none.mean(), abs=1e-9)
     caa = per_user("caa", rec.loc["caa", "strength"])
     assert len(caa) == 4
+    # a source's Δ is over its own users only
+    assert forum["delta_rougeL"] == pytest.approx((caa - none)[["ann", "cat"]].mean(), abs=1e-9)
     assert rec.loc["caa", "rougeL"] == pytest.approx(caa.mean(), abs=1e-9)
     assert rec.loc["caa", "delta_rougeL"] == pytest.approx((caa - none).mean(), abs=1e-9)
     # held-out targets never reached the refresh job's inputs (histories and pairs) nor a generation prompt
@@ -331,7 +366,8 @@ def test_eval_end_to_end_writes_metrics_and_a_report_that_renders(ray_cluster, t
     assert "no personalisation" in out and "ΔROUGE-L" in out and "report:" in out
     rendered = render(f"{uri}/report.html")["rendered"]
     assert rendered["plots"] >= 3 and rendered["plots_visible"] == rendered["plots"], rendered
-    assert rendered["tables"] >= 2
+    assert rendered["tables"] >= 4  # summary, one per source, and more
+    assert "By data source" in (tmp_path / uri.split(str(tmp_path) + "/")[1] / "report.html").read_text()
 
 
 def test_evaluating_an_existing_store_refuses_one_refreshed_on_other_inputs(tmp_path):
@@ -413,6 +449,14 @@ def test_what_to_ship_is_the_best_lower_bound_at_acceptable_fluency_or_nothing()
     ship = ship_recommendation(weak, users, "meteor", 1.5, "tiny")
     assert ship["method"] == "none" and ship["best_candidate"]["method"] == "caa"
     assert ship_line(ship).startswith("What to ship: no personalisation")
+    assert "above_zero_but_dysfluent" not in ship
+    # a setting above 0 that costs too much fluency is named, with its figures, not passed over in silence
+    ship = ship_recommendation(summary[summary["method"].isin(["none", "caa", "bt"])
+                                       & ~np.isclose(summary["strength"].fillna(0), 1.0)].assign(
+        delta_meteor_lo=[math.nan, 0.010, -0.003]), users, "meteor", 1.5, "tiny")
+    assert ship["method"] == "none" and ship["above_zero_but_dysfluent"] == 1
+    assert "within 1.5x" in ship["reason"] and "CAA at alpha = 4 has Δmeteor +0.0200 [+0.0100, +0.0300] but " \
+                                               "perplexity 1.60x" in ship["reason"]
 
 
 def test_development_users_split_once_into_a_tuning_and_an_evaluation_half(tmp_path):

@@ -65,6 +65,7 @@ from steerstore.jobs.evaluate.score import (
     score_items,
     ship_recommendation,
     summarise,
+    summarise_by_source,
 )
 from steerstore.jobs.evaluate.split import (
     Split,
@@ -144,6 +145,7 @@ def main(config: EvalConfig) -> dict:
     lap("generate and score")
     users = per_user_table(scored)
     summary, per_user = summarise(users, config.metrics, gen.baselines)
+    by_source = summarise_by_source(users, split.sources, config.metrics, gen.baselines)
     ship = ship_recommendation(summary, users, config.methods.ship_metric, config.methods.max_perplexity_ratio,
                                reader.manifest["model"].get("id"), config.metrics)
     lap("metrics")
@@ -169,14 +171,15 @@ def main(config: EvalConfig) -> dict:
     from steerstore.jobs.evaluate.report import ReportData, render_report  # noqa: PLC0415  (matplotlib only when reporting)
 
     html = render_report(ReportData(meta=meta, summary=summary, per_user=per_user, token_effects=effects,
-                                    tau=steerx.tau, preference=preference, examples=examples))
+                                    tau=steerx.tau, preference=preference, examples=examples,
+                                    by_source=by_source))
     lap("report")
     meta["seconds"] = timings
-    _write(out_uri, config.storage, html, scored, summary, per_user, preference, meta)
-    print_summary(summary, preference, unsteered, ship)
+    _write(out_uri, config.storage, html, scored, summary, per_user, preference, meta, by_source)
+    print_summary(summary, preference, unsteered, ship, by_source, config.methods.ship_metric)
     print(f"\nreport: {storage.join(out_uri, 'report.html')}")
     return {"uri": out_uri, "summary": summary, "per_user": per_user, "preference": preference, "meta": meta,
-            "items": scored}
+            "items": scored, "by_source": by_source}
 
 
 def _release_memory() -> None:

@@ -160,9 +160,16 @@ def ship_recommendation(summary: pd.DataFrame, users: pd.DataFrame, metric: str,
               "not transfer across model sizes")
     out = {"metric": metric, "max_perplexity_ratio": max_perplexity_ratio, "settings": int(len(rows)),
            "fluent_settings": int(len(fluent)), "caveat": caveat}
+    # settings whose Δ is above 0 with its CI but that cost too much fluency: said, never silently passed over
+    above = rows[(rows[lo].astype(float) > 0).to_numpy() & ~ratio.le(max_perplexity_ratio).to_numpy()]
+    dysfluent = "".join(f"; {r['label']}{_at(r)} has Δ{metric} {r[f'delta_{metric}']:+.4f} [{r[lo]:+.4f}, "
+                        f"{r[f'delta_{metric}_hi']:+.4f}] but perplexity {r['perplexity'] / ref:.2f}x"
+                        for _, r in above.iterrows())
+    if dysfluent:
+        out["above_zero_but_dysfluent"] = int(len(above))
     if fluent.empty:
         return dict(out, method="none", reason="no personalised setting kept perplexity within "
-                                              f"{max_perplexity_ratio:g}x of no personalisation")
+                                              f"{max_perplexity_ratio:g}x of no personalisation" + dysfluent)
     best = fluent.loc[fluent[lo].astype(float).idxmax()]
     found = {k: (None if isinstance(best[k], float) and math.isnan(best[k]) else best[k])
              for k in ("method", "label", "parameter", "strength")}
@@ -171,11 +178,35 @@ def ship_recommendation(summary: pd.DataFrame, users: pd.DataFrame, metric: str,
                "n_users": int(best["n_users"])}
     if figures["delta_lo"] <= 0:
         return dict(out, method="none", best_candidate={**found, **figures},
-                    reason=f"no setting's Δ{metric} against no personalisation has a CI above 0 (best lower bound "
-                           f"{figures['delta_lo']:+.4f}, {found['label']}): no personalisation is what this "
-                           "evaluation supports")
+                    reason=f"no setting with perplexity within {max_perplexity_ratio:g}x of no personalisation has a "
+                           f"Δ{metric} against it with a CI above 0 (best lower bound {figures['delta_lo']:+.4f}, "
+                           f"{found['label']}): no personalisation is what this evaluation supports" + dysfluent)
     return dict(out, **found, **figures, reason=f"the best lower 95% bound of Δ{metric} against no personalisation "
                                                f"at perplexity within {max_perplexity_ratio:g}x of it")
+
+
+def _at(row) -> str:
+    strength = row["strength"]
+    if not row["parameter"] or not isinstance(strength, float) or math.isnan(strength):
+        return ""
+    return f" at {row['parameter']} = {strength:g}"
+
+
+def summarise_by_source(users: pd.DataFrame, sources: dict[str, str], metrics: MetricsConfig,
+                        baselines: dict[str, str] | None = None) -> pd.DataFrame:
+    """The recommended settings' summary within each data source (``sources``: user -> source), with Δ and
+    CIs over that source's users only; empty when the users come from fewer than two sources."""
+    names = sorted({s for s in sources.values() if s})
+    if len(names) < 2:
+        return pd.DataFrame()
+    parts = []
+    for name in names:
+        mine = users[users["user_id"].map(sources).eq(name)]
+        if mine.empty or not ((mine["method"] == "none") & mine["recommended"]).any():
+            continue
+        summary, _ = summarise(mine[mine["recommended"]], metrics, baselines)
+        parts.append(summary.assign(source=name))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
 # ---- preference accuracy ---------------------------------------------------------------------

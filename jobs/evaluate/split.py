@@ -63,6 +63,7 @@ class Split:
     heldout_pairs: list[dict]
     notes: dict  # how each part was made, counts of skipped rows by reason
     built_pairs: bool = False  # pairs were built from the histories (their rejected side may be replaced)
+    sources: dict[str, str] = dataclasses.field(default_factory=dict)  # user -> data source, where rows name one
 
 
 def _clean_histories(rows: list[dict], skipped: Counter) -> dict[str, list[dict]]:
@@ -151,7 +152,8 @@ def split_data(config: EvalDataConfig, cfg: StorageConfig) -> Split:
              "heldout": config.heldout or f"last {config.heldout_items} items per user ({config.split} split)",
              "split_modes": dict(modes), "users_with_too_few_items": too_few, "skipped_rows": dict(skipped),
              "pairs": pairs_from}
-    return Split(train, heldout, train_pairs, heldout_pairs, notes, built_pairs=not config.preference_pairs)
+    return Split(train, heldout, train_pairs, heldout_pairs, notes, built_pairs=not config.preference_pairs,
+                 sources={u: s for u, s in sources.items() if u in train})
 
 
 def _normal(text: str) -> str:

@@ -20,6 +20,7 @@ import pandas as pd
 from steerstore.infra.cluster import connect
 from steerstore.infra.reader import StoreReader
 from steerstore.infra.storage import StorageConfig
+from steerstore.jobs import refresh
 from steerstore.jobs.evaluate.config import EvalConfig, MethodsConfig
 from steerstore.jobs.evaluate.score import anchor_word_effects, preference_accuracy, score_items
 from steerstore.jobs.evaluate.split import Split
@@ -122,7 +123,8 @@ class Workers:
         import ray
 
         res = config.resources
-        connect(config.ray, min_cpus=math.ceil(res.cpus_per_actor * config.actors))
+        # embedded Ray is sized once per process: for these actors and for the refresh the job may run next
+        connect(config.ray, min_cpus=max(math.ceil(res.cpus_per_actor * config.actors), refresh.cpus_needed(res)))
         actor = ray.remote(EvalWorker).options(num_cpus=res.cpus_per_actor, num_gpus=res.gpus_per_actor,
                                                max_restarts=0, scheduling_strategy="SPREAD")
         self.handles = [actor.remote(config.model, config.metrics, config.methods) for _ in range(config.actors)]

@@ -68,16 +68,20 @@ def _examples(scored: pd.DataFrame, n: int) -> pd.DataFrame:
 
 
 def _write(uri: str, cfg: StorageConfig, html: str, items: pd.DataFrame, summary: pd.DataFrame,
-           per_user: pd.DataFrame, preference: pd.DataFrame, meta: dict) -> None:
+           per_user: pd.DataFrame, preference: pd.DataFrame, meta: dict,
+           by_source: pd.DataFrame | None = None) -> None:
     def parquet(df: pd.DataFrame) -> bytes:
         sink = io.BytesIO()
         pq.write_table(pa.Table.from_pandas(df, preserve_index=False), sink)
         return sink.getvalue()
 
     storage.write_text(storage.join(uri, "report.html"), html, cfg)
-    for name, df in (("items", items), ("summary", summary), ("per_user", per_user), ("preference", preference)):
+    by_source = by_source if by_source is not None else pd.DataFrame()
+    tables = [("items", items), ("summary", summary), ("per_user", per_user), ("preference", preference)]
+    for name, df in tables + ([("by_source", by_source)] if not by_source.empty else []):
         storage.write_bytes(storage.join(uri, f"{name}.parquet"), parquet(df), cfg)
-    doc = {"meta": meta, "summary": summary.to_dict("records"), "preference": preference.to_dict("records")}
+    doc = {"meta": meta, "summary": summary.to_dict("records"), "preference": preference.to_dict("records"),
+           "by_source": by_source.to_dict("records")}
     storage.write_text(storage.join(uri, "summary.json"),
                        json.dumps(_finite(doc), indent=2, default=_json_default, ensure_ascii=False), cfg)
 
@@ -106,7 +110,7 @@ def ship_line(ship: dict) -> str:
 
 
 def print_summary(summary: pd.DataFrame, preference: pd.DataFrame, unsteered: dict | None = None,
-                  ship: dict | None = None) -> None:
+                  ship: dict | None = None, by_source: pd.DataFrame | None = None, metric: str = "meteor") -> None:
     """The recommended setting of each method: metric means and Δ vs no personalisation [95% CI]."""
     rec = summary[summary["recommended"]]
     print(f"\n{'method':<36}{'strength':>9}{'users':>6}{'ROUGE-1':>9}{'ROUGE-L':>9}{'METEOR':>8}{'BLEU':>7}"
@@ -132,5 +136,17 @@ def print_summary(summary: pd.DataFrame, preference: pd.DataFrame, unsteered: di
               f"{unsteered['pair_accuracy']:.3f} [{unsteered['pair_accuracy_lo']:.3f},"
               f"{unsteered['pair_accuracy_hi']:.3f}] of {unsteered['n_pairs']} pairs "
               f"(mean margin {unsteered['mean_margin_per_token']:+.3f} nats/token; chance depends on the pairs)")
+    if by_source is not None and not by_source.empty:
+        print(f"\nby data source: Δ{metric} vs the baseline [CI] (users)")
+        names = sorted(by_source["source"].unique())
+        print(f"{'method':<36}" + "".join(f"{n:>34}" for n in names))
+        for label, grp in by_source[by_source["method"] != "none"].groupby("label", sort=False):
+            cells = []
+            for n in names:
+                r = grp[grp["source"] == n]
+                cells.append("" if r.empty else
+                             f"{r[f'delta_{metric}'].iloc[0]:+.4f} [{r[f'delta_{metric}_lo'].iloc[0]:+.4f},"
+                             f"{r[f'delta_{metric}_hi'].iloc[0]:+.4f}] ({r['n_users'].iloc[0]})")
+            print(f"{str(label)[:35]:<36}" + "".join(f"{c:>34}" for c in cells))
     if ship:
         print("\n" + ship_line(ship))

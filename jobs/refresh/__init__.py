@@ -52,7 +52,7 @@ from steerstore.operators.smoothing import resolve_model
 from steerstore.schemas.store import bucket_count, bucket_of_file
 
 __all__ = ["DeadlineExceeded", "IncrementalConfig", "InputsConfig", "OutputConfig", "PublishConfig", "PublishRefused", "ReconciliationError", "RefreshConfig",
-           "ResourcesConfig", "main", "read_input"]
+           "ResourcesConfig", "cpus_needed", "main", "read_input"]
 
 log = logging.getLogger("steerstore")
 
@@ -60,7 +60,7 @@ log = logging.getLogger("steerstore")
 def main(config: RefreshConfig) -> dict:
     """Run the refresh (or resume an interrupted one) and publish a new store version. Returns the summary."""
     timer = Timer(config.resources.deadline_s)
-    connect(config.ray, min_cpus=_cpus_needed(config))
+    connect(config.ray, min_cpus=cpus_needed(config.resources))
     if config.steerx.enabled and config.inputs.histories and config.steerx.smoothing.enabled:
         config.steerx.smoothing.check_engine()  # fail before any work when the engine cannot run
     inputs = {"preference_pairs": config.inputs.preference_pairs}
@@ -108,9 +108,8 @@ def _run(config: RefreshConfig, store: SteeringStore, lease: StoreLease, inputs:
             gen.shutdown()
 
 
-def _cpus_needed(config: RefreshConfig) -> int:
-    """Logical CPUs the run holds at once: the model workers, the smoothing LLM's, and one for the writer tasks."""
-    res = config.resources
+def cpus_needed(res: ResourcesConfig) -> int:
+    """Logical CPUs a refresh holds at once: the model workers, the smoothing LLM's, and one for the writer tasks."""
     return math.ceil((res.model_actors + res.generation_actors) * res.cpus_per_actor) + 1
 
 
@@ -119,7 +118,7 @@ def _check_cpus(config: RefreshConfig) -> None:
     import ray
 
     have = ray.cluster_resources().get("CPU", 0)
-    need = _cpus_needed(config)
+    need = cpus_needed(config.resources)
     if have < need:
         raise ValueError(f"the Ray cluster has {have:g} CPUs; this refresh needs {need}: {config.resources.model_actors} "
                          f"model worker(s) and up to {config.resources.generation_actors} smoothing worker(s) of "

@@ -17,6 +17,7 @@ from steerstore.jobs.evaluate.report.sections import (
     _header,
     _preference_section,
     _section,
+    _source_section,
     _summary_section,
     _token_section,
 )
@@ -31,6 +32,7 @@ class ReportData:
     tau: float | None = None
     preference: pd.DataFrame = field(default_factory=pd.DataFrame)
     examples: pd.DataFrame = field(default_factory=pd.DataFrame)
+    by_source: pd.DataFrame = field(default_factory=pd.DataFrame)  # recommended settings within each data source
 
 
 CSS = """
@@ -114,6 +116,7 @@ def render_report(data: ReportData) -> str:
     sections = [
         header,
         _summary_section(summary, order, labels),
+        _source_section(data.by_source, order, labels),
         dose,
         _token_section(data.token_effects, data.tau),
         _gain_section(per_user, summary, order, labels),

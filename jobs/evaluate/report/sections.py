@@ -135,6 +135,19 @@ def _summary_section(summary: pd.DataFrame, order, labels) -> str:
     return _section("summary", "Summary", intro + _results_table(rec, labels, mark_recommended=False))
 
 
+def _source_section(by_source: pd.DataFrame | None, order, labels) -> str:
+    """The summary within each data source (only when the users come from more than one)."""
+    if by_source is None or by_source.empty:
+        return ""
+    parts = ["<p>The same recommended settings, with Δ and CIs over each source's users only "
+             "(pooled above).</p>"]
+    for name, rows in by_source.groupby("source", sort=True):
+        users = int(rows.loc[rows["method"] == "none", "n_users"].max()) if (rows["method"] == "none").any() else 0
+        parts.append(f"<h3>{_esc(name)} · {users} users</h3>"
+                     + _results_table(_ordered(rows, order), labels, mark_recommended=False))
+    return _section("by-source", "By data source", "".join(parts))
+
+
 def _none_row(summary: pd.DataFrame):
     if summary.empty:
         return None
