@@ -137,8 +137,7 @@ def main(config: EvalConfig) -> dict:
     tau_stores = _tau_sweep(config, inputs, gen, steerx)  # side stores' refreshes, before the workers load
     lap("tau sweep")
     workers = workers or Workers(config)
-    reader.check_model(workers.fingerprint(), "the evaluation model")
-    workers.open(store_uri, reader.version, config.storage)
+    workers.open(store_uri, reader.version, config.storage)  # each worker checks the store's weights are its own
     done = workers.run(rows)
     scored = pd.DataFrame(with_main_tau(done, steerx.tau,
                                         "influence" in config.methods.include and config.methods.sweeps))
@@ -153,7 +152,7 @@ def main(config: EvalConfig) -> dict:
     lap("preference accuracy")
     effects = workers.anchor_effects(split) if any(
         m.startswith(("style_vector", "influence")) for m in config.methods.include) else np.zeros(0)
-    fingerprint = workers.fingerprint()
+    fingerprint = workers.fingerprint()  # checked against the store's by open()
     workers.close()
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out_uri = storage.join(reader.store.version_uri(reader.version), "eval", run_id)

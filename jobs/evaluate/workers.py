@@ -111,14 +111,14 @@ class EvalWorker:
 
 
 class Workers:
-    """``config.actors`` EvalWorker actors on Ray (0: one EvalWorker in this process, on ``runtime``)."""
+    """``config.actors`` EvalWorker actors on Ray (0: one EvalWorker in this process)."""
 
-    def __init__(self, config: EvalConfig, runtime: ModelRuntime | None = None):
+    def __init__(self, config: EvalConfig):
         self.config = config
         self.local: EvalWorker | None = None
         self.handles: list = []
         if config.actors == 0:
-            self.local = EvalWorker(config.model, config.metrics, config.methods, runtime)
+            self.local = EvalWorker(config.model, config.metrics, config.methods)
             return
         import ray
 
