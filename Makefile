@@ -8,14 +8,19 @@ BIN    := $(VENV)/bin
 # the CUDA index, or any torch satisfying pyproject's range.
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.steerstore-setup
+# llama.cpp (PyPI's llama-cpp-python, compiled once and the wheel cached) for verify-export and its
+# test; LLAMA_CPP= skips it
+LLAMA_CPP ?= llama-cpp-python==0.3.36
+LLAMA_STAMP := $(VENV)/.steerstore-llama-cpp
 
 .PHONY: setup system demo test test-fast lint s3-local clean
 
-setup: system $(STAMP)
+setup: system $(STAMP) $(LLAMA_STAMP)
 
-# System packages from Debian: WordNet for METEOR (the evaluation job) and headless Chromium for the
-# report's browser test. Installed only when missing; needs root (or sudo) and apt.
-SYSTEM_PKGS := wordnet-base wordnet-sense-index chromium
+# System packages from Debian: WordNet for METEOR (the evaluation job), headless Chromium for the
+# report's browser test, CMake and a C++ compiler to build llama.cpp. Installed only when missing;
+# needs root (or sudo) and apt.
+SYSTEM_PKGS := wordnet-base wordnet-sense-index chromium cmake g++
 system:
 	@missing=""; for p in $(SYSTEM_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -30,11 +35,15 @@ $(STAMP): pyproject.toml Makefile infra/deploy/install.sh infra/deploy/constrain
 	PY=$(BIN)/python TORCH="$(TORCH)" EXTRAS=eval,test EDITABLE=1 bash infra/deploy/install.sh
 	touch $(STAMP)
 
+$(LLAMA_STAMP): $(STAMP) infra/deploy/llama-cpp.sh
+	PY=$(BIN)/python LLAMA_CPP="$(LLAMA_CPP)" bash infra/deploy/llama-cpp.sh
+	touch $(LLAMA_STAMP)
+
 demo: setup
 	$(BIN)/steerstore demo
 
 test: setup lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=30
 
 # unit tests on tiny models only: no real model, Ray, S3 server, browser or sentence encoder (~1 min)
 test-fast: setup

@@ -11,7 +11,8 @@ from steerstore.infra.config import ConfigError, add_arguments, load
 
 
 def _jobs():
-    from steerstore.jobs import demo, evaluate, export, forget, generate, importers, inspect_store, model_cmd, refresh, serve
+    from steerstore.jobs import (demo, evaluate, export, forget, generate, importers, inspect_store, model_cmd, refresh,
+                                 serve, verify_export)
 
     return {
         "refresh": (refresh.RefreshConfig, refresh.main, "compute steering vectors and publish a new store version"),
@@ -25,6 +26,8 @@ def _jobs():
                   "an OpenAI-compatible HTTP endpoint personalising each request by its 'user' (reference path)"),
         "export": (export.ExportConfig, export.main,
                    "export users' steering vectors for serving engines: llama.cpp GGUF, EasySteer JSON, safetensors"),
+        "verify-export": (verify_export.VerifyExportConfig, verify_export.main,
+                          "run a user's exported vectors in llama.cpp and compare with the HF path (exit 1 if short)"),
         "import": (importers.ImportConfig, importers.main, "convert PRISM or plain pairs into preference_pairs, or LaMP / LongLaMP question files into histories + held-out items"),
         "demo": (demo.DemoConfig, demo.main, "run the embedded demo end to end into ./steerstore-out"),
         "eval": (evaluate.EvalConfig, evaluate.main,
@@ -114,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"steerstore {name}: {type(exc).__name__}: {_message(exc)}{_hint(exc)}", file=sys.stderr)
+        return 1
+    if isinstance(result, dict) and result.get("failed"):  # ran, and what it checked fell short
+        print(f"steerstore {name}: {result['failed']}", file=sys.stderr)
         return 1
     if isinstance(result, dict) and result.get("nothing_done"):  # ran, but did none of what was asked
         print(f"steerstore {name}: {result['nothing_done']}", file=sys.stderr)

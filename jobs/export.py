@@ -52,11 +52,11 @@ class ExportConfig:
               f"--source must be history, description or blend, got {self.source!r}")
 
 
-def _found(reader: StoreReader, config: ExportConfig, ids: list[str], source: str) -> dict[str, UserVectors]:
-    """The vectors of those of ``ids`` that have them (BT: composed from θ and the basis)."""
-    if config.method == "bt":
+def found_vectors(reader: StoreReader, method: str, ids: list[str], source: str) -> dict[str, UserVectors]:
+    """The ``method`` vectors of those of ``ids`` that have them (BT: composed from θ and the basis)."""
+    if method == "bt":
         return reader.bt(ids)
-    return reader.vectors(ids, method=FAMILY_OF[config.method], source=source)
+    return reader.vectors(ids, method=FAMILY_OF[method], source=source)
 
 
 def _batches(reader: StoreReader, config: ExportConfig):
@@ -113,7 +113,7 @@ def main(config: ExportConfig) -> dict:
             export(population)
     else:
         for ids in _batches(reader, config):
-            found = _found(reader, config, ids, source)
+            found = found_vectors(reader, config.method, ids, source)
             for uid in ids:
                 if uid in found:
                     export(found[uid])

