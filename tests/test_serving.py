@@ -401,3 +401,14 @@ def test_the_serving_benchmark_writes_a_store_whose_lookups_return_its_vectors(t
     figures = bench_serving.measure_lookups(str(tmp_path / "s"), None, version, ids, n=20, scans=2, seed=0)
     for key in ("vectors_uncached", "artifacts_uncached", "artifacts_cached", "absent", "scan_baseline"):
         assert figures[key]["p50_ms"] > 0 and figures[key]["p99_ms"] >= figures[key]["p50_ms"]
+    published = []
+
+    def republish():
+        published.append(bench_serving.synthetic_store(str(tmp_path / "s"), None, 300, meta, 1, users_per_bucket=64,
+                                                       row_group_bytes=1024)[0])
+        return published[-1]
+
+    switch = bench_serving.measure_switch(str(tmp_path / "s"), None, republish, ids, n=10, seed=0)
+    assert (switch["from"], switch["to"]) == (version, published[0]) and switch["switch_ms"] > 0
+    assert StoreReader(str(tmp_path / "s")).version == published[0]
+    assert switch["first_lookups_after_switch"]["p50_ms"] > 0 and switch["check_unchanged"]["p50_ms"] > 0

@@ -4,12 +4,15 @@ Launch: ``steerstore bench serving`` (100,000 synthetic users on local disk); ad
 ``--s3_uri s3://bucket/prefix`` (with ``--storage.*`` or the AWS environment) to measure over S3
 too, e.g. against ``make s3-local`` (the S3 test server on loopback).
 
-1. **Lookups.** A synthetic store version of ``--users`` users (CAA vectors of the default
+1. **Lookups and the version switch.** A synthetic store version of ``--users`` users (CAA vectors of the default
    model's stored shape, BT coordinates, DPS heads, SteerX rows) is written with the store's
    bucketed layout, locally and (``--s3_uri``) to S3-compatible object storage over HTTP. Latency p50/p99 of
    single-user lookups: uncached (each lookup reads its row group; bucket-file footers are open),
    cached, the full ``artifacts`` lookup, and absent ids; the baseline is a filtered scan of the
-   whole table (what an unbucketed reader does), measured in the same run.
+   whole table (what an unbucketed reader does), measured in the same run. Then a second version
+   is published under a ``StoreFollower`` serving the first: the cost of a check when ``LATEST``
+   has not moved (paid once per interval), of the switch (read ``LATEST``, open the new version,
+   check its weights), and the new version's first lookups (its bucket footers are opened lazily).
 2. **Mixed batch.** With the real model and a small synthetic store for its weights, a batch of
    requests mixing users and every method is decoded in one call, per method (one call each),
    and one request at a time; the baseline is the same prompts unsteered in one call. Every row
@@ -23,6 +26,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +35,7 @@ import torch
 
 from steerstore.infra import storage
 from steerstore.infra.config import check, option, to_dict
+from steerstore.infra.follow import StoreFollower
 from steerstore.infra.reader import StoreReader
 from steerstore.infra.storage import StorageConfig
 from steerstore.infra.store import SteeringStore
@@ -196,6 +201,27 @@ def _timed(fn, args) -> list[float]:
     return out
 
 
+def measure_switch(uri: str, cfg: StorageConfig | None, republish: Callable[[], str], ids: list[str],
+                   n: int, seed: int) -> dict:
+    """A follower serving the current version; ``republish()`` publishes the next one; the switch timed."""
+    rng = np.random.default_rng(seed + 2)
+    sample = [ids[i] for i in rng.choice(len(ids), n, replace=len(ids) < n)]
+    follower = StoreFollower(uri, cfg, interval_s=3600)
+    for uid in sample:
+        follower.current().artifacts(uid)
+    unchanged = _timed(lambda _: follower.check(), range(20))
+    before = follower.version
+    new_version = republish()
+    start = time.perf_counter()
+    switched = follower.check()
+    switch_s = time.perf_counter() - start
+    if not switched or follower.version != new_version:
+        raise RuntimeError(f"the follower did not switch from {before} to {new_version}: {follower.refused}")
+    after = _timed(lambda u: follower.current().artifacts(u), sample)
+    return {"check_unchanged": latency_percentiles(unchanged), "switch_ms": round(switch_s * 1e3, 1),
+            "first_lookups_after_switch": latency_percentiles(after), "from": before, "to": new_version}
+
+
 def measure_lookups(uri: str, cfg: StorageConfig | None, version: str, ids: list[str], n: int, scans: int,
                     seed: int) -> dict:
     rng = np.random.default_rng(seed + 1)
@@ -296,6 +322,9 @@ def main(config: BenchServingConfig) -> dict:
                                    config.row_group_bytes)
     result["local_write_s"] = round(time.perf_counter() - start, 1)
     result["local"] = measure_lookups(local, None, version, ids, config.lookups, config.scans, config.seed)
+    result["local"]["switch"] = measure_switch(local, None, lambda: synthetic_store(
+        local, None, config.users, meta, config.seed + 1, config.users_per_bucket, config.row_group_bytes)[0],
+        ids, min(config.lookups, 200), config.seed)
     print(json.dumps({"local": result["local"]}, indent=2), flush=True)
     if config.s3_uri:
         start = time.perf_counter()
@@ -304,6 +333,9 @@ def main(config: BenchServingConfig) -> dict:
         result["s3_write_s"] = round(time.perf_counter() - start, 1)
         result["s3"] = measure_lookups(config.s3_uri, config.storage, version, ids, config.s3_lookups,
                                        max(2, config.scans // 5), config.seed)
+        result["s3"]["switch"] = measure_switch(config.s3_uri, config.storage, lambda: synthetic_store(
+            config.s3_uri, config.storage, config.users, meta, config.seed + 1, config.users_per_bucket,
+            config.row_group_bytes)[0], ids, min(config.s3_lookups, 100), config.seed)
         print(json.dumps({"s3": result["s3"]}, indent=2), flush=True)
     if config.generation:
         result["generation"] = measure_generation(config, config.out)

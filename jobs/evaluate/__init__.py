@@ -57,7 +57,7 @@ from steerstore.jobs.evaluate.config import (
     _flags,
     _refresh_config,
 )
-from steerstore.jobs.evaluate.generate import Generator, Setting, _tau_sweep, with_main_tau
+from steerstore.jobs.evaluate.generate import Generator, Setting, tau_curve, tau_sweep, with_main_tau
 from steerstore.jobs.evaluate.score import (
     anchor_word_effects,
     per_user_table,
@@ -134,13 +134,12 @@ def main(config: EvalConfig) -> dict:
     lap("refresh")
     gen = Generator(reader, split, config)
     rows = gen.run()
-    tau_stores = _tau_sweep(config, inputs, gen, steerx)  # side stores' refreshes, before the workers load
+    tau_stores = tau_sweep(config, inputs, gen, steerx)  # side stores' refreshes, before the workers load
     lap("tau sweep")
     workers = workers or Workers(config)
     workers.open(store_uri, reader.version, config.storage)  # each worker checks the store's weights are its own
     done = workers.run(rows)
-    scored = pd.DataFrame(with_main_tau(done, steerx.tau,
-                                        "influence" in config.methods.include and config.methods.sweeps))
+    scored = pd.DataFrame(with_main_tau(done, steerx.tau, tau_curve(config)))
     lap("generate and score")
     users = per_user_table(scored)
     summary, per_user = summarise(users, config.metrics, gen.baselines)

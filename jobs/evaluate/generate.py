@@ -178,9 +178,14 @@ class Generator:
         return {"dps": "history_prompt"} if both else {}
 
 
-def _tau_sweep(config: EvalConfig, inputs: dict[str, str], gen: Generator, steerx: SteerXConfig) -> dict[str, str]:
+def tau_curve(config: EvalConfig) -> bool:
+    """Whether the eval draws influence decoding's τ curve (influence evaluated, sweeps on)."""
+    return "influence" in config.methods.include and config.methods.sweeps
+
+
+def tau_sweep(config: EvalConfig, inputs: dict[str, str], gen: Generator, steerx: SteerXConfig) -> dict[str, str]:
     """Plan influence rows with descriptions written from anchors at other τ (one side store per τ)."""
-    if "influence" not in config.methods.include or not config.methods.sweeps:
+    if not tau_curve(config):
         return {}
     stores = {}
     for tau in sorted(set(config.methods.tau_grid) - {steerx.tau}):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections import defaultdict
 
 import numpy as np
@@ -162,7 +163,7 @@ def ship_recommendation(summary: pd.DataFrame, users: pd.DataFrame, metric: str,
            "fluent_settings": int(len(fluent)), "caveat": caveat}
     # settings whose Δ is above 0 with its CI but that cost too much fluency: said, never silently passed over
     above = rows[(rows[lo].astype(float) > 0).to_numpy() & ~ratio.le(max_perplexity_ratio).to_numpy()]
-    dysfluent = "".join(f"; {r['label']}{_at(r)} has Δ{metric} {r[f'delta_{metric}']:+.4f} [{r[lo]:+.4f}, "
+    dysfluent = "".join(f"; {r['label']}{setting_text(r['parameter'], r['strength'])} has Δ{metric} {r[f'delta_{metric}']:+.4f} [{r[lo]:+.4f}, "
                         f"{r[f'delta_{metric}_hi']:+.4f}] but perplexity {r['perplexity'] / ref:.2f}x"
                         for _, r in above.iterrows())
     if dysfluent:
@@ -185,11 +186,11 @@ def ship_recommendation(summary: pd.DataFrame, users: pd.DataFrame, metric: str,
                                                f"at perplexity within {max_perplexity_ratio:g}x of it")
 
 
-def _at(row) -> str:
-    strength = row["strength"]
-    if not row["parameter"] or not isinstance(strength, float) or math.isnan(strength):
+def setting_text(parameter: str | None, strength) -> str:
+    """" at α = 2" for a setting with a strength; "" for one without (no personalisation, history)."""
+    if not parameter or not isinstance(strength, numbers.Real) or math.isnan(strength):
         return ""
-    return f" at {row['parameter']} = {strength:g}"
+    return f" at {parameter} = {strength:g}"
 
 
 def summarise_by_source(users: pd.DataFrame, sources: dict[str, str], metrics: MetricsConfig,

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from steerstore.infra import storage
 from steerstore.infra.storage import StorageConfig
 from steerstore.jobs.evaluate.config import LABELS
+from steerstore.jobs.evaluate.score import setting_text
 
 if TYPE_CHECKING:  # only for annotations: writing needs no model
     from steerstore.jobs.evaluate.generate import Generator
@@ -103,8 +104,7 @@ def ship_line(ship: dict) -> str:
         return ""
     if ship["method"] == "none":
         return f"What to ship: no personalisation — {ship['reason']}. Caveat: {ship['caveat']}."
-    setting = f" at {ship['parameter']} = {ship['strength']:g}" if ship.get("parameter") else ""
-    return (f"What to ship: {ship['label']}{setting} — Δ{ship['metric']} {ship['delta']:+.4f} "
+    return (f"What to ship: {ship['label']}{setting_text(ship.get('parameter'), ship.get('strength'))} — Δ{ship['metric']} {ship['delta']:+.4f} "
             f"[{ship['delta_lo']:+.4f}, {ship['delta_hi']:+.4f}] over {ship['n_users']} users, perplexity "
             f"{ship['perplexity_ratio']:.2f}x no personalisation ({ship['reason']}). Caveat: {ship['caveat']}.")
 
