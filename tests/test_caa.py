@@ -141,6 +141,23 @@ def test_the_alpha_choice_scores_each_pair_with_its_users_vector_and_theta_fitte
     full = np.einsum("n,nlh->lh", w, d) / w.sum()
     np.testing.assert_allclose(out["ann"]["vectors"], shrink(full, w.sum(), population, kappa), rtol=1e-5)
     assert not np.allclose(out["ann"]["loo"][1]["vectors"], out["ann"]["vectors"])
+    # the left-out pair's weight and difference, to take it out of the population direction
+    assert out["ann"]["pair"][1]["weight"] == pytest.approx(2.0)
+    np.testing.assert_allclose(out["ann"]["pair"][1]["difference"], d[1], rtol=1e-6)
     # a user whose only pair is left out falls back to the priors: the population direction and θ_pop
     np.testing.assert_allclose(out["solo"]["loo"][0]["vectors"], population, rtol=1e-6)
     np.testing.assert_allclose(out["solo"]["loo"][0]["theta"], theta_pop, rtol=1e-6)
+
+
+def test_the_population_direction_without_a_pair_is_the_weighted_mean_of_the_other_pairs():
+    from steerstore.jobs.refresh.globals import population_without
+
+    g = np.random.default_rng(1)
+    d = g.standard_normal((5, 2, 4))  # 5 pairs of the sample, 2 layers, hidden 4
+    w = np.asarray([1.0, 0.5, 2.0, 1.5, 1.0])
+    population = (np.einsum("n,nlh->lh", w, d) / w.sum()).astype(np.float32)
+    without = population_without(population, float(w.sum()), {"weight": 2.0, "difference": d[2]})
+    keep = [0, 1, 3, 4]
+    np.testing.assert_allclose(without, np.einsum("n,nlh->lh", w[keep], d[keep]) / w[keep].sum(), rtol=1e-5, atol=1e-6)
+    # the only pair of the sample left out: nothing remains, the direction stays
+    np.testing.assert_allclose(population_without(population, 2.0, {"weight": 2.0, "difference": d[2]}), population)

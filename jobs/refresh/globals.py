@@ -189,7 +189,7 @@ def _caa(config: RefreshConfig, run: Run, sampler: Sampler, pool: Pool, g: dict,
         weights = np.concatenate([f[2] for f in pooled])
         g["theta_pop"] = population_theta(x, weights, config.bt)
     if config.scale.enabled:
-        _scales(config, sampler, pool, g, reduced["users"])
+        _scales(config, sampler, pool, g, reduced["users"], reduced["weight_sum"])
     g["population_row"]["recommended_scale"] = g["scales"]["population"]
     pool.call_all("cache_caa_sample", _public(g), run.staging)
     pool.call_all("drop_sample")
@@ -203,14 +203,23 @@ def _reduce_caa_sample(k: int, *outputs: list[dict]) -> dict | None:
     w = np.asarray([r["weight_sum"] for r in means])
     stacked = np.stack([r["mean"] for r in means])  # (users, layers, hidden)
     population = (np.einsum("u,ulh->lh", w, stacked) / w.sum()).astype(np.float32)
-    out = {"population": population, "n_pairs": int(sum(r["n_pairs"] for r in means)),
+    out = {"population": population, "n_pairs": int(sum(r["n_pairs"] for r in means)), "weight_sum": float(w.sum()),
            "users": [(r["user_id"], r["n_pairs"]) for r in means], "basis": None, "feature_norms": None}
     if k:
         out.update(basis=build_basis(stacked, population, k), feature_norms=feature_scales(stacked))
     return out
 
 
-def _scales(config: RefreshConfig, sampler: Sampler, pool: Pool, g: dict, users: list[tuple[str, int]]) -> None:
+def population_without(population: np.ndarray, weight_sum: float, pair: dict) -> np.ndarray:
+    """The population direction (Σ w·d / Σ w over the sample's pairs) without one pair (its weight and difference)."""
+    rest = weight_sum - pair["weight"]
+    if rest <= 0:
+        return population
+    return ((weight_sum * population.astype(np.float64) - pair["weight"] * pair["difference"]) / rest).astype(np.float32)
+
+
+def _scales(config: RefreshConfig, sampler: Sampler, pool: Pool, g: dict, users: list[tuple[str, int]],
+            weight_sum: float) -> None:
     """α per method, from a seeded sample of the basis-sample users' own training pairs."""
     candidates = [(u, j) for u, n in users for j in range(n)]
     rng = np.random.default_rng(config.scale.seed)
@@ -234,8 +243,12 @@ def _scales(config: RefreshConfig, sampler: Sampler, pool: Pool, g: dict, users:
     layers, stored = list(row["recommended_layers"]), list(row["layers"])
     at = [stored.index(l) for l in layers]
     population = g["population_mean"]
+    if config.scale.out_of_sample:  # the population direction without the scored pair, too
+        own = [population_without(population, weight_sum, finals[u]["pair"][p]) for u, p in picked]
+    else:
+        own = [population] * len(picked)
     methods = {
-        "population": {l: np.stack([population[j]] * len(picked)) for l, j in zip(layers, at)},
+        "population": {l: np.stack([o[j] for o in own]) for l, j in zip(layers, at)},
         "caa": {l: np.stack([fit(u, p)["vectors"][j] for u, p in picked]) for l, j in zip(layers, at)},
     }
     if g["theta_pop"] is not None:
@@ -244,8 +257,9 @@ def _scales(config: RefreshConfig, sampler: Sampler, pool: Pool, g: dict, users:
         methods["bt"] = {l: np.stack([c[j] for c in composed]) for l, j in zip(layers, at)}
     result = pool.first("choose_scales", pairs, methods, row["positions"])
     g["scale_curves"] = {**result, "pairs": len(picked), "users": len(users),
-                         "pairs_scored": "out of sample (leave-one-pair-out vectors and θ; the population direction, "
-                                         "θ_pop and the basis still include the pair)" if config.scale.out_of_sample
+                         "pairs_scored": "out of sample (leave-one-pair-out vectors, θ and population direction; "
+                                         "θ_pop, the basis and the CAA shrinkage target still include the pair)"
+                         if config.scale.out_of_sample
                          else "in sample (the vectors were fitted on these pairs)"}
     g["scales"].update({m: r["alpha"] for m, r in result.items() if m in g["scales"]})
 

@@ -161,7 +161,8 @@ class ModelWorker:
         """Shrunk vectors (layers, hidden) and BT ideal points θ of sample users held here (for the α choice).
 
         With ``leave_out`` (user -> indices of their pairs), also each listed pair's vector and θ fitted
-        without that pair (``entry["loo"][j]``): the α choice then scores a pair out of sample.
+        without that pair (``entry["loo"][j]``) and the pair's weight and difference (``entry["pair"][j]``,
+        to take it out of the population direction): the α choice then scores a pair out of sample.
         """
         out = {}
         for u in user_ids:
@@ -169,8 +170,9 @@ class ModelWorker:
                 continue
             d, w, _ = self._sample[u]
             entry = self._final(d, w, population, theta_pop, basis, norms)
-            entry["loo"] = {}
+            entry["loo"], entry["pair"] = {}, {}
             for j in (leave_out or {}).get(u, []):
+                entry["pair"][j] = {"weight": float(w[j]), "difference": np.asarray(d[j], dtype=np.float32)}
                 keep = np.arange(len(w)) != j
                 rest = w[keep] * (keep.sum() / w[keep].sum()) if w[keep].sum() > 0 else w[keep]  # mean 1 again
                 entry["loo"][j] = self._final(d[keep], rest, population, theta_pop, basis, norms)
