@@ -11,7 +11,8 @@ STAMP  := $(VENV)/.steerstore-setup
 # llama.cpp (PyPI's llama-cpp-python, compiled once and the wheel cached) for verify-export and its
 # test; LLAMA_CPP= skips it
 LLAMA_CPP ?= llama-cpp-python==0.3.36
-LLAMA_STAMP := $(VENV)/.steerstore-llama-cpp
+# the stamp names the requirement: another version (or LLAMA_CPP= once) does not hide the next setup's
+LLAMA_STAMP := $(VENV)/.steerstore-llama-cpp-$(subst =,-,$(subst >,-,$(subst <,-,$(LLAMA_CPP))))
 
 .PHONY: setup system demo test test-fast lint s3-local clean
 

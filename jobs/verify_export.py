@@ -182,7 +182,8 @@ def _store_vectors(reader: StoreReader, config: VerifyExportConfig, source: str)
         return found
     found = export.found_vectors(reader, config.method, [config.user], source)
     if config.user not in found:
-        raise ValueError(reader.why_missing(config.user, config.method))
+        what = {"caa": "CAA vectors", "bt": "BT ideal point", "style_vector": f"SteerX {source} style vectors"}
+        raise ValueError(reader.why_missing(config.user, what[config.method]))
     return found[config.user]
 
 
@@ -191,13 +192,13 @@ def main(config: VerifyExportConfig) -> dict:
     source = config.source or reader.default_source(FAMILY_OF[config.method])
     runtime = load_runtime_for(reader)
     model_gguf = _model_gguf(reader, config)
-    engine = LlamaCpp(model_gguf)
-    if (engine.n_embd, engine.n_layer) != (runtime.hidden_size, runtime.num_layers):
-        raise ValueError(f"{model_gguf} is not the store's model: llama.cpp reads n_embd {engine.n_embd}, "
-                         f"{engine.n_layer} layers; the store's model has {runtime.hidden_size}, {runtime.num_layers}")
     vectors = _store_vectors(reader, config, source)
     ids = runtime.prompt_ids(config.prompts)
     stop = list(runtime.eos_token_ids)
+    engine = LlamaCpp(model_gguf, n_ctx=max(len(x) for x in ids) + config.new_tokens + 8)
+    if (engine.n_embd, engine.n_layer) != (runtime.hidden_size, runtime.num_layers):
+        raise ValueError(f"{model_gguf} is not the store's model: llama.cpp reads n_embd {engine.n_embd}, "
+                         f"{engine.n_layer} layers; the store's model has {runtime.hidden_size}, {runtime.num_layers}")
     with tempfile.TemporaryDirectory(prefix="steerstore-verify-") as tmp:
         exported = _exported(config, reader, tmp)
         path = exported["files"][0]
@@ -205,6 +206,9 @@ def main(config: VerifyExportConfig) -> dict:
         layers = engine.set_control_vector(path, s0)
         if layers != sorted(exported["layers"]):
             raise ValueError(f"llama.cpp read layers {layers} from {path}; the export wrote {exported['layers']}")
+        # what llama.cpp applies at each layer against the store's vector there (catches a mislabelled layer)
+        file_error = max(float(np.abs(engine.rows[l - 1] - s0 * v).max() / max(np.abs(s0 * v).max(), 1e-12))
+                         for l, v in vectors.at(layers).items())
         hf = _HF(runtime, vectors.at(layers))
         rows = [{"prompt": p, "prompt_tokens": len(x)} for p, x in zip(config.prompts, ids)]
         # at s₀: HF's steered greedy path, llama.cpp fed the same tokens, and llama.cpp running free
@@ -214,7 +218,8 @@ def main(config: VerifyExportConfig) -> dict:
             free = engine.greedy(x, config.new_tokens, stop)
             row["steered_same"], row["steered_ties"] = _steps_agree(tokens, logits, choices, config.agree_tokens,
                                                                     config.tie_margin)
-            row["steered_agree"] = row["steered_same"] + row["steered_ties"] >= min(config.agree_tokens, len(tokens))
+            row["steps_compared"] = min(config.agree_tokens, len(tokens))
+            row["steered_agree"] = row["steered_same"] + row["steered_ties"] >= row["steps_compared"]
             row["steered_free_prefix"] = _prefix(tokens, free)
             row["hf_steered"] = runtime.tokenizer.decode(tokens)
             row["llama_cpp_steered"] = runtime.tokenizer.decode(free)
@@ -244,29 +249,33 @@ def main(config: VerifyExportConfig) -> dict:
             row["shift_cosine"] = _cosine(hf_shift[row["prompt"]], cpp_shift)
             row["shift_norm_hf"] = float(np.linalg.norm(hf_shift[row["prompt"]]))
             row["shift_norm_llama_cpp"] = float(np.linalg.norm(cpp_shift))
-    return _report(config, reader, vectors, layers, s0, scale, signal, str(model_gguf), rows)
+    return _report(config, reader, vectors, layers, s0, scale, signal, file_error, str(model_gguf), rows)
 
 
 def _report(config: VerifyExportConfig, reader: StoreReader, vectors: UserVectors, layers: list[int], s0: float,
-            scale: float, signal: float, model_gguf: str, rows: list[dict]) -> dict:
+            scale: float, signal: float, file_error: float, model_gguf: str, rows: list[dict]) -> dict:
     for r in rows:
         print(f"{r['prompt']!r}: logit-shift cosine {r['shift_cosine']:.4f} at scale {scale:g} (|shift| HF "
               f"{r['shift_norm_hf']:.1f}, llama.cpp {r['shift_norm_llama_cpp']:.1f}; noise {r['noise']:.1f}) · at "
-              f"scale {s0:g} llama.cpp takes HF's token at {r['steered_same']} of the first {config.agree_tokens} "
-              f"steps ({r['steered_ties']} near ties) · HF {r['hf_steered']!r} · llama.cpp {r['llama_cpp_steered']!r}")
+              f"scale {s0:g}, of HF's first {r['steps_compared']} greedy steps llama.cpp takes HF's token at "
+              f"{r['steered_same']}, a near tie at {r['steered_ties']} · HF {r['hf_steered']!r} · llama.cpp "
+              f"{r['llama_cpp_steered']!r}")
     cosines = [r["shift_cosine"] for r in rows]
     min_cos = min(cosines) if all(math.isfinite(c) for c in cosines) else float("nan")
     agree = sum(r["steered_agree"] for r in rows)
     plain_agree = sum(r["unsteered_agree"] for r in rows)
     short = []
+    if not file_error <= 1e-5:
+        short.append(f"the exported file does not hold the store's vectors at layers {layers} "
+                     f"(largest relative difference {file_error:.2e})")
     if signal < config.min_signal:
         short.append(f"the vector barely moves HF's logits: at scale {scale:g} its shift is {signal:.1f}× the "
                      f"engines' noise (< {config.min_signal:g}×)")
     if not min_cos >= config.min_cosine:  # NaN (no shift at all) fails too
         short.append(f"logit-shift cosine {min_cos:.4f} < {config.min_cosine:g}")
     if agree < len(rows):
-        short.append(f"llama.cpp leaves HF's steered greedy path within the first {config.agree_tokens} tokens on "
-                     f"{len(rows) - agree} of {len(rows)} prompts")
+        short.append(f"llama.cpp leaves HF's steered greedy path (by more than a near tie) within the first "
+                     f"{config.agree_tokens} tokens on {len(rows) - agree} of {len(rows)} prompts")
     who = vectors.user_id or "population"
     line = (f"llama.cpp vs HF · {config.method} · {who} · store {reader.version} · layers {layers} · logit-shift "
             f"cosine at scale {scale:g} min {min_cos:.4f} mean {float(np.mean(cosines)):.4f} · greedy at scale "
@@ -274,7 +283,7 @@ def _report(config: VerifyExportConfig, reader: StoreReader, vectors: UserVector
             f"{plain_agree}/{len(rows)}) · " + ("OK" if not short else "FAILED: " + "; ".join(short)))
     summary = {"engine": config.engine, "store": config.store, "version": reader.version, "method": config.method,
                "user_id": vectors.user_id, "layers": layers, "scale": s0, "cosine_scale": scale,
-               "signal": signal, "model_gguf": model_gguf, "positions_fitted": vectors.positions,
+               "signal": signal, "file_error": file_error, "model_gguf": model_gguf, "positions_fitted": vectors.positions,
                "min_cosine": config.min_cosine, "min_signal": config.min_signal, "agree_tokens": config.agree_tokens,
                "tie_margin": config.tie_margin, "new_tokens": config.new_tokens, "shift_cosine_min": min_cos,
                "shift_cosine_mean": float(np.mean(cosines)), "steered_agree": agree, "unsteered_agree": plain_agree,

@@ -41,11 +41,14 @@ class _GGUFInitParams(ctypes.Structure):
 def _ggml_base():
     """ggml's base library (the GGUF reader llama.cpp itself uses), with the calls we make typed."""
     llama_cpp = _binding()
-    folder = Path(llama_cpp.__file__).parent / "lib"
-    names = sorted(folder.glob("libggml-base.*")) or sorted(folder.glob("ggml-base.*"))
-    if not names:
-        raise RuntimeError(f"llama-cpp-python at {folder.parent} has no ggml-base library")
-    lib = ctypes.CDLL(str(names[0]))
+    # the folder the binding loaded its libraries from (it honours LLAMA_CPP_LIB_PATH), and the soname
+    # libllama links against, so the ggml-base already in the process is the one used
+    folder = Path(getattr(llama_cpp.llama_cpp, "_base_path", Path(llama_cpp.__file__).parent / "lib"))
+    names = [folder / n for n in ("libggml-base.so.0", "libggml-base.so", "libggml-base.dylib", "ggml-base.dll")]
+    found = [n for n in names if n.exists()]
+    if not found:
+        raise RuntimeError(f"llama-cpp-python's library folder {folder} has no ggml-base library")
+    lib = ctypes.CDLL(str(found[0]))
     lib.gguf_init_from_file.argtypes = [ctypes.c_char_p, _GGUFInitParams]
     lib.gguf_init_from_file.restype = ctypes.c_void_p
     lib.gguf_get_n_tensors.argtypes = [ctypes.c_void_p]
@@ -122,6 +125,7 @@ class LlamaCpp:
     control vector. One sequence at a time (llama.cpp applies one control vector per context)."""
 
     def __init__(self, model_path: str | os.PathLike, n_ctx: int = 1024, threads: int | None = None):
+        """``n_ctx``: the longest sequence (prompt plus generated tokens) this engine will be given."""
         llama_cpp = _binding()
         self._llama_cpp = llama_cpp
         self.llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, logits_all=True, verbose=False,
@@ -138,8 +142,13 @@ class LlamaCpp:
             raise ValueError(f"control vector width {n_embd} does not match the model's n_embd {self.n_embd}")
         if max(layers) >= self.n_layer:
             raise ValueError(f"control vector holds layer {max(layers)}; the model has layers 0..{self.n_layer - 1}")
-        flat = np.ascontiguousarray(buffer.reshape(-1))
+        # llama.cpp overwrites only the layers the buffer covers: pad to every layer so that no layer of a
+        # previously applied vector stays
+        full = np.zeros((self.n_layer - 1, n_embd), np.float32)
+        full[:len(buffer)] = buffer
+        flat = np.ascontiguousarray(full.reshape(-1))
         self._buffer = flat  # llama.cpp copies it, but keep it alive for the call
+        self.rows = full  # what was applied: row i - 1 is layer i, scaled
         rc = self._llama_cpp.llama_set_adapter_cvec(
             self.llm.ctx, flat.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), flat.size, n_embd, 1, self.n_layer)
         if rc != 0:
@@ -151,14 +160,20 @@ class LlamaCpp:
         self._llama_cpp.llama_set_adapter_cvec(self.llm.ctx, None, 0, self.n_embd, -1, -1)
         self.layers = []
 
+    def _check_length(self, n: int) -> None:
+        if n > self.llm.n_ctx():
+            raise ValueError(f"a sequence of {n} tokens is longer than llama.cpp's context of {self.llm.n_ctx()}")
+
     def next_logits(self, ids: Sequence[int]) -> np.ndarray:
         """(vocab,) float32 logits after the whole sequence ``ids`` (the cache is reset first)."""
+        self._check_length(len(ids))
         self.llm.reset()
         self.llm.eval(list(ids))
         return np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)
 
     def choices(self, ids: Sequence[int], tokens: Sequence[int]) -> list[int]:
         """llama.cpp's argmax at each step of a given continuation ``tokens`` of ``ids`` (teacher forcing)."""
+        self._check_length(len(ids) + len(tokens))
         self.llm.reset()
         self.llm.eval(list(ids))
         out: list[int] = []
@@ -169,6 +184,7 @@ class LlamaCpp:
 
     def greedy(self, ids: Sequence[int], new_tokens: int, stop: Sequence[int] = ()) -> list[int]:
         """Greedy continuation of ``ids``: up to ``new_tokens`` token ids, ending at a ``stop`` id."""
+        self._check_length(len(ids) + new_tokens)
         self.llm.reset()
         self.llm.eval(list(ids))
         out: list[int] = []

@@ -145,5 +145,36 @@ def test_verify_export_catches_a_sign_flipped_export_with_exit_1(s3, s3_store, m
     assert cli.main(["verify-export", "--store", s3_store[0], "--user", "enthusiastic-0", *storage_flags(s3)]) == 1
     captured = capsys.readouterr()
     last = captured.out.strip().splitlines()[-1]
-    assert "FAILED: logit-shift cosine -" in last and "leaves HF's steered greedy path" in last
+    assert "FAILED: the exported file does not hold the store's vectors" in last  # read back by ggml
+    assert "logit-shift cosine -" in last  # and in the engine, the shift points the other way
     assert "steerstore verify-export: llama.cpp vs HF" in captured.err
+
+
+def test_a_second_control_vector_replaces_every_layer_of_the_first_in_llama_cpp(tmp_path):
+    """llama.cpp overwrites only the layers a buffer covers: the engine pads, so no layer of the first stays."""
+    pytest.importorskip("llama_cpp", reason="llama.cpp is not installed (make setup builds llama-cpp-python)")
+    from steerstore.infra.exports import ExportItem, encode_gguf
+    from steerstore.infra.reader import UserVectors
+    from steerstore.operators.llamacpp import LlamaCpp
+    from steerstore.operators.runtime.sources import DEFAULT_MODEL, packaged_gguf
+
+    rng = np.random.default_rng(0)
+
+    def cvec(name, layers):
+        v = UserVectors("u", layers, rng.standard_normal((len(layers), 576)).astype(np.float32), layers, 1.0,
+                        "all", "m", "fp", 1)
+        path = tmp_path / name
+        path.write_bytes(encode_gguf(ExportItem(v, "caa", "pairs", "v1", "llama")).files[".gguf"])
+        return path
+
+    ids = [1, 504, 3365, 314, 260, 3728, 30]
+    early, both = cvec("early.gguf", [3]), cvec("both.gguf", [3, 20])
+    engine = LlamaCpp(packaged_gguf(DEFAULT_MODEL), n_ctx=64)
+    engine.set_control_vector(both, 4.0)
+    steered_both = engine.next_logits(ids)
+    engine.set_control_vector(early, 4.0)
+    fresh = LlamaCpp(packaged_gguf(DEFAULT_MODEL), n_ctx=64)
+    fresh.set_control_vector(early, 4.0)
+    np.testing.assert_allclose(engine.next_logits(ids), fresh.next_logits(ids), rtol=1e-4, atol=1e-3)
+    assert not engine.rows[19].any()
+    assert np.abs(steered_both - fresh.next_logits(ids)).max() > 0.1  # layer 20 did steer before

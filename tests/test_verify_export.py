@@ -2,14 +2,17 @@
 lays them out. ``steerstore verify-export`` on a real-model store is in test_integration.py (it shares
 that store)."""
 
+import importlib.util
+
 import numpy as np
 import pytest
 
-pytest.importorskip("llama_cpp", reason="llama.cpp is not installed (make setup builds llama-cpp-python)")
+from steerstore.infra.exports import ExportItem, encode_gguf
+from steerstore.infra.reader import UserVectors
+from steerstore.operators.llamacpp import load_control_vector
 
-from steerstore.infra.exports import ExportItem, encode_gguf  # noqa: E402
-from steerstore.infra.reader import UserVectors  # noqa: E402
-from steerstore.operators.llamacpp import load_control_vector  # noqa: E402
+needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                     reason="llama.cpp is not installed (make setup builds llama-cpp-python)")
 
 
 def vectors(layers, recommended, hidden=6):
@@ -23,6 +26,7 @@ def write(tmp_path, item, name="cv.gguf"):
     return path
 
 
+@needs_llama_cpp
 def test_llama_cpp_reads_our_gguf_with_layer_i_in_row_i_minus_1_scaled(tmp_path):
     v = vectors([0, 2, 5], [2, 5])
     path = write(tmp_path, ExportItem(v, "caa", "pairs", "v1", "llama", layers="all"))
@@ -34,6 +38,7 @@ def test_llama_cpp_reads_our_gguf_with_layer_i_in_row_i_minus_1_scaled(tmp_path)
     assert not buffer[[0, 2, 3]].any()
 
 
+@needs_llama_cpp
 def test_llama_cpp_refuses_what_its_loader_refuses(tmp_path):
     import gguf
 

@@ -24,6 +24,7 @@ if ! ls "$cache"/*.whl >/dev/null 2>&1; then
   echo "building $LLAMA_CPP from source (once; cached in $cache)"
   mkdir -p "$WHEELS"
   tmp="$(mktemp -d "$WHEELS/.build-XXXXXX")"
+  trap 'rm -rf "$tmp"' EXIT  # a failed build leaves nothing behind
   CMAKE_ARGS="$ARGS" SKBUILD_BUILD_TARGETS="llama;llama-common" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
     "$PY" -m pip wheel --quiet --no-deps --no-binary llama-cpp-python -w "$tmp" "$LLAMA_CPP"
   rm -rf "$cache" && mv "$tmp" "$cache"  # the cache appears whole or not at all
