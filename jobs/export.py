@@ -52,6 +52,12 @@ class ExportConfig:
               f"--source must be history, description or blend, got {self.source!r}")
 
 
+def describe(method: str, source: str) -> str:
+    """What a vector method's export holds, in words (for "user X has no ...")."""
+    return {"caa": "CAA vectors", "bt": "BT ideal point", "style_vector": f"SteerX {source} style vectors",
+            "population": "population vector"}[method]
+
+
 def found_vectors(reader: StoreReader, method: str, ids: list[str], source: str) -> dict[str, UserVectors]:
     """The ``method`` vectors of those of ``ids`` that have them (BT: composed from θ and the basis)."""
     if method == "bt":
@@ -74,8 +80,7 @@ def main(config: ExportConfig) -> dict:
     # BT and the population vector are fitted from pairs, as CAA is
     source = config.source or reader.default_source(FAMILY_OF[config.method])
     hint = model_hint(reader.manifest)
-    what = {"caa": "CAA vectors", "bt": "BT ideal point", "style_vector": f"SteerX {source} style vectors",
-            "population": "population vector"}[config.method]
+    what = describe(config.method, source)
     files: list[dict] = []
     skipped: dict[str, str] = {}
     noted: set[str] = set()

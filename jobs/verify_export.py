@@ -49,7 +49,6 @@ from steerstore.operators.runtime.sources import packaged_gguf
 from steerstore.schemas.methods import FAMILY_OF, VECTOR_METHODS, Method
 
 
-
 @dataclass
 class VerifyExportConfig:
     engine: Literal["llama.cpp"] = option("llama.cpp", help="the engine to run the export in")
@@ -182,8 +181,7 @@ def _store_vectors(reader: StoreReader, config: VerifyExportConfig, source: str)
         return found
     found = export.found_vectors(reader, config.method, [config.user], source)
     if config.user not in found:
-        what = {"caa": "CAA vectors", "bt": "BT ideal point", "style_vector": f"SteerX {source} style vectors"}
-        raise ValueError(reader.why_missing(config.user, what[config.method]))
+        raise ValueError(reader.why_missing(config.user, export.describe(config.method, source)))
     return found[config.user]
 
 
@@ -211,9 +209,11 @@ def main(config: VerifyExportConfig) -> dict:
                          for l, v in vectors.at(layers).items())
         hf = _HF(runtime, vectors.at(layers))
         rows = [{"prompt": p, "prompt_tokens": len(x)} for p, x in zip(config.prompts, ids)]
+        at_s0 = {}  # HF's next-token logits steered at s₀ (the greedy path's first step)
         # at s₀: HF's steered greedy path, llama.cpp fed the same tokens, and llama.cpp running free
         for row, x in zip(rows, ids):
             tokens, logits = hf.greedy(x, config.new_tokens, s0)
+            at_s0[row["prompt"]] = logits[0]
             choices = engine.choices(x, tokens)
             free = engine.greedy(x, config.new_tokens, stop)
             row["steered_same"], row["steered_ties"] = _steps_agree(tokens, logits, choices, config.agree_tokens,
@@ -227,10 +227,10 @@ def main(config: VerifyExportConfig) -> dict:
         engine.clear_control_vector()
         plain = {}
         for row, x in zip(rows, ids):
-            hf_plain, cpp_plain = hf.next_logits(x, 0.0), engine.next_logits(x)
+            tokens, logits = hf.greedy(x, config.new_tokens, 0.0)
+            hf_plain, cpp_plain = logits[0], engine.next_logits(x)
             plain[row["prompt"]] = (hf_plain, cpp_plain)
             row["noise"] = float(np.linalg.norm(_centred(cpp_plain) - _centred(hf_plain)))
-            tokens, logits = hf.greedy(x, config.new_tokens, 0.0)
             same, ties = _steps_agree(tokens, logits, engine.choices(x, tokens), config.agree_tokens,
                                       config.tie_margin)
             row["unsteered_agree"] = same + ties >= min(config.agree_tokens, len(tokens))
@@ -238,8 +238,8 @@ def main(config: VerifyExportConfig) -> dict:
         scale = s0
         for k in range(DOUBLINGS + 1):
             scale = s0 * 2 ** k
-            hf_shift = {r["prompt"]: _centred(hf.next_logits(x, scale)) - _centred(plain[r["prompt"]][0])
-                        for r, x in zip(rows, ids)}
+            hf_shift = {r["prompt"]: _centred(at_s0[r["prompt"]] if k == 0 else hf.next_logits(x, scale))
+                        - _centred(plain[r["prompt"]][0]) for r, x in zip(rows, ids)}
             signal = min(float(np.linalg.norm(hf_shift[r["prompt"]])) / max(r["noise"], 1e-9) for r in rows)
             if signal >= config.min_signal:
                 break

@@ -57,10 +57,6 @@ def _ggml_base():
     lib.gguf_get_tensor_name.restype = ctypes.c_char_p
     lib.gguf_get_tensor_type.argtypes = [ctypes.c_void_p, ctypes.c_int64]
     lib.gguf_get_tensor_type.restype = ctypes.c_int
-    lib.gguf_find_key.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    lib.gguf_find_key.restype = ctypes.c_int64
-    lib.gguf_get_val_str.argtypes = [ctypes.c_void_p, ctypes.c_int64]
-    lib.gguf_get_val_str.restype = ctypes.c_char_p
     lib.gguf_free.argtypes = [ctypes.c_void_p]
     lib.ggml_get_tensor.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
     lib.ggml_get_tensor.restype = ctypes.c_void_p
@@ -132,8 +128,6 @@ class LlamaCpp:
                                    n_threads=threads or max(1, os.cpu_count() or 1), seed=0)
         self.n_embd = int(self.llm.n_embd())
         self.n_layer = int(llama_cpp.llama_model_n_layer(self.llm.model))
-        self.n_vocab = int(self.llm.n_vocab())
-        self.layers: list[int] = []
 
     def set_control_vector(self, path: str | os.PathLike, strength: float) -> list[int]:
         """Apply a control-vector file at ``strength`` (layers 1..n_layer); returns the file's layers."""
@@ -147,18 +141,15 @@ class LlamaCpp:
         full = np.zeros((self.n_layer - 1, n_embd), np.float32)
         full[:len(buffer)] = buffer
         flat = np.ascontiguousarray(full.reshape(-1))
-        self._buffer = flat  # llama.cpp copies it, but keep it alive for the call
         self.rows = full  # what was applied: row i - 1 is layer i, scaled
         rc = self._llama_cpp.llama_set_adapter_cvec(
             self.llm.ctx, flat.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), flat.size, n_embd, 1, self.n_layer)
         if rc != 0:
             raise RuntimeError(f"llama.cpp refused the control vector (llama_set_adapter_cvec returned {rc})")
-        self.layers = layers
         return layers
 
     def clear_control_vector(self) -> None:
         self._llama_cpp.llama_set_adapter_cvec(self.llm.ctx, None, 0, self.n_embd, -1, -1)
-        self.layers = []
 
     def _check_length(self, n: int) -> None:
         if n > self.llm.n_ctx():
