@@ -311,6 +311,11 @@ class StoreReader:
             return "pairs"
         return self.manifest.get("config", {}).get("steerx", {}).get("vectors", {}).get("source", "blend")
 
+    def influence_lambda(self) -> float | None:
+        """The influence-decoding λ the version recommends (chosen on validation items by the refresh), if any."""
+        choice = ((self.manifest.get("scale_choice") or {}).get("steerx") or {}).get("recommended", {}).get("influence")
+        return None if not choice else float(choice["lambda"])
+
     def vectors(self, user_ids: Sequence[str], method: str = "caa", source: str | None = None) -> dict[str, UserVectors]:
         """Vectors of the given users that are in the store (absent or malformed ids are simply missing).
 

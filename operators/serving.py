@@ -31,7 +31,7 @@ from steerstore.operators.runtime import HeadContrast, Influence, ModelConfig, M
 from steerstore.schemas.methods import VECTOR_METHODS, Family, Method, Source
 
 METHODS: tuple[str, ...] = tuple(m.value for m in Method)
-DEFAULT_LAMBDA = 1.0  # influence strength when a request gives none (the store records no λ)
+DEFAULT_LAMBDA = 1.0  # influence strength when a request gives none and the store records no λ
 DEFAULT_INFLUENCE_TEMPERATURE = 0.6
 # influence decoding only picks tokens the plain prompt gives >= this share of its top token's probability
 DEFAULT_INFLUENCE_PLAUSIBILITY = 0.1
@@ -224,7 +224,11 @@ def plan_requests(reader: StoreReader, requests: Sequence[Request],
                 raise BadRequest("influence requests of one batch must share the store's style template")
             plan.template = row["style_template"]
             plan.contexts[i] = row["context"]
-            plan.lam[i] = float(req.scale) if req.scale is not None else DEFAULT_LAMBDA
+            if req.scale is not None:
+                plan.lam[i] = float(req.scale)
+            else:
+                stored = reader.influence_lambda()
+                plan.lam[i] = DEFAULT_LAMBDA if stored is None else stored
             record.applied, record.scale = "user", plan.lam[i]
         else:  # dps
             user = art.dps

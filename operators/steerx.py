@@ -26,12 +26,14 @@ token (StyleVector's convention):
     description: h(S ⊕ xⱼ ⊕ nⱼ) − h(xⱼ ⊕ nⱼ)  the description in the prompt vs not, on nⱼ
 
 each averaged over items; ``blend`` mixes the two. ``history`` is the StyleVector baseline,
-``description``/``blend`` are SteerX. The recommended layer and γ per source are chosen on a
-seeded sample of users by leave-one-item-out likelihood: item j's real response is scored
-under the vector built from the user's other items, γ·v added at the layer; the (layer, γ)
-with the highest mean log-likelihood gain per token wins (a vector that breaks fluency lowers
-it). Stage 5, influence decoding with S, is ``ModelRuntime.generate(influence=...)``; its
-with-context prompt is ``STYLE_TEMPLATE`` as here.
+``description``/``blend`` are SteerX. The recommended layer and γ per source, and the influence
+λ, are chosen on a seeded sample of calibration users, out of sample: each calibration user's
+most recent ``validation_items`` are held out, its anchors, description S and vectors are
+computed from the rest, and the held-out items' real responses are scored under them, γ·v
+added at one layer (or influence decoding's distribution with S at λ, teacher-forced). The
+(layer, γ) and the λ with the highest log-likelihood gain per token over the plain prompt win
+(a vector that breaks fluency lowers it). Stage 5, influence decoding with S, is
+``ModelRuntime.generate(influence=...)``; its with-context prompt is ``STYLE_TEMPLATE`` as here.
 """
 
 from __future__ import annotations
@@ -75,7 +77,13 @@ class StyleVectorConfig:
     apply_positions: SteerPositions = option("all", help="where serving adds the vector: all positions or response")
     neutral_max_new_tokens: int = option(48, help="length of the model's unpersonalised greedy answer nⱼ")
     gamma_grid: list[float] = option([0.25, 0.5, 1.0, 2.0, 4.0], help="candidate γ for the recommended strength")
-    calibration_users: int = option(8, help="users (seeded sample) the recommended layer and γ are chosen on")
+    calibration_users: int = option(8, help="users (seeded sample) the recommended layer, γ and influence λ are "
+                                            "chosen on")
+    validation_items: int = option(
+        2, help="per calibration user: its most recent items, held out of its anchors, description and vectors and "
+                "scored under them (the choice of layer, γ and λ is out of sample)")
+    lambda_grid: list[float] = option([0.0, 0.5, 1.0, 2.0], help="candidate influence-decoding λ (0: the "
+                                      "description in the prompt), chosen on the same validation items")
     seed: int = option(0, help="seed of the calibration sample")
 
     def __post_init__(self) -> None:
@@ -83,6 +91,8 @@ class StyleVectorConfig:
         check(bool(self.gamma_grid) and all(g > 0 for g in self.gamma_grid), "steerx.vectors.gamma_grid must be > 0")
         check(self.neutral_max_new_tokens >= 1, "steerx.vectors.neutral_max_new_tokens must be >= 1")
         check(self.calibration_users >= 1, "steerx.vectors.calibration_users must be >= 1")
+        check(self.validation_items >= 1, "steerx.vectors.validation_items must be >= 1")
+        check(all(lam >= 0 for lam in self.lambda_grid), "steerx.vectors.lambda_grid must be >= 0")
 
     def resolve_layers(self, num_layers: int) -> list[int]:
         layers = sorted(set(self.layers)) or sorted({min(num_layers - 1, round(f * num_layers)) for f in (0.5, 0.6, 0.7)})
@@ -318,7 +328,8 @@ STYLE_OUTPUT_SCHEMA = pa.schema([
     pa.field("sources", pa.list_(pa.string())),
     pa.field("vectors", pa.list_(pa.list_(pa.list_(pa.float32())))),  # (sources, layers, hidden)
     pa.field("n_items", pa.int32()),
-    # calibration users only: (source, layer, γ) -> summed leave-one-item-out log-likelihood gain and tokens
+    # calibration users only: (source, layer, γ) -> the validation items' summed log-likelihood gain and tokens
+    # (source 'influence': layer −1, γ holds λ)
     pa.field("calibration", pa.list_(pa.struct([("source", pa.string()), ("layer", pa.int32()),
                                                 ("gamma", pa.float32()), ("gain", pa.float64()),
                                                 ("tokens", pa.int64())]))),
@@ -364,32 +375,38 @@ def combine(diffs: dict[str, np.ndarray], sources: Sequence[str], blend_weight: 
     return np.stack([source_differences(diffs, s, blend_weight).mean(0) for s in sources])
 
 
-def calibration_gains(runtime: ModelRuntime, items: Sequence[dict], diffs: dict[str, np.ndarray],
-                      sources: Sequence[str], layers: list[int], config: StyleVectorConfig) -> list[dict]:
-    """Leave-one-item-out log-likelihood gain of the user's real responses per (source, layer, γ).
+def validation_gains(runtime: ModelRuntime, items: Sequence[dict], vectors: np.ndarray, description: str,
+                     sources: Sequence[str], layers: list[int], config: StyleVectorConfig) -> list[dict]:
+    """Log-likelihood gains of held-out items' real responses per (source, layer, γ) and per influence λ.
 
-    Item j is scored under γ·v⁽⁻ʲ⁾ (the vector from the user's other items) at one layer; the
-    gain is Σⱼ [log p_steered(hⱼ | xⱼ) − log p(hⱼ | xⱼ)], reported with the token count.
+    ``vectors`` (sources, layers, hidden) and the description S were computed without ``items``.
+    Each item's response is scored with γ·v added at one layer, and under influence decoding's
+    distribution with S at each λ of ``config.lambda_grid`` (source ``influence``, layer −1,
+    ``gamma`` holding λ; none without S); the gain is Σ [log p(hⱼ | ·) − log p(hⱼ | xⱼ)] over
+    the items, reported with the token count.
     """
-    n = len(items)
-    if n < 2:
+    if not items:
         return []
+    n, grid = len(items), list(config.gamma_grid)
     inputs, outputs = [it["input"] for it in items], [it["output"] for it in items]
     base, tokens = runtime.response_logprobs(inputs, outputs)
-    grid = list(config.gamma_grid)
+    total = int(tokens.sum())
     out = []
-    for source in sources:
-        d = source_differences(diffs, source, config.blend_weight)
-        loo = (d.sum(0, keepdims=True) - d) / (n - 1)  # (items, layers, hidden): vector without item j
+    for si, source in enumerate(sources):
         for li, layer in enumerate(layers):
-            vecs = torch.as_tensor(np.repeat(loo[:, li], len(grid), axis=0))  # row = item j × γ
-            scales = torch.as_tensor(grid * n, dtype=torch.float32)
-            steer = Steering({layer: vecs}, scales, config.apply_positions)
+            vecs = torch.as_tensor(np.repeat(np.asarray(vectors[si][li], dtype=np.float32)[None], n * len(grid), 0))
+            steer = Steering({layer: vecs}, torch.as_tensor(grid * n, dtype=torch.float32), config.apply_positions)
             lp, _ = runtime.response_logprobs([x for x in inputs for _ in grid], [y for y in outputs for _ in grid],
                                               steer=steer)
             gain = (lp.view(n, len(grid)) - base[:, None]).sum(0)
-            out += [{"source": source, "layer": layer, "gamma": g, "gain": float(gain[k]),
-                     "tokens": int(tokens.sum())} for k, g in enumerate(grid)]
+            out += [{"source": source, "layer": layer, "gamma": g, "gain": float(gain[k]), "tokens": total}
+                    for k, g in enumerate(grid)]
+    if description.strip() and config.lambda_grid:
+        lams = list(config.lambda_grid)
+        lp, _ = runtime.influence_logprobs(inputs, [style_prompt(description, x) for x in inputs], outputs, lams)
+        gain = (lp - base[None]).sum(1)
+        out += [{"source": "influence", "layer": -1, "gamma": lam, "gain": float(gain[k]), "tokens": total}
+                for k, lam in enumerate(lams)]
     return out
 
 
@@ -397,7 +414,8 @@ def choose_recommended(calibration: Sequence[dict]) -> dict[str, dict]:
     """Per source, the (layer, γ) with the highest pooled gain per token (ties: smaller γ, then layer).
 
     ``improves`` says whether that gain is positive; when it is not, no candidate helped and the
-    least harmful one is returned (the refresh job logs a warning).
+    least harmful one is returned (the refresh job logs a warning). Influence decoding (source
+    ``influence``) gets ``{"lambda": λ, ...}`` (ties: the smaller λ).
     """
     pooled: dict[tuple, list[float]] = {}
     for c in calibration:
@@ -412,16 +430,21 @@ def choose_recommended(calibration: Sequence[dict]) -> dict[str, dict]:
     for choice in best.values():
         # no (layer, γ) of the grid raised held-out likelihood: the least harmful is kept, and flagged
         choice["improves"] = choice["gain_per_token"] > 0
+    if "influence" in best:
+        inf = best["influence"]
+        best["influence"] = {"lambda": inf["gamma"], **{k: inf[k] for k in ("gain_per_token", "tokens", "improves")}}
     return best
 
 
 class SteerXStyleVectors:
-    """User rows (user_id, histories, descriptions, calibrate) -> STYLE_OUTPUT_SCHEMA rows.
+    """User rows (user_id, histories, descriptions, validation) -> STYLE_OUTPUT_SCHEMA rows.
 
     Rows in == rows out. The scored items (the last ``history.max_items``) of every user in the
     batch go through the model together: neutral answers, then three activation passes. Rows
-    with ``calibrate`` also get the leave-one-item-out gains that choose the recommended
-    layer and γ. A user that fails is returned quarantined with the reason.
+    with ``validation`` items (calibration users, whose histories and description left them out)
+    also get those items' gains under the vectors and the description (``validation_gains``),
+    which choose the recommended layer, γ and λ. A user that fails is returned quarantined with
+    the reason.
     """
 
     def __init__(self, config: SteerXConfig, model: ModelConfig):
@@ -430,8 +453,8 @@ class SteerXStyleVectors:
         self.layers = config.vectors.resolve_layers(self.runtime.num_layers)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        require_columns(type(self).__name__, batch, ["user_id", "histories", "descriptions", "calibrate"])
-        users = batch.select(["user_id", "histories", "descriptions", "calibrate"]).to_pylist()
+        require_columns(type(self).__name__, batch, ["user_id", "histories", "descriptions", "validation"])
+        users = batch.select(["user_id", "histories", "descriptions", "validation"]).to_pylist()
         rows = isolate_failures(users, self._vectors, lambda user, exc: self._row(
             user, status="quarantined", reason=f"steerx style vectors failed: {type(exc).__name__}: {str(exc)[:300]}"))
         order = {u["user_id"]: i for i, u in enumerate(users)}
@@ -467,8 +490,12 @@ class SteerXStyleVectors:
         for user, items, _ in prepared:
             mine = {k: v[start:start + len(items)] for k, v in diffs.items()}
             start += len(items)
-            calibration = calibration_gains(self.runtime, items, mine, sources, self.layers, vc) \
-                if user["calibrate"] else None
-            rows.append(self._row(user, sources=sources, vectors=combine(mine, sources, vc.blend_weight).tolist(),
-                                  n_items=len(items), calibration=calibration))
+            vectors = combine(mine, sources, vc.blend_weight)
+            calibration = None
+            if user["validation"] is not None:
+                held = [h for h in user["validation"] if (h["output"] or "").strip()]
+                calibration = validation_gains(self.runtime, held, vectors, user_context(user["descriptions"] or []),
+                                               sources, self.layers, vc)
+            rows.append(self._row(user, sources=sources, vectors=vectors.tolist(), n_items=len(items),
+                                  calibration=calibration))
         return rows

@@ -181,34 +181,74 @@ def test_style_vectors_are_mean_item_differences(tiny_runtime):
                                atol=1e-6)
 
 
-def test_calibration_gain_is_the_leave_one_item_out_likelihood_gain(tiny_runtime):
+def test_validation_gains_score_held_out_items_under_the_training_vectors_and_description(tiny_runtime):
     from steerstore.operators.runtime import Steering
-    from steerstore.operators.steerx import StyleVectorConfig, calibration_gains, choose_recommended, item_differences
+    from steerstore.operators.steerx import (StyleVectorConfig, choose_recommended, combine, item_differences,
+                                             style_prompt, validation_gains)
 
     rt = tiny_runtime
-    items = ITEMS
-    config = StyleVectorConfig(gamma_grid=[0.5, 2.0], apply_positions="all")
-    diffs, _ = item_differences(rt, items, ["Short."] * 4, [1, 2], "last", max_new_tokens=4)
-    gains = calibration_gains(rt, items, diffs, ["history", "blend"], [1, 2], config)
+    train, held = ITEMS[:3], ITEMS[3:]
+    config = StyleVectorConfig(gamma_grid=[0.5, 2.0], lambda_grid=[0.0, 1.0], apply_positions="all")
+    diffs, _ = item_differences(rt, train, ["Short."] * 3, [1, 2], "last", max_new_tokens=4)
+    vectors = combine(diffs, ["history", "blend"], config.blend_weight)
+    gains = validation_gains(rt, held, vectors, "Short.", ["history", "blend"], [1, 2], config)
     assert sorted((g["source"], g["layer"], g["gamma"]) for g in gains) == sorted(
-        (s, layer, g) for s in ("history", "blend") for layer in (1, 2) for g in (0.5, 2.0))
+        [(s, layer, g) for s in ("history", "blend") for layer in (1, 2) for g in (0.5, 2.0)]
+        + [("influence", -1, 0.0), ("influence", -1, 1.0)])
     at = {(g["source"], g["layer"], g["gamma"]): g for g in gains}
-    # plain reference for history, γ = 2: item j under the mean difference of the other items
-    total = 0.0
-    for j, it in enumerate(items):
-        others = np.delete(diffs["history"], j, axis=0).mean(0)
-        steer = Steering({2: torch.as_tensor(others[1])[None]}, torch.tensor([2.0]), "all")  # layer 2: row 1
-        steered, _ = rt.response_logprobs([it["input"]], [it["output"]], steer=steer)
-        plain, _ = rt.response_logprobs([it["input"]], [it["output"]])
-        total += float(steered[0] - plain[0])
-    assert at[("history", 2, 2.0)]["gain"] == pytest.approx(total, rel=1e-4, abs=1e-4)
-    assert at[("history", 1, 2.0)]["gain"] != pytest.approx(total, rel=1e-3)  # the layers differ
+    it = held[0]
+    plain, n = rt.response_logprobs([it["input"]], [it["output"]])
+    # plain reference for history, γ = 2 at layer 2: the held-out item under the training items' mean difference
+    steer = Steering({2: torch.as_tensor(diffs["history"].mean(0)[1])[None]}, torch.tensor([2.0]), "all")
+    steered, _ = rt.response_logprobs([it["input"]], [it["output"]], steer=steer)
+    assert at[("history", 2, 2.0)]["gain"] == pytest.approx(float(steered[0] - plain[0]), rel=1e-4, abs=1e-4)
+    assert at[("history", 1, 2.0)]["gain"] != pytest.approx(float(steered[0] - plain[0]), rel=1e-3)
+    # λ = 0 is the description in the prompt
+    described, _ = rt.response_logprobs([style_prompt("Short.", it["input"])], [it["output"]])
+    assert at[("influence", -1, 0.0)]["gain"] == pytest.approx(float(described[0] - plain[0]), rel=1e-4, abs=1e-4)
+    assert all(g["tokens"] == int(n.sum()) for g in gains)
+    assert validation_gains(rt, held, vectors, "", ["history"], [1], config) == [
+        g for g in gains if g["source"] == "history" and g["layer"] == 1]  # no description: no λ
     best = choose_recommended(gains)
     for source in ("history", "blend"):  # the best gain per token; ties to the smaller γ
         mine = [g for g in gains if g["source"] == source]
         top = max(mine, key=lambda g: (g["gain"] / g["tokens"], -g["gamma"]))
         assert (best[source]["layer"], best[source]["gamma"]) == (top["layer"], top["gamma"])
         assert best[source]["gain_per_token"] == pytest.approx(top["gain"] / top["tokens"], rel=1e-6)
+    top = max((g for g in gains if g["source"] == "influence"), key=lambda g: (g["gain"], -g["gamma"]))
+    assert best["influence"] == {"lambda": top["gamma"], "gain_per_token": pytest.approx(top["gain"] / top["tokens"]),
+                                 "tokens": top["tokens"], "improves": top["gain"] > 0}
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_influence_likelihood_is_the_decoders_distribution_teacher_forced(tiny_runtime, temperature):
+    from steerstore.operators.runtime import Influence
+    from steerstore.operators.runtime.decoding import influence_score
+
+    rt = tiny_runtime
+    prompts = [it["input"] for it in ITEMS[:2]]
+    contexts = [f"Be brief.\n\n{p}" for p in prompts]
+    outputs = [it["output"] for it in ITEMS[:2]]
+    lams = [-1.0, 0.0, 0.5, 2.0]
+    got, counts = rt.influence_logprobs(prompts, contexts, outputs, lams, temperature)
+    assert got.shape == (4, 2) and counts.tolist() == [len(rt.response_ids([o])[0]) for o in outputs]
+    for i in range(2):  # plain reference: full logits of each sequence, the decoder's own combination per step
+        logits = []
+        for prompt in (contexts[i], prompts[i]):
+            e = rt.encode([prompt], [outputs[i]])[0]
+            with torch.no_grad():
+                logits.append(rt.model(input_ids=torch.tensor([e.ids])).logits[0, e.prompt_len - 1:-1].float())
+        target = torch.tensor(e.ids[e.prompt_len:])
+        for k, lam in enumerate(lams):
+            inf = Influence(["c"], lam=lam, temperature=temperature, template="{context}\n\n{prompt}")
+            total = sum(float(influence_score(torch.stack([logits[0][t], logits[1][t]]), inf)[0, target[t]])
+                        for t in range(len(target)))
+            assert float(got[k, i]) == pytest.approx(total, rel=1e-4, abs=1e-4)
+    if temperature == 1.0:  # λ = −1 is the plain prompt's likelihood, λ = 0 the with-context prompt's
+        plain, _ = rt.response_logprobs(prompts, outputs)
+        ctx, _ = rt.response_logprobs(contexts, outputs)
+        torch.testing.assert_close(got[0], plain, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[1], ctx, rtol=1e-4, atol=1e-4)
 
 
 def test_recommended_layer_and_gamma_pool_gains_per_token_and_prefer_smaller_gamma_on_ties():
@@ -234,14 +274,15 @@ def test_style_vector_actor_quarantines_a_user_without_usable_items(tiny_model_f
     hist = [{k: v for k, v in it.items() if k != "user_id"} | {"timestamp": None} for it in ITEMS]
     desc = [{"item_id": None, "description": "Brief.", "attempts": 1, "variant": "anchors", "anchor_words": ["x"]}]
     batch = pa.Table.from_pylist([
-        {"user_id": "ann", "histories": hist, "descriptions": desc, "calibrate": True},
-        {"user_id": "nil", "histories": [dict(hist[0], output="  ")], "descriptions": desc, "calibrate": False}])
+        {"user_id": "ann", "histories": hist[:3], "descriptions": desc, "validation": hist[3:]},
+        {"user_id": "nil", "histories": [dict(hist[0], output="  ")], "descriptions": desc, "validation": None}])
     config = _config(vectors=StyleVectorConfig(layers=[1, 2], gamma_grid=[1.0], neutral_max_new_tokens=3))
     rows = SteerXStyleVectors(config, ModelConfig(name_or_path=str(tiny_model_folder)))(batch).to_pylist()
     assert [r["user_id"] for r in rows] == ["ann", "nil"]
     ok, bad = rows
-    assert ok["status"] == "ok" and ok["sources"] == ["history", "description", "blend"] and ok["n_items"] == 4
-    assert np.asarray(ok["vectors"]).shape == (3, 2, 64) and len(ok["calibration"]) == 3 * 2
+    assert ok["status"] == "ok" and ok["sources"] == ["history", "description", "blend"] and ok["n_items"] == 3
+    # 3 sources × 2 layers × 1 γ, and influence at each λ of the default grid
+    assert np.asarray(ok["vectors"]).shape == (3, 2, 64) and len(ok["calibration"]) == 3 * 2 + 4
     assert bad["status"] == "quarantined" and "no history item with a non-empty output" in bad["reason"]
 
 
@@ -276,7 +317,7 @@ def steerx_run(ray_cluster, tmp_path_factory):
         "ray": {"progress_bars": False},
         "steerx": {"history": {"context_items": 2}, "smoothing": {"max_new_tokens": 64},
                    "vectors": {"layers": [15, 18], "gamma_grid": [1.0, 4.0], "calibration_users": 2,
-                               "neutral_max_new_tokens": 16}}})
+                               "validation_items": 1, "lambda_grid": [0.0, 2.0], "neutral_max_new_tokens": 16}}})
     return refresh.main(cfg), str(tmp / "store")
 
 
@@ -307,7 +348,11 @@ def test_refresh_stores_anchors_descriptions_and_style_vectors_with_their_settin
         assert row["model_fingerprint"] == row["smoothing_model_fingerprint"] == fingerprint
         assert "{context}" in row["style_template"]
     rec = reader.manifest["scale_choice"]["steerx"]["recommended"]
-    assert set(rec) == {"history", "description", "blend"}
+    assert set(rec) == {"history", "description", "blend", "influence"}
+    assert rec["influence"]["lambda"] in (0.0, 2.0) and reader.influence_lambda() == rec["influence"]["lambda"]
+    curve = reader.manifest["scale_choice"]["steerx"]["curve"]
+    # 2 calibration users: 1 validation item each, scored under vectors and a description written without it
+    assert len(curve) == 2 * (3 * 2 * 2 + 2)
     for source in ("history", "description", "blend"):
         vecs = reader.vectors(["ann", "eve", "solo"], method="steerx", source=source)
         assert set(vecs) == {"ann", "eve"}
@@ -333,6 +378,10 @@ def test_generate_serves_steerx_by_influence_decoding_and_by_style_vector(steerx
     assert "method influence" in out and "lambda 2" in out and context and f"style: {context}" in out
     plain, steered = answers(out)
     assert steered != plain  # influence decoding changed the answer
+    lam = StoreReader(uri).influence_lambda()  # without --scale: the λ the refresh chose on validation items
+    assert cli.main(["generate", "--store", uri, "--user", "ann", "--prompt", "Hi.", "--method", "influence",
+                     "--max_new_tokens", "2"]) == 0
+    assert f"lambda {lam:g}" in capsys.readouterr().out
     assert cli.main(["generate", "--store", uri, "--user", "ann", "--prompt", "Write a note about the sea.",
                      "--method", "style_vector", "--source", "history", "--max_new_tokens", "8"]) == 0
     out = capsys.readouterr().out

@@ -237,7 +237,7 @@ def run_stages(config: BenchCostConfig, model: ModelConfig, counter: BlockCounte
     descriptions = described.column("descriptions")
     with stage("style_vectors"):
         styled = chunked(SteerXStyleVectors(cfg.steerx, model), style_inputs(
-            anchors.select(["user_id", "histories"]).append_column("descriptions", descriptions), calibrate=set()),
+            anchors.select(["user_id", "histories"]).append_column("descriptions", descriptions)),
             res.caa_batch_size)
     out["style_vectors"] = statuses(styled)
     return {"statuses": out, "seconds": seconds}

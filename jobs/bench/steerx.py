@@ -34,11 +34,12 @@ from steerstore.operators.steerx import (
     SOURCES,
     SteerXConfig,
     StyleVectorConfig,
-    calibration_gains,
+    combine,
     item_differences,
     loo_prompts,
     select_anchors,
     token_effects,
+    validation_gains,
     word_effects,
 )
 
@@ -113,9 +114,12 @@ def main(config: BenchSteerXConfig) -> dict:
     contexts = [batch_out[k] for k, u in enumerate(users) for _ in items[u]]
     t_vec, (diffs, _) = best_of(lambda: item_differences(rt, flat, contexts, layers, vc.position,
                                                          vc.neutral_max_new_tokens), 1)
-    u0 = users[0]
-    mine = {k: v[: len(items[u0])] for k, v in diffs.items()}
-    t_cal, _ = best_of(lambda: calibration_gains(rt, items[u0], mine, list(SOURCES), layers, vc), 1)
+    u0 = users[0]  # a calibration user: its last validation_items scored under vectors from the others
+    n0, held = len(items[u0]), vc.validation_items
+    mine = {k: v[: n0 - held] for k, v in diffs.items()}
+    vectors = combine(mine, list(SOURCES), vc.blend_weight)
+    t_cal, _ = best_of(lambda: validation_gains(rt, items[u0][n0 - held:], vectors, batch_out[0], list(SOURCES),
+                                                layers, vc), 1)
     result = {
         "model": rt.model_id, "device": str(rt.device), "dtype": str(next(rt.model.parameters()).dtype),
         "threads": torch.get_num_threads(), "users": len(users), "items": len(scored),

@@ -85,7 +85,9 @@ class MethodsConfig:
     sweeps: bool = option(True, help="also evaluate the strength grids below (else recommended strengths only)")
     alpha_grid: list[float] = option([], help="CAA / BT α sweep; empty: the refresh's scale grid")
     gamma_grid: list[float] = option([], help="style-vector γ sweep; empty: steerx.vectors.gamma_grid")
-    influence_lambda: float = option(1.0, help="influence decoding: the recommended λ")
+    influence_lambda: float | None = option(
+        None, help="influence decoding: the recommended λ (default: the store's, chosen by the refresh on its "
+                   "calibration users' validation items; 1 when the store records none)")
     lambda_grid: list[float] = option([0.0, 0.5, 1.0, 2.0], help="influence λ sweep (0 = the description in the prompt)")
     influence_temperature: float = option(0.6, help="influence decoding: temperature inside the combination")
     influence_plausibility: float = option(

@@ -15,6 +15,7 @@ from steerstore.jobs import refresh
 from steerstore.jobs.evaluate.config import LABELS, METHODS, EvalConfig, _refresh_config
 from steerstore.jobs.evaluate.split import Split
 from steerstore.operators.history import HistoryContextConfig, context_indices, history_prompt
+from steerstore.operators.serving import DEFAULT_LAMBDA
 from steerstore.operators.steerx import SteerXConfig
 from steerstore.schemas.methods import Family
 
@@ -137,6 +138,14 @@ class Generator:
             for strength, rec in _grid(found[h["user_id"]].recommended_scale, grid, self.config.methods.sweeps):
                 self._plan(Setting(method, parameter, strength, rec), h, h["input"], serve, strength, source or None)
 
+    @property
+    def influence_lambda(self) -> float:
+        """The recommended λ: the option's, else the store's (chosen on validation items), else serving's default."""
+        if self.config.methods.influence_lambda is not None:
+            return float(self.config.methods.influence_lambda)
+        stored = self.reader.influence_lambda()
+        return DEFAULT_LAMBDA if stored is None else stored
+
     def influence(self) -> None:
         m = self.config.methods
         found = self.reader.steerx(self.users)
@@ -147,12 +156,12 @@ class Generator:
         self.descriptions = {"users": len(self.users), "with_description": len(present & set(self.users)),
                              "without": dict(why.most_common())}
         for h in items:
-            for lam, rec in _grid(m.influence_lambda, m.lambda_grid, m.sweeps):
+            for lam, rec in _grid(self.influence_lambda, m.lambda_grid, m.sweeps):
                 self._plan(Setting("influence", "lambda", lam, rec), h, h["input"], "influence", lam)
 
     def influence_at_tau(self, contexts: dict[str, dict], tau: float) -> None:
         """Influence decoding at the recommended λ with descriptions from a side store refreshed at another τ."""
-        lam = self.config.methods.influence_lambda
+        lam = self.influence_lambda
         for h in self.items:
             row = contexts.get(h["user_id"])
             if row and (row.get("context") or "").strip():

@@ -331,40 +331,47 @@ def _steerx(config: RefreshConfig, run: Run, sampler: Sampler, pool: Pool, gen: 
     if not sx.vectors.enabled:
         return
     sample = sampler.sample("steerx_calibration")
-    users = sampler.users_table(sample.users)
-    users = users.filter(pc.greater_equal(pc.list_value_length(users.column("histories")),
-                                          config.prepare.min_histories))
-    if users.num_rows == 0:
+    train, validation = validation_split(sampler.users_table(sample.users), sx.vectors.validation_items,
+                                         config.prepare.min_histories)
+    if train.num_rows == 0:
+        log.warning("steerx: no calibration user has %d items to train on and %d more to validate on; the style "
+                    "vectors' layer and γ and the influence λ are not chosen (serving uses their defaults)",
+                    max(2, config.prepare.min_histories), sx.vectors.validation_items)
         return
-    state = pool.first("calibration_anchors", users)
+    # the calibration users' SteerX chain runs on their training items only; the user pass computes their
+    # stored artifacts from all their items, like everyone else's
+    state = pool.first("calibration_anchors", train)
     state = gen.first("describe_shard", state)
-    styled = pool.first("calibration_styles", state)
+    styled = pool.first("calibration_styles", state, validation)
     curve = [c for r in styled.to_pylist() if r["status"] == "ok" for c in (r["calibration"] or [])]
     g["steerx_calibration"] = curve
     g["steerx_recommended"] = choose_recommended(curve)
     g["steerx_calibrated"] = sorted(styled.column("user_id").to_pylist())
     for source, choice in g["steerx_recommended"].items():
-        if not choice["improves"]:
+        if choice["improves"]:
+            continue
+        if source == "influence":
+            log.warning("steerx influence decoding: no λ of steerx.vectors.lambda_grid raised the held-out likelihood "
+                        "of the calibration users' responses over the plain prompt (best %+.3f nats/token at λ=%g)",
+                        choice["gain_per_token"], choice["lambda"])
+        else:
             log.warning("steerx %s vectors: no layer and γ of steerx.vectors.gamma_grid raised the held-out "
                         "likelihood of the calibration users' responses (best %+.3f nats/token at layer %d, γ=%g); "
                         "add smaller γ or other layers", source, choice["gain_per_token"], choice["layer"],
                         choice["gamma"])
-    _cache_steerx(run, config, state, styled)
 
 
-def _cache_steerx(run: Run, config: RefreshConfig, state: dict, styled: pa.Table) -> None:
-    """The calibration users' SteerX rows, per bucket, for the user pass to reuse."""
-    described = state.get("described")
-    by_bucket: dict[int, list[str]] = {}
-    for u, b in zip(state["users"].column("user_id").to_pylist(), state["users"].column("bucket").to_pylist()):
-        by_bucket.setdefault(int(b), []).append(u)
-    for b, ids in by_bucket.items():
-        keep = pa.array(ids, pa.string())
-        pick = lambda t: None if t is None else t.filter(pc.is_in(t.column("user_id"), keep))  # noqa: E731
-        payload = {"users": sorted(ids), "anchors": pick(state.get("anchors")), "described": pick(described),
-                   "styles": pick(styled),
-                   "failed": {u: r for u, r in state["failed"]["steerx"].items() if u in set(ids)}}
-        storage.write_bytes(cache_uri(run, "steerx", b), pickle.dumps(payload), config.storage)
+def validation_split(users: pa.Table, validation_items: int, min_histories: int) -> tuple[pa.Table, dict]:
+    """Calibration users' histories without their last ``validation_items`` (by the list's order, most recent
+    last), and those held-out items per user; users without enough items on both sides are left out."""
+    rows, held = [], {}
+    for r in users.to_pylist():
+        usable = [h for h in r["histories"] if (h["output"] or "").strip()]
+        if len(usable) - validation_items < max(2, min_histories):
+            continue
+        keep, held[r["user_id"]] = usable[:-validation_items], usable[-validation_items:]
+        rows.append({**r, "histories": keep})
+    return pa.Table.from_pylist(rows, schema=users.schema), held
 
 
 def cache_uri(run: Run, kind: str, bucket: int) -> str:

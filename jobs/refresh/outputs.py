@@ -50,18 +50,8 @@ def _concat(parts: list) -> pa.Table | None:
     return pa.concat_tables([p.select(schema.names).cast(schema) for p in parts])
 
 
-def merge_cached_steerx(state: dict) -> dict:
-    """Fold the bucket's calibration users (computed in the sample phase) into the shard state."""
-    cached = state.pop("cached_steerx", None)
-    if cached:
-        for key in ("anchors", "described", "styles"):
-            state[key] = _concat([state.get(key), cached.get(key)])
-    return state
-
-
 def write_shard(state: dict, run: Run, config: RefreshConfig, g: dict) -> dict:
     """Write the shard's rows of every table, then its marker; returns the marker."""
-    state = merge_cached_steerx(state)
     bucket, users, failed = state["bucket"], state["users"], state["failed"]
     sx = config.steerx
     eligibility = {"min_pairs": config.prepare.min_pairs, "min_histories": config.prepare.min_histories,
@@ -167,4 +157,4 @@ def partial_uri(run: Run, bucket: int) -> str:
     return storage.join(run.staging, "partials", f"{bucket:05d}.npz")
 
 
-__all__ = ["merge_cached_steerx", "partial_uri", "write_shard"]
+__all__ = ["partial_uri", "write_shard"]

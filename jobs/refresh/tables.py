@@ -80,13 +80,14 @@ def dps_population_table(population: PopulationPCS | None, model: dict | None) -
     return pa.Table.from_pylist(rows, schema=DPS_POPULATION_SCHEMA)
 
 
-def style_inputs(batch: pa.Table, calibrate: set[str] | None) -> pa.Table:
+def style_inputs(batch: pa.Table, validation: dict[str, list[dict]] | None = None) -> pa.Table:
+    """The style-vector stage's input rows; ``validation``: the calibration users' held-out items."""
     ids = batch.column("user_id").to_pylist()
     descriptions = batch.column("descriptions") if "descriptions" in batch.column_names else \
         pa.array([[] for _ in ids], STEERX_USERS_SCHEMA.field("descriptions").type)
+    held = [None if validation is None else validation.get(u) for u in ids]
     return pa.table({"user_id": batch.column("user_id"), "histories": batch.column("histories"),
-                     "descriptions": descriptions,
-                     "calibrate": pa.array([calibrate is None or u in calibrate for u in ids], pa.bool_())})
+                     "descriptions": descriptions, "validation": pa.array(held, batch.schema.field("histories").type)})
 
 
 def steerx_vector_rows(batch: pa.Table, config: SteerXConfig, recommended: dict[str, dict]) -> pa.Table:

@@ -273,12 +273,13 @@ class ModelWorker:
         return {"bucket": None, "users": users.select(["user_id", "bucket"]),
                 "failed": {"caa": {}, "dps": {}, "steerx": _failures(anchors)}, "anchors": ok_rows(anchors)}
 
-    def calibration_styles(self, state: dict) -> pa.Table:
-        """Style vectors of the calibration users, with their leave-one-item-out gains per (source, layer, γ)."""
+    def calibration_styles(self, state: dict, validation: dict[str, list[dict]]) -> pa.Table:
+        """Style vectors of the calibration users (from their training items), with their validation items' gains
+        per (source, layer, γ) and influence λ."""
         described = state.get("described")
         if described is None or described.num_rows == 0:
             return pa.Table.from_pylist([], schema=STYLE_OUTPUT_SCHEMA)
-        styled = self.style_vectors(style_inputs(described, calibrate=None))
+        styled = self.style_vectors(style_inputs(described, validation))
         state["failed"]["steerx"].update(_failures(styled))
         return styled
 
@@ -331,15 +332,9 @@ class ModelWorker:
             state.update(self._dps(todo["dps"], state["failed"]))
         hist = todo.get("steerx")
         if g["steerx_active"] and hist.num_rows:
-            cached = _read_cache(storage.join(staging, "cache", "steerx", f"{bucket:05d}.pkl"), cfg)
-            if cached is not None:  # the calibration users of this bucket went through the whole chain already
-                hist = hist.filter(pc.invert(pc.is_in(hist.column("user_id"), pa.array(cached["users"], pa.string()))))
-                state["failed"]["steerx"].update(cached["failed"])
-                state["cached_steerx"] = cached
-            if hist.num_rows:
-                anchors = self.steerx_anchors(hist, stage="user_pass")
-                state["failed"]["steerx"].update(_failures(anchors))
-                state["anchors"] = ok_rows(anchors)
+            anchors = self.steerx_anchors(hist, stage="user_pass")
+            state["failed"]["steerx"].update(_failures(anchors))
+            state["anchors"] = ok_rows(anchors)
         return state
 
     def _carry(self, state: dict, ok: pa.Table, eligible: dict[str, pa.Table]) -> dict[str, pa.Table]:
@@ -410,7 +405,7 @@ class ModelWorker:
         described = state.get("described")
         if described is None or described.num_rows == 0:
             return state
-        styled = self.style_vectors(style_inputs(described, calibrate=set()), stage="description_pass")
+        styled = self.style_vectors(style_inputs(described), stage="description_pass")
         state["failed"]["steerx"].update(_failures(styled))
         state["styles"] = self._in_range(ok_rows(styled), "steerx", state["failed"])
         return state

@@ -168,6 +168,11 @@ class ModelRuntime:
         """Sum of log p(response token | prefix) per row, and the response token counts."""
         return scoring.response_logprobs(self, prompts, responses, steer)
 
+    def influence_logprobs(self, prompts: Sequence[str], context_prompts: Sequence[str], responses: Sequence[str],
+                           lams: Sequence[float], temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Σ log p_λ(response) per λ and row under influence decoding's distribution (teacher-forced)."""
+        return scoring.influence_logprobs(self, prompts, context_prompts, responses, lams, temperature)
+
     def token_logprobs(self, encoded: Sequence[Encoded], min_shared: int = 64) -> list[torch.Tensor]:
         """log p of each response token given everything before it: float32 (response len,) per sequence.
 

@@ -117,9 +117,6 @@ def token_nll(rt: ModelRuntime, hidden: torch.Tensor, ids: torch.Tensor, encoded
     predict response tokens, in chunks that bound the (tokens × vocabulary) logits.
     Differentiable; float32 on the model's device.
     """
-    head = rt.model.get_output_embeddings()
-    cap = getattr(rt.model.config, "final_logit_softcapping", None)
-    scaling = getattr(rt.model.config, "logits_scaling", None)  # Granite divides its logits by this
     rows, cols = [], []
     for row, e in enumerate(encoded):
         start, end = e.prompt_len, len(e.ids)
@@ -130,16 +127,60 @@ def token_nll(rt: ModelRuntime, hidden: torch.Tensor, ids: torch.Tensor, encoded
     if not rows:
         return r, torch.zeros(0, dtype=torch.float32, device=hidden.device)
     tgt = ids[r, c + 1]
-    chunk = chunk_tokens or max(256, 2 ** 26 // max(1, head.weight.shape[0]))
+    chunk = chunk_tokens or max(256, 2 ** 26 // max(1, rt.model.get_output_embeddings().weight.shape[0]))
     parts = []
     for lo in range(0, len(rows), chunk):
-        logits = head(hidden[r[lo:lo + chunk], c[lo:lo + chunk]]).float()
-        if scaling:
-            logits = logits / scaling
-        if cap:
-            logits = cap * torch.tanh(logits / cap)
+        logits = lm_logits(rt, hidden[r[lo:lo + chunk], c[lo:lo + chunk]])
         parts.append(torch.logsumexp(logits, -1) - logits.gather(-1, tgt[lo:lo + chunk, None]).squeeze(-1))
     return r, torch.cat(parts)
+
+
+def lm_logits(rt: ModelRuntime, hidden: torch.Tensor) -> torch.Tensor:
+    """Float32 next-token logits of final hidden states (..., hidden), as the model's own head gives them."""
+    logits = rt.model.get_output_embeddings()(hidden).float()
+    scaling = getattr(rt.model.config, "logits_scaling", None)  # Granite divides its logits by this
+    if scaling:
+        logits = logits / scaling
+    cap = getattr(rt.model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = cap * torch.tanh(logits / cap)
+    return logits
+
+
+@torch.inference_mode()
+def influence_logprobs(rt: ModelRuntime, prompts: Sequence[str], context_prompts: Sequence[str],
+                       responses: Sequence[str], lams: Sequence[float],
+                       temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced Σ log p_λ(response token | prefix) under influence decoding, per λ and row.
+
+    p_λ ∝ exp((1 + λ)·lp_S − λ·lp_∅), with lp_S = log_softmax(ℓ/T) of row i's prompt WITH its
+    context (``context_prompts[i]``) and lp_∅ that of the plain prompt (``prompts[i]``): the
+    distribution ``Influence`` decodes from, without a plausibility floor. λ = −1 gives the plain
+    prompt's likelihood, λ = 0 the with-context prompt's. Returns float32 (len(lams), rows) on CPU
+    and the response token counts (rows,).
+    """
+    if not (len(prompts) == len(context_prompts) == len(responses)):
+        raise ValueError(f"{len(prompts)} prompts, {len(context_prompts)} context prompts, {len(responses)} responses")
+    plain, ctx = rt.encode(prompts, responses), rt.encode(context_prompts, responses)
+    lam = [float(x) for x in lams]
+    out = torch.zeros((len(lam), len(plain)), dtype=torch.float32)
+    counts = torch.as_tensor([len(e.ids) - e.prompt_len for e in plain], dtype=torch.long)
+    for i, (p, c) in enumerate(zip(plain, ctx)):  # one row at a time: its (tokens × vocabulary) logits, twice
+        if counts[i] == 0:
+            continue
+        lp0, lp = (torch.log_softmax(_response_logits(rt, e) / temperature, -1) for e in (p, c))
+        target = torch.as_tensor(p.ids[p.prompt_len:], dtype=torch.long, device=lp.device)
+        for k in range(len(lam)):  # (tokens, vocabulary) at a time
+            score = torch.log_softmax((1 + lam[k]) * lp - lam[k] * lp0, -1)
+            out[k, i] = score.gather(-1, target[:, None]).sum().cpu()
+    return out, counts
+
+
+def _response_logits(rt: ModelRuntime, e: Encoded) -> torch.Tensor:
+    """Float32 (response tokens, vocabulary): the logits that predict each response token of one sequence."""
+    ids, mask, pos = rt.collate([e.ids], "right")
+    hidden = rt.forward(ids, mask, pos, base_only=True).last_hidden_state[0]
+    return lm_logits(rt, hidden[e.prompt_len - 1:len(e.ids) - 1])
 
 
 def response_nll(rt: ModelRuntime, hidden: torch.Tensor, ids: torch.Tensor,
