@@ -52,6 +52,13 @@ class DPSConfig:
         "population", help="none: raw PCS; population: PCS minus the mean PCS of other users (a seeded sample)")
     baseline_users: int = option(16, help="users in the seeded sample behind the population PCS")
     per_user: bool = option(True, help="score heads per user (else users get their clusters' heads only)")
+    verify: Literal["all", "departures"] = option(
+        "all", help="per_user with clusters, fast mode: all = verify every user's candidate heads by exact ablation; "
+                    "departures = only users whose attribution departs from their cluster's heads (the others "
+                    "cost one forward and backward pass and are served their cluster's heads)")
+    departure_overlap: float = option(
+        0.5, help="verify=departures: a user whose attribution top-k holds at least this share of its cluster's "
+                  "heads is served the cluster's heads; below it, the user is verified")
     clusters: int = option(8, help="k-means clusters of users by history embedding (0 = none)")
     cluster_items: int = option(16, help="history items (sampled from members) scored per cluster")
     cluster_sample_users: int = option(
@@ -74,6 +81,9 @@ class DPSConfig:
         check(self.cluster_sample_users >= 1, "dps.cluster_sample_users must be >= 1")
         check(self.routing_temperature > 0, "dps.routing_temperature must be > 0")
         check(self.per_user or self.clusters > 0, "dps.per_user=false needs dps.clusters > 0 (users get their clusters' heads)")
+        check(self.verify == "all" or (self.per_user and self.clusters > 0 and self.mode == "fast"),
+              "dps.verify=departures needs dps.per_user=true, dps.clusters > 0 and dps.mode=fast")
+        check(0 <= self.departure_overlap <= 1, "dps.departure_overlap must be in [0, 1]")
         check(self.gamma >= 0, "dps.gamma must be >= 0")
         check(0 <= self.plausibility < 1, "dps.plausibility must be in [0, 1)")
 
@@ -102,6 +112,8 @@ DPS_OUTPUT_SCHEMA = pa.schema([
     pa.field("cluster", pa.int32()),
     pa.field("routing", pa.list_(pa.float32())),
     pa.field("content_fingerprint", pa.string()),
+    # verify=departures: the share of the cluster's heads among the user's attribution top-k (null: not compared)
+    pa.field("cluster_overlap", pa.float32()),
 ])
 _PASSTHROUGH = ("scope", "cluster", "routing", "content_fingerprint")
 
@@ -170,16 +182,20 @@ class DPSHeads:
     """Rows (user_id, sequences) -> DPS_OUTPUT_SCHEMA rows: each user's or cluster's preference heads.
 
     Rows in == rows out. ``full=True`` (the population sample) scores every head exactly and
-    returns the full PCS and attribution maps. A user that fails is returned quarantined with
-    the error; the rest of the batch is unaffected.
+    returns the full PCS and attribution maps. With ``clusters`` (cluster -> {"heads": ...}) and
+    ``verify=departures``, a user whose attribution top-k holds at least ``departure_overlap`` of
+    the heads its clusters would serve it (mixed by its routing) is returned without heads of its
+    own (served its clusters') and is not verified. A user that fails is returned quarantined with the error; the rest of the
+    batch is unaffected.
     """
 
     def __init__(self, config: DPSConfig, model: ModelConfig, population: PopulationPCS | None = None,
-                 full: bool = False):
+                 full: bool = False, clusters: dict[int, dict] | None = None):
         self.config = config
         self.runtime = ModelRuntime.shared(model)
         self.population = population
         self.full = full
+        self.clusters = clusters if config.verify == "departures" and not full else None
         rt = self.runtime
         self.all_heads = [(l, h) for l in range(rt.num_layers) for h in range(rt.num_heads)]
         self.group = max(1, rt.num_heads // rt.num_kv_heads)
@@ -240,6 +256,10 @@ class DPSHeads:
                 heads, pcs, nll = self.all_heads, pcs_all[u], base_u[u]
             else:
                 estimate = (-attribution[u] - pop_attr).reshape(-1)  # ΔNLL ≈ −gradient
+                overlap = self._cluster_overlap(user, estimate)
+                if overlap is not None and overlap >= cfg.departure_overlap:  # agrees with its cluster: not verified
+                    rows.append(self._row(user, baseline_users=n_base, n_tokens=int(tokens[u]), cluster_overlap=overlap))
+                    continue
                 order = np.argsort(-estimate, kind="stable")[: cfg.candidates]
                 heads = [self.all_heads[i] for i in sorted(order)]
                 base, ablated = rt.ablation_nll(encoded[u], heads)
@@ -247,12 +267,39 @@ class DPSHeads:
                 pcs = (ablated.sum(dim=1).numpy() - nll) / tokens[u]
             baseline = np.asarray([pop_pcs[l, h] for l, h in heads])
             row = self._row(user, heads=select_heads(pcs - baseline, pcs, heads, cfg.top_k, self.group),
-                            baseline_users=n_base, n_tokens=int(tokens[u]), base_nll=float(nll / tokens[u]))
+                            baseline_users=n_base, n_tokens=int(tokens[u]), base_nll=float(nll / tokens[u]),
+                            cluster_overlap=None if exact_all else overlap)
             if self.full:
                 row.update(pcs=pcs_all[u].astype(np.float32).tolist(),
                            attribution=(-attribution[u]).reshape(-1).astype(np.float32).tolist())
             rows.append(row)
         return rows
+
+
+    def _cluster_overlap(self, user: dict, estimate: np.ndarray) -> float | None:
+        """The share of the heads its clusters would serve the user (mixed by its routing) that are among its own
+        top-k by attribution (None: no comparison)."""
+        if self.clusters is None or not user.get("routing"):
+            return None
+        theirs = set(served_heads(user, self.clusters, self.config.top_k))
+        if not theirs:
+            return None
+        mine = np.argsort(-estimate, kind="stable")[: self.config.top_k]
+        return len({self.all_heads[i] for i in mine if estimate[i] > 0} & theirs) / len(theirs)
+
+
+def cluster_heads(results: dict | None) -> dict[int, dict] | None:
+    """The scored clusters' rows of ``DPSHeads`` (cluster -> row with its ``heads``), for ``verify=departures``."""
+    if not results:
+        return None
+    return {int(c): {"heads": r["heads"] or []} for c, r in results.items() if r["status"] == "ok"}
+
+
+def served_heads(user: dict, clusters: dict[int, dict], top_k: int) -> list[tuple[int, int]]:
+    """The heads serving masks for a user without heads of its own: its clusters' mixed by its routing."""
+    from steerstore.infra.artifacts import serving_heads
+
+    return serving_heads({"heads": [], "routing": user.get("routing")}, clusters, top_k)
 
 
 def cluster_sequences(rows: Sequence[dict], clusters: int, items: int, seed: int) -> dict[int, list[dict]]:

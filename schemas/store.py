@@ -197,6 +197,9 @@ DPS_HEADS_SCHEMA = pa.schema([
     pa.field("adaptive", pa.bool_()),
     pa.field("plausibility", pa.float32()),
     pa.field("content_fingerprint", pa.string()),
+    # dps.verify=departures: the share of the cluster's heads among the user's attribution top-k (null: not
+    # compared); a user at or above dps.departure_overlap was not verified and is served its cluster's heads
+    pa.field("cluster_overlap", pa.float32()),
     *_DPS_MODEL_FIELDS,
 ], metadata=_meta("dps_heads"))
 

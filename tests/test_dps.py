@@ -1,5 +1,7 @@
 """DPS: per-user and per-cluster preference heads, history context, serving head choice, refresh end to end."""
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -95,6 +97,47 @@ def test_fast_mode_verifies_only_candidates_ranked_by_attribution(scorer):
     assert {(h["layer"], h["head"]) for h in row["heads"]} <= top
 
 
+def test_departures_verify_only_users_whose_attribution_leaves_their_clusters_heads(tiny_model_folder):
+    from steerstore.jobs.bench.cost import BlockCounter
+
+    model = ModelConfig(name_or_path=str(tiny_model_folder))
+    config = dict(mode="fast", top_k=4, candidates=6, pcs_baseline="none", clusters=2)
+    every = DPSHeads(DPSConfig(**config), model)
+    users = [dict(_user("u1"), cluster=0, routing=[1.0, 0.0]), dict(_user("u2", ITEMS[:3], k=1), cluster=1,
+                                                                     routing=[0.0, 1.0])]
+    rt = every.runtime
+    top = {}
+    for u in users:  # each user's own attribution top-4, as the operator ranks it
+        enc = rt.encode([s["prompt"] for s in u["sequences"]], [s["output"] for s in u["sequences"]])
+        estimate = -rt.head_attribution(enc, [0] * len(enc), 1)[0].reshape(-1).numpy()
+        top[u["user_id"]] = [every.all_heads[i] for i in np.argsort(-estimate, kind="stable")[:4] if estimate[i] > 0]
+    others = [h for h in every.all_heads if h not in top["u2"]][:4]
+    # u1's cluster holds u1's own top heads (agrees: not verified); u2's holds none of u2's (departs: verified)
+    as_rows = lambda hs: {"heads": [{"layer": l, "head": h, "score": 1.0 - 0.1 * i}  # noqa: E731
+                                    for i, (l, h) in enumerate(hs)]}
+    clusters = {0: as_rows(top["u1"][:2] + [h for h in every.all_heads if h not in top["u1"]][:2]), 1: as_rows(others)}
+    dps = DPSHeads(DPSConfig(**config, verify="departures", departure_overlap=0.5), model, clusters=clusters)
+    batch = pa.Table.from_pylist(users)
+    counts = {}
+    for name, op in (("all", every), ("departures", dps)):
+        counter = BlockCounter(rt)
+        with counter, counter.at("dps"):
+            rows = op(batch).to_pylist()
+        counts[name] = counter.figures()["dps"]["forward_token_equivalents"]
+        if name == "all":
+            reference = rows
+    agreed, departed = rows
+    assert agreed["status"] == "ok" and agreed["heads"] == [] and agreed["cluster_overlap"] == 0.5
+    assert departed["cluster_overlap"] == 0.0 and departed["heads"] == reference[1]["heads"]  # verified as before
+    assert reference[0]["heads"] and reference[0]["cluster_overlap"] is None  # verify=all: no comparison
+    assert counts["departures"] < counts["all"]  # u1's exact ablations were skipped
+    store_rows = refresh_tables.dps_heads_rows(dps(batch), DPSConfig(**config, verify="departures"), clusters=True)
+    assert store_rows.column("source").to_pylist() == ["cluster", "user"]
+    assert store_rows.column("cluster_overlap").to_pylist() == [0.5, 0.0]
+    with pytest.raises(ValueError, match="verify=departures needs"):
+        DPSConfig(verify="departures", clusters=0)
+
+
 def test_population_baseline_subtracts_the_mean_of_other_users():
     shape = (2, 2)
     rows = [{"user_id": u, "pcs": np.full(4, v).tolist(), "attribution": np.full(4, 2 * v).tolist()}
@@ -188,7 +231,7 @@ def dps_run(ray_cluster, tmp_path_factory, tiny_model_folder):
         "steerx": {"token_effects": True, "min_anchors": 2, "history": {"context_items": 1},
                    "smoothing": {"enabled": False},  # descriptions need a real model: tests/test_steerx.py
                    "vectors": {"source": "history", "layers": [1, 3], "calibration_users": 2, "gamma_grid": [0.5, 1],
-                               "neutral_max_new_tokens": 4}}})
+                               "validation_items": 1, "neutral_max_new_tokens": 4}}})
     return refresh.main(cfg), str(tmp / "store"), cfg
 
 
@@ -206,6 +249,29 @@ def _expected_dps_heads(cfg, tiny_model_folder) -> dict[str, dict]:
     population = PopulationPCS.from_rows(full, (4, 4))
     dps = DPSHeads(cfg.dps, model, population=population)
     return {u: dps(pa.Table.from_pylist([users[u]])).to_pylist()[0] for u in STYLES}
+
+
+@pytest.mark.slow
+def test_refresh_with_departures_serves_agreeing_users_their_clusters_heads(dps_run, tmp_path):
+    """dps.verify=departures in the job: with departure_overlap 0 every user agrees with its cluster, so no user is
+    verified, each is stored with source cluster and its overlap, and the reader serves the cluster's heads."""
+    from steerstore.infra.reader import StoreReader
+
+    _, _, cfg = dps_run
+    cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, store=str(tmp_path / "store")),
+                              dps=dataclasses.replace(cfg.dps, verify="departures", departure_overlap=0.0),
+                              steerx=dataclasses.replace(cfg.steerx, enabled=False), caa=cfg.caa)
+    summary = refresh.main(cfg)
+    reader = StoreReader(str(tmp_path / "store"))
+    rows = {r["user_id"]: r for r in reader.store.read_table("dps_heads", reader.version).to_pylist()}
+    assert set(rows) == set(STYLES), [(r["user_id"], r["source"]) for r in rows.values()]
+    clusters = {r["cluster"]: r["heads"] for r in reader.store.read_table("dps_clusters", reader.version).to_pylist()}
+    for uid, row in rows.items():
+        assert row["source"] == "cluster" and row["heads"] == [] and 0 <= row["cluster_overlap"] <= 1, row
+        served = reader.dps([uid])[uid].heads
+        assert served and set(served) <= {(h["layer"], h["head"]) for c in clusters.values() for h in c}
+    computed = summary["workers"]["users_computed"]
+    assert computed["dps"] >= len(STYLES) and computed.get("dps_verified", 0) == 0  # (dps counts the sample phase)
 
 
 @pytest.mark.slow

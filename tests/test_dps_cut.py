@@ -27,7 +27,9 @@ def _data(folder, users=2, items=3):
 
 
 def test_variants_parse_and_refuse_fewer_candidates_than_heads_kept():
-    assert parse_variants("32:2, 8:0", 8) == [(32, 2), (8, 0)]
+    assert parse_variants("32:2, 8:0, d16:2", 8) == [(32, 2, False), (8, 0, False), (16, 2, True)]
+    with pytest.raises(ValueError, match="the reference verifies every user"):
+        parse_variants("d16:2,16:2", 8)
     with pytest.raises(ValueError, match="candidates >= top_k"):
         parse_variants("4:0", 8)
     with pytest.raises(ValueError, match="candidates:context_items"):
@@ -51,3 +53,18 @@ def test_the_reference_agrees_with_itself_and_fewer_candidates_cost_less(tmp_pat
     assert no_context["attribution_spearman"] < 1.0
     for v in (fewer, no_context):
         assert 0 <= v["top_k_overlap"] <= 1 and len(v["pcs_captured_per_user"]) == 2
+
+
+@pytest.mark.slow
+def test_a_departures_variant_serves_agreeing_users_their_clusters_heads_for_less_work(tmp_path, tiny_model_folder):
+    # departure_overlap 0: every user agrees with its cluster, so no user is verified
+    config = BenchDPSCutConfig(data_dir=str(_data(tmp_path, users=5)), users=2, items=3, words=20, top_k=2,
+                               variants="8:1,d8:1", clusters=2, cluster_users=3, cluster_items=3,
+                               departure_overlap=0.0, json="", model=ModelConfig(name_or_path=str(tiny_model_folder)))
+    result = main(config)
+    ref, dep = result["variants"]["8:1"], result["variants"]["d8:1"]
+    assert ref["verified_share"] == 1.0 and dep["verified_share"] == 0.0
+    assert dep["fte_per_user"] < ref["fte_per_user"] and dep["cluster_fte"] > 0 and dep["clusters"] == 2
+    assert dep["other_users"] == 3 and all(0 <= o <= 1 for o in dep["cluster_overlap_per_user"])
+    assert dep["attribution_spearman"] == 1.0  # the same sequences: the same attribution
+    assert 0 <= dep["top_k_overlap"] <= 1 and len(dep["pcs_captured_per_user"]) == 2

@@ -18,6 +18,15 @@ reference:
 
 Figures per variant: forward-token-equivalents per user (``FTE``: one token through every
 block; a backward counts 2), seconds per user on this machine, ratios against the reference.
+
+A variant ``d<candidates>:<context_items>`` is ``dps.verify=departures``: ``clusters`` k-means
+clusters are fitted on the sentence embeddings of ``cluster_users`` *other* users of the source,
+each cluster's heads are scored as the refresh scores a cluster (``cluster_items`` items sampled
+from its members, fast mode), and each bench user, routed to its nearest cluster, is verified
+only when its attribution top-k holds less than ``departure_overlap`` of that cluster's heads; an
+agreeing user's heads are its cluster's (compared with the reference like any variant's heads).
+The clusters' scoring is a fixed cost per night, reported apart (``cluster_fte``); the share of
+users verified is ``verified_share``.
 """
 
 from __future__ import annotations
@@ -36,7 +45,15 @@ from steerstore.jobs.bench.cost import BlockCounter
 from steerstore.jobs.bench.dps import spearman
 from steerstore.jobs.devdata import PROMPT
 from steerstore.jobs.devdata import segments as dev_segments
-from steerstore.operators.dps import DPSConfig, DPSHeads, dps_user_rows
+from steerstore.operators.cluster import EmbedUsers, kmeans, routing_weights
+from steerstore.operators.dps import (
+    DPSConfig,
+    DPSHeads,
+    cluster_heads,
+    cluster_sequences,
+    dps_user_rows,
+    served_heads,
+)
 from steerstore.operators.history import HistoryContextConfig
 from steerstore.operators.runtime import ModelConfig, ModelRuntime
 
@@ -52,7 +69,12 @@ class BenchDPSCutConfig:
     words: int = option(80, help="words per history output")
     top_k: int = option(8, help="dps.top_k: heads kept per user")
     variants: str = option("32:2,16:2,12:2,32:0,16:0,12:0,8:0",
-                           help="comma-separated candidates:context_items; the first is the reference")
+                           help="comma-separated candidates:context_items (d<candidates>:<context>: verify "
+                                "departures from the user's cluster only); the first is the reference")
+    clusters: int = option(2, help="departure variants: k-means clusters of the other users")
+    cluster_users: int = option(12, help="departure variants: other users of the source the clusters are fitted on")
+    cluster_items: int = option(8, help="departure variants: items sampled from a cluster's members and scored")
+    departure_overlap: float = option(0.5, help="departure variants: dps.departure_overlap")
     seed: int = option(0, help="seed of the item order")
     json: str = option("docs/figures/bench-dps-cut.json", help="where the figures are written ('' = print only)")
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "the model"})
@@ -62,22 +84,60 @@ class BenchDPSCutConfig:
         parse_variants(self.variants, self.top_k)
 
 
-def parse_variants(text: str, top_k: int) -> list[tuple[int, int]]:
+def parse_variants(text: str, top_k: int) -> list[tuple[int, int, bool]]:
+    """``candidates:context_items`` parts -> (candidates, context_items, departures)."""
     out = []
     for part in text.split(","):
+        part = part.strip()
+        departures = part.startswith("d")
         try:
-            candidates, context = (int(x) for x in part.strip().split(":"))
+            candidates, context = (int(x) for x in part.removeprefix("d").split(":"))
         except ValueError:
-            raise ValueError(f"variants: {part!r} is not candidates:context_items (e.g. 16:0)") from None
+            raise ValueError(f"variants: {part!r} is not [d]candidates:context_items (e.g. 16:0, d16:2)") from None
         check(candidates >= top_k and context >= 0, f"variants: {part!r} needs candidates >= top_k and context >= 0")
-        out.append((candidates, context))
+        out.append((candidates, context, departures))
     check(len(out) >= 1, "variants: give at least the reference")
+    check(not out[0][2], "variants: the reference verifies every user (no d prefix)")
     return out
 
 
-def _config(candidates: int, context: int, cfg: BenchDPSCutConfig) -> DPSConfig:
-    return DPSConfig(mode="fast", top_k=cfg.top_k, candidates=candidates, pcs_baseline="none", clusters=0,
+def _config(candidates: int, context: int, cfg: BenchDPSCutConfig, departures: bool = False) -> DPSConfig:
+    return DPSConfig(mode="fast", top_k=cfg.top_k, candidates=candidates, pcs_baseline="none",
+                     clusters=cfg.clusters if departures else 0, verify="departures" if departures else "all",
+                     departure_overlap=cfg.departure_overlap,
                      history=HistoryContextConfig(context_items=context, max_items=cfg.items))
+
+
+def _clusters(rt: ModelRuntime, config: BenchDPSCutConfig, cfg: DPSConfig, others: pa.Table, users: pa.Table,
+              model: ModelConfig) -> tuple[pa.Table, dict, float]:
+    """Clusters of the other users (k-means on embeddings), each cluster's heads scored as the refresh scores
+    them, and the bench users routed: (users with cluster and routing, cluster -> heads, FTE of the scoring)."""
+    embed = EmbedUsers(cfg.encoder, max_items=config.items, keep_columns=True)
+    emb_others, emb_users = embed(others), embed(users)
+    x = np.asarray(emb_others.column("embedding").to_pylist(), dtype=np.float32)
+    centroids, _, _ = kmeans(x, min(config.clusters, len(x)), seed=cfg.seed)
+    labels, _ = routing_weights(x, centroids, cfg.routing_temperature)
+    members = dps_user_rows(emb_others, cfg.history).to_pylist()
+    for m, label in zip(members, labels.tolist()):
+        m["cluster"] = int(label)
+    pseudo = [{"user_id": f"cluster:{c}", "sequences": seqs, "cluster": c}
+              for c, seqs in cluster_sequences(members, len(centroids), config.cluster_items, cfg.seed).items()]
+    counter = BlockCounter(rt)
+    with counter, counter.at("clusters"):
+        scored = DPSHeads(dataclasses.replace(cfg, verify="all"), model)(pa.Table.from_pylist(pseudo)).to_pylist()
+    check(all(r["status"] == "ok" for r in scored), f"a cluster could not be scored: {scored}")
+    heads = cluster_heads({r["cluster"]: r for r in scored})
+    routed = dps_user_rows(emb_users, cfg.history, centroids, cfg.routing_temperature)
+    return routed, heads, counter.figures()["clusters"]["forward_token_equivalents"]
+
+
+def _users_table(user_ids: list[str], segments: dict, items: int) -> pa.Table:
+    return pa.table({
+        "user_id": user_ids,
+        "histories": pa.array([[{"input": PROMPT.format(opening=o), "output": c} for o, c in segments[u][:items]]
+                               for u in user_ids], HISTORY_TYPE),
+        "content_fingerprint": user_ids,
+    })
 
 
 def main(config: BenchDPSCutConfig) -> dict:
@@ -86,22 +146,28 @@ def main(config: BenchDPSCutConfig) -> dict:
     segments = dev_segments(config.data_dir, config.source, config.items, config.words, random.Random(config.seed))
     user_ids = sorted(segments)[: config.users]
     check(len(user_ids) == config.users, f"only {len(user_ids)} users have {config.items} items")
-    users = pa.table({
-        "user_id": user_ids,
-        "histories": pa.array([[{"input": PROMPT.format(opening=o), "output": c} for o, c in segments[u][: config.items]]
-                               for u in user_ids], HISTORY_TYPE),
-        "content_fingerprint": user_ids,
-    })
+    users = _users_table(user_ids, segments, config.items)
     heads_all = [(l, h) for l in range(rt.num_layers) for h in range(rt.num_heads)]
     per_variant: dict[str, list[dict]] = {}
     attributions: dict[tuple[str, int], np.ndarray] = {}  # (user, context_items): the attribution estimate
-    for candidates, context in variants:
-        name = f"{candidates}:{context}"
-        cfg = _config(candidates, context, config)
-        op = DPSHeads(cfg, config.model)
+    cluster_figures: dict[str, dict] = {}
+    for candidates, context, departures in variants:
+        name = f"{'d' if departures else ''}{candidates}:{context}"
+        cfg = _config(candidates, context, config, departures)
+        if departures:
+            others = sorted(segments)[config.users:config.users + config.cluster_users]
+            check(len(others) >= config.clusters, f"only {len(others)} other users for {config.clusters} clusters")
+            routed, cheads, cluster_fte = _clusters(rt, config, cfg, _users_table(others, segments, config.items),
+                                                    users, config.model)
+            cluster_figures[name] = {"clusters": len(cheads), "other_users": len(others), "cluster_fte": cluster_fte,
+                                     "heads": {str(c): [[h["layer"], h["head"]] for h in r["heads"]]
+                                               for c, r in cheads.items()}}
+            op = DPSHeads(cfg, config.model, clusters=cheads)
+        else:
+            op = DPSHeads(cfg, config.model)
         rows = []
         for u, uid in enumerate(user_ids):
-            user = dps_user_rows(users.slice(u, 1), cfg.history)
+            user = routed.slice(u, 1) if departures else dps_user_rows(users.slice(u, 1), cfg.history)
             counter = BlockCounter(rt)
             start = time.perf_counter()
             with counter, counter.at("dps"):
@@ -112,10 +178,14 @@ def main(config: BenchDPSCutConfig) -> dict:
             enc = rt.encode([s["prompt"] for s in seqs], [s["output"] for s in seqs])
             if (uid, context) not in attributions:
                 attributions[uid, context] = -rt.head_attribution(enc, [0] * len(enc), 1)[0].reshape(-1).numpy()
+            verified = not departures or out["cluster_overlap"] is None or \
+                out["cluster_overlap"] < config.departure_overlap
+            served = out["heads"] if verified else \
+                [{"layer": l, "head": h, "pcs": None} for l, h in served_heads(out, cheads, config.top_k)]
             rows.append({"user": uid, "fte": counter.figures()["dps"]["forward_token_equivalents"],
-                         "seconds": seconds, "heads": {(h["layer"], h["head"]): h["pcs"] for h in out["heads"]},
-                         "attribution": attributions[uid, context], "encoded": enc,
-                         "tokens": sum(len(e.ids) for e in enc)})
+                         "seconds": seconds, "heads": {(h["layer"], h["head"]): h["pcs"] for h in served},
+                         "attribution": attributions[uid, context], "encoded": enc, "verified": verified,
+                         "cluster_overlap": out["cluster_overlap"], "tokens": sum(len(e.ids) for e in enc)})
         per_variant[name] = rows
 
     ref_name = next(iter(per_variant))
@@ -141,7 +211,7 @@ def main(config: BenchDPSCutConfig) -> dict:
         fte = float(np.mean([r["fte"] for r in rows]))
         seconds = float(np.mean([r["seconds"] for r in rows]))
         figures[name] = {
-            "candidates": int(name.split(":")[0]), "context_items": int(name.split(":")[1]),
+            "candidates": int(name.removeprefix("d").split(":")[0]), "context_items": int(name.split(":")[1]),
             "fte_per_user": round(fte, 1),
             "fte_ratio_vs_reference": round(fte / np.mean([r["fte"] for r in ref_rows]), 3),
             "seconds_per_user": round(seconds, 2),
@@ -152,6 +222,10 @@ def main(config: BenchDPSCutConfig) -> dict:
             "attribution_spearman": round(float(np.mean(rhos)), 3),
             "pcs_captured": round(float(np.nanmean(captured)), 3),
             "pcs_captured_per_user": [round(x, 3) for x in captured],
+            "verified_share": round(float(np.mean([r["verified"] for r in rows])), 3),
+            "cluster_overlap_per_user": [None if r["cluster_overlap"] is None else round(r["cluster_overlap"], 3)
+                                         for r in rows],
+            **cluster_figures.get(name, {}),
         }
     result = {"model": rt.model_id, "device": str(rt.device), "source": config.source, "users": user_ids,
               "items": config.items, "words": config.words, "top_k": config.top_k, "heads": len(heads_all),

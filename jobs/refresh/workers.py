@@ -36,7 +36,7 @@ from steerstore.operators.caa import (
     vectors_array,
 )
 from steerstore.operators.cluster import EmbedUsers
-from steerstore.operators.dps import DPSHeads, dps_user_rows
+from steerstore.operators.dps import DPSHeads, cluster_heads, dps_user_rows
 from steerstore.operators.runtime import ModelConfig, ModelRuntime
 from steerstore.operators.scale import choose_scales_task
 from steerstore.operators.smoothing import HFGenerate, VLLMGenerate, describe, special_strings
@@ -369,8 +369,14 @@ class ModelWorker:
         rows = dps_user_rows(hist, dps.history, centroids, dps.routing_temperature)
         if dps.per_user:
             self.work["dps"] += rows.num_rows
-            op = self._op("dps", lambda: DPSHeads(dps, self.model, population=g.get("dps_population")))
+            op = self._op("dps", lambda: DPSHeads(dps, self.model, population=g.get("dps_population"),
+                                                  clusters=cluster_heads(g.get("dps_clusters"))))
             scored = chunked(op, rows, cfg.resources.dps_batch_size)
+            if dps.verify == "departures":  # users whose candidates were verified (the others took their cluster's)
+                self.work["dps_verified"] += sum(
+                    1 for r in scored.select(["status", "cluster_overlap"]).to_pylist()
+                    if r["status"] == "ok" and (r["cluster_overlap"] is None
+                                                or r["cluster_overlap"] < dps.departure_overlap))
         else:
             scored = cluster_only_rows(rows, g["dps_model"])
         failed["dps"] = _failures(scored)
