@@ -65,4 +65,9 @@ def test_the_cost_bench_runs_every_stage_of_a_typical_user_and_writes_its_figure
     total = sum(s["forward_token_equivalents"] for s in stages.values())
     assert abs(result["total_forward_token_equivalents"] - total) < 1
     assert result["at_shape"]["users_per_gpu_hour"] > 0
+    dep = result["dps_departures"]  # the attribution is part of DPS's work; verifying is the rest
+    assert 0 < dep["attribution_fte"] < stages["dps"]["forward_token_equivalents"]
+    assert abs(dep["attribution_fte"] + dep["verification_fte"] - stages["dps"]["forward_token_equivalents"]) < 1
+    at = dep["total_fte_at_verified_share"]
+    assert abs(at["1.0"] - total) < 1 and at["0.0"] < at["0.5"] < at["1.0"]
     assert json.loads(out.read_text())["total_forward_token_equivalents"] == result["total_forward_token_equivalents"]

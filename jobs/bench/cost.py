@@ -226,6 +226,13 @@ def run_stages(config: BenchCostConfig, model: ModelConfig, counter: BlockCounte
     with stage("dps"):
         out["dps"] = statuses(chunked(DPSHeads(cfg.dps, model), dps_user_rows(users, cfg.dps.history),
                                       res.dps_batch_size))
+    with stage("dps_attribution"):  # apart: a user's DPS work under dps.verify=departures when not verified
+        rows = dps_user_rows(users, cfg.dps.history).to_pylist()
+        for lo in range(0, len(rows), res.dps_batch_size):
+            part = rows[lo:lo + res.dps_batch_size]
+            enc = [rt.encode([q["prompt"] for q in r["sequences"]], [q["output"] for q in r["sequences"]])
+                   for r in part]
+            rt.head_attribution([e for es in enc for e in es], [u for u, es in enumerate(enc) for _ in es], len(part))
     with stage("steerx_loo"):
         anchors = chunked(SteerXAnchors(cfg.steerx, model, pool), users, res.caa_batch_size)
     out["steerx_loo"] = statuses(anchors)
@@ -280,7 +287,10 @@ def main(config: BenchCostConfig) -> dict:
         ran = run_stages(config, model, counter)
     n = config.users
     stages = {k: {m: v / n for m, v in s.items()} for k, s in counter.figures().items()}
+    attribution = stages.pop("dps_attribution")["forward_token_equivalents"]
+    ran["seconds"].pop("dps_attribution", None)
     total = sum(s["forward_token_equivalents"] for s in stages.values())
+    dps = stages["dps"]["forward_token_equivalents"]
     weights, attention = flops_per_fte(shape_of(config.shape))
     flops = {k: s["forward_token_equivalents"] * weights + s["attention_t2"] * attention for k, s in stages.items()}
     seconds = sum(flops.values()) / (config.peak_tflops * 1e12 * config.mfu)
@@ -296,6 +306,13 @@ def main(config: BenchCostConfig) -> dict:
                        "flops_at_shape": float(f"{flops[k]:.4g}"),
                        "seconds_per_user": round(ran["seconds"].get(k, 0.0) / n, 4)} for k in order},
         "total_forward_token_equivalents": round(total, 1),
+        # dps.verify=departures: a user that agrees with its clusters costs the attribution only; the total at a
+        # share of users verified (bench dps-cut's verified_share on real users) replaces DPS by
+        # attribution + share × verification
+        "dps_departures": {"attribution_fte": round(attribution, 1), "verification_fte": round(dps - attribution, 1),
+                           "total_fte_at_verified_share": {str(share): round(total - dps + attribution
+                                                                             + share * (dps - attribution), 1)
+                                                           for share in (0.0, 0.25, 0.5, 0.75, 1.0)}},
         "at_shape": {"shape": config.shape, "flops_per_fte_blocks": float(f"{weights:.4g}"),
                      "flops_per_user": float(f"{sum(flops.values()):.4g}"), "peak_tflops": config.peak_tflops,
                      "mfu": config.mfu, "gpu_seconds_per_user": round(seconds, 3),
