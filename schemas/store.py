@@ -326,8 +326,17 @@ def bucket_count(n_users: int, users_per_bucket: int, data_bytes: int = 0, bucke
     return max(1, math.ceil(n_users / users_per_bucket), by_bytes)
 
 
+# nullable columns added to a table after its schema version: rows written before them (an older version's rows
+# carried forward, a builder that predates them) get nulls
+ADDED_COLUMNS = {"dps_heads": ("cluster_overlap",)}
+
+
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """Select and cast ``table``'s columns to exactly ``schema`` (an error names what is off)."""
+    name = (schema.metadata or {}).get(b"steerstore.table", b"").decode()
+    for column in ADDED_COLUMNS.get(name, ()):
+        if column not in table.column_names:
+            table = table.append_column(schema.field(column), pa.nulls(table.num_rows, schema.field(column).type))
     missing = [n for n in schema.names if n not in table.column_names]
     if missing:
         raise ValueError(f"table lacks columns {missing} required by schema "

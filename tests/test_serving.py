@@ -203,7 +203,9 @@ def test_the_mixed_batch_plan_matches_the_single_mode_runtime_calls(served):
     alone_dps = runtime.generate([PROMPTS[2]], 8, contrast=HeadContrast([ann.dps.heads], gamma=ann.dps.gamma,
                                                                         adaptive=ann.dps.adaptive,
                                                                         plausibility=ann.dps.plausibility))
-    alone_inf = runtime.generate([PROMPTS[3]], 8, influence=Influence([ann.steerx["context"]], lam=1.0,
+    lam = reader.influence_lambda()  # the store's choice on validation items; serving's default without one
+    alone_inf = runtime.generate([PROMPTS[3]], 8, influence=Influence([ann.steerx["context"]],
+                                                                      lam=1.0 if lam is None else lam,
                                                                       temperature=0.6,
                                                                       template=ann.steerx["style_template"],
                                                                       plausibility=0.1))

@@ -390,3 +390,29 @@ def test_generate_serves_steerx_by_influence_decoding_and_by_style_vector(steerx
     assert steered != plain or "note: the steered answer equals the unsteered one" in out
     assert cli.main(["generate", "--store", uri, "--user", "solo", "--prompt", "Hi", "--method", "influence"]) == 1
     assert "quarantined" in capsys.readouterr().err
+
+
+def test_the_calibration_split_holds_out_the_most_recent_items_and_keeps_enough_to_train_on():
+    import pyarrow as pa
+
+    from steerstore.jobs.refresh.globals import validation_split
+
+    def user(uid, n):
+        return {"user_id": uid, "histories": [{"item_id": f"{uid}{i}", "input": "q", "output": f"text {i}"}
+                                              for i in range(n)]}
+    users = pa.Table.from_pylist([user("five", 5), user("three", 3), user("two", 2)])
+    train, held = validation_split(users, validation_items=2, min_histories=2)
+    kept = {r["user_id"]: [h["item_id"] for h in r["histories"]] for r in train.to_pylist()}
+    assert kept == {"five": ["five0", "five1", "five2"], "three": ["three0", "three1"]}  # "two": nothing to spare
+    assert {u: [h["item_id"] for h in hs] for u, hs in held.items()} == {"five": ["five3", "five4"],
+                                                                         "three": ["three2"]}
+    assert train.schema == users.schema
+
+
+def test_rows_written_before_an_added_column_conform_with_nulls():
+    from steerstore.schemas.store import DPS_HEADS_SCHEMA, conform
+
+    old = DPS_HEADS_SCHEMA.empty_table().drop_columns(["cluster_overlap"])
+    assert conform(old, DPS_HEADS_SCHEMA).schema.equals(DPS_HEADS_SCHEMA)
+    with pytest.raises(ValueError, match="lacks columns \\['source'\\]"):
+        conform(DPS_HEADS_SCHEMA.empty_table().drop_columns(["source"]), DPS_HEADS_SCHEMA)

@@ -67,7 +67,7 @@ def compute_globals(config: RefreshConfig, run: Run, shards: Shards, pool: Pool,
                "scales": {"population": config.caa.scale, "caa": config.caa.scale, "bt": config.bt.scale},
                "scale_curves": {}, "dps_centroids": None, "dps_population": None, "dps_model": None,
                "dps_clusters": None, "steerx_pool": [], "steerx_recommended": {}, "steerx_calibration": [],
-               "steerx_calibrated": [], "samples": {}}
+               "steerx_calibrated": [], "steerx_uncalibrated": None, "samples": {}}
     frozen, decisions = plan_globals(config, previous, g, {"caa": True, **history_methods})
     for family, values in frozen.items():
         g.update(values)
@@ -334,9 +334,10 @@ def _steerx(config: RefreshConfig, run: Run, sampler: Sampler, pool: Pool, gen: 
     train, validation = validation_split(sampler.users_table(sample.users), sx.vectors.validation_items,
                                          config.prepare.min_histories)
     if train.num_rows == 0:
-        log.warning("steerx: no calibration user has %d items to train on and %d more to validate on; the style "
-                    "vectors' layer and γ and the influence λ are not chosen (serving uses their defaults)",
-                    max(2, config.prepare.min_histories), sx.vectors.validation_items)
+        g["steerx_uncalibrated"] = (f"no calibration user has {max(2, config.prepare.min_histories)} items to train "
+                                    "on and 1 more to validate on")
+        log.warning("steerx: %s; the style vectors' layer and γ and the influence λ are not chosen (serving uses "
+                    "their defaults)", g["steerx_uncalibrated"])
         return
     # the calibration users' SteerX chain runs on their training items only; the user pass computes their
     # stored artifacts from all their items, like everyone else's
@@ -363,13 +364,16 @@ def _steerx(config: RefreshConfig, run: Run, sampler: Sampler, pool: Pool, gen: 
 
 def validation_split(users: pa.Table, validation_items: int, min_histories: int) -> tuple[pa.Table, dict]:
     """Calibration users' histories without their last ``validation_items`` (by the list's order, most recent
-    last), and those held-out items per user; users without enough items on both sides are left out."""
+    last; fewer when that would leave fewer than ``max(2, min_histories)`` to train on, at least 1), and those
+    held-out items per user; users without enough items on both sides are left out."""
     rows, held = [], {}
+    train_min = max(2, min_histories)
     for r in users.to_pylist():
         usable = [h for h in r["histories"] if (h["output"] or "").strip()]
-        if len(usable) - validation_items < max(2, min_histories):
+        n = min(validation_items, len(usable) - train_min)
+        if n < 1:
             continue
-        keep, held[r["user_id"]] = usable[:-validation_items], usable[-validation_items:]
+        keep, held[r["user_id"]] = usable[:-n], usable[-n:]
         rows.append({**r, "histories": keep})
     return pa.Table.from_pylist(rows, schema=users.schema), held
 

@@ -53,7 +53,7 @@ GLOBAL_KEYS = {
             "sample_fraction", "caa_sample", "scales", "scale_curves"),
     "dps": ("dps_centroids", "dps_population", "dps_model", "dps_clusters", "dps_sample_counts",
             "dps_population_table"),
-    "steerx": ("steerx_pool", "steerx_recommended", "steerx_calibration", "steerx_calibrated"),
+    "steerx": ("steerx_pool", "steerx_recommended", "steerx_calibration", "steerx_calibrated", "steerx_uncalibrated"),
 }
 STATE_FILE = "globals.pkl"
 CARRIED_TABLES = ("vectors", "bt_coords", "dps_heads", "steerx_users", "steerx_token_effects")
@@ -178,7 +178,8 @@ def _empty(family: str, state: dict, config) -> bool:
         return ((config.dps.pcs_baseline == "population" and state.get("dps_population") is None)
                 or (config.dps.clusters > 0 and state.get("dps_centroids") is None))
     return ((config.steerx.counterfactual == "other_users" and not state.get("steerx_pool"))
-            or (config.steerx.vectors.enabled and not state.get("steerx_recommended")))
+            or (config.steerx.vectors.enabled and not state.get("steerx_recommended")
+                and not state.get("steerx_uncalibrated")))  # (no user long enough to calibrate on: nothing to redo)
 
 
 def _drifted(previous: Previous, min_cosine: float) -> bool:
