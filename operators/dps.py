@@ -84,6 +84,10 @@ class DPSConfig:
         check(self.verify == "all" or (self.per_user and self.clusters > 0 and self.mode == "fast"),
               "dps.verify=departures needs dps.per_user=true, dps.clusters > 0 and dps.mode=fast")
         check(0 <= self.departure_overlap <= 1, "dps.departure_overlap must be in [0, 1]")
+
+    def verifies(self, overlap: float | None) -> bool:
+        """Whether a user with this cluster overlap (None: not compared) has its candidate heads verified."""
+        return self.verify == "all" or overlap is None or overlap < self.departure_overlap
         check(self.gamma >= 0, "dps.gamma must be >= 0")
         check(0 <= self.plausibility < 1, "dps.plausibility must be in [0, 1)")
 
@@ -257,7 +261,7 @@ class DPSHeads:
             else:
                 estimate = (-attribution[u] - pop_attr).reshape(-1)  # ΔNLL ≈ −gradient
                 overlap = self._cluster_overlap(user, estimate)
-                if overlap is not None and overlap >= cfg.departure_overlap:  # agrees with its cluster: not verified
+                if not cfg.verifies(overlap):  # agrees with its clusters: served their heads
                     rows.append(self._row(user, baseline_users=n_base, n_tokens=int(tokens[u]), cluster_overlap=overlap))
                     continue
                 order = np.argsort(-estimate, kind="stable")[: cfg.candidates]

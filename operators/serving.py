@@ -164,6 +164,12 @@ class _Plan:
         return HeadContrast(self.heads, gamma=self.gamma, adaptive=adaptive, plausibility=plausibility)
 
 
+def recommended_lambda(reader: StoreReader) -> float:
+    """Influence decoding's λ when a request gives none: the store's (chosen on validation items), else 1."""
+    stored = reader.influence_lambda()
+    return DEFAULT_LAMBDA if stored is None else stored
+
+
 def _vector_for(req: Request, art: UserArtifacts, reader: StoreReader) -> tuple[UserVectors | None, str | None]:
     """The vector a vector-method request uses (the user's, else the population's) and why it fell back."""
     if req.method == "population":
@@ -224,11 +230,7 @@ def plan_requests(reader: StoreReader, requests: Sequence[Request],
                 raise BadRequest("influence requests of one batch must share the store's style template")
             plan.template = row["style_template"]
             plan.contexts[i] = row["context"]
-            if req.scale is not None:
-                plan.lam[i] = float(req.scale)
-            else:
-                stored = reader.influence_lambda()
-                plan.lam[i] = DEFAULT_LAMBDA if stored is None else stored
+            plan.lam[i] = float(req.scale) if req.scale is not None else recommended_lambda(reader)
             record.applied, record.scale = "user", plan.lam[i]
         else:  # dps
             user = art.dps

@@ -379,11 +379,10 @@ def validation_gains(runtime: ModelRuntime, items: Sequence[dict], vectors: np.n
                      sources: Sequence[str], layers: list[int], config: StyleVectorConfig) -> list[dict]:
     """Log-likelihood gains of held-out items' real responses per (source, layer, γ) and per influence λ.
 
-    ``vectors`` (sources, layers, hidden) and the description S were computed without ``items``.
-    Each item's response is scored with γ·v added at one layer, and under influence decoding's
-    distribution with S at each λ of ``config.lambda_grid`` (source ``influence``, layer −1,
-    ``gamma`` holding λ; none without S); the gain is Σ [log p(hⱼ | ·) − log p(hⱼ | xⱼ)] over
-    the items, reported with the token count.
+    ``vectors`` (sources, layers, hidden) and S were computed without ``items``. Each response is
+    scored with γ·v added at one layer, and under influence decoding with S at each λ of
+    ``config.lambda_grid`` (source ``influence``, layer −1, ``gamma`` holding λ; none without S);
+    the gain Σ [log p(hⱼ | ·) − log p(hⱼ | xⱼ)] is reported with the token count.
     """
     if not items:
         return []

@@ -178,8 +178,7 @@ def main(config: BenchDPSCutConfig) -> dict:
             enc = rt.encode([s["prompt"] for s in seqs], [s["output"] for s in seqs])
             if (uid, context) not in attributions:
                 attributions[uid, context] = -rt.head_attribution(enc, [0] * len(enc), 1)[0].reshape(-1).numpy()
-            verified = not departures or out["cluster_overlap"] is None or \
-                out["cluster_overlap"] < config.departure_overlap
+            verified = cfg.verifies(out["cluster_overlap"])
             served = out["heads"] if verified else \
                 [{"layer": l, "head": h, "pcs": None} for l, h in served_heads(out, cheads, config.top_k)]
             rows.append({"user": uid, "fte": counter.figures()["dps"]["forward_token_equivalents"],

@@ -15,7 +15,7 @@ from steerstore.jobs import refresh
 from steerstore.jobs.evaluate.config import LABELS, METHODS, EvalConfig, _refresh_config
 from steerstore.jobs.evaluate.split import Split
 from steerstore.operators.history import HistoryContextConfig, context_indices, history_prompt
-from steerstore.operators.serving import DEFAULT_LAMBDA
+from steerstore.operators.serving import recommended_lambda
 from steerstore.operators.steerx import SteerXConfig
 from steerstore.schemas.methods import Family
 
@@ -143,8 +143,7 @@ class Generator:
         """The recommended λ: the option's, else the store's (chosen on validation items), else serving's default."""
         if self.config.methods.influence_lambda is not None:
             return float(self.config.methods.influence_lambda)
-        stored = self.reader.influence_lambda()
-        return DEFAULT_LAMBDA if stored is None else stored
+        return recommended_lambda(self.reader)
 
     def influence(self) -> None:
         m = self.config.methods

@@ -373,10 +373,8 @@ class ModelWorker:
                                                   clusters=cluster_heads(g.get("dps_clusters"))))
             scored = chunked(op, rows, cfg.resources.dps_batch_size)
             if dps.verify == "departures":  # users whose candidates were verified (the others took their cluster's)
-                self.work["dps_verified"] += sum(
-                    1 for r in scored.select(["status", "cluster_overlap"]).to_pylist()
-                    if r["status"] == "ok" and (r["cluster_overlap"] is None
-                                                or r["cluster_overlap"] < dps.departure_overlap))
+                self.work["dps_verified"] += sum(1 for r in scored.select(["status", "cluster_overlap"]).to_pylist()
+                                                 if r["status"] == "ok" and dps.verifies(r["cluster_overlap"]))
         else:
             scored = cluster_only_rows(rows, g["dps_model"])
         failed["dps"] = _failures(scored)
