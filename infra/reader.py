@@ -316,6 +316,23 @@ class StoreReader:
         choice = ((self.manifest.get("scale_choice") or {}).get("steerx") or {}).get("recommended", {}).get("influence")
         return None if not choice else float(choice["lambda"])
 
+    def composed_choice(self, method: str, source: str | None = None) -> tuple[list[int] | None, float | None]:
+        """(layers, strength) the version recommends for ``method`` served on top of retrieved history (chosen by
+        the refresh in that condition), or (None, None) when it chose none: caa | bt | population (α),
+        style_vector with ``source`` (its layer and γ), influence (λ)."""
+        choice = self.manifest.get("scale_choice") or {}
+        if method in ("caa", "bt", "population"):
+            alpha = ((choice.get("history") or {}).get(method) or {}).get("alpha")
+            return None, None if alpha is None else float(alpha)
+        steerx = (choice.get("steerx") or {}).get("recommended_history") or {}
+        if method == "influence":
+            lam = (steerx.get("influence") or {}).get("lambda")
+            return None, None if lam is None else float(lam)
+        picked = steerx.get(source or self.default_source(Family.STEERX))
+        if not picked:
+            return None, None
+        return [int(picked["layer"])], float(picked["gamma"])
+
     def vectors(self, user_ids: Sequence[str], method: str = "caa", source: str | None = None) -> dict[str, UserVectors]:
         """Vectors of the given users that are in the store (absent or malformed ids are simply missing).
 

@@ -9,6 +9,7 @@ chat template is applied by the runtime.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections import Counter
@@ -84,6 +85,13 @@ def history_prompt(context: Sequence[dict], prompt: str, config: HistoryContextC
         f"[{n + 1}] Prompt: {item['input']}\nResponse: {item['output'][: config.context_chars]}"
         for n, item in enumerate(context))
     return f"Earlier responses written by this user:\n\n{shown}\n\n{task}"
+
+
+def retrieved_prompt(train: Sequence[dict], prompt: str, config: HistoryContextConfig) -> str:
+    """``prompt`` after the user's ``config.context_items`` training items most similar to it (BM25; retrieved
+    history in the prompt, as served with a request's history and evaluated as history in prompt)."""
+    picked = context_indices([*train, {"input": prompt}], len(train), dataclasses.replace(config, selection="bm25"))
+    return history_prompt([train[i] for i in picked], prompt, config)
 
 
 def item_prompt(items: Sequence[dict], j: int, config: HistoryContextConfig) -> str:

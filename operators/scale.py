@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from steerstore.infra.config import check, option
+from steerstore.operators.history import HistoryContextConfig
 from steerstore.operators.runtime import ModelRuntime, Steering, SteerPositions
 
 
@@ -38,9 +39,25 @@ class ScaleConfig:
         True, help="score each sampled pair with its user's CAA vector and BT θ fitted without that pair "
                    "(leave-one-pair-out), so α is not chosen on the pairs the vectors saw")
 
+    history_items: int = option(
+        2, help="strengths are also chosen for the composed condition, steering on top of retrieved history: the "
+                "user's top-k training items by BM25 shown before each scored prompt (as serving does for a request "
+                "with history and the eval's history in prompt); 0: only the plain prompt")
+    history_chars: int = option(600, help="composed condition: each shown item's output cut to this many characters")
+
     def __post_init__(self) -> None:
         check(bool(self.grid) and all(a > 0 for a in self.grid), "scale.grid must be positive multipliers")
         check(self.sample_pairs >= 1, "scale.sample_pairs must be >= 1")
+        check(self.history_items >= 0 and self.history_chars >= 1,
+              "scale.history_items must be >= 0 and scale.history_chars >= 1")
+
+    @property
+    def composed(self) -> HistoryContextConfig | None:
+        """How retrieved history is shown in the composed condition (None: it is not calibrated)."""
+        if not self.history_items:
+            return None
+        return HistoryContextConfig(context_items=self.history_items, selection="bm25",
+                                    context_chars=self.history_chars)
 
 
 @dataclass

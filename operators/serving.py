@@ -164,10 +164,25 @@ class _Plan:
         return HeadContrast(self.heads, gamma=self.gamma, adaptive=adaptive, plausibility=plausibility)
 
 
-def recommended_lambda(reader: StoreReader) -> float:
-    """Influence decoding's λ when a request gives none: the store's (chosen on validation items), else 1."""
-    stored = reader.influence_lambda()
+def recommended_lambda(reader: StoreReader, composed: bool = False) -> float:
+    """Influence decoding's λ when a request gives none: the store's (chosen on validation items; ``composed``:
+    the one chosen on top of retrieved history, when the store has one), else 1."""
+    stored = reader.composed_choice("influence")[1] if composed else None
+    stored = reader.influence_lambda() if stored is None else stored
     return DEFAULT_LAMBDA if stored is None else stored
+
+
+def recommended_setting(reader: StoreReader, method: str, source: str | None, vec: UserVectors,
+                        composed: bool) -> tuple[list[int], float]:
+    """The layers and strength of a vector request that names none: the vector's own recommendation, or, served
+    on top of retrieved history (``composed``), the store's choice in that condition (when it has one)."""
+    layers, scale = list(vec.recommended_layers), vec.recommended_scale
+    if not composed:
+        return layers, scale
+    chosen_layers, chosen_scale = reader.composed_choice(method, source)
+    if chosen_layers and all(l in vec.layers for l in chosen_layers):
+        layers = chosen_layers
+    return layers, scale if chosen_scale is None else chosen_scale
 
 
 def _vector_for(req: Request, art: UserArtifacts, reader: StoreReader) -> tuple[UserVectors | None, str | None]:
@@ -204,9 +219,12 @@ def plan_requests(reader: StoreReader, requests: Sequence[Request],
             if vec is None:
                 record.note = (why + "; " if why else "") + "the store has no population vector: unsteered"
                 continue
-            layers = list(req.layers or vec.recommended_layers)
+            # the population vector standing in is served at the population's strength
+            chosen_layers, chosen_scale = recommended_setting(
+                reader, "population" if why is not None else req.method, req.source, vec, bool(req.history))
+            layers = list(req.layers or chosen_layers)
             missing = [l for l in layers if l not in vec.layers]
-            scale = float(req.scale) if req.scale is not None else vec.recommended_scale
+            scale = float(req.scale) if req.scale is not None else chosen_scale
             if why is not None:  # the population vector stands in: the request's settings were for another
                 if missing:
                     layers = [l for l in layers if l in vec.layers] or list(vec.recommended_layers)
@@ -230,7 +248,7 @@ def plan_requests(reader: StoreReader, requests: Sequence[Request],
                 raise BadRequest("influence requests of one batch must share the store's style template")
             plan.template = row["style_template"]
             plan.contexts[i] = row["context"]
-            plan.lam[i] = float(req.scale) if req.scale is not None else recommended_lambda(reader)
+            plan.lam[i] = float(req.scale) if req.scale is not None else recommended_lambda(reader, bool(req.history))
             record.applied, record.scale = "user", plan.lam[i]
         else:  # dps
             user = art.dps

@@ -49,7 +49,7 @@ import pyarrow as pa
 import torch
 
 from steerstore.infra.config import check, option
-from steerstore.operators.history import HistoryContextConfig, context_indices, history_prompt
+from steerstore.operators.history import HistoryContextConfig, context_indices, history_prompt, retrieved_prompt
 from steerstore.operators.runtime import ModelConfig, ModelRuntime, Position, Steering, SteerPositions
 from steerstore.operators.smoothing import SmoothingConfig, user_context
 from steerstore.operators.validate import isolate_failures, require_columns
@@ -330,7 +330,7 @@ STYLE_OUTPUT_SCHEMA = pa.schema([
     pa.field("n_items", pa.int32()),
     # calibration users only: (source, layer, γ) -> the validation items' summed log-likelihood gain and tokens
     # (source 'influence': layer −1, γ holds λ)
-    pa.field("calibration", pa.list_(pa.struct([("source", pa.string()), ("layer", pa.int32()),
+    pa.field("calibration", pa.list_(pa.struct([("condition", pa.string()), ("source", pa.string()), ("layer", pa.int32()),
                                                 ("gamma", pa.float32()), ("gain", pa.float64()),
                                                 ("tokens", pa.int64())]))),
     pa.field("model_id", pa.string()),
@@ -376,51 +376,78 @@ def combine(diffs: dict[str, np.ndarray], sources: Sequence[str], blend_weight: 
 
 
 def validation_gains(runtime: ModelRuntime, items: Sequence[dict], vectors: np.ndarray, description: str,
-                     sources: Sequence[str], layers: list[int], config: StyleVectorConfig) -> list[dict]:
+                     sources: Sequence[str], layers: list[int], config: StyleVectorConfig,
+                     train: Sequence[dict] = (), composed: HistoryContextConfig | None = None) -> list[dict]:
     """Log-likelihood gains of held-out items' real responses per (source, layer, γ) and per influence λ.
 
     ``vectors`` (sources, layers, hidden) and S were computed without ``items``. Each response is
     scored with γ·v added at one layer, and under influence decoding with S at each λ of
     ``config.lambda_grid`` (source ``influence``, layer −1, ``gamma`` holding λ; none without S);
-    the gain Σ [log p(hⱼ | ·) − log p(hⱼ | xⱼ)] is reported with the token count.
+    the gain Σ [log p(hⱼ | ·) − log p(hⱼ | xⱼ)] is reported with the token count, ``condition``
+    ``plain``. With ``composed`` and the user's ``train`` items, every candidate is scored again
+    on top of retrieved history (each input after its top-k training items by BM25, condition
+    ``history``; source ``none`` is the history alone), its gain still over the plain prompt.
     """
     if not items:
         return []
-    n, grid = len(items), list(config.gamma_grid)
     inputs, outputs = [it["input"] for it in items], [it["output"] for it in items]
     base, tokens = runtime.response_logprobs(inputs, outputs)
     total = int(tokens.sum())
+    usable = [h for h in train if (h["output"] or "").strip()]
+    conditions = [("plain", inputs)]
+    if composed is not None and usable:
+        shown = [retrieved_prompt(usable, x, composed) for x in inputs]
+        conditions.append(("history", shown))
+    out = []
+    for condition, prompts in conditions:
+        row = {"condition": condition, "tokens": total}
+        if condition != "plain":
+            lp, _ = runtime.response_logprobs(prompts, outputs)
+            out.append({**row, "source": "none", "layer": -1, "gamma": 0.0, "gain": float((lp - base).sum())})
+        out += [{**row, **c} for c in _candidate_gains(runtime, prompts, outputs, base, vectors, description,
+                                                        sources, layers, config)]
+    return out
+
+
+def _candidate_gains(runtime: ModelRuntime, prompts: list[str], outputs: list[str], base: torch.Tensor,
+                     vectors: np.ndarray, description: str, sources: Sequence[str], layers: list[int],
+                     config: StyleVectorConfig) -> list[dict]:
+    """Summed gains over ``base`` of every (source, layer, γ) vector and influence λ on these prompts."""
+    n, grid = len(prompts), list(config.gamma_grid)
     out = []
     for si, source in enumerate(sources):
         for li, layer in enumerate(layers):
             vecs = torch.as_tensor(np.repeat(np.asarray(vectors[si][li], dtype=np.float32)[None], n * len(grid), 0))
             steer = Steering({layer: vecs}, torch.as_tensor(grid * n, dtype=torch.float32), config.apply_positions)
-            lp, _ = runtime.response_logprobs([x for x in inputs for _ in grid], [y for y in outputs for _ in grid],
+            lp, _ = runtime.response_logprobs([x for x in prompts for _ in grid], [y for y in outputs for _ in grid],
                                               steer=steer)
             gain = (lp.view(n, len(grid)) - base[:, None]).sum(0)
-            out += [{"source": source, "layer": layer, "gamma": g, "gain": float(gain[k]), "tokens": total}
-                    for k, g in enumerate(grid)]
+            out += [{"source": source, "layer": layer, "gamma": g, "gain": float(gain[k])} for k, g in enumerate(grid)]
     if description.strip() and config.lambda_grid:
         lams = list(config.lambda_grid)
-        lp, _ = runtime.influence_logprobs(inputs, [style_prompt(description, x) for x in inputs], outputs, lams)
+        lp, _ = runtime.influence_logprobs(prompts, [style_prompt(description, x) for x in prompts], outputs, lams)
         gain = (lp - base[None]).sum(1)
-        out += [{"source": "influence", "layer": -1, "gamma": lam, "gain": float(gain[k]), "tokens": total}
-                for k, lam in enumerate(lams)]
+        out += [{"source": "influence", "layer": -1, "gamma": lam, "gain": float(gain[k])} for k, lam in enumerate(lams)]
     return out
 
 
-def choose_recommended(calibration: Sequence[dict]) -> dict[str, dict]:
-    """Per source, the (layer, γ) with the highest pooled gain per token (ties: smaller γ, then layer).
+def choose_recommended(calibration: Sequence[dict], condition: str = "plain") -> dict[str, dict]:
+    """Per source, the (layer, γ) with the highest pooled gain per token (ties: smaller γ, then layer), on the
+    calibration rows of ``condition`` (plain prompt, or ``history``: on top of retrieved history).
 
-    ``improves`` says whether that gain is positive; when it is not, no candidate helped and the
-    least harmful one is returned (the refresh job logs a warning). Influence decoding (source
-    ``influence``) gets ``{"lambda": λ, ...}`` (ties: the smaller λ).
+    ``improves`` says whether that gain is positive (over the plain prompt; in the history condition, over
+    the history alone); when it is not, no candidate helped and the least harmful one is returned (the refresh
+    job logs a warning). Influence decoding (source ``influence``) gets ``{"lambda": λ, ...}`` (ties: the
+    smaller λ).
     """
+    rows = [c for c in calibration if c.get("condition", "plain") == condition]
     pooled: dict[tuple, list[float]] = {}
-    for c in calibration:
+    for c in rows:
         acc = pooled.setdefault((c["source"], c["layer"], c["gamma"]), [0.0, 0])
         acc[0] += c["gain"]
         acc[1] += c["tokens"]
+    alone = pooled.pop(("none", -1, 0.0), None)  # the history condition: the history's own gain
+    floor = 0.0 if alone is None else alone[0] / max(alone[1], 1)
     best: dict[str, dict] = {}
     for (source, layer, gamma), (gain, tokens) in sorted(pooled.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
         per_token = gain / max(tokens, 1)
@@ -428,7 +455,7 @@ def choose_recommended(calibration: Sequence[dict]) -> dict[str, dict]:
             best[source] = {"layer": int(layer), "gamma": float(gamma), "gain_per_token": per_token, "tokens": tokens}
     for choice in best.values():
         # no (layer, γ) of the grid raised held-out likelihood: the least harmful is kept, and flagged
-        choice["improves"] = choice["gain_per_token"] > 0
+        choice["improves"] = choice["gain_per_token"] > floor
     if "influence" in best:
         inf = best["influence"]
         best["influence"] = {"lambda": inf["gamma"], **{k: inf[k] for k in ("gain_per_token", "tokens", "improves")}}
@@ -441,13 +468,15 @@ class SteerXStyleVectors:
     Rows in == rows out. The scored items (the last ``history.max_items``) of every user in the
     batch go through the model together: neutral answers, then three activation passes. Rows
     with ``validation`` items (calibration users, whose histories and description left them out)
-    also get those items' gains under the vectors and the description (``validation_gains``),
-    which choose the recommended layer, γ and λ. A user that fails is returned quarantined with
+    also get those items' gains under the vectors and the description (``validation_gains``; with
+    ``composed``, also on top of their retrieved training items), which choose the recommended layer,
+    γ and λ per condition. A user that fails is returned quarantined with
     the reason.
     """
 
-    def __init__(self, config: SteerXConfig, model: ModelConfig):
+    def __init__(self, config: SteerXConfig, model: ModelConfig, composed: HistoryContextConfig | None = None):
         self.config = config
+        self.composed = composed  # validation items are also scored on top of retrieved history, shown so
         self.runtime = ModelRuntime.shared(model)
         self.layers = config.vectors.resolve_layers(self.runtime.num_layers)
 
@@ -494,7 +523,7 @@ class SteerXStyleVectors:
             if user["validation"] is not None:
                 held = [h for h in user["validation"] if (h["output"] or "").strip()]
                 calibration = validation_gains(self.runtime, held, vectors, user_context(user["descriptions"] or []),
-                                               sources, self.layers, vc)
+                                               sources, self.layers, vc, user["histories"], self.composed)
             rows.append(self._row(user, sources=sources, vectors=vectors.tolist(), n_items=len(items),
                                   calibration=calibration))
         return rows

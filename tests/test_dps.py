@@ -327,7 +327,9 @@ def test_refresh_stores_dps_heads_clusters_and_population(dps_run, tiny_model_fo
         assert r["source"] == "history" and r["layers"] == [1, 3] and r["n_pairs"] == 3
         assert r["recommended_layers"] == [rec["layer"]] and r["recommended_scale"] == rec["gamma"]
         assert np.asarray(r["vectors"]).shape == (2, 64) and np.linalg.norm(r["vectors"]) > 0
-    assert len(manifest["scale_choice"]["steerx"]["curve"]) == 2 * 2 * 2  # 2 users × 2 layers × 2 γ
+    curve = manifest["scale_choice"]["steerx"]["curve"]
+    assert len([c for c in curve if c["condition"] == "plain"]) == 2 * 2 * 2  # 2 users × 2 layers × 2 γ
+    assert len([c for c in curve if c["condition"] == "history"]) == 2 * (2 * 2 + 1)  # and the history alone
     assert manifest["tables"]["vectors"]["rows"] == 2 + 1 + 5  # caa users, population, steerx users
     effects = store.read_table("steerx_token_effects", version).to_pylist()
     assert len(effects) == 15 and all(len(e["tokens"]) == len(e["delta"]) > 0 for e in effects)

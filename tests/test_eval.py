@@ -68,10 +68,18 @@ def test_built_pairs_stay_within_one_source_and_neutral_pairs_reject_the_models_
     prompts = sorted({p["prompt"] for p in split.train_pairs + split.heldout_pairs})
     answers = dict(zip(prompts, tiny_runtime.generate(prompts, 6)))
     assert all(a.strip() for a in answers.values())
-    for before, after in zip(split.train_pairs + split.heldout_pairs, neutral.train_pairs + neutral.heldout_pairs):
+    for before, after in zip(split.train_pairs, neutral.train_pairs):
         assert after == dict(before, rejected=answers[before["prompt"]].strip())
+    for before, after in zip(split.heldout_pairs, neutral.heldout_pairs):
+        assert after == dict(before, rejected=answers[before["prompt"]].strip(), rejected_kind="neutral")
     assert "the model's own greedy answer to the same input, 6 new tokens" in neutral.notes["pairs"]
     assert neutral.train == split.train and neutral.heldout == split.heldout
+    # both: each held-out item keeps its other-user pair beside the neutral one; training pairs are neutral
+    both = with_neutral_rejected(split, tiny_runtime.generate, 6, keep_other=True)
+    assert both.train_pairs == neutral.train_pairs and len(both.heldout_pairs) == 2 * len(split.heldout_pairs)
+    assert both.heldout_pairs[len(split.heldout_pairs):] == [
+        dict(p, pair_id=f"{p['pair_id']}-other", rejected_kind="other_user") for p in split.heldout_pairs]
+    assert len({p["pair_id"] for p in both.heldout_pairs}) == len(both.heldout_pairs)
     # given pairs are never rewritten
     given = dataclasses.replace(split, built_pairs=False)
     assert with_neutral_rejected(given, tiny_runtime.generate, 6) is given
@@ -161,9 +169,12 @@ def test_deltas_are_per_user_differences_with_a_bootstrap_interval():
                 rows.append({"method": method, "label": method, "parameter": "alpha" if method == "caa" else "",
                              "strength": strength, "recommended": True, "user_id": u, "item_id": f"{u}{k}",
                              **{m: value for m in ("rouge1", "rougeL", "meteor", "bleu", "bertscore")},
-                             "nll": 2.0 * (k + 1), "tokens": 2, "empty": False})
+                             "nll": 2.0 * (k + 1), "tokens": 2, "nll_plain": 3.0, "tokens_plain": 2,
+                             "drift": 0.0 if method == "none" else 0.25, "empty": False})
     users = per_user_table(pd.DataFrame(rows))
     assert users["perplexity"].round(6).tolist() == [round(math.exp(6 / 4), 6)] * 9  # exp(Σ NLL / Σ tokens)
+    assert users["perplexity_plain"].round(6).tolist() == [round(math.exp(6 / 4), 6)] * 9
+    assert users.set_index("method").loc["caa", "drift"].tolist() == [0.25] * 3
     summary, per_user = summarise(users, MetricsConfig(bootstrap_resamples=500))
     caa = summary[summary["method"] == "caa"].iloc[0]
     assert caa["delta_rougeL"] == pytest.approx(0.1)  # mean of 0.1, 0.0, 0.2
@@ -197,7 +208,7 @@ def test_each_data_source_gets_its_own_deltas_over_its_own_users():
             rows.append({"method": method, "label": method, "parameter": "alpha" if method == "caa" else "",
                          "strength": strength, "recommended": rec, "user_id": u, "item_id": f"{u}0",
                          **{m: value for m in ("rouge1", "rougeL", "meteor", "bleu", "bertscore")},
-                         "nll": 2.0, "tokens": 2, "empty": False})
+                         "nll": 2.0, "tokens": 2, "nll_plain": 2.0, "tokens_plain": 2, "drift": 0.0, "empty": False})
     users = per_user_table(pd.DataFrame(rows))
     sources = {"b1": "blogs", "b2": "blogs", "s1": "synthpai", "s2": "synthpai", "s3": "synthpai"}
     by = summarise_by_source(users, sources, MetricsConfig(bootstrap_resamples=200))
@@ -224,7 +235,8 @@ def test_an_empty_output_pays_the_likelihood_of_ending_at_once(tiny_runtime, mon
     monkeypatch.setattr(rt, "eos_token_ids", sorted({*rt.eos_token_ids, 5}))  # decoding stops on any of them
     items = pd.DataFrame([
         {"method": m, "label": m, "parameter": "", "strength": math.nan, "recommended": True, "user_id": "u",
-         "item_id": "i", "input": "Say something.", "prompt": "Say something.", "target": "hi", "output": out}
+         "item_id": "i", "input": "Say something.", "prompt": "Say something.", "target": "hi", "output": out,
+         "serve": m}
         for m, out in (("none", "Hello there."), ("caa", ""), ("bt", "  "))])
     scored = score.score_items(items, rt, MetricsConfig())
     prompt = rt.prompt_ids(["Say something."])[0]
@@ -242,6 +254,8 @@ def test_an_empty_output_pays_the_likelihood_of_ending_at_once(tiny_runtime, mon
     assert by.loc["bt", "tokens"] == len(spaces) + 1
     assert by.loc["bt", "nll"] == pytest.approx(-(body + float(end)), abs=1e-4)
     assert bool(by.loc["caa", "empty"]) and bool(by.loc["bt", "empty"]) and not bool(by.loc["none", "empty"])
+    scored["drift"] = score.content_drift(scored, lambda outs, refs: [1.0 if o == r else 0.5 for o, r in zip(outs, refs)])
+    assert scored.set_index("method")["drift"].tolist() == [0.0, 0.5, 0.5]  # against none's answer, same prompt
     users = per_user_table(scored)
     assert np.isfinite(users["perplexity"]).all()
 
@@ -253,7 +267,8 @@ def test_users_without_a_finite_delta_are_counted_apart():
             rows.append({"method": method, "label": method, "parameter": "", "strength": math.nan,
                          "recommended": True, "user_id": u, "item_id": "i",
                          **{m: 0.1 for m in ("rouge1", "rougeL", "meteor", "bleu", "bertscore")},
-                         "nll": 2.0, "tokens": ppl_tokens if method == "caa" else 2, "empty": False})
+                         "nll": 2.0, "tokens": ppl_tokens if method == "caa" else 2, "nll_plain": 2.0,
+                         "tokens_plain": 2, "drift": 0.0, "empty": False})
     summary, _ = summarise(per_user_table(pd.DataFrame(rows)), MetricsConfig(bootstrap_resamples=50))
     caa = summary.set_index("method").loc["caa"]
     assert caa["n_users"] == 3 and caa["users_without_delta"] == 1 and caa["delta_perplexity"] == 0.0
@@ -297,6 +312,11 @@ def test_eval_end_to_end_writes_metrics_and_a_report_that_renders(ray_cluster, t
     assert set(result["meta"]["tau_stores"]) == {"1.5"}
     sweep = summary[summary["method"] == "caa"]
     assert sorted(sweep["strength"]) == sorted({1.0, 4.0, rec.loc["caa", "strength"]})
+    # every steering method also on top of the history prompt, compared with history in prompt, and every
+    # setting's content drift against the unsteered answer to its own prompt
+    assert {"caa+history", "population+history", "influence+history"} <= set(rec.index)
+    assert set(summary.loc[summary["method"].str.endswith("+history"), "baseline"]) == {"history_prompt"}
+    assert rec.loc["none", "drift"] == pytest.approx(0.0, abs=1e-3) and np.isfinite(summary["drift"]).all()
     # the files sit next to the store version they evaluate
     by = result["by_source"]
     assert set(by["source"]) == {"forum", "letters"} and set(by.loc[by["method"] == "none", "n_users"]) == {2}
@@ -457,6 +477,16 @@ def test_what_to_ship_is_the_best_lower_bound_at_acceptable_fluency_or_nothing()
     assert ship["method"] == "none" and ship["above_zero_but_dysfluent"] == 1
     assert "within 1.5x" in ship["reason"] and "CAA at alpha = 4 has Δmeteor +0.0200 [+0.0100, +0.0300] but " \
                                                "perplexity 1.60x" in ship["reason"]
+    # a method on top of the history prompt is held to history in prompt's perplexity (11), not none's (10)
+    composed = dict(row("caa+history", 1.0, 0.05, 16.0), baseline="history_prompt")
+    users = pd.concat([users, pd.DataFrame([{"method": "caa+history", "parameter": "alpha", "strength": 1.0,
+                                             "recommended": True, "user_id": u, "meteor": v + 0.01}
+                                            for u, v in (("u1", 0.1), ("u2", 0.2), ("u3", 0.3))])])
+    both = pd.DataFrame([row("none", None, math.nan, 10.0), row("history_prompt", None, 0.002, 11.0), composed])
+    ship = ship_recommendation(both, users, "meteor", 1.5, "tiny")
+    assert ship["method"] == "caa+history" and ship["perplexity_ratio"] == pytest.approx(16 / 11)
+    ship = ship_recommendation(both.assign(perplexity=[10.0, 11.0, 17.0]), users, "meteor", 1.5, "tiny")
+    assert ship["method"] == "history_prompt" and ship["above_zero_but_dysfluent"] == 1  # 17 / 11 = 1.55x
 
 
 def test_development_users_split_once_into_a_tuning_and_an_evaluation_half(tmp_path):
@@ -481,3 +511,16 @@ def test_development_users_split_once_into_a_tuning_and_an_evaluation_half(tmp_p
     with pytest.raises(ValueError, match="unknown development partition"):
         devdata.in_partition("u", "both")
 
+
+
+def test_preference_accuracy_is_reported_pooled_and_per_kind_of_rejected_text():
+    from steerstore.jobs.evaluate.score import _accuracy_rows
+
+    pairs = [{"user_id": u, "rejected_kind": k} for u in ("u1", "u2") for k in ("neutral", "other_user")]
+    margin = np.asarray([1.0, -1.0, 2.0, 0.5])  # u1: helps vs neutral only; u2: both
+    rows = {r["pairs"]: r for r in _accuracy_rows("caa", "CAA", 1.0, pairs, margin, MetricsConfig(bootstrap_resamples=50))}
+    assert rows["all"]["pair_accuracy"] == pytest.approx(0.75) and rows["all"]["n_pairs"] == 4
+    assert rows["neutral"]["pair_accuracy"] == 1.0 and rows["other_user"]["pair_accuracy"] == 0.5
+    assert rows["other_user"]["label"] == "CAA · vs another user's text" and rows["neutral"]["n_pairs"] == 2
+    one_kind = _accuracy_rows("caa", "CAA", 1.0, pairs[:1], margin[:1], MetricsConfig(bootstrap_resamples=50))
+    assert [r["pairs"] for r in one_kind] == ["all"]

@@ -328,6 +328,39 @@ def test_the_recommended_scale_of_each_method_is_chosen_on_training_pairs(bad_in
             top = [c for c in top if c["mean_margin"] == max(t["mean_margin"] for t in top)]
             want = min(c["alpha"] for c in top)
         assert choice[method]["alpha"] == want, (method, curve)
+    # and again on top of each pair's user's retrieved history items (the composed condition)
+    composed = choice["history"]
+    assert 1 <= composed["pairs"] <= 4 and composed["history_items"] == ScaleConfig().history_items
+    for method in ("population", "caa", "bt"):
+        assert [c["alpha"] for c in composed[method]["curve"]] == [1.0, 4.0] and composed[method]["alpha"] in (1.0, 4.0)
     assert reader.population().recommended_scale == choice["population"]["alpha"]
     assert reader.vectors(["alice"])["alice"].recommended_scale == choice["caa"]["alpha"]
     assert reader.bt(["alice"])["alice"].recommended_scale == choice["bt"]["alpha"]
+
+
+def test_composed_strengths_show_each_pairs_user_history_but_never_the_item_the_pair_was_made_from():
+    from steerstore.jobs.refresh.globals import _composed_scales
+
+    composed = ScaleConfig().composed
+    pairs = [{"prompt": "Tell me about cats.", "chosen": "Cats rule.", "rejected": "Meh."},
+             {"prompt": "Tell me about dogs.", "chosen": "Dogs!", "rejected": "Meh."}]
+    rows = {"u": {"histories": [{"input": "Tell me about cats.", "output": "Cats rule."},
+                                {"input": "Tell me about birds.", "output": "Birds sing."}]},
+            "v": {"histories": [{"input": "Tell me about dogs.", "output": "Dogs!"}]}}  # only its pair's own item
+    methods = {"caa": {1: np.arange(2 * 3, dtype=np.float32).reshape(2, 3)}}
+    called = {}
+
+    class Pool:
+        def first(self, name, shown, subset, positions):
+            called.update(name=name, shown=shown, subset=subset, positions=positions)
+            return {"caa": {"alpha": 2.0, "curve": []}}
+
+    out = _composed_scales(Pool(), composed, [("u", 0), ("v", 0)], rows, pairs, methods, "response")
+    assert out == {"caa": {"alpha": 2.0, "curve": []}, "pairs": 1, "history_items": 2, "history_chars": 600}
+    [shown] = called["shown"]  # v's only item is its pair's own: v's pair is left out
+    assert "Birds sing." in shown["prompt"] and "Cats rule." not in shown["prompt"].split("Prompt: Tell me about cats.")[0]
+    assert shown["prompt"].endswith("Prompt: Tell me about cats.") and shown["chosen"] == "Cats rule."
+    np.testing.assert_array_equal(called["subset"]["caa"][1], methods["caa"][1][[0]])
+    rows = {u: {"histories": []} for u in rows}
+    assert _composed_scales(None, composed, [("u", 0), ("v", 0)], rows, pairs, methods, "response") == {
+        "skipped": "no sampled pair's user has history items to show"}

@@ -29,8 +29,10 @@ METHODS = [
 ]
 SWEPT = [m for m, _, _, s, _ in METHODS if len(s) >= 2]
 NON_BASE = [m for m, *_ in METHODS if m != "none"]
-BASE = {"rouge1": 0.30, "rougeL": 0.20, "meteor": 0.18, "bleu": 0.04, "bertscore": 0.86, "perplexity": 14.0}
-SCALE = {"rouge1": 1.2, "rougeL": 1.0, "meteor": 0.7, "bleu": 0.3, "bertscore": 0.4, "perplexity": 40.0}
+BASE = {"rouge1": 0.30, "rougeL": 0.20, "meteor": 0.18, "bleu": 0.04, "bertscore": 0.86, "drift": 0.0,
+        "perplexity": 14.0, "perplexity_plain": 16.0}
+SCALE = {"rouge1": 1.2, "rougeL": 1.0, "meteor": 0.7, "bleu": 0.3, "bertscore": 0.4, "drift": 2.0, "perplexity": 40.0,
+         "perplexity_plain": 40.0}
 
 
 def synthetic(seed: int = 0, nan_metrics=("bleu",), n_users: int = 24, full: bool = True) -> ReportData:

@@ -238,6 +238,43 @@ def test_a_request_with_the_users_history_decodes_the_prompt_the_heads_were_chos
             plan_requests(reader, [Request("ann", "Hi", "dps", history=bad)])
 
 
+def test_a_request_with_history_and_no_strength_gets_the_strength_chosen_on_top_of_retrieved_history(served):
+    """Steering composed with the history prompt: the refresh chose α, γ (and layer) and λ in that condition;
+    a request with history that names no strength is served at them, one without history at the plain ones."""
+    from steerstore.operators.history import HistoryContextConfig, history_prompt
+    from steerstore.operators.serving import recommended_lambda
+
+    reader, model, tokenizer = served
+    choice = reader.manifest["scale_choice"]["history"]  # the refresh's own choice in the composed condition
+    # every sampled pair has history items other than the one with its own prompt (never shown): all 4 scored
+    assert {"population", "caa", "bt"} <= set(choice) and choice["pairs"] == 4 and choice["history_items"] == 2
+    for method in ("population", "caa", "bt"):
+        assert [c["alpha"] for c in choice[method]["curve"]] == [1.0, 4.0] and choice[method]["alpha"] in (1.0, 4.0)
+    assert set(reader.manifest["scale_choice"]["steerx"]["recommended_history"]) >= {"history", "influence"}
+    composed = StoreReader(reader.store.uri, version=reader.version)  # a copy whose composed choice differs from every plain one
+    composed.manifest = {**reader.manifest, "scale_choice": {
+        **reader.manifest["scale_choice"], "history": {**choice, "caa": {"alpha": 3.0}},
+        "steerx": {**reader.manifest["scale_choice"]["steerx"],
+                   "recommended_history": {"history": {"layer": 3, "gamma": 0.75}, "influence": {"lambda": 0.25}}}}}
+    runtime = ModelRuntime(ModelConfig(name_or_path="tiny"), model=model, tokenizer=tokenizer)
+    history = [{"input": "Tell me about your weekend.", "output": "Wow, I absolutely love it! Amazing!"}]
+    caa = composed.vectors(["dan"])["dan"]
+    style = composed.vectors(["cat"], method="steerx", source="history")["cat"]
+    assert caa.recommended_scale != 3.0 and (style.recommended_layers, style.recommended_scale) != ([3], 0.75)
+    out = serve(runtime, composed, [Request("dan", PROMPTS[2], "caa", history=history),
+                                    Request("cat", PROMPTS[2], "style_vector", source="history", history=history),
+                                    Request("ann", PROMPTS[2], "influence", history=history),
+                                    Request("dan", PROMPTS[2], "caa"),
+                                    Request("dan", PROMPTS[2], "caa", scale=2.0, history=history)], 8)
+    assert [(o.scale, o.layers) for o in out[:2]] == [(3.0, caa.recommended_layers), (0.75, [3])]
+    assert out[2].scale == 0.25 and recommended_lambda(composed) == recommended_lambda(reader)
+    assert out[3].scale == caa.recommended_scale and out[4].scale == 2.0  # no history / an explicit strength
+    shown = history_prompt(history, PROMPTS[2], HistoryContextConfig(context_chars=composed.dps_history()[1]))
+    steer = Steering({l: torch.from_numpy(v)[None] for l, v in caa.at(caa.recommended_layers).items()},
+                     torch.tensor([3.0]), caa.positions)
+    assert out[0].text == runtime.generate([shown], 8, steer=steer)[0]
+
+
 def test_every_vector_method_of_a_mixed_batch_decodes_as_the_runtime_steered_by_the_readers_vectors(served):
     """bt, population, style_vector (explicit source, layers, γ) and caa (explicit layers) rows, with the
     positions each vector records (CAA-family response, SteerX all), in one batch: each row decodes as

@@ -220,6 +220,46 @@ def test_validation_gains_score_held_out_items_under_the_training_vectors_and_de
                                  "tokens": top["tokens"], "improves": top["gain"] > 0}
 
 
+def test_validation_gains_on_top_of_retrieved_history_choose_the_composed_strengths(tiny_runtime):
+    from steerstore.operators.history import HistoryContextConfig, retrieved_prompt
+    from steerstore.operators.runtime import Steering
+    from steerstore.operators.steerx import StyleVectorConfig, choose_recommended, combine, item_differences, style_prompt, validation_gains
+
+    rt = tiny_runtime
+    train, held = ITEMS[:3], ITEMS[3:]
+    config = StyleVectorConfig(gamma_grid=[0.5, 2.0], lambda_grid=[0.0, 1.0], apply_positions="all")
+    diffs, _ = item_differences(rt, train, ["Short."] * 3, [1, 2], "last", max_new_tokens=4)
+    vectors = combine(diffs, ["history"], config.blend_weight)
+    composed = HistoryContextConfig(context_items=1, selection="bm25", context_chars=80)
+    gains = validation_gains(rt, held, vectors, "Short.", ["history"], [1, 2], config, train, composed)
+    plain_rows = [g for g in gains if g["condition"] == "plain"]
+    history_rows = [g for g in gains if g["condition"] == "history"]
+    assert plain_rows == validation_gains(rt, held, vectors, "Short.", ["history"], [1, 2], config)  # unchanged
+    assert sorted((g["source"], g["layer"], g["gamma"]) for g in history_rows) == sorted(
+        [(s, l, g) for s, l, g in ((g["source"], g["layer"], g["gamma"]) for g in plain_rows)] + [("none", -1, 0.0)])
+    at = {(g["source"], g["layer"], g["gamma"]): g for g in history_rows}
+    it = held[0]
+    shown = retrieved_prompt(train, it["input"], composed)
+    assert "Earlier responses written by this user" in shown and it["output"] not in shown
+    plain, n = rt.response_logprobs([it["input"]], [it["output"]])
+    alone, _ = rt.response_logprobs([shown], [it["output"]])
+    # every gain is over the plain prompt: the history alone, and γ·v or S on top of it
+    assert at[("none", -1, 0.0)]["gain"] == pytest.approx(float(alone[0] - plain[0]), rel=1e-4, abs=1e-4)
+    steer = Steering({1: torch.as_tensor(diffs["history"].mean(0)[0])[None]}, torch.tensor([0.5]), "all")
+    steered, _ = rt.response_logprobs([shown], [it["output"]], steer=steer)
+    assert at[("history", 1, 0.5)]["gain"] == pytest.approx(float(steered[0] - plain[0]), rel=1e-4, abs=1e-4)
+    described, _ = rt.response_logprobs([style_prompt("Short.", shown)], [it["output"]])
+    assert at[("influence", -1, 0.0)]["gain"] == pytest.approx(float(described[0] - plain[0]), rel=1e-4, abs=1e-4)
+    best = choose_recommended(gains, "history")
+    top = max((g for g in history_rows if g["source"] == "history"), key=lambda g: (g["gain"], -g["gamma"]))
+    assert (best["history"]["layer"], best["history"]["gamma"]) == (top["layer"], top["gamma"])
+    # "improves" means better than the history alone in this condition
+    assert best["history"]["improves"] == (top["gain"] > at[("none", -1, 0.0)]["gain"])
+    assert choose_recommended(gains) == choose_recommended(plain_rows)
+    # a user without training items to show: the plain condition only
+    assert validation_gains(rt, held, vectors, "Short.", ["history"], [1, 2], config, [], composed) == plain_rows
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_influence_likelihood_is_the_decoders_distribution_teacher_forced(tiny_runtime, temperature):
     from steerstore.operators.runtime import Influence
@@ -351,8 +391,14 @@ def test_refresh_stores_anchors_descriptions_and_style_vectors_with_their_settin
     assert set(rec) == {"history", "description", "blend", "influence"}
     assert rec["influence"]["lambda"] in (0.0, 2.0) and reader.influence_lambda() == rec["influence"]["lambda"]
     curve = reader.manifest["scale_choice"]["steerx"]["curve"]
-    # 2 calibration users: 1 validation item each, scored under vectors and a description written without it
-    assert len(curve) == 2 * (3 * 2 * 2 + 2)
+    # 2 calibration users: 1 validation item each, scored under vectors and a description written without it,
+    # on the plain prompt and on top of the user's retrieved training items (plus the history alone)
+    assert len([c for c in curve if c["condition"] == "plain"]) == 2 * (3 * 2 * 2 + 2)
+    assert len([c for c in curve if c["condition"] == "history"]) == 2 * (3 * 2 * 2 + 2 + 1)
+    composed = reader.manifest["scale_choice"]["steerx"]["recommended_history"]
+    assert set(composed) == {"history", "description", "blend", "influence"}
+    assert reader.composed_choice("style_vector", "blend") == ([composed["blend"]["layer"]], composed["blend"]["gamma"])
+    assert reader.composed_choice("influence") == (None, composed["influence"]["lambda"])
     for source in ("history", "description", "blend"):
         vecs = reader.vectors(["ann", "eve", "solo"], method="steerx", source=source)
         assert set(vecs) == {"ann", "eve"}

@@ -102,11 +102,12 @@ def main(config: EvalConfig) -> dict:
         reader = StoreReader(config.store, config.storage, config.version)
         workers = Workers(config)
         reader.check_model(workers.fingerprint(), "the evaluation model")  # other weights: refused first, clearly
-    if config.data.pair_rejected == "neutral" and split.built_pairs:
+    if config.data.pair_rejected in ("neutral", "both") and split.built_pairs:
         # built pairs contrast the user with the model's own answer; without --store the workers are let go
         # before the refresh, whose actors load their own
         writer = workers or Workers(config)
-        split = with_neutral_rejected(split, writer.generate, config.data.neutral_max_new_tokens)
+        split = with_neutral_rejected(split, writer.generate, config.data.neutral_max_new_tokens,
+                                      keep_other=config.data.pair_rejected == "both")
         if workers is None:
             writer.close()
             del writer
@@ -140,6 +141,7 @@ def main(config: EvalConfig) -> dict:
     workers.open(store_uri, reader.version, config.storage)  # each worker checks the store's weights are its own
     done = workers.run(rows)
     scored = pd.DataFrame(with_main_tau(done, steerx.tau, tau_curve(config)))
+    scored["drift"] = workers.drift(scored)
     lap("generate and score")
     users = per_user_table(scored)
     summary, per_user = summarise(users, config.metrics, gen.baselines)

@@ -25,7 +25,9 @@ from steerstore.operators.serving import DEFAULT_INFLUENCE_PLAUSIBILITY
 from steerstore.operators.steerx import SteerXConfig
 from steerstore.operators.validate import ValidateConfig
 
-METRICS = TEXT_METRICS + ("perplexity",)
+# drift: 1 − BERTScore against the unsteered answer to the same prompt; perplexity: under the unsteered model
+# given the prompt decoded from; perplexity_plain: given the plain input
+METRICS = TEXT_METRICS + ("drift", "perplexity", "perplexity_plain")
 LABELS = {
     "none": "no personalisation",
     "history_prompt": "history in prompt (BM25)",
@@ -38,6 +40,12 @@ LABELS = {
     "bt": "BT ideal point",
     "dps": "DPS heads",
 }
+# steering applied on top of the retrieved-history prompt, at the strengths the refresh chose in that condition
+# (DPS is decoded on the history prompt by methods.dps_prompt)
+COMPOSED = ("population", "caa", "bt", "style_vector:history", "style_vector:description", "style_vector:blend",
+            "influence")
+COMPOSED_SUFFIX = "+history"
+LABELS.update({m + COMPOSED_SUFFIX: f"{LABELS[m]} + history in prompt" for m in COMPOSED})
 METHODS = tuple(LABELS)
 KEYS = ["method", "label", "parameter", "strength", "recommended"]  # one evaluated setting
 
@@ -61,10 +69,11 @@ class EvalDataConfig:
     min_history: int = option(4, help="training items a user needs to be evaluated")
     max_history: int = option(12, help="most recent training items per user given to the refresh job")
     heldout_pairs: int = option(2, help="held-out preference pairs per user (when pairs are given)")
-    pair_rejected: Literal["neutral", "other_user"] = option(
+    pair_rejected: Literal["neutral", "other_user", "both"] = option(
         "neutral", help="built pairs (no preference_pairs given): the rejected text is the model's own greedy answer "
                         "to the same prompt (neutral) or another user's text for another prompt, from the same source "
-                        "(other_user)")
+                        "(other_user); both: neutral training pairs, and two held-out pairs per held-out item, one "
+                        "of each kind (preference accuracy is reported pooled and per kind)")
     neutral_max_new_tokens: int = option(80, help="built pairs, neutral: tokens of the model's answer")
     seed: int = option(0, help="seed of the split and of the other-user continuations in built pairs")
 
@@ -100,7 +109,8 @@ class MethodsConfig:
     ship_metric: Literal["meteor", "rougeL", "rouge1", "bleu", "bertscore"] = option(
         "meteor", help="the metric the 'what to ship' recommendation ranks settings by (lower CI bound of its Δ)")
     max_perplexity_ratio: float = option(
-        1.5, help="what to ship: acceptable fluency, perplexity at most this multiple of no personalisation's")
+        1.5, help="what to ship: acceptable fluency, perplexity (given the prompt decoded from) at most this multiple "
+                  "of the baseline's: no personalisation's, or history in prompt's for a method on top of it")
     tau_grid: list[float] = option(
         [], help="extra anchor thresholds τ: each reruns SteerX anchors + smoothing into a side store and is "
                  "evaluated by influence decoding at the recommended λ")

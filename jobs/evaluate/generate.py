@@ -12,10 +12,10 @@ import pyarrow.compute as pc
 from steerstore.infra import storage
 from steerstore.infra.reader import StoreReader, UserVectors
 from steerstore.jobs import refresh
-from steerstore.jobs.evaluate.config import LABELS, METHODS, EvalConfig, _refresh_config
+from steerstore.jobs.evaluate.config import COMPOSED, COMPOSED_SUFFIX, LABELS, METHODS, EvalConfig, _refresh_config
 from steerstore.jobs.evaluate.split import Split
-from steerstore.operators.history import HistoryContextConfig, context_indices, history_prompt
-from steerstore.operators.serving import recommended_lambda
+from steerstore.operators.history import HistoryContextConfig, retrieved_prompt
+from steerstore.operators.serving import recommended_lambda, recommended_setting
 from steerstore.operators.steerx import SteerXConfig
 from steerstore.schemas.methods import Family
 
@@ -53,16 +53,19 @@ class Generator:
         if method == "dps" and self.config.methods.dps_prompt == "history":
             base = self.baselines.get(method, "none")
             return f"{LABELS[method]} + history in prompt (Δ vs {LABELS[base]})"
+        if method.endswith(COMPOSED_SUFFIX) and method in self.baselines:
+            return f"{LABELS[method]} (Δ vs {LABELS[self.baselines[method]]})"
         return LABELS[method]
 
     def _plan(self, setting: Setting, item: dict, prompt: str, serve: str, scale: float | None = None,
-              source: str | None = None, context: str | None = None, template: str | None = None) -> None:
+              source: str | None = None, context: str | None = None, template: str | None = None,
+              layers: list[int] | None = None) -> None:
         self.rows.append({"method": setting.method, "label": self._label(setting.method),
                           "parameter": setting.parameter, "strength": setting.strength,
                           "recommended": setting.recommended, "user_id": item["user_id"],
                           "item_id": item["item_id"], "input": item["input"], "prompt": prompt,
                           "target": item["target"], "serve": serve, "scale": scale, "source": source,
-                          "context": context, "template": template})
+                          "context": context, "template": template, "layers": layers})
 
     def _mark_missing(self, method: str, present: set[str], why: str, reasons: dict[str, str] | None = None) -> list[dict]:
         for u in self.users:
@@ -85,6 +88,10 @@ class Generator:
                  "influence": self.influence, "dps": self.dps}
         for source in ("history", "description", "blend"):
             steps[f"style_vector:{source}"] = lambda s=source: self.vectors(f"style_vector:{s}")
+        for base in COMPOSED:
+            composed = base + COMPOSED_SUFFIX
+            steps[composed] = (lambda c=composed: self.influence(c)) if base == "influence" \
+                else (lambda c=composed: self.vectors(c))
         for method in METHODS:
             if method in m.include:
                 steps[method]()
@@ -98,13 +105,7 @@ class Generator:
         """Each held-out input after the user's top-k training items by BM25 (the history-in-prompt baseline)."""
         m = self.config.methods
         ctx = HistoryContextConfig(context_items=m.history_k, selection="bm25", context_chars=m.history_chars)
-        prompts = []
-        for h in items:
-            train = self.split.train[h["user_id"]]
-            # the held-out item as the query after the training items: context_indices never picks it
-            picked = context_indices([*train, {"input": h["input"]}], len(train), ctx)
-            prompts.append(history_prompt([train[i] for i in picked], h["input"], ctx))
-        return prompts
+        return [retrieved_prompt(self.split.train[h["user_id"]], h["input"], ctx) for h in items]
 
     def history(self) -> None:
         for h, prompt in zip(self.items, self._history_prompts(self.items)):
@@ -128,39 +129,48 @@ class Generator:
         return found, "gamma", grid
 
     def vectors(self, method: str) -> None:
+        base = method.removesuffix(COMPOSED_SUFFIX)
+        composed = base != method  # on top of the history prompt, at the strength chosen in that condition
         try:
-            found, parameter, grid = self._user_vectors(method)
+            found, parameter, grid = self._user_vectors(base)
         except KeyError as exc:  # e.g. no BT basis in this store version
             self._mark_missing(method, set(), str(exc))
             return
-        serve, _, source = method.partition(":")
-        for h in self._mark_missing(method, set(found), f"no {method} vectors in the store (quarantined for it)"):
-            for strength, rec in _grid(found[h["user_id"]].recommended_scale, grid, self.config.methods.sweeps):
-                self._plan(Setting(method, parameter, strength, rec), h, h["input"], serve, strength, source or None)
+        serve, _, source = base.partition(":")
+        items = self._mark_missing(method, set(found), f"no {base} vectors in the store (quarantined for it)")
+        prompts = self._history_prompts(items) if composed else [h["input"] for h in items]
+        for h, prompt in zip(items, prompts):
+            layers, recommended = recommended_setting(self.reader, serve, source or None, found[h["user_id"]], composed)
+            for strength, rec in _grid(recommended, grid, self.config.methods.sweeps):
+                self._plan(Setting(method, parameter, strength, rec), h, prompt, serve, strength, source or None,
+                           layers=layers)
 
-    @property
-    def influence_lambda(self) -> float:
-        """The recommended λ: the option's, else the store's (chosen on validation items), else serving's default."""
+    def influence_lambda(self, composed: bool = False) -> float:
+        """The recommended λ: the option's, else the store's (chosen on validation items, in the composed
+        condition for ``composed``), else serving's default."""
         if self.config.methods.influence_lambda is not None:
             return float(self.config.methods.influence_lambda)
-        return recommended_lambda(self.reader)
+        return recommended_lambda(self.reader, composed)
 
-    def influence(self) -> None:
+    def influence(self, method: str = "influence") -> None:
         m = self.config.methods
+        composed = method != "influence"
         found = self.reader.steerx(self.users)
         present = {u for u, r in found.items() if (r.get("context") or "").strip()}
-        items = self._mark_missing("influence", present, "no SteerX style description (quarantined for SteerX)",
+        items = self._mark_missing(method, present, "no SteerX style description (quarantined for SteerX)",
                                    self._quarantined("steerx"))
-        why = Counter(self.missing.get("influence", {}).values())
-        self.descriptions = {"users": len(self.users), "with_description": len(present & set(self.users)),
-                             "without": dict(why.most_common())}
-        for h in items:
-            for lam, rec in _grid(self.influence_lambda, m.lambda_grid, m.sweeps):
-                self._plan(Setting("influence", "lambda", lam, rec), h, h["input"], "influence", lam)
+        if not composed:
+            why = Counter(self.missing.get("influence", {}).values())
+            self.descriptions = {"users": len(self.users), "with_description": len(present & set(self.users)),
+                                 "without": dict(why.most_common())}
+        prompts = self._history_prompts(items) if composed else [h["input"] for h in items]
+        for h, prompt in zip(items, prompts):
+            for lam, rec in _grid(self.influence_lambda(composed), m.lambda_grid, m.sweeps):
+                self._plan(Setting(method, "lambda", lam, rec), h, prompt, "influence", lam)
 
     def influence_at_tau(self, contexts: dict[str, dict], tau: float) -> None:
         """Influence decoding at the recommended λ with descriptions from a side store refreshed at another τ."""
-        lam = self.influence_lambda
+        lam = self.influence_lambda()
         for h in self.items:
             row = contexts.get(h["user_id"])
             if row and (row.get("context") or "").strip():
@@ -182,8 +192,10 @@ class Generator:
     def baselines(self) -> dict[str, str]:
         """method -> the method its Δ is taken against (else no personalisation)."""
         m = self.config.methods
-        both = m.dps_prompt == "history" and "history_prompt" in m.include
-        return {"dps": "history_prompt"} if both else {}
+        if "history_prompt" not in m.include:
+            return {}
+        composed = {c: "history_prompt" for c in m.include if c.endswith(COMPOSED_SUFFIX)}
+        return {**composed, **({"dps": "history_prompt"} if m.dps_prompt == "history" else {})}
 
 
 def tau_curve(config: EvalConfig) -> bool:

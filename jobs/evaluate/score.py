@@ -22,7 +22,9 @@ from steerstore.schemas.methods import Family
 
 
 def score_items(items: pd.DataFrame, runtime: ModelRuntime, metrics: MetricsConfig) -> pd.DataFrame:
-    """Per item: the text metrics against the target and the output's NLL under the unsteered model."""
+    """Per item: the text metrics against the target, and the output's NLL under the unsteered model given the
+    prompt it was decoded from (``prompt``: the input, or the history prompt; kept as ``decoded_from``) and
+    given the plain input. Content drift needs every row of an item: ``content_drift``, once all are back."""
     pairs = list(dict.fromkeys(zip(items["output"], items["target"])))
     values = text_metrics([p for p, _ in pairs], [t for _, t in pairs], metrics, which=TEXT_METRICS)
     index = {pair: k for k, pair in enumerate(pairs)}
@@ -30,20 +32,51 @@ def score_items(items: pd.DataFrame, runtime: ModelRuntime, metrics: MetricsConf
     out = items.copy()
     for name in TEXT_METRICS:
         out[name] = np.asarray(values[name], dtype=np.float64)[rows]
-    # fluency: log-likelihood of the output given the plain prompt (the held-out input), nothing steered
-    # (each distinct input/output once: sweeps and the τ rows repeat outputs)
-    texts = [t for t in dict.fromkeys(zip(items["input"], items["output"])) if t[1].strip()]
-    scores: dict[tuple[str, str], tuple[float, int]] = {}
-    if texts:
-        lp, n = runtime.response_logprobs([x for x, _ in texts], [y for _, y in texts])
-        scores = {t: (-s, c) for t, s, c in zip(texts, lp.tolist(), n.tolist())}
-    scores.update(_blank_nll(runtime, [t for t in dict.fromkeys(zip(items["input"], items["output"]))
-                                       if not t[1].strip()]))
-    nll_tokens = [scores.get(t, (math.nan, 0)) for t in zip(items["input"], items["output"])]
-    out["nll"] = np.asarray([v for v, _ in nll_tokens], dtype=np.float64)
-    out["tokens"] = np.asarray([c for _, c in nll_tokens], dtype=np.int64)
+    # fluency: log-likelihood of the output, nothing steered, given the prompt it was decoded from (greedy
+    # unsteered decoding is the model's most likely answer there) and given the plain input (what the
+    # history prompt adds shows as a higher perplexity here); each distinct prompt/output once
+    for column, prompt in (("nll", "prompt"), ("nll_plain", "input")):
+        scores = _nll(runtime, list(dict.fromkeys(zip(items[prompt], items["output"]))))
+        found = [scores.get(t, (math.nan, 0)) for t in zip(items[prompt], items["output"])]
+        out[column] = np.asarray([v for v, _ in found], dtype=np.float64)
+        out[column.replace("nll", "tokens")] = np.asarray([c for _, c in found], dtype=np.int64)
     out["empty"] = ~out["output"].str.strip().astype(bool)
+    out["decoded_from"] = items["prompt"]
     return out
+
+
+def _nll(runtime: ModelRuntime, texts: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[float, int]]:
+    """(NLL, tokens) of each (prompt, output) under the unsteered model; an empty output pays for ending."""
+    scored = [t for t in texts if t[1].strip()]
+    scores: dict[tuple[str, str], tuple[float, int]] = {}
+    if scored:
+        lp, n = runtime.response_logprobs([x for x, _ in scored], [y for _, y in scored])
+        scores = {t: (-s, c) for t, s, c in zip(scored, lp.tolist(), n.tolist())}
+    scores.update(_blank_nll(runtime, [t for t in texts if not t[1].strip()]))
+    return scores
+
+
+UNSTEERED = ("none", "history_prompt")  # greedy answers of the unsteered model: the references of content drift
+
+
+def drift_pairs(items: pd.DataFrame) -> tuple[list[tuple[str, str]], list[int]]:
+    """The distinct (output, unsteered answer to the same prompt) pairs of scored rows, and each row's index
+    into them (−1: no unsteered row of that item and prompt was decoded). ``decoded_from``: the planned prompt."""
+    keys = list(zip(items["user_id"], items["item_id"], items["decoded_from"]))
+    unsteered = {k: o for k, o, m in zip(keys, items["output"], items["method"]) if m in UNSTEERED}
+    pairs: dict[tuple[str, str], int] = {}
+    index = [pairs.setdefault((o, unsteered[k]), len(pairs)) if k in unsteered else -1
+             for k, o in zip(keys, items["output"])]
+    return list(pairs), index
+
+
+def content_drift(items: pd.DataFrame, bertscore) -> np.ndarray:
+    """Per row: 1 − BERTScore F1 of its output against the unsteered answer decoded from the same prompt (no
+    personalisation's, or history in prompt's for a method on top of it); NaN without one. ``bertscore`` maps
+    (outputs, references) to F1 values (the workers' scorer)."""
+    pairs, index = drift_pairs(items)
+    f1 = np.asarray(bertscore([p for p, _ in pairs], [r for _, r in pairs]) if pairs else [], dtype=np.float64)
+    return np.asarray([1.0 - f1[i] if i >= 0 else np.nan for i in index], dtype=np.float64)
 
 
 def _blank_nll(runtime: ModelRuntime, texts: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[float, int]]:
@@ -67,12 +100,16 @@ def _blank_nll(runtime: ModelRuntime, texts: list[tuple[str, str]]) -> dict[tupl
 
 
 def per_user_table(items: pd.DataFrame) -> pd.DataFrame:
-    """One row per (setting, user): mean text metrics; perplexity = exp(Σ NLL / Σ tokens) over the user's items."""
+    """One row per (setting, user): mean text metrics and drift; perplexity = exp(Σ NLL / Σ tokens) over the user's
+    items, given the prompt decoded from (``perplexity``) and given the plain input (``perplexity_plain``)."""
     keys = KEYS + ["user_id"]
     g = items.fillna({"strength": -1.0}).groupby(keys, sort=False)
     users = g[list(TEXT_METRICS)].mean()
-    sums = g[["nll", "tokens"]].sum()
-    users["perplexity"] = np.where(sums["tokens"] > 0, np.exp(sums["nll"] / sums["tokens"].clip(lower=1)), np.nan)
+    users["drift"] = g["drift"].mean()
+    for suffix in ("", "_plain"):
+        sums = g[[f"nll{suffix}", f"tokens{suffix}"]].sum()
+        users[f"perplexity{suffix}"] = np.where(sums[f"tokens{suffix}"] > 0, np.exp(
+            sums[f"nll{suffix}"] / sums[f"tokens{suffix}"].clip(lower=1)), np.nan)
     users["n_items"] = g.size()
     users["empty_outputs"] = g["empty"].sum()
     users = users.reset_index()
@@ -132,14 +169,20 @@ def summarise(users: pd.DataFrame, metrics: MetricsConfig,
 def ship_recommendation(summary: pd.DataFrame, users: pd.DataFrame, metric: str, max_perplexity_ratio: float,
                         model: str | None, metrics: MetricsConfig | None = None) -> dict:
     """The method and strength to ship: the best lower CI bound of Δ ``metric`` against no personalisation
-    among settings whose perplexity stays within ``max_perplexity_ratio`` × no personalisation's. None of
-    them when no lower bound is above 0: then no personalisation is what the data supports.
+    among settings whose perplexity stays within ``max_perplexity_ratio`` × their baseline's (no
+    personalisation's; history in prompt's for a method decoded on top of it: both perplexities are taken
+    given the prompt decoded from). None of them when no lower bound is above 0: then no personalisation
+    is what the data supports.
 
     Every setting is ranked against no personalisation (a row the summary compares with another baseline,
     e.g. DPS on the history prompt, gets its Δ against none recomputed from ``users``)."""
     none = summary[summary["method"] == "none"]
     ref = float(none["perplexity"].iloc[0]) if len(none) else math.nan
     rows = summary[summary["method"] != "none"].copy()
+    recommended = summary[summary["recommended"].astype(bool)]
+    refs = dict(zip(recommended["method"], recommended["perplexity"].astype(float)))
+    # each setting's fluency against its own baseline's (a composed method's: history in prompt's)
+    reference = np.asarray([refs.get(r.get("baseline", "none"), ref) for _, r in rows.iterrows()], dtype=float)
     base = users[(users["method"] == "none")].set_index("user_id")[metric]
     for i, r in rows.iterrows():
         if r.get("baseline", "none") == "none":
@@ -153,8 +196,10 @@ def ship_recommendation(summary: pd.DataFrame, users: pd.DataFrame, metric: str,
         mean, lo, hi = bootstrap_ci(d, metrics) if len(d) else (math.nan,) * 3
         rows.loc[i, [f"delta_{metric}", f"delta_{metric}_lo", f"delta_{metric}_hi"]] = [mean, lo, hi]
     lo = f"delta_{metric}_lo"
-    rows = rows[np.isfinite(rows[lo].astype(float))]
-    ratio = rows["perplexity"].astype(float) / ref if math.isfinite(ref) and ref > 0 else rows["perplexity"] * np.nan
+    finite = np.isfinite(rows[lo].astype(float)).to_numpy()
+    rows, reference = rows[finite], reference[finite]
+    ratio = pd.Series(rows["perplexity"].astype(float).to_numpy() / np.where(reference > 0, reference, np.nan),
+                      index=rows.index)
     fluent = rows[ratio.le(max_perplexity_ratio).to_numpy()]
     caveat = (f"chosen among {len(rows)} evaluated settings on the same users (the best of many is optimistic: "
               f"confirm on other users); measured with {model or 'this model'}: steering strengths and gains do "
@@ -164,26 +209,27 @@ def ship_recommendation(summary: pd.DataFrame, users: pd.DataFrame, metric: str,
     # settings whose Δ is above 0 with its CI but that cost too much fluency: said, never silently passed over
     above = rows[(rows[lo].astype(float) > 0).to_numpy() & ~ratio.le(max_perplexity_ratio).to_numpy()]
     dysfluent = "".join(f"; {r['label']}{setting_text(r['parameter'], r['strength'])} has Δ{metric} {r[f'delta_{metric}']:+.4f} [{r[lo]:+.4f}, "
-                        f"{r[f'delta_{metric}_hi']:+.4f}] but perplexity {r['perplexity'] / ref:.2f}x"
-                        for _, r in above.iterrows())
+                        f"{r[f'delta_{metric}_hi']:+.4f}] but perplexity {ratio[i]:.2f}x its baseline's"
+                        for i, r in above.iterrows())
     if dysfluent:
         out["above_zero_but_dysfluent"] = int(len(above))
     if fluent.empty:
         return dict(out, method="none", reason="no personalised setting kept perplexity within "
-                                              f"{max_perplexity_ratio:g}x of no personalisation" + dysfluent)
-    best = fluent.loc[fluent[lo].astype(float).idxmax()]
+                                              f"{max_perplexity_ratio:g}x of its baseline's" + dysfluent)
+    best_index = fluent[lo].astype(float).idxmax()
+    best = fluent.loc[best_index]
     found = {k: (None if isinstance(best[k], float) and math.isnan(best[k]) else best[k])
              for k in ("method", "label", "parameter", "strength")}
     figures = {"delta": float(best[f"delta_{metric}"]), "delta_lo": float(best[lo]),
-               "delta_hi": float(best[f"delta_{metric}_hi"]), "perplexity_ratio": float(best["perplexity"]) / ref,
+               "delta_hi": float(best[f"delta_{metric}_hi"]), "perplexity_ratio": float(ratio[best_index]),
                "n_users": int(best["n_users"])}
     if figures["delta_lo"] <= 0:
         return dict(out, method="none", best_candidate={**found, **figures},
-                    reason=f"no setting with perplexity within {max_perplexity_ratio:g}x of no personalisation has a "
+                    reason=f"no setting with perplexity within {max_perplexity_ratio:g}x of its baseline's has a "
                            f"Δ{metric} against it with a CI above 0 (best lower bound {figures['delta_lo']:+.4f}, "
                            f"{found['label']}): no personalisation is what this evaluation supports" + dysfluent)
     return dict(out, **found, **figures, reason=f"the best lower 95% bound of Δ{metric} against no personalisation "
-                                               f"at perplexity within {max_perplexity_ratio:g}x of it")
+                                               f"at perplexity within {max_perplexity_ratio:g}x of its baseline's")
 
 
 def setting_text(parameter: str | None, strength) -> str:
@@ -255,14 +301,30 @@ def preference_accuracy(runtime: ModelRuntime, reader: StoreReader, pairs: list[
         vectors = {l: np.stack([found[p["user_id"]].at([l])[l] * found[p["user_id"]].recommended_scale
                                 for p in evaluated]) for l in first.recommended_layers}
         margin, _ = margins(runtime, evaluated, vectors, 1.0, base.select(idx), first.positions)
-        rows.append(_accuracy_row(method, LABELS[method], first.recommended_scale, evaluated, margin > 0, margin,
-                                  metrics))
+        rows += _accuracy_rows(method, LABELS[method], first.recommended_scale, evaluated, margin, metrics)
         if method == "caa":  # the null: a random direction of the same norm, at the same layers and α
             null = {l: _random_like(v, metrics.seed, l) for l, v in vectors.items()}
             margin, _ = margins(runtime, evaluated, null, 1.0, base.select(idx), first.positions)
-            rows.append(_accuracy_row("random", "random direction (null: CAA's norm, layers and α)",
-                                      first.recommended_scale, evaluated, margin > 0, margin, metrics))
+            rows += _accuracy_rows("random", "random direction (null: CAA's norm, layers and α)",
+                                   first.recommended_scale, evaluated, margin, metrics)
     return pd.DataFrame(rows), unsteered
+
+
+KINDS = {"neutral": "the model's own answer", "other_user": "another user's text"}
+
+
+def _accuracy_rows(method: str, label: str, strength: float, pairs: list[dict], margin: np.ndarray,
+                   metrics: MetricsConfig) -> list[dict]:
+    """The method's row over all pairs (``pairs``: all), and one per kind of rejected text when they are mixed."""
+    rows = [dict(_accuracy_row(method, label, strength, pairs, margin > 0, margin, metrics), pairs="all")]
+    kinds = [p.get("rejected_kind") for p in pairs]
+    if len(set(kinds)) > 1:
+        for kind in sorted(set(kinds), key=str):
+            idx = [k for k, x in enumerate(kinds) if x == kind]
+            rows.append(dict(_accuracy_row(method, f"{label} · vs {KINDS.get(kind, kind)}", strength,
+                                           [pairs[k] for k in idx], margin[idx] > 0, margin[idx], metrics),
+                             pairs=kind))
+    return rows
 
 
 def _random_like(vectors: np.ndarray, seed: int, layer: int) -> np.ndarray:

@@ -234,13 +234,15 @@ def _built_pairs(train: dict[str, list[dict]], heldout: list[dict], seed: int,
     return train_pairs, heldout_pairs
 
 
-def with_neutral_rejected(split: Split, generate, max_new_tokens: int) -> Split:
+def with_neutral_rejected(split: Split, generate, max_new_tokens: int, keep_other: bool = False) -> Split:
     """Built pairs whose rejected side is the model's own greedy answer to the same prompt.
 
     ``generate(prompts, max_new_tokens) -> texts`` is the unsteered model (each distinct prompt
     once). A pair then contrasts the user's text with what the model writes without them for
     the same prompt: style, not topic or source. A prompt whose answer is empty keeps its
-    other-user rejected text (counted in the notes).
+    other-user rejected text (counted in the notes). ``keep_other``: each held-out item keeps its
+    other-user pair too (``rejected_kind`` other_user), beside the neutral one (training pairs are
+    neutral either way).
     """
     if not split.built_pairs:
         return split
@@ -248,16 +250,21 @@ def with_neutral_rejected(split: Split, generate, max_new_tokens: int) -> Split:
     answers = dict(zip(prompts, generate(prompts, max_new_tokens)))
     kept = 0
 
-    def swap(pairs: list[dict]) -> list[dict]:
+    def swap(pairs: list[dict], tag: bool) -> list[dict]:
         nonlocal kept
         out = []
         for p in pairs:
             neutral = answers[p["prompt"]].strip()
             kept += not neutral
-            out.append(dict(p, rejected=neutral) if neutral else dict(p))
+            out.append(dict(p, rejected=neutral, **({"rejected_kind": "neutral"} if tag else {})) if neutral
+                       else dict(p, **({"rejected_kind": "other_user"} if tag else {})))
         return out
 
-    train_pairs, heldout_pairs = swap(split.train_pairs), swap(split.heldout_pairs)
+    # the held-out pairs say what their rejected side is (the training pairs go to the refresh as they are)
+    train_pairs, heldout_pairs = swap(split.train_pairs, False), swap(split.heldout_pairs, True)
+    if keep_other:
+        heldout_pairs += [dict(p, pair_id=f"{p['pair_id']}-other", rejected_kind="other_user")
+                          for p in split.heldout_pairs]
     notes = dict(split.notes, pairs=(f"built from the histories: (input, the user's output, the model's own greedy "
                                      f"answer to the same input, {max_new_tokens} new tokens)"
                                      + (f"; {kept} pairs with an empty answer kept another user's text" if kept else "")))

@@ -5,7 +5,8 @@ A chunk holds all settings of a few held-out items (no personalisation, history 
 vector method and strength, influence, DPS), decoded together through the serving path
 (``plan_requests`` then one ``generate`` call with per-row steering, head contrast and influence),
 then scored in the same worker: text metrics against the target and the output's NLL under the
-unsteered model. ``actors: 0`` runs the same worker code in the driver process (the reference path
+unsteered model. Content drift (BERTScore against the unsteered answer to the same prompt) is scored
+once every row is back, its pairs spread over the same workers. ``actors: 0`` runs the same worker code in the driver process (the reference path
 the tests compare the actors with).
 """
 
@@ -15,6 +16,7 @@ import logging
 import math
 import time
 
+import numpy as np
 import pandas as pd
 
 from steerstore.infra.cluster import connect
@@ -22,16 +24,16 @@ from steerstore.infra.reader import StoreReader
 from steerstore.infra.storage import StorageConfig
 from steerstore.jobs import refresh
 from steerstore.jobs.evaluate.config import EvalConfig, MethodsConfig
-from steerstore.jobs.evaluate.score import anchor_word_effects, preference_accuracy, score_items
+from steerstore.jobs.evaluate.score import anchor_word_effects, content_drift, preference_accuracy, score_items
 from steerstore.jobs.evaluate.split import Split
-from steerstore.operators.metrics import MetricsConfig
+from steerstore.operators.metrics import MetricsConfig, text_metrics
 from steerstore.operators.runtime import ModelConfig, ModelRuntime
 from steerstore.operators.serving import Request, decode_plan, plan_requests
 
 log = logging.getLogger("steerstore.eval")
 
 # planned-row fields that say how to decode a row; not part of the evaluation's items table
-PLAN_FIELDS = ("serve", "scale", "source", "context", "template", "order")
+PLAN_FIELDS = ("serve", "scale", "source", "context", "template", "layers", "order")
 
 
 def chunks(rows: list[dict], size: int) -> list[list[dict]]:
@@ -75,7 +77,8 @@ class EvalWorker:
         """(outputs, the prompts decoded) of planned rows, all in one mixed batch."""
         if self.reader is None:
             raise RuntimeError("EvalWorker.open(store, version) first")
-        requests = [Request(r["user_id"], r["prompt"], r["serve"], r["scale"], r["source"] or None) for r in rows]
+        requests = [Request(r["user_id"], r["prompt"], r["serve"], r["scale"], r["source"] or None, r.get("layers"))
+                    for r in rows]
         plan, served = plan_requests(self.reader, requests)
         for i, r in enumerate(rows):
             if r.get("context") is not None:  # a τ-sweep row: the description from a side store
@@ -98,10 +101,16 @@ class EvalWorker:
         start = time.perf_counter()
         outputs, shown = self.decode(rows)
         items = pd.DataFrame(rows)
-        items["output"], items["prompt"] = outputs, shown
-        scored = score_items(items, self.runtime, self.metrics)
+        items["output"] = outputs
+        scored = score_items(items, self.runtime, self.metrics)  # fluency given the planned prompt
+        scored["prompt"] = shown  # influence: the with-context prompt it was shown too
         log.info("eval worker: %d rows decoded and scored in %.1f s", len(rows), time.perf_counter() - start)
         return scored.to_dict("records")
+
+    def bertscore(self, pairs: list[tuple[str, str]]) -> list[float]:
+        """BERTScore F1 of (output, reference) pairs (content drift against the unsteered answers)."""
+        return text_metrics([p for p, _ in pairs], [r for _, r in pairs], self.metrics,
+                            which=("bertscore",))["bertscore"].tolist()
 
     def preference(self, pairs: list[dict], include: list[str]) -> tuple[pd.DataFrame, dict]:
         return preference_accuracy(self.runtime, self.reader, pairs, self.metrics, include)
@@ -168,6 +177,15 @@ class Workers:
         done = [r for part in self._map("run", chunks(rows, self.config.batch_rows)) for r in part]
         done.sort(key=lambda r: r["order"])
         return [{k: v for k, v in r.items() if k not in PLAN_FIELDS} for r in done]
+
+    def drift(self, items: pd.DataFrame) -> np.ndarray:
+        """Content drift of every scored row (``content_drift``), the BERTScore pairs spread over the workers."""
+        def bertscore(outputs: list[str], references: list[str]) -> list[float]:
+            pairs = list(zip(outputs, references))
+            size = max(1, self.config.batch_rows)
+            return [f for part in self._map("bertscore", [pairs[i:i + size] for i in range(0, len(pairs), size)])
+                    for f in part]
+        return content_drift(items, bertscore)
 
     def preference(self, pairs: list[dict], include: list[str]) -> tuple[pd.DataFrame, dict]:
         return self._first("preference", pairs, include)

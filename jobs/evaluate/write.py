@@ -106,7 +106,7 @@ def ship_line(ship: dict) -> str:
         return f"What to ship: no personalisation — {ship['reason']}. Caveat: {ship['caveat']}."
     return (f"What to ship: {ship['label']}{setting_text(ship.get('parameter'), ship.get('strength'))} — Δ{ship['metric']} {ship['delta']:+.4f} "
             f"[{ship['delta_lo']:+.4f}, {ship['delta_hi']:+.4f}] over {ship['n_users']} users, perplexity "
-            f"{ship['perplexity_ratio']:.2f}x no personalisation ({ship['reason']}). Caveat: {ship['caveat']}.")
+            f"{ship['perplexity_ratio']:.2f}x its baseline's ({ship['reason']}). Caveat: {ship['caveat']}.")
 
 
 def print_summary(summary: pd.DataFrame, preference: pd.DataFrame, unsteered: dict | None = None,
@@ -114,11 +114,11 @@ def print_summary(summary: pd.DataFrame, preference: pd.DataFrame, unsteered: di
     """The recommended setting of each method: metric means and Δ vs no personalisation [95% CI]."""
     rec = summary[summary["recommended"]]
     print(f"\n{'method':<36}{'strength':>9}{'users':>6}{'ROUGE-1':>9}{'ROUGE-L':>9}{'METEOR':>8}{'BLEU':>7}"
-          f"{'BERTSc':>8}{'PPL':>8}   ΔROUGE-L [CI]           ΔMETEOR [CI]")
+          f"{'BERTSc':>8}{'PPL':>8}{'drift':>7}   ΔROUGE-L [CI]           ΔMETEOR [CI]")
     for _, r in rec.iterrows():
         strength = "" if r["parameter"] == "" else f"{r['parameter'][:1]}={r['strength']:g}"
         line = (f"{r['label']:<36}{strength:>9}{r['n_users']:>6}{r['rouge1']:>9.4f}{r['rougeL']:>9.4f}"
-                f"{r['meteor']:>8.4f}{r['bleu']:>7.2f}{r['bertscore']:>8.4f}{r['perplexity']:>8.2f}")
+                f"{r['meteor']:>8.4f}{r['bleu']:>7.2f}{r['bertscore']:>8.4f}{r['perplexity']:>8.2f}{r['drift']:>7.3f}")
         if r["method"] != "none":
             line += (f"   {r['delta_rougeL']:+.4f} [{r['delta_rougeL_lo']:+.4f},{r['delta_rougeL_hi']:+.4f}]"
                      f"  {r['delta_meteor']:+.4f} [{r['delta_meteor_lo']:+.4f},{r['delta_meteor_hi']:+.4f}]")

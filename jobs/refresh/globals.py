@@ -41,6 +41,7 @@ from steerstore.operators.bt import build_basis, feature_scales, in_sample, popu
 from steerstore.operators.caa import vector_row
 from steerstore.operators.cluster import kmeans, routing_weights
 from steerstore.operators.dps import PopulationPCS, cluster_sequences, dps_user_rows
+from steerstore.operators.history import retrieved_prompt
 from steerstore.operators.steerx import choose_recommended
 
 log = logging.getLogger("steerstore")
@@ -66,7 +67,8 @@ def compute_globals(config: RefreshConfig, run: Run, shards: Shards, pool: Pool,
                "theta_pop": None, "n_sample": 0, "sample_fraction": 0.0, "caa_sample": [],
                "scales": {"population": config.caa.scale, "caa": config.caa.scale, "bt": config.bt.scale},
                "scale_curves": {}, "dps_centroids": None, "dps_population": None, "dps_model": None,
-               "dps_clusters": None, "steerx_pool": [], "steerx_recommended": {}, "steerx_calibration": [],
+               "dps_clusters": None, "steerx_pool": [], "steerx_recommended": {}, "steerx_recommended_history": {},
+               "steerx_calibration": [],
                "steerx_calibrated": [], "steerx_uncalibrated": None, "samples": {}}
     frozen, decisions = plan_globals(config, previous, g, {"caa": True, **history_methods})
     for family, values in frozen.items():
@@ -262,6 +264,27 @@ def _scales(config: RefreshConfig, sampler: Sampler, pool: Pool, g: dict, users:
                          if config.scale.out_of_sample
                          else "in sample (the vectors were fitted on these pairs)"}
     g["scales"].update({m: r["alpha"] for m, r in result.items() if m in g["scales"]})
+    composed = config.scale.composed
+    if composed is not None:
+        g["scale_curves"]["history"] = _composed_scales(pool, composed, picked, rows, pairs, methods, row["positions"])
+
+
+def _composed_scales(pool: Pool, composed, picked: list[tuple[str, int]], rows: dict, pairs: list[dict],
+                     methods: dict, positions: str) -> dict:
+    """α per method in the composed condition: the same pairs and vectors, each pair's prompt after its user's
+    top-k history items by BM25 (never the item the pair was made from: one with the pair's prompt)."""
+    keep, shown = [], []
+    for k, ((u, _), pair) in enumerate(zip(picked, pairs)):
+        train = [h for h in rows[u]["histories"] or [] if (h["output"] or "").strip() and h["input"] != pair["prompt"]]
+        if train:
+            keep.append(k)
+            shown.append(dict(pair, prompt=retrieved_prompt(train, pair["prompt"], composed)))
+    if not keep:
+        return {"skipped": "no sampled pair's user has history items to show"}
+    subset = {m: {l: v[keep] for l, v in by_layer.items()} for m, by_layer in methods.items()}
+    result = pool.first("choose_scales", shown, subset, positions)
+    return {**result, "pairs": len(keep), "history_items": composed.context_items,
+            "history_chars": composed.context_chars}
 
 
 # ---- DPS ----------------------------------------------------------------------------------------
@@ -347,6 +370,7 @@ def _steerx(config: RefreshConfig, run: Run, sampler: Sampler, pool: Pool, gen: 
     curve = [c for r in styled.to_pylist() if r["status"] == "ok" for c in (r["calibration"] or [])]
     g["steerx_calibration"] = curve
     g["steerx_recommended"] = choose_recommended(curve)
+    g["steerx_recommended_history"] = choose_recommended(curve, "history")
     g["steerx_calibrated"] = sorted(styled.column("user_id").to_pylist())
     for source, choice in g["steerx_recommended"].items():
         if choice["improves"]:

@@ -63,7 +63,9 @@ def publish(config: RefreshConfig, run: Run, inputs: dict[str, str], shards: Sha
     summary["population_drift"] = _drift(run, config, markers, g)
     summary["stage_seconds"] = dict(timer.stages)
     methods = [f.value for f in Family if summary["users_by_method"].get(f.value)]
-    steerx = ({"steerx": {"recommended": g["steerx_recommended"], "curve": g["steerx_calibration"]}}
+    steerx = ({"steerx": {"recommended": g["steerx_recommended"],
+                          "recommended_history": g.get("steerx_recommended_history") or {},
+                          "curve": g["steerx_calibration"]}}
               if g["steerx_recommended"] else {})
     model = g["model"]
     manifest = Manifest(

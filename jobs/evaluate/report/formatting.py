@@ -17,10 +17,12 @@ METRICS = (
     ("meteor", "METEOR"),
     ("bleu", "BLEU"),
     ("bertscore", "BERTScore"),
+    ("drift", "Drift"),
     ("perplexity", "Perplexity"),
+    ("perplexity_plain", "Perplexity (plain prompt)"),
 )
 METRIC_NAMES = dict(METRICS)
-LOWER_IS_BETTER = frozenset({"perplexity"})
+LOWER_IS_BETTER = frozenset({"perplexity", "perplexity_plain", "drift"})
 QUALITY = ("rougeL", "meteor", "bertscore")
 GAIN_METRICS = ("rougeL", "meteor")
 SYMBOLS = {"alpha": "α", "gamma": "γ", "lambda": "λ", "tau": "τ"}
