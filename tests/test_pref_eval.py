@@ -213,3 +213,48 @@ def test_eval_preference_accuracy_scores_the_population_direction_for_every_user
     assert (m > 0).tolist() == [False, False, True], m
     assert row["pair_accuracy"] == pytest.approx((m > 0).mean())
     assert (row["n_pairs"], row["n_users"], row["strength"]) == (3, 3, 2.0)
+
+
+def test_eval_preference_accuracy_on_top_of_the_history_prompt_uses_the_composed_strength(tiny_runtime):
+    """caa+history: each pair's prompt after its user's retrieved training items, the vector at the α the store
+    chose in that condition, the margin against the unsteered model on the same history prompt."""
+    from steerstore.infra.reader import UserVectors
+    from steerstore.jobs.evaluate.score import preference_accuracy
+    from steerstore.operators.history import HistoryContextConfig, retrieved_prompt
+    from steerstore.operators.metrics import MetricsConfig
+
+    rt = tiny_runtime
+    pairs = [{"user_id": "ann", "prompt": "Tell me about the weather.", "chosen": "Wow, I love it!", "rejected": "Rain."},
+             {"user_id": "ann", "prompt": "Describe your morning.", "chosen": "Amazing coffee!", "rejected": "Coffee."},
+             {"user_id": "bob", "prompt": "Hi", "chosen": "Noted. Brief and formal.", "rejected": "Sure thing!"}]
+    train = {"ann": [{"input": "Tell me about the sea.", "output": "Wow, the sea is amazing!"},
+                     {"input": "What about mornings?", "output": "Mornings are fantastic!"}],
+             "bob": [{"input": "Say hi.", "output": "Greetings. Regards."}]}
+    g = np.random.default_rng(3)
+    found = {u: UserVectors(user_id=u, layers=[1, 2], vectors=g.standard_normal((2, rt.hidden_size)).astype(np.float32),
+                            recommended_layers=[2], recommended_scale=0.5, positions="response", model_id="tiny",
+                            model_fingerprint="tiny", n_pairs=2) for u in ("ann", "bob")}
+
+    class Reader:
+        def vectors(self, user_ids, method="caa", source=None):
+            return {u: found[u] for u in user_ids if u in found}
+
+        def composed_choice(self, method, source=None):
+            return None, 4.0  # the α chosen on top of history (plain: each vector's 0.5)
+
+    ctx = HistoryContextConfig(context_items=1, selection="bm25", context_chars=100)
+    table, _ = preference_accuracy(rt, Reader(), pairs, MetricsConfig(bootstrap_resamples=50),
+                                   ["caa", "caa+history"], train, ctx)
+    rows = {r["method"]: r for r in table.to_dict("records") if r["pairs"] == "all"}
+    assert set(rows) == {"caa", "random", "caa+history", "random+history"}
+    assert (rows["caa"]["strength"], rows["caa+history"]["strength"]) == (0.5, 4.0)
+    shown = [dict(p, prompt=retrieved_prompt(train[p["user_id"]], p["prompt"], ctx)) for p in pairs]
+    assert all("Earlier responses written by this user" in p["prompt"] for p in shown)
+    m = np.asarray([_steered_margin(rt, p, {2: found[p["user_id"]].vectors[1]}, 4.0) for p in shown])
+    assert rows["caa+history"]["pair_accuracy"] == pytest.approx((m > 0).mean())
+    assert rows["caa+history"]["mean_margin_gain"] == pytest.approx(m.mean(), abs=1e-4)
+    plain = np.asarray([_steered_margin(rt, p, {2: found[p["user_id"]].vectors[1]}, 0.5) for p in pairs])
+    assert rows["caa"]["mean_margin_gain"] == pytest.approx(plain.mean(), abs=1e-4)
+    # without the users' training items there is nothing to show: plain rows only
+    table, _ = preference_accuracy(rt, Reader(), pairs, MetricsConfig(bootstrap_resamples=50), ["caa", "caa+history"])
+    assert set(table["method"]) == {"caa", "random"}

@@ -149,7 +149,7 @@ def main(config: EvalConfig) -> dict:
     ship = ship_recommendation(summary, users, config.methods.ship_metric, config.methods.max_perplexity_ratio,
                                reader.manifest["model"].get("id"), config.metrics)
     lap("metrics")
-    preference, unsteered = workers.preference(split.heldout_pairs, config.methods.include)
+    preference, unsteered = workers.preference(split.heldout_pairs, config.methods.include, split.train)
     lap("preference accuracy")
     effects = workers.anchor_effects(split) if any(
         m.startswith(("style_vector", "influence")) for m in config.methods.include) else np.zeros(0)

@@ -17,6 +17,7 @@ from steerstore.jobs import devdata, refresh
 from steerstore.operators.bt import BTConfig
 from steerstore.operators.caa import CAAConfig
 from steerstore.operators.dps import DPSConfig
+from steerstore.operators.history import HistoryContextConfig
 from steerstore.operators.metrics import METRICS as TEXT_METRICS
 from steerstore.operators.metrics import MetricsConfig
 from steerstore.operators.runtime import ModelConfig
@@ -121,6 +122,11 @@ class MethodsConfig:
         check(self.max_new_tokens >= 1 and self.history_k >= 1, "methods: max_new_tokens and history_k must be >= 1")
         check(0.0 <= self.influence_plausibility < 1.0, "methods.influence_plausibility must be in [0, 1)")
         check(self.max_perplexity_ratio > 0, "methods.max_perplexity_ratio must be > 0")
+
+    @property
+    def history_context(self) -> HistoryContextConfig:
+        """How history in prompt shows a user's training items: the top ``history_k`` by BM25 against the input."""
+        return HistoryContextConfig(context_items=self.history_k, selection="bm25", context_chars=self.history_chars)
 
 
 @dataclass

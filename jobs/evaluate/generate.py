@@ -14,7 +14,7 @@ from steerstore.infra.reader import StoreReader, UserVectors
 from steerstore.jobs import refresh
 from steerstore.jobs.evaluate.config import COMPOSED, COMPOSED_SUFFIX, LABELS, METHODS, EvalConfig, _refresh_config
 from steerstore.jobs.evaluate.split import Split
-from steerstore.operators.history import HistoryContextConfig, retrieved_prompt
+from steerstore.operators.history import retrieved_prompt
 from steerstore.operators.serving import recommended_lambda, recommended_setting
 from steerstore.operators.steerx import SteerXConfig
 from steerstore.schemas.methods import Family
@@ -103,8 +103,7 @@ class Generator:
 
     def _history_prompts(self, items: list[dict]) -> list[str]:
         """Each held-out input after the user's top-k training items by BM25 (the history-in-prompt baseline)."""
-        m = self.config.methods
-        ctx = HistoryContextConfig(context_items=m.history_k, selection="bm25", context_chars=m.history_chars)
+        ctx = self.config.methods.history_context
         return [retrieved_prompt(self.split.train[h["user_id"]], h["input"], ctx) for h in items]
 
     def history(self) -> None:

@@ -11,12 +11,14 @@ import pandas as pd
 import torch
 
 from steerstore.infra.reader import StoreReader, UserVectors
-from steerstore.jobs.evaluate.config import KEYS, LABELS, METRICS
+from steerstore.jobs.evaluate.config import COMPOSED_SUFFIX, KEYS, LABELS, METRICS
 from steerstore.jobs.evaluate.split import Split
+from steerstore.operators.history import HistoryContextConfig, retrieved_prompt
 from steerstore.operators.metrics import METRICS as TEXT_METRICS
 from steerstore.operators.metrics import MetricsConfig, bootstrap_ci, text_metrics
 from steerstore.operators.runtime import Encoded, ModelRuntime
 from steerstore.operators.scale import baseline, margins, unsteered_margin_per_token
+from steerstore.operators.serving import recommended_setting
 from steerstore.operators.steerx import word_effects
 from steerstore.schemas.methods import Family
 
@@ -259,16 +261,20 @@ def summarise_by_source(users: pd.DataFrame, sources: dict[str, str], metrics: M
 # ---- preference accuracy ---------------------------------------------------------------------
 
 def preference_accuracy(runtime: ModelRuntime, reader: StoreReader, pairs: list[dict], metrics: MetricsConfig,
-                        include: list[str]) -> tuple[pd.DataFrame, dict]:
+                        include: list[str], train: dict[str, list[dict]] | None = None,
+                        history: HistoryContextConfig | None = None) -> tuple[pd.DataFrame, dict]:
     """(one row per steered method, the unsteered model's own preference) on the held-out pairs.
 
     A steered row counts the pairs where steering raises the own-vs-other margin,
     (log p(chosen) − log p(rejected)) steered minus unsteered: chance is about 0.5 (a small random
     push is as likely to raise as to lower it), and a ``random`` row measures it: a random direction
     with each CAA vector's norm, at the same layers and α. Its CI resamples
-    users whole (their pairs pooled). The unsteered model's preference — the share of pairs whose
+    users whole (their pairs pooled). The unsteered model's own preference — the share of pairs whose
     chosen text it already gives the higher per-token log-likelihood — answers another question
-    (chance depends on the pairs) and is returned apart.
+    (chance depends on the pairs) and is returned apart. A composed method (``caa+history``, ...) in
+    ``include`` gets its row on top of the history prompt: each pair's prompt after the user's ``train``
+    items retrieved as ``history`` shows them, its vectors at the strength chosen in that condition, the
+    margin against the unsteered model on the same prompt.
     """
     if not pairs:
         return pd.DataFrame(), {}
@@ -278,36 +284,59 @@ def preference_accuracy(runtime: ModelRuntime, reader: StoreReader, pairs: list[
     unsteered = _accuracy_row("none", "unsteered model (not a steering result)", math.nan, pairs, per_token > 0,
                               per_token, metrics)
     unsteered = {k.replace("mean_margin_gain", "mean_margin_per_token"): v for k, v in unsteered.items()}
-    rows = []
+    wanted = {m for m in ("population", "caa", "bt", "style_vector:history", "style_vector:description",
+                          "style_vector:blend") if m in include or m + COMPOSED_SUFFIX in include}
     sources: dict[str, dict[str, UserVectors]] = {}
-    if "population" in include and reader.population() is not None:  # one direction for all: the baseline
+    if "population" in wanted and reader.population() is not None:  # one direction for all: the baseline
         sources["population"] = {u: reader.population() for u in users}
-    if "caa" in include:
+    if "caa" in wanted:
         sources["caa"] = reader.vectors(users)
-    if "bt" in include:
+    if "bt" in wanted:
         try:
             sources["bt"] = reader.bt(users)
         except KeyError:
             pass
     for source in ("history", "description", "blend"):
-        if f"style_vector:{source}" in include:
+        if f"style_vector:{source}" in wanted:
             sources[f"style_vector:{source}"] = reader.vectors(users, method=Family.STEERX, source=source)
+    rows = []
     for method, found in sources.items():
-        evaluated = [p for p in pairs if p["user_id"] in found]
-        if not evaluated:
-            continue
-        idx = [k for k, p in enumerate(pairs) if p["user_id"] in found]
-        first = found[evaluated[0]["user_id"]]
-        vectors = {l: np.stack([found[p["user_id"]].at([l])[l] * found[p["user_id"]].recommended_scale
-                                for p in evaluated]) for l in first.recommended_layers}
-        margin, _ = margins(runtime, evaluated, vectors, 1.0, base.select(idx), first.positions)
-        rows += _accuracy_rows(method, LABELS[method], first.recommended_scale, evaluated, margin, metrics)
-        if method == "caa":  # the null: a random direction of the same norm, at the same layers and α
-            null = {l: _random_like(v, metrics.seed, l) for l, v in vectors.items()}
-            margin, _ = margins(runtime, evaluated, null, 1.0, base.select(idx), first.positions)
-            rows += _accuracy_rows("random", "random direction (null: CAA's norm, layers and α)",
-                                   first.recommended_scale, evaluated, margin, metrics)
+        if method in include:
+            rows += _method_rows(runtime, reader, method, found, pairs, base, metrics, composed=False)
+    composed = [m for m in sources if m + COMPOSED_SUFFIX in include]
+    if composed and train is not None and history is not None:
+        shown = [dict(p, prompt=retrieved_prompt(train.get(p["user_id"], []), p["prompt"], history)) for p in pairs]
+        base = baseline(runtime, shown)
+        for method in composed:
+            rows += _method_rows(runtime, reader, method, sources[method], shown, base, metrics, composed=True)
     return pd.DataFrame(rows), unsteered
+
+
+def _method_rows(runtime: ModelRuntime, reader: StoreReader, method: str, found: dict[str, UserVectors],
+                 pairs: list[dict], base, metrics: MetricsConfig, composed: bool) -> list[dict]:
+    """A method's preference rows (and, for CAA, the random direction's) at its recommended setting."""
+    evaluated = [p for p in pairs if p["user_id"] in found]
+    if not evaluated:
+        return []
+    idx = [k for k, p in enumerate(pairs) if p["user_id"] in found]
+    first = found[evaluated[0]["user_id"]]
+    serve, _, source = method.partition(":")
+    # each user's vector at its own recommended α (composed: the store's α in that condition)
+    setting = {u: recommended_setting(reader, serve, source or None, found[u], composed)
+               for u in {p["user_id"] for p in evaluated}}
+    layers, scale = setting[evaluated[0]["user_id"]]
+    vectors = {l: np.stack([found[p["user_id"]].at([l])[l] * setting[p["user_id"]][1] for p in evaluated])
+               for l in layers}
+    margin, _ = margins(runtime, evaluated, vectors, 1.0, base.select(idx), first.positions)
+    name = method + COMPOSED_SUFFIX if composed else method
+    rows = _accuracy_rows(name, LABELS[name], scale, evaluated, margin, metrics)
+    if method == "caa":  # the null: a random direction of the same norm, at the same layers and α
+        null = {l: _random_like(v, metrics.seed, l) for l, v in vectors.items()}
+        margin, _ = margins(runtime, evaluated, null, 1.0, base.select(idx), first.positions)
+        label = "random direction (null: CAA's norm, layers and α)" + (" + history in prompt" if composed else "")
+        rows += _accuracy_rows("random" + (COMPOSED_SUFFIX if composed else ""), label, scale, evaluated, margin,
+                               metrics)
+    return rows
 
 
 KINDS = {"neutral": "the model's own answer", "other_user": "another user's text"}

@@ -112,8 +112,10 @@ class EvalWorker:
         return text_metrics([p for p, _ in pairs], [r for _, r in pairs], self.metrics,
                             which=("bertscore",))["bertscore"].tolist()
 
-    def preference(self, pairs: list[dict], include: list[str]) -> tuple[pd.DataFrame, dict]:
-        return preference_accuracy(self.runtime, self.reader, pairs, self.metrics, include)
+    def preference(self, pairs: list[dict], include: list[str],
+                   train: dict[str, list[dict]] | None = None) -> tuple[pd.DataFrame, dict]:
+        return preference_accuracy(self.runtime, self.reader, pairs, self.metrics, include, train,
+                                   self.methods.history_context)
 
     def anchor_effects(self, split: Split):
         return anchor_word_effects(self.reader, self.runtime, split)
@@ -187,8 +189,9 @@ class Workers:
                     for f in part]
         return content_drift(items, bertscore)
 
-    def preference(self, pairs: list[dict], include: list[str]) -> tuple[pd.DataFrame, dict]:
-        return self._first("preference", pairs, include)
+    def preference(self, pairs: list[dict], include: list[str],
+                   train: dict[str, list[dict]] | None = None) -> tuple[pd.DataFrame, dict]:
+        return self._first("preference", pairs, include, train)
 
     def anchor_effects(self, split: Split):
         return self._first("anchor_effects", split)

@@ -53,7 +53,8 @@ GLOBAL_KEYS = {
             "sample_fraction", "caa_sample", "scales", "scale_curves"),
     "dps": ("dps_centroids", "dps_population", "dps_model", "dps_clusters", "dps_sample_counts",
             "dps_population_table"),
-    "steerx": ("steerx_pool", "steerx_recommended", "steerx_recommended_history", "steerx_calibration", "steerx_calibrated", "steerx_uncalibrated"),
+    "steerx": ("steerx_pool", "steerx_recommended", "steerx_recommended_history", "steerx_calibration",
+               "steerx_calibrated", "steerx_uncalibrated"),
 }
 STATE_FILE = "globals.pkl"
 CARRIED_TABLES = ("vectors", "bt_coords", "dps_heads", "steerx_users", "steerx_token_effects")
