@@ -251,6 +251,10 @@ def test_global_statistics_are_frozen_until_due_and_recomputed_for_each_reason()
     assert reason(config=_config(incremental={"freeze_globals": False}))["caa"] == "incremental.freeze_globals is false"
     changed = reason(config=_config(dps={"top_k": 3}))  # one family's settings: only its statistics
     assert changed["dps"] == "its settings or the model changed" and changed["caa"] is None and changed["steerx"] is None
+    # how history is shown in the composed condition: the α choice (caa) and SteerX's calibration, not DPS
+    changed = reason(config=_config(scale={"history_items": 3}))
+    assert changed["caa"] == changed["steerx"] == "its settings or the model changed" and changed["dps"] is None
+    assert reason(config=_config(scale={"grid": [1.0, 2.0]}))["steerx"] is None  # the α grid is CAA's alone
     other_model = reason(g={"model": {"model_fingerprint": "m2"}, "smoothing_fingerprint": "s1"})
     assert all(r == "its settings or the model changed" for r in other_model.values())
     smoothing = reason(g={"model": {"model_fingerprint": "m1"}, "smoothing_fingerprint": "s2"})

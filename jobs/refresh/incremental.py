@@ -132,6 +132,8 @@ def _digest(value) -> str:
 def family_settings(config, family: str, g: dict) -> str:
     """What a family's statistics and artifacts depend on besides data: its settings and the model(s)."""
     sections = {name: to_dict(getattr(config, name)) for name in FAMILY_SECTIONS[family]}
+    if family == "steerx":  # its calibration also scores on top of retrieved history, shown as scale.history_* say
+        sections["scale.history"] = [config.scale.history_items, config.scale.history_chars]
     models = [g["model"]["model_fingerprint"]] + ([g.get("smoothing_fingerprint")] if family == "steerx" else [])
     return _digest([family, sections, to_dict(config.validate), to_dict(config.prepare), models])
 
