@@ -84,12 +84,12 @@ class DPSConfig:
         check(self.verify == "all" or (self.per_user and self.clusters > 0 and self.mode == "fast"),
               "dps.verify=departures needs dps.per_user=true, dps.clusters > 0 and dps.mode=fast")
         check(0 <= self.departure_overlap <= 1, "dps.departure_overlap must be in [0, 1]")
+        check(self.gamma >= 0, "dps.gamma must be >= 0")
+        check(0 <= self.plausibility < 1, "dps.plausibility must be in [0, 1)")
 
     def verifies(self, overlap: float | None) -> bool:
         """Whether a user with this cluster overlap (None: not compared) has its candidate heads verified."""
         return self.verify == "all" or overlap is None or overlap < self.departure_overlap
-        check(self.gamma >= 0, "dps.gamma must be >= 0")
-        check(0 <= self.plausibility < 1, "dps.plausibility must be in [0, 1)")
 
 
 # one row per scored user or cluster, out of the DPSHeads actors

@@ -136,6 +136,11 @@ def test_departures_verify_only_users_whose_attribution_leaves_their_clusters_he
     assert store_rows.column("cluster_overlap").to_pylist() == [0.5, 0.0]
     with pytest.raises(ValueError, match="verify=departures needs"):
         DPSConfig(verify="departures", clusters=0)
+    # the serving settings are checked too
+    with pytest.raises(ValueError, match="dps.gamma must be >= 0"):
+        DPSConfig(gamma=-1.0)
+    with pytest.raises(ValueError, match=r"dps.plausibility must be in \[0, 1\)"):
+        DPSConfig(plausibility=1.0)
 
 
 def test_population_baseline_subtracts_the_mean_of_other_users():
