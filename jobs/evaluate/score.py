@@ -36,9 +36,11 @@ def score_items(items: pd.DataFrame, runtime: ModelRuntime, metrics: MetricsConf
         out[name] = np.asarray(values[name], dtype=np.float64)[rows]
     # fluency: log-likelihood of the output, nothing steered, given the prompt it was decoded from (greedy
     # unsteered decoding is the model's most likely answer there) and given the plain input (what the
-    # history prompt adds shows as a higher perplexity here); each distinct prompt/output once
+    # history prompt adds shows as a higher perplexity here); each distinct prompt/output once, in one pass
+    # (a row decoded from the plain input needs the same score twice)
+    scores = _nll(runtime, list(dict.fromkeys([*zip(items["prompt"], items["output"]),
+                                               *zip(items["input"], items["output"])])))
     for column, prompt in (("nll", "prompt"), ("nll_plain", "input")):
-        scores = _nll(runtime, list(dict.fromkeys(zip(items[prompt], items["output"]))))
         found = [scores.get(t, (math.nan, 0)) for t in zip(items[prompt], items["output"])]
         out[column] = np.asarray([v for v, _ in found], dtype=np.float64)
         out[column.replace("nll", "tokens")] = np.asarray([c for _, c in found], dtype=np.int64)
