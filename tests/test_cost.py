@@ -71,3 +71,20 @@ def test_the_cost_bench_runs_every_stage_of_a_typical_user_and_writes_its_figure
     at = dep["total_fte_at_verified_share"]
     assert abs(at["1.0"] - total) < 1 and at["0.0"] < at["0.5"] < at["1.0"]
     assert json.loads(out.read_text())["total_forward_token_equivalents"] == result["total_forward_token_equivalents"]
+    assert result["settings"] == {}  # the refresh's defaults
+
+
+def test_a_profile_is_counted_with_the_refresh_settings_it_names(tmp_path):
+    """Method sections override the refresh's defaults: fewer verified heads and no DPS context cost less, the
+    other stages are unchanged, and the run records what it changed."""
+    from steerstore.operators.dps import DPSConfig
+    from steerstore.operators.history import HistoryContextConfig
+
+    small = dict(shape="tiny", users=1, items=3, item_tokens=12, input_tokens=6, pairs=2, pair_tokens=20,
+                 pool_users=2, out=str(tmp_path), json="")
+    base = main(BenchCostConfig(**small))
+    cheap = main(BenchCostConfig(**small, dps=DPSConfig(top_k=2, candidates=2,
+                                                         history=HistoryContextConfig(context_items=0))))
+    assert cheap["settings"] == {"dps.top_k": 2, "dps.candidates": 2, "dps.history.context_items": 0}
+    assert cheap["stages"]["dps"]["forward_token_equivalents"] < base["stages"]["dps"]["forward_token_equivalents"]
+    assert cheap["stages"]["caa"]["forward_token_equivalents"] == base["stages"]["caa"]["forward_token_equivalents"]

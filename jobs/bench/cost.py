@@ -24,6 +24,7 @@ lengths, LM head not counted), GPU-seconds at ``mfu`` of ``peak_tflops`` and use
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import time
 from collections import Counter, defaultdict
@@ -33,9 +34,12 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from steerstore.infra.config import check, from_dict, option
+from steerstore.infra.config import check, from_dict, option, to_dict
 from steerstore.jobs.bench.common import device_info, write_figures
+from steerstore.operators.caa import CAAConfig
+from steerstore.operators.dps import DPSConfig
 from steerstore.operators.runtime import ModelConfig, ModelRuntime
+from steerstore.operators.steerx import SteerXConfig
 
 STAGES = ("caa", "dps", "steerx_loo", "smoothing", "style_vectors")
 _WORDS = ("river light morning quiet garden letter winter music paper window story careful bright small "
@@ -64,6 +68,12 @@ class BenchCostConfig:
     seed: int = option(0, help="seed of the synthetic text")
     out: str = option("./steerstore-out/bench-cost", help="folder for the tiny model")
     json: str = option("docs/figures/bench-cost.json", help="where the figures are written ('' = print only)")
+    # the refresh's own method sections (their defaults are the refresh's): a profile is counted as the
+    # refresh would run it, e.g. --dps.candidates 8 --steerx.counterfactual_draw user
+    caa: CAAConfig = dataclasses.field(default_factory=CAAConfig, metadata={"help": "CAA settings counted (refresh's caa)"})
+    dps: DPSConfig = dataclasses.field(default_factory=DPSConfig, metadata={"help": "DPS settings counted (refresh's dps)"})
+    steerx: SteerXConfig = dataclasses.field(default_factory=SteerXConfig,
+                                             metadata={"help": "SteerX settings counted (refresh's steerx)"})
 
     def __post_init__(self) -> None:
         check(min(self.items, self.pairs) >= 2 and min(self.item_tokens, self.pair_tokens, self.input_tokens) >= 4,
@@ -151,14 +161,21 @@ def typical_user(config: BenchCostConfig, tokenizer, user_id: str = "typical", s
             "content_fingerprint": f"bench:{user_id}", "bucket": 0}
 
 
+_RANDOM: dict[tuple, ModelRuntime] = {}  # one random model per shape in a process (profiles compared in one run)
+
+
 def _random(config: BenchCostConfig) -> ModelRuntime:
     """The shape with random weights on the best device (what `bench runtime` measures), shared by the operators."""
     from steerstore.jobs.bench.runtime import BenchRuntimeConfig, build_runtime
     from steerstore.operators.runtime.sources import DEFAULT_MODEL
 
-    bench = BenchRuntimeConfig(shape=config.shape, tokenizer=config.tokenizer or DEFAULT_MODEL, seed=config.seed,
-                               model=ModelConfig(dtype=config.dtype, max_batch_tokens=8192))
-    return ModelRuntime.share(build_runtime(bench))
+    key = (config.shape, config.tokenizer, config.dtype, config.seed)
+    if key not in _RANDOM:
+        bench = BenchRuntimeConfig(shape=config.shape, tokenizer=config.tokenizer or DEFAULT_MODEL, seed=config.seed,
+                                   model=ModelConfig(dtype=config.dtype, max_batch_tokens=8192))
+        _RANDOM.clear()  # at most one 8B model held
+        _RANDOM[key] = build_runtime(bench)
+    return ModelRuntime.share(_RANDOM[key])
 
 
 def _model(config: BenchCostConfig) -> ModelConfig:
@@ -200,7 +217,9 @@ def run_stages(config: BenchCostConfig, model: ModelConfig, counter: BlockCounte
     from steerstore.jobs.refresh.workers import chunked
 
     rt = ModelRuntime.shared(model)
-    cfg = from_dict(RefreshConfig, {"inputs": {"preference_pairs": "(none: one synthetic user)"}})  # defaults
+    cfg = from_dict(RefreshConfig, {"inputs": {"preference_pairs": "(none: one synthetic user)"},
+                                    "caa": to_dict(config.caa), "dps": to_dict(config.dps),
+                                    "steerx": to_dict(config.steerx)})  # the refresh's checks apply
     users = pa.Table.from_pylist([typical_user(config, rt.tokenizer, f"typical-{i}", seed=config.seed + 1000 * i)
                                   for i in range(config.users)], schema=USER_ROW_SCHEMA)
     pool = [{**h, "user_id": f"other-{u}"} for u in range(config.pool_users)
@@ -250,6 +269,20 @@ def run_stages(config: BenchCostConfig, model: ModelConfig, counter: BlockCounte
     return {"statuses": out, "seconds": seconds}
 
 
+def changed_settings(config: BenchCostConfig) -> dict:
+    """The method settings of this run that differ from the refresh's defaults ({} = the defaults)."""
+    def flat(value, prefix: str) -> dict:
+        if isinstance(value, dict):
+            return {k: v for key, sub in value.items() for k, v in flat(sub, f"{prefix}.{key}").items()}
+        return {prefix: value}
+
+    out = {}
+    for name, default in (("caa", CAAConfig()), ("dps", DPSConfig()), ("steerx", SteerXConfig())):
+        base, mine = flat(to_dict(default), name), flat(to_dict(getattr(config, name)), name)
+        out.update({k: v for k, v in mine.items() if base.get(k) != v})
+    return out
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -283,6 +316,8 @@ def main(config: BenchCostConfig) -> dict:
     else:
         model = _model(config)
         rt = ModelRuntime.shared(model)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     with BlockCounter(rt) as counter:
         ran = run_stages(config, model, counter)
     n = config.users
@@ -298,6 +333,8 @@ def main(config: BenchCostConfig) -> dict:
     order = sorted(stages, key=lambda k: STAGES.index(k) if k in STAGES else 99)
     result = {
         **device_info(rt), "num_layers": rt.num_layers, "users": n,
+        **({"peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
+           if rt.device.type == "cuda" else {}),
         "user": {"items": config.items, "item_tokens": config.item_tokens, "input_tokens": config.input_tokens,
                  "pairs": config.pairs, "pair_tokens": config.pair_tokens},
         "stages": {k: {**{m: round(v, 1) for m, v in stages[k].items() if m != "attention_t2"},
@@ -306,6 +343,7 @@ def main(config: BenchCostConfig) -> dict:
                        "flops_at_shape": float(f"{flops[k]:.4g}"),
                        "seconds_per_user": round(ran["seconds"].get(k, 0.0) / n, 4)} for k in order},
         "total_forward_token_equivalents": round(total, 1),
+        "settings": changed_settings(config),
         # dps.verify=departures: a user that agrees with its clusters costs the attribution only; the total at a
         # share of users verified (bench dps-cut's verified_share on real users) replaces DPS by
         # attribution + share × verification
