@@ -19,7 +19,8 @@ from steerstore.operators.dps import DPSConfig
 from steerstore.operators.history import HistoryContextConfig
 from steerstore.operators.runtime import HeadContrast, Influence, ModelConfig
 from steerstore.operators.serving import DEFAULT_INFLUENCE_PLAUSIBILITY, DEFAULT_INFLUENCE_TEMPERATURE
-from steerstore.operators.steerx import STYLE_TEMPLATE, SteerXConfig, StyleVectorConfig
+from steerstore.operators.steerx import SteerXConfig
+from steerstore.operators.style import STYLE_TEMPLATE, StyleVectorConfig
 
 
 @dataclass

@@ -308,7 +308,8 @@ def test_the_stored_dps_heads_steerx_anchors_style_vectors_and_bt_points_equal_a
     from steerstore.operators.caa import pair_differences, pair_weights
     from steerstore.operators.dps import DPSHeads, PopulationPCS, dps_user_rows
     from steerstore.operators.runtime import ModelConfig, ModelRuntime
-    from steerstore.operators.steerx import item_differences, user_anchors
+    from steerstore.operators.steerx import user_anchors
+    from steerstore.operators.style import item_differences
 
     summary, store_uri, pairs_uri, histories_uri = uninterrupted
     config = fleet_config(store_uri, str(tiny_model_folder), pairs_uri, histories_uri)

@@ -161,7 +161,7 @@ def test_the_actor_quarantines_a_user_with_one_item_and_keeps_the_batch(tiny_mod
 # ---- stage 4: style vectors ------------------------------------------------------------------
 
 def test_style_vectors_are_mean_item_differences(tiny_runtime):
-    from steerstore.operators.steerx import SOURCES, combine, item_differences, style_prompt
+    from steerstore.operators.style import SOURCES, combine, item_differences, style_prompt
 
     rt = tiny_runtime
     items = ITEMS[:3]
@@ -183,8 +183,8 @@ def test_style_vectors_are_mean_item_differences(tiny_runtime):
 
 def test_validation_gains_score_held_out_items_under_the_training_vectors_and_description(tiny_runtime):
     from steerstore.operators.runtime import Steering
-    from steerstore.operators.steerx import (StyleVectorConfig, choose_recommended, combine, item_differences,
-                                             style_prompt, validation_gains)
+    from steerstore.operators.style import (StyleVectorConfig, choose_recommended, combine, item_differences,
+                                            style_prompt, validation_gains)
 
     rt = tiny_runtime
     train, held = ITEMS[:3], ITEMS[3:]
@@ -223,7 +223,8 @@ def test_validation_gains_score_held_out_items_under_the_training_vectors_and_de
 def test_validation_gains_on_top_of_retrieved_history_choose_the_composed_strengths(tiny_runtime):
     from steerstore.operators.history import HistoryContextConfig, retrieved_prompt
     from steerstore.operators.runtime import Steering
-    from steerstore.operators.steerx import StyleVectorConfig, choose_recommended, combine, item_differences, style_prompt, validation_gains
+    from steerstore.operators.style import (StyleVectorConfig, choose_recommended, combine, item_differences,
+                                            style_prompt, validation_gains)
 
     rt = tiny_runtime
     train, held = ITEMS[:3], ITEMS[3:]
@@ -292,7 +293,7 @@ def test_influence_likelihood_is_the_decoders_distribution_teacher_forced(tiny_r
 
 
 def test_recommended_layer_and_gamma_pool_gains_per_token_and_prefer_smaller_gamma_on_ties():
-    from steerstore.operators.steerx import choose_recommended
+    from steerstore.operators.style import choose_recommended
 
     curve = [{"source": "blend", "layer": 3, "gamma": 1.0, "gain": 2.0, "tokens": 10},
              {"source": "blend", "layer": 3, "gamma": 1.0, "gain": 1.0, "tokens": 10},  # a second user
@@ -309,7 +310,7 @@ def test_style_vector_actor_quarantines_a_user_without_usable_items(tiny_model_f
     import pyarrow as pa
 
     from steerstore.operators.runtime import ModelConfig
-    from steerstore.operators.steerx import SteerXStyleVectors, StyleVectorConfig
+    from steerstore.operators.style import SteerXStyleVectors, StyleVectorConfig
 
     hist = [{k: v for k, v in it.items() if k != "user_id"} | {"timestamp": None} for it in ITEMS]
     desc = [{"item_id": None, "description": "Brief.", "attempts": 1, "variant": "anchors", "anchor_words": ["x"]}]

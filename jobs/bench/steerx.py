@@ -30,18 +30,8 @@ from steerstore.jobs.devdata import segments as dev_segments
 from steerstore.operators.history import HistoryContextConfig
 from steerstore.operators.runtime import ModelConfig, ModelRuntime
 from steerstore.operators.smoothing import SmoothingConfig, special_strings, unit_prompt, units
-from steerstore.operators.steerx import (
-    SOURCES,
-    SteerXConfig,
-    StyleVectorConfig,
-    combine,
-    item_differences,
-    loo_prompts,
-    select_anchors,
-    token_effects,
-    validation_gains,
-    word_effects,
-)
+from steerstore.operators.steerx import SteerXConfig, loo_prompts, select_anchors, token_effects, word_effects
+from steerstore.operators.style import SOURCES, StyleVectorConfig, combine, item_differences, validation_gains
 
 
 @dataclass

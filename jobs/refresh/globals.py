@@ -42,7 +42,7 @@ from steerstore.operators.caa import vector_row
 from steerstore.operators.cluster import kmeans, routing_weights
 from steerstore.operators.dps import PopulationPCS, cluster_sequences, dps_user_rows
 from steerstore.operators.history import retrieved_prompt
-from steerstore.operators.steerx import choose_recommended
+from steerstore.operators.style import choose_recommended
 
 log = logging.getLogger("steerstore")
 

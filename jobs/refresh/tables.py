@@ -15,7 +15,8 @@ from steerstore.operators.caa import vector_row
 from steerstore.operators.dps import DPS_OUTPUT_SCHEMA, DPSConfig, PopulationPCS
 from steerstore.operators.smoothing import PROMPT_VERSION as SMOOTHING_PROMPT_VERSION
 from steerstore.operators.smoothing import user_context
-from steerstore.operators.steerx import STYLE_TEMPLATE, SteerXConfig
+from steerstore.operators.steerx import SteerXConfig
+from steerstore.operators.style import STYLE_TEMPLATE
 from steerstore.schemas.store import (
     BT_BASIS_SCHEMA,
     DPS_CLUSTERS_SCHEMA,

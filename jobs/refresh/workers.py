@@ -40,7 +40,8 @@ from steerstore.operators.dps import DPSHeads, cluster_heads, dps_user_rows
 from steerstore.operators.runtime import ModelConfig, ModelRuntime
 from steerstore.operators.scale import choose_scales_task
 from steerstore.operators.smoothing import HFGenerate, VLLMGenerate, describe, special_strings
-from steerstore.operators.steerx import STYLE_OUTPUT_SCHEMA, SteerXAnchors, SteerXStyleVectors
+from steerstore.operators.steerx import SteerXAnchors
+from steerstore.operators.style import STYLE_OUTPUT_SCHEMA, SteerXStyleVectors
 from steerstore.schemas.store import USER_ROW_SCHEMA
 
 
