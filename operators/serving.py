@@ -230,7 +230,7 @@ def plan_requests(reader: StoreReader, requests: Sequence[Request],
                     layers = [l for l in layers if l in vec.layers] or list(vec.recommended_layers)
                     why += f"; layers {missing} are not stored for the population vector, steering {layers}"
                 if req.method == "style_vector" and req.scale is not None:  # γ of a style vector is no α
-                    scale = vec.recommended_scale
+                    scale = chosen_scale  # the population's α, chosen on top of history when the request has one
                     why += f"; the population's α {scale:g} replaces γ {float(req.scale):g}"
                 record.note = why
             elif missing:

@@ -253,7 +253,7 @@ def test_a_request_with_history_and_no_strength_gets_the_strength_chosen_on_top_
     assert set(reader.manifest["scale_choice"]["steerx"]["recommended_history"]) >= {"history", "influence"}
     composed = StoreReader(reader.store.uri, version=reader.version)  # a copy whose composed choice differs from every plain one
     composed.manifest = {**reader.manifest, "scale_choice": {
-        **reader.manifest["scale_choice"], "history": {**choice, "caa": {"alpha": 3.0}},
+        **reader.manifest["scale_choice"], "history": {**choice, "caa": {"alpha": 3.0}, "population": {"alpha": 5.0}},
         "steerx": {**reader.manifest["scale_choice"]["steerx"],
                    "recommended_history": {"history": {"layer": 3, "gamma": 0.75}, "influence": {"lambda": 0.25}}}}}
     runtime = ModelRuntime(ModelConfig(name_or_path="tiny"), model=model, tokenizer=tokenizer)
@@ -269,6 +269,14 @@ def test_a_request_with_history_and_no_strength_gets_the_strength_chosen_on_top_
     assert [(o.scale, o.layers) for o in out[:2]] == [(3.0, caa.recommended_layers), (0.75, [3])]
     assert out[2].scale == 0.25 and recommended_lambda(composed) == recommended_lambda(reader)
     assert out[3].scale == caa.recommended_scale and out[4].scale == 2.0  # no history / an explicit strength
+    # a user without a style vector, with history and an explicit γ: the population vector stands in at the
+    # population's α chosen on top of history (γ is no α), as a population request with history gets it
+    assert composed.population().recommended_scale != 5.0
+    _, (fallback, population) = plan_requests(composed, [
+        Request("nobody", PROMPTS[2], "style_vector", scale=3.0, history=history),
+        Request("nobody", PROMPTS[2], "population", history=history)])
+    assert fallback.applied == "population" and fallback.scale == population.scale == 5.0
+    assert "the population's α 5 replaces γ 3" in fallback.note
     shown = history_prompt(history, PROMPTS[2], HistoryContextConfig(context_chars=composed.dps_history()[1]))
     steer = Steering({l: torch.from_numpy(v)[None] for l, v in caa.at(caa.recommended_layers).items()},
                      torch.tensor([3.0]), caa.positions)
