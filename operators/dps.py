@@ -224,13 +224,17 @@ class DPSHeads:
         return row
 
     def _encode(self, users: list[dict]) -> list[list[Encoded]]:
+        """Each user's scoring sequences: one per item, or one conversation of all its items (arrangement)."""
         out = []
         for user in users:
             seqs = user["sequences"]
             if not seqs:
                 raise ValueError(f"user {user['user_id']!r} has no history items to score")
-            enc = self.runtime.encode([s["prompt"] for s in seqs], [s["output"] for s in seqs])
-            if any(len(e.ids) == e.prompt_len for e in enc):
+            if self.config.history.arrangement == "conversation":
+                enc = [self.runtime.encode_conversation([(s["prompt"], s["output"]) for s in seqs])]
+            else:
+                enc = self.runtime.encode([s["prompt"] for s in seqs], [s["output"] for s in seqs])
+            if any(end == start for e in enc for start, end in e.spans):
                 raise ValueError(f"user {user['user_id']!r} has a history output with no tokens")
             out.append(enc)
         return out
@@ -240,7 +244,7 @@ class DPSHeads:
         encoded = self._encode(users)
         flat = [e for enc in encoded for e in enc]
         groups = [u for u, enc in enumerate(encoded) for _ in enc]
-        tokens = np.asarray([sum(len(e.ids) - e.prompt_len for e in enc) for enc in encoded], dtype=np.float64)
+        tokens = np.asarray([sum(e.scored for e in enc) for enc in encoded], dtype=np.float64)
         shape = (rt.num_layers, rt.num_heads)
         exact_all = self.full or cfg.mode == "exact"
         attribution = (rt.head_attribution(flat, groups, len(users)).numpy()

@@ -28,6 +28,10 @@ class HistoryContextConfig:
     selection: Selection = option("recent", help="which other items: recent (closest before it in time) or bm25 (most similar input)")
     context_chars: int = option(600, help="each context item's output is cut to this many characters")
     max_items: int = option(8, help="most recent history items scored per user")
+    arrangement: Literal["items", "conversation"] = option(
+        "items", help="items: one sequence per scored item behind its k context items; conversation (DPS only): the "
+                      "scored items as one multi-turn conversation, each output scored after every earlier item "
+                      "(each token runs once: ~1/(k+1) of the work)")
 
     def __post_init__(self) -> None:
         check(self.context_items >= 0, "context_items must be >= 0")
@@ -100,7 +104,13 @@ def item_prompt(items: Sequence[dict], j: int, config: HistoryContextConfig) -> 
 
 
 def scoring_sequences(histories: Sequence[dict], config: HistoryContextConfig) -> list[tuple[str, str]]:
-    """(prompt, output) for the user's ``max_items`` most recent items (histories sorted by time)."""
+    """(prompt, output) for the user's ``max_items`` most recent items (histories sorted by time).
+
+    With ``arrangement='conversation'`` the prompts hold no context items: they are the turns of one
+    conversation, in time order, where the earlier turns are the context (``TextEncoder.encode_conversation``).
+    """
     items = list(histories)
     first = max(0, len(items) - config.max_items)
+    if config.arrangement == "conversation":
+        return [(history_prompt([], items[j]["input"], config), items[j]["output"]) for j in range(first, len(items))]
     return [(item_prompt(items, j, config), items[j]["output"]) for j in range(first, len(items))]

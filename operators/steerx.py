@@ -73,6 +73,8 @@ class SteerXConfig:
         check(0 < self.percentile < 100, "steerx.percentile must be in (0, 100)")
         check(self.min_anchors >= 1, "steerx.min_anchors must be >= 1")
         check(self.pool_users >= 2, "steerx.pool_users must be >= 2")
+        check(self.history.arrangement == "items", "steerx.history.arrangement must be items: leave-one-out scores "
+                                                   "each item behind its own context (conversation is for DPS)")
         check(not (self.vectors.enabled and self.vectors.source != "history" and not self.smoothing.enabled),
               f"steerx.vectors.source={self.vectors.source} needs descriptions: enable steerx.smoothing "
               "or use steerx.vectors.source=history")

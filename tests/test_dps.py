@@ -79,6 +79,59 @@ def test_exact_mode_scores_equal_a_per_head_loop_and_are_pooled_per_user(scorer)
         assert [h["pcs"] for h in row["heads"]] == pytest.approx(positive[:16], abs=1e-4)
 
 
+CONVERSATION = HistoryContextConfig(arrangement="conversation")
+
+
+def _turn_prefixes(conv):
+    """A conversation's turns as plain sequences: each output behind every token before it."""
+    from steerstore.operators.runtime import Encoded
+
+    return [Encoded(conv.ids[:end], start) for start, end in conv.spans]
+
+
+def test_a_conversation_scores_each_output_after_the_turns_before_it(tiny_runtime):
+    rt = tiny_runtime
+    turns = scoring_sequences(ITEMS, CONVERSATION)
+    assert [o for _, o in turns] == [it["output"] for it in ITEMS]  # time order, every item
+    assert not any(it["output"] in p for p, _ in turns for it in ITEMS)  # the earlier turns are the context
+    conv = rt.encode_conversation(turns)
+    for (start, end), (_, output) in zip(conv.spans, turns):  # each span is exactly its output's tokens
+        assert conv.ids[start:end] == rt.response_ids([output])[0]
+    assert conv.scored == sum(end - start for start, end in conv.spans) and conv.prompt_len == conv.spans[0][0]
+    messages = [m for p, o in turns for m in ({"role": "user", "content": p}, {"role": "assistant", "content": o})]
+    assert rt.tokenizer.apply_chat_template(messages, tokenize=False).startswith(rt.tokenizer.decode(conv.ids))
+    prefixes = _turn_prefixes(conv)
+    assert float(rt.sequence_nll([conv])[0]) == pytest.approx(float(rt.sequence_nll(prefixes).sum()), rel=1e-5)
+    attribution = rt.head_attribution([conv], [0], 1)  # mean NLL per scored token of the group, either way
+    assert torch.allclose(attribution, rt.head_attribution(prefixes, [0] * len(prefixes), 1), atol=1e-5)
+
+
+def test_dps_over_a_conversation_equals_a_per_head_loop_over_its_turns(scorer):
+    dps = scorer(mode="exact", top_k=16, candidates=16, history=CONVERSATION)
+    user = {"user_id": "u1", "sequences": [{"prompt": p, "output": o} for p, o in scoring_sequences(ITEMS, CONVERSATION)]}
+    row = dps(pa.Table.from_pylist([user])).to_pylist()[0]
+    rt = dps.runtime
+    conv = rt.encode_conversation([(s["prompt"], s["output"]) for s in user["sequences"]])
+    prefixes = _turn_prefixes(conv)
+    base = float(rt.sequence_nll(prefixes).sum())
+    assert row["status"] == "ok" and row["n_items"] == 4 and row["n_tokens"] == conv.scored
+    assert row["base_nll"] == pytest.approx(base / conv.scored, rel=1e-4)
+    assert row["heads"]
+    for h in row["heads"]:
+        gates = rt.head_gates([[(h["layer"], h["head"])]] * len(prefixes))
+        assert h["pcs"] == pytest.approx((float(rt.sequence_nll(prefixes, gates).sum()) - base) / conv.scored, abs=1e-4)
+    fast = scorer(mode="fast", top_k=4, candidates=6, history=CONVERSATION)(pa.Table.from_pylist([user])).to_pylist()[0]
+    assert fast["status"] == "ok" and fast["heads"] and fast["n_tokens"] == conv.scored
+
+
+def test_only_dps_scores_a_conversation():
+    from steerstore.infra.config import ConfigError
+    from steerstore.operators.steerx import SteerXConfig
+
+    with pytest.raises(ConfigError, match="steerx.history.arrangement must be items"):
+        SteerXConfig(history=HistoryContextConfig(arrangement="conversation"))
+
+
 def test_fast_mode_with_every_head_as_candidate_equals_exact_mode(scorer):
     users = pa.Table.from_pylist([_user("u1")])
     exact = scorer(mode="exact")(users).to_pylist()[0]["heads"]

@@ -27,7 +27,8 @@ def _data(folder, users=2, items=3):
 
 
 def test_variants_parse_and_refuse_fewer_candidates_than_heads_kept():
-    assert parse_variants("32:2, 8:0, d16:2", 8) == [(32, 2, False), (8, 0, False), (16, 2, True)]
+    assert parse_variants("32:2, 8:0, d16:2, 16:c", 8) == [(32, 2, False), (8, 0, False), (16, 2, True),
+                                                            (16, "c", False)]
     with pytest.raises(ValueError, match="the reference verifies every user"):
         parse_variants("d16:2,16:2", 8)
     with pytest.raises(ValueError, match="candidates >= top_k"):
@@ -38,7 +39,7 @@ def test_variants_parse_and_refuse_fewer_candidates_than_heads_kept():
 
 def test_the_reference_agrees_with_itself_and_fewer_candidates_cost_less(tmp_path, tiny_model_folder):
     config = BenchDPSCutConfig(data_dir=str(_data(tmp_path)), users=2, items=3, words=20, top_k=2,
-                               variants="8:1,2:1,8:0", json=str(tmp_path / "cut.json"),
+                               variants="8:1,2:1,8:0,8:c", json=str(tmp_path / "cut.json"),
                                model=ModelConfig(name_or_path=str(tiny_model_folder)))
     result = main(config)
     assert json.loads((tmp_path / "cut.json").read_text())["reference"] == "8:1"
@@ -51,7 +52,12 @@ def test_the_reference_agrees_with_itself_and_fewer_candidates_cost_less(tmp_pat
     # no context: shorter sequences, a different attribution
     assert no_context["tokens_per_user"] < ref["tokens_per_user"] and no_context["fte_per_user"] < ref["fte_per_user"]
     assert no_context["attribution_spearman"] < 1.0
-    for v in (fewer, no_context):
+    # one conversation: each token once (fewer than with context), every output scored after the earlier ones
+    conversation = result["variants"]["8:c"]
+    assert conversation["context_items"] == "conversation"
+    assert no_context["tokens_per_user"] < conversation["tokens_per_user"] < ref["tokens_per_user"]
+    assert conversation["fte_per_user"] < ref["fte_per_user"] and conversation["attribution_spearman"] < 1.0
+    for v in (fewer, no_context, conversation):
         assert 0 <= v["top_k_overlap"] <= 1 and len(v["pcs_captured_per_user"]) == 2
 
 

@@ -2,7 +2,8 @@
 
 Launch: ``steerstore bench dps-cut`` (reads ``../shared/data``). Each variant is a DPS setting
 ``candidates:context_items`` (heads verified by exact ablation after attribution; other history
-items shown as context before each scored item). The first variant is the reference (the
+items shown as context before each scored item; ``c``: the items as one conversation,
+``dps.history.arrangement=conversation``). The first variant is the reference (the
 settings the refresh used before the cut: 32 candidates, 2 context items). For every real user
 and variant the real ``DPSHeads`` operator runs (fast mode, raw PCS: the population baseline
 needs a full exact scoring of a sample and does not change which work a user costs), with the
@@ -70,7 +71,8 @@ class BenchDPSCutConfig:
     top_k: int = option(8, help="dps.top_k: heads kept per user")
     variants: str = option("32:2,16:2,12:2,32:0,16:0,12:0,8:0",
                            help="comma-separated candidates:context_items (d<candidates>:<context>: verify "
-                                "departures from the user's cluster only); the first is the reference")
+                                "departures from the user's cluster only; <candidates>:c: the items as one "
+                                "conversation); the first is the reference")
     clusters: int = option(2, help="departure variants: k-means clusters of the other users")
     cluster_users: int = option(12, help="departure variants: other users of the source the clusters are fitted on")
     cluster_items: int = option(8, help="departure variants: items sampled from a cluster's members and scored")
@@ -84,28 +86,33 @@ class BenchDPSCutConfig:
         parse_variants(self.variants, self.top_k)
 
 
-def parse_variants(text: str, top_k: int) -> list[tuple[int, int, bool]]:
-    """``candidates:context_items`` parts -> (candidates, context_items, departures)."""
+def parse_variants(text: str, top_k: int) -> list[tuple[int, int | str, bool]]:
+    """``candidates:context_items`` parts -> (candidates, context_items or "c" (a conversation), departures)."""
     out = []
     for part in text.split(","):
         part = part.strip()
         departures = part.startswith("d")
         try:
-            candidates, context = (int(x) for x in part.removeprefix("d").split(":"))
+            first, second = part.removeprefix("d").split(":")
+            candidates, context = int(first), (second if second == "c" else int(second))
         except ValueError:
-            raise ValueError(f"variants: {part!r} is not [d]candidates:context_items (e.g. 16:0, d16:2)") from None
-        check(candidates >= top_k and context >= 0, f"variants: {part!r} needs candidates >= top_k and context >= 0")
+            raise ValueError(f"variants: {part!r} is not [d]candidates:context_items (e.g. 16:0, d16:2, "
+                             "16:c)") from None
+        check(candidates >= top_k and (context == "c" or context >= 0),
+              f"variants: {part!r} needs candidates >= top_k and context >= 0")
         out.append((candidates, context, departures))
     check(len(out) >= 1, "variants: give at least the reference")
     check(not out[0][2], "variants: the reference verifies every user (no d prefix)")
     return out
 
 
-def _config(candidates: int, context: int, cfg: BenchDPSCutConfig, departures: bool = False) -> DPSConfig:
+def _config(candidates: int, context: int | str, cfg: BenchDPSCutConfig, departures: bool = False) -> DPSConfig:
+    conversation = context == "c"
     return DPSConfig(mode="fast", top_k=cfg.top_k, candidates=candidates, pcs_baseline="none",
                      clusters=cfg.clusters if departures else 0, verify="departures" if departures else "all",
                      departure_overlap=cfg.departure_overlap,
-                     history=HistoryContextConfig(context_items=context, max_items=cfg.items))
+                     history=HistoryContextConfig(context_items=0 if conversation else context, max_items=cfg.items,
+                                                  arrangement="conversation" if conversation else "items"))
 
 
 def _clusters(rt: ModelRuntime, config: BenchDPSCutConfig, cfg: DPSConfig, others: pa.Table, users: pa.Table,
@@ -174,8 +181,7 @@ def main(config: BenchDPSCutConfig) -> dict:
                 out = op(user).to_pylist()[0]
             seconds = time.perf_counter() - start
             check(out["status"] == "ok", f"{uid}: {out['reason']}")
-            seqs = user.column("sequences")[0].as_py()
-            enc = rt.encode([s["prompt"] for s in seqs], [s["output"] for s in seqs])
+            enc = op._encode([{"user_id": uid, "sequences": user.column("sequences")[0].as_py()}])[0]
             if (uid, context) not in attributions:
                 attributions[uid, context] = -rt.head_attribution(enc, [0] * len(enc), 1)[0].reshape(-1).numpy()
             verified = cfg.verifies(out["cluster_overlap"])
@@ -202,7 +208,7 @@ def main(config: BenchDPSCutConfig) -> dict:
             pcs = dict(ref_heads)
             if missing:
                 base, ablated = rt.ablation_nll(ref["encoded"], missing)
-                tokens = sum(len(e.ids) - e.prompt_len for e in ref["encoded"])
+                tokens = sum(e.scored for e in ref["encoded"])
                 pcs.update(zip(missing, ((ablated.sum(1) - base.sum()) / tokens).tolist()))
             ref_sum = sum(ref_heads.values())
             captured.append(sum(pcs[h] for h in r["heads"]) / ref_sum if ref_sum > 0 else float("nan"))
@@ -210,7 +216,8 @@ def main(config: BenchDPSCutConfig) -> dict:
         fte = float(np.mean([r["fte"] for r in rows]))
         seconds = float(np.mean([r["seconds"] for r in rows]))
         figures[name] = {
-            "candidates": int(name.removeprefix("d").split(":")[0]), "context_items": int(name.split(":")[1]),
+            "candidates": int(name.removeprefix("d").split(":")[0]),
+            "context_items": "conversation" if name.endswith(":c") else int(name.split(":")[1]),
             "fte_per_user": round(fte, 1),
             "fte_ratio_vs_reference": round(fte / np.mean([r["fte"] for r in ref_rows]), 3),
             "seconds_per_user": round(seconds, 2),

@@ -137,6 +137,9 @@ class ModelRuntime:
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Encoded]:
         return self.text.encode(prompts, responses)
 
+    def encode_conversation(self, turns: Sequence[tuple[str, str]]) -> Encoded:
+        return self.text.encode_conversation(turns)
+
     def micro_batches(self, lengths: Sequence[int], extra: int = 0, budget: int | None = None) -> list[list[int]]:
         """Indices grouped by similar length so each padded batch stays under max_batch_tokens.
 

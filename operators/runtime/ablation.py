@@ -175,7 +175,7 @@ def head_attribution(rt: ModelRuntime, encoded: Sequence[Encoded], groups: Seque
     """
     tokens = torch.zeros(n_groups, dtype=torch.float64)
     for e, g in zip(encoded, groups):
-        tokens[g] += len(e.ids) - e.prompt_len
+        tokens[g] += e.scored
     grads = torch.zeros((n_groups, rt.num_layers, rt.num_heads), dtype=torch.float64)
     group_index = torch.as_tensor(list(groups), dtype=torch.long)
     for batch in rt.micro_batches([len(e.ids) for e in encoded], budget=rt.config.max_backward_tokens):

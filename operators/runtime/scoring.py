@@ -119,9 +119,9 @@ def token_nll(rt: ModelRuntime, hidden: torch.Tensor, ids: torch.Tensor, encoded
     """
     rows, cols = [], []
     for row, e in enumerate(encoded):
-        start, end = e.prompt_len, len(e.ids)
-        rows += [row] * (end - start)
-        cols += range(start - 1, end - 1)  # position t predicts token t + 1
+        for start, end in e.spans:
+            rows += [row] * (end - start)
+            cols += range(start - 1, end - 1)  # position t predicts token t + 1
     r = torch.as_tensor(rows, dtype=torch.long, device=hidden.device)
     c = torch.as_tensor(cols, dtype=torch.long, device=hidden.device)
     if not rows:

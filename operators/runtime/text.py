@@ -14,10 +14,26 @@ from .loading import ModelConfig
 
 @dataclass
 class Encoded:
-    """One tokenised sequence: prompt tokens (templated) followed by response tokens."""
+    """One tokenised sequence: prompt tokens (templated) followed by response tokens.
+
+    A conversation (``TextEncoder.encode_conversation``) scores several responses, one per
+    assistant turn: ``turns`` holds each one's [start, end) token positions, and ``prompt_len``
+    is the first one's start. Plain sequences score [prompt_len, len(ids)).
+    """
 
     ids: list[int]
     prompt_len: int
+    turns: list[tuple[int, int]] | None = None
+
+    @property
+    def spans(self) -> list[tuple[int, int]]:
+        """The scored token positions, [start, end) per response."""
+        return self.turns if self.turns is not None else [(self.prompt_len, len(self.ids))]
+
+    @property
+    def scored(self) -> int:
+        """How many tokens are scored."""
+        return sum(end - start for start, end in self.spans)
 
 
 class TextEncoder:
@@ -60,6 +76,45 @@ class TextEncoder:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         return [Encoded(p + r, len(p)) for p, r in zip(self.prompt_ids(prompts), self.response_ids(responses))]
+
+    def encode_conversation(self, turns: Sequence[tuple[str, str]]) -> Encoded:
+        """One multi-turn conversation: each (prompt, response) a user turn then an assistant turn; every
+        response is scored given the turns before it (``Encoded.turns``).
+
+        Each turn's template text is tokenised apart from the responses (raw tokens, as ``encode``
+        gives them), so a response's tokens are those of the same text scored alone. Needs a chat
+        template that extends a conversation turn by turn (each rendering a prefix of the next); without
+        a template, turns are joined as plain text.
+        """
+        if not turns:
+            raise ValueError("a conversation needs at least one turn")
+        ids: list[int] = []
+        spans: list[tuple[int, int]] = []
+        done = ""  # the text rendered so far (through the previous response)
+        messages: list[dict] = []
+        for n, (prompt, response) in enumerate(turns):
+            messages.append({"role": "user", "content": prompt})
+            if self.templated:
+                head = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                if not head.startswith(done):
+                    raise ValueError("the chat template does not extend a conversation turn by turn: "
+                                     "use one sequence per item (dps.arrangement=items)")
+                piece = head[len(done):]
+                messages.append({"role": "assistant", "content": response})
+                full = self.tokenizer.apply_chat_template(messages, tokenize=False)
+                if not full.startswith(head + response):
+                    raise ValueError("the chat template changes an assistant turn's text: "
+                                     "use one sequence per item (dps.arrangement=items)")
+                done = head + response
+                piece_ids = self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+            else:
+                piece = prompt if n == 0 else "\n\n" + prompt  # encode's layout: the response follows its prompt
+                piece_ids = self.tokenizer(piece, add_special_tokens=(n == 0))["input_ids"]
+            ids += piece_ids
+            start = len(ids)
+            ids += self.response_ids([response])[0]
+            spans.append((start, len(ids)))
+        return Encoded(ids, spans[0][0], spans)
 
 
 def micro_batches(lengths: Sequence[int], budget: int, extra: int = 0) -> list[list[int]]:
