@@ -426,8 +426,11 @@ class StoreReader:
             history_items=items, history_chars=chars)
 
     def dps_history(self) -> tuple[int, int]:
-        """(history items shown before each text when DPS heads were chosen, characters kept of each output)."""
+        """(history items shown before each text when DPS heads were chosen, at most; characters kept of each
+        context output). Scored as one conversation, each text came after every earlier scored item."""
         history = ((self.manifest.get("config") or {}).get("dps") or {}).get("history") or {}
+        if history.get("arrangement") == "conversation":
+            return max(0, int(history.get("max_items", 8)) - 1), int(history.get("context_chars", 600))
         return int(history.get("context_items", 0)), int(history.get("context_chars", 600))
 
     def users(self, user_ids: Sequence[str] | None = None) -> pa.Table:

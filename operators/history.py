@@ -24,7 +24,8 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 
 @dataclass
 class HistoryContextConfig:
-    context_items: int = option(2, help="other history items shown as context before each scored item (k)")
+    context_items: int = option(2, help="other history items shown as context before each scored item (k; "
+                                        "arrangement=items)")
     selection: Selection = option("recent", help="which other items: recent (closest before it in time) or bm25 (most similar input)")
     context_chars: int = option(600, help="each context item's output is cut to this many characters")
     max_items: int = option(8, help="most recent history items scored per user")

@@ -261,7 +261,7 @@ def plan_requests(reader: StoreReader, requests: Sequence[Request],
             plan.dps_settings = settings
             plan.heads[i] = user.heads
             if user.history_items and not req.history:
-                record.note = (f"the heads were chosen with {user.history_items} history item(s) before each text; "
+                record.note = (f"the heads were chosen with up to {user.history_items} history item(s) before each text; "
                                "this request shows none (pass the user's retrieved history)")
             plan.gamma[i] = float(req.scale) if req.scale is not None else user.gamma
             record.applied, record.scale = "user", plan.gamma[i]

@@ -85,6 +85,7 @@ def test_a_profile_is_counted_with_the_refresh_settings_it_names(tmp_path):
     base = main(BenchCostConfig(**small))
     cheap = main(BenchCostConfig(**small, dps=DPSConfig(top_k=2, candidates=2,
                                                          history=HistoryContextConfig(context_items=0))))
-    assert cheap["settings"] == {"dps.top_k": 2, "dps.candidates": 2, "dps.history.context_items": 0}
+    assert cheap["settings"] == {"dps.top_k": 2, "dps.candidates": 2, "dps.history.context_items": 0,
+                                 "dps.history.arrangement": "items"}  # per-item sequences without context
     assert cheap["stages"]["dps"]["forward_token_equivalents"] < base["stages"]["dps"]["forward_token_equivalents"]
     assert cheap["stages"]["caa"]["forward_token_equivalents"] == base["stages"]["caa"]["forward_token_equivalents"]

@@ -50,7 +50,9 @@ def test_bm25_selection_picks_the_most_similar_items():
 @pytest.fixture(scope="module")
 def scorer(tiny_model_folder):
     def make(**cfg):
-        config = DPSConfig(**{"top_k": 4, "candidates": 6, "pcs_baseline": "none", **cfg})
+        # the users below bring per-item sequences (their prompts hold their context items)
+        config = DPSConfig(**{"top_k": 4, "candidates": 6, "pcs_baseline": "none", "history": HistoryContextConfig(),
+                              **cfg})
         return DPSHeads(config, ModelConfig(name_or_path=str(tiny_model_folder)))
     return make
 
@@ -124,6 +126,25 @@ def test_dps_over_a_conversation_equals_a_per_head_loop_over_its_turns(scorer):
     assert fast["status"] == "ok" and fast["heads"] and fast["n_tokens"] == conv.scored
 
 
+def test_a_conversation_longer_than_a_backward_micro_batch_is_split_and_scores_every_output_once(tiny_model_folder):
+    config = DPSConfig(mode="exact", top_k=2, candidates=2, pcs_baseline="none", history=CONVERSATION)
+    whole = DPSHeads(config, ModelConfig(name_or_path=str(tiny_model_folder)))
+    user = {"user_id": "u1", "sequences": [{"prompt": p, "output": o} for p, o in scoring_sequences(ITEMS, CONVERSATION)]}
+    (one,) = whole._encode([user])[0]
+    budget = len(one.ids) // 2  # the whole conversation needs two backward micro-batches
+    split = DPSHeads(config, ModelConfig(name_or_path=str(tiny_model_folder), max_backward_tokens=budget))
+    parts = split._encode([user])[0]
+    assert len(parts) >= 2 and all(len(e.ids) <= budget for e in parts)
+    turns = [(s["prompt"], s["output"]) for s in user["sequences"]]
+    assert sum(len(e.spans) for e in parts) == len(turns)  # each output once, in consecutive conversations
+    first = 0
+    for e in parts:  # each part is the conversation of its own turns, from its first
+        assert e.ids == split.runtime.encode_conversation(turns[first:first + len(e.spans)]).ids
+        first += len(e.spans)
+    row = split(pa.Table.from_pylist([user])).to_pylist()[0]
+    assert row["status"] == "ok" and row["n_tokens"] == sum(e.scored for e in parts) == one.scored
+
+
 def test_only_dps_scores_a_conversation():
     from steerstore.infra.config import ConfigError
     from steerstore.operators.steerx import SteerXConfig
@@ -154,7 +175,7 @@ def test_departures_verify_only_users_whose_attribution_leaves_their_clusters_he
     from steerstore.jobs.bench.cost import BlockCounter
 
     model = ModelConfig(name_or_path=str(tiny_model_folder))
-    config = dict(mode="fast", top_k=4, candidates=6, pcs_baseline="none", clusters=2)
+    config = dict(mode="fast", top_k=4, candidates=6, pcs_baseline="none", clusters=2, history=HistoryContextConfig())
     every = DPSHeads(DPSConfig(**config), model)
     users = [dict(_user("u1"), cluster=0, routing=[1.0, 0.0]), dict(_user("u2", ITEMS[:3], k=1), cluster=1,
                                                                      routing=[0.0, 1.0])]

@@ -221,7 +221,8 @@ def test_a_request_with_the_users_history_decodes_the_prompt_the_heads_were_chos
     reader, model, tokenizer = served
     runtime = ModelRuntime(ModelConfig(name_or_path="tiny"), model=model, tokenizer=tokenizer)
     ann = reader.artifacts("ann")
-    assert ann.dps.history_items == 1  # the store says the heads were chosen with one history item shown
+    # the heads were scored with the user's items as one conversation (the default): up to max_items − 1 before each
+    assert ann.dps.history_items == reader.manifest["config"]["dps"]["history"]["max_items"] - 1
     history = [{"input": "Tell me about your weekend.", "output": "Wow, I absolutely love it! Amazing!"}]
     shown = history_prompt(history, PROMPTS[2], HistoryContextConfig(context_chars=ann.dps.history_chars))
     alone_dps = runtime.generate([shown], 8, contrast=HeadContrast([ann.dps.heads], gamma=ann.dps.gamma,
@@ -232,7 +233,7 @@ def test_a_request_with_the_users_history_decodes_the_prompt_the_heads_were_chos
                                   Request("ann", PROMPTS[2], "dps")], 8)
     assert out[0].text == alone_dps[0] and out[0].note is None
     assert out[1].text == runtime.generate([shown], 8)[0]  # none + history: the history-in-prompt baseline
-    assert "chosen with 1 history item(s)" in out[2].note  # served without the history it was chosen with
+    assert "chosen with up to 7 history item(s)" in out[2].note  # served without the history it was chosen with
     for bad in ([{"input": "x"}], "text", [{"input": "x", "output": "  "}]):
         with pytest.raises(BadRequest, match="history must be a list"):
             plan_requests(reader, [Request("ann", "Hi", "dps", history=bad)])

@@ -29,9 +29,10 @@ from steerstore.jobs.bench.cost import BenchCostConfig, main
 
 out, tokenizer, users, shape = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 PROFILES = {  # name -> the refresh settings it changes (the first is the baseline of the ratios)
-    "default": {},
+    "default": {},  # DPS scores each user's items as one conversation
+    "dps-items": {"dps": {"history": {"arrangement": "items"}}},  # one sequence per item, 2 context items (before)
     "dps8-loo-user": {"dps": {"candidates": 8}, "steerx": {"counterfactual_draw": "user"}},
-    "budget": {"dps": {"candidates": 8, "history": {"context_items": 0}},
+    "budget": {"dps": {"candidates": 8, "history": {"arrangement": "items", "context_items": 0}},
                "steerx": {"counterfactual_draw": "user", "history": {"context_items": 2}}},
 }
 summary = {}
