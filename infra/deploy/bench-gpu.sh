@@ -7,11 +7,12 @@
 #
 # TOKENIZER: a folder with the default model's tokenizer files (tokenizer.json, tokenizer_config.json,
 # chat_template.jinja), e.g. ~/.cache/steerstore/models/smollm2-135m-instruct after `make setup`.
-# Writes OUT/bench-cost-<shape>-<profile>.json per profile and OUT/device.txt. Takes ~5 minutes on an H200.
+# Writes OUT/bench-cost-<shape>-<profile>-<users>users.json per profile and OUT/device.txt. Takes ~5 minutes on an H200 for 8 users (each profile runs twice: once to warm up).
 set -euo pipefail
 : "${OUT:?set OUT to the folder for the figures}"
 : "${TOKENIZER:?set TOKENIZER to a folder with the tokenizer files of the default model}"
 USERS="${USERS:-8}"
+ONLY="${PROFILES:-}"   # e.g. PROFILES="default dps-items": only those (default: all)
 SHAPE="${SHAPE:-llama-3.1-8b}"
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
 shim="$(mktemp -d)"
@@ -22,12 +23,12 @@ mkdir -p "$OUT"
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } > "$OUT/device.txt"
 cat "$OUT/device.txt"
-python3 - "$OUT" "$TOKENIZER" "$USERS" "$SHAPE" <<'EOF'
+python3 - "$OUT" "$TOKENIZER" "$USERS" "$SHAPE" "$ONLY" <<'EOF'
 import json, sys, time
 from steerstore.infra.config import from_dict
 from steerstore.jobs.bench.cost import BenchCostConfig, main
 
-out, tokenizer, users, shape = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+out, tokenizer, users, shape, only = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5].split()
 PROFILES = {  # name -> the refresh settings it changes (the first is the baseline of the ratios)
     "default": {},  # DPS scores each user's items as one conversation
     "dps-items": {"dps": {"history": {"arrangement": "items"}}},  # one sequence per item, 2 context items (before)
@@ -37,17 +38,19 @@ PROFILES = {  # name -> the refresh settings it changes (the first is the baseli
 }
 summary = {}
 for name, settings in PROFILES.items():
+    if only and name not in only:
+        continue
     start = time.perf_counter()
     result = main(from_dict(BenchCostConfig, {"model": "random", "users": users, "tokenizer": tokenizer,
-                                              "shape": shape, "json": f"{out}/bench-cost-{shape}-{name}.json",
+                                              "shape": shape, "json": f"{out}/bench-cost-{shape}-{name}-{users}users.json",
                                               **settings}))
     summary[name] = {"fte": result["total_forward_token_equivalents"],
                      "measured_users_per_hour": result["measured"]["users_per_hour"],
                      "measured_mfu": result["measured"]["mfu"], "wall_s": round(time.perf_counter() - start, 1)}
     print("PROFILE", name, json.dumps(summary[name]), flush=True)
-base = summary["default"]
+base = summary[next(iter(summary))]
 for name, s in summary.items():
-    s["fte_vs_default"] = round(s["fte"] / base["fte"], 3)
-    s["users_per_hour_vs_default"] = round(s["measured_users_per_hour"] / base["measured_users_per_hour"], 2)
+    s["fte_vs_first"] = round(s["fte"] / base["fte"], 3)
+    s["users_per_hour_vs_first"] = round(s["measured_users_per_hour"] / base["measured_users_per_hour"], 2)
 print(json.dumps(summary, indent=1))
 EOF
