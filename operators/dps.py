@@ -203,6 +203,8 @@ class DPSHeads:
         self.full = full
         self.clusters = clusters if config.verify == "departures" and not full else None
         rt = self.runtime
+        if config.history.arrangement == "conversation":  # a chat template that cannot hold one fails here, not per user
+            rt.encode_conversation([("Prompt: a", "First."), ("Prompt: b", "Second.")])
         self.all_heads = [(l, h) for l in range(rt.num_layers) for h in range(rt.num_heads)]
         self.group = max(1, rt.num_heads // rt.num_kv_heads)
 

@@ -108,6 +108,46 @@ def test_a_conversation_scores_each_output_after_the_turns_before_it(tiny_runtim
     assert torch.allclose(attribution, rt.head_attribution(prefixes, [0] * len(prefixes), 1), atol=1e-5)
 
 
+def test_a_template_that_trims_turns_still_scores_each_raw_output_and_one_that_rewrites_them_fails_early(
+        tiny_runtime, tiny_model_folder):
+    """Llama 3's template trims every message: the text after each output is the template's own; a template
+    that rewrites earlier turns cannot hold a conversation, and DPS says so when it starts, not per user."""
+    import copy
+
+    from steerstore.operators.runtime import TextEncoder
+
+    trim = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tokenizer = copy.deepcopy(tiny_runtime.tokenizer)
+    tokenizer.chat_template = trim
+    text = TextEncoder(tokenizer)
+    turns = [("Prompt: a", "  Wow, I love it!  "), ("Prompt: b", "Noted. \n"), ("Prompt: c", "The fox.")]
+    conv = text.encode_conversation(turns)
+    for (start, end), (_, output) in zip(conv.spans, turns):  # the raw output's tokens, whitespace and all
+        assert conv.ids[start:end] == text.response_ids([output])[0]
+    between = tokenizer.decode(conv.ids[conv.spans[0][1]:conv.spans[1][0]])  # the template's own text after a turn
+    assert between == "<|im_end|>\n<|im_start|>user\nPrompt: b<|im_end|>\n<|im_start|>assistant\n"
+    rewrite = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}<|im_start|>assistant\n"
+               "(earlier answer)<|im_end|>\n{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+               "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tokenizer.chat_template = rewrite
+    with pytest.raises(ValueError, match="rewrites earlier turns.*dps.history.arrangement=items"):
+        TextEncoder(tokenizer).encode_conversation(turns)
+    import transformers
+
+    folder = tiny_model_folder.parent / "rewriting-template"
+    if not folder.exists():
+        import shutil
+
+        shutil.copytree(tiny_model_folder, folder)
+        saved = transformers.AutoTokenizer.from_pretrained(folder)
+        saved.chat_template = rewrite
+        saved.save_pretrained(folder)
+    with pytest.raises(ValueError, match="rewrites earlier turns"):
+        DPSHeads(DPSConfig(history=CONVERSATION), ModelConfig(name_or_path=str(folder)))
+    DPSHeads(DPSConfig(history=HistoryContextConfig()), ModelConfig(name_or_path=str(folder)))  # items: fine
+
+
 def test_dps_over_a_conversation_equals_a_per_head_loop_over_its_turns(scorer):
     dps = scorer(mode="exact", top_k=16, candidates=16, history=CONVERSATION)
     user = {"user_id": "u1", "sequences": [{"prompt": p, "output": o} for p, o in scoring_sequences(ITEMS, CONVERSATION)]}

@@ -83,29 +83,32 @@ class TextEncoder:
 
         Each turn's template text is tokenised apart from the responses (raw tokens, as ``encode``
         gives them), so a response's tokens are those of the same text scored alone. Needs a chat
-        template that extends a conversation turn by turn (each rendering a prefix of the next); without
-        a template, turns are joined as plain text.
+        template that extends a conversation turn by turn (each rendering a prefix of the next; one
+        that trims an assistant turn's whitespace, as Llama 3's does, is fine: the template text
+        after a response is taken from its own rendering). Without a template, turns are joined as
+        plain text.
         """
         if not turns:
             raise ValueError("a conversation needs at least one turn")
         ids: list[int] = []
         spans: list[tuple[int, int]] = []
-        done = ""  # the text rendered so far (through the previous response)
+        done = ""  # the text rendered so far (through the previous response, as the template renders it)
         messages: list[dict] = []
         for n, (prompt, response) in enumerate(turns):
             messages.append({"role": "user", "content": prompt})
             if self.templated:
                 head = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
                 if not head.startswith(done):
-                    raise ValueError("the chat template does not extend a conversation turn by turn: "
-                                     "use one sequence per item (dps.arrangement=items)")
+                    raise ValueError("the chat template does not extend a conversation turn by turn (it rewrites "
+                                     "earlier turns): use one sequence per item (dps.history.arrangement=items)")
                 piece = head[len(done):]
                 messages.append({"role": "assistant", "content": response})
                 full = self.tokenizer.apply_chat_template(messages, tokenize=False)
-                if not full.startswith(head + response):
-                    raise ValueError("the chat template changes an assistant turn's text: "
-                                     "use one sequence per item (dps.arrangement=items)")
-                done = head + response
+                shown = next((r for r in (response, response.strip()) if full.startswith(head + r)), None)
+                if shown is None:
+                    raise ValueError("the chat template changes an assistant turn's text: use one sequence per "
+                                     "item (dps.history.arrangement=items)")
+                done = head + shown
                 piece_ids = self.tokenizer(piece, add_special_tokens=False)["input_ids"]
             else:
                 piece = prompt if n == 0 else "\n\n" + prompt  # encode's layout: the response follows its prompt
