@@ -248,6 +248,9 @@ class DPSHeads:
         micro-batch), as consecutive conversations that each fit (a turn longer than that is one on its own):
         the memory a user's attribution needs stays bounded however long its history is."""
         budget = self.runtime.config.max_backward_tokens
+        whole = self.runtime.encode_conversation(turns)
+        if len(whole.ids) <= budget:  # the usual case: one encoding
+            return [whole]
         out: list[Encoded] = []
         group: list[tuple[str, str]] = []
         current: Encoded | None = None
