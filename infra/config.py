@@ -177,7 +177,7 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj, dict_factory=plain)
 
 
-def _flatten_fields(cls: type, prefix: str = "", instance: Any = None):
+def flatten_fields(cls: type, prefix: str = "", instance: Any = None):
     """(dotted name, field, type, effective default) per leaf field; nested defaults come from the parent's."""
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
@@ -185,7 +185,7 @@ def _flatten_fields(cls: type, prefix: str = "", instance: Any = None):
         name = f"{prefix}{f.name}"
         default = getattr(instance, f.name) if instance is not None else _field_default(f)
         if _is_dataclass_type(tp):
-            yield from _flatten_fields(tp, name + ".", default if isinstance(default, tp) else None)
+            yield from flatten_fields(tp, name + ".", default if isinstance(default, tp) else None)
         else:
             yield name, f, hints[f.name], (None if default is dataclasses.MISSING else default)
 
@@ -198,7 +198,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, full: bool = True)
     """
     sections: dict[str, list[str]] = {}
     hints = _hints(cls)
-    for name, f, tp, default in _flatten_fields(cls):
+    for name, f, tp, default in flatten_fields(cls):
         if isinstance(default, enum.Enum):
             default = default.value
         switch = _strip_optional(tp)[0] is bool

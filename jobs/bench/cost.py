@@ -34,7 +34,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from steerstore.infra.config import check, from_dict, option, to_dict
+from steerstore.infra.config import check, flatten_fields, from_dict, option, to_dict
 from steerstore.jobs.bench.common import device_info, write_figures
 from steerstore.operators.caa import CAAConfig
 from steerstore.operators.dps import DPSConfig
@@ -272,15 +272,11 @@ def run_stages(config: BenchCostConfig, model: ModelConfig, counter: BlockCounte
 
 def changed_settings(config: BenchCostConfig) -> dict:
     """The method settings of this run that differ from the refresh's defaults ({} = the defaults)."""
-    def flat(value, prefix: str) -> dict:
-        if isinstance(value, dict):
-            return {k: v for key, sub in value.items() for k, v in flat(sub, f"{prefix}.{key}").items()}
-        return {prefix: value}
-
     out = {}
     for name, default in (("caa", CAAConfig()), ("dps", DPSConfig()), ("steerx", SteerXConfig())):
-        base, mine = flat(to_dict(default), name), flat(to_dict(getattr(config, name)), name)
-        out.update({k: v for k, v in mine.items() if base.get(k) != v})
+        base = {n: v for n, _, _, v in flatten_fields(type(default), f"{name}.", default)}
+        out.update({n: v for n, _, _, v in flatten_fields(type(default), f"{name}.", getattr(config, name))
+                    if base[n] != v})
     return out
 
 
