@@ -20,6 +20,9 @@ then ``manifest.json`` (written last but one) and the store's ``LATEST`` pointer
   (the user's style vectors are rows of ``vectors`` with ``method='steerx'``, one per source);
   ``steerx_token_effects``: per scored item, every token's leave-one-out effect (only with
   ``steerx.token_effects``).
+- ``recommended``: per user and condition (``plain`` prompt, or ``history``: on top of the user's
+  retrieved history), the method and strength the user should get, chosen on the user's own
+  held-out items and shrunk toward the population's choice, with the evidence it was chosen on.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ import pyarrow as pa
 
 # 2: vectors.source (caa: pairs; steerx: history | description | blend); steerx_anchors became steerx_users
 # 3: vectors as fixed-size lists of a recorded dtype (float32 or float16)
-STORE_SCHEMA_VERSION = 4  # 4: users.fingerprints (per method family, for the incremental refresh)
+STORE_SCHEMA_VERSION = 5  # 4: users.fingerprints (per method family, for the incremental refresh)
+# 5: the recommended table (per user: the method and strength chosen on their held-out items)
 
 
 def _meta(table: str) -> dict[str, str]:
@@ -273,11 +277,35 @@ STEERX_TOKEN_EFFECTS_SCHEMA = pa.schema([
     pa.field("model_fingerprint", pa.string(), nullable=False),
 ], metadata=_meta("steerx_token_effects"))
 
+RECOMMENDED_CANDIDATE_STRUCT = pa.struct([
+    ("method", pa.string()), ("source", pa.string()), ("multiplier", pa.float32()), ("scale", pa.float32()),
+    ("gain", pa.float64()),  # the user's own log-likelihood gain per held-out token over the plain prompt (nats)
+    ("prior", pa.float64()),  # the population's gain per token for this candidate (the sample's, pooled)
+    ("shrunk", pa.float64()),  # w·gain + (1 − w)·prior: what the choice ranks
+])
+
+RECOMMENDED_SCHEMA = pa.schema([
+    pa.field("user_id", pa.string(), nullable=False),
+    pa.field("condition", pa.string(), nullable=False),  # plain | history (on top of retrieved history)
+    pa.field("method", pa.string(), nullable=False),  # none | caa | bt | population | style_vector | influence | dps
+    pa.field("source", pa.string()),  # style_vector: its source
+    pa.field("scale", pa.float32()),  # α, γ or λ (null for none)
+    pa.field("layers", pa.list_(pa.int32())),  # vector methods: the steered layers
+    pa.field("chosen_by", pa.string(), nullable=False),  # user (own held-out items, shrunk) | population (no items held out)
+    pa.field("weight", pa.float64()),  # w = tokens / (tokens + recommend.prior_tokens)
+    pa.field("items", pa.int32()),  # the user's held-out items scored
+    pa.field("tokens", pa.int64()),  # their output tokens
+    pa.field("candidates", pa.list_(RECOMMENDED_CANDIDATE_STRUCT)),
+    pa.field("fingerprint", pa.string()),  # what the choice depends on (the incremental refresh compares it)
+    pa.field("model_fingerprint", pa.string(), nullable=False),
+], metadata=_meta("recommended"))
+
 STORE_TABLES: dict[str, pa.Schema] = {
     "vectors": VECTORS_SCHEMA, "users": USERS_SCHEMA, "quarantine": QUARANTINE_SCHEMA,
     "bt_coords": BT_COORDS_SCHEMA, "bt_basis": BT_BASIS_SCHEMA, "dps_heads": DPS_HEADS_SCHEMA,
     "dps_clusters": DPS_CLUSTERS_SCHEMA, "dps_population": DPS_POPULATION_SCHEMA,
     "steerx_users": STEERX_USERS_SCHEMA, "steerx_token_effects": STEERX_TOKEN_EFFECTS_SCHEMA,
+    "recommended": RECOMMENDED_SCHEMA,
 }
 
 
@@ -289,7 +317,7 @@ STORE_TABLES: dict[str, pa.Schema] = {
 LAYOUT_KIND = "user-buckets"
 BUCKETED_TABLES: dict[str, tuple[str, ...]] = {
     "vectors": ("user_id", "method", "source"), "users": ("user_id",), "bt_coords": ("user_id",),
-    "dps_heads": ("user_id",), "steerx_users": ("user_id",),
+    "dps_heads": ("user_id",), "steerx_users": ("user_id",), "recommended": ("user_id", "condition"),
 }
 POPULATION_FILE = "population.parquet"
 
@@ -390,6 +418,8 @@ class Manifest:
     methods: list[str]  # e.g. ["caa", "bt"]
     steerstore_version: str
     scale_choice: dict = field(default_factory=dict)  # per method: chosen α and its curve
+    # the per-user choice: the population's choice per condition (users without their own), its prior, settings
+    recommend: dict = field(default_factory=dict)
     layout: dict = field(default_factory=dict)  # kind, buckets, tables (sort keys), row_group_bytes; {} = unbucketed
     vector_dtype: str = "float32"  # how the vectors table stores its values (readers return float32)
     store_schema_version: int = STORE_SCHEMA_VERSION

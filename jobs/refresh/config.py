@@ -18,6 +18,7 @@ from steerstore.operators.bt import BTConfig
 from steerstore.operators.caa import CAAConfig
 from steerstore.operators.dps import DPSConfig
 from steerstore.operators.prepare import PrepareConfig
+from steerstore.operators.recommend import RecommendConfig
 from steerstore.operators.runtime import ModelConfig
 from steerstore.operators.scale import ScaleConfig
 from steerstore.operators.steerx import SteerXConfig
@@ -121,6 +122,9 @@ class RefreshConfig:
     dps: DPSConfig = dataclasses.field(default_factory=DPSConfig, metadata={"help": "DPS preference heads"})
     steerx: SteerXConfig = dataclasses.field(default_factory=SteerXConfig,
                                              metadata={"help": "SteerX leave-one-out token effects and anchors"})
+    recommend: RecommendConfig = dataclasses.field(
+        default_factory=RecommendConfig,
+        metadata={"help": "the method and strength each user should get, chosen on the user's held-out items"})
     resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig, metadata={"help": "scheduling"})
     retention: RetentionConfig = dataclasses.field(
         default_factory=RetentionConfig, metadata={"help": "versions kept after each publish"})

@@ -2,7 +2,8 @@
 
 Per shard: the user pass on a model worker → descriptions on a generation worker (the same
 worker when the smoothing LLM is the job's model) → the description pass on the first worker →
-the writer task, which writes the shard's bucket files and its completion marker. The driver
+the recommend pass (each user's method and strength, on its held-out items) on the same worker → the
+writer task, which writes the shard's bucket files and its completion marker. The driver
 only moves references between these steps; shard state flows worker to worker through the
 object store, and each worker has at most ``resources.shards_in_flight`` shards at a time, so
 memory stays flat however many shards there are. Shards that already have a marker (a resumed
@@ -43,6 +44,7 @@ def run_shards(config: RefreshConfig, run: Run, buckets: list[int], pool: Pool, 
     writer = ray.remote(write_shard).options(num_cpus=1, max_retries=config.resources.shard_retries)
     describe = g["steerx_active"]
     vectors = g["steerx_active"] and config.steerx.vectors.enabled
+    recommends = config.recommend.enabled and g.get("recommend") is not None
     depth = config.resources.shards_in_flight
     inflight = [0] * len(pool)
     pending: dict = {}  # ref -> (step, bucket, worker index)
@@ -73,6 +75,8 @@ def run_shards(config: RefreshConfig, run: Run, buckets: list[int], pool: Pool, 
             pending[nxt] = ("describe", b, w)
         elif step == "describe" and vectors:
             pending[pool.worker(w).description_pass.remote(ref)] = ("description_pass", b, w)
+        elif step not in ("write", "recommend") and recommends:
+            pending[pool.worker(w).recommend_pass.remote(ref)] = ("recommend", b, w)
         elif step != "write":
             pending[writer.remote(ref, run, config, g_ref)] = ("write", b, w)
         else:

@@ -27,11 +27,13 @@ import pyarrow.compute as pc
 
 from steerstore.infra import storage
 from steerstore.infra.artifacts import compose
+from steerstore.infra.config import to_dict
 from steerstore.jobs.refresh.common import Timer
 from steerstore.infra.lifecycle import forgotten_hashes
 from steerstore.jobs.refresh.config import RefreshConfig
 from steerstore.jobs.refresh.incremental import Previous, carry_plan, finish_plan, plan_globals
 from steerstore.jobs.refresh.pool import Pool
+from steerstore.jobs.refresh.recommend import compute_prior
 from steerstore.jobs.refresh.run import Run
 from steerstore.jobs.refresh.samples import Sample, choose, sample_plan
 from steerstore.jobs.refresh.shards import Shards
@@ -88,6 +90,11 @@ def compute_globals(config: RefreshConfig, run: Run, shards: Shards, pool: Pool,
         _steerx(config, run, sampler, pool, gen, g)
         timer.lap("sample steerx", f"pool of {len(g['steerx_pool'])} items, calibration on "
                                    f"{len(g['steerx_calibrated'])} users")
+    if config.recommend.enabled and (g["dps_active"] or g["steerx_active"] or g["population_mean"] is not None) \
+            and config.inputs.histories:
+        _recommend(config, run, sampler, pool, gen, g, previous, frozen, decisions)
+        timer.lap("sample recommend", f"population's choice {g['recommend']['population']} from "
+                                      f"{g['recommend']['users']} users")
     g["samples"] = {**((previous.state or {}).get("samples", {}) if frozen else {}),
                     **{k: {"users": len(s.users), "eligible": s.eligible, "fraction": s.fraction}
                        for k, s in sampler.chosen.items()}}
@@ -97,6 +104,18 @@ def compute_globals(config: RefreshConfig, run: Run, shards: Shards, pool: Pool,
         g["carry"]["forgotten"] = sorted(forgotten_hashes(run.store))
     storage.write_bytes(run.globals_uri, pickle.dumps(g), config.storage)
     return g
+
+
+def _recommend(config: RefreshConfig, run: Run, sampler: "Sampler", pool: Pool, gen: Pool, g: dict,
+               previous: Previous | None, frozen: dict, decisions: dict) -> None:
+    """The per-user choice's prior: reused while every family's statistics are frozen and its settings hold."""
+    old = (previous.state or {}) if previous is not None else {}
+    settings = [to_dict(config.recommend), to_dict(config.scale)]
+    if frozen and set(frozen) == set(decisions) and old.get("recommend") and old.get("recommend_settings") == settings:
+        g.update(recommend=old["recommend"], recommend_strengths=old["recommend_strengths"])
+    else:
+        compute_prior(config, run, sampler, pool, gen, g, _public)
+    g["recommend_settings"] = settings
 
 
 def _load(run: Run) -> dict | None:

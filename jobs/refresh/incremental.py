@@ -134,6 +134,7 @@ def family_settings(config, family: str, g: dict) -> str:
     sections = {name: to_dict(getattr(config, name)) for name in FAMILY_SECTIONS[family]}
     if family == "steerx":  # its calibration also scores on top of retrieved history, shown as scale.history_* say
         sections["scale.history"] = [config.scale.history_items, config.scale.history_chars]
+    sections["recommend.holdout"] = config.recommend.settings()  # the items held out of every family's inputs
     models = [g["model"]["model_fingerprint"]] + ([g.get("smoothing_fingerprint")] if family == "steerx" else [])
     return _digest([family, sections, to_dict(config.validate), to_dict(config.prepare), models])
 
@@ -274,7 +275,7 @@ def read_previous(config, carry: dict, bucket: int) -> dict[str, pa.Table]:
     """The previous version's rows of one bucket: users and every per-user table (absent ones left out)."""
     store = SteeringStore(config.output.store, config.storage)
     out = {}
-    for table in ("users",) + CARRIED_TABLES:
+    for table in ("users",) + CARRIED_TABLES + ("recommended",):
         name = part_file(bucket) if table == "steerx_token_effects" else bucket_file(bucket)
         try:
             out[table] = storage.open_parquet(storage.join(store.table_uri(carry["version"], table), name),

@@ -19,67 +19,27 @@ import pyarrow.compute as pc
 from steerstore.infra import storage
 from steerstore.jobs.refresh.config import ReconciliationError, RefreshConfig
 from steerstore.jobs.refresh.run import Run
-from steerstore.jobs.refresh.tables import (
-    steerx_effect_rows,
-    steerx_user_rows,
-    steerx_vector_rows,
-    user_quarantine,
-    users_rows,
-)
+from steerstore.jobs.refresh.tables import concat as _concat
+from steerstore.jobs.refresh.tables import conformed as _conformed
+from steerstore.jobs.refresh.tables import steerx_effect_rows, store_tables, user_quarantine
 from steerstore.jobs.refresh.workers import read_rows
 from steerstore.schemas.store import (
-    BT_COORDS_SCHEMA,
-    DPS_HEADS_SCHEMA,
     QUARANTINE_SCHEMA,
     STEERX_TOKEN_EFFECTS_SCHEMA,
-    STEERX_USERS_SCHEMA,
     STORE_TABLES,
-    USERS_SCHEMA,
-    VECTORS_SCHEMA,
     conform,
     part_file,
     vectors_schema,
 )
 
 
-def _concat(parts: list) -> pa.Table | None:
-    parts = [p for p in parts if p is not None and p.num_rows]
-    if not parts:
-        return None
-    schema = parts[0].schema
-    return pa.concat_tables([p.select(schema.names).cast(schema) for p in parts])
-
-
 def write_shard(state: dict, run: Run, config: RefreshConfig, g: dict) -> dict:
     """Write the shard's rows of every table, then its marker; returns the marker."""
     bucket, users, failed = state["bucket"], state["users"], state["failed"]
     sx = config.steerx
-    eligibility = {"min_pairs": config.prepare.min_pairs, "min_histories": config.prepare.min_histories,
-                   "dps": g["dps_active"], "steerx": g["steerx_active"], "bt": g["theta_pop"] is not None}
-    described = state.get("described")
-    styles = state.get("styles")
-    steerx_ok = described
-    if sx.vectors.enabled and described is not None:
-        done = set() if styles is None else set(styles.column("user_id").to_pylist())
-        steerx_ok = described.filter(pa.array([u in done for u in described.column("user_id").to_pylist()], pa.bool_()))
-        for u in described.column("user_id").to_pylist():  # anchors and description but no vectors: quarantined
-            if u not in done and u not in failed["steerx"]:
-                failed["steerx"][u] = "steerx style vectors: not computed"
-    caa = state.get("caa")
-    carried = state.get("carried") or {}  # the previous version's rows of unchanged users (incremental refresh)
-    tables: dict[str, pa.Table | None] = {
-        "vectors": _concat([None if caa is None else conform(caa, VECTORS_SCHEMA),
-                            None if styles is None else steerx_vector_rows(styles, sx, g["steerx_recommended"]),
-                            _conformed(carried.get("vectors"), VECTORS_SCHEMA)]),
-        "users": _concat([users_rows(users, failed, eligibility, state.get("fingerprints")),
-                          _conformed(carried.get("users"), USERS_SCHEMA)]),
-        "bt_coords": _concat([_conformed(caa, BT_COORDS_SCHEMA), _conformed(carried.get("bt_coords"), BT_COORDS_SCHEMA)])
-        if eligibility["bt"] else None,
-        "dps_heads": _concat([_conformed(state.get("dps"), DPS_HEADS_SCHEMA),
-                              _conformed(carried.get("dps_heads"), DPS_HEADS_SCHEMA)]),
-        "steerx_users": _concat([None if steerx_ok is None or not steerx_ok.num_rows else steerx_user_rows(steerx_ok, sx),
-                                 _conformed(carried.get("steerx_users"), STEERX_USERS_SCHEMA)]),
-    }
+    tables, steerx_ok, eligibility = store_tables(state, config, g)
+    carried = state.get("carried") or {}
+    tables["recommended"] = _concat([state.get("recommended")])  # the recommend pass's (computed and carried)
     store = run.store
     files: dict[str, list[str]] = {}
     rows: dict[str, int] = {}
@@ -141,10 +101,6 @@ def _counts(users: pa.Table, quarantine: pa.Table, tables: dict, state: dict) ->
             or any(methods.get(m, 0) != n for m, n in stored.items())):
         raise ReconciliationError(f"shard {state['bucket']} does not reconcile: {counts}")
     return counts
-
-
-def _conformed(table: pa.Table | None, schema: pa.Schema) -> pa.Table | None:
-    return None if table is None or not table.num_rows else conform(table, schema)
 
 
 def _cluster_counts(dps: pa.Table | None) -> dict[str, int]:

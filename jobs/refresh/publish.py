@@ -73,9 +73,10 @@ def publish(config: RefreshConfig, run: Run, inputs: dict[str, str], shards: Sha
         model={"name_or_path": config.model.name_or_path, "id": model["model_id"],
                "fingerprint": model["model_fingerprint"], "hidden_size": model["hidden_size"]},
         tables=table_entries(files, rows, schemas), vector_dtype=config.output.vector_dtype, summary=summary, config=redacted(config), inputs=inputs,
-        layout=layout_entry(shards.buckets, ["vectors", "users", "bt_coords", "dps_heads", "steerx_users"],
+        layout=layout_entry(shards.buckets, ["vectors", "users", "bt_coords", "dps_heads", "steerx_users", "recommended"],
                             config.output.row_group_bytes),
-        methods=methods, steerstore_version=package_version(), scale_choice=dict(g["scale_curves"], **steerx))
+        methods=methods, steerstore_version=package_version(), scale_choice=dict(g["scale_curves"], **steerx),
+        recommend=_recommend_entry(config, g))
     _guard(config, run, summary, g)
     save_state(store, version, g)  # the next incremental refresh starts from these statistics
     if lease is not None:
@@ -89,6 +90,18 @@ def publish(config: RefreshConfig, run: Run, inputs: dict[str, str], shards: Sha
     summary["retention"] = prune(store, config.retention, keep={version})
     print_summary(summary, config.output.store)
     return summary
+
+
+def _recommend_entry(config: RefreshConfig, g: dict) -> dict:
+    """The manifest's ``recommend``: the population's choice per condition, the prior it came from, the settings."""
+    info = g.get("recommend")
+    if not config.recommend.enabled or info is None:
+        return {}
+    return {"population": info["population"], "prior_per_token": info["prior"], "sample_users": info["users"],
+            "sample_tokens": info["tokens"], "prior_tokens": config.recommend.prior_tokens,
+            "validation_items": config.recommend.validation_items, "min_items": config.recommend.min_items,
+            "multipliers": list(config.recommend.multipliers),
+            "strengths": {c: vars(s) for c, s in (g.get("recommend_strengths") or {}).items()}}
 
 
 def report_uri(run: Run) -> str:

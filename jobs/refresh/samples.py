@@ -30,12 +30,14 @@ class SampleKind:
     seed: Callable[[RefreshConfig], int]
     size: Callable[[RefreshConfig], int]
     exact: bool
-    needs: str  # "pairs" | "histories": what makes a user eligible
+    needs: str  # "pairs" | "histories" | "held_out": what makes a user eligible
     active: Callable[[RefreshConfig], bool]
 
     def eligible(self, config: RefreshConfig, user: dict) -> bool:
         if self.needs == "pairs":
             return len(user["pairs"] or []) >= config.prepare.min_pairs
+        if self.needs == "held_out":  # enough items that some are held out (recommend.min_items)
+            return len(user["histories"] or []) >= max(config.recommend.min_items, config.prepare.min_histories)
         return len(user["histories"] or []) >= config.prepare.min_histories
 
 
@@ -51,6 +53,9 @@ SAMPLE_KINDS: dict[str, SampleKind] = {
     "steerx_calibration": SampleKind(lambda c: c.steerx.vectors.seed + 3,
                                      lambda c: c.steerx.vectors.calibration_users, True, "histories",
                                      lambda c: c.steerx.enabled and c.steerx.vectors.enabled),
+    # the users whose held-out items give the population's gain per candidate (the per-user choice's prior)
+    "recommend": SampleKind(lambda c: c.recommend.seed + 5, lambda c: c.recommend.sample_users, True, "held_out",
+                            lambda c: c.recommend.enabled),
 }
 
 

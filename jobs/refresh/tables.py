@@ -19,6 +19,7 @@ from steerstore.operators.steerx import SteerXConfig
 from steerstore.operators.style import STYLE_TEMPLATE
 from steerstore.schemas.store import (
     BT_BASIS_SCHEMA,
+    BT_COORDS_SCHEMA,
     DPS_CLUSTERS_SCHEMA,
     DPS_HEADS_SCHEMA,
     DPS_POPULATION_SCHEMA,
@@ -221,3 +222,49 @@ def basis_rows(basis: np.ndarray, population_norms: np.ndarray, feature_norms: n
         "model_fingerprint": population["model_fingerprint"],
     } for j, layer in enumerate(population["layers"])]
     return pa.Table.from_pylist(rows, schema=BT_BASIS_SCHEMA)
+
+
+def concat(parts: list) -> pa.Table | None:
+    """The non-empty tables of ``parts``, in the first one's columns and types (None when all are empty)."""
+    parts = [p for p in parts if p is not None and p.num_rows]
+    if not parts:
+        return None
+    schema = parts[0].schema
+    return pa.concat_tables([p.select(schema.names).cast(schema) for p in parts])
+
+
+def conformed(table: pa.Table | None, schema: pa.Schema) -> pa.Table | None:
+    return None if table is None or not table.num_rows else conform(table, schema)
+
+
+def store_tables(state: dict, config, g: dict) -> tuple[dict[str, pa.Table | None], pa.Table | None, dict]:
+    """A shard state's rows of the per-user store tables (computed and carried), the SteerX users with every
+    artifact, and the eligibility rules. Users whose description got no vectors are marked failed."""
+    users, failed, sx = state["users"], state["failed"], config.steerx
+    eligibility = {"min_pairs": config.prepare.min_pairs, "min_histories": config.prepare.min_histories,
+                   "dps": g["dps_active"], "steerx": g["steerx_active"], "bt": g["theta_pop"] is not None}
+    described = state.get("described")
+    styles = state.get("styles")
+    steerx_ok = described
+    if sx.vectors.enabled and described is not None:
+        done = set() if styles is None else set(styles.column("user_id").to_pylist())
+        steerx_ok = described.filter(pa.array([u in done for u in described.column("user_id").to_pylist()], pa.bool_()))
+        for u in described.column("user_id").to_pylist():  # anchors and description but no vectors: quarantined
+            if u not in done and u not in failed["steerx"]:
+                failed["steerx"][u] = "steerx style vectors: not computed"
+    caa = state.get("caa")
+    carried = state.get("carried") or {}  # the previous version's rows of unchanged users (incremental refresh)
+    tables: dict[str, pa.Table | None] = {
+        "vectors": concat([None if caa is None else conform(caa, VECTORS_SCHEMA),
+                           None if styles is None else steerx_vector_rows(styles, sx, g["steerx_recommended"]),
+                           conformed(carried.get("vectors"), VECTORS_SCHEMA)]),
+        "users": concat([users_rows(users, failed, eligibility, state.get("fingerprints")),
+                         conformed(carried.get("users"), USERS_SCHEMA)]),
+        "bt_coords": concat([conformed(caa, BT_COORDS_SCHEMA), conformed(carried.get("bt_coords"), BT_COORDS_SCHEMA)])
+        if eligibility["bt"] else None,
+        "dps_heads": concat([conformed(state.get("dps"), DPS_HEADS_SCHEMA),
+                             conformed(carried.get("dps_heads"), DPS_HEADS_SCHEMA)]),
+        "steerx_users": concat([None if steerx_ok is None or not steerx_ok.num_rows else steerx_user_rows(steerx_ok, sx),
+                                conformed(carried.get("steerx_users"), STEERX_USERS_SCHEMA)]),
+    }
+    return tables, steerx_ok, eligibility

@@ -23,6 +23,8 @@ import pyarrow.compute as pc
 from steerstore.infra import storage
 from steerstore.jobs.refresh.config import RefreshConfig
 from steerstore.jobs.refresh.guard import vector_problems
+from steerstore.jobs.refresh.recommend import held_out
+from steerstore.jobs.refresh import recommend
 from steerstore.jobs.refresh.incremental import carried_partial, carried_rows, fingerprints, plan_carry, read_previous
 from steerstore.jobs.refresh.tables import cluster_only_rows, dps_heads_rows, style_inputs
 from steerstore.operators import runtime as runtime_module
@@ -138,6 +140,7 @@ class ModelWorker:
 
     def _caa_sample(self, users: pa.Table) -> list[dict]:
         op = self._op("caa_plain", lambda: CAAVectors(self.config.caa, self.model))
+        users, _ = held_out(users, self.config)  # as in the user pass, which reuses these users' rows
         self.work["caa"] += users.num_rows
         out = []
         for user in users.select(["user_id", "pairs", "content_fingerprint", "bucket"]).to_pylist():
@@ -299,8 +302,11 @@ class ModelWorker:
             users = USER_ROW_SCHEMA.empty_table()
         ok = ok_rows(users)
         state: dict = {"bucket": bucket, "users": users, "failed": {"caa": {}, "dps": {}, "steerx": {}}}
-        caa_in = with_at_least(ok, "pairs", cfg.prepare.min_pairs)
-        hist = with_at_least(ok, "histories", cfg.prepare.min_histories)
+        inputs, state["held"] = held_out(ok, cfg)  # each user's held-out item(s): out of every method's inputs
+        state["train"] = {r["user_id"]: r["histories"] for r in inputs.select(["user_id", "histories"]).to_pylist()
+                          if r["user_id"] in state["held"]}
+        caa_in = with_at_least(inputs, "pairs", cfg.prepare.min_pairs)
+        hist = with_at_least(inputs, "histories", cfg.prepare.min_histories)
         eligible = {"caa": caa_in, **({"dps": hist} if g["dps_active"] else {}),
                     **({"steerx": hist} if g["steerx_active"] else {})}
         todo = self._carry(state, ok, eligible)
@@ -356,6 +362,7 @@ class ModelWorker:
         carried, kept, counts = plan_carry(previous, fps, ids, set(state["users"].column("user_id").to_pylist()),
                                           carry["absent"], frozenset(carry.get("forgotten") or ()), frozen)
         state["incremental"] = counts
+        state["previous_recommended"] = previous.get("recommended")
         content = dict(zip(ok.column("user_id").to_pylist(), ok.column("content_fingerprint").to_pylist()))
         state["carried"] = carried_rows(previous, carried, kept, content, frozen)
         return {f: t.filter(pc.invert(pc.is_in(t.column("user_id"), pa.array(sorted(carried[f]), pa.string()))))
@@ -380,6 +387,15 @@ class ModelWorker:
             scored = cluster_only_rows(rows, g["dps_model"])
         failed["dps"] = _failures(scored)
         return {"dps": dps_heads_rows(ok_rows(scored), dps, clusters=centroids is not None)}
+
+    def recommend_evidence(self, state: dict) -> list[dict]:
+        """The sample phase: the pseudo-shard's held-out users' candidates and gains (the population's prior)."""
+        return self._timed("sample", recommend.evidence, self.runtime, state, self.config, self.globals)
+
+    def recommend_pass(self, state: dict) -> dict:
+        """The shard's per-user recommendations (after every artifact of the shard is known)."""
+        self._ensure_globals()
+        return self._timed("recommend_pass", recommend.shard_pass, self.runtime, state, self.config, self.globals)
 
     def describe_shard(self, state: dict) -> dict:
         """The shard's SteerX users with anchors, with their descriptions (when smoothing runs): ``described``."""

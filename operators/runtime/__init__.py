@@ -176,6 +176,16 @@ class ModelRuntime:
         """Σ log p_λ(response) per λ and row under influence decoding's distribution (teacher-forced)."""
         return scoring.influence_logprobs(self, prompts, context_prompts, responses, lams, temperature)
 
+    def contrast_logprobs(self, prompts: Sequence[str], responses: Sequence[str], heads: Sequence[Sequence[Head]],
+                          gammas: Sequence[float], adaptive: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Σ log p_γ(response) per γ and row under head-contrast decoding's distribution (teacher-forced).
+
+        Row i's masked branch has ``heads[i]`` ablated from its last prompt token on (decoding's
+        shared prefill); no plausibility floor; γ = 0 is the plain log-likelihood. Returns float32
+        (len(gammas), rows) on CPU and the response token counts (rows,).
+        """
+        return scoring.contrast_logprobs(self, prompts, responses, heads, gammas, adaptive)
+
     def token_logprobs(self, encoded: Sequence[Encoded], min_shared: int = 64) -> list[torch.Tensor]:
         """log p of each response token given everything before it: float32 (response len,) per sequence.
 
@@ -198,9 +208,13 @@ class ModelRuntime:
         """Float32 gates (rows, layers, heads): 0 at each row's listed heads, 1 elsewhere."""
         return hooks.head_gates(self, head_sets)
 
-    def head_gating(self, gates: torch.Tensor):
-        """Context manager: gate every head per row while it is open (``gates`` (rows, layers, heads))."""
-        return hooks.head_gating(self, gates)
+    def head_gating(self, gates: torch.Tensor, start: torch.Tensor | None = None):
+        """Context manager: gate every head per row while it is open (``gates`` (rows, layers, heads)).
+
+        ``gates`` may be (rows, seq, layers, heads) (per position); with ``start`` (rows,), row i is
+        gated only at positions >= start[i] of each forward run through ``forward``.
+        """
+        return hooks.head_gating(self, gates, start)
 
     # ---- head ablation and attribution (ablation.py) ----------------------------------------
 

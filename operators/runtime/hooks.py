@@ -96,7 +96,11 @@ def head_gates(rt: ModelRuntime, head_sets: Sequence[Sequence[Head]]) -> torch.T
 @contextlib.contextmanager
 def gating_hooks(rt: ModelRuntime, gate_for: Callable[[int], torch.Tensor | None],
                  layers: Sequence[int]) -> Iterator[None]:
-    """Scale each head's slice of o_proj's input by ``gate_for(layer)`` ((rows, heads) or None)."""
+    """Scale each head's slice of o_proj's input by ``gate_for(layer)``.
+
+    The gate is (rows, heads), one per row for every position, or (rows, seq, heads), one per row
+    and position of the forward in flight (its seq must be the forward's); None leaves the layer as is.
+    """
     def hook(layer_index):
         def fn(_module, args):
             gate = gate_for(layer_index)
@@ -104,8 +108,15 @@ def gating_hooks(rt: ModelRuntime, gate_for: Callable[[int], torch.Tensor | None
                 return None
             x = args[0]
             b, s, _ = x.shape
+            if gate.ndim == 2:
+                gate = gate[:, None, :, None]  # the same gate at every position
+            elif gate.ndim == 3 and gate.shape[1] == s:
+                gate = gate[..., None]
+            else:
+                raise ValueError(f"head gate for layer {layer_index} has shape {tuple(gate.shape)}; expected "
+                                 f"({b}, {rt.num_heads}) or ({b}, {s}, {rt.num_heads})")
             # (b, s, heads·head_dim) -> (b, s, heads, head_dim) to scale whole heads, then back
-            x = (x.view(b, s, rt.num_heads, rt.head_dim) * gate[:, None, :, None].to(x.dtype)).view(b, s, -1)
+            x = (x.view(b, s, rt.num_heads, rt.head_dim) * gate.to(x.dtype)).view(b, s, -1)
             return (x, *args[1:])
         return fn
 
@@ -118,17 +129,38 @@ def gating_hooks(rt: ModelRuntime, gate_for: Callable[[int], torch.Tensor | None
 
 
 @contextlib.contextmanager
-def head_gating(rt: ModelRuntime, gates: torch.Tensor) -> Iterator[None]:
+def head_gating(rt: ModelRuntime, gates: torch.Tensor, start: torch.Tensor | None = None) -> Iterator[None]:
     """Gate every head per row while the context is open: ``gates`` is (rows, layers, heads).
 
-    0 ablates a head, 1 keeps it; gates that require grad give head attributions.
+    0 ablates a head, 1 keeps it; gates that require grad give head attributions. ``gates`` may
+    also be (rows, seq, layers, heads), one per position of every forward (of seq tokens) run
+    inside the context. With ``start`` (rows,), row i is gated only at positions >= start[i]
+    (0-based real positions of the forward in flight, as ``ModelRuntime.forward`` records them;
+    earlier positions run unablated): e.g. from the last prompt token on, as contrast decoding's
+    shared prefill gives its masked branch.
     """
-    if gates.ndim != 3 or tuple(gates.shape[1:]) != (rt.num_layers, rt.num_heads):
-        raise ValueError(f"gates must be (rows, {rt.num_layers}, {rt.num_heads}); got {tuple(gates.shape)}")
+    shape = (rt.num_layers, rt.num_heads)
+    if gates.ndim not in (3, 4) or tuple(gates.shape[-2:]) != shape:
+        raise ValueError(f"gates must be (rows, {shape[0]}, {shape[1]}) or (rows, seq, {shape[0]}, {shape[1]}); "
+                         f"got {tuple(gates.shape)}")
+    if start is not None and (gates.ndim != 3 or tuple(torch.as_tensor(start).shape) != (gates.shape[0],)):
+        raise ValueError(f"start must be one position per row ({gates.shape[0]},) with (rows, layers, heads) gates")
     gates = gates.to(rt.device)
     layers = range(rt.num_layers) if gates.requires_grad else \
-        sorted({int(l) for l in (gates != 1).any(dim=(0, 2)).nonzero().flatten()})
-    with gating_hooks(rt, lambda l: gates[:, l], layers):
+        sorted({int(l) for l in (gates != 1).movedim(-2, 0).flatten(1).any(1).nonzero().flatten()})
+    if start is not None:
+        start = torch.as_tensor(start, device=rt.device)
+
+    def gate_for(l: int) -> torch.Tensor:
+        if start is None:
+            return gates[..., l, :]  # (rows, heads) or (rows, seq, heads)
+        pos = rt._position_ids  # (rows, seq) of the forward in flight
+        if pos is None:
+            raise RuntimeError("head gating from a start position ran outside ModelRuntime.forward")
+        rows = gates[:, l]  # (rows, heads): ablated where pos >= start, 1 before
+        return torch.where((pos >= start[:, None])[..., None], rows[:, None, :], rows.new_ones(()))
+
+    with gating_hooks(rt, gate_for, layers):
         yield
 
 

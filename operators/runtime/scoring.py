@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
 
-from .hooks import Steering, check_layers
+from .hooks import Head, Steering, check_heads, check_layers
 from .text import Encoded
 
 if TYPE_CHECKING:
@@ -117,19 +118,13 @@ def token_nll(rt: ModelRuntime, hidden: torch.Tensor, ids: torch.Tensor, encoded
     predict response tokens, in chunks that bound the (tokens × vocabulary) logits.
     Differentiable; float32 on the model's device.
     """
-    rows, cols = [], []
-    for row, e in enumerate(encoded):
-        for start, end in e.spans:
-            rows += [row] * (end - start)
-            cols += range(start - 1, end - 1)  # position t predicts token t + 1
-    r = torch.as_tensor(rows, dtype=torch.long, device=hidden.device)
-    c = torch.as_tensor(cols, dtype=torch.long, device=hidden.device)
-    if not rows:
+    r, c = _predicting_positions(encoded, hidden.device)
+    if not len(r):
         return r, torch.zeros(0, dtype=torch.float32, device=hidden.device)
     tgt = ids[r, c + 1]
     chunk = chunk_tokens or max(256, 2 ** 26 // max(1, rt.model.get_output_embeddings().weight.shape[0]))
     parts = []
-    for lo in range(0, len(rows), chunk):
+    for lo in range(0, len(r), chunk):
         logits = lm_logits(rt, hidden[r[lo:lo + chunk], c[lo:lo + chunk]])
         parts.append(torch.logsumexp(logits, -1) - logits.gather(-1, tgt[lo:lo + chunk, None]).squeeze(-1))
     return r, torch.cat(parts)
@@ -174,6 +169,102 @@ def influence_logprobs(rt: ModelRuntime, prompts: Sequence[str], context_prompts
             score = torch.log_softmax((1 + lam[k]) * lp - lam[k] * lp0, -1)
             out[k, i] = score.gather(-1, target[:, None]).sum().cpu()
     return out, counts
+
+
+# the (tokens × vocabulary) float32 elements one chunk of contrast scoring holds per tensor
+# (full and masked log-probabilities, one γ's score): a few of them are alive at once
+CONTRAST_CHUNK_ELEMENTS = 2 ** 25
+
+
+@torch.inference_mode()
+def contrast_logprobs(rt: ModelRuntime, prompts: Sequence[str], responses: Sequence[str],
+                      heads: Sequence[Sequence[Head]], gammas: Sequence[float],
+                      adaptive: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced Σ log p_γ(response token | prefix) under DPS head-contrast decoding, per γ and row.
+
+    p_γ = softmax((1+γ_t)·ℓ_full − γ_t·ℓ_masked) with ℓ = log_softmax(logits); γ_t = γ, or with
+    ``adaptive`` γ·H(p_full)/log|V| per token (as ``decoding.contrast_score`` does), no plausibility
+    floor (so every real token has finite probability). The masked branch is the same model with
+    row i's ``heads[i]`` ablated from the last prompt token on (what decoding's default
+    prefill='shared' computes: prompt positions before it unablated). γ = 0 gives the plain
+    log-likelihood. A row with no heads (empty or None) scores plainly for every γ. Returns
+    float32 (len(gammas), rows) on CPU and the response token counts (rows,).
+
+    Per micro-batch: one forward of every row, one of the rows with heads (gated from their last
+    prompt token on); the LM head runs only on the positions that predict response tokens, in
+    chunks that bound the (tokens × vocabulary) logits.
+    """
+    if not (len(prompts) == len(responses) == len(heads)):
+        raise ValueError(f"{len(prompts)} prompts, {len(responses)} responses and {len(heads)} head sets: "
+                         "one of each per row")
+    head_sets: list[list[Head]] = []
+    for i, row in enumerate(heads):
+        try:
+            head_sets.append([] if row is None else [(int(l), int(h)) for l, h in row])
+        except (TypeError, ValueError):
+            raise ValueError(f"heads[{i}] must be (layer, head) pairs; got {row!r}") from None
+        check_heads(rt, head_sets[-1])
+    try:
+        gamma = [float(g) for g in gammas]
+    except (TypeError, ValueError):
+        raise ValueError(f"gammas must be numbers; got {gammas!r}") from None
+    if not all(math.isfinite(g) for g in gamma):
+        raise ValueError(f"gammas must be finite; got {gamma}")
+    encoded = rt.encode(prompts, responses)
+    out = torch.zeros((len(gamma), len(encoded)), dtype=torch.float32)
+    counts = torch.as_tensor([len(e.ids) - e.prompt_len for e in encoded], dtype=torch.long)
+    if not gamma:
+        return out, counts
+    gates = rt.head_gates(head_sets)  # (rows, layers, heads)
+    ablated = (gates != 1).flatten(1).any(1)  # (rows,) rows with a masked branch
+    ablated_dev = ablated.to(rt.device)
+    gamma_t = torch.as_tensor(gamma, dtype=torch.float32, device=rt.device)[:, None]  # (γ, 1)
+    for batch in rt.micro_batches([len(e.ids) for e in encoded]):
+        batch_dev = torch.as_tensor(batch, dtype=torch.long, device=rt.device)
+        ids, mask, pos = rt.collate([encoded[i].ids for i in batch], "right")
+        rows = [encoded[i] for i in batch]
+        full = rt.forward(ids, mask, pos, base_only=True).last_hidden_state  # (b, seq, hidden)
+        masked = full
+        con = [j for j, i in enumerate(batch) if ablated[i]]
+        if con:
+            sub = torch.as_tensor(con, dtype=torch.long, device=rt.device)
+            starts = torch.as_tensor([encoded[batch[j]].prompt_len - 1 for j in con])
+            with rt.head_gating(gates[[batch[j] for j in con]], start=starts):
+                hidden = rt.forward(ids[sub], mask[sub], pos[sub], base_only=True).last_hidden_state
+            masked = full.clone()
+            masked[sub] = hidden
+        r, c = _predicting_positions(rows, rt.device)
+        if not len(r):
+            continue
+        target = ids[r, c + 1]
+        vocab = rt.model.get_output_embeddings().weight.shape[0]
+        chunk = max(1, CONTRAST_CHUNK_ELEMENTS // max(1, vocab))
+        scores = torch.zeros((len(gamma), len(r)), dtype=torch.float32, device=rt.device)
+        for lo in range(0, len(r), chunk):
+            rr, cc, tgt = r[lo:lo + chunk], c[lo:lo + chunk], target[lo:lo + chunk, None]
+            lf = torch.log_softmax(lm_logits(rt, full[rr, cc]), -1)  # (tokens, vocab)
+            lm = torch.log_softmax(lm_logits(rt, masked[rr, cc]), -1) if con else lf
+            scale = torch.special.entr(lf.exp()).sum(-1) / math.log(lf.shape[-1]) if adaptive else None
+            plain = ~ablated_dev[batch_dev[rr]]  # (tokens,) rows without heads: γ_t = 0, exactly plain
+            for k in range(len(gamma)):
+                g = gamma_t[k] if scale is None else gamma_t[k] * scale  # (1,) or (tokens,)
+                g = g.expand(len(rr)).masked_fill(plain, 0.0)
+                score = (1 + g)[:, None] * lf - g[:, None] * lm
+                scores[k, lo:lo + len(rr)] = (score.gather(-1, tgt) - torch.logsumexp(score, -1, keepdim=True))[:, 0]
+        totals = torch.zeros((len(gamma), len(batch)), dtype=torch.float32, device=rt.device)
+        out[:, batch] = totals.index_add(1, r, scores).cpu()
+    return out, counts
+
+
+def _predicting_positions(encoded: Sequence[Encoded], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) of every position that predicts a response token, in row then position order."""
+    rows, cols = [], []
+    for row, e in enumerate(encoded):
+        for start, end in e.spans:
+            rows += [row] * (end - start)
+            cols += range(start - 1, end - 1)  # position t predicts token t + 1
+    return (torch.as_tensor(rows, dtype=torch.long, device=device),
+            torch.as_tensor(cols, dtype=torch.long, device=device))
 
 
 def _response_logits(rt: ModelRuntime, e: Encoded) -> torch.Tensor:

@@ -1,0 +1,190 @@
+"""The per-user recommendation: the held-out split, the candidates' gains against plain references, the
+shrunk choice, and the refresh storing it (held-out items never reach a method's inputs)."""
+
+import numpy as np
+import pytest
+import torch
+
+from steerstore.infra.reader import StoreReader, UserArtifacts, UserHeads, UserVectors
+from steerstore.infra.store import SteeringStore
+from steerstore.jobs import refresh
+from steerstore.operators import recommend as rec
+from steerstore.operators.history import HistoryContextConfig, retrieved_prompt
+from steerstore.operators.runtime import ModelConfig, ModelRuntime, Steering
+from steerstore.operators.style import style_prompt
+from tests.test_fleet import STYLES, fleet_config
+from tests.tiny import write_jsonl
+
+
+def item(k, text=None):
+    return {"item_id": f"h{k}", "input": f"Write about thing {k}.", "output": text or f"My words on thing {k}.",
+            "timestamp": k}
+
+
+def test_holdout_takes_the_most_recent_items_and_the_pairs_made_from_them_out():
+    config = rec.RecommendConfig(validation_items=1, min_items=3)
+    user = {"user_id": "u", "histories": [item(k) for k in range(4)],
+            "pairs": [{"pair_id": "p0", "prompt": "Write about thing 3.", "chosen": "x", "rejected": "y"},
+                      {"pair_id": "p1", "prompt": "Other.", "chosen": "My words on thing 3.", "rejected": "y"},
+                      {"pair_id": "p2", "prompt": "Other.", "chosen": "z", "rejected": "y"},
+                      {"pair_id": "p3", "prompt": "More.", "chosen": "w", "rejected": "y"}]}
+    kept, held = rec.holdout(user, config, min_pairs=2)
+    assert [h["item_id"] for h in held] == ["h3"]
+    assert [h["item_id"] for h in kept["histories"]] == ["h0", "h1", "h2"]
+    assert [p["pair_id"] for p in kept["pairs"]] == ["p2", "p3"]
+    # too few items: nothing held out
+    assert rec.holdout({**user, "histories": user["histories"][:2]}, config)[1] == []
+    # dropping the pairs would leave too few: the user keeps everything and gets no per-user choice
+    kept, held = rec.holdout(user, config, min_pairs=3)
+    assert held == [] and kept is user
+    assert rec.holdout(user, rec.RecommendConfig(enabled=False))[1] == []
+
+
+def cand(condition, method, multiplier, scale=None):
+    return rec.Candidate(condition, method, None, multiplier, scale)
+
+
+def test_the_choice_is_the_populations_with_little_data_and_the_users_own_with_much():
+    cands = [cand("plain", "none", None), cand("plain", "caa", 1.0, 2.0), cand("plain", "dps", 1.0, 1.0)]
+    prior = {c.key: v for c, v in zip(cands, [0.0, 0.05, -0.02])}
+    gains_per_token = [0.0, -0.01, 0.04]  # the user: dps helps, caa hurts
+    for tokens, expected in ((0, "caa"), (10, "caa"), (100000, "dps")):
+        gains = [g * tokens for g in gains_per_token]
+        best, table, w = rec.choose(cands, gains, tokens, prior, kappa=300.0)["plain"]
+        assert best.method == expected, (tokens, table)
+        assert w == pytest.approx(tokens / (tokens + 300.0))
+        assert table[2]["shrunk"] == pytest.approx(w * gains_per_token[2] + (1 - w) * prior[cands[2].key])
+    # a candidate the population never had is ranked on the none prior: the user's evidence must beat doing nothing
+    best, table, _ = rec.choose(cands, [0.0, -1.0, -1.0], 10, {}, kappa=300.0)["plain"]
+    assert best.method == "none"
+    # ties go to none, then the smaller strength
+    two = [cand("plain", "none", None), cand("plain", "caa", 2.0, 4.0), cand("plain", "caa", 0.5, 1.0)]
+    assert rec.choose(two, [0.0, 0.0, 0.0], 5, {}, 0.0)["plain"][0].method == "none"
+    assert rec.choose(two, [0.0, 5.0, 5.0], 5, {}, 0.0)["plain"][0].scale == 1.0
+
+
+def test_population_choice_is_the_best_pooled_candidate_per_condition():
+    cands = {c.key: c for c in [cand("plain", "none", None), cand("plain", "caa", 1.0, 2.0),
+                                cand("history", "none", None), cand("history", "dps", 2.0, 2.0)]}
+    keys = list(cands)
+    chosen = rec.population_choice(cands, {keys[0]: 0.0, keys[1]: -0.1, keys[2]: 0.2, keys[3]: 0.3})
+    assert chosen["plain"]["method"] == "none"
+    assert chosen["history"]["method"] == "dps" and chosen["history"]["scale"] == 2.0
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_model_folder):
+    return ModelRuntime(ModelConfig(name_or_path=str(tiny_model_folder)))
+
+
+def test_candidate_gains_equal_plain_references(runtime):
+    rt = runtime
+    rng = np.random.default_rng(0)
+    hidden = rt.hidden_size
+    vec = UserVectors("u", [1, 2], rng.normal(size=(2, hidden)).astype(np.float32), [2], 1.0, "all", "m", "fp", 3)
+    art = UserArtifacts("u", "found", caa=vec, population=vec,
+                        steerx={"context": "Short and cheerful."},
+                        dps=UserHeads("u", [(1, 0), (2, 1)], "user", 1.0, False, 0.1, None, [], "fast", None, "fp"))
+    strengths = {"plain": rec.Strengths({"caa": 2.0, "population": 1.0}, None, "history", [0.0, 1.0]),
+                 "history": rec.Strengths({"caa": 1.0, "population": 1.0}, None, "history", [1.0])}
+    config = rec.RecommendConfig(multipliers=[0.5, 2.0], methods=["caa", "influence", "dps"])
+    cands = rec.candidates(art, strengths, config)
+    assert {(c.condition, c.method) for c in cands} == {(c, m) for c in ("plain", "history")
+                                                        for m in ("none", "caa", "influence", "dps")}
+    train = [item(0, "Cheerful words about zero!"), item(1, "More cheer about one!")]
+    held = [item(2, "Cheer for two!"), item(3, "And three, cheerfully.")]
+    composed = HistoryContextConfig(context_items=1, selection="bm25", context_chars=100)
+    case = rec.UserCase("u", held, train, cands)
+    gains, tokens = rec.score(rt, [case], composed)["u"]
+    inputs, outputs = [h["input"] for h in held], [h["output"] for h in held]
+    base, n = rt.response_logprobs(inputs, outputs)
+    assert tokens == int(n.sum())
+    prompts = {"plain": inputs, "history": [retrieved_prompt(train, x, composed) for x in inputs]}
+    for c, gain in zip(cands, gains):
+        p = prompts[c.condition]
+        if c.method == "none":
+            ref = 0.0 if c.condition == "plain" else float((rt.response_logprobs(p, outputs)[0] - base).sum())
+        elif c.method == "caa":
+            steer = Steering({2: torch.as_tensor(np.repeat(vec.vectors[1:2], 2, 0))}, torch.full((2,), c.scale), "all")
+            ref = float((rt.response_logprobs(p, outputs, steer)[0] - base).sum())
+        elif c.method == "influence":
+            lp, _ = rt.influence_logprobs(p, [style_prompt("Short and cheerful.", x) for x in p], outputs, [c.scale])
+            ref = float((lp[0] - base).sum())
+        else:
+            lp, _ = rt.contrast_logprobs(p, outputs, [[(1, 0), (2, 1)]] * 2, [c.scale])
+            ref = float((lp[0] - base).sum())
+        assert gain == pytest.approx(ref, abs=2e-3), c
+
+
+# ---- the refresh ---------------------------------------------------------------------------------
+
+USERS = [f"user-{i}" for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def recommended_run(ray_cluster, tmp_path_factory, tiny_model_folder):
+    tmp = tmp_path_factory.mktemp("recommend")
+    pairs = [{"user_id": u, "pair_id": f"{u}p{k}", "prompt": f"Write about thing {k}.",
+              "chosen": f"{STYLES[(i + k) % len(STYLES)]} {k}", "rejected": "Meh. Fine.", "weight": 1.0}
+             for i, u in enumerate(USERS) for k in range(5)]
+    # user-5 has 3 items: nothing held out, it gets the population's choice
+    histories = [{"user_id": u, "item_id": f"{u}h{k}", "input": f"Write about thing {k}.",
+                  "output": f"{STYLES[(i + k) % len(STYLES)]} {k}", "timestamp": k}
+                 for i, u in enumerate(USERS) for k in range(3 if u == "user-5" else 5)]
+    cfg = fleet_config(str(tmp / "store"), str(tiny_model_folder), write_jsonl(tmp / "pairs.jsonl", pairs),
+                       write_jsonl(tmp / "histories.jsonl", histories),
+                       recommend={"multipliers": [1.0, 2.0], "sample_users": 3})
+    summary = refresh.main(cfg)
+    return cfg, summary, str(tmp / "store")
+
+
+def test_the_refresh_stores_each_users_choice_and_the_held_out_items_reach_no_method(recommended_run):
+    cfg, summary, uri = recommended_run
+    store = SteeringStore(uri)
+    version = store.latest()
+    manifest = store.read_manifest(version)
+    entry = manifest["recommend"]
+    assert entry["sample_users"] >= 1 and set(entry["population"]) == {"plain", "history"}
+    rows = store.read_table("recommended", version).to_pylist()
+    by_user = {}
+    for r in rows:
+        by_user.setdefault(r["user_id"], {})[r["condition"]] = r
+    assert set(by_user) == set(USERS)
+    for u in USERS:
+        assert set(by_user[u]) == {"plain", "history"}
+        for r in by_user[u].values():
+            if u == "user-5":
+                assert r["chosen_by"] == "population" and r["items"] == 0
+                assert r["method"] == entry["population"][r["condition"]]["method"]
+            else:
+                assert r["chosen_by"] == "user" and r["items"] == 1 and r["tokens"] > 0
+                methods = {c["method"] for c in r["candidates"]}
+                assert {"none", "caa", "population", "dps"} <= methods, methods
+                best = max(r["candidates"], key=lambda c: c["shrunk"])
+                assert best["shrunk"] == pytest.approx(next(c["shrunk"] for c in r["candidates"]
+                                                             if c["method"] == r["method"] and c["scale"] == pytest.approx(r["scale"] or 0.0)
+                                                             or (r["method"] == "none" and c["method"] == "none")))
+    # the held-out item (the most recent) reached no method: DPS and SteerX scored 4 items, CAA used 4 of 5 pairs
+    # (the one made from it left out)
+    dps = {r["user_id"]: r for r in store.read_table("dps_heads", version).to_pylist()}
+    assert dps["user-0"]["n_items"] == 4 and dps["user-5"]["n_items"] == 3
+    steerx = {r["user_id"]: r for r in store.read_table("steerx_users", version).to_pylist()}
+    assert steerx["user-0"]["n_items"] == 4
+    caa = {r["user_id"]: r for r in store.read_table("vectors", version).to_pylist() if r["method"] == "caa"}
+    assert caa["user-0"]["n_pairs"] == 4 and caa["user-5"]["n_pairs"] == 5
+    # a reader sees the rows
+    assert StoreReader(uri).recommended("user-0")["plain"]["method"] == by_user["user-0"]["plain"]["method"]
+
+
+def test_an_unchanged_night_carries_every_choice(recommended_run):
+    cfg, _, uri = recommended_run
+    store = SteeringStore(uri)
+    first = store.read_manifest(store.latest())["recommend"]
+    before = store.read_table("recommended", store.latest()).sort_by([("user_id", "ascending"),
+                                                                      ("condition", "ascending")]).to_pylist()
+    summary = refresh.main(cfg)
+    after = store.read_table("recommended", store.latest()).sort_by([("user_id", "ascending"),
+                                                                     ("condition", "ascending")]).to_pylist()
+    assert summary["incremental"]["users"]["dps"]["carried"] == len(USERS)
+    assert store.read_manifest(store.latest())["recommend"] == first  # every family frozen: the prior is reused
+    assert after == before
