@@ -56,10 +56,11 @@ def test_the_cost_bench_runs_every_stage_of_a_typical_user_and_writes_its_figure
     result = main(BenchCostConfig(shape="tiny", users=2, items=3, item_tokens=12, input_tokens=6, pairs=2, pair_tokens=20,
                                   pool_users=2, out=str(tmp_path), json=str(out)))
     stages = result["stages"]
-    assert set(stages) == {"caa", "dps", "steerx_loo", "smoothing", "style_vectors"}
+    assert set(stages) == {"caa", "dps", "steerx_loo", "smoothing", "style_vectors", "recommend"}
     assert all(sum(s["status"].values()) == 2 for s in stages.values()), stages  # both users, every stage
     # a random model's descriptions may fail the checks (quarantined); the model stages must work
-    assert all(stages[k]["status"] == {"ok": 2} for k in ("caa", "dps", "steerx_loo", "style_vectors")), stages
+    assert all(stages[k]["status"] == {"ok": 2} for k in ("caa", "dps", "steerx_loo", "style_vectors", "recommend")), \
+        stages
     assert all(s["forward_token_equivalents"] > 0 for s in stages.values())
     assert stages["dps"]["backward_tokens"] > 0 and stages["style_vectors"]["decode_steps"] > 0
     total = sum(s["forward_token_equivalents"] for s in stages.values())

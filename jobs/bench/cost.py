@@ -41,7 +41,7 @@ from steerstore.operators.dps import DPSConfig
 from steerstore.operators.runtime import ModelConfig, ModelRuntime
 from steerstore.operators.steerx import SteerXConfig
 
-STAGES = ("caa", "dps", "steerx_loo", "smoothing", "style_vectors")
+STAGES = ("caa", "dps", "steerx_loo", "smoothing", "style_vectors", "recommend")
 _WORDS = ("river light morning quiet garden letter winter music paper window story careful bright small "
           "travel market simple coffee evening friend city ocean green mountain road").split()
 
@@ -267,7 +267,47 @@ def run_stages(config: BenchCostConfig, model: ModelConfig, counter: BlockCounte
             anchors.select(["user_id", "histories"]).append_column("descriptions", descriptions)),
             res.caa_batch_size)
     out["style_vectors"] = statuses(styled)
+    with stage("recommend"):
+        out["recommend"] = _recommend(rt, cfg, users, styled, described, config)
     return {"statuses": out, "seconds": seconds}
+
+
+def _recommend(rt: ModelRuntime, cfg, users: pa.Table, styled: pa.Table, described: pa.Table,
+               config: BenchCostConfig) -> dict:
+    """The per-user choice's model work: each user's held-out item (one more typical item) scored under every
+    candidate of both conditions (the artifacts' values do not change the work; their shapes and counts do)."""
+    import numpy as np
+
+    from steerstore.infra.reader import UserArtifacts, UserHeads, UserVectors
+    from steerstore.operators import recommend as rec
+    from steerstore.operators.smoothing import user_context
+
+    layers = cfg.caa.resolve_layers(rt.num_layers)
+    caa_layers, caa_rec = layers
+    rng = np.random.default_rng(config.seed)
+    vec = UserVectors("u", caa_layers, rng.normal(size=(len(caa_layers), rt.hidden_size)).astype(np.float32),
+                      caa_rec, cfg.caa.scale, cfg.caa.apply_positions, "m", "fp", config.pairs)
+    style_rows = {r["user_id"]: r for r in styled.to_pylist() if r["status"] == "ok"}
+    contexts = {r["user_id"]: user_context(r["descriptions"] or []) for r in described.to_pylist()}
+    heads = [(rt.num_layers // 2, h) for h in range(min(cfg.dps.top_k, rt.num_heads))]
+    strengths = {c: rec.Strengths({"caa": cfg.caa.scale, "bt": cfg.caa.scale, "population": cfg.caa.scale},
+                                  ([style_rows[next(iter(style_rows))]["layers"][0]], 1.0) if style_rows else None,
+                                  cfg.steerx.vectors.source, list(cfg.steerx.vectors.lambda_grid))
+                 for c in (("plain", "history") if cfg.scale.composed is not None else ("plain",))}
+    cases = []
+    for u in users.to_pylist():
+        row = style_rows.get(u["user_id"])
+        style = {} if row is None else {s: UserVectors(u["user_id"], row["layers"], np.asarray(row["vectors"][k], np.float32),
+                                                       row["layers"][:1], 1.0, cfg.steerx.vectors.apply_positions, "m",
+                                                       "fp", 0) for k, s in enumerate(row["sources"])}
+        art = UserArtifacts(u["user_id"], "found", caa=vec, bt=vec, population=vec, style_vectors=style,
+                            steerx={"context": contexts.get(u["user_id"], "")},
+                            dps=UserHeads(u["user_id"], heads, "user", cfg.dps.gamma, cfg.dps.adaptive, 0.1, None, [],
+                                          None, None, "fp"))
+        held = typical_user(config, rt.tokenizer, f"held-{u['user_id']}", seed=config.seed + 7)["histories"][:1]
+        cases.append(rec.UserCase(u["user_id"], held, u["histories"], rec.candidates(art, strengths, cfg.recommend)))
+    scored = rec.score(rt, cases, cfg.scale.composed)
+    return {"ok": len(scored)}
 
 
 def changed_settings(config: BenchCostConfig) -> dict:
