@@ -95,6 +95,7 @@ class UserArtifacts:
     steerx: dict | None = None  # the steerx_users row: anchors, descriptions, context S, template
     dps: UserHeads | None = None
     population: UserVectors | None = None  # what vector methods fall back to
+    recommended: dict[str, dict] = field(default_factory=dict)  # condition (plain | history) -> recommended row
 
 
 class FingerprintMismatch(RuntimeError):
@@ -116,12 +117,16 @@ def id_problem(user_id: object) -> str | None:
     return None
 
 
-def _from_row(row: dict) -> UserVectors:
+def vectors_from_row(row: dict) -> UserVectors:
+    """A ``vectors`` table row (``vectors`` as a (layers, hidden) array or nested lists) as ``UserVectors``."""
     return UserVectors(
         user_id=row["user_id"], layers=list(row["layers"]), vectors=np.asarray(row["vectors"], dtype=np.float32),
         recommended_layers=list(row["recommended_layers"] or []), recommended_scale=float(row["recommended_scale"]),
         positions=row["positions"], model_id=row["model_id"], model_fingerprint=row["model_fingerprint"],
         n_pairs=int(row["n_pairs"] or 0))
+
+
+_from_row = vectors_from_row  # the former private name
 
 
 def _read_groups(opened, groups: list[int]) -> pa.Table:
@@ -348,8 +353,20 @@ class StoreReader:
         schema_v2 = int(self.manifest.get("store_schema_version", 1)) >= 2  # version 1 stores hold CAA only
         for row in rows:
             if row["method"] == method and (not schema_v2 or row["source"] == source):
-                return _from_row(row)
+                return vectors_from_row(row)
         return None
+
+    def recommended(self, user_id: object) -> dict[str, dict]:
+        """The user's recommended rows by condition (plain | history); {} when absent, malformed or the version
+        predates the ``recommended`` table."""
+        if id_problem(user_id) is not None:
+            return {}
+        return {r["condition"]: r for r in self._lookup("recommended", [user_id])[user_id]}
+
+    def population_recommendation(self) -> dict[str, dict]:
+        """The population's choice per condition ({method, source, multiplier, scale, ...}; users without a row
+        get it); {} when the version records none."""
+        return dict((self.manifest.get("recommend") or {}).get("population") or {})
 
     def steerx(self, user_ids: Sequence[str]) -> dict[str, dict]:
         """Users' SteerX rows: anchors, descriptions, the serving context S and the settings used."""
@@ -365,7 +382,7 @@ class StoreReader:
             else:
                 table = self.store.read_table("vectors", self.version, filter=pc.field("scope") == "population")
             rows = _rows_of(table) if table is not None else []
-            self._population = (_from_row(rows[0]) if rows else None,)
+            self._population = (vectors_from_row(rows[0]) if rows else None,)
         return self._population[0]
 
     def bt_basis(self) -> pa.Table:
@@ -459,16 +476,18 @@ class StoreReader:
         if problem is not None:
             return UserArtifacts(user_id, "invalid", problem, population=self.population())
         has_bt = bool(self.manifest["tables"].get("bt_basis", {}).get("rows"))
-        tables = ["vectors", "steerx_users", "dps_heads"] + (["bt_coords"] if has_bt else [])
+        tables = ["vectors", "steerx_users", "dps_heads"] + (["bt_coords"] if has_bt else []) \
+            + (["recommended"] if "recommended" in self.manifest["tables"] else [])
         # one read per table, concurrently: over S3 the lookup costs about one request's latency
         rows = dict(zip(tables, self._pool().map(lambda t: self._lookup(t, [user_id])[user_id], tables)))
-        style = {r["source"]: _from_row(r) for r in rows["vectors"] if r["method"] == "steerx"}
+        style = {r["source"]: vectors_from_row(r) for r in rows["vectors"] if r["method"] == "steerx"}
         art = UserArtifacts(
             user_id, "found", caa=self._pick(rows["vectors"], "caa", "pairs"),
             bt=self._compose(user_id, np.asarray(rows["bt_coords"][0]["theta"], dtype=np.float32))
             if rows.get("bt_coords") else None,
             style_vectors=style, steerx=rows["steerx_users"][0] if rows["steerx_users"] else None,
-            dps=self._heads(rows["dps_heads"][0]) if rows["dps_heads"] else None, population=self.population())
+            dps=self._heads(rows["dps_heads"][0]) if rows["dps_heads"] else None, population=self.population(),
+            recommended={r["condition"]: r for r in rows.get("recommended", [])})
         if art.caa is None and art.bt is None and not style and art.steerx is None and art.dps is None:
             art.status, art.reason = "unknown", f"no artifacts for this user in store version {self.version}"
         return art

@@ -41,6 +41,9 @@ class ExportConfig:
     storage: StorageConfig = dataclasses.field(default_factory=StorageConfig, metadata={"help": "object storage"})
 
     def __post_init__(self) -> None:
+        check(self.method != "recommended", "--method recommended cannot be exported: it is chosen per user and per "
+                                            "condition (and may be influence, dps or none); an export holds one "
+                                            "vector method, so export the method the user's recommendation names")
         if self.method == "population":
             check(not self.user and not self.all, "--method population exports the one population vector: "
                                                   "drop --user / --all")

@@ -18,10 +18,11 @@ from steerstore.infra.storage import StorageConfig, read_text, write_text
 from steerstore.operators.runtime import ModelConfig, ModelRuntime, Steering
 from steerstore.operators.serving import (
     DEFAULT_INFLUENCE_TEMPERATURE,
-    METHODS,
+    REQUEST_METHODS,
     Request,
     Served,
     check_request,
+    default_method,
     plan_requests,
     serve,
     vector_steering,
@@ -38,11 +39,13 @@ class GenerateConfig:
     store: str = option("./steerstore-out/store", help="store URI (local folder or s3://bucket/prefix)")
     user: str = option("", help="user id to steer for (with --prompt)")
     prompt: str = option("", help="the prompt to answer (with --user)")
-    method: Method = option(
-        Method.CAA, help="none | caa: the user's CAA direction | bt: their BT ideal point composed with the basis | "
-                    "population: the population direction | style_vector: their SteerX style vector | influence: "
-                    "SteerX influence decoding with their style description | dps: differential preference "
-                    "decoding against their heads")
+    method: Method | None = option(
+        None, help="none | caa: the user's CAA direction | bt: their BT ideal point composed with the basis | "
+                   "population: the population direction | style_vector: their SteerX style vector | influence: "
+                   "SteerX influence decoding with their style description | dps: differential preference "
+                   "decoding against their heads | recommended: the method and strength the refresh chose for the "
+                   "user (no --scale/--source/--layers). Default: recommended when the store version records "
+                   "recommendations, else caa (with --requests: the method of lines that name none; else none)")
     scale: float | None = option(
         None, help="strength: α (caa, bt, population), γ (style_vector, dps) or λ (influence); default: the store's")
     source: str | None = option(None, help="style_vector: history | description | blend; default: the store's")
@@ -52,8 +55,8 @@ class GenerateConfig:
     fallback: bool = option(False, help="single user: serve the population fallback instead of refusing a user "
                                         "without the method's artifact")
     requests: str | None = option(
-        None, help="JSONL of requests {user_id, prompt, method, scale?, source?, layers?} served as one mixed "
-                   "batch (instead of --user/--prompt); unknown users get the fallback")
+        None, help="JSONL of requests {user_id, prompt, method?, scale?, source?, layers?, history?} served as one "
+                   "mixed batch (instead of --user/--prompt); unknown users get the fallback")
     out: str | None = option(None, help="with --requests: write the outputs as JSONL here (default: stdout)")
     max_new_tokens: int = option(60, help="tokens to generate")
     version: str | None = option(None, help="store version; default LATEST")
@@ -66,7 +69,8 @@ class GenerateConfig:
             check(bool(self.prompt), "--prompt is required (or --requests FILE)")
         else:
             check(not self.user and not self.prompt, "give --requests or --user/--prompt, not both")
-        check(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}")
+        check(self.method is None or self.method in REQUEST_METHODS,
+              f"--method must be one of {', '.join(REQUEST_METHODS)}")
         check(self.max_new_tokens >= 1, "--max_new_tokens must be >= 1")
         check(self.temperature > 0, "--temperature must be > 0")
 
@@ -92,8 +96,8 @@ def steering_for(users: list[UserVectors | None], alphas: list[float | None] | N
         for i, u in enumerate(users)])
 
 
-def read_requests(uri: str, storage: StorageConfig | None = None) -> list[Request]:
-    """Requests from a JSONL file; a bad line is an error naming the line."""
+def read_requests(uri: str, storage: StorageConfig | None = None, default: str = "none") -> list[Request]:
+    """Requests from a JSONL file (a line without a method gets ``default``); a bad line is an error naming it."""
     requests = []
     for n, row, problem in jsonl_lines(read_text(uri, storage)):
         try:
@@ -102,7 +106,7 @@ def read_requests(uri: str, storage: StorageConfig | None = None) -> list[Reques
             unknown = set(row) - {f.name for f in dataclasses.fields(Request)}
             if unknown:
                 raise ValueError(f"unknown fields {sorted(unknown)}")
-            request = Request(**row)
+            request = Request(**{"method": default, **row})
             check_request(request)  # BadRequest is a ValueError: reported with the line
             requests.append(request)
         except (ValueError, TypeError) as exc:
@@ -111,7 +115,8 @@ def read_requests(uri: str, storage: StorageConfig | None = None) -> list[Reques
 
 
 def _serve_file(config: GenerateConfig, reader: StoreReader) -> list[Served]:
-    requests = read_requests(config.requests, config.storage)
+    requests = read_requests(config.requests, config.storage,
+                             str(config.method) if config.method else default_method(reader, "none"))
     runtime = load_runtime_for(reader, config.model)
     served = serve(runtime, reader, requests, config.max_new_tokens, influence_temperature=config.temperature)
     lines = "".join(json.dumps(dataclasses.asdict(s)) + "\n" for s in served)
@@ -127,38 +132,51 @@ def main(config: GenerateConfig) -> dict | list[Served]:
     reader = StoreReader(config.store, config.storage, config.version)
     if config.requests:
         return _serve_file(config, reader)
-    request = Request(config.user, config.prompt, config.method, config.scale, config.source, config.layers or None)
+    # a strength or layers without a method are for caa, the default before the store recommended methods
+    method = str(config.method) if config.method else (
+        "caa" if config.scale is not None or config.layers else default_method(reader))
+    request = Request(config.user, config.prompt, method, config.scale, config.source, config.layers or None)
+    if method == "recommended" and not config.fallback and reader.artifacts(config.user).status != "found":
+        raise ValueError(reader.why_missing(config.user, "artifacts") + ". Pass --fallback to answer with the "
+                         "population's choice (or unsteered) instead")
     _, (record,) = plan_requests(reader, [request])
-    if config.method != "none" and record.applied != "user" and not (config.method == "population"
-                                                                       and record.applied == "population"):
+    # a recommendation is always served as chosen (its note says whose); an explicit method the user lacks is refused
+    if method not in ("none", "recommended") and record.applied != "user" and not (
+            method == "population" and record.applied == "population"):
         if not config.fallback:
-            raise ValueError(reader.why_missing(config.user, WHAT[config.method])
+            raise ValueError(reader.why_missing(config.user, WHAT[method])
                              + ". Pass --fallback to answer with the population vector (or unsteered) instead")
     runtime = load_runtime_for(reader, config.model)
     plain, steered = serve(runtime, reader, [Request(config.user, config.prompt), request], config.max_new_tokens,
                            influence_temperature=config.temperature)
-    what = config.method + (f" ({config.source or reader.default_source(Family.STEERX)} source)"
-                            if config.method == "style_vector" else "")
+    resolved = steered.resolved or method
+    source = (request.source if method != "recommended" else None) or reader.default_source(Family.STEERX)
+    what = method + (f" ({source} source)" if method == "style_vector" else "")
+    if method == "recommended":
+        what += f" → {resolved}"
     details = [f"store version {reader.version}", f"user {config.user}", f"method {what}"]
-    if steered.applied == "population" and config.method != "population":
-        details.append(f"fallback: population vector ({steered.note})")
+    why = "" if method == "recommended" else f" ({steered.note})"  # a recommendation's note is printed below
+    if steered.applied == "population" and resolved != "population":
+        details.append(f"fallback: population vector{why}")
     if steered.layers:
         details.append(f"layers {steered.layers}")
-    if steered.scale is not None:
-        details.append(f"{STRENGTH[config.method]} {steered.scale:g}")
-    if steered.applied == "none" and config.method != "none":
-        details.append(f"fallback: unsteered ({steered.note})")
+    if steered.scale is not None and resolved in STRENGTH:
+        details.append(f"{STRENGTH[resolved]} {steered.scale:g}")
+    if steered.applied == "none" and resolved != "none":
+        details.append(f"fallback: unsteered{why}")
     print(" · ".join(details))
-    if config.method == "influence" and steered.applied == "user":
+    if method == "recommended":
+        print(f"recommendation: {steered.note}")
+    if resolved == "influence" and steered.applied == "user":
         print(f"style: {reader.steerx([config.user])[config.user]['context']}")
-    if config.method == "dps" and steered.applied == "user":
+    if resolved == "dps" and steered.applied == "user":
         print(f"heads: {reader.dps([config.user])[config.user].heads}")
     print(f"prompt: {config.prompt}")
     print(f"  unsteered: {plain.text}")
     print(f"  steered:   {steered.text}")
-    if config.method != "none" and steered.text == plain.text:
+    if resolved != "none" and steered.text == plain.text:
         strength = "" if steered.scale is None else f" ({steered.scale:g})"
-        print(f"note: the steered answer equals the unsteered one at this strength{strength}; "
-              "try a larger --scale, or more --max_new_tokens")
+        hint = "more --max_new_tokens" if method == "recommended" else "a larger --scale, or more --max_new_tokens"
+        print(f"note: the steered answer equals the unsteered one at this strength{strength}; try {hint}")
     return {"unsteered": plain.text, "steered": steered.text, "scale": steered.scale, "layers": steered.layers,
-            "applied": steered.applied}
+            "applied": steered.applied, "method": method, "resolved": resolved}

@@ -7,7 +7,9 @@ Launch: ``steerstore serve --store ./steerstore-out/store [--port 8000]``, then 
          "steerstore": {"method": "caa", "scale": 4}}'
 
 Each request is personalised by its ``user`` field with the method and strength of the optional
-``steerstore`` object (default: ``serve.method`` at the store's recommended strength). Concurrent
+``steerstore`` object. A request that names no method gets ``serve.method`` if set, else ``recommended``
+(the method and strength the refresh chose for that user) when the store version records
+recommendations, else ``caa`` at the store's recommended strength (stores from before recommendations). Concurrent
 requests from different users are decoded together as one mixed batch on the reference Hugging Face
 path (``personalised_generate``): requests that arrive within ``batch_wait_ms`` of each other, up to
 ``max_batch``, grouped by their decoding settings. The store is followed (``StoreFollower``): each
@@ -36,7 +38,14 @@ from steerstore.infra.follow import StoreFollower
 from steerstore.infra.storage import StorageConfig
 from steerstore.jobs.generate import load_runtime_for
 from steerstore.operators.runtime import ModelRuntime, Sampling
-from steerstore.operators.serving import BadRequest, Request, check_request, personalised_generate, request_prompt
+from steerstore.operators.serving import (
+    BadRequest,
+    Request,
+    check_request,
+    default_method,
+    personalised_generate,
+    request_prompt,
+)
 from steerstore.schemas.methods import Method
 
 log = logging.getLogger("steerstore")
@@ -49,7 +58,9 @@ class ServeConfig:
     host: str = option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     port: int = option(8000, help="port to listen on (0: any free port)")
     model: str | None = option(None, help="model to load; default: the one the store was built with")
-    method: Method = option(Method.CAA, help="method for requests that name none in their 'steerstore' object")
+    method: Method | None = option(
+        None, help="method for requests that name none in their 'steerstore' object; default: recommended (each "
+                   "user's own choice) when the store version records recommendations, else caa")
     follow_interval_s: float = option(60.0, help="seconds between checks of the store's LATEST (new versions)")
     max_batch: int = option(16, help="most requests decoded together in one mixed batch")
     batch_wait_ms: float = option(10.0, help="how long the first queued request waits for others to join its batch")
@@ -89,8 +100,12 @@ def _number(body: dict, name: str, default, kind=float, low=None, high=None):
     return kind(value)
 
 
-def parse_request(body: object, chat: bool, config: ServeConfig) -> tuple[Request, int, Sampling]:
-    """An OpenAI-style body as a serving ``Request`` with its max_tokens and sampling; HTTPError(400) if bad."""
+def parse_request(body: object, chat: bool, config: ServeConfig,
+                  default: str | None = None) -> tuple[Request, int, Sampling]:
+    """An OpenAI-style body as a serving ``Request`` with its max_tokens and sampling; HTTPError(400) if bad.
+
+    A body that names no method gets ``config.method``, else ``default`` (the store's ``default_method``), else caa.
+    """
     if not isinstance(body, dict):
         raise HTTPError(400, "the body must be a JSON object")
     if chat:
@@ -121,8 +136,9 @@ def parse_request(body: object, chat: bool, config: ServeConfig) -> tuple[Reques
     if unknown:
         raise HTTPError(400, f"unknown 'steerstore' fields {unknown}; known: method, scale, source, layers, history",
                         "steerstore")
-    request = Request(user, prompt, extra.get("method", str(config.method)), extra.get("scale"), extra.get("source"),
-                      extra.get("layers"), extra.get("history"))
+    method = extra.get("method", str(config.method or default or Method.CAA))
+    request = Request(user, prompt, method, extra.get("scale"), extra.get("source"), extra.get("layers"),
+                      extra.get("history"))
     try:
         check_request(request)
     except BadRequest as exc:
@@ -225,7 +241,8 @@ class Endpoint:
 
     def answer(self, path: str, body: object) -> dict:
         chat = path == "/v1/chat/completions"
-        request, max_tokens, sampling = parse_request(body, chat, self.config)
+        # per request: the store followed may gain (or lose) recommendations with a new version
+        request, max_tokens, sampling = parse_request(body, chat, self.config, default_method(self.follower.current()))
         try:
             served = self.batcher.submit(request, max_tokens, sampling).result(timeout=600)
         except BadRequest as exc:
@@ -242,7 +259,8 @@ class Endpoint:
                 "model": self.runtime.model_id, "choices": [choice],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                           "total_tokens": prompt_tokens + completion},
-                "steerstore": {"user": served.user_id, "method": served.method, "applied": served.applied,
+                "steerstore": {"user": served.user_id, "method": served.method, "resolved": served.resolved,
+                               "applied": served.applied,
                                "scale": served.scale, "layers": served.layers, "note": served.note,
                                "version": served.version}}
 

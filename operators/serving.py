@@ -9,7 +9,14 @@ every request of the batch is decoded together (one forward per step for the who
   direction), from the response on or everywhere as the vector says;
 - ``style_vector``: the user's SteerX style vector (γ·v; source history | description | blend);
 - ``influence``: SteerX influence decoding with the user's style description S (λ);
-- ``dps``: differential preference decoding against the user's preference heads (γ).
+- ``dps``: differential preference decoding against the user's preference heads (γ);
+- ``recommended``: the method and strength the refresh chose for this user on their held-out items, in
+  the request's condition (``history`` when it carries the user's history, else ``plain``); a user
+  without a choice gets the population's (the manifest's ``recommend``), a version without either
+  ``none``. The request is then planned exactly as one naming that method, strength, layers and
+  source (so it may give none of them); ``Served.resolved`` names the method and ``note`` whose
+  choice it was. The HTTP endpoint and ``steerstore generate`` default to it when the version
+  records recommendations (``default_method``).
 
 A user the store has nothing for gets the population vector for the vector methods and plain
 decoding for ``influence`` and ``dps``; ``Served.applied`` says which was used and why.
@@ -17,6 +24,7 @@ decoding for ``influence`` and ``dps``; ``Served.applied`` says which was used a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 from dataclasses import dataclass
@@ -28,9 +36,11 @@ from steerstore.infra.follow import StoreFollower
 from steerstore.infra.reader import StoreReader, UserArtifacts, UserVectors
 from steerstore.operators.history import HistoryContextConfig, history_prompt
 from steerstore.operators.runtime import HeadContrast, Influence, ModelConfig, ModelRuntime, Sampling, Steering
-from steerstore.schemas.methods import VECTOR_METHODS, Family, Method, Source
+from steerstore.schemas.methods import STRENGTH, VECTOR_METHODS, Family, Method, Source
 
-METHODS: tuple[str, ...] = tuple(m.value for m in Method)
+# the methods a store's artifacts are served with (``recommended`` resolves to one of them per user)
+METHODS: tuple[str, ...] = tuple(m.value for m in Method if m != Method.RECOMMENDED)
+REQUEST_METHODS: tuple[str, ...] = (*METHODS, Method.RECOMMENDED.value)  # what a request may name
 DEFAULT_LAMBDA = 1.0  # influence strength when a request gives none and the store records no λ
 DEFAULT_INFLUENCE_TEMPERATURE = 0.6
 # influence decoding only picks tokens the plain prompt gives >= this share of its top token's probability
@@ -39,7 +49,12 @@ DEFAULT_INFLUENCE_PLAUSIBILITY = 0.1
 
 @dataclass
 class Request:
-    """One generation request: whose, what, and how strongly (None = the store's recommendation)."""
+    """One generation request: whose, what, and how strongly (None = the store's recommendation).
+
+    ``method`` defaults to ``none`` here (a library call says what it wants); the HTTP endpoint and the CLI
+    give a request that names no method ``default_method(reader)``: ``recommended`` when the store version
+    records recommendations. ``recommended`` takes no ``scale``, ``layers`` or ``source``: they are the choice.
+    """
 
     user_id: str
     prompt: str
@@ -62,8 +77,9 @@ class Served:
     applied: Literal["user", "population", "none"]  # the user's own artifact, the fallback, or nothing
     scale: float | None  # the strength used (None when nothing was applied)
     layers: list[int] | None = None  # steered layers (vector methods)
-    note: str | None = None  # why a fallback was used
+    note: str | None = None  # why a fallback was used (recommended: whose choice it was)
     version: str | None = None  # the store version the request was served from (one per batch)
+    resolved: str | None = None  # the method the request was planned as (recommended: the one it resolved to)
 
 
 class BadRequest(ValueError):
@@ -77,26 +93,31 @@ def check_request(r: object) -> None:
     """Raise ``BadRequest`` saying what is wrong with one request (nothing is read or decoded)."""
     if not isinstance(r, Request):
         raise BadRequest(f"a {type(r).__name__}, expected a serving.Request")
-    if r.method not in METHODS:
-        raise BadRequest(f"unknown method {r.method!r}; methods: {', '.join(METHODS)}")
+    if r.method not in REQUEST_METHODS:
+        raise BadRequest(f"unknown method {r.method!r}; methods: {', '.join(REQUEST_METHODS)}")
     if not isinstance(r.prompt, str) or not r.prompt.strip():
         raise BadRequest("the prompt must be non-empty text")
     if r.scale is not None and (isinstance(r.scale, bool) or not isinstance(r.scale, (int, float))
                                 or not math.isfinite(r.scale)):
         raise BadRequest(f"scale must be a finite number, got {r.scale!r}")
-    if r.source is not None and (r.method != "style_vector" or r.source not in SOURCES):
-        raise BadRequest(f"source applies to method style_vector only and is one of {', '.join(SOURCES)}; "
-                         f"got {r.source!r} with method {r.method!r}")
     if r.layers is not None and (not isinstance(r.layers, (list, tuple)) or not r.layers
                                  or any(isinstance(l, bool) or not isinstance(l, int) or l < 0 for l in r.layers)):
         raise BadRequest(f"layers must be a non-empty list of layer numbers, got {r.layers!r}")
-    if r.layers is not None and r.method not in VECTOR_METHODS:
-        raise BadRequest(f"layers apply to the vector methods ({', '.join(VECTOR_METHODS)}), not {r.method!r}")
     if r.history is not None and (not isinstance(r.history, (list, tuple)) or not all(
             isinstance(h, dict) and isinstance(h.get("input"), str) and isinstance(h.get("output"), str)
             and h["output"].strip() for h in r.history)):
         raise BadRequest("history must be a list of the user's items, each {\"input\": text, \"output\": "
                          "non-empty text}")
+    if r.method == Method.RECOMMENDED:
+        given = [name for name in ("scale", "layers", "source") if getattr(r, name) is not None]
+        if given:
+            raise BadRequest(f"{' and '.join(given)} cannot be given with method recommended: the method, strength, "
+                             "layers and source are the store's choice for the user (name a method to set them)")
+    if r.source is not None and (r.method != "style_vector" or r.source not in SOURCES):
+        raise BadRequest(f"source applies to method style_vector only and is one of {', '.join(SOURCES)}; "
+                         f"got {r.source!r} with method {r.method!r}")
+    if r.layers is not None and r.method not in VECTOR_METHODS:
+        raise BadRequest(f"layers apply to the vector methods ({', '.join(VECTOR_METHODS)}), not {r.method!r}")
 
 
 def request_prompt(r: Request, history_chars: int = 600) -> str:
@@ -201,6 +222,56 @@ def _vector_for(req: Request, art: UserArtifacts, reader: StoreReader) -> tuple[
     return art.population, why
 
 
+SYMBOLS = {"alpha": "α", "gamma": "γ", "lambda": "λ"}
+
+
+def default_method(reader: StoreReader, otherwise: str = Method.CAA.value) -> str:
+    """The method of a request that names none (HTTP endpoint, CLI): ``recommended`` when the version records
+    recommendations (the manifest's ``recommend``), else ``otherwise`` (what they served before)."""
+    return Method.RECOMMENDED.value if reader.manifest.get("recommend") else otherwise
+
+
+def describe(method: str, source: str | None = None, scale: float | None = None,
+             layers: Sequence[int] | None = None) -> str:
+    """'dps γ=1.5', 'style_vector (history) γ=0.5 at layers [3]': a method and its settings in words."""
+    text = str(method) + (f" ({source})" if source else "")
+    if scale is not None and method in STRENGTH:
+        text += f" {SYMBOLS[STRENGTH[method]]}={scale:g}"
+    return text + (f" at layers {list(layers)}" if layers else "")
+
+
+def resolve_recommended(reader: StoreReader, req: Request, art: UserArtifacts) -> tuple[Request, str]:
+    """The explicit request a ``recommended`` one runs as, and a note saying whose choice it is: the user's
+    ``recommended`` row for the request's condition, else the population's choice, else ``none``."""
+    condition = "history" if req.history else "plain"
+    where = " on top of their history" if req.history else ""
+    row = art.recommended.get(condition)
+    if row is not None and row["chosen_by"] == "user":
+        n = int(row.get("items") or 0)
+        who, why = f"recommended for this user{where}", f"chosen on {n} held-out item{'s' * (n != 1)}"
+    elif row is not None:
+        who, why = f"the population's choice{where}", "no held-out items for this user"
+    else:
+        row = reader.population_recommendation().get(condition)
+        who, why = f"the population's choice{where}", f"no choice for this user in store version {reader.version}"
+    if row is None:
+        return dataclasses.replace(req, method="none"), (
+            f"store version {reader.version} recommends nothing for the {condition} condition: unsteered")
+    method = row.get("method") or "none"
+    if method not in METHODS:
+        return dataclasses.replace(req, method="none"), (
+            f"{who} is {method!r}, which this steerstore does not know (upgrade steerstore): unsteered")
+    source = row.get("source") if method == "style_vector" and row.get("source") in SOURCES else None
+    scale = None if method == "none" or row.get("scale") is None else float(row["scale"])
+    layers = [int(l) for l in row["layers"]] if method in VECTOR_METHODS and row.get("layers") else None
+    explicit = dataclasses.replace(req, method=method, scale=scale, layers=layers, source=source)
+    if layers:  # stored for the user's vector: a vector without them (e.g. the population's) uses its own
+        vec, fallback = _vector_for(explicit, art, reader)
+        if vec is not None and fallback is None and not set(layers) <= set(vec.layers):
+            explicit.layers = None
+    return explicit, f"{who}: {describe(method, source, scale, explicit.layers)} ({why})"
+
+
 def plan_requests(reader: StoreReader, requests: Sequence[Request],
                   ) -> tuple[_Plan, list[Served]]:
     """Resolve each request against the store: the batch's decoding plan and each row's record."""
@@ -208,64 +279,76 @@ def plan_requests(reader: StoreReader, requests: Sequence[Request],
     plan = _Plan(len(requests))
     served: list[Served] = []
     for i, req in enumerate(requests):
-        record = Served("", req.user_id, req.method, "none", None, version=reader.version)
+        record = Served("", req.user_id, req.method, "none", None, version=reader.version, resolved=str(req.method))
         served.append(record)
         if req.method == "none":
             continue
         art = reader.artifacts(req.user_id)
-        if req.method in ("caa", "bt", "population", "style_vector"):
-            vec, why = _vector_for(req, art, reader)
-            record.note = why
-            if vec is None:
-                record.note = (why + "; " if why else "") + "the store has no population vector: unsteered"
-                continue
-            # the population vector standing in is served at the population's strength
-            chosen_layers, chosen_scale = recommended_setting(
-                reader, "population" if why is not None else req.method, req.source, vec, bool(req.history))
-            layers = list(req.layers or chosen_layers)
-            missing = [l for l in layers if l not in vec.layers]
-            scale = float(req.scale) if req.scale is not None else chosen_scale
-            if why is not None:  # the population vector stands in: the request's settings were for another
-                if missing:
-                    layers = [l for l in layers if l in vec.layers] or list(vec.recommended_layers)
-                    why += f"; layers {missing} are not stored for the population vector, steering {layers}"
-                if req.method == "style_vector" and req.scale is not None:  # γ of a style vector is no α
-                    scale = chosen_scale  # the population's α, chosen on top of history when the request has one
-                    why += f"; the population's α {scale:g} replaces γ {float(req.scale):g}"
-                record.note = why
-            elif missing:
-                raise BadRequest(f"request {i} (user {req.user_id!r}, {req.method}): layers {missing} are not "
-                                 f"stored for this vector (stored: {vec.layers})")
-            plan.vectors[i] = (vec, scale, layers)
-            record.applied = "user" if why is None and req.method != "population" else "population"
-            record.scale, record.layers = scale, layers
-        elif req.method == "influence":
-            row = art.steerx
-            if row is None or not (row.get("context") or "").strip():
-                record.note = art.reason or "user has no SteerX style description: unsteered"
-                continue
-            if plan.template is not None and row["style_template"] != plan.template:
-                raise BadRequest("influence requests of one batch must share the store's style template")
-            plan.template = row["style_template"]
-            plan.contexts[i] = row["context"]
-            plan.lam[i] = float(req.scale) if req.scale is not None else recommended_lambda(reader, bool(req.history))
-            record.applied, record.scale = "user", plan.lam[i]
-        else:  # dps
-            user = art.dps
-            if user is None or not user.heads:
-                record.note = art.reason or "user has no preference heads with a positive score: unsteered"
-                continue
-            settings = (user.adaptive, user.plausibility)
-            if plan.dps_settings is not None and settings != plan.dps_settings:
-                raise BadRequest("dps requests of one batch must share adaptive/plausibility settings")
-            plan.dps_settings = settings
-            plan.heads[i] = user.heads
-            if user.history_items and not req.history:
-                record.note = (f"the heads were chosen with up to {user.history_items} history item(s) before each text; "
-                               "this request shows none (pass the user's retrieved history)")
-            plan.gamma[i] = float(req.scale) if req.scale is not None else user.gamma
-            record.applied, record.scale = "user", plan.gamma[i]
+        chosen = None
+        if req.method == Method.RECOMMENDED:
+            req, chosen = resolve_recommended(reader, req, art)
+            record.resolved = str(req.method)
+        if req.method != "none":
+            _plan_one(reader, plan, i, req, art, record)
+        if chosen:
+            record.note = chosen + (f"; {record.note}" if record.note else "")
     return plan, served
+
+
+def _plan_one(reader: StoreReader, plan: _Plan, i: int, req: Request, art: UserArtifacts, record: Served) -> None:
+    """Plan row ``i`` (a request of a concrete method other than none) and fill its record."""
+    if req.method in ("caa", "bt", "population", "style_vector"):
+        vec, why = _vector_for(req, art, reader)
+        record.note = why
+        if vec is None:
+            record.note = (why + "; " if why else "") + "the store has no population vector: unsteered"
+            return
+        # the population vector standing in is served at the population's strength
+        chosen_layers, chosen_scale = recommended_setting(
+            reader, "population" if why is not None else req.method, req.source, vec, bool(req.history))
+        layers = list(req.layers or chosen_layers)
+        missing = [l for l in layers if l not in vec.layers]
+        scale = float(req.scale) if req.scale is not None else chosen_scale
+        if why is not None:  # the population vector stands in: the request's settings were for another
+            if missing:
+                layers = [l for l in layers if l in vec.layers] or list(vec.recommended_layers)
+                why += f"; layers {missing} are not stored for the population vector, steering {layers}"
+            if req.method == "style_vector" and req.scale is not None:  # γ of a style vector is no α
+                scale = chosen_scale  # the population's α, chosen on top of history when the request has one
+                why += f"; the population's α {scale:g} replaces γ {float(req.scale):g}"
+            record.note = why
+        elif missing:
+            raise BadRequest(f"request {i} (user {req.user_id!r}, {req.method}): layers {missing} are not "
+                             f"stored for this vector (stored: {vec.layers})")
+        plan.vectors[i] = (vec, scale, layers)
+        record.applied = "user" if why is None and req.method != "population" else "population"
+        record.scale, record.layers = scale, layers
+    elif req.method == "influence":
+        row = art.steerx
+        if row is None or not (row.get("context") or "").strip():
+            record.note = art.reason or "user has no SteerX style description: unsteered"
+            return
+        if plan.template is not None and row["style_template"] != plan.template:
+            raise BadRequest("influence requests of one batch must share the store's style template")
+        plan.template = row["style_template"]
+        plan.contexts[i] = row["context"]
+        plan.lam[i] = float(req.scale) if req.scale is not None else recommended_lambda(reader, bool(req.history))
+        record.applied, record.scale = "user", plan.lam[i]
+    else:  # dps
+        user = art.dps
+        if user is None or not user.heads:
+            record.note = art.reason or "user has no preference heads with a positive score: unsteered"
+            return
+        settings = (user.adaptive, user.plausibility)
+        if plan.dps_settings is not None and settings != plan.dps_settings:
+            raise BadRequest("dps requests of one batch must share adaptive/plausibility settings")
+        plan.dps_settings = settings
+        plan.heads[i] = user.heads
+        if user.history_items and not req.history:
+            record.note = (f"the heads were chosen with up to {user.history_items} history item(s) before each text; "
+                           "this request shows none (pass the user's retrieved history)")
+        plan.gamma[i] = float(req.scale) if req.scale is not None else user.gamma
+        record.applied, record.scale = "user", plan.gamma[i]
 
 
 def serve(runtime: ModelRuntime, reader: StoreReader, requests: Sequence[Request], max_new_tokens: int = 64,

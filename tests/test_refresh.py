@@ -210,7 +210,8 @@ def test_generate_for_a_quarantined_user_says_why_it_has_no_vectors(bad_input_ru
 
     assert cli.main(["generate", "--store", bad_input_run[1], "--user", "carol", "--prompt", "Hi"]) == 1
     err = capsys.readouterr().err
-    assert "'carol' has no vectors" in err and "quarantined: user has 1 valid preference pair(s)" in err
+    # no method named: the store's recommendation, and carol has no artifact at all
+    assert "'carol' has no artifacts" in err and "quarantined: user has 1 valid preference pair(s)" in err
 
 
 def test_serving_refuses_a_model_whose_weights_differ_from_the_store(bad_input_run, tmp_path, capsys):

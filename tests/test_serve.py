@@ -139,3 +139,23 @@ def test_request_parsing_defaults_and_sampling():
     assert (sampling.temperature, sampling.top_p, sampling.seed) == (0.7, 0.9, 3)
     _, max_tokens, sampling = parse_request({"user": "u", "prompt": "Hi", "max_completion_tokens": 5}, False, config)
     assert max_tokens == 5 and sampling.temperature == 0.0  # absent temperature: greedy
+
+
+def test_a_body_naming_no_method_gets_the_users_recommendation_when_the_store_records_them(tmp_path, tiny_runtime):
+    from tests.test_recommended_serving import recommended_store
+
+    uri, ids = recommended_store(tmp_path, tiny_runtime)
+    ep = Endpoint(ServeConfig(store=uri, port=0, batch_wait_ms=0), runtime=tiny_runtime).start()
+    try:
+        answer = ep.answer("/v1/completions", {"user": ids[0], "prompt": "Describe a park.", "max_tokens": 4})
+        info = answer["steerstore"]
+        assert (info["method"], info["resolved"], info["applied"], info["scale"]) == ("recommended", "caa", "user", 2.5)
+        assert info["note"].startswith("recommended for this user: caa")
+        alone = personalised_generate(tiny_runtime, None, [Request(ids[0], "Describe a park.", "caa", scale=2.5,
+                                                                   layers=[1])], uri, max_new_tokens=4)[0]
+        assert answer["choices"][0]["text"] == alone.text
+        named = ep.answer("/v1/completions", {"user": ids[0], "prompt": "Hi", "max_tokens": 4,
+                                              "steerstore": {"method": "none"}})["steerstore"]
+        assert (named["method"], named["resolved"]) == ("none", "none")
+    finally:
+        ep.close()

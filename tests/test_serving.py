@@ -418,11 +418,18 @@ def test_generate_serves_a_jsonl_file_of_mixed_requests_as_one_batch(served, tmp
     bad = write_jsonl(tmp_path / "bad.jsonl", [requests[0], {"user_id": "ann", "prompt": "Hi", "colour": "red"}])
     assert cli.main(["generate", "--store", reader.store.uri, "--requests", bad]) == 1
     assert "bad.jsonl line 2: unknown fields ['colour']" in capsys.readouterr().err
-    assert cli.main(["generate", "--store", reader.store.uri, "--user", "nobody", "--prompt", "Hi"]) == 1
+    assert cli.main(["generate", "--store", reader.store.uri, "--user", "nobody", "--prompt", "Hi",
+                     "--method", "caa"]) == 1
     err = capsys.readouterr().err
     assert "ValueError: user 'nobody' has no vectors" in err and "Pass --fallback to answer" in err
+    # no --method: the store records recommendations (its tiny users held nothing out and the population chose
+    # nothing), so the user's recommendation is served: none here, never refused
+    assert reader.manifest["recommend"] and cli.main(["generate", "--store", reader.store.uri, "--user", "nobody",
+                                                      "--prompt", "Hi", "--max_new_tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "method recommended → none" in out and "recommends nothing for the plain condition" in out
     assert cli.main(["generate", "--store", reader.store.uri, "--user", "nobody", "--prompt", "Hi", "--fallback", "true",
-                     "--max_new_tokens", "4"]) == 0
+                     "--method", "caa", "--max_new_tokens", "4"]) == 0
     assert "fallback: population vector" in capsys.readouterr().out
     assert cli.main(["generate", "--store", reader.store.uri, "--user", "nobody", "--prompt", "Hi", "--method",
                      "influence", "--fallback", "true", "--max_new_tokens", "4"]) == 0

@@ -18,6 +18,9 @@ Launch: ``steerstore eval`` (the development data in ``../shared/data``, the def
    sources: the disentangling ablation), SteerX influence decoding, per-user CAA, BT and DPS (on
    the history-in-prompt prompt, as in the paper, and compared with it), each at its recommended strength plus sweeps of γ / α / λ (and τ: each extra τ reruns the
    SteerX anchor and smoothing stages into a side store).
+   When the store version records per-user recommendations, also each user's ``recommended``
+   method and strength (alone, and on top of the history prompt: ``recommended+history``),
+   resolved and decoded exactly as serving resolves a ``recommended`` request.
 4. **Score**: ROUGE-1/L, METEOR, BLEU, BERTScore against the target; fluency as the perplexity
    of the output under the unsteered model (given the plain prompt); per-user deltas against
    no personalisation with bootstrap confidence intervals over users; preference accuracy on
@@ -166,7 +169,8 @@ def main(config: EvalConfig) -> dict:
             "decoding": f"greedy, {config.methods.max_new_tokens} new tokens",
             "data": split.notes, "missing": gen.missing, "tau": steerx.tau, "tau_stores": tau_stores,
             "refresh_stage_seconds": summary_refresh.get("stage_seconds"), "seconds": timings,
-            "ship": ship, "preference_unsteered": unsteered, "steerx_descriptions": gen.descriptions, "notes": _notes(summary, gen)}
+            "ship": ship, "preference_unsteered": unsteered, "steerx_descriptions": gen.descriptions,
+            "recommendations": {m: dict(c) for m, c in gen.recommendations.items()}, "notes": _notes(summary, gen)}
     examples = _examples(scored, config.examples)
     from steerstore.jobs.evaluate.report import ReportData, render_report  # noqa: PLC0415  (matplotlib only when reporting)
 

@@ -47,6 +47,12 @@ COMPOSED = ("population", "caa", "bt", "style_vector:history", "style_vector:des
             "influence")
 COMPOSED_SUFFIX = "+history"
 LABELS.update({m + COMPOSED_SUFFIX: f"{LABELS[m]} + history in prompt" for m in COMPOSED})
+# each user's recommended method and strength (chosen by the refresh on their own held-out training items), on the
+# plain prompt and on top of the history prompt, resolved as serving resolves `recommended`; evaluated only when the
+# store version records recommendations
+RECOMMENDED = ("recommended", "recommended" + COMPOSED_SUFFIX)
+LABELS.update({"recommended": "recommended per user", "recommended" + COMPOSED_SUFFIX:
+               "recommended per user + history in prompt"})
 METHODS = tuple(LABELS)
 KEYS = ["method", "label", "parameter", "strength", "recommended"]  # one evaluated setting
 

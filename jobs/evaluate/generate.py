@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import pyarrow.compute as pc
@@ -12,10 +12,24 @@ import pyarrow.compute as pc
 from steerstore.infra import storage
 from steerstore.infra.reader import StoreReader, UserVectors
 from steerstore.jobs import refresh
-from steerstore.jobs.evaluate.config import COMPOSED, COMPOSED_SUFFIX, LABELS, METHODS, EvalConfig, _refresh_config
+from steerstore.jobs.evaluate.config import (
+    COMPOSED,
+    COMPOSED_SUFFIX,
+    LABELS,
+    METHODS,
+    RECOMMENDED,
+    EvalConfig,
+    _refresh_config,
+)
 from steerstore.jobs.evaluate.split import Split
 from steerstore.operators.history import retrieved_prompt
-from steerstore.operators.serving import recommended_lambda, recommended_setting
+from steerstore.operators.serving import (
+    Request,
+    plan_requests,
+    recommended_lambda,
+    recommended_setting,
+    resolve_recommended,
+)
 from steerstore.operators.steerx import SteerXConfig
 from steerstore.schemas.methods import Family
 
@@ -48,6 +62,8 @@ class Generator:
         self.rows: list[dict] = []  # planned rows (run() fills it)
         self.missing: dict[str, dict[str, str]] = {}  # method -> user -> why
         self.descriptions: dict = {}  # SteerX: how many evaluated users got a valid style description, and why not
+        # recommended settings: per setting, how many users' choice resolved to each method (and whose choice it was)
+        self.recommendations: dict[str, Counter] = defaultdict(Counter)
 
     def _label(self, method: str) -> str:
         if method == "dps" and self.config.methods.dps_prompt == "history":
@@ -92,6 +108,8 @@ class Generator:
             composed = base + COMPOSED_SUFFIX
             steps[composed] = (lambda c=composed: self.influence(c)) if base == "influence" \
                 else (lambda c=composed: self.vectors(c))
+        for method in RECOMMENDED:
+            steps[method] = lambda c=method: self.recommended(c)
         for method in METHODS:
             if method in m.include:
                 steps[method]()
@@ -143,6 +161,35 @@ class Generator:
             for strength, rec in _grid(recommended, grid, self.config.methods.sweeps):
                 self._plan(Setting(method, parameter, strength, rec), h, prompt, serve, strength, source or None,
                            layers=layers)
+
+    def recommended(self, method: str = "recommended") -> None:
+        """Each user's recommended method and strength, resolved by serving's own ``plan_requests`` (the user's row
+        for the condition, else the population's choice, else none) and planned as the request it resolves to: the
+        same method, strength, layers and source (the population vector or nothing where serving falls back)."""
+        composed = method != "recommended"
+        if not self.reader.manifest.get("recommend"):
+            self._mark_missing(method, set(), f"store version {self.reader.version} records no recommendations "
+                                              "(refreshed before them, or with recommend.enabled off)")
+            return
+        prompts = self._history_prompts(self.items) if composed else [h["input"] for h in self.items]
+        seen: set[str] = set()
+        for h, prompt in zip(self.items, prompts):
+            uid = h["user_id"]
+            # the condition is the request's: with history (its items only decide that here; the prompt is planned)
+            history = [{"input": t["input"], "output": t["output"]} for t in self.split.train.get(uid, [])
+                       if (t.get("output") or "").strip()] if composed else None
+            request = Request(uid, h["input"], "recommended", history=history or None)
+            _, (record,) = plan_requests(self.reader, [request])
+            explicit, _ = resolve_recommended(self.reader, request, self.reader.artifacts(uid))
+            serve = {"none": "none", "population": "population"}.get(record.applied, record.resolved)
+            if uid not in seen:
+                seen.add(uid)
+                chosen = (explicit.method if explicit.method == "none" or record.applied == "user"
+                          else f"{explicit.method} → {serve}")
+                row = self.reader.recommended(uid).get("history" if history else "plain")
+                self.recommendations[method][f"{chosen} ({row['chosen_by'] if row else 'population'})"] += 1
+            self._plan(Setting(method, "", math.nan, True), h, prompt, serve, record.scale,
+                       explicit.source if serve == "style_vector" else None, layers=record.layers)
 
     def influence_lambda(self, composed: bool = False) -> float:
         """The recommended λ: the option's, else the store's (chosen on validation items, in the composed

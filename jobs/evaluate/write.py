@@ -43,6 +43,9 @@ def _notes(summary: pd.DataFrame, gen: Generator) -> list[str]:
         d = gen.descriptions
         notes.append(f"SteerX: {d['with_description']} of {d['users']} users got a valid style description"
                      + "".join(f"; {n} without: {why}" for why, n in d["without"].items()))
+    for method, chosen in getattr(gen, "recommendations", {}).items():
+        notes.append(f"{LABELS[method]}: each user's choice resolved to "
+                     + ", ".join(f"{what}: {n} user{'s' * (n != 1)}" for what, n in chosen.most_common()))
     for method, users in gen.missing.items():
         why = Counter(users.values()).most_common()
         notes.append(f"{LABELS[method]}: {len(users)} of {len(gen.users)} users not evaluated ("

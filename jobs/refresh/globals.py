@@ -112,7 +112,8 @@ def _recommend(config: RefreshConfig, run: Run, sampler: "Sampler", pool: Pool, 
     old = (previous.state or {}) if previous is not None else {}
     settings = [to_dict(config.recommend), to_dict(config.scale)]
     if frozen and set(frozen) == set(decisions) and old.get("recommend") and old.get("recommend_settings") == settings:
-        g.update(recommend=old["recommend"], recommend_strengths=old["recommend_strengths"])
+        g.update(recommend=old["recommend"], recommend_strengths=old["recommend_strengths"],
+                 recommend_sample=old.get("recommend_sample") or [])
     else:
         compute_prior(config, run, sampler, pool, gen, g, _public)
     g["recommend_settings"] = settings

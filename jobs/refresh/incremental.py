@@ -118,7 +118,7 @@ def previous_version(store: SteeringStore) -> Previous | None:
 def save_state(store: SteeringStore, version: str, g: dict) -> None:
     """Keep the version's global statistics with it (and the hashed ids of the users they hold, for forget)."""
     users = set(g.get("caa_sample") or []) | set(g.get("steerx_calibrated") or []) \
-        | {item["user_id"] for item in g.get("steerx_pool") or []}
+        | set(g.get("recommend_sample") or []) | {item["user_id"] for item in g.get("steerx_pool") or []}
     storage.write_text(_state_uri(store, version, STATE_USERS), json.dumps(sorted(hashed(u) for u in users)) + "\n",
                        store.storage)
     state = {k: v for k, v in g.items() if k != "carry"}

@@ -161,6 +161,7 @@ def compute_prior(config, run, sampler, pool, gen, g: dict, public) -> None:
     g["recommend_strengths"] = strengths(config, g, g.get("scale_curves") or {})
     sample = sampler.sample("recommend")
     g["recommend"] = {"prior": {}, "population": {}, "users": 0, "tokens": 0, "sample": len(sample.users)}
+    g["recommend_sample"] = list(sample.users)  # whose items the prior pools (forget drops statistics holding them)
     if sample.users:
         uri = storage.join(run.staging, "recommend", "sample.parquet")
         storage.write_parquet(uri, sampler.users_table(sample.users), config.storage)
