@@ -172,6 +172,11 @@ def test_the_refresh_stores_each_users_choice_and_the_held_out_items_reach_no_me
     assert steerx["user-0"]["n_items"] == 4
     caa = {r["user_id"]: r for r in store.read_table("vectors", version).to_pylist() if r["method"] == "caa"}
     assert caa["user-0"]["n_pairs"] == 4 and caa["user-5"]["n_pairs"] == 5
+    # the summary counts users by the method chosen for them
+    counts = summary["recommended"]
+    assert set(counts) == {"plain", "history"}
+    assert all(sum(n.values()) == len(USERS) for n in counts.values())
+    assert sum(v for k, v in counts["plain"].items() if k.startswith("population:")) == 1  # user-5
     # a reader sees the rows
     assert StoreReader(uri).recommended("user-0")["plain"]["method"] == by_user["user-0"]["plain"]["method"]
 

@@ -20,6 +20,7 @@ from steerstore.operators.dps import DPSConfig
 from steerstore.operators.history import HistoryContextConfig
 from steerstore.operators.metrics import METRICS as TEXT_METRICS
 from steerstore.operators.metrics import MetricsConfig
+from steerstore.operators.recommend import RecommendConfig
 from steerstore.operators.runtime import ModelConfig
 from steerstore.operators.scale import ScaleConfig
 from steerstore.operators.serving import DEFAULT_INFLUENCE_PLAUSIBILITY
@@ -159,6 +160,8 @@ class EvalConfig:
     bt: BTConfig = dataclasses.field(default_factory=BTConfig, metadata={"help": "refresh: BT"})
     dps: DPSConfig = dataclasses.field(default_factory=DPSConfig, metadata={"help": "refresh: DPS"})
     steerx: SteerXConfig = dataclasses.field(default_factory=SteerXConfig, metadata={"help": "refresh: SteerX"})
+    recommend: RecommendConfig = dataclasses.field(
+        default_factory=RecommendConfig, metadata={"help": "refresh: the method and strength chosen per user"})
     resources: refresh.ResourcesConfig = dataclasses.field(default_factory=refresh.ResourcesConfig,
                                                            metadata={"help": "refresh: scheduling"})
 
@@ -176,7 +179,7 @@ def _refresh_config(config: EvalConfig, inputs: dict[str, str], store: str, stee
         inputs=refresh.InputsConfig(preference_pairs=inputs["pairs"], histories=inputs["histories"]),
         output=refresh.OutputConfig(store=store), storage=config.storage, ray=config.ray, model=config.model,
         validate=config.validate, caa=config.caa, bt=config.bt, scale=config.scale, dps=config.dps, steerx=steerx,
-        resources=config.resources,
+        recommend=config.recommend, resources=config.resources,
         # the evaluation's own store serves nothing: only an empty version is refused, never a change against
         # the evaluation run before it (another split, other settings)
         publish=refresh.PublishConfig(max_users_drop=1.0, max_method_drop=1.0, max_quarantine_rise=1.0))
@@ -184,6 +187,7 @@ def _refresh_config(config: EvalConfig, inputs: dict[str, str], store: str, stee
         rc.bt = dataclasses.replace(config.bt, enabled=False)
         rc.dps = dataclasses.replace(config.dps, enabled=False)
         rc.scale = dataclasses.replace(config.scale, enabled=False)
+        rc.recommend = dataclasses.replace(config.recommend, enabled=False)
         rc.steerx.vectors = dataclasses.replace(steerx.vectors, enabled=False)
     return rc
 

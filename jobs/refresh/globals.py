@@ -93,8 +93,9 @@ def compute_globals(config: RefreshConfig, run: Run, shards: Shards, pool: Pool,
     if config.recommend.enabled and (g["dps_active"] or g["steerx_active"] or g["population_mean"] is not None) \
             and config.inputs.histories:
         _recommend(config, run, sampler, pool, gen, g, previous, frozen, decisions)
-        timer.lap("sample recommend", f"population's choice {g['recommend']['population']} from "
-                                      f"{g['recommend']['users']} users")
+        chosen = ", ".join(f"{c}: {p['method']}" + ("" if p["scale"] is None else f" at {p['scale']:g}")
+                           + f" ({p['gain_per_token']:+.3f} nats/token)" for c, p in g["recommend"]["population"].items())
+        timer.lap("sample recommend", f"population's choice from {g['recommend']['users']} users: {chosen or 'none'}")
     g["samples"] = {**((previous.state or {}).get("samples", {}) if frozen else {}),
                     **{k: {"users": len(s.users), "eligible": s.eligible, "fraction": s.fraction}
                        for k, s in sampler.chosen.items()}}

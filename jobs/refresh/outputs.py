@@ -71,6 +71,7 @@ def write_shard(state: dict, run: Run, config: RefreshConfig, g: dict) -> dict:
               "counts": _counts(tables["users"], quarantine, tables, state),
               "incremental": state.get("incremental"),
               "cluster_counts": _cluster_counts(tables["dps_heads"]),  # computed and carried users
+              "recommended": _recommended_counts(tables["recommended"]),
               "model_fingerprint": g["model"]["model_fingerprint"]}
     if state.get("caa_partial") is not None:
         buf = io.BytesIO()
@@ -101,6 +102,17 @@ def _counts(users: pa.Table, quarantine: pa.Table, tables: dict, state: dict) ->
             or any(methods.get(m, 0) != n for m, n in stored.items())):
         raise ReconciliationError(f"shard {state['bucket']} does not reconcile: {counts}")
     return counts
+
+
+def _recommended_counts(rows: pa.Table | None) -> dict[str, dict[str, int]]:
+    """Per condition, users by chosen method ('population:' prefix: the population's choice, no held-out items)."""
+    if rows is None or not rows.num_rows:
+        return {}
+    out: dict[str, Counter] = {}
+    for r in rows.select(["condition", "method", "chosen_by"]).to_pylist():
+        key = r["method"] if r["chosen_by"] == "user" else f"population:{r['method']}"
+        out.setdefault(r["condition"], Counter())[key] += 1
+    return {c: dict(n) for c, n in out.items()}
 
 
 def _cluster_counts(dps: pa.Table | None) -> dict[str, int]:

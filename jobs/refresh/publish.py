@@ -178,6 +178,10 @@ def _summary(run: Run, shards: Shards, markers: list[dict], result: dict, g: dic
         total.update({k: c.get(k, 0) for k in ("users_in", "users_kept_absent", "users_stored", "users_quarantined",
                                                "rows_kept", "rows_quarantined", "quarantine_rows")})
         by_method.update(c["users_by_method"])
+    recommended: dict[str, Counter] = {}
+    for m in markers:
+        for condition, n in (m.get("recommended") or {}).items():
+            recommended.setdefault(condition, Counter()).update(n)
     unattributed = _unattributed(shards)
     n_records = shards.total("records")
     by_kind: Counter = Counter()
@@ -194,6 +198,8 @@ def _summary(run: Run, shards: Shards, markers: list[dict], result: dict, g: dic
         "shards": len(markers), "shards_reused": result["reused"], "shards_computed": result["computed"],
         "samples": g["samples"], "workers": _worker_stats(stats),
         "incremental": incremental_summary(run.store, g, markers),
+        # users by the method chosen for them, per condition (population:…: too few items, the population's)
+        "recommended": {c: dict(sorted(n.items())) for c, n in sorted(recommended.items())},
     }
     if (summary["rows_kept"] + summary["rows_quarantined"] + summary["rows_forgotten"] != n_records
             or summary["users_stored"] + summary["users_quarantined"] != summary["users_in"] + total["users_kept_absent"]

@@ -198,7 +198,8 @@ def shard_pass(runtime: ModelRuntime, state: dict, config, g: dict) -> dict:
     model_fp = g["model"]["model_fingerprint"]
     rows, todo, fp_of = [], [], {}
     for u in sorted(stored):
-        fp = rec.fingerprint([sorted((fps.get(u) or {}).items()), info["id"], u in (state.get("held") or {})])
+        held = (state.get("held") or {}).get(u)  # the items it is chosen on (the families' fingerprints may not see them)
+        fp = rec.fingerprint([sorted((fps.get(u) or {}).items()), info["id"], held])
         fp_of[u] = fp
         old = before.get(u)
         if old and (u in kept or all(r["fingerprint"] == fp for r in old)):
