@@ -84,7 +84,7 @@ def run_shards(config: RefreshConfig, run: Run, buckets: list[int], pool: Pool, 
             inflight[w] -= 1
             if len(done) % max(1, total // 20) == 0 or len(done) == total:
                 elapsed = time.perf_counter() - started
-                log.info("refresh: %d/%d shards written (%.0f s, %.1f users/s)", len(done), total, elapsed,
+                log.info("refresh: %d/%d shards written (%.0f s, %.3g users/s)", len(done), total, elapsed,
                          sum(m["counts"]["users_in"] for m in done.values()) / max(elapsed, 1e-9))
             fill()
     return {"markers": [({**reused, **done})[b] for b in buckets], "reused": len(reused), "computed": len(done)}
