@@ -219,8 +219,7 @@ def score(runtime: ModelRuntime, cases: Sequence[UserCase],
         for (u, k, r), value in zip(vec_ref, lp.tolist()):
             gains[u][k] += value - float(base[r])
     for condition in prompts:
-        _influence(runtime, cases, condition, prompts[condition], rows_out, base, rows_of, gains)
-        _contrast(runtime, cases, condition, prompts[condition], rows_out, base, rows_of, gains)
+        _two_branch(runtime, cases, condition, prompts[condition], rows_out, base, rows_of, gains)
     return {c.user_id: (gains[u], int(sum(int(tokens[r]) for r in rows_of(u)))) for u, c in enumerate(cases)}
 
 
@@ -229,42 +228,35 @@ def _history(train: list[dict], prompt: str, composed: HistoryContextConfig) -> 
     return retrieved_prompt(usable, prompt, composed) if usable else prompt
 
 
-def _influence(runtime, cases, condition, prompts, outputs, base, rows_of, gains) -> None:
-    """Influence candidates of ``condition``: one pair of passes per user's items gives every λ."""
+def _two_branch(runtime, cases, condition, prompts, outputs, base, rows_of, gains) -> None:
+    """Influence and DPS candidates of ``condition``: per user and method, one call gives every strength (the
+    strengths only change how the same two branches combine)."""
     for u, c in enumerate(cases):
-        cands = [(k, cand) for k, cand in enumerate(c.candidates) if cand.method == "influence" and cand.condition == condition]
-        if not cands:
-            continue
-        rows = list(rows_of(u))
-        context = cands[0][1].context
-        lp, _ = runtime.influence_logprobs([prompts[r] for r in rows], [style_prompt(context, prompts[r]) for r in rows],
-                                           [outputs[r] for r in rows], [cand.scale for _, cand in cands])
-        for n, (k, _) in enumerate(cands):
-            gains[u][k] += float((lp[n] - base[rows]).sum())
-
-
-def _contrast(runtime, cases, condition, prompts, outputs, base, rows_of, gains) -> None:
-    """DPS candidates of ``condition``: every user's items in one call, each γ from the same two branches."""
-    for u, c in enumerate(cases):
-        cands = [(k, cand) for k, cand in enumerate(c.candidates) if cand.method == "dps" and cand.condition == condition]
-        if not cands:
-            continue
-        rows = list(rows_of(u))
-        lp, _ = runtime.contrast_logprobs([prompts[r] for r in rows], [outputs[r] for r in rows],
-                                          [cands[0][1].heads] * len(rows), [cand.scale for _, cand in cands],
-                                          adaptive=cands[0][1].adaptive)
-        for n, (k, _) in enumerate(cands):
-            gains[u][k] += float((lp[n] - base[rows]).sum())
+        for method in ("influence", "dps"):
+            cands = [(k, cand) for k, cand in enumerate(c.candidates)
+                     if cand.method == method and cand.condition == condition]
+            if not cands:
+                continue
+            rows, first = list(rows_of(u)), cands[0][1]
+            shown, said, strengths = [prompts[r] for r in rows], [outputs[r] for r in rows], [x.scale for _, x in cands]
+            if method == "influence":
+                lp, _ = runtime.influence_logprobs(shown, [style_prompt(first.context, x) for x in shown], said,
+                                                   strengths)
+            else:
+                lp, _ = runtime.contrast_logprobs(shown, said, [first.heads] * len(rows), strengths,
+                                                  adaptive=first.adaptive)
+            for n, (k, _) in enumerate(cands):
+                gains[u][k] += float((lp[n] - base[rows]).sum())
 
 
 # ---- the choice -----------------------------------------------------------------------------------
 
-def pool(scored: Sequence[tuple[list[Candidate], list[float], int]]) -> dict[str, list[float]]:
-    """The population's evidence: per candidate key, [Σ gain, Σ tokens] over the sample users."""
+def pool(scored: Sequence[tuple[Sequence[str], Sequence[float], int]]) -> dict[str, list[float]]:
+    """The population's evidence: per candidate key, [Σ gain, Σ tokens] over the sample users' (keys, gains, tokens)."""
     out: dict[str, list[float]] = {}
-    for cands, gains, tokens in scored:
-        for cand, gain in zip(cands, gains):
-            acc = out.setdefault(cand.key, [0.0, 0.0])
+    for keys, gains, tokens in scored:
+        for key, gain in zip(keys, gains):
+            acc = out.setdefault(key, [0.0, 0.0])
             acc[0] += gain
             acc[1] += tokens
     return out

@@ -143,14 +143,10 @@ def _meta(c: rec.Candidate) -> dict:
 
 def prior_from(evidence_rows: list[dict]) -> dict:
     """The population's gains per candidate key and its choice per condition, from the sample's evidence."""
-    pooled: dict[str, list[float]] = {}
-    meta: dict[str, rec.Candidate] = {}
-    for e in evidence_rows:
-        for c, gain in zip(e["candidates"], e["gains"]):
-            acc = pooled.setdefault(c["key"], [0.0, 0.0])
-            acc[0] += gain
-            acc[1] += e["tokens"]
-            meta.setdefault(c["key"], rec.Candidate(c["condition"], c["method"], c["source"], c["multiplier"], c["scale"]))
+    pooled = rec.pool([([c["key"] for c in e["candidates"]], e["gains"], e["tokens"]) for e in evidence_rows])
+    meta: dict[str, rec.Candidate] = {}  # the first sampled user's strength per key (a DPS γ is the user's own)
+    for c in (c for e in evidence_rows for c in e["candidates"]):
+        meta.setdefault(c["key"], rec.Candidate(c["condition"], c["method"], c["source"], c["multiplier"], c["scale"]))
     per_token = rec.prior_per_token(pooled)
     return {"pooled": pooled, "per_token": per_token, "population": rec.population_choice(meta, per_token),
             "users": len(evidence_rows), "tokens": int(sum(e["tokens"] for e in evidence_rows))}
