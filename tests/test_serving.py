@@ -422,10 +422,15 @@ def test_generate_serves_a_jsonl_file_of_mixed_requests_as_one_batch(served, tmp
                      "--method", "caa"]) == 1
     err = capsys.readouterr().err
     assert "ValueError: user 'nobody' has no vectors" in err and "Pass --fallback to answer" in err
-    # no --method: the store records recommendations (its tiny users held nothing out and the population chose
-    # nothing), so the user's recommendation is served: none here, never refused
+    # no --method: the store records recommendations, so the recommendation is what is asked for; a user the store
+    # does not know is refused like any other method unless --fallback, which serves the population's choice
+    # (nothing here: the tiny users held nothing out)
     assert reader.manifest["recommend"] and cli.main(["generate", "--store", reader.store.uri, "--user", "nobody",
-                                                      "--prompt", "Hi", "--max_new_tokens", "4"]) == 0
+                                                      "--prompt", "Hi", "--max_new_tokens", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "user 'nobody' has no artifacts" in err and "Pass --fallback to answer with the population's choice" in err
+    assert cli.main(["generate", "--store", reader.store.uri, "--user", "nobody", "--prompt", "Hi", "--fallback",
+                     "true", "--max_new_tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "method recommended → none" in out and "recommends nothing for the plain condition" in out
     assert cli.main(["generate", "--store", reader.store.uri, "--user", "nobody", "--prompt", "Hi", "--fallback", "true",
