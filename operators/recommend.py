@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -133,6 +134,8 @@ class Strengths:
     style: tuple[list[int], float] | None  # the default source's (layers, γ)
     source: str  # the default style-vector source
     lambdas: list[float]  # influence λ candidates
+    alpha_max: dict[str, float] = field(default_factory=dict)  # caa | bt | population -> the largest α that kept
+    # fluency (scale's decoded and teacher-forced guards); a candidate above it is not offered (absent: no cap)
 
 
 def candidates(art: UserArtifacts, strengths: dict[str, Strengths], config: RecommendConfig) -> list[Candidate]:
@@ -143,8 +146,9 @@ def candidates(art: UserArtifacts, strengths: dict[str, Strengths], config: Reco
         out.append(Candidate(condition, "none"))
         for method, vec in (("caa", art.caa), ("bt", art.bt), ("population", art.population)):
             if method in wanted and vec is not None and s.alpha.get(method) is not None:
+                cap = s.alpha_max.get(method, math.inf)
                 out += [Candidate(condition, method, None, m, s.alpha[method] * m, list(vec.recommended_layers), vec)
-                        for m in config.multipliers]
+                        for m in config.multipliers if s.alpha[method] * m <= cap * (1 + 1e-9)]
         style = art.style_vectors.get(s.source)
         if "style_vector" in wanted and style is not None and s.style is not None:
             layers, gamma = s.style
@@ -161,6 +165,9 @@ def candidates(art: UserArtifacts, strengths: dict[str, Strengths], config: Reco
 
 
 # ---- scoring --------------------------------------------------------------------------------------
+
+SHARED_PREFIX = 16  # tokens a prompt's candidates must share before their prefix is run once
+
 
 @dataclass
 class UserCase:
@@ -214,8 +221,9 @@ def score(runtime: ModelRuntime, cases: Sequence[UserCase],
                     vec_ref.append((u, k, r))
     if vec_rows:
         steer = vector_steering([(cand.vector, cand.scale, cand.layers) for _, cand in vec_rows])
+        # every candidate of an item shows the same prompt: its unsteered prefix runs once per item
         lp, _ = runtime.response_logprobs([prompts[cand.condition][r] for r, cand in vec_rows],
-                                          [rows_out[r] for r, _ in vec_rows], steer)
+                                          [rows_out[r] for r, _ in vec_rows], steer, min_shared=SHARED_PREFIX)
         for (u, k, r), value in zip(vec_ref, lp.tolist()):
             gains[u][k] += value - float(base[r])
     for condition in prompts:

@@ -6,7 +6,12 @@ margin is [log p_α(chosen) − log p_0(chosen)] − [log p_α(rejected) − log
 with a positive margin. Fluency cost is the increase in per-token NLL of the chosen response.
 
 ``choose_scale`` picks, per method, the α of a grid with the highest accuracy, provided
-the chosen responses' NLL rises by at most ``max_nll_increase`` nats/token. Accuracy on a small
+the chosen responses' NLL rises by at most ``max_nll_increase`` nats/token and, when
+``fluency_tokens`` > 0, the answers decoded greedily at that α stay fluent: their perplexity under
+the unsteered model, given the prompt they were decoded from, is at most ``max_perplexity_ratio``
+times that of the unsteered model's own greedy answers (the evaluation's fluency measure and its
+1.5× rule, on the sampled training prompts). The teacher-forced guard sees only human text; the
+decoded one sees what steering makes the model write, where a strong α breaks first. Accuracy on a small
 sample ties often, so ties go to the larger mean margin: the strongest preference shift among
 equally accurate α that keep fluency. Only the users' own training pairs are used, never
 evaluation targets, and the refresh scores each sampled pair with its user's vector fitted without
@@ -35,6 +40,12 @@ class ScaleConfig:
     max_nll_increase: float = option(
         0.5, help="largest allowed rise in per-token NLL of chosen responses (nats), a fluency guard")
     seed: int = option(0, help="seed of the pair sample")
+    fluency_tokens: int = option(
+        32, help="decoded fluency guard: tokens decoded greedily for each sampled pair's prompt at each α "
+                 "(0: off, the teacher-forced guard only)")
+    max_perplexity_ratio: float = option(
+        1.5, help="decoded fluency guard: an α whose greedy answers' perplexity under the unsteered model (given the "
+                  "same prompt) exceeds this multiple of the unsteered answers' is not chosen (the eval's 1.5× rule)")
     out_of_sample: bool = option(
         True, help="score each sampled pair with its user's CAA vector and BT θ fitted without that pair "
                    "(leave-one-pair-out), so α is not chosen on the pairs the vectors saw")
@@ -48,6 +59,8 @@ class ScaleConfig:
     def __post_init__(self) -> None:
         check(bool(self.grid) and all(a > 0 for a in self.grid), "scale.grid must be positive multipliers")
         check(self.sample_pairs >= 1, "scale.sample_pairs must be >= 1")
+        check(self.fluency_tokens >= 0, "scale.fluency_tokens must be >= 0")
+        check(self.max_perplexity_ratio >= 1, "scale.max_perplexity_ratio must be >= 1")
         check(self.history_items >= 0 and self.history_chars >= 1,
               "scale.history_items must be >= 0 and scale.history_chars >= 1")
 
@@ -103,16 +116,49 @@ def margins(runtime: ModelRuntime, pairs: list[dict], vectors: dict[int, np.ndar
     return margin.numpy(), nll_increase.numpy()
 
 
+def perplexity(runtime: ModelRuntime, prompts: list[str], outputs: list[str]) -> float:
+    """exp(Σ NLL / Σ tokens) of ``outputs`` under the unsteered model, each given its prompt (inf: no tokens)."""
+    lp, n = runtime.response_logprobs(prompts, outputs)
+    tokens = float(n.sum())
+    return float(np.exp(-float(lp.sum()) / tokens)) if tokens else float("inf")
+
+
+def decoded_perplexity_ratios(runtime: ModelRuntime, pairs: list[dict], vectors: dict[int, np.ndarray],
+                              alphas: list[float], tokens: int, positions: SteerPositions = "response",
+                              plain: float | None = None) -> tuple[list[float], float]:
+    """Per α: the perplexity (under the unsteered model, given the prompt) of the greedy answers decoded with
+    pair i's prompt steered by ``α·vectors[l][i]``, over that of the unsteered greedy answers (``plain``, when
+    known), and ``plain``. Every α's rows are decoded in one batch."""
+    prompts = [p["prompt"] for p in pairs]
+    if plain is None:
+        plain = perplexity(runtime, prompts, runtime.generate(prompts, tokens))
+    n = len(prompts)
+    steer = Steering({l: torch.as_tensor(np.concatenate([v] * len(alphas)), dtype=torch.float32)
+                      for l, v in vectors.items()},
+                     torch.as_tensor(np.repeat(np.asarray(alphas, dtype=np.float32), n)), positions)
+    outputs = runtime.generate(prompts * len(alphas), tokens, steer=steer)
+    ratios = [perplexity(runtime, prompts, outputs[k * n:(k + 1) * n]) / plain for k in range(len(alphas))]
+    return ratios, plain
+
+
 def choose_scale(runtime: ModelRuntime, pairs: list[dict], vectors: dict[int, np.ndarray], config: ScaleConfig,
-                 base: Baseline | None = None, positions: SteerPositions = "response") -> tuple[float, list[dict]]:
+                 base: Baseline | None = None, positions: SteerPositions = "response",
+                 plain_perplexity: float | None = None) -> tuple[float, list[dict]]:
     """The recommended α for these pairs and per-pair vectors, plus the curve that chose it."""
     base = base or baseline(runtime, pairs)
     curve = []
-    for alpha in sorted(config.grid):
+    grid = sorted(config.grid)
+    for alpha in grid:
         m, nll = margins(runtime, pairs, vectors, alpha, base, positions)
         curve.append({"alpha": alpha, "accuracy": float((m > 0).mean()), "mean_margin": float(m.mean()),
                       "nll_increase": float(nll.mean())})
-    allowed = [c for c in curve if c["nll_increase"] <= config.max_nll_increase] or curve[:1]
+    if config.fluency_tokens:
+        ratios, _ = decoded_perplexity_ratios(runtime, pairs, vectors, grid, config.fluency_tokens, positions,
+                                              plain_perplexity)
+        for c, r in zip(curve, ratios):
+            c["perplexity_ratio"] = r
+    allowed = [c for c in curve if c["nll_increase"] <= config.max_nll_increase
+               and c.get("perplexity_ratio", 1.0) <= config.max_perplexity_ratio] or curve[:1]
     best = max(allowed, key=lambda c: (round(c["accuracy"], 6), c["mean_margin"], -c["alpha"]))
     return best["alpha"], curve
 
@@ -120,10 +166,21 @@ def choose_scale(runtime: ModelRuntime, pairs: list[dict], vectors: dict[int, np
 def choose_scales_task(model_config, pairs: list[dict], method_vectors: dict[str, dict[int, np.ndarray]],
                        config: ScaleConfig, positions: SteerPositions = "response") -> dict[str, dict]:
     """Load the model once and choose α for each method (run as one Ray task, on a GPU if given)."""
-    runtime = ModelRuntime.shared(model_config)
+    return choose_scales(ModelRuntime.shared(model_config), pairs, method_vectors, config, positions)
+
+
+def choose_scales(runtime: ModelRuntime, pairs: list[dict], method_vectors: dict[str, dict[int, np.ndarray]],
+                  config: ScaleConfig, positions: SteerPositions = "response") -> dict[str, dict]:
+    """α and its curve per method, on the same pairs (their unsteered scores and answers computed once)."""
     base = baseline(runtime, pairs)
+    plain = None
+    if config.fluency_tokens:  # the unsteered answers, decoded once for every method
+        prompts = [p["prompt"] for p in pairs]
+        plain = perplexity(runtime, prompts, runtime.generate(prompts, config.fluency_tokens))
     out = {}
     for method, vectors in method_vectors.items():
-        alpha, curve = choose_scale(runtime, pairs, vectors, config, base, positions)
+        alpha, curve = choose_scale(runtime, pairs, vectors, config, base, positions, plain)
         out[method] = {"alpha": alpha, "curve": curve}
+        if plain is not None:
+            out[method]["plain_perplexity"] = plain
     return out

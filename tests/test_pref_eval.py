@@ -79,14 +79,15 @@ def test_the_evaluation_scores_every_method_on_held_out_pairs_of_real_users(ray_
     assert report["store"]["caa_vector_bytes_per_user_raw"] == 8 * 576 * 4
     assert report["store"]["bt_theta_bytes_per_user_raw"] == 8 * 4
     assert json.loads((tmp_path / "results.json").read_text())["methods"] == report["methods"]
-    # α per method: the documented rule on the curve the refresh recorded (within the NLL guard, the best
+    # α per method: the documented rule on the curve the refresh recorded (within the fluency guards, the best
     # accuracy, ties to the larger mean margin, then the smaller α)
     reader = StoreReader(str(tmp_path / "store"))
     curves = reader.manifest["scale_choice"]
     for method in ("population", "caa", "bt"):
         curve = curves[method]["curve"]
         assert sorted(c["alpha"] for c in curve) == [1.0, 2.0]
-        allowed = [c for c in curve if c["nll_increase"] <= cfg.scale.max_nll_increase] or curve[:1]
+        allowed = [c for c in curve if c["nll_increase"] <= cfg.scale.max_nll_increase
+                   and c["perplexity_ratio"] <= cfg.scale.max_perplexity_ratio] or curve[:1]
         top = max(round(c["accuracy"], 6) for c in allowed)
         tied = [c for c in allowed if round(c["accuracy"], 6) == top]
         top_margin = max(c["mean_margin"] for c in tied)

@@ -69,3 +69,41 @@ def test_shared_prefixes_are_run_once():
     # unpadded work: every token once, minus the shared prefixes' repeats (padding only adds to the plain run)
     assert counts[16] <= sum(len(e.ids) for e in enc) - saved + 40
     assert counts[16] < counts[0] - saved / 2
+
+
+@pytest.mark.parametrize("model_type,budget", [("llama", 8192), ("llama", 200), ("qwen2", 8192)])
+def test_steered_scoring_with_shared_prefixes_equals_scoring_each_row_whole(model_type, budget):
+    """One prompt under many steering candidates (the recommendation's rows): rows steered from their response on
+    share the prompt's unsteered prefix; a row steered everywhere, and an unsteered one, come out the same too."""
+    import numpy as np
+
+    from steerstore.jobs.bench.cost import BlockCounter
+    from steerstore.operators.runtime import Steering
+
+    rt = _runtime(model_type, budget)
+    prompts = [CONTEXT_A + "Prompt: a letter"] * 4 + [CONTEXT_B + "Prompt: music"] * 3 + ["Prompt: alone"]
+    responses = ["dear friend, the road"] * 4 + ["careful simple notes"] * 3 + ["just this"]
+    g = np.random.default_rng(5)
+    vectors = {l: torch.as_tensor(g.standard_normal((8, rt.hidden_size)), dtype=torch.float32) for l in (1, 2)}
+    scales = torch.tensor([0.0, 1.0, 4.0, 2.0, 3.0, 0.5, 2.0, 1.0])
+    positions = ["response", "response", "response", "all", "response", "response", "all", "response"]
+    steer = Steering(vectors, scales, positions)
+    whole, n = rt.response_logprobs(prompts, responses, steer)
+    shared, n2 = rt.response_logprobs(prompts, responses, steer, min_shared=16)
+    torch.testing.assert_close(shared, whole, rtol=1e-4, atol=1e-3)
+    assert n.tolist() == n2.tolist()
+    # each row alone, steered by its own row: the batch changes nothing
+    for i in range(len(prompts)):
+        alone, _ = rt.response_logprobs([prompts[i]], [responses[i]], steer.select([i]))
+        assert float(alone[0]) == pytest.approx(float(whole[i]), abs=1e-3)
+    assert len(set(np.round(whole[:4].numpy(), 3))) == 4  # the candidates differ: steering reached the response
+    plain, _ = rt.response_logprobs(prompts, responses, min_shared=16)
+    torch.testing.assert_close(plain, rt.response_logprobs(prompts, responses)[0], rtol=1e-4, atol=1e-3)
+    # and the shared prefixes ran once: fewer block-tokens than scoring every row whole
+    counts = {}
+    for min_shared in (0, 16):
+        counter = BlockCounter(rt)
+        with counter, counter.at("scoring"):
+            rt.response_logprobs(prompts, responses, steer, min_shared=min_shared)
+        counts[min_shared] = counter.figures()["scoring"]["forward_tokens"]
+    assert counts[16] < 0.75 * counts[0], counts

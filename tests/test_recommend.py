@@ -72,6 +72,41 @@ def test_population_choice_is_the_best_pooled_candidate_per_condition():
     assert chosen["history"]["method"] == "dps" and chosen["history"]["scale"] == 2.0
 
 
+def test_vector_candidates_stop_at_the_largest_alpha_whose_decoded_answers_kept_fluency():
+    """The store's strength curves carry each α's decoded perplexity ratio: a candidate above the largest α that
+    passed both fluency guards is not offered (none above the grid either); without ratios there is no cap."""
+    from types import SimpleNamespace
+
+    from steerstore.jobs.refresh.recommend import strengths
+    from steerstore.operators.scale import ScaleConfig
+
+    def curve(ratios, nll=None):
+        return [{"alpha": a, "accuracy": 0.5, "mean_margin": 0.0, "nll_increase": (nll or {}).get(a, 0.1),
+                 "perplexity_ratio": r} for a, r in ratios.items()]
+
+    scale = ScaleConfig(grid=[0.5, 1.0, 2.0, 4.0], max_perplexity_ratio=1.5, max_nll_increase=0.5)
+    config = SimpleNamespace(scale=scale, steerx=SimpleNamespace(vectors=SimpleNamespace(source="history",
+                                                                                        lambda_grid=[0.0])))
+    g = {"scales": {"caa": 1.0, "population": 2.0}, "steerx_active": False}
+    curves = {"caa": {"alpha": 1.0, "curve": curve({0.5: 1.0, 1.0: 1.2, 2.0: 1.4, 4.0: 1.9})},
+              "population": {"alpha": 2.0, "curve": curve({0.5: 1.0, 1.0: 1.1, 2.0: 1.3, 4.0: 1.2}, {4.0: 0.9})},
+              "pairs": 16, "history": {"caa": {"alpha": 0.5, "curve": curve({0.5: 1.6, 1.0: 2.0, 2.0: 3.0, 4.0: 4.0})},
+                                       "population": {"alpha": 1.0, "curve": [{"alpha": 1.0, "accuracy": 1,
+                                                                               "mean_margin": 0, "nll_increase": 0}]}}}
+    s = strengths(config, g, curves)
+    assert s["plain"].alpha_max == {"caa": 2.0, "population": 2.0}  # population's 4: under 1.5×, but its NLL rose 0.9
+    assert s["history"].alpha_max == {"caa": 0.5}  # nothing kept fluency: the chosen α; no ratios: no cap
+    rng = np.random.default_rng(0)
+    vec = UserVectors("u", [1], rng.normal(size=(1, 4)).astype(np.float32), [1], 1.0, "all", "m", "fp", 3)
+    art = UserArtifacts("u", "found", caa=vec, population=vec)
+    cands = rec.candidates(art, s, rec.RecommendConfig(multipliers=[0.5, 1.0, 2.0], methods=["caa", "population"]))
+    offered = sorted((c.condition, c.method, c.scale) for c in cands if c.method != "none")
+    assert offered == [("history", "caa", 0.25), ("history", "caa", 0.5),
+                       ("history", "population", 0.5), ("history", "population", 1.0), ("history", "population", 2.0),
+                       ("plain", "caa", 0.5), ("plain", "caa", 1.0), ("plain", "caa", 2.0),
+                       ("plain", "population", 1.0), ("plain", "population", 2.0)]
+
+
 @pytest.fixture(scope="module")
 def runtime(tiny_model_folder):
     return ModelRuntime(ModelConfig(name_or_path=str(tiny_model_folder)))

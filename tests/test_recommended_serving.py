@@ -309,3 +309,70 @@ def test_recommended_settings_are_planned_as_serving_resolves_them_only_when_the
     assert not [r for r in gen.run() if r["method"].startswith("recommended")]
     assert set(gen.missing) == {"recommended", "recommended+history"}
     assert "records no recommendations" in gen.missing["recommended"][ids[0]]
+
+
+def test_preference_accuracy_scores_each_pair_under_what_its_users_recommendation_serves(store, tiny_runtime):
+    """The eval's ``recommended`` preference rows: each pair's margin gain under what a recommended request for it
+    resolves to (the user's own choice, the population's, or nothing), against the unsteered model on the same
+    prompt; composed, on top of the user's retrieved training items."""
+    import numpy as np
+
+    from steerstore.jobs.evaluate.score import preference_accuracy
+    from steerstore.operators.history import HistoryContextConfig, retrieved_prompt
+    from steerstore.operators.metrics import MetricsConfig
+    from steerstore.operators.serving import vector_steering
+    from steerstore.operators.style import style_prompt
+
+    reader, ids = store
+    rt = tiny_runtime
+    pairs = [{"user_id": u, "prompt": p, "chosen": c, "rejected": r} for u, p, c, r in [
+        (ids[0], "Tell me about the weather.", "Wow, I love it!", "Rain, then fog."),
+        (ids[1], "Describe your morning.", "Amazing coffee, truly!", "Coffee."),
+        (ids[2], "Say hello.", "Hello there, friend.", "Go away."),
+        ("nobody", "Hi", "Hi! Great to see you!", "Hello.")]]
+    train = {ids[1]: [{"input": "Say hi.", "output": "Greetings, wonderful friend!"}]}
+    ctx = HistoryContextConfig(context_items=1, selection="bm25", context_chars=100)
+
+    def gain(prompt, text, steer=None, context=None, lam=None):
+        plain, _ = rt.response_logprobs([prompt], [text])
+        if context is not None:
+            steered, _ = rt.influence_logprobs([prompt], [style_prompt(context, prompt)], [text], [lam])
+            return float(steered[0, 0] - plain[0])
+        steered, _ = rt.response_logprobs([prompt], [text], steer)
+        return float(steered[0] - plain[0])
+
+    def margin(p, prompt=None, **how):
+        prompt = prompt or p["prompt"]
+        return gain(prompt, p["chosen"], **how) - gain(prompt, p["rejected"], **how)
+
+    art = {u: reader.artifacts(u) for u in ids[:3]}
+    population = art[ids[2]].population
+    want = [margin(pairs[0], steer=vector_steering([(art[ids[0]].caa, 2.5, [1])])),  # the user's caa α 2.5 at [1]
+            margin(pairs[1], context=art[ids[1]].steerx["context"], lam=0.75),  # influence λ 0.75
+            margin(pairs[2], steer=vector_steering([(population, 2.0, list(population.recommended_layers))])),
+            0.0]  # unknown user: the population's choice is DPS, which it has no heads for: unsteered
+    table, _ = preference_accuracy(rt, reader, pairs, MetricsConfig(bootstrap_resamples=20),
+                                   ["recommended", "recommended+history"], train, ctx)
+    rows = {r["method"]: r for r in table.to_dict("records") if r["pairs"] == "all"}
+    assert set(rows) == {"recommended", "recommended+history"}
+    assert min(abs(w) for w in want[:3]) > 1e-3, want
+    assert rows["recommended"]["mean_margin_gain"] == pytest.approx(np.mean(want), abs=1e-4)
+    assert rows["recommended"]["pair_accuracy"] == pytest.approx(np.mean(np.asarray(want) > 0))
+    # composed: only ids[1] brings training items (its history choice: bt α 3); the others stay in the plain
+    # condition, as a request without history does
+    shown = retrieved_prompt(train[ids[1]], pairs[1]["prompt"], ctx)
+    composed = [want[0], margin(pairs[1], prompt=shown, steer=vector_steering(
+        [(art[ids[1]].bt, 3.0, list(art[ids[1]].bt.recommended_layers))])), want[2], 0.0]
+    assert rows["recommended+history"]["mean_margin_gain"] == pytest.approx(np.mean(composed), abs=1e-4)
+    # a store without recommendations has no such rows
+    class Bare:
+        manifest: dict = {}
+
+        def population(self):
+            return None
+
+        def vectors(self, user_ids, method="caa", source=None):
+            return {}
+
+    table, _ = preference_accuracy(rt, Bare(), pairs, MetricsConfig(bootstrap_resamples=20), ["recommended"])
+    assert table.empty

@@ -315,13 +315,14 @@ def test_the_recommended_scale_of_each_method_is_chosen_on_training_pairs(bad_in
     choice = reader.manifest["scale_choice"]
     assert set(choice) >= {"population", "caa", "bt"} and choice["pairs"] == 4
     assert choice["pairs_scored"].startswith("out of sample")  # leave-one-pair-out vectors and θ
-    budget = ScaleConfig().max_nll_increase  # the run keeps the default fluency budget
+    budget, ratio = ScaleConfig().max_nll_increase, ScaleConfig().max_perplexity_ratio  # the default guards
     for method in ("population", "caa", "bt"):
         curve = choice[method]["curve"]
         assert [c["alpha"] for c in curve] == [1.0, 4.0]
-        # the rule: among α whose NLL rise stays within the budget (none: the smallest α), the best
-        # accuracy, then the larger mean margin, then the smaller α
-        fluent = [c for c in curve if c["nll_increase"] <= budget]
+        assert all(c["perplexity_ratio"] > 0 for c in curve) and choice[method]["plain_perplexity"] > 1
+        # the rule: among α whose NLL rise and decoded answers' perplexity ratio stay within the guards (none: the
+        # smallest α), the best accuracy, then the larger mean margin, then the smaller α
+        fluent = [c for c in curve if c["nll_increase"] <= budget and c["perplexity_ratio"] <= ratio]
         if not fluent:
             want = min(c["alpha"] for c in curve)
         else:

@@ -189,7 +189,7 @@ def test_choose_scale_picks_the_most_accurate_alpha_within_the_fluency_budget(ti
     m0, nll0 = margins(rt, pairs, vec, 1e-9, base)
     np.testing.assert_allclose(m0, 0, atol=1e-3)  # no steering: no margin, no fluency cost
     np.testing.assert_allclose(nll0, 0, atol=1e-4)
-    alpha, curve = choose_scale(rt, pairs, vec, ScaleConfig(grid=[0.5, 2.0, 8.0], max_nll_increase=1e9), base)
+    alpha, curve = choose_scale(rt, pairs, vec, ScaleConfig(grid=[0.5, 2.0, 8.0], max_nll_increase=1e9, fluency_tokens=0), base)
     assert [c["alpha"] for c in curve] == [0.5, 2.0, 8.0]
     # every curve point recomputed from steered and unsteered log-likelihoods (not through margins())
     prompts = [p["prompt"] for p in pairs]
@@ -213,7 +213,7 @@ def test_choose_scale_picks_the_most_accurate_alpha_within_the_fluency_budget(ti
     assert len(set(expected_accuracy)) > 1 and 0.5 not in expected_accuracy  # a flipped sign would show
     best = max(curve, key=lambda c: (c["accuracy"], c["mean_margin"]))
     assert alpha == best["alpha"]
-    strict, _ = choose_scale(rt, pairs, vec, ScaleConfig(grid=[0.5, 2.0, 8.0], max_nll_increase=-1e9), base)
+    strict, _ = choose_scale(rt, pairs, vec, ScaleConfig(grid=[0.5, 2.0, 8.0], max_nll_increase=-1e9, fluency_tokens=0), base)
     assert strict == 0.5  # nothing passes the guard: the smallest α
     # one pair's margin by hand: (log p steered − unsteered) of chosen minus the same of rejected
     m2, nll2 = margins(rt, pairs, vec, 2.0, base)
@@ -229,8 +229,41 @@ def test_choose_scale_picks_the_most_accurate_alpha_within_the_fluency_budget(ti
     cheapest = min(curve, key=lambda c: c["nll_increase"])
     assert best["nll_increase"] > cheapest["nll_increase"], curve  # here the most accurate α costs the most
     limit = (best["nll_increase"] + cheapest["nll_increase"]) / 2
-    guarded, _ = choose_scale(rt, pairs, vec, ScaleConfig(grid=[0.5, 2.0, 8.0], max_nll_increase=limit), base)
+    guarded, _ = choose_scale(rt, pairs, vec, ScaleConfig(grid=[0.5, 2.0, 8.0], max_nll_increase=limit, fluency_tokens=0), base)
     assert guarded != best["alpha"] and by_alpha[guarded]["nll_increase"] <= limit
+
+
+def test_the_decoded_fluency_guard_refuses_an_alpha_whose_greedy_answers_lose_fluency(tiny_runtime):
+    """Each α's perplexity ratio: its greedy answers' perplexity under the unsteered model (given the prompt) over
+    the unsteered answers', each row decoded alone here; an α over ``max_perplexity_ratio`` is not chosen."""
+    from steerstore.operators.scale import ScaleConfig, baseline, choose_scale, choose_scales, perplexity
+
+    rt = tiny_runtime
+    pairs = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in zip(PROMPTS, RESPONSES, RESPONSES[::-1])]
+    vec = {1: _vectors(rt, 3)[1].numpy()}
+    base = baseline(rt, pairs)
+    grid = [0.5, 8.0, 64.0]
+    free, curve = choose_scale(rt, pairs, vec, ScaleConfig(grid=grid, max_nll_increase=1e9, fluency_tokens=6,
+                                                           max_perplexity_ratio=1e9), base)
+    prompts = [p["prompt"] for p in pairs]
+    plain = perplexity(rt, prompts, [rt.generate([p], 6)[0] for p in prompts])
+    for point in curve:
+        alone = [rt.generate([p], 6, steer=Steering({1: torch.as_tensor(vec[1][i:i + 1])}, torch.tensor([point["alpha"]]),
+                                                    "response"))[0] for i, p in enumerate(prompts)]
+        assert point["perplexity_ratio"] == pytest.approx(perplexity(rt, prompts, alone) / plain, rel=1e-4), point
+    ratios = {c["alpha"]: c["perplexity_ratio"] for c in curve}
+    assert len({round(r, 4) for r in ratios.values()}) > 1, ratios  # steering changed what the model writes
+    limit = min(ratios.values())
+    guarded, _ = choose_scale(rt, pairs, vec, ScaleConfig(grid=grid, max_nll_increase=1e9, fluency_tokens=6,
+                                                          max_perplexity_ratio=max(limit, 1.0)), base)
+    assert ratios[guarded] <= max(limit, 1.0)
+    assert ratios[free] > max(limit, 1.0) and guarded != free, ratios  # the most accurate α was the least fluent
+    # every method's curve: the unsteered answers decoded once for every method and records them
+    out = choose_scales(rt, pairs, {"caa": vec, "bt": vec}, ScaleConfig(grid=grid, fluency_tokens=6))
+    assert out["caa"]["plain_perplexity"] == pytest.approx(plain, rel=1e-4)
+    assert [c["perplexity_ratio"] for c in out["bt"]["curve"]] == pytest.approx(list(ratios.values()), rel=1e-4)
+    off = choose_scales(rt, pairs, {"caa": vec}, ScaleConfig(grid=grid, fluency_tokens=0))
+    assert "plain_perplexity" not in off["caa"] and all("perplexity_ratio" not in c for c in off["caa"]["curve"])
 
 
 def test_the_runtime_benchmark_measures_every_pass_on_a_tiny_shape(tmp_path):

@@ -18,7 +18,7 @@ from steerstore.operators.metrics import METRICS as TEXT_METRICS
 from steerstore.operators.metrics import MetricsConfig, bootstrap_ci, text_metrics
 from steerstore.operators.runtime import Encoded, ModelRuntime
 from steerstore.operators.scale import baseline, margins, unsteered_margin_per_token
-from steerstore.operators.serving import recommended_setting
+from steerstore.operators.serving import Request, plan_requests, recommended_setting
 from steerstore.operators.steerx import word_effects
 from steerstore.schemas.methods import Family
 
@@ -311,7 +311,57 @@ def preference_accuracy(runtime: ModelRuntime, reader: StoreReader, pairs: list[
         base = baseline(runtime, shown)
         for method in composed:
             rows += _method_rows(runtime, reader, method, sources[method], shown, base, metrics, composed=True)
+    if getattr(reader, "manifest", {}).get("recommend"):  # each pair under what its user's recommendation serves
+        if "recommended" in include:
+            rows += recommended_rows(runtime, reader, pairs, metrics, composed=False)
+        if "recommended" + COMPOSED_SUFFIX in include and train is not None and history is not None:
+            rows += recommended_rows(runtime, reader, pairs, metrics, composed=True, train=train, history=history)
     return pd.DataFrame(rows), unsteered
+
+
+def recommended_rows(runtime: ModelRuntime, reader: StoreReader, pairs: list[dict], metrics: MetricsConfig,
+                     composed: bool, train: dict[str, list[dict]] | None = None,
+                     history: HistoryContextConfig | None = None) -> list[dict]:
+    """The ``recommended`` (``composed``: ``recommended+history``) preference rows: each pair's prompt sent as a
+    ``recommended`` request (composed: with its user's training items as the request's history) and planned by
+    serving's ``plan_requests``; chosen and rejected are scored under what it resolved to (a vector at its
+    strength and layers, influence at its λ, DPS contrast at its γ, or nothing) by the recommendation's own
+    candidate scorer. The margin gain is against the unsteered model on the same prompt (the history prompt for
+    a request that has history), so a pair whose user is recommended nothing counts as not raised."""
+    from steerstore.operators.recommend import Candidate, UserCase  # noqa: PLC0415
+    from steerstore.operators.recommend import score as score_candidates  # noqa: PLC0415
+
+    train = train or {}
+    shown = {u: [{"input": t["input"], "output": t["output"]} for t in train.get(u, []) if (t.get("output") or "").strip()]
+             for u in {p["user_id"] for p in pairs}} if composed else {}
+    requests = [Request(p["user_id"], p["prompt"], "recommended", history=shown.get(p["user_id"]) or None)
+                for p in pairs]
+    plan, records = plan_requests(reader, requests)
+    cases = []
+    for k, (p, req, record) in enumerate(zip(pairs, requests, records)):
+        condition = "history" if req.history else "plain"
+        chosen = Candidate(condition, str(record.resolved))
+        if plan.vectors[k] is not None:
+            chosen.vector, chosen.scale, chosen.layers = plan.vectors[k]
+        elif plan.contexts[k] is not None:
+            chosen.method, chosen.scale, chosen.context = "influence", plan.lam[k], plan.contexts[k]
+        elif plan.heads[k] is not None:
+            chosen.method, chosen.scale, chosen.heads = "dps", plan.gamma[k], plan.heads[k]
+            chosen.adaptive = plan.dps_settings[0]
+        else:
+            chosen.method = "none"
+        for side in ("chosen", "rejected"):
+            cases.append(UserCase(f"{k}|{side}", [{"input": p["prompt"], "output": p[side]}],
+                                  req.history or [], [Candidate(condition, "none"), chosen]))
+    gains = score_candidates(runtime, cases, history if composed else None)
+
+    def gain(k: int, side: str) -> float:  # over the unsteered model on the request's own prompt
+        (unsteered, steered), _ = gains[f"{k}|{side}"]
+        return steered - unsteered
+
+    margin = np.asarray([gain(k, "chosen") - gain(k, "rejected") for k in range(len(pairs))])
+    name = "recommended" + (COMPOSED_SUFFIX if composed else "")
+    return _accuracy_rows(name, LABELS[name], math.nan, pairs, margin, metrics)
 
 
 def _method_rows(runtime: ModelRuntime, reader: StoreReader, method: str, found: dict[str, UserVectors],

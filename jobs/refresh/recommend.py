@@ -53,12 +53,25 @@ def strengths(config, g: dict, scale_curves: dict) -> dict[str, rec.Strengths]:
         pick = chosen.get(source)
         return None if not pick else ([int(pick["layer"])], float(pick["gamma"]))
 
-    out = {"plain": rec.Strengths(dict(g["scales"]), style(g.get("steerx_recommended") or {}), source, lambdas)}
+    def caps(curves: dict) -> dict[str, float]:  # per method: the largest α whose decoded answers kept fluency
+        out = {}
+        for m, found in curves.items():
+            points = found.get("curve") if isinstance(found, dict) else None
+            if not points or not all("perplexity_ratio" in c for c in points):
+                continue  # the decoded guard was off: no cap
+            kept = [c["alpha"] for c in points if c["nll_increase"] <= config.scale.max_nll_increase
+                    and c["perplexity_ratio"] <= config.scale.max_perplexity_ratio]
+            out[m] = float(max(kept, default=found["alpha"]))
+        return out
+
+    out = {"plain": rec.Strengths(dict(g["scales"]), style(g.get("steerx_recommended") or {}), source, lambdas,
+                                  caps(scale_curves))}
     if config.scale.composed is not None:
         history = scale_curves.get("history") or {}
         alpha = {m: float(history[m]["alpha"]) if isinstance(history.get(m), dict) and "alpha" in history[m]
                  else float(g["scales"][m]) for m in g["scales"]}
-        out["history"] = rec.Strengths(alpha, style(g.get("steerx_recommended_history") or {}), source, lambdas)
+        out["history"] = rec.Strengths(alpha, style(g.get("steerx_recommended_history") or {}), source, lambdas,
+                                       caps(history))
     return out
 
 

@@ -167,9 +167,10 @@ class ModelRuntime:
         return scoring.activations(self, prompts, responses, layers, position, padding_side)
 
     def response_logprobs(self, prompts: Sequence[str], responses: Sequence[str],
-                          steer: Steering | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sum of log p(response token | prefix) per row, and the response token counts."""
-        return scoring.response_logprobs(self, prompts, responses, steer)
+                          steer: Steering | None = None, min_shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum of log p(response token | prefix) per row, and the response token counts (``min_shared`` > 0:
+        token prefixes that rows share before their last prompt token run once, unsteered)."""
+        return scoring.response_logprobs(self, prompts, responses, steer, min_shared)
 
     def influence_logprobs(self, prompts: Sequence[str], context_prompts: Sequence[str], responses: Sequence[str],
                            lams: Sequence[float], temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -87,16 +87,37 @@ def activations(rt: ModelRuntime, prompts: Sequence[str], responses: Sequence[st
 
 @torch.inference_mode()
 def response_logprobs(rt: ModelRuntime, prompts: Sequence[str], responses: Sequence[str],
-                      steer: Steering | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      steer: Steering | None = None, min_shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of log p(response token | prefix) per row, and the response token counts.
 
     Float32 (rows,) on CPU. The LM head runs only on the positions that predict response
     tokens (not the whole vocabulary at every position). With ``steer``, row i is steered by
-    row i of ``steer`` at its configured positions.
+    row i of ``steer`` at its configured positions. With ``min_shared`` > 0, rows that share a
+    token prefix of at least that many tokens before their last prompt token (e.g. one prompt
+    scored under many steering candidates) run it once, unsteered: a row steered from its
+    response on leaves it alone; a row steered at every position never shares.
     """
     if steer is not None and steer.rows != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but steering for {steer.rows} rows")
     encoded = rt.encode(prompts, responses)
+    if min_shared > 0 and _can_share(rt):
+        everywhere = steer.from_all_positions() if steer is not None else torch.zeros(len(encoded), dtype=torch.bool)
+        shareable = [i for i in range(len(encoded)) if not bool(everywhere[i])]
+        groups = [(shared, [shareable[j] for j in members])
+                  for shared, members in prefix_groups([encoded[i] for i in shareable], min_shared)]
+        if any(shared for shared, _ in groups):
+            out: list[torch.Tensor] = [torch.zeros(0)] * len(encoded)
+            alone = [i for i in range(len(encoded)) if bool(everywhere[i])]
+            alone += [i for shared, members in groups if not shared for i in members]
+            for batch in rt.micro_batches([len(encoded[i].ids) for i in alone]):
+                _score_rows(rt, [alone[j] for j in batch], encoded, out, None, 0, steer)
+            for shared, members in groups:
+                if shared:
+                    cache = _prefix_cache(rt, encoded[members[0]].ids[:shared])
+                    for batch in rt.micro_batches([len(encoded[i].ids) for i in members]):
+                        _score_rows(rt, [members[j] for j in batch], encoded, out, cache, shared, steer)
+            counts = torch.as_tensor([len(e.ids) - e.prompt_len for e in encoded], dtype=torch.long)
+            return torch.stack([o.sum() for o in out]).float(), counts
     totals = torch.zeros(len(encoded), dtype=torch.float32)
     counts = torch.as_tensor([len(e.ids) - e.prompt_len for e in encoded], dtype=torch.long)
     for batch in rt.micro_batches([len(e.ids) for e in encoded]):
@@ -359,8 +380,11 @@ def _prefix_cache(rt: ModelRuntime, prefix: list[int]) -> list[tuple[torch.Tenso
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def _score_rows(rt: ModelRuntime, rows: list[int], encoded: Sequence[Encoded], out: list, prefix_kv, shared: int) -> None:
-    """Score ``rows`` (their tokens after the first ``shared``, behind ``prefix_kv``) into ``out``."""
+def _score_rows(rt: ModelRuntime, rows: list[int], encoded: Sequence[Encoded], out: list, prefix_kv, shared: int,
+                steer: Steering | None = None) -> None:
+    """Score ``rows`` (their tokens after the first ``shared``, behind ``prefix_kv``) into ``out``; with ``steer``,
+    row i steered by its row of ``steer`` (positions are real ones, so a response-only row starts after the
+    prefix)."""
     from transformers import DynamicCache
 
     tails = [Encoded(encoded[i].ids[shared:], encoded[i].prompt_len - shared) for i in rows]
@@ -372,7 +396,10 @@ def _score_rows(rt: ModelRuntime, rows: list[int], encoded: Sequence[Encoded], o
             cache.update(k.expand(len(rows), *k.shape[1:]), v.expand(len(rows), *v.shape[1:]), layer)
         mask = torch.cat([mask.new_ones((len(rows), shared)), mask], dim=1)
         pos = pos + shared
-    hidden = rt.forward(ids, mask, pos, past_key_values=cache, base_only=True).last_hidden_state
+    ctx = contextlib.nullcontext() if steer is None else rt.steering(
+        steer.select(rows), torch.as_tensor([encoded[i].prompt_len - 1 for i in rows]))
+    with ctx:
+        hidden = rt.forward(ids, mask, pos, past_key_values=cache, base_only=True).last_hidden_state
     _, nll = token_nll(rt, hidden, ids, tails)
     values = (-nll).cpu()
     start = 0
