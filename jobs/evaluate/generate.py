@@ -179,9 +179,11 @@ class Generator:
             history = [{"input": t["input"], "output": t["output"]} for t in self.split.train.get(uid, [])
                        if (t.get("output") or "").strip()] if composed else None
             request = Request(uid, h["input"], "recommended", history=history or None)
-            _, (record,) = plan_requests(self.reader, [request])
+            # resolved once, then planned as serving plans the request it resolves to (plan_requests would
+            # resolve it again)
             explicit, _ = resolve_recommended(self.reader, request, self.reader.artifacts(uid))
-            serve = {"none": "none", "population": "population"}.get(record.applied, record.resolved)
+            _, (record,) = plan_requests(self.reader, [explicit])
+            serve = {"none": "none", "population": "population"}.get(record.applied, explicit.method)
             if uid not in seen:
                 seen.add(uid)
                 chosen = (explicit.method if explicit.method == "none" or record.applied == "user"
