@@ -64,6 +64,12 @@ class ScaleConfig:
         check(self.history_items >= 0 and self.history_chars >= 1,
               "scale.history_items must be >= 0 and scale.history_chars >= 1")
 
+    def fluent(self, point: dict) -> bool:
+        """Whether a curve point passes the fluency guards: the NLL rise, and the decoded answers' perplexity ratio
+        when the point has one (the decoded guard was on)."""
+        return (point["nll_increase"] <= self.max_nll_increase
+                and point.get("perplexity_ratio", 1.0) <= self.max_perplexity_ratio)
+
     @property
     def composed(self) -> HistoryContextConfig | None:
         """How retrieved history is shown in the composed condition (None: it is not calibrated)."""
@@ -157,8 +163,7 @@ def choose_scale(runtime: ModelRuntime, pairs: list[dict], vectors: dict[int, np
                                               plain_perplexity)
         for c, r in zip(curve, ratios):
             c["perplexity_ratio"] = r
-    allowed = [c for c in curve if c["nll_increase"] <= config.max_nll_increase
-               and c.get("perplexity_ratio", 1.0) <= config.max_perplexity_ratio] or curve[:1]
+    allowed = [c for c in curve if config.fluent(c)] or curve[:1]
     best = max(allowed, key=lambda c: (round(c["accuracy"], 6), c["mean_margin"], -c["alpha"]))
     return best["alpha"], curve
 

@@ -59,8 +59,7 @@ def strengths(config, g: dict, scale_curves: dict) -> dict[str, rec.Strengths]:
             points = found.get("curve") if isinstance(found, dict) else None
             if not points or not all("perplexity_ratio" in c for c in points):
                 continue  # the decoded guard was off: no cap
-            kept = [c["alpha"] for c in points if c["nll_increase"] <= config.scale.max_nll_increase
-                    and c["perplexity_ratio"] <= config.scale.max_perplexity_ratio]
+            kept = [c["alpha"] for c in points if config.scale.fluent(c)]
             out[m] = float(max(kept, default=found["alpha"]))
         return out
 

@@ -100,26 +100,11 @@ def response_logprobs(rt: ModelRuntime, prompts: Sequence[str], responses: Seque
     if steer is not None and steer.rows != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but steering for {steer.rows} rows")
     encoded = rt.encode(prompts, responses)
-    if min_shared > 0 and _can_share(rt):
-        everywhere = steer.from_all_positions() if steer is not None else torch.zeros(len(encoded), dtype=torch.bool)
-        shareable = [i for i in range(len(encoded)) if not bool(everywhere[i])]
-        groups = [(shared, [shareable[j] for j in members])
-                  for shared, members in prefix_groups([encoded[i] for i in shareable], min_shared)]
-        if any(shared for shared, _ in groups):
-            out: list[torch.Tensor] = [torch.zeros(0)] * len(encoded)
-            alone = [i for i in range(len(encoded)) if bool(everywhere[i])]
-            alone += [i for shared, members in groups if not shared for i in members]
-            for batch in rt.micro_batches([len(encoded[i].ids) for i in alone]):
-                _score_rows(rt, [alone[j] for j in batch], encoded, out, None, 0, steer)
-            for shared, members in groups:
-                if shared:
-                    cache = _prefix_cache(rt, encoded[members[0]].ids[:shared])
-                    for batch in rt.micro_batches([len(encoded[i].ids) for i in members]):
-                        _score_rows(rt, [members[j] for j in batch], encoded, out, cache, shared, steer)
-            counts = torch.as_tensor([len(e.ids) - e.prompt_len for e in encoded], dtype=torch.long)
-            return torch.stack([o.sum() for o in out]).float(), counts
-    totals = torch.zeros(len(encoded), dtype=torch.float32)
     counts = torch.as_tensor([len(e.ids) - e.prompt_len for e in encoded], dtype=torch.long)
+    if min_shared > 0:  # token_logprobs' shared-prefix path, summed per row
+        per_token = token_logprobs(rt, encoded, min_shared, steer)
+        return torch.stack([t.sum() for t in per_token]).float(), counts
+    totals = torch.zeros(len(encoded), dtype=torch.float32)
     for batch in rt.micro_batches([len(e.ids) for e in encoded]):
         ids, mask, pos = rt.collate([encoded[i].ids for i in batch], "right")
         starts = torch.as_tensor([encoded[i].prompt_len for i in batch])
@@ -337,19 +322,29 @@ def prefix_groups(encoded: Sequence[Encoded], min_shared: int) -> list[tuple[int
 
 
 @torch.inference_mode()
-def token_logprobs(rt: ModelRuntime, encoded: Sequence[Encoded], min_shared: int = 64) -> list[torch.Tensor]:
+def token_logprobs(rt: ModelRuntime, encoded: Sequence[Encoded], min_shared: int = 64,
+                   steer: Steering | None = None) -> list[torch.Tensor]:
     """log p of each response token given everything before it: float32 (response len,) per sequence, on CPU.
 
     Sequences that share a token prefix of at least ``min_shared`` tokens (e.g. the same context
     items before different inputs) run it once: its keys and values are computed in one pass and
     every member's remaining tokens attend to them (``min_shared=0`` disables this). Equal to
-    running each sequence whole, up to floating-point rounding.
+    running each sequence whole, up to floating-point rounding. With ``steer``, row i is steered by
+    its row of ``steer``: the shared prefix runs unsteered, which a row steered from its response on
+    (its last prompt token, after the prefix) never sees; a row steered at every position never shares.
     """
     out: list[torch.Tensor] = [torch.zeros(0)] * len(encoded)
-    groups = prefix_groups(encoded, min_shared) if min_shared > 0 and _can_share(rt) else [(0, list(range(len(encoded))))]
+    everywhere = [False] * len(encoded) if steer is None else steer.from_all_positions().tolist()
+    shareable = [i for i in range(len(encoded)) if not everywhere[i]]
+    groups = [(0, [i for i in range(len(encoded)) if everywhere[i]])]
+    if min_shared > 0 and _can_share(rt):
+        groups += [(shared, [shareable[j] for j in members])
+                   for shared, members in prefix_groups([encoded[i] for i in shareable], min_shared)]
+    else:
+        groups.append((0, shareable))
     plain = [i for shared, members in groups if not shared for i in members]
     for batch in rt.micro_batches([len(encoded[i].ids) for i in plain]):
-        _score_rows(rt, [plain[j] for j in batch], encoded, out, None, 0)
+        _score_rows(rt, [plain[j] for j in batch], encoded, out, None, 0, steer)
     for shared, members in groups:
         if not shared:
             continue
@@ -357,7 +352,7 @@ def token_logprobs(rt: ModelRuntime, encoded: Sequence[Encoded], min_shared: int
         cache = _prefix_cache(rt, prefix)
         lengths = [len(encoded[i].ids) for i in members]  # the prefix is attended by every row
         for batch in rt.micro_batches(lengths):
-            _score_rows(rt, [members[j] for j in batch], encoded, out, cache, shared)
+            _score_rows(rt, [members[j] for j in batch], encoded, out, cache, shared, steer)
     return out
 
 
