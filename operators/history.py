@@ -2,8 +2,9 @@
 
 Shared by the history-based methods (DPS preference heads; SteerX leave-one-out effects): the
 prompt of item j holds up to ``k`` *other* items of the same user (never item j itself),
-chosen as the most ``recent`` before it or by ``bm25`` similarity to its input, followed by
-item j's input. The response is item j's output. Prompts are data for the model; the model's
+chosen as the most ``recent`` before it, by ``bm25`` similarity to its input, or by ``blocks``
+(the scored items cut into consecutive blocks that each share one context: the items that follow
+the block, cyclically; see ``context_blocks``), followed by item j's input. The response is item j's output. Prompts are data for the model; the model's
 chat template is applied by the runtime.
 """
 
@@ -18,7 +19,7 @@ from typing import Literal, Sequence
 
 from steerstore.infra.config import check, option
 
-Selection = Literal["recent", "bm25"]
+Selection = Literal["recent", "bm25", "blocks"]
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
@@ -26,7 +27,10 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 class HistoryContextConfig:
     context_items: int = option(2, help="other history items shown as context before each scored item (k; "
                                         "arrangement=items)")
-    selection: Selection = option("recent", help="which other items: recent (closest before it in time) or bm25 (most similar input)")
+    selection: Selection = option(
+        "recent", help="which other items: recent (closest before it in time), bm25 (most similar input) or blocks "
+                       "(the scored items in consecutive blocks, each block's items behind one shared context: the "
+                       "k items after the block, cyclically; the shared context is a token prefix scored once)")
     context_chars: int = option(600, help="each context item's output is cut to this many characters")
     max_items: int = option(8, help="most recent history items scored per user")
     arrangement: Literal["items", "conversation"] = option(
@@ -64,12 +68,40 @@ def bm25_scores(query: str, documents: Sequence[str], k1: float = 1.5, b: float 
     return scores
 
 
+def context_blocks(n: int, k: int) -> list[tuple[list[int], list[int]]]:
+    """(members, context) of ``n`` items (positions 0..n-1) cut into blocks that each share one context.
+
+    Every item gets c = min(k, n − 1) context items, none of them itself, as with the other selections;
+    a block holds up to n − c consecutive items, the most that can share c others, and its context is the
+    c items that follow it, cyclically (oldest first). With n = 8 and k = 4: items 0–3 behind items 4–7
+    and 4–7 behind 0–3, so each context is computed once for four items instead of once per item.
+    """
+    c = min(k, n - 1)
+    if c <= 0:
+        return [([j], []) for j in range(n)]
+    size = n - c
+    out = []
+    for start in range(0, n, size):
+        members = list(range(start, min(start + size, n)))
+        out.append((members, sorted((start + len(members) + t) % n for t in range(c))))
+    return out
+
+
 def context_indices(items: Sequence[dict], j: int, config: HistoryContextConfig) -> list[int]:
-    """Indices of the items shown as context for item ``j`` (never ``j``), oldest first."""
+    """Indices of the items shown as context for item ``j`` (never ``j``), oldest first.
+
+    ``blocks`` cuts the scored window (the last ``max_items`` items) into blocks: items older than the
+    window are never shown, and an item outside it gets the other selections' ``recent`` context.
+    """
     others = [i for i in range(len(items)) if i != j]
     if config.context_items == 0 or not others:
         return []
-    if config.selection == "recent":
+    first = max(0, len(items) - config.max_items)
+    if config.selection == "blocks" and j >= first:
+        for members, context in context_blocks(len(items) - first, config.context_items):
+            if j - first in members:
+                return [first + i for i in context]
+    if config.selection in ("recent", "blocks"):
         # items are sorted by time: prefer those before j (closest first), then those after it
         before = [i for i in others if i < j][::-1]
         after = [i for i in others if i > j]

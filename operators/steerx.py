@@ -57,9 +57,10 @@ class SteerXConfig:
     anchor_mode: Literal["absolute", "percentile"] = option("absolute", help="anchor threshold: absolute τ or a per-user percentile")
     percentile: float = option(90.0, help="percentile mode: the per-user percentile of word effects to pass")
     min_anchors: int = option(5, help="when fewer words pass, the top-m words with a positive effect are kept")
-    counterfactual_draw: Literal["user", "item"] = option(
+    counterfactual_draw: Literal["user", "context", "item"] = option(
         "item", help="other_users: one seeded draw of other users' items per user, shared by all its scored items "
-                     "(the shared context is computed once), or a new draw per item")
+                     "(the shared context is computed once); one per factual context, shared by the items scored "
+                     "behind the same context items (history.selection=blocks: one per block); or a new draw per item")
     seed: int = option(0, help="seed of the other users' items in the counterfactual")
     history: HistoryContextConfig = dataclasses.field(
         default_factory=lambda: HistoryContextConfig(context_items=4, max_items=8),
@@ -101,13 +102,15 @@ def loo_prompts(user_id: str, items: Sequence[dict], pool: Sequence[dict], confi
     others = [p for p in pool if p.get("user_id") != user_id]
     out = []
     for j in range(max(0, len(items) - cfg.max_items), len(items)):
-        context = [items[i] for i in context_indices(items, j, cfg)]
+        shown = context_indices(items, j, cfg)
+        context = [items[i] for i in shown]
         counter: list[dict] = []
         if config.counterfactual == "other_users" and context:
             if len(others) < len(context):
                 raise ValueError(f"the other-users counterfactual needs {len(context)} items of other users; "
                                  f"the pool has {len(others)}")
-            keys = (user_id,) if config.counterfactual_draw == "user" else (user_id, str(items[j].get("item_id", j)))
+            keys = {"user": (user_id,), "item": (user_id, str(items[j].get("item_id", j))),
+                    "context": (user_id, "context", *map(str, shown))}[config.counterfactual_draw]
             pick = _rng(config.seed, *keys).choice(
                 len(others), size=len(context), replace=False)
             counter = [others[i] for i in sorted(pick)]

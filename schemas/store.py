@@ -256,7 +256,7 @@ STEERX_USERS_SCHEMA = pa.schema([
     pa.field("percentile", pa.float32()),
     pa.field("min_anchors", pa.int32()),
     pa.field("context_items", pa.int32()),  # k
-    pa.field("selection", pa.string()),  # recent | bm25
+    pa.field("selection", pa.string()),  # recent | bm25 | blocks
     pa.field("granularity", pa.string()),  # user | item (null when smoothing is off)
     pa.field("smoothing_engine", pa.string()),  # hf | vllm
     pa.field("smoothing_prompt", pa.string()),  # prompt version

@@ -100,15 +100,17 @@ def _planted(user):
 
 
 @pytest.mark.slow
-def test_planted_markers_are_the_top_anchors_and_other_users_cancel_boilerplate():
+@pytest.mark.parametrize("selection,draw", [("recent", "item"), ("blocks", "context")])
+def test_planted_markers_are_the_top_anchors_and_other_users_cancel_boilerplate(selection, draw):
     """Real default model: users share boilerplate but each has rare marker words."""
     from steerstore.operators.runtime import ModelConfig, ModelRuntime
 
-    rt = ModelRuntime(ModelConfig())
+    rt = ModelRuntime.shared(ModelConfig())
     pool = [it for u in MARKERS for it in _planted(u)]
     boiler = {"thanks", "reading", "wonderful", "always"}
     for cf in ("empty", "other_users"):
-        config = _config(cf, k=2, tau=1.0)
+        config = SteerXConfig(counterfactual=cf, counterfactual_draw=draw, tau=1.0,
+                              history=HistoryContextConfig(context_items=2, max_items=8, selection=selection))
         for user, markers in MARKERS.items():
             scored, anchors = user_anchors(rt, user, _planted(user), pool, config)
             precision = len({a["word"] for a in anchors[:3]} & set(markers)) / 3
@@ -140,6 +142,52 @@ def test_one_counterfactual_draw_per_user_gives_its_items_one_shared_context(tin
                             [s["output"] for s in per_user] * 2), min_shared=0)))]
     for a, b in zip(shared, whole):
         np.testing.assert_allclose(a, b.double().numpy(), atol=2e-4)
+
+
+def test_context_blocks_give_every_item_as_many_other_items_as_before_shared_by_whole_blocks():
+    from steerstore.operators.history import context_blocks, context_indices
+
+    assert context_blocks(8, 4) == [([0, 1, 2, 3], [4, 5, 6, 7]), ([4, 5, 6, 7], [0, 1, 2, 3])]
+    assert context_blocks(8, 2) == [([0, 1, 2, 3, 4, 5], [6, 7]), ([6, 7], [0, 1])]
+    assert context_blocks(7, 4) == [([0, 1, 2], [3, 4, 5, 6]), ([3, 4, 5], [0, 1, 2, 6]), ([6], [0, 1, 2, 3])]
+    for n in range(1, 13):
+        for k in range(0, 7):
+            blocks = context_blocks(n, k)
+            assert sorted(i for members, _ in blocks for i in members) == list(range(n))
+            for members, context in blocks:
+                assert len(context) == min(k, n - 1) and not set(members) & set(context)
+                assert context == sorted(set(context)) and len(members) <= max(1, n - min(k, n - 1))
+    # over a user's items: the scored window (the last max_items) is cut into blocks; older items keep `recent`
+    items = [{"input": f"x{i}", "output": f"y{i}"} for i in range(10)]
+    cfg = HistoryContextConfig(context_items=4, max_items=8, selection="blocks")
+    assert [context_indices(items, j, cfg) for j in (2, 5, 6, 9)] == [[6, 7, 8, 9], [6, 7, 8, 9], [2, 3, 4, 5],
+                                                                    [2, 3, 4, 5]]
+    assert context_indices(items, 1, cfg) == context_indices(items, 1, HistoryContextConfig(context_items=4))
+
+
+def test_blocks_with_one_draw_per_context_share_both_conditions_prefixes_and_keep_the_effects(tiny_runtime):
+    from steerstore.operators.runtime.scoring import prefix_groups
+
+    pool = POOL + [{"item_id": f"c{k}", "user_id": "cy", "input": "Hey", "output": f"Cy wrote {k}."} for k in range(6)]
+    config = SteerXConfig(counterfactual="other_users", counterfactual_draw="context",
+                          history=HistoryContextConfig(context_items=2, max_items=8, selection="blocks"))
+    scored = loo_prompts("ann", ITEMS, pool, config)
+    head = [(s["prompt"].rsplit("Write this user's", 1)[0], s["counterfactual"].rsplit("Write this user's", 1)[0])
+            for s in scored]
+    assert head[0] == head[1] and head[2] == head[3] and head[0] != head[2]  # items 0-1 behind 2-3, 2-3 behind 0-1
+    assert ITEMS[2]["output"][:20] in head[0][0] and ITEMS[0]["output"][:20] in head[2][0]
+    assert not any(i["output"][:20] in c for _, c in head for i in ITEMS) and head[0][1] != head[2][1]
+    assert loo_prompts("ann", ITEMS, pool, config) == scored  # seeded
+    for key in ("prompt", "counterfactual"):  # two contexts per condition, each a prefix of two sequences
+        enc = tiny_runtime.encode([s[key] for s in scored], [s["output"] for s in scored])
+        assert sorted(len(m) for shared, m in prefix_groups(enc, 16) if shared) == [2, 2]
+    shared = token_effects(tiny_runtime, scored)
+    n = len(scored)
+    lp = tiny_runtime.token_logprobs(tiny_runtime.encode([s["prompt"] for s in scored] + [s["counterfactual"] for s
+                                                                                         in scored],
+                                                         [s["output"] for s in scored] * 2), min_shared=0)
+    for i in range(n):
+        np.testing.assert_allclose(shared[i], (lp[i] - lp[n + i]).double().numpy(), atol=2e-4)
 
 
 def test_the_actor_quarantines_a_user_with_one_item_and_keeps_the_batch(tiny_model_folder):

@@ -201,3 +201,20 @@ def test_a_small_real_run_on_the_development_data(tmp_path):
     for cf in c.values():
         assert cf["scored_words"] > 16
         assert cf["absolute"][0]["anchors_per_user"] >= cf["absolute"][-1]["anchors_per_user"]
+
+
+def test_paired_comparison_with_a_baseline_run_is_per_user_and_refuses_other_users():
+    def run(f1s):  # one source, one counterfactual, two τ; user -> F1 per τ
+        return {"sources": {"blogs": {"counterfactuals": {"other_users": {"absolute": [
+            {"tau": t, "user_f1": {u: f[i] for u, f in f1s.items()}} for i, t in enumerate((0.5, 1.0))]}}}}}
+    base = run({"a": (0.2, 0.3), "b": (0.1, 0.1), "c": (0.0, 0.4)})
+    variant = run({"a": (0.1, 0.3), "b": (0.1, 0.2), "c": (0.3, 0.1)})
+    rows = st.paired_vs_baseline(variant, base)["blogs"]["other_users"]
+    assert [r["tau"] for r in rows] == [0.5, 1.0]
+    assert rows[0]["mean_delta_f1"] == pytest.approx((-0.1 + 0.0 + 0.3) / 3, abs=1e-4)
+    assert (rows[0]["users_worse"], rows[0]["users_better"], rows[0]["users"]) == (1, 1, 3)
+    assert rows[1]["mean_delta_f1"] == pytest.approx((0.0 + 0.1 - 0.3) / 3, abs=1e-4)
+    assert rows[1]["ci95"][0] <= rows[1]["mean_delta_f1"] <= rows[1]["ci95"][1]
+    assert rows[1]["ci95"][0] >= -0.3 and rows[1]["ci95"][1] <= 0.1  # resampled means of the three differences
+    with pytest.raises(ValueError, match="same users"):
+        st.paired_vs_baseline(run({"a": (0.1, 0.3), "d": (0.1, 0.2)}), base)

@@ -84,8 +84,10 @@ class SteerXTauConfig:
     pool_users: int = option(16, help="users (seeded, neither evaluated nor reference) whose train items form "
                                       "the other-users counterfactual pool")
     counterfactuals: list[str] = option(list(COUNTERFACTUALS), help="empty and/or other_users")
-    counterfactual_draw: str = option("item", help="other_users: one draw of other users' items per user, or per item "
-                                                   "(steerx.counterfactual_draw)")
+    counterfactual_draw: str = option("item", help="other_users: one draw of other users' items per user, per "
+                                                   "factual context or per item (steerx.counterfactual_draw)")
+    selection: str = option("recent", help="which other train items are the context: recent, bm25 or blocks "
+                                           "(steerx.history.selection)")
     taus: list[float] = option([-0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0],
                                help="absolute-mode τ grid (nats)")
     percentiles: list[float] = option([80.0, 90.0, 95.0], help="percentile-mode grid, for comparison")
@@ -95,6 +97,8 @@ class SteerXTauConfig:
     threads: int | None = option(None, help="torch CPU threads; default torch's")
     cache_dir: str = option("./steerstore-out/steerx-tau-cache", help="word-effect cache ('' = no cache)")
     json: str = option("docs/figures/bench-tau.json", help="where the figures are written ('' = print only)")
+    baseline: str = option("", help="a figures file of an earlier run on the same users (e.g. another selection or "
+                                    "draw): each τ's per-user F1 is compared with it, paired (variant − baseline)")
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "the model"})
 
     def __post_init__(self) -> None:
@@ -102,7 +106,9 @@ class SteerXTauConfig:
         check(bool(self.counterfactuals) and set(self.counterfactuals) <= set(COUNTERFACTUALS),
               f"counterfactuals must be among {list(COUNTERFACTUALS)}")
         check(self.item_format in ("auto", "opening", "whole"), "item_format must be auto, opening or whole")
-        check(self.counterfactual_draw in ("user", "item"), "counterfactual_draw must be user or item")
+        check(self.counterfactual_draw in ("user", "context", "item"),
+              "counterfactual_draw must be user, context or item")
+        check(self.selection in ("recent", "bm25", "blocks"), "selection must be recent, bm25 or blocks")
         check(self.users >= 2 and self.train_items >= 2 and self.heldout_items >= 1,
               "need >= 2 users, >= 2 train items and >= 1 held-out item per user")
         check(self.words >= 2 and self.text_words >= 0, "words must be >= 2 and text_words >= 0")
@@ -331,7 +337,8 @@ def curves(users: dict[str, tuple[ItemWords, set[str]]], config: SteerXTauConfig
 def steerx_config(config: SteerXTauConfig, cf: str) -> SteerXConfig:
     return SteerXConfig(counterfactual=cf, seed=config.seed, min_anchors=config.min_anchors,  # type: ignore[arg-type]
                         counterfactual_draw=config.counterfactual_draw,  # type: ignore[arg-type]
-                        history=HistoryContextConfig(context_items=config.context_items, max_items=config.train_items))
+                        history=HistoryContextConfig(context_items=config.context_items, max_items=config.train_items,
+                                                     selection=config.selection))  # type: ignore[arg-type]
 
 
 def effects_both(runtime: ModelRuntime, empty: Sequence[dict], other: Sequence[dict]) -> tuple[list, list]:
@@ -464,6 +471,37 @@ def run_source(config: SteerXTauConfig, source: str, scorer: _Scorer) -> dict:
     return result
 
 
+def paired_vs_baseline(report: dict, baseline: dict, seed: int = 0, resamples: int = 2000) -> dict:
+    """Per source, counterfactual and τ: the mean over users of (this run's F1 − the baseline run's F1), with a
+    percentile bootstrap 95% CI over users, and how many users are worse and better. Only users and τ both runs
+    scored are compared; a different user set is an error (the comparison would not be paired)."""
+    out: dict = {}
+    for source, res in report["sources"].items():
+        for cf, c in res["counterfactuals"].items():
+            try:
+                ref = {r["tau"]: r["user_f1"] for r in baseline["sources"][source]["counterfactuals"][cf]["absolute"]}
+            except KeyError:
+                continue
+            rows = []
+            for r in c["absolute"]:
+                if r["tau"] not in ref:
+                    continue
+                if set(r["user_f1"]) != set(ref[r["tau"]]):
+                    raise ValueError(f"{source}/{cf}: the baseline scored other users; a paired comparison needs "
+                                     "the same users (same --users, --partition, --pool_users and --seed)")
+                users = sorted(r["user_f1"])
+                diff = np.asarray([r["user_f1"][u] - ref[r["tau"]][u] for u in users], dtype=float)
+                rng = np.random.default_rng(seed)
+                boots = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(axis=1)
+                rows.append({"tau": r["tau"], "mean_delta_f1": round(float(diff.mean()), 4),
+                             "ci95": [round(float(np.percentile(boots, 2.5)), 4),
+                                      round(float(np.percentile(boots, 97.5)), 4)],
+                             "users_worse": int((diff < 0).sum()), "users_better": int((diff > 0).sum()),
+                             "users": len(users)})
+            out.setdefault(source, {})[cf] = rows
+    return out
+
+
 def main(config: SteerXTauConfig) -> dict:
     start = time.perf_counter()
     scorer = _Scorer(config)
@@ -472,6 +510,10 @@ def main(config: SteerXTauConfig) -> dict:
     for source in config.sources:
         report["sources"][source] = run_source(config, source, scorer)
     report["seconds"] = round(time.perf_counter() - start, 1)
+    if config.baseline:
+        report["paired_vs_baseline"] = paired_vs_baseline(report, json.loads(Path(config.baseline).read_text()),
+                                                          config.seed)
+        report["baseline"] = config.baseline
     print_report(report)
     print(f"\ntotal {report['seconds']} s")
     if config.json:

@@ -41,3 +41,10 @@ def print_report(report: dict) -> None:
                   f"(macro F1 {rec['macro_f1_within_1se']:.3f})")
             print("bootstrap over users, share of resamples each τ wins: "
                   + ", ".join(f"τ={t}: {v:.0%}" for t, v in rec["bootstrap_wins"].items()))
+            paired = report.get("paired_vs_baseline", {}).get(source, {}).get(cf)
+            if paired:
+                print(f"paired against {report.get('baseline')} (this run − baseline, per user; 95% bootstrap CI):")
+                for r in paired:
+                    print(f"  τ={r['tau']:g}: macro ΔF1 {r['mean_delta_f1']:+.4f} [{r['ci95'][0]:+.4f}, "
+                          f"{r['ci95'][1]:+.4f}], {r['users_worse']} users worse, {r['users_better']} better "
+                          f"of {r['users']}")
