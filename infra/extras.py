@@ -1,8 +1,9 @@
 """Optional dependencies, grouped as the package's extras: a clear error naming the extra to install.
 
-The refresh, serving and export need only the core dependencies (S3 goes through pyarrow's own
-filesystem). The evaluation's metrics and report need ``steerstore[eval]``; vLLM generation
-``steerstore[vllm]``; the test suite ``steerstore[test]``.
+Serving and export need only the core dependencies (S3 goes through pyarrow's own filesystem), and so
+does the refresh with ``scale.max_drift_ratio=0``. The evaluation's metrics and report need
+``steerstore[eval]``, and so does the refresh's content guard on steering strengths (BERTScore, on by
+default); vLLM generation ``steerstore[vllm]``; the test suite ``steerstore[test]``.
 """
 
 from __future__ import annotations

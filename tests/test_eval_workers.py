@@ -100,11 +100,12 @@ def test_actors_decode_mixed_chunks_exactly_as_each_row_alone_and_as_the_runtime
     from steerstore.operators.metrics import text_metrics
 
     by = {(r["method"], r["user_id"], r["recommended"]): dict(r, drift=d) for r, d in zip(done, drift)}
-    for method, base in (("caa", "none"), ("caa+history", "history_prompt"), ("influence+history", "history_prompt")):
+    for method, base in (("caa", "none"), ("caa+history", "history_prompt"), ("influence+history", "history_prompt"),
+                         ("history_prompt", "none")):  # history in prompt itself: what showing the history moves
         r, b = by[(method, "ann", True)], by[(base, "ann", True)]
         f1 = text_metrics([r["output"]], [b["output"]], config.metrics, which=("bertscore",))["bertscore"][0]
         assert r["drift"] == pytest.approx(1 - f1, abs=5e-3), method
-    assert abs(by[("none", "ann", True)]["drift"]) < 5e-3 and abs(by[("history_prompt", "ann", True)]["drift"]) < 5e-3
+    assert abs(by[("none", "ann", True)]["drift"]) < 5e-3
     assert np.isfinite(drift).all()  # every item's unsteered answers were decoded (rows in any chunk)
 
     # and as the runtime driven by hand, one method at a time (what the evaluation decoded before the actors)

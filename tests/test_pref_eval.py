@@ -87,7 +87,8 @@ def test_the_evaluation_scores_every_method_on_held_out_pairs_of_real_users(ray_
         curve = curves[method]["curve"]
         assert sorted(c["alpha"] for c in curve) == [1.0, 2.0]
         allowed = [c for c in curve if c["nll_increase"] <= cfg.scale.max_nll_increase
-                   and c["perplexity_ratio"] <= cfg.scale.max_perplexity_ratio] or curve[:1]
+                   and c["perplexity_ratio"] <= cfg.scale.max_perplexity_ratio
+                   and c.get("content_drift", 0.0) <= c.get("drift_limit", float("inf"))] or curve[:1]
         top = max(round(c["accuracy"], 6) for c in allowed)
         tied = [c for c in allowed if round(c["accuracy"], 6) == top]
         top_margin = max(c["mean_margin"] for c in tied)

@@ -322,7 +322,12 @@ def test_the_recommended_scale_of_each_method_is_chosen_on_training_pairs(bad_in
         assert all(c["perplexity_ratio"] > 0 for c in curve) and choice[method]["plain_perplexity"] > 1
         # the rule: among α whose NLL rise and decoded answers' perplexity ratio stay within the guards (none: the
         # smallest α), the best accuracy, then the larger mean margin, then the smaller α
-        fluent = [c for c in curve if c["nll_increase"] <= budget and c["perplexity_ratio"] <= ratio]
+        # the content guard: at most max_drift_ratio × the drift the history prompt causes to the unsteered answers
+        limit = choice[method]["drift_limit"]
+        assert limit == pytest.approx(ScaleConfig().max_drift_ratio * choice[method]["drift_reference"]) and limit > 0
+        assert all(-1e-6 <= c["content_drift"] <= 1 + 1e-6 and c["drift_limit"] == limit for c in curve)
+        fluent = [c for c in curve if c["nll_increase"] <= budget and c["perplexity_ratio"] <= ratio
+                  and c["content_drift"] <= limit]
         if not fluent:
             want = min(c["alpha"] for c in curve)
         else:
@@ -335,13 +340,15 @@ def test_the_recommended_scale_of_each_method_is_chosen_on_training_pairs(bad_in
     assert 1 <= composed["pairs"] <= 4 and composed["history_items"] == ScaleConfig().history_items
     for method in ("population", "caa", "bt"):
         assert [c["alpha"] for c in composed[method]["curve"]] == [1.0, 4.0] and composed[method]["alpha"] in (1.0, 4.0)
+        assert composed[method]["drift_reference"] == choice[method]["drift_reference"]  # the plain condition's
+        assert all("content_drift" in c for c in composed[method]["curve"])
     assert reader.population().recommended_scale == choice["population"]["alpha"]
     assert reader.vectors(["alice"])["alice"].recommended_scale == choice["caa"]["alpha"]
     assert reader.bt(["alice"])["alice"].recommended_scale == choice["bt"]["alpha"]
 
 
 def test_composed_strengths_show_each_pairs_user_history_but_never_the_item_the_pair_was_made_from():
-    from steerstore.jobs.refresh.globals import _composed_scales
+    from steerstore.jobs.refresh.globals import _composed_pairs, _composed_scales
 
     composed = ScaleConfig().composed
     pairs = [{"prompt": "Tell me about cats.", "chosen": "Cats rule.", "rejected": "Meh."},
@@ -353,16 +360,20 @@ def test_composed_strengths_show_each_pairs_user_history_but_never_the_item_the_
     called = {}
 
     class Pool:
-        def first(self, name, shown, subset, positions):
-            called.update(name=name, shown=shown, subset=subset, positions=positions)
+        def first(self, name, shown, subset, positions, drift_reference):
+            called.update(name=name, shown=shown, subset=subset, positions=positions, reference=drift_reference)
             return {"caa": {"alpha": 2.0, "curve": []}}
 
-    out = _composed_scales(Pool(), composed, [("u", 0), ("v", 0)], rows, pairs, methods, "response")
+    keep, shown_pairs = _composed_pairs(composed, [("u", 0), ("v", 0)], rows, pairs)
+    assert keep == [0]  # v's only item is its pair's own: v's pair is left out
+    out = _composed_scales(Pool(), composed, keep, shown_pairs, methods, "response", 0.4)
     assert out == {"caa": {"alpha": 2.0, "curve": []}, "pairs": 1, "history_items": 2, "history_chars": 600}
-    [shown] = called["shown"]  # v's only item is its pair's own: v's pair is left out
+    [shown] = called["shown"]
+    assert called["reference"] == 0.4  # the content guard's reference, measured in the plain condition
     assert "Birds sing." in shown["prompt"] and "Cats rule." not in shown["prompt"].split("Prompt: Tell me about cats.")[0]
     assert shown["prompt"].endswith("Prompt: Tell me about cats.") and shown["chosen"] == "Cats rule."
     np.testing.assert_array_equal(called["subset"]["caa"][1], methods["caa"][1][[0]])
     rows = {u: {"histories": []} for u in rows}
-    assert _composed_scales(None, composed, [("u", 0), ("v", 0)], rows, pairs, methods, "response") == {
+    assert _composed_pairs(composed, [("u", 0), ("v", 0)], rows, pairs) == ([], [])
+    assert _composed_scales(None, composed, [], [], methods, "response", None) == {
         "skipped": "no sampled pair's user has history items to show"}

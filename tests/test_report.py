@@ -148,8 +148,9 @@ def minimal():
 
 def test_report_structure_and_escaping(full):
     data, page = full
-    n_plots = len(SWEPT) + 1 + len(NON_BASE)
+    n_plots = len(SWEPT) + 1 + len(NON_BASE) + 1  # dose per swept method, token effects, per user, the trade-off
     check_structure(page, n_plots)
+    assert 'data-plot="tradeoff-meteor"' in page and '<section id="tradeoff">' in page
     for sid in ("preference", "examples"):
         assert f'<section id="{sid}">' in page
     pref = text(page[page.index('<section id="preference">'):page.index("</section>", page.index('id="preference"'))])
@@ -190,7 +191,7 @@ def test_report_structure_and_escaping(full):
 
 def test_report_minimal_inputs(minimal):
     _, page = minimal
-    check_structure(page, len(SWEPT) + len(NON_BASE))
+    check_structure(page, len(SWEPT) + len(NON_BASE) + 1)
     assert "not computed" in page
     # the dose captions name only the metrics drawn (BERTScore not computed here)
     assert page.count("Left: Δ ROUGE-L / METEOR vs no personalisation") == len(SWEPT)
@@ -235,3 +236,20 @@ def test_require_chromium_skips_or_fails(monkeypatch):
     monkeypatch.setenv("STEERSTORE_REQUIRE_BROWSER", "1")
     with pytest.raises(pytest.fail.Exception, match="make system"):
         browser.require_chromium()
+
+
+def test_the_tradeoff_points_are_the_settings_with_a_delta_and_a_drift(full):
+    from steerstore.jobs.evaluate.report.sections import tradeoff_points
+
+    data, _ = full
+    points = tradeoff_points(data.summary)
+    finite = data.summary[(data.summary["method"] != "none") & data.summary["drift"].notna()
+                          & data.summary["delta_meteor"].notna()]
+    assert len(points) == len(finite) and {p["method"] for p in points} == set(finite["method"])
+    for p in points:
+        row = finite[(finite["method"] == p["method"]) & (finite["strength"].fillna(0.0) == p["strength"])].iloc[0]
+        assert (p["drift"], p["delta"], p["lo"], p["hi"]) == (row["drift"], row["delta_meteor"], row["delta_meteor_lo"],
+                                                            row["delta_meteor_hi"])
+        swept = (finite["method"] == p["method"]).sum() > 1
+        assert bool(p["tag"]) == bool(swept and p["parameter"]), p
+    assert tradeoff_points(data.summary.drop(columns=["drift"])) == []

@@ -266,6 +266,65 @@ def test_the_decoded_fluency_guard_refuses_an_alpha_whose_greedy_answers_lose_fl
     assert "plain_perplexity" not in off["caa"] and all("perplexity_ratio" not in c for c in off["caa"]["curve"])
 
 
+@pytest.mark.slow
+def test_the_content_guard_refuses_an_alpha_that_moves_the_answers_further_than_the_history_prompt(tiny_runtime):
+    """Each α's content drift: 1 − BERTScore F1 of its greedy answers (each row decoded alone here) against the
+    unsteered answers; the limit: max_drift_ratio × the drift of the history prompt's unsteered answers against the
+    plain prompt's, on the pairs that have a history prompt."""
+    from steerstore.operators.metrics import MetricsConfig, bertscore
+    from steerstore.operators.scale import ScaleConfig, choose_scales
+
+    rt = tiny_runtime
+    pairs = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in zip(PROMPTS, RESPONSES, RESPONSES[::-1])]
+    pairs[0]["history_prompt"] = f"Earlier responses written by this user: {RESPONSES[2]}\n\n{PROMPTS[0]}"
+    pairs[2]["history_prompt"] = f"Earlier: {RESPONSES[1]} {RESPONSES[0]}\n\n{PROMPTS[2]}"
+    vec = {1: _vectors(rt, 3)[1].numpy()}
+    grid = [0.5, 8.0, 64.0]
+    prompts = [p["prompt"] for p in pairs]
+    plain = [rt.generate([p], 6)[0] for p in prompts]
+    shown = [rt.generate([pairs[i]["history_prompt"]], 6)[0] for i in (0, 2)]
+
+    def drift(outputs, references):
+        return float((1 - bertscore(outputs, references, MetricsConfig())).mean())
+    reference = drift(shown, [plain[0], plain[2]])
+    assert reference > 0
+    free = choose_scales(rt, pairs, {"caa": vec}, ScaleConfig(grid=grid, fluency_tokens=6, max_nll_increase=1e9,
+                                                              max_perplexity_ratio=1e9, max_drift_ratio=1e9))["caa"]
+    assert free["drift_reference"] == pytest.approx(reference, abs=1e-5)
+    drifts = {}
+    for point in free["curve"]:
+        alone = [rt.generate([p], 6, steer=Steering({1: torch.as_tensor(vec[1][i:i + 1])},
+                                                    torch.tensor([point["alpha"]]), "response"))[0]
+                 for i, p in enumerate(prompts)]
+        assert point["content_drift"] == pytest.approx(drift(alone, plain), abs=1e-5), point
+        assert point["drift_limit"] == pytest.approx(1e9 * reference)
+        drifts[point["alpha"]] = point["content_drift"]
+    assert drifts[64.0] > drifts[0.5], drifts  # a strong α moves what the model writes
+    # a limit below the freely chosen α's drift: that α is refused, and the chosen one keeps to the limit
+    ratio = (drifts[free["alpha"]] - 1e-6) / reference
+    guarded = choose_scales(rt, pairs, {"caa": vec}, ScaleConfig(grid=grid, fluency_tokens=6, max_nll_increase=1e9,
+                                                                 max_perplexity_ratio=1e9, max_drift_ratio=ratio))["caa"]
+    assert guarded["drift_limit"] == pytest.approx(ratio * reference)
+    if min(drifts.values()) <= ratio * reference:
+        assert guarded["alpha"] != free["alpha"] and drifts[guarded["alpha"]] <= ratio * reference
+    else:  # nothing passes: the smallest α, as with the other guards
+        assert guarded["alpha"] == min(grid)
+    # a given reference (the composed condition reuses the plain one's) is used as it is
+    given = choose_scales(rt, [dict(p, history_prompt=None) for p in pairs], {"caa": vec},
+                          ScaleConfig(grid=grid, fluency_tokens=6), drift_reference=0.25)["caa"]
+    assert given["drift_reference"] == 0.25 and given["drift_limit"] == 0.25
+    # off without history prompts or with the guard off: no drift recorded, no limit
+    for cfg, ps in ((ScaleConfig(grid=grid, fluency_tokens=6), [{k: v for k, v in p.items() if k != "history_prompt"}
+                                                                for p in pairs]),
+                    (ScaleConfig(grid=grid, fluency_tokens=6, max_drift_ratio=0), pairs),
+                    (ScaleConfig(grid=grid, fluency_tokens=6, history_items=0), pairs)):
+        out = choose_scales(rt, ps, {"caa": vec}, cfg)["caa"]
+        assert "drift_limit" not in out and all("content_drift" not in c for c in out["curve"])
+    with pytest.raises(RuntimeError, match="scale.max_drift_ratio"):
+        ScaleConfig(drift_encoder="/nonexistent/encoder").check_content_guard()
+    ScaleConfig(drift_encoder="/nonexistent/encoder", max_drift_ratio=0).check_content_guard()  # off: not needed
+
+
 def test_the_runtime_benchmark_measures_every_pass_on_a_tiny_shape(tmp_path):
     from steerstore.jobs.bench import runtime as bench
     from tests.tiny import tiny_tokenizer

@@ -64,19 +64,25 @@ UNSTEERED = ("none", "history_prompt")  # greedy answers of the unsteered model:
 
 
 def drift_pairs(items: pd.DataFrame) -> tuple[list[tuple[str, str]], list[int]]:
-    """The distinct (output, unsteered answer to the same prompt) pairs of scored rows, and each row's index
-    into them (−1: no unsteered row of that item and prompt was decoded). ``decoded_from``: the planned prompt."""
+    """The distinct (output, reference) pairs of scored rows, and each row's index into them (−1: the reference
+    was not decoded). The reference is the unsteered answer to the same prompt (``decoded_from``: the planned
+    prompt), except for history in prompt itself, whose reference is no personalisation's answer to the same
+    item: its drift is what showing the history moves, the scale of the steered rows' drift on top of it."""
     keys = list(zip(items["user_id"], items["item_id"], items["decoded_from"]))
     unsteered = {k: o for k, o, m in zip(keys, items["output"], items["method"]) if m in UNSTEERED}
+    plain = {k[:2]: o for k, o, m in zip(keys, items["output"], items["method"]) if m == "none"}
     pairs: dict[tuple[str, str], int] = {}
-    index = [pairs.setdefault((o, unsteered[k]), len(pairs)) if k in unsteered else -1
-             for k, o in zip(keys, items["output"])]
+    index = []
+    for k, o, m in zip(keys, items["output"], items["method"]):
+        reference = plain.get(k[:2]) if m == "history_prompt" else unsteered.get(k)
+        index.append(-1 if reference is None else pairs.setdefault((o, reference), len(pairs)))
     return list(pairs), index
 
 
 def content_drift(items: pd.DataFrame, bertscore) -> np.ndarray:
     """Per row: 1 − BERTScore F1 of its output against the unsteered answer decoded from the same prompt (no
-    personalisation's, or history in prompt's for a method on top of it); NaN without one. ``bertscore`` maps
+    personalisation's, or history in prompt's for a method on top of it; for history in prompt itself, no
+    personalisation's); NaN without one. ``bertscore`` maps
     (outputs, references) to F1 values (the workers' scorer)."""
     pairs, index = drift_pairs(items)
     f1 = np.asarray(bertscore([p for p, _ in pairs], [r for _, r in pairs]) if pairs else [], dtype=np.float64)

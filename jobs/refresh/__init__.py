@@ -63,6 +63,7 @@ def main(config: RefreshConfig) -> dict:
     connect(config.ray, min_cpus=cpus_needed(config.resources))
     if config.steerx.enabled and config.inputs.histories and config.steerx.smoothing.enabled:
         config.steerx.smoothing.check_engine()  # fail before any work when the engine cannot run
+    config.scale.check_content_guard()  # and when the content guard on strengths cannot score BERTScore
     inputs = {"preference_pairs": config.inputs.preference_pairs}
     if config.inputs.histories:
         inputs["histories"] = config.inputs.histories

@@ -278,6 +278,12 @@ def _scales(config: RefreshConfig, sampler: Sampler, pool: Pool, g: dict, users:
         norms = np.linalg.norm(population, axis=-1).astype(np.float64)
         composed = [compose(fit(u, p)["theta"], g["basis"], norms) for u, p in picked]
         methods["bt"] = {l: np.stack([c[j] for c in composed]) for l, j in zip(layers, at)}
+    composed = config.scale.composed
+    keep, shown = _composed_pairs(composed, picked, rows, pairs) if composed is not None else ([], [])
+    if config.scale.content_guard:  # the plain call measures what the history prompt does to the answers
+        pairs = [dict(pair) for pair in pairs]
+        for k, pair in zip(keep, shown):
+            pairs[k]["history_prompt"] = pair["prompt"]
     result = pool.first("choose_scales", pairs, methods, row["positions"])
     g["scale_curves"] = {**result, "pairs": len(picked), "users": len(users),
                          "pairs_scored": "out of sample (leave-one-pair-out vectors, θ and population direction; "
@@ -285,25 +291,33 @@ def _scales(config: RefreshConfig, sampler: Sampler, pool: Pool, g: dict, users:
                          if config.scale.out_of_sample
                          else "in sample (the vectors were fitted on these pairs)"}
     g["scales"].update({m: r["alpha"] for m, r in result.items() if m in g["scales"]})
-    composed = config.scale.composed
     if composed is not None:
-        g["scale_curves"]["history"] = _composed_scales(pool, composed, picked, rows, pairs, methods, row["positions"])
+        reference = next((r["drift_reference"] for r in result.values() if "drift_reference" in r), None)
+        g["scale_curves"]["history"] = _composed_scales(pool, composed, keep, shown, methods, row["positions"],
+                                                        reference)
 
 
-def _composed_scales(pool: Pool, composed, picked: list[tuple[str, int]], rows: dict, pairs: list[dict],
-                     methods: dict, positions: str) -> dict:
-    """α per method in the composed condition: the same pairs and vectors, each pair's prompt after its user's
-    top-k history items by BM25 (never the item the pair was made from: one with the pair's prompt)."""
+def _composed_pairs(composed, picked: list[tuple[str, int]], rows: dict, pairs: list[dict]) -> tuple[list[int],
+                                                                                                      list[dict]]:
+    """The composed condition's pairs: (indices kept, pairs) with each prompt after its user's top-k history items by
+    BM25 (never the item the pair was made from: one with the pair's prompt); a user without items is left out."""
     keep, shown = [], []
     for k, ((u, _), pair) in enumerate(zip(picked, pairs)):
         train = [h for h in rows[u]["histories"] or [] if (h["output"] or "").strip() and h["input"] != pair["prompt"]]
         if train:
             keep.append(k)
             shown.append(dict(pair, prompt=retrieved_prompt(train, pair["prompt"], composed)))
+    return keep, shown
+
+
+def _composed_scales(pool: Pool, composed, keep: list[int], shown: list[dict], methods: dict, positions: str,
+                     drift_reference: float | None) -> dict:
+    """α per method in the composed condition: the same pairs and vectors on the history prompt (the content guard's
+    reference is the plain condition's: what the history prompt does to the unsteered answers)."""
     if not keep:
         return {"skipped": "no sampled pair's user has history items to show"}
     subset = {m: {l: v[keep] for l, v in by_layer.items()} for m, by_layer in methods.items()}
-    result = pool.first("choose_scales", shown, subset, positions)
+    result = pool.first("choose_scales", shown, subset, positions, drift_reference)
     return {**result, "pairs": len(keep), "history_items": composed.context_items,
             "history_chars": composed.context_chars}
 

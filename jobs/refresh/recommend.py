@@ -53,13 +53,13 @@ def strengths(config, g: dict, scale_curves: dict) -> dict[str, rec.Strengths]:
         pick = chosen.get(source)
         return None if not pick else ([int(pick["layer"])], float(pick["gamma"]))
 
-    def caps(curves: dict) -> dict[str, float]:  # per method: the largest α whose decoded answers kept fluency
+    def caps(curves: dict) -> dict[str, float]:  # per method: the largest α whose decoded answers passed the guards
         out = {}
         for m, found in curves.items():
             points = found.get("curve") if isinstance(found, dict) else None
             if not points or not all("perplexity_ratio" in c for c in points):
                 continue  # the decoded guard was off: no cap
-            kept = [c["alpha"] for c in points if config.scale.fluent(c)]
+            kept = [c["alpha"] for c in points if config.scale.passes(c)]
             out[m] = float(max(kept, default=found["alpha"]))
         return out
 

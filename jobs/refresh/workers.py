@@ -222,8 +222,10 @@ class ModelWorker:
         return final.set_column(idx, final.schema.field(idx),
                                 pa.array([g["scales"]["caa"]] * final.num_rows, pa.float32()))
 
-    def choose_scales(self, pairs: list[dict], vectors: dict, positions: str) -> dict:
-        return self._timed("sample", choose_scales_task, self.model, pairs, vectors, self.config.scale, positions)
+    def choose_scales(self, pairs: list[dict], vectors: dict, positions: str,
+                      drift_reference: float | None = None) -> dict:
+        return self._timed("sample", choose_scales_task, self.model, pairs, vectors, self.config.scale, positions,
+                           drift_reference)
 
     def dps_score(self, rows: pa.Table, full: bool) -> pa.Table:
         """DPS heads of rows (user_id, sequences, ...): ``full`` scores every head exactly (the baseline sample)."""

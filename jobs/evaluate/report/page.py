@@ -20,6 +20,7 @@ from steerstore.jobs.evaluate.report.sections import (
     _source_section,
     _summary_section,
     _token_section,
+    _tradeoff_section,
 )
 
 
@@ -118,6 +119,7 @@ def render_report(data: ReportData) -> str:
         _summary_section(summary, order, labels),
         _source_section(data.by_source, order, labels),
         dose,
+        _tradeoff_section(summary),
         _token_section(data.token_effects, data.tau),
         _gain_section(per_user, summary, order, labels),
         _preference_section(data.preference, labels, (data.meta or {}).get("preference_unsteered")),

@@ -206,3 +206,31 @@ def _gain_plot(deltas: dict[str, np.ndarray], salt: str) -> str:
             ax.set_xlabel("users, sorted by Δ")
             ax.set_xlim(0.3, len(values) + 0.7)
         return _svg(fig, salt)
+
+
+def _tradeoff_plot(points: list[dict], metric: str, salt: str) -> str:
+    """Gain against content drift: one mark per setting (x: mean drift, y: Δ ``metric`` against its baseline with
+    its CI); the settings of one method at several strengths joined in strength order, each labelled."""
+    import matplotlib.pyplot as plt
+
+    palette = plt.get_cmap("tab10").colors
+    with _style():
+        fig, ax = plt.subplots(figsize=(6.6, 3.4))
+        methods = list(dict.fromkeys(p["method"] for p in points))
+        for k, method in enumerate(methods):
+            mine = sorted((p for p in points if p["method"] == method), key=lambda p: p["strength"])
+            color = palette[k % len(palette)]
+            x = np.asarray([p["drift"] for p in mine], float)
+            y = np.asarray([p["delta"] for p in mine], float)
+            err = np.abs(np.asarray([[p["delta"] - p["lo"], p["hi"] - p["delta"]] for p in mine], float).T)
+            ax.errorbar(x, y, yerr=err, color=color, marker="o", ms=4, lw=1.1 if len(mine) > 1 else 0,
+                        elinewidth=0.8, capsize=2, label=_mpl_text(mine[0]["label"]))
+            for p in mine:
+                if p["tag"]:
+                    ax.annotate(_mpl_text(p["tag"]), (p["drift"], p["delta"]), xytext=(3, 3),
+                                textcoords="offset points", fontsize=6.5, color=color)
+        ax.axhline(0, color="#444444", ls="--", lw=1)
+        ax.set_xlabel("content drift (1 − BERTScore against the unsteered answer; lower keeps more content)")
+        ax.set_ylabel(f"Δ {METRIC_NAMES[metric]} vs its baseline")
+        ax.legend(frameon=False, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        return _svg(fig, salt)

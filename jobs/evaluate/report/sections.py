@@ -25,7 +25,7 @@ from steerstore.jobs.evaluate.report.formatting import (
     _setting,
     _truncate,
 )
-from steerstore.jobs.evaluate.report.plots import _dose_plot, _gain_plot, _token_plot
+from steerstore.jobs.evaluate.report.plots import _dose_plot, _gain_plot, _token_plot, _tradeoff_plot
 from steerstore.jobs.evaluate.write import ship_line
 
 
@@ -177,6 +177,43 @@ def _dose_section(summary: pd.DataFrame, order, labels) -> str:
             figures.append(_figure("dose", key, svg, caption))
     body = "\n".join(figures) if figures else '<p class="empty">No method was evaluated at two or more strengths.</p>'
     return _section("dose-response", "Dose–response", body)
+
+
+def tradeoff_points(summary: pd.DataFrame, metric: str = "meteor") -> list[dict]:
+    """Each setting with a Δ on ``metric`` and a finite content drift: (method, label, strength, drift, Δ, CI, tag),
+    the strength tagged when its method was evaluated at several."""
+    need = {"method", "drift", f"delta_{metric}", f"delta_{metric}_lo", f"delta_{metric}_hi"}
+    if summary.empty or not need <= set(summary.columns):
+        return []
+    points = []
+    for _, r in summary.iterrows():
+        values = [r["drift"], r[f"delta_{metric}"], r[f"delta_{metric}_lo"], r[f"delta_{metric}_hi"]]
+        if str(r["method"]) == "none" or not all(_finite(v) for v in values):
+            continue
+        strength = float(r["strength"]) if _finite(r.get("strength")) else 0.0
+        label = str(r.get("label") or r["method"]).split(" (Δ vs ")[0]  # the caption says what each Δ is against
+        points.append({"method": str(r["method"]), "label": label, "strength": strength,
+                       "parameter": str(r.get("parameter") or ""), "drift": float(r["drift"]),
+                       "delta": float(values[1]), "lo": float(values[2]), "hi": float(values[3])})
+    several = {m for m in {p["method"] for p in points} if sum(p["method"] == m for p in points) > 1}
+    for p in points:
+        p["tag"] = (f"{SYMBOLS.get(p['parameter'], p['parameter'])} {p['strength']:g}"
+                    if p["method"] in several and p["parameter"] else "")
+    return points
+
+
+def _tradeoff_section(summary: pd.DataFrame, metric: str = "meteor") -> str:
+    points = tradeoff_points(summary, metric)
+    if not points:
+        return _section("tradeoff", "Gain against content drift",
+                        '<p class="empty">No setting has both a Δ and a content drift.</p>')
+    svg = _tradeoff_plot(points, metric, salt="steerstore-tradeoff")
+    caption = (f"Every setting: Δ {METRIC_NAMES[metric]} against its baseline (no personalisation; history in "
+               "prompt for a method on top of it), bars: bootstrap CI over users, against its mean content drift "
+               "(1 − BERTScore F1 against the unsteered answer to the same prompt; history in prompt against no "
+               "personalisation's: what showing the history moves). Up and to the left moves the text toward the "
+               "user while keeping its content; a method at several strengths is a line in strength order.")
+    return _section("tradeoff", "Gain against content drift", _figure("tradeoff", metric, svg, _esc(caption)))
 
 
 def _token_section(effects, tau) -> str:
