@@ -214,7 +214,7 @@ def test_report_renders_in_chromium(tmp_path, request, case):
     path.write_text(page, encoding="utf-8")
     result = render(path)
     rendered = result["rendered"]
-    expected = len(SWEPT) + len(NON_BASE) + (1 if full else 0)
+    expected = len(SWEPT) + len(NON_BASE) + (1 if full else 0) + 1  # + the gain-against-drift figure
     assert rendered["plots"] == rendered["plots_visible"] == expected, rendered
     assert rendered["tables"] == rendered["tables_visible"] == page.count("<table"), rendered
     # the page's own script is the only script element; injected text stays text
