@@ -4,8 +4,8 @@ Shared by the history-based methods (DPS preference heads; SteerX leave-one-out 
 prompt of item j holds up to ``k`` *other* items of the same user (never item j itself),
 chosen as the most ``recent`` before it, by ``bm25`` similarity to its input, or by ``blocks``
 (the scored items cut into consecutive blocks that each share one context: the items that follow
-the block, cyclically; see ``context_blocks``), followed by item j's input. The response is item j's output. Prompts are data for the model; the model's
-chat template is applied by the runtime.
+the block, cyclically; see ``context_blocks``), followed by item j's input. The response is item
+j's output. Prompts are data for the model; the model's chat template is applied by the runtime.
 """
 
 from __future__ import annotations

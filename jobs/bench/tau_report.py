@@ -1,10 +1,44 @@
-"""The τ experiment's printed report: per source and counterfactual, the anchor curves and the chosen τ."""
+"""The τ experiment's printed report: per source and counterfactual, the anchor curves and the chosen τ, and
+their paired comparison with an earlier run's (``paired_vs_baseline``)."""
 
 from __future__ import annotations
+
+import numpy as np
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
+
+
+def paired_vs_baseline(report: dict, baseline: dict, seed: int = 0, resamples: int = 2000) -> dict:
+    """Per source, counterfactual and τ: the mean over users of (this run's F1 − the baseline run's F1), with a
+    percentile bootstrap 95% CI over users, and how many users are worse and better. Only users and τ both runs
+    scored are compared; a different user set is an error (the comparison would not be paired)."""
+    out: dict = {}
+    for source, res in report["sources"].items():
+        for cf, c in res["counterfactuals"].items():
+            try:
+                ref = {r["tau"]: r["user_f1"] for r in baseline["sources"][source]["counterfactuals"][cf]["absolute"]}
+            except KeyError:
+                continue
+            rows = []
+            for r in c["absolute"]:
+                if r["tau"] not in ref:
+                    continue
+                if set(r["user_f1"]) != set(ref[r["tau"]]):
+                    raise ValueError(f"{source}/{cf}: the baseline scored other users; a paired comparison needs "
+                                     "the same users (same --users, --partition, --pool_users and --seed)")
+                users = sorted(r["user_f1"])
+                diff = np.asarray([r["user_f1"][u] - ref[r["tau"]][u] for u in users], dtype=float)
+                rng = np.random.default_rng(seed)
+                boots = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(axis=1)
+                rows.append({"tau": r["tau"], "mean_delta_f1": round(float(diff.mean()), 4),
+                             "ci95": [round(float(np.percentile(boots, 2.5)), 4),
+                                      round(float(np.percentile(boots, 97.5)), 4)],
+                             "users_worse": int((diff < 0).sum()), "users_better": int((diff > 0).sum()),
+                             "users": len(users)})
+            out.setdefault(source, {})[cf] = rows
+    return out
 
 
 def print_report(report: dict) -> None:
