@@ -11,7 +11,8 @@ training items by BM25, as served with a request's history): ``none`` (in the hi
 history alone), and each method the user has an artifact for at ``recommend.multipliers`` × the store's
 strength for that method in that condition (α for caa, bt and population; γ at the recommended layer for
 the default style-vector source; γ of the user's DPS heads); influence decoding at each λ of
-``steerx.vectors.lambda_grid``.
+``steerx.vectors.lambda_grid``. A vector candidate above the largest α (γ) whose decoded answers passed
+the strengths' guards, and a λ that failed them, are not offered.
 
 **Score.** Each candidate's teacher-forced log-likelihood gain per token of the held-out outputs over the
 plain prompt (the same measure the store's strengths were calibrated on; a strength that breaks fluency
@@ -136,6 +137,7 @@ class Strengths:
     lambdas: list[float]  # influence λ candidates
     alpha_max: dict[str, float] = field(default_factory=dict)  # caa | bt | population -> the largest α that kept
     # fluency (scale's decoded and teacher-forced guards); a candidate above it is not offered (absent: no cap)
+    style_max: float = math.inf  # the largest γ of the style vector that passed the decoded guards (as alpha_max)
 
 
 def candidates(art: UserArtifacts, strengths: dict[str, Strengths], config: RecommendConfig) -> list[Candidate]:
@@ -154,7 +156,7 @@ def candidates(art: UserArtifacts, strengths: dict[str, Strengths], config: Reco
             layers, gamma = s.style
             if all(l in style.layers for l in layers):
                 out += [Candidate(condition, "style_vector", s.source, m, gamma * m, list(layers), style)
-                        for m in config.multipliers]
+                        for m in config.multipliers if gamma * m <= s.style_max * (1 + 1e-9)]
         context = ((art.steerx or {}).get("context") or "").strip()
         if "influence" in wanted and context and s.lambdas:
             out += [Candidate(condition, "influence", None, None, float(lam), context=context) for lam in s.lambdas]

@@ -85,13 +85,20 @@ class ScaleConfig:
                 and point.get("content_drift", 0.0) <= point.get("drift_limit", math.inf))
 
     @property
-    def content_guard(self) -> bool:
-        """Whether strengths are chosen on content drift too (it needs decoded answers and the history condition)."""
-        return self.enabled and self.max_drift_ratio > 0 and self.fluency_tokens > 0 and self.history_items > 0
+    def drift_guard(self) -> bool:
+        """Whether strengths are guarded on content drift (it needs decoded answers and the history condition): the
+        α chosen here when ``enabled``, and the style vectors' γ and influence λ whenever SteerX calibrates them."""
+        return self.max_drift_ratio > 0 and self.fluency_tokens > 0 and self.history_items > 0
 
-    def check_content_guard(self) -> None:
-        """Fail before any work when the content guard is on and BERTScore cannot run here."""
-        if not self.content_guard:
+    @property
+    def content_guard(self) -> bool:
+        """Whether the α chosen here are chosen on content drift too."""
+        return self.enabled and self.drift_guard
+
+    def check_content_guard(self, style_calibrated: bool = False) -> None:
+        """Fail before any work when the content guard is on (for α, or for SteerX's γ and λ when
+        ``style_calibrated``) and BERTScore cannot run here."""
+        if not (self.content_guard or (style_calibrated and self.drift_guard)):
             return
         from steerstore.infra.extras import require
         from steerstore.operators.metrics import MetricResourceError, MetricsConfig, bertscore_encoder

@@ -21,6 +21,7 @@ Stages 1–2 (anchors) are ``operators/steerx.py``, stage 3 (descriptions) ``ope
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Sequence
 
@@ -35,6 +36,7 @@ from steerstore.operators.smoothing import user_context
 from steerstore.operators.validate import isolate_failures, require_columns
 
 if TYPE_CHECKING:
+    from steerstore.operators.scale import ScaleConfig
     from steerstore.operators.steerx import SteerXConfig
 
 SOURCES = ("history", "description", "blend")
@@ -98,7 +100,12 @@ STYLE_OUTPUT_SCHEMA = pa.schema([
     # (source 'influence': layer −1, γ holds λ)
     pa.field("calibration", pa.list_(pa.struct([("condition", pa.string()), ("source", pa.string()), ("layer", pa.int32()),
                                                 ("gamma", pa.float32()), ("gain", pa.float64()),
-                                                ("tokens", pa.int64())]))),
+                                                ("tokens", pa.int64()),
+                                                # the decoded guards (null when off): see validation_gains
+                                                ("answer_nll", pa.float64()), ("answer_tokens", pa.int64()),
+                                                ("unsteered_nll", pa.float64()), ("unsteered_tokens", pa.int64()),
+                                                ("drift", pa.float64()), ("drift_reference", pa.float64()),
+                                                ("decoded", pa.int32())]))),
     pa.field("model_id", pa.string()),
     pa.field("model_fingerprint", pa.string()),
     pa.field("hidden_size", pa.int32()),
@@ -143,7 +150,8 @@ def combine(diffs: dict[str, np.ndarray], sources: Sequence[str], blend_weight: 
 
 def validation_gains(runtime: ModelRuntime, items: Sequence[dict], vectors: np.ndarray, description: str,
                      sources: Sequence[str], layers: list[int], config: StyleVectorConfig,
-                     train: Sequence[dict] = (), composed: HistoryContextConfig | None = None) -> list[dict]:
+                     train: Sequence[dict] = (), composed: HistoryContextConfig | None = None,
+                     guard: ScaleConfig | None = None) -> list[dict]:
     """Log-likelihood gains of held-out items' real responses per (source, layer, γ) and per influence λ.
 
     ``vectors`` (sources, layers, hidden) and S were computed without ``items``. Each response is
@@ -153,6 +161,14 @@ def validation_gains(runtime: ModelRuntime, items: Sequence[dict], vectors: np.n
     ``plain``. With ``composed`` and the user's ``train`` items, every candidate is scored again
     on top of retrieved history (each input after its top-k training items by BM25, condition
     ``history``; source ``none`` is the history alone), its gain still over the plain prompt.
+
+    With a ``guard`` whose ``fluency_tokens`` > 0 (the strengths' decoded guards, ``scale.*``), every candidate
+    also decodes ``fluency_tokens`` greedy tokens per item as serving would (γ·v added; influence decoding at λ
+    with serving's temperature and plausibility floor), all in one batch, and its row records what the guards
+    pool over users (``choose_recommended``): the answers' NLL and tokens under the unsteered model given the
+    plain or composed prompt, the same for the unsteered answers to that prompt, and with the content guard their
+    summed content drift from the unsteered answers with the user's reference drift (what showing the retrieved
+    history does to the unsteered answers), over ``decoded`` items.
     """
     if not items:
         return []
@@ -164,15 +180,65 @@ def validation_gains(runtime: ModelRuntime, items: Sequence[dict], vectors: np.n
     if composed is not None and usable:
         shown = [retrieved_prompt(usable, x, composed) for x in inputs]
         conditions.append(("history", shown))
+    decode = guard is not None and guard.fluency_tokens > 0
+    unsteered = {c: runtime.generate(prompts, guard.fluency_tokens) for c, prompts in conditions} if decode else {}
+    reference = None  # what the history prompt moves the unsteered answers: the content guard's yardstick
+    if decode and guard.drift_guard and "history" in unsteered:
+        reference = float(np.sum(1.0 - _bertscore(unsteered["history"], unsteered["plain"], guard)))
     out = []
     for condition, prompts in conditions:
         row = {"condition": condition, "tokens": total}
         if condition != "plain":
             lp, _ = runtime.response_logprobs(prompts, outputs)
             out.append({**row, "source": "none", "layer": -1, "gamma": 0.0, "gain": float((lp - base).sum())})
-        out += [{**row, **c} for c in _candidate_gains(runtime, prompts, outputs, base, vectors, description,
-                                                        sources, layers, config)]
+        found = _candidate_gains(runtime, prompts, outputs, base, vectors, description, sources, layers, config)
+        if decode:
+            _decoded_guard(runtime, prompts, unsteered[condition], found, vectors, description, list(sources),
+                           layers, config, guard, reference)
+        out += [{**row, **c} for c in found]
     return out
+
+
+def _bertscore(outputs: list[str], references: list[str], guard: ScaleConfig) -> np.ndarray:
+    from steerstore.operators.metrics import MetricsConfig, bertscore
+
+    return np.asarray(bertscore(outputs, references, MetricsConfig(bertscore_model=guard.drift_encoder)), np.float64)
+
+
+def _decoded_guard(runtime: ModelRuntime, prompts: list[str], unsteered: list[str], found: list[dict],
+                   vectors: np.ndarray, description: str, sources: list[str], layers: list[int],
+                   config: StyleVectorConfig, guard: ScaleConfig, reference: float | None) -> None:
+    """Add the decoded guards' sums to every candidate row of ``found`` (``validation_gains``), decoding all
+    candidates' answers to ``prompts`` in one batch: a vector row carries its vector at its layer only (zeros at
+    the others), an influence row decodes as serving does."""
+    from steerstore.operators.runtime import Influence
+    from steerstore.operators.serving import DEFAULT_INFLUENCE_PLAUSIBILITY, DEFAULT_INFLUENCE_TEMPERATURE
+
+    n, tokens = len(prompts), guard.fluency_tokens
+    vec = [c for c in found if c["source"] != "influence"]
+    inf = [c for c in found if c["source"] == "influence"]
+    rows = n * len(found)
+    order = vec + inf  # the batch's candidate order (rows k·n … k·n + n − 1)
+    per_layer = {l: np.zeros((rows, vectors.shape[-1]), np.float32) for l in layers}
+    scales = np.zeros(rows, np.float32)
+    for k, c in enumerate(vec):
+        per_layer[c["layer"]][k * n:(k + 1) * n] = vectors[sources.index(c["source"])][layers.index(c["layer"])]
+        scales[k * n:(k + 1) * n] = c["gamma"]
+    steer = Steering({l: torch.as_tensor(v) for l, v in per_layer.items()}, torch.as_tensor(scales),
+                     config.apply_positions) if vec else None
+    influence = Influence([None] * (len(vec) * n) + [description] * (len(inf) * n),
+                          lam=[0.0] * (len(vec) * n) + [c["gamma"] for c in inf for _ in range(n)],
+                          temperature=DEFAULT_INFLUENCE_TEMPERATURE, template=STYLE_TEMPLATE,
+                          plausibility=DEFAULT_INFLUENCE_PLAUSIBILITY) if inf else None
+    answers = runtime.generate(prompts * len(order), tokens, steer=steer, influence=influence)
+    lp, counts = runtime.response_logprobs(prompts * len(order), answers)
+    lp0, counts0 = runtime.response_logprobs(prompts, unsteered)
+    drift = 1.0 - _bertscore(answers, unsteered * len(order), guard) if reference is not None else None
+    for k, c in enumerate(order):
+        part = slice(k * n, (k + 1) * n)
+        c.update(answer_nll=float(-lp[part].sum()), answer_tokens=int(counts[part].sum()),
+                 unsteered_nll=float(-lp0.sum()), unsteered_tokens=int(counts0.sum()), decoded=n,
+                 drift=None if drift is None else float(drift[part].sum()), drift_reference=reference)
 
 
 def _candidate_gains(runtime: ModelRuntime, prompts: list[str], outputs: list[str], base: torch.Tensor,
@@ -197,7 +263,8 @@ def _candidate_gains(runtime: ModelRuntime, prompts: list[str], outputs: list[st
     return out
 
 
-def choose_recommended(calibration: Sequence[dict], condition: str = "plain") -> dict[str, dict]:
+def choose_recommended(calibration: Sequence[dict], condition: str = "plain",
+                       guard: ScaleConfig | None = None) -> dict[str, dict]:
     """Per source, the (layer, γ) with the highest pooled gain per token (ties: smaller γ, then layer), on the
     calibration rows of ``condition`` (plain prompt, or ``history``: on top of retrieved history).
 
@@ -205,27 +272,68 @@ def choose_recommended(calibration: Sequence[dict], condition: str = "plain") ->
     the history alone); when it is not, no candidate helped and the least harmful one is returned (the refresh
     job logs a warning). Influence decoding (source ``influence``) gets ``{"lambda": λ, ...}`` (ties: the
     smaller λ).
+
+    With a ``guard`` and rows that carry decoded answers (``validation_gains(guard=...)``), a candidate is only
+    chosen when its answers, pooled over users, pass the strengths' decoded guards (``ScaleConfig.passes``):
+    their perplexity under the unsteered model at most ``max_perplexity_ratio`` × the unsteered answers', and,
+    with the content guard, their content drift at most ``max_drift_ratio`` × the drift the history prompt
+    causes. When no candidate of a source passes, the one with its smallest γ (λ) and the best gain is kept and
+    ``passes_guards`` is False. The choice records the guard's figures and the largest strength that passed at
+    its layer (``gamma_max``; influence: the λ that passed, ``lambdas``), which caps the per-user
+    recommendation's candidates.
     """
     rows = [c for c in calibration if c.get("condition", "plain") == condition]
-    pooled: dict[tuple, list[float]] = {}
+    sums = ("gain", "tokens", "answer_nll", "answer_tokens", "unsteered_nll", "unsteered_tokens")
+    pooled: dict[tuple, dict] = {}
     for c in rows:
-        acc = pooled.setdefault((c["source"], c["layer"], c["gamma"]), [0.0, 0])
-        acc[0] += c["gain"]
-        acc[1] += c["tokens"]
+        acc = pooled.setdefault((c["source"], c["layer"], c["gamma"]),
+                                dict.fromkeys((*sums, "drift", "drift_reference", "drift_items"), 0.0) | {"guarded": True})
+        for k in sums:
+            acc[k] += c.get(k) or 0
+        acc["guarded"] &= c.get("answer_tokens") is not None
+        if c.get("drift") is not None:  # users without history to show have no reference: left out of the drift
+            acc["drift"] += c["drift"]
+            acc["drift_reference"] += c["drift_reference"]
+            acc["drift_items"] += c["decoded"]
     alone = pooled.pop(("none", -1, 0.0), None)  # the history condition: the history's own gain
-    floor = 0.0 if alone is None else alone[0] / max(alone[1], 1)
+    floor = 0.0 if alone is None else alone["gain"] / max(alone["tokens"], 1)
+    points: dict[str, list[dict]] = {}
+    for (source, layer, gamma), acc in sorted(pooled.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
+        point = {"layer": int(layer), "gamma": float(gamma), "gain_per_token": acc["gain"] / max(acc["tokens"], 1),
+                 "tokens": int(acc["tokens"])}
+        if guard is not None and acc["guarded"]:
+            point["perplexity_ratio"] = _ratio(acc)
+            if acc["drift_items"]:
+                point["content_drift"] = acc["drift"] / acc["drift_items"]
+                point["drift_limit"] = guard.max_drift_ratio * acc["drift_reference"] / acc["drift_items"]
+        points.setdefault(source, []).append(point)
     best: dict[str, dict] = {}
-    for (source, layer, gamma), (gain, tokens) in sorted(pooled.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
-        per_token = gain / max(tokens, 1)
-        if source not in best or per_token > best[source]["gain_per_token"]:
-            best[source] = {"layer": int(layer), "gamma": float(gamma), "gain_per_token": per_token, "tokens": tokens}
-    for choice in best.values():
+    for source, found in points.items():
+        kept = [p for p in found if guard is None or guard.passes({"nll_increase": 0.0, **p})]
+        pick = max(kept or [p for p in found if p["gamma"] == found[0]["gamma"]],  # none passed: the least steered
+                   key=lambda p: (p["gain_per_token"], -p["gamma"], -p["layer"]))
+        choice = dict(pick)
         # no (layer, γ) of the grid raised held-out likelihood: the least harmful is kept, and flagged
         choice["improves"] = choice["gain_per_token"] > floor
+        if "perplexity_ratio" in pick:
+            choice["passes_guards"] = bool(kept)
+            at_layer = [p["gamma"] for p in kept if p["layer"] == pick["layer"]]
+            choice["gamma_max"] = float(max(at_layer, default=pick["gamma"]))
+            if source == "influence":
+                choice["lambdas"] = sorted({p["gamma"] for p in kept} or {pick["gamma"]})
+        best[source] = choice
     if "influence" in best:
-        inf = best["influence"]
-        best["influence"] = {"lambda": inf["gamma"], **{k: inf[k] for k in ("gain_per_token", "tokens", "improves")}}
+        inf = best.pop("influence")
+        best["influence"] = {"lambda": inf.pop("gamma"), **{k: v for k, v in inf.items()
+                                                            if k not in ("layer", "gamma_max")}}
     return best
+
+
+def _ratio(acc: dict) -> float:
+    """The pooled steered answers' perplexity over the unsteered answers' (inf: a side decoded no tokens)."""
+    if not acc["answer_tokens"] or not acc["unsteered_tokens"]:
+        return math.inf
+    return math.exp(acc["answer_nll"] / acc["answer_tokens"] - acc["unsteered_nll"] / acc["unsteered_tokens"])
 
 
 class SteerXStyleVectors:
@@ -240,9 +348,11 @@ class SteerXStyleVectors:
     the reason.
     """
 
-    def __init__(self, config: SteerXConfig, model: ModelConfig, composed: HistoryContextConfig | None = None):
+    def __init__(self, config: SteerXConfig, model: ModelConfig, composed: HistoryContextConfig | None = None,
+                 guard: ScaleConfig | None = None):
         self.config = config
         self.composed = composed  # validation items are also scored on top of retrieved history, shown so
+        self.guard = guard  # validation items' candidates are also decoded for the strengths' guards
         self.runtime = ModelRuntime.shared(model)
         self.layers = config.vectors.resolve_layers(self.runtime.num_layers)
 
@@ -289,7 +399,8 @@ class SteerXStyleVectors:
             if user["validation"] is not None:
                 held = [h for h in user["validation"] if (h["output"] or "").strip()]
                 calibration = validation_gains(self.runtime, held, vectors, user_context(user["descriptions"] or []),
-                                               sources, self.layers, vc, user["histories"], self.composed)
+                                               sources, self.layers, vc, user["histories"], self.composed,
+                                               self.guard)
             rows.append(self._row(user, sources=sources, vectors=vectors.tolist(), n_items=len(items),
                                   calibration=calibration))
         return rows

@@ -63,7 +63,9 @@ def main(config: RefreshConfig) -> dict:
     connect(config.ray, min_cpus=cpus_needed(config.resources))
     if config.steerx.enabled and config.inputs.histories and config.steerx.smoothing.enabled:
         config.steerx.smoothing.check_engine()  # fail before any work when the engine cannot run
-    config.scale.check_content_guard()  # and when the content guard on strengths cannot score BERTScore
+    # and when the content guard on strengths (α; SteerX's γ and λ) cannot score BERTScore
+    config.scale.check_content_guard(bool(config.steerx.enabled and config.inputs.histories
+                                          and config.steerx.vectors.enabled))
     inputs = {"preference_pairs": config.inputs.preference_pairs}
     if config.inputs.histories:
         inputs["histories"] = config.inputs.histories

@@ -404,8 +404,8 @@ def _steerx(config: RefreshConfig, run: Run, sampler: Sampler, pool: Pool, gen: 
     styled = pool.first("calibration_styles", state, validation)
     curve = [c for r in styled.to_pylist() if r["status"] == "ok" for c in (r["calibration"] or [])]
     g["steerx_calibration"] = curve
-    g["steerx_recommended"] = choose_recommended(curve)
-    g["steerx_recommended_history"] = choose_recommended(curve, "history")
+    g["steerx_recommended"] = choose_recommended(curve, guard=config.scale)
+    g["steerx_recommended_history"] = choose_recommended(curve, "history", config.scale)
     g["steerx_calibrated"] = sorted(styled.column("user_id").to_pylist())
     for source, choice in g["steerx_recommended"].items():
         if choice["improves"]:

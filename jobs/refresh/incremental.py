@@ -132,8 +132,10 @@ def _digest(value) -> str:
 def family_settings(config, family: str, g: dict) -> str:
     """What a family's statistics and artifacts depend on besides data: its settings and the model(s)."""
     sections = {name: to_dict(getattr(config, name)) for name in FAMILY_SECTIONS[family]}
-    if family == "steerx":  # its calibration also scores on top of retrieved history, shown as scale.history_* say
-        sections["scale.history"] = [config.scale.history_items, config.scale.history_chars]
+    if family == "steerx":  # its calibration also scores on top of retrieved history, shown as scale.history_* say,
+        sc = config.scale    # under the strengths' decoded guards
+        sections["scale.history"] = [sc.history_items, sc.history_chars]
+        sections["scale.guards"] = [sc.fluency_tokens, sc.max_perplexity_ratio, sc.max_drift_ratio, sc.drift_encoder]
     sections["recommend.holdout"] = config.recommend.settings()  # the items held out of every family's inputs
     models = [g["model"]["model_fingerprint"]] + ([g.get("smoothing_fingerprint")] if family == "steerx" else [])
     return _digest([family, sections, to_dict(config.validate), to_dict(config.prepare), models])

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -53,6 +54,13 @@ def strengths(config, g: dict, scale_curves: dict) -> dict[str, rec.Strengths]:
         pick = chosen.get(source)
         return None if not pick else ([int(pick["layer"])], float(pick["gamma"]))
 
+    def style_max(chosen: dict) -> float:  # the largest γ whose decoded answers passed the guards (none: no cap)
+        return float((chosen.get(source) or {}).get("gamma_max", math.inf))
+
+    def kept_lambdas(chosen: dict) -> list[float]:  # the λ whose decoded answers passed the guards
+        passed = (chosen.get("influence") or {}).get("lambdas")
+        return lambdas if passed is None else [lam for lam in lambdas if lam in passed]
+
     def caps(curves: dict) -> dict[str, float]:  # per method: the largest α whose decoded answers passed the guards
         out = {}
         for m, found in curves.items():
@@ -63,14 +71,16 @@ def strengths(config, g: dict, scale_curves: dict) -> dict[str, rec.Strengths]:
             out[m] = float(max(kept, default=found["alpha"]))
         return out
 
-    out = {"plain": rec.Strengths(dict(g["scales"]), style(g.get("steerx_recommended") or {}), source, lambdas,
-                                  caps(scale_curves))}
+    plain = g.get("steerx_recommended") or {}
+    out = {"plain": rec.Strengths(dict(g["scales"]), style(plain), source, kept_lambdas(plain), caps(scale_curves),
+                                  style_max(plain))}
     if config.scale.composed is not None:
         history = scale_curves.get("history") or {}
         alpha = {m: float(history[m]["alpha"]) if isinstance(history.get(m), dict) and "alpha" in history[m]
                  else float(g["scales"][m]) for m in g["scales"]}
-        out["history"] = rec.Strengths(alpha, style(g.get("steerx_recommended_history") or {}), source, lambdas,
-                                       caps(history))
+        composed = g.get("steerx_recommended_history") or {}
+        out["history"] = rec.Strengths(alpha, style(composed), source, kept_lambdas(composed), caps(history),
+                                       style_max(composed))
     return out
 
 

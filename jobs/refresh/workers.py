@@ -250,7 +250,8 @@ class ModelWorker:
         return self._timed(stage, chunked, op, users, self.config.resources.caa_batch_size)
 
     def style_vectors(self, inputs: pa.Table, stage: str = "sample") -> pa.Table:
-        op = self._op("styles", lambda: SteerXStyleVectors(self.config.steerx, self.model, self.config.scale.composed))
+        op = self._op("styles", lambda: SteerXStyleVectors(self.config.steerx, self.model, self.config.scale.composed,
+                                                           self.config.scale))
         return self._timed(stage, chunked, op, inputs, self.config.resources.caa_batch_size)
 
     def describe(self, users: pa.Table, stage: str = "generate") -> pa.Table:
