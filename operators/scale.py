@@ -46,8 +46,8 @@ class ScaleConfig:
         0.5, help="largest allowed rise in per-token NLL of chosen responses (nats), a fluency guard")
     seed: int = option(0, help="seed of the pair sample")
     fluency_tokens: int = option(
-        32, help="decoded fluency guard: tokens decoded greedily for each sampled pair's prompt at each α "
-                 "(0: off, the teacher-forced guard only)")
+        32, help="decoded fluency guard: tokens decoded greedily for each sampled pair's prompt at each α, and for "
+                 "each SteerX calibration item at each γ and λ (0: off, the teacher-forced guard only)")
     max_perplexity_ratio: float = option(
         1.5, help="decoded fluency guard: an α whose greedy answers' perplexity under the unsteered model (given the "
                   "same prompt) exceeds this multiple of the unsteered answers' is not chosen (the eval's 1.5× rule)")

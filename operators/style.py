@@ -12,9 +12,10 @@ each averaged over items; ``blend`` mixes the two. ``history`` is the StyleVecto
 most recent ``validation_items`` are held out, its anchors, description S and vectors are
 computed from the rest, and the held-out items' real responses are scored under them, γ·v
 added at one layer (or influence decoding's distribution with S at λ, teacher-forced). The
-(layer, γ) and the λ with the highest log-likelihood gain per token over the plain prompt win
-(a vector that breaks fluency lowers it); the same is done again on top of retrieved history
-(the composed condition). Stage 5, influence decoding with S, is
+(layer, γ) and the λ with the highest log-likelihood gain per token over the plain prompt win among
+those whose greedy answers pass the strengths' decoded guards (``scale.*``: perplexity and content drift,
+as for α; a strong γ can raise a real text's likelihood and still make the model write worse); the
+same is done again on top of retrieved history (the composed condition). Stage 5, influence decoding with S, is
 ``ModelRuntime.generate(influence=...)``; its with-context prompt is ``STYLE_TEMPLATE`` as here.
 Stages 1–2 (anchors) are ``operators/steerx.py``, stage 3 (descriptions) ``operators/smoothing.py``.
 """

@@ -118,23 +118,24 @@ def test_style_and_influence_candidates_stop_where_their_decoded_answers_failed_
     from steerstore.operators.scale import ScaleConfig
 
     config = SimpleNamespace(scale=ScaleConfig(), steerx=SimpleNamespace(vectors=SimpleNamespace(
-        source="blend", lambda_grid=[0.0, 1.0, 2.0])))
-    guarded = {"blend": {"layer": 1, "gamma": 0.5, "gamma_max": 0.5}, "influence": {"lambda": 0.0, "lambdas": [0.0, 1.0]}}
+        source="blend", lambda_grid=[0.0, 1.1, 2.0])))
+    guarded = {"blend": {"layer": 1, "gamma": 0.5, "gamma_max": 0.5},
+               "influence": {"lambda": 0.0, "lambdas": [0.0, float(np.float32(1.1))]}}  # as read back from Parquet
     g = {"scales": {}, "steerx_active": True, "steerx_recommended": guarded,
          "steerx_recommended_history": {"blend": {"layer": 1, "gamma": 1.0}, "influence": {"lambda": 2.0}}}
     s = strengths(config, g, {})
-    assert (s["plain"].style_max, s["plain"].lambdas) == (0.5, [0.0, 1.0])
-    assert (s["history"].style_max, s["history"].lambdas) == (np.inf, [0.0, 1.0, 2.0])
+    assert (s["plain"].style_max, s["plain"].lambdas) == (0.5, [0.0, 1.1])
+    assert (s["history"].style_max, s["history"].lambdas) == (np.inf, [0.0, 1.1, 2.0])
     rng = np.random.default_rng(0)
     style = UserVectors("u", [1], rng.normal(size=(1, 4)).astype(np.float32), [1], 1.0, "all", "m", "fp", 3)
     art = UserArtifacts("u", "found", style_vectors={"blend": style}, steerx={"context": "Short and dry."})
     cands = rec.candidates(art, s, rec.RecommendConfig(multipliers=[0.5, 1.0, 2.0],
                                                        methods=["style_vector", "influence"]))
     offered = sorted((c.condition, c.method, c.scale) for c in cands if c.method != "none")
-    assert offered == [("history", "influence", 0.0), ("history", "influence", 1.0), ("history", "influence", 2.0),
+    assert offered == [("history", "influence", 0.0), ("history", "influence", 1.1), ("history", "influence", 2.0),
                        ("history", "style_vector", 0.5), ("history", "style_vector", 1.0),
                        ("history", "style_vector", 2.0),
-                       ("plain", "influence", 0.0), ("plain", "influence", 1.0),
+                       ("plain", "influence", 0.0), ("plain", "influence", 1.1),
                        ("plain", "style_vector", 0.25), ("plain", "style_vector", 0.5)]
 
 

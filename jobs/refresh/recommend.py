@@ -59,7 +59,9 @@ def strengths(config, g: dict, scale_curves: dict) -> dict[str, rec.Strengths]:
 
     def kept_lambdas(chosen: dict) -> list[float]:  # the λ whose decoded answers passed the guards
         passed = (chosen.get("influence") or {}).get("lambdas")
-        return lambdas if passed is None else [lam for lam in lambdas if lam in passed]
+        # (the calibration's λ went through float32 Parquet columns: compared with a tolerance)
+        return lambdas if passed is None else [lam for lam in lambdas if any(math.isclose(lam, p, rel_tol=1e-6)
+                                                                            for p in passed)]
 
     def caps(curves: dict) -> dict[str, float]:  # per method: the largest α whose decoded answers passed the guards
         out = {}
