@@ -407,6 +407,14 @@ def _steerx(config: RefreshConfig, run: Run, sampler: Sampler, pool: Pool, gen: 
     g["steerx_recommended"] = choose_recommended(curve, guard=config.scale)
     g["steerx_recommended_history"] = choose_recommended(curve, "history", config.scale)
     g["steerx_calibrated"] = sorted(styled.column("user_id").to_pylist())
+    for condition, chosen in (("plain prompt", g["steerx_recommended"]),
+                              ("history prompt", g["steerx_recommended_history"])):
+        for source, choice in chosen.items():
+            if choice.get("passes_guards") is False:
+                log.warning("steerx %s on the %s: no %s passed the decoded fluency and content guards (scale.*); the "
+                            "smallest is kept (perplexity ×%.2f, content drift %.2f against a limit of %s)", source,
+                            condition, "λ" if source == "influence" else "layer and γ", choice["perplexity_ratio"],
+                            choice.get("content_drift", float("nan")), choice.get("drift_limit", "none"))
     for source, choice in g["steerx_recommended"].items():
         if choice["improves"]:
             continue
