@@ -347,3 +347,26 @@ def test_the_runtime_benchmark_measures_every_pass_on_a_tiny_shape(tmp_path):
 
     assert bench.forward_flops(rt, [Encoded(list(range(10)), 5)], 0) == expected
     assert json.loads((tmp_path / "out.json").read_text())["shape"] == "tiny"
+
+
+def test_steering_gradients_are_the_derivative_of_each_rows_mean_log_probability(tiny_runtime):
+    """Each row's gradient at each layer against central differences of the runtime's own steered scoring (a vector
+    added from the last prompt token on, as at ``response`` positions), rows of different lengths in one batch."""
+    rt = tiny_runtime
+    grads = rt.steering_gradients(PROMPTS, RESPONSES, [1, 2])
+    assert grads.shape == (3, 2, rt.hidden_size) and torch.isfinite(grads).all()
+    g = torch.Generator().manual_seed(3)
+    eps = 1e-2
+    for i in range(3):
+        _, n = rt.response_logprobs([PROMPTS[i]], [RESPONSES[i]])
+        for j, layer in enumerate((1, 2)):
+            u = torch.randn(rt.hidden_size, generator=g)
+            u /= u.norm()
+            f = [float(rt.response_logprobs([PROMPTS[i]], [RESPONSES[i]],
+                                            Steering({layer: (s * u)[None]}, torch.ones(1), "response"))[0][0]) / int(n)
+                 for s in (eps, -eps)]
+            assert float(grads[i, j] @ u) == pytest.approx((f[0] - f[1]) / (2 * eps), rel=2e-2, abs=1e-4), (i, layer)
+    alone = rt.steering_gradients(PROMPTS[1:2], RESPONSES[1:2], [2])
+    torch.testing.assert_close(alone[0, 0], grads[1, 1], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="empty response"):
+        rt.steering_gradients(["Hi"], [""], [1])

@@ -35,6 +35,9 @@ _REGISTRY: dict[str, tuple[str, str, str]] = {
     "cost": ("cost", "BenchCostConfig",
              "model work per typical user, counted per stage with hooks on the decoder blocks (forward-token-"
              "equivalents), and at a model shape (--shape llama-3.1-8b) FLOPs, GPU-seconds and users per GPU-hour"),
+    "directions": ("directions", "BenchDirectionsConfig",
+                   "per-user steering directions (CAA's mean difference, the training margins' gradient, controls) "
+                   "scored on an evaluation's held-out own-vs-other pairs"),
     "pref-accuracy": ("pref_accuracy", "PrefEvalConfig",
                       "per-user preference accuracy of population / CAA / BT steering on held-out real pairs"),
 }

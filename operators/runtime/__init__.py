@@ -223,6 +223,10 @@ class ModelRuntime:
         """Exact single-head ablations, batched: (base (seqs,), ablated (len(heads), seqs)) NLL sums."""
         return ablation.ablation_nll(self, encoded, heads)
 
+    def steering_gradients(self, prompts: Sequence[str], responses: Sequence[str], layers: Sequence[int]) -> torch.Tensor:
+        """∂(mean log-probability per response token)/∂(a vector added at each layer from the response on), per row."""
+        return ablation.steering_gradients(self, prompts, responses, layers)
+
     def head_attribution(self, encoded: Sequence[Encoded], groups: Sequence[int], n_groups: int) -> torch.Tensor:
         """∂(mean NLL per token of each group's responses)/∂(head gate) at gates = 1: (n_groups, layers, heads)."""
         return ablation.head_attribution(self, encoded, groups, n_groups)
