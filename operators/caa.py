@@ -17,6 +17,7 @@ how strongly the choice was made, e.g. a rating gap. A user's weights are scaled
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +33,7 @@ CAA_OUTPUT_SCHEMA = pa.schema(list(VECTORS_SCHEMA) + [
     pa.field("bt_features", pa.list_(pa.list_(pa.float32()))),  # (pairs, k) when a basis is given
     pa.field("bt_weights", pa.list_(pa.float32())),  # (pairs,)
 ])
+Direction = Literal["mean_difference", "margin_gradient"]
 PARTIALS_SCHEMA = pa.schema([("n", pa.int64()), ("weight", pa.float64()), ("layers", pa.list_(pa.int32())),
                              ("sums", pa.list_(pa.list_(pa.float64())))])
 
@@ -49,10 +51,18 @@ class CAAConfig:
     position: Position = option("mean", help="activation per response: mean over its tokens, or its last token")
     apply_positions: SteerPositions = option(
         "response", help="where serving adds the vector: response (last prompt token onwards) or all positions")
+    direction: Direction = option(
+        "mean_difference", help="what each pair contributes: its activation difference (mean_difference, CAA) or "
+                                "margin_gradient: the gradient of its mean log p(chosen) − mean log p(rejected) with "
+                                "respect to the served vector, scaled to the activation difference's norm (a backward "
+                                "pass per sequence; see docs/methods/caa-bt.md)")
 
     def __post_init__(self) -> None:
         check(all(l >= 0 for l in self.layers), "caa.layers must be >= 0")
         check(self.shrinkage >= 0, "caa.shrinkage must be >= 0")
+        check(self.direction == "mean_difference" or self.apply_positions == "response",
+              "caa.direction=margin_gradient is the gradient of a vector served from the response on: it needs "
+              "caa.apply_positions=response")
         check(set(self.recommended_layers) <= set(self.layers) or not self.layers,
               "caa.recommended_layers must be a subset of caa.layers")
 
@@ -69,12 +79,36 @@ class CAAConfig:
 
 
 def pair_differences(runtime: ModelRuntime, pairs: list[dict], layers: list[int],
-                     position: Position) -> np.ndarray:
-    """h(prompt ⊕ chosen) − h(prompt ⊕ rejected) per pair: float32 (pairs, len(layers), hidden)."""
+                     position: Position, direction: Direction = "mean_difference") -> np.ndarray:
+    """What each pair says about the preferred direction: float32 (pairs, len(layers), hidden).
+
+    ``mean_difference`` (CAA): h(prompt ⊕ chosen) − h(prompt ⊕ rejected). ``margin_gradient``: the gradient of
+    the pair's margin, mean log p(chosen) − mean log p(rejected) per token, with respect to a vector added at the
+    layer from the response on (``margin_gradients``), rescaled per layer to the norm of the activation difference
+    (so strengths keep CAA's scale). Everything downstream (user means, shrinkage, the population, BT) is the same.
+    """
     prompts = [p["prompt"] for p in pairs]
     acts = runtime.activations(prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
                                layers, position)
-    return (acts[: len(pairs)] - acts[len(pairs):]).numpy()
+    d = (acts[: len(pairs)] - acts[len(pairs):]).numpy()
+    if direction == "mean_difference":
+        return d
+    return scaled_to(margin_gradients(runtime, pairs, layers), d)
+
+
+def scaled_to(g: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """``g`` rescaled along its last axis to the norms of ``d`` (float32)."""
+    scale = np.linalg.norm(d, axis=-1, keepdims=True) / np.maximum(np.linalg.norm(g, axis=-1, keepdims=True), 1e-12)
+    return (g * scale).astype(np.float32)
+
+
+def margin_gradients(runtime: ModelRuntime, pairs: list[dict], layers: list[int]) -> np.ndarray:
+    """Per pair and layer: ∂[mean log p(chosen) − mean log p(rejected)]/∂v, v added at the layer from the response
+    on (as a vector applied at ``response`` positions is served): float32 (pairs, len(layers), hidden)."""
+    prompts = [p["prompt"] for p in pairs]
+    g = runtime.steering_gradients(prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
+                                   layers)
+    return (g[: len(pairs)] - g[len(pairs):]).numpy()
 
 
 def pair_weights(pairs: list[dict]) -> np.ndarray:
@@ -116,7 +150,7 @@ class CAAVectors:
 
     def _compute(self, users: list[dict]) -> list[dict]:
         pairs = [p for u in users for p in u["pairs"]]
-        diffs = pair_differences(self.runtime, pairs, self.layers, self.config.position)
+        diffs = pair_differences(self.runtime, pairs, self.layers, self.config.position, self.config.direction)
         rows, start = [], 0
         for user in users:
             n = len(user["pairs"])

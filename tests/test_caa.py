@@ -161,3 +161,9 @@ def test_the_population_direction_without_a_pair_is_the_weighted_mean_of_the_oth
     np.testing.assert_allclose(without, np.einsum("n,nlh->lh", w[keep], d[keep]) / w[keep].sum(), rtol=1e-5, atol=1e-6)
     # the only pair of the sample left out: nothing remains, the direction stays
     np.testing.assert_allclose(population_without(population, 2.0, {"weight": 2.0, "difference": d[2]}), population)
+
+
+def test_a_margin_gradient_direction_is_served_from_the_response_on():
+    with pytest.raises(ValueError, match="caa.apply_positions=response"):
+        CAAConfig(direction="margin_gradient", apply_positions="all")
+    CAAConfig(direction="margin_gradient")

@@ -20,24 +20,34 @@ def _pairs(user, other, tag=None):
 
 def test_the_directions_are_the_documented_estimators_and_the_shares_count_raised_margins(tiny_model_folder,
                                                                                            tmp_path):
-    from steerstore.jobs.bench.directions import BenchDirectionsConfig, directions, main, margin_gradients
-    from steerstore.operators.caa import pair_differences
+    from steerstore.jobs.bench.directions import BenchDirectionsConfig, directions, main
+    from steerstore.operators.caa import margin_gradients, pair_differences
     from steerstore.operators.runtime import ModelConfig, ModelRuntime
 
     rt = ModelRuntime(ModelConfig(name_or_path=str(tiny_model_folder)))
     train = {"ann": _pairs("ann", "ben")[:2], "ben": _pairs("ben", "ann")[:2]}
     found = directions(rt, train, 1, kappa=2.0, seed=0)
     d = {u: pair_differences(rt, train[u], [1], "mean")[:, 0] for u in train}
-    g = {u: margin_gradients(rt, train[u], 1) for u in train}
+    g = {u: margin_gradients(rt, train[u], [1])[:, 0] for u in train}
     pop_d = np.concatenate(list(d.values())).mean(0)
     caa = (d["ann"].sum(0) + 2.0 * pop_d) / (2 + 2.0)  # κ = 2 pseudo-pairs of the population
     np.testing.assert_allclose(found["caa"]["ann"], caa, rtol=1e-4, atol=1e-5)
     grad = g["ann"].sum(0)
-    np.testing.assert_allclose(found["margin_gradient"]["ann"], grad / np.linalg.norm(grad) * np.linalg.norm(caa),
+    np.testing.assert_allclose(found["margin_gradient_sum"]["ann"], grad / np.linalg.norm(grad) * np.linalg.norm(caa),
                                rtol=1e-4, atol=1e-5)
-    pop_g = np.concatenate(list(g.values())).mean(0)
+    # the refresh's vector under caa.direction=margin_gradient: per pair the gradient at the activation difference's
+    # norm, the user's mean shrunk toward the population's (here compared in direction: every estimator is rescaled)
+    e = {u: pair_differences(rt, train[u], [1], "mean", "margin_gradient")[:, 0] for u in train}
+    for u in train:
+        np.testing.assert_allclose(np.linalg.norm(e[u], axis=-1), np.linalg.norm(d[u], axis=-1), rtol=1e-4)
+        cos = e[u] @ g[u].T / np.outer(np.linalg.norm(e[u], axis=-1), np.linalg.norm(g[u], axis=-1))
+        np.testing.assert_allclose(np.diag(cos), 1.0, atol=1e-5)
+    pop_e = np.concatenate(list(e.values())).mean(0)
+    want = (e["ann"].sum(0) + 2.0 * pop_e) / 4.0
+    got = found["caa_margin_gradient"]["ann"]
+    np.testing.assert_allclose(got / np.linalg.norm(got), want / np.linalg.norm(want), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(found["population_gradient"]["ben"] / np.linalg.norm(found["population_gradient"]["ben"]),
-                               pop_g / np.linalg.norm(pop_g), rtol=1e-4, atol=1e-5)
+                               pop_e / np.linalg.norm(pop_e), rtol=1e-4, atol=1e-5)
     # the gradient is the derivative of the training margin: a small step along it raises the summed margins
     eps = 1e-2
     prompts = [p["prompt"] for p in train["ann"]]
@@ -60,17 +70,17 @@ def test_the_directions_are_the_documented_estimators_and_the_shares_count_raise
     out = main(BenchDirectionsConfig(inputs=str(folder), layer=1, json=str(tmp_path / "fig.json"),
                                      model=ModelConfig(name_or_path=str(tiny_model_folder))))
     assert json.loads((tmp_path / "fig.json").read_text())["results"] == out["results"]
-    assert set(out["results"]) == {"caa", "margin_gradient", "margin_gradient_shrunk", "population_gradient", "random"}
+    assert set(out["results"]) == {"caa", "caa_margin_gradient", "margin_gradient_sum", "population_gradient", "random"}
     # each share is the hand-counted share of pairs whose steered margin rose
     prompts = [p["prompt"] for p in held]
-    vecs = np.stack([found["margin_gradient"][p["user_id"]] for p in held])
+    vecs = np.stack([found["caa_margin_gradient"][p["user_id"]] for p in held])
     base_c, _ = rt.response_logprobs(prompts, [p["chosen"] for p in held])
     base_r, _ = rt.response_logprobs(prompts, [p["rejected"] for p in held])
     steer = Steering({1: torch.as_tensor(vecs)}, torch.full((4,), 0.5), "response")
     c, _ = rt.response_logprobs(prompts, [p["chosen"] for p in held], steer)
     r, _ = rt.response_logprobs(prompts, [p["rejected"] for p in held], steer)
     raised = ((c - base_c) - (r - base_r)).numpy() > 0
-    row = out["results"]["margin_gradient"]
+    row = out["results"]["caa_margin_gradient"]
     assert row["all"]["share"] == pytest.approx(raised.mean(), abs=1e-4) and row["all"]["pairs"] == 4
     assert row["neutral"]["share"] == pytest.approx(raised[2:].mean(), abs=1e-4) and row["neutral"]["users"] == 2
     assert row["all"]["ci"][0] <= row["all"]["share"] <= row["all"]["ci"][1]

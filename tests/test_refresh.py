@@ -377,3 +377,28 @@ def test_composed_strengths_show_each_pairs_user_history_but_never_the_item_the_
     assert _composed_pairs(composed, [("u", 0), ("v", 0)], rows, pairs) == ([], [])
     assert _composed_scales(None, composed, [], [], methods, "response", None) == {
         "skipped": "no sampled pair's user has history items to show"}
+
+
+def test_margin_gradient_directions_are_stored_as_caa_vectors_are(ray_cluster, tmp_path, tiny_model_folder):
+    """caa.direction=margin_gradient: each pair contributes its margin's gradient at its activation difference's
+    norm, and the stored user vectors and population are the same weighted, shrunk means of those."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", alice_pairs() + bob_pairs())
+    cfg = config(tmp_path, tiny_model_folder, pairs, None, caa=dict(CAA, direction="margin_gradient"))
+    refresh.main(cfg)
+    reader = StoreReader(str(tmp_path / "store"))
+    stored = reader.vectors(["alice", "bob"])
+    rt = ModelRuntime(ModelConfig(name_or_path=str(tiny_model_folder)))
+    e_alice = pair_differences(rt, alice_pairs(), [1, 2], "mean", "margin_gradient").astype(np.float64)
+    e_bob = pair_differences(rt, bob_pairs(), [1, 2], "mean", "margin_gradient").astype(np.float64)
+    d_bob = pair_differences(rt, bob_pairs(), [1, 2], "mean")
+    np.testing.assert_allclose(np.linalg.norm(e_bob, axis=-1), np.linalg.norm(d_bob, axis=-1), rtol=1e-4)
+    w = np.asarray(ALICE_WEIGHTS)
+    own_alice = (w[:, None, None] * e_alice).sum(axis=0) / w.sum()
+    own_bob = e_bob.mean(axis=0)
+    population = (3 * own_alice + 2 * own_bob) / 5
+    np.testing.assert_allclose(stored["alice"].vectors, (3 * own_alice + 2 * population) / 5, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(stored["bob"].vectors, (2 * own_bob + 2 * population) / 4, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(reader.population().vectors, population, rtol=1e-4, atol=1e-5)
+    # not the activation differences' means
+    d_alice = pair_differences(rt, alice_pairs(), [1, 2], "mean").astype(np.float64)
+    assert np.abs((w[:, None, None] * d_alice).sum(axis=0) / w.sum() - own_alice).max() > 1e-3

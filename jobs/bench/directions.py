@@ -7,12 +7,14 @@ Per user, from its training pairs only, at one layer (``caa.recommended_layers``
 
 - ``caa``: the refresh's per-user CAA vector: the mean activation difference h(prompt ⊕ chosen) −
   h(prompt ⊕ rejected) over the response tokens, shrunk toward the population by ``caa.shrinkage`` pseudo-pairs
-  (``operators/caa.py``);
-- ``margin_gradient``: the direction that raises the user's training margins fastest. Per pair, the gradient of
-  mean log p(chosen) − mean log p(rejected) (per token) with respect to a vector added at that layer from the last
-  prompt token on, as the vector is served (``ModelRuntime.steering_gradients``), summed over the user's pairs;
-- ``margin_gradient_shrunk``: the same shrunk toward the population's mean gradient like CAA;
-- ``population_gradient``: the population's mean gradient, the same for every user (is the gain per-user?);
+  (``operators/caa.py``; pair weights are 1 here);
+- ``caa_margin_gradient``: the refresh's vector under ``caa.direction: margin_gradient``: each pair contributes the
+  gradient of its margin, mean log p(chosen) − mean log p(rejected) per token, with respect to a vector added at
+  that layer from the last prompt token on (as the vector is served), rescaled to the norm of its activation
+  difference; the user's mean is shrunk toward the population's like CAA;
+- ``margin_gradient_sum``: the plain sum of the user's pairs' gradients (no per-pair rescaling, no shrinkage);
+- ``population_gradient``: the population's mean of the rescaled gradients, the same for every user (is the
+  gain per-user?);
 - ``random``: a random direction per user (the null).
 
 Every direction except ``caa`` is rescaled to the norm of the user's CAA vector, so one α means the same
@@ -35,11 +37,11 @@ import torch
 from steerstore.infra import storage
 from steerstore.infra.config import check, option
 from steerstore.jobs.bench.common import write_figures
-from steerstore.operators.caa import CAAConfig, pair_differences, shrink
+from steerstore.operators.caa import CAAConfig, margin_gradients, pair_differences, scaled_to, shrink
 from steerstore.operators.metrics import bootstrap_ci
 from steerstore.operators.runtime import ModelConfig, ModelRuntime, Steering
 
-DIRECTIONS = ("caa", "margin_gradient", "margin_gradient_shrunk", "population_gradient", "random")
+DIRECTIONS = ("caa", "caa_margin_gradient", "margin_gradient_sum", "population_gradient", "random")
 
 
 @dataclass
@@ -61,26 +63,19 @@ def _read(folder: str, name: str) -> list[dict]:
     return [json.loads(line) for line in storage.read_text(storage.join(folder, name)).splitlines() if line.strip()]
 
 
-def margin_gradients(runtime: ModelRuntime, pairs: list[dict], layer: int) -> np.ndarray:
-    """Per pair: ∂[mean log p(chosen) − mean log p(rejected)]/∂v, v added at ``layer`` from the response on."""
-    prompts = [p["prompt"] for p in pairs]
-    g = runtime.steering_gradients(prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
-                                   [layer])[:, 0]
-    return (g[: len(pairs)] - g[len(pairs):]).numpy()
-
-
 def directions(runtime: ModelRuntime, train: dict[str, list[dict]], layer: int, kappa: float,
                seed: int) -> dict[str, dict[str, np.ndarray]]:
     """Each estimator's direction per user (see the module docstring), from the users' training pairs."""
     users = sorted(train)
     flat = [p for u in users for p in train[u]]
     d = pair_differences(runtime, flat, [layer], "mean")[:, 0]
-    g = margin_gradients(runtime, flat, layer)
+    g = margin_gradients(runtime, flat, [layer])[:, 0]
+    e = scaled_to(g, d)  # what each pair contributes under caa.direction: margin_gradient
     spans, start = {}, 0
     for u in users:
         spans[u] = slice(start, start + len(train[u]))
         start += len(train[u])
-    pop_d, pop_g = d.mean(0), g.mean(0)
+    pop_d, pop_e = d.mean(0), e.mean(0)
     rng = np.random.default_rng(seed)
     out: dict[str, dict[str, np.ndarray]] = {name: {} for name in DIRECTIONS}
     for u in users:
@@ -91,9 +86,9 @@ def directions(runtime: ModelRuntime, train: dict[str, list[dict]], layer: int, 
         def scaled(v: np.ndarray) -> np.ndarray:
             return (v / max(float(np.linalg.norm(v)), 1e-12) * norm).astype(np.float32)
         out["caa"][u] = caa.astype(np.float32)
-        out["margin_gradient"][u] = scaled(g[spans[u]].sum(0))
-        out["margin_gradient_shrunk"][u] = scaled(shrink(g[spans[u]].mean(0), n, pop_g, kappa))
-        out["population_gradient"][u] = scaled(pop_g)
+        out["caa_margin_gradient"][u] = scaled(shrink(e[spans[u]].mean(0), n, pop_e, kappa))
+        out["margin_gradient_sum"][u] = scaled(g[spans[u]].sum(0))
+        out["population_gradient"][u] = scaled(pop_e)
         out["random"][u] = scaled(rng.standard_normal(runtime.hidden_size))
     return out
 
@@ -156,4 +151,4 @@ def main(config: BenchDirectionsConfig) -> dict:
     return out
 
 
-__all__ = ["BenchDirectionsConfig", "DIRECTIONS", "directions", "main", "margin_gradients"]
+__all__ = ["BenchDirectionsConfig", "DIRECTIONS", "directions", "main"]

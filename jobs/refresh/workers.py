@@ -145,7 +145,8 @@ class ModelWorker:
         out = []
         for user in users.select(["user_id", "pairs", "content_fingerprint", "bucket"]).to_pylist():
             try:
-                d = pair_differences(self.runtime, user["pairs"], op.layers, self.config.caa.position)
+                d = pair_differences(self.runtime, user["pairs"], op.layers, self.config.caa.position,
+                                     self.config.caa.direction)
                 w = pair_weights(user["pairs"])
                 if w.sum() <= 0:
                     continue
