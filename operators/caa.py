@@ -91,6 +91,7 @@ def pair_differences(runtime: ModelRuntime, pairs: list[dict], layers: list[int]
     acts = runtime.activations(prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
                                layers, position)
     d = (acts[: len(pairs)] - acts[len(pairs):]).numpy()
+    del acts  # (the gradients below hold as much again)
     if direction == "mean_difference":
         return d
     return scaled_to(margin_gradients(runtime, pairs, layers), d)

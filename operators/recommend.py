@@ -137,7 +137,7 @@ class Strengths:
     lambdas: list[float]  # influence λ candidates
     alpha_max: dict[str, float] = field(default_factory=dict)  # caa | bt | population -> the largest α that kept
     # fluency (scale's decoded and teacher-forced guards); a candidate above it is not offered (absent: no cap)
-    style_max: float = math.inf  # the largest γ of the style vector that passed the decoded guards (as alpha_max)
+    style_max: float | None = None  # the largest γ of the style vector that passed the decoded guards (None: no cap)
 
 
 def candidates(art: UserArtifacts, strengths: dict[str, Strengths], config: RecommendConfig) -> list[Candidate]:
@@ -156,7 +156,7 @@ def candidates(art: UserArtifacts, strengths: dict[str, Strengths], config: Reco
             layers, gamma = s.style
             if all(l in style.layers for l in layers):
                 out += [Candidate(condition, "style_vector", s.source, m, gamma * m, list(layers), style)
-                        for m in config.multipliers if gamma * m <= s.style_max * (1 + 1e-9)]
+                        for m in config.multipliers if s.style_max is None or gamma * m <= s.style_max * (1 + 1e-9)]
         context = ((art.steerx or {}).get("context") or "").strip()
         if "influence" in wanted and context and s.lambdas:
             out += [Candidate(condition, "influence", None, None, float(lam), context=context) for lam in s.lambdas]

@@ -278,8 +278,9 @@ def choose_recommended(calibration: Sequence[dict], condition: str = "plain",
     chosen when its answers, pooled over users, pass the strengths' decoded guards (``ScaleConfig.passes``):
     their perplexity under the unsteered model at most ``max_perplexity_ratio`` × the unsteered answers', and,
     with the content guard, their content drift at most ``max_drift_ratio`` × the drift the history prompt
-    causes. When no candidate of a source passes, the one with its smallest γ (λ) and the best gain is kept and
-    ``passes_guards`` is False. The choice records the guard's figures and the largest strength that passed at
+    causes. When no candidate of a source passes, the one with its smallest γ and the best gain is kept (influence:
+    the λ nearest the guards, the larger of its perplexity and drift over their limits) and ``passes_guards`` is
+    False. The choice records the guard's figures and the largest strength that passed at
     its layer (``gamma_max``; influence: the λ that passed, ``lambdas``), which caps the per-user
     recommendation's candidates.
     """
@@ -311,8 +312,13 @@ def choose_recommended(calibration: Sequence[dict], condition: str = "plain",
     best: dict[str, dict] = {}
     for source, found in points.items():
         kept = [p for p in found if guard is None or guard.passes({"nll_increase": 0.0, **p})]
-        pick = max(kept or [p for p in found if p["gamma"] == found[0]["gamma"]],  # none passed: the least steered
-                   key=lambda p: (p["gain_per_token"], -p["gamma"], -p["layer"]))
+        if kept:
+            pick = max(kept, key=lambda p: (p["gain_per_token"], -p["gamma"], -p["layer"]))
+        elif source == "influence":  # none passed: the λ nearest the guards (λ 0 puts S in the prompt unfloored, so
+            pick = min(found, key=lambda p: (_violation(p, guard), p["gamma"]))  # the smallest is not the mildest)
+        else:  # none passed: the least steered, the smallest γ
+            pick = max([p for p in found if p["gamma"] == found[0]["gamma"]],
+                       key=lambda p: (p["gain_per_token"], -p["layer"]))
         choice = dict(pick)
         # no (layer, γ) of the grid raised held-out likelihood: the least harmful is kept, and flagged
         choice["improves"] = choice["gain_per_token"] > floor
@@ -320,14 +326,22 @@ def choose_recommended(calibration: Sequence[dict], condition: str = "plain",
             choice["passes_guards"] = bool(kept)
             at_layer = [p["gamma"] for p in kept if p["layer"] == pick["layer"]]
             choice["gamma_max"] = float(max(at_layer, default=pick["gamma"]))
-            if source == "influence":
-                choice["lambdas"] = sorted({p["gamma"] for p in kept} or {pick["gamma"]})
+            if source == "influence":  # the λ the recommendation may offer: none when none passed
+                choice["lambdas"] = sorted({p["gamma"] for p in kept})
         best[source] = choice
     if "influence" in best:
         inf = best.pop("influence")
         best["influence"] = {"lambda": inf.pop("gamma"), **{k: v for k, v in inf.items()
                                                             if k not in ("layer", "gamma_max")}}
     return best
+
+
+def _violation(point: dict, guard: ScaleConfig) -> float:
+    """How far a point is past the decoded guards: the larger of its perplexity and drift over their limits."""
+    over = point["perplexity_ratio"] / guard.max_perplexity_ratio
+    if "drift_limit" in point:
+        over = max(over, point["content_drift"] / max(point["drift_limit"], 1e-12))
+    return over
 
 
 def _ratio(acc: dict) -> float:

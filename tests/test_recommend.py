@@ -125,7 +125,7 @@ def test_style_and_influence_candidates_stop_where_their_decoded_answers_failed_
          "steerx_recommended_history": {"blend": {"layer": 1, "gamma": 1.0}, "influence": {"lambda": 2.0}}}
     s = strengths(config, g, {})
     assert (s["plain"].style_max, s["plain"].lambdas) == (0.5, [0.0, 1.1])
-    assert (s["history"].style_max, s["history"].lambdas) == (np.inf, [0.0, 1.1, 2.0])
+    assert (s["history"].style_max, s["history"].lambdas) == (None, [0.0, 1.1, 2.0])  # no cap (and JSON-safe)
     rng = np.random.default_rng(0)
     style = UserVectors("u", [1], rng.normal(size=(1, 4)).astype(np.float32), [1], 1.0, "all", "m", "fp", 3)
     art = UserArtifacts("u", "found", style_vectors={"blend": style}, steerx={"context": "Short and dry."})

@@ -54,8 +54,9 @@ def strengths(config, g: dict, scale_curves: dict) -> dict[str, rec.Strengths]:
         pick = chosen.get(source)
         return None if not pick else ([int(pick["layer"])], float(pick["gamma"]))
 
-    def style_max(chosen: dict) -> float:  # the largest γ whose decoded answers passed the guards (none: no cap)
-        return float((chosen.get(source) or {}).get("gamma_max", math.inf))
+    def style_max(chosen: dict) -> float | None:  # the largest γ whose decoded answers passed the guards (None: no cap)
+        cap = (chosen.get(source) or {}).get("gamma_max")
+        return None if cap is None else float(cap)
 
     def kept_lambdas(chosen: dict) -> list[float]:  # the λ whose decoded answers passed the guards
         passed = (chosen.get("influence") or {}).get("lambdas")
