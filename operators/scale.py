@@ -182,12 +182,17 @@ class Unsteered:
         return cls(answers, perplexity(runtime, prompts, answers))
 
 
-def content_drift(outputs: list[str], references: list[str], encoder: str) -> float:
-    """Mean content drift of ``outputs`` from ``references``: 1 − BERTScore F1 (the eval's scorer and measure; an
-    empty side scores F1 0)."""
+def content_drifts(outputs: list[str], references: list[str], encoder: str) -> np.ndarray:
+    """Per row, the content drift of ``outputs`` from ``references``: 1 − BERTScore F1 (the eval's scorer and measure;
+    an empty side scores F1 0), float64."""
     from steerstore.operators.metrics import MetricsConfig, bertscore
 
-    return float(np.mean(1.0 - bertscore(outputs, references, MetricsConfig(bertscore_model=encoder))))
+    return 1.0 - np.asarray(bertscore(outputs, references, MetricsConfig(bertscore_model=encoder)), np.float64)
+
+
+def content_drift(outputs: list[str], references: list[str], encoder: str) -> float:
+    """Mean content drift of ``outputs`` from ``references`` (``content_drifts``)."""
+    return float(np.mean(content_drifts(outputs, references, encoder)))
 
 
 def steered_answers(runtime: ModelRuntime, prompts: list[str], vectors: dict[int, np.ndarray], alphas: list[float],

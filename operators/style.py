@@ -33,6 +33,7 @@ import torch
 from steerstore.infra.config import check, option
 from steerstore.operators.history import HistoryContextConfig, retrieved_prompt
 from steerstore.operators.runtime import ModelConfig, ModelRuntime, Position, Steering, SteerPositions
+from steerstore.operators.scale import content_drifts
 from steerstore.operators.smoothing import user_context
 from steerstore.operators.validate import isolate_failures, require_columns
 
@@ -185,7 +186,7 @@ def validation_gains(runtime: ModelRuntime, items: Sequence[dict], vectors: np.n
     unsteered = {c: runtime.generate(prompts, guard.fluency_tokens) for c, prompts in conditions} if decode else {}
     reference = None  # what the history prompt moves the unsteered answers: the content guard's yardstick
     if decode and guard.drift_guard and "history" in unsteered:
-        reference = float(np.sum(1.0 - _bertscore(unsteered["history"], unsteered["plain"], guard)))
+        reference = float(content_drifts(unsteered["history"], unsteered["plain"], guard.drift_encoder).sum())
     out = []
     for condition, prompts in conditions:
         row = {"condition": condition, "tokens": total}
@@ -198,12 +199,6 @@ def validation_gains(runtime: ModelRuntime, items: Sequence[dict], vectors: np.n
                            layers, config, guard, reference)
         out += [{**row, **c} for c in found]
     return out
-
-
-def _bertscore(outputs: list[str], references: list[str], guard: ScaleConfig) -> np.ndarray:
-    from steerstore.operators.metrics import MetricsConfig, bertscore
-
-    return np.asarray(bertscore(outputs, references, MetricsConfig(bertscore_model=guard.drift_encoder)), np.float64)
 
 
 def _decoded_guard(runtime: ModelRuntime, prompts: list[str], unsteered: list[str], found: list[dict],
@@ -234,7 +229,7 @@ def _decoded_guard(runtime: ModelRuntime, prompts: list[str], unsteered: list[st
     answers = runtime.generate(prompts * len(order), tokens, steer=steer, influence=influence)
     lp, counts = runtime.response_logprobs(prompts * len(order), answers)
     lp0, counts0 = runtime.response_logprobs(prompts, unsteered)
-    drift = 1.0 - _bertscore(answers, unsteered * len(order), guard) if reference is not None else None
+    drift = content_drifts(answers, unsteered * len(order), guard.drift_encoder) if reference is not None else None
     for k, c in enumerate(order):
         part = slice(k * n, (k + 1) * n)
         c.update(answer_nll=float(-lp[part].sum()), answer_tokens=int(counts[part].sum()),

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Collection, Sequence
 import torch
 
 from .hooks import Head, Steering, check_heads, check_layers, gating_hooks
-from .scoring import response_nll
+from .scoring import encode_responses, response_nll
 from .text import Encoded
 
 if TYPE_CHECKING:
@@ -200,10 +200,7 @@ def steering_gradients(rt: ModelRuntime, prompts: Sequence[str], responses: Sequ
     mean log-probability when steered by α·u at layer l is α·⟨gradient, u⟩.
     """
     layers = check_layers(rt, layers)
-    encoded = rt.encode(prompts, responses)
-    empty = [i for i, e in enumerate(encoded) if len(e.ids) == e.prompt_len]
-    if empty:
-        raise ValueError(f"rows {empty[:5]} have an empty response: no log-probability to differentiate")
+    encoded = encode_responses(rt, prompts, responses, "no log-probability to differentiate")
     out = torch.empty((len(encoded), len(layers), rt.hidden_size), dtype=torch.float32)
     for batch in rt.micro_batches([len(e.ids) for e in encoded], budget=rt.config.max_backward_tokens):
         ids, mask, pos = rt.collate([encoded[i].ids for i in batch], "right")

@@ -44,10 +44,7 @@ def activations(rt: ModelRuntime, prompts: Sequence[str], responses: Sequence[st
     Forward passes stop after the deepest requested layer (no later blocks, no LM head).
     """
     layers = check_layers(rt, layers)
-    encoded = rt.encode(prompts, responses)
-    empty = [i for i, e in enumerate(encoded) if len(e.ids) == e.prompt_len]
-    if empty:
-        raise ValueError(f"rows {empty[:5]} have an empty response: nothing to capture")
+    encoded = encode_responses(rt, prompts, responses, "nothing to capture")
     out = torch.empty((len(encoded), len(layers), rt.hidden_size), dtype=torch.float32)
     deepest = max(layers)
     for batch in rt.micro_batches([len(e.ids) for e in encoded]):
@@ -83,6 +80,15 @@ def activations(rt: ModelRuntime, prompts: Sequence[str], responses: Sequence[st
         for j, l in enumerate(layers):
             out[batch, j] = captured[l].cpu()
     return out
+
+
+def encode_responses(rt: ModelRuntime, prompts: Sequence[str], responses: Sequence[str], why: str) -> list[Encoded]:
+    """``rt.encode``, refusing rows whose response has no token (``why``: what that row could not give)."""
+    encoded = rt.encode(prompts, responses)
+    empty = [i for i, e in enumerate(encoded) if len(e.ids) == e.prompt_len]
+    if empty:
+        raise ValueError(f"rows {empty[:5]} have an empty response: {why}")
+    return encoded
 
 
 @torch.inference_mode()
