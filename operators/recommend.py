@@ -19,6 +19,12 @@ plain prompt (the same measure the store's strengths were calibrated on; a stren
 lowers it, so the grid needs no separate guard beyond topping out at the largest multiplier of a strength
 that passed its own fluency guard).
 
+**DPS's γ is guarded where it is sampled.** The store's α (CAA, BT, population) and SteerX's γ and λ pass
+decoded guards where they are chosen; DPS's γ is the configured one. So the population's sample also decodes
+every DPS candidate as serving would (``decoded_guard``) and pools the answers' perplexity ratio and content drift
+over its users (``guard_figures``, the same ``scale.*`` guards); a multiplier that fails them in a condition is
+offered to no user there (``Strengths.dps_multipliers``) and cannot be the population's choice.
+
 **Shrinkage.** With T held-out tokens and prior strength κ (``recommend.prior_tokens``), the ranked value
 is ŝ(c) = w·g_user(c) + (1 − w)·g_pop(c), w = T / (T + κ), where g_pop is the population's gain per
 token for the same candidate, pooled over a seeded sample of users scored the same way (the refresh's
@@ -39,8 +45,9 @@ import pyarrow as pa
 from steerstore.infra.config import check, option
 from steerstore.infra.reader import UserArtifacts, UserVectors
 from steerstore.operators.history import HistoryContextConfig, retrieved_prompt
-from steerstore.operators.runtime import ModelRuntime
+from steerstore.operators.runtime import HeadContrast, ModelRuntime
 from steerstore.operators.runtime.hooks import Head
+from steerstore.operators.scale import ScaleConfig, content_drifts, pooled_perplexity_ratio
 from steerstore.operators.serving import vector_steering
 from steerstore.operators.style import style_prompt
 from steerstore.schemas.store import RECOMMENDED_SCHEMA
@@ -119,6 +126,7 @@ class Candidate:
     context: str | None = field(default=None, repr=False)  # influence: the style description S
     heads: list[Head] | None = field(default=None, repr=False)  # dps
     adaptive: bool = False
+    plausibility: float = 0.1  # dps: the stored plausibility floor β serving decodes with
 
     @property
     def key(self) -> str:
@@ -138,6 +146,8 @@ class Strengths:
     alpha_max: dict[str, float] = field(default_factory=dict)  # caa | bt | population -> the largest α that kept
     # fluency (scale's decoded and teacher-forced guards); a candidate above it is not offered (absent: no cap)
     style_max: float | None = None  # the largest γ of the style vector that passed the decoded guards (None: no cap)
+    dps_multipliers: list[float] | None = None  # the multiples of a user's DPS γ whose contrast-decoded answers
+    # passed the decoded guards on the population's sample (None: not guarded, every multiplier is offered)
 
 
 def candidates(art: UserArtifacts, strengths: dict[str, Strengths], config: RecommendConfig) -> list[Candidate]:
@@ -162,7 +172,9 @@ def candidates(art: UserArtifacts, strengths: dict[str, Strengths], config: Reco
             out += [Candidate(condition, "influence", None, None, float(lam), context=context) for lam in s.lambdas]
         if "dps" in wanted and art.dps is not None and art.dps.heads:
             out += [Candidate(condition, "dps", None, m, art.dps.gamma * m, heads=list(art.dps.heads),
-                              adaptive=art.dps.adaptive) for m in config.multipliers]
+                              adaptive=art.dps.adaptive, plausibility=art.dps.plausibility)
+                    for m in config.multipliers
+                    if s.dps_multipliers is None or any(math.isclose(m, p, rel_tol=1e-6) for p in s.dps_multipliers)]
     return out
 
 
@@ -259,6 +271,114 @@ def _two_branch(runtime, cases, condition, prompts, outputs, base, rows_of, gain
                 gains[u][k] += float((lp[n] - base[rows]).sum())
 
 
+# ---- the decoded guard on DPS's γ ----------------------------------------------------------------
+
+def decoded_guard(runtime: ModelRuntime, cases: Sequence[UserCase], composed: HistoryContextConfig | None,
+                  guard: ScaleConfig) -> dict[str, dict[str, dict]]:
+    """Per user: per DPS candidate key, the decoded guard's sums on the user's held-out inputs.
+
+    Every DPS candidate is decoded greedily for ``guard.fluency_tokens`` tokens as serving decodes it (differential
+    preference decoding at the candidate's γ, with the user's heads, adaptivity and plausibility floor), in its
+    condition's prompt (plain, or on top of retrieved history); so are the unsteered answers to the same prompts.
+    The sums: the candidate answers' NLL and tokens under the unsteered model given the prompt (``answer_*``), the
+    unsteered answers' own (``unsteered_*``), the items decoded, and, with the content guard
+    (``guard.drift_guard``), the answers' summed content drift from the unsteered answers (``drift``) and the user's
+    reference, the drift that showing the retrieved history causes to the plain prompt's unsteered answers
+    (``drift_reference``, summed over the same items). The same guards as the strengths' α, γ and λ
+    (``ScaleConfig``); ``guard_figures`` pools them over users.
+    """
+    tokens = guard.fluency_tokens
+    plain_rows: list[tuple[int, int, str, str]] = []  # (user, item, condition, prompt) of the unsteered answers
+    steered: list[tuple[int, int, Candidate]] = []  # (user, item, candidate)
+    for u, case in enumerate(cases):
+        dps = [c for c in case.candidates if c.method == "dps" and (c.condition == "plain" or composed is not None)]
+        if not dps:
+            continue
+        for j, item in enumerate(case.held):
+            plain_rows.append((u, j, "plain", item["input"]))
+            if composed is not None:
+                plain_rows.append((u, j, "history", _history(case.train, item["input"], composed)))
+            steered += [(u, j, c) for c in dps]
+    if not steered:
+        return {}
+    prompt_of = {(u, j, cond): p for u, j, cond, p in plain_rows}
+    unsteered = dict(zip([(u, j, cond) for u, j, cond, _ in plain_rows],
+                         runtime.generate([p for *_, p in plain_rows], tokens)))
+    answers: list[str | None] = [None] * len(steered)
+    for setting in sorted({(c.adaptive, c.plausibility) for _, _, c in steered}):  # one decode per serving setting
+        idx = [i for i, (_, _, c) in enumerate(steered) if (c.adaptive, c.plausibility) == setting]
+        contrast = HeadContrast([steered[i][2].heads for i in idx], gamma=[steered[i][2].scale for i in idx],
+                                adaptive=setting[0], plausibility=setting[1])
+        for i, text in zip(idx, runtime.generate([prompt_of[(u, j, c.condition)] for u, j, c in
+                                                  (steered[i] for i in idx)], tokens, contrast=contrast)):
+            answers[i] = text
+    keys = [(u, j, c.condition) for u, j, c in steered]
+    lp, n = runtime.response_logprobs([prompt_of[k] for k in keys], answers)
+    lp0, n0 = runtime.response_logprobs([p for *_, p in plain_rows], [unsteered[(u, j, cond)] for u, j, cond, _ in
+                                                                       plain_rows])
+    own = {(u, j, cond): (-float(lp0[r]), int(n0[r])) for r, (u, j, cond, _) in enumerate(plain_rows)}
+    drift = reference = None
+    if guard.drift_guard and composed is not None:
+        drift = content_drifts(answers, [unsteered[k] for k in keys], guard.drift_encoder)
+        shown = [(u, j) for u, j, cond, p in plain_rows if cond == "history" and p != prompt_of[(u, j, "plain")]]
+        reference = dict(zip(shown, content_drifts([unsteered[(u, j, "history")] for u, j in shown],
+                                                   [unsteered[(u, j, "plain")] for u, j in shown],
+                                                   guard.drift_encoder)))
+    out: dict[str, dict[str, dict]] = {}
+    for i, (u, j, c) in enumerate(steered):
+        acc = out.setdefault(cases[u].user_id, {}).setdefault(c.key, {
+            "condition": c.condition, "multiplier": c.multiplier, "answer_nll": 0.0, "answer_tokens": 0,
+            "unsteered_nll": 0.0, "unsteered_tokens": 0, "decoded": 0, "drift": None, "drift_reference": None,
+            "drift_items": 0})
+        nll0, count0 = own[(u, j, c.condition)]
+        acc["answer_nll"] += -float(lp[i])
+        acc["answer_tokens"] += int(n[i])
+        acc["unsteered_nll"] += nll0
+        acc["unsteered_tokens"] += count0
+        acc["decoded"] += 1
+        if reference is not None and (u, j) in reference:  # an item without history to show has no reference
+            acc["drift"] = (acc["drift"] or 0.0) + float(drift[i])
+            acc["drift_reference"] = (acc["drift_reference"] or 0.0) + float(reference[(u, j)])
+            acc["drift_items"] += 1
+    return out
+
+
+def guard_figures(per_user: Sequence[dict[str, dict]], guard: ScaleConfig) -> dict[str, dict]:
+    """Per DPS candidate key: the decoded guard pooled over users (``decoded_guard``'s sums): the answers'
+    ``perplexity_ratio`` (their perplexity under the unsteered model over the unsteered answers'), their mean
+    ``content_drift`` and its ``drift_limit`` (``max_drift_ratio`` × the pooled reference) when the content guard
+    ran, and whether the key ``passes`` (``ScaleConfig.passes``)."""
+    sums = ("answer_nll", "answer_tokens", "unsteered_nll", "unsteered_tokens", "decoded", "drift_items")
+    pooled: dict[str, dict] = {}
+    for found in per_user:
+        for key, acc in (found or {}).items():
+            into = pooled.setdefault(key, {"condition": acc["condition"], "multiplier": acc["multiplier"],
+                                           **dict.fromkeys(sums, 0), "drift": 0.0, "drift_reference": 0.0})
+            for k in sums:
+                into[k] += acc[k]
+            if acc["drift"] is not None:
+                into["drift"] += acc["drift"]
+                into["drift_reference"] += acc["drift_reference"]
+    out = {}
+    for key, acc in sorted(pooled.items()):
+        point = {"condition": acc["condition"], "multiplier": acc["multiplier"],
+                 "perplexity_ratio": pooled_perplexity_ratio(acc), "decoded": int(acc["decoded"])}
+        if acc["drift_items"]:
+            point["content_drift"] = acc["drift"] / acc["drift_items"]
+            point["drift_limit"] = guard.max_drift_ratio * acc["drift_reference"] / acc["drift_items"]
+        point["passes"] = guard.passes({"nll_increase": 0.0, **point})
+        if not math.isfinite(point["perplexity_ratio"]):
+            point["perplexity_ratio"] = None  # a side decoded no tokens (failed; the manifest stays strict JSON)
+        out[key] = point
+    return out
+
+
+def passing_multipliers(figures: dict[str, dict], condition: str) -> list[float] | None:
+    """The DPS multipliers of ``condition`` that passed the decoded guard (None: the guard did not run there)."""
+    found = [f for f in figures.values() if f["condition"] == condition]
+    return None if not found else sorted(float(f["multiplier"]) for f in found if f["passes"])
+
+
 # ---- the choice -----------------------------------------------------------------------------------
 
 def pool(scored: Sequence[tuple[Sequence[str], Sequence[float], int]]) -> dict[str, list[float]]:
@@ -349,5 +469,6 @@ def table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=RECOMMENDED_SCHEMA)
 
 
-__all__ = ["CONDITIONS", "Candidate", "RecommendConfig", "Strengths", "UserCase", "candidates", "choose", "holdout",
-           "pool", "population_choice", "prior_per_token", "rows_for", "score", "table"]
+__all__ = ["CONDITIONS", "Candidate", "RecommendConfig", "Strengths", "UserCase", "candidates", "choose",
+           "decoded_guard", "guard_figures", "holdout", "passing_multipliers", "pool", "population_choice",
+           "prior_per_token", "rows_for", "score", "table"]

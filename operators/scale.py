@@ -46,8 +46,9 @@ class ScaleConfig:
         0.5, help="largest allowed rise in per-token NLL of chosen responses (nats), a fluency guard")
     seed: int = option(0, help="seed of the pair sample")
     fluency_tokens: int = option(
-        32, help="decoded fluency guard: tokens decoded greedily for each sampled pair's prompt at each α, and for "
-                 "each SteerX calibration item at each γ and λ (0: off, the teacher-forced guard only)")
+        32, help="decoded fluency guard: tokens decoded greedily for each sampled pair's prompt at each α, for "
+                 "each SteerX calibration item at each γ and λ, and for each recommendation sample user's held-out "
+                 "item at each DPS γ (0: off, the teacher-forced guard only)")
     max_perplexity_ratio: float = option(
         1.5, help="decoded fluency guard: an α whose greedy answers' perplexity under the unsteered model (given the "
                   "same prompt) exceeds this multiple of the unsteered answers' is not chosen (the eval's 1.5× rule)")
@@ -95,10 +96,10 @@ class ScaleConfig:
         """Whether the α chosen here are chosen on content drift too."""
         return self.enabled and self.drift_guard
 
-    def check_content_guard(self, style_calibrated: bool = False) -> None:
-        """Fail before any work when the content guard is on (for α, or for SteerX's γ and λ when
-        ``style_calibrated``) and BERTScore cannot run here."""
-        if not (self.content_guard or (style_calibrated and self.drift_guard)):
+    def check_content_guard(self, decoded: bool = False) -> None:
+        """Fail before any work when the content guard is on (for α, or, when ``decoded``, for SteerX's γ and λ or the
+        recommendation's DPS γ) and BERTScore cannot run here."""
+        if not (self.content_guard or (decoded and self.drift_guard)):
             return
         from steerstore.infra.extras import require
         from steerstore.operators.metrics import MetricResourceError, MetricsConfig, bertscore_encoder
@@ -180,6 +181,14 @@ class Unsteered:
     def decode(cls, runtime: ModelRuntime, prompts: list[str], tokens: int) -> "Unsteered":
         answers = runtime.generate(prompts, tokens)
         return cls(answers, perplexity(runtime, prompts, answers))
+
+
+def pooled_perplexity_ratio(acc: dict) -> float:
+    """Pooled decoded answers' perplexity over the unsteered answers', from summed ``answer_nll``, ``answer_tokens``,
+    ``unsteered_nll`` and ``unsteered_tokens`` (inf: a side decoded no tokens)."""
+    if not acc["answer_tokens"] or not acc["unsteered_tokens"]:
+        return math.inf
+    return math.exp(acc["answer_nll"] / acc["answer_tokens"] - acc["unsteered_nll"] / acc["unsteered_tokens"])
 
 
 def content_drifts(outputs: list[str], references: list[str], encoder: str) -> np.ndarray:

@@ -22,7 +22,6 @@ Stages 1–2 (anchors) are ``operators/steerx.py``, stage 3 (descriptions) ``ope
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Sequence
 
@@ -33,7 +32,7 @@ import torch
 from steerstore.infra.config import check, option
 from steerstore.operators.history import HistoryContextConfig, retrieved_prompt
 from steerstore.operators.runtime import ModelConfig, ModelRuntime, Position, Steering, SteerPositions
-from steerstore.operators.scale import content_drifts
+from steerstore.operators.scale import content_drifts, pooled_perplexity_ratio
 from steerstore.operators.smoothing import user_context
 from steerstore.operators.validate import isolate_failures, require_columns
 
@@ -299,7 +298,7 @@ def choose_recommended(calibration: Sequence[dict], condition: str = "plain",
         point = {"layer": int(layer), "gamma": float(gamma), "gain_per_token": acc["gain"] / max(acc["tokens"], 1),
                  "tokens": int(acc["tokens"])}
         if guard is not None and acc["guarded"]:
-            point["perplexity_ratio"] = _ratio(acc)
+            point["perplexity_ratio"] = pooled_perplexity_ratio(acc)
             if acc["drift_items"]:
                 point["content_drift"] = acc["drift"] / acc["drift_items"]
                 point["drift_limit"] = guard.max_drift_ratio * acc["drift_reference"] / acc["drift_items"]
@@ -337,13 +336,6 @@ def _violation(point: dict, guard: ScaleConfig) -> float:
     if "drift_limit" in point:
         over = max(over, point["content_drift"] / max(point["drift_limit"], 1e-12))
     return over
-
-
-def _ratio(acc: dict) -> float:
-    """The pooled steered answers' perplexity over the unsteered answers' (inf: a side decoded no tokens)."""
-    if not acc["answer_tokens"] or not acc["unsteered_tokens"]:
-        return math.inf
-    return math.exp(acc["answer_nll"] / acc["answer_tokens"] - acc["unsteered_nll"] / acc["unsteered_tokens"])
 
 
 class SteerXStyleVectors:

@@ -1,6 +1,8 @@
 """The per-user recommendation: the held-out split, the candidates' gains against plain references, the
 shrunk choice, and the refresh storing it (held-out items never reach a method's inputs)."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -183,6 +185,93 @@ def test_candidate_gains_equal_plain_references(runtime):
         assert gain == pytest.approx(ref, abs=2e-3), c
 
 
+def test_dps_guard_sums_equal_decoding_each_candidate_as_serving_does(runtime):
+    """Every DPS candidate's recorded answer NLL and tokens equal contrast-decoding its rows one by one (γ, heads,
+    adaptivity and plausibility floor as the stored row says) and scoring them under the unsteered model; the
+    unsteered sums are the unsteered answers' own; candidates of other methods are not decoded."""
+    from steerstore.operators.runtime import HeadContrast
+    from steerstore.operators.scale import ScaleConfig
+
+    rt = runtime
+    heads = [(1, 0), (2, 1)]
+    art = UserArtifacts("u", "found", dps=UserHeads("u", heads, "user", 1.5, True, 0.2, None, [], "fast", None, "fp"))
+    strengths = {"plain": rec.Strengths({}, None, "history", []), "history": rec.Strengths({}, None, "history", [])}
+    cands = rec.candidates(art, strengths, rec.RecommendConfig(multipliers=[0.5, 2.0], methods=["dps"]))
+    train = [item(0, "Cheerful words about zero!"), item(1, "More cheer about one!")]
+    held = [item(2, "Cheer for two!"), item(3, "And three, cheerfully.")]
+    composed = HistoryContextConfig(context_items=1, selection="bm25", context_chars=100)
+    guard = ScaleConfig(fluency_tokens=5, max_drift_ratio=0)  # no content guard: no encoder needed
+    found = rec.decoded_guard(rt, [rec.UserCase("u", held, train, cands)], composed, guard)["u"]
+    inputs = [h["input"] for h in held]
+    prompts = {"plain": inputs, "history": [retrieved_prompt(train, x, composed) for x in inputs]}
+    dps = [c for c in cands if c.method == "dps"]
+    assert sorted(found) == sorted(c.key for c in dps) and len(dps) == 4
+    for c in dps:
+        p = prompts[c.condition]
+        answers = [rt.generate([x], 5, contrast=HeadContrast([heads], gamma=1.5 * c.multiplier, adaptive=True,
+                                                             plausibility=0.2))[0] for x in p]
+        lp, n = rt.response_logprobs(p, answers)
+        plain = [rt.generate([x], 5)[0] for x in p]
+        lp0, n0 = rt.response_logprobs(p, plain)
+        got = found[c.key]
+        assert (got["condition"], got["multiplier"], got["decoded"]) == (c.condition, c.multiplier, 2)
+        assert got["answer_tokens"] == int(n.sum()) and got["unsteered_tokens"] == int(n0.sum())
+        assert got["answer_nll"] == pytest.approx(-float(lp.sum()), abs=1e-3)
+        assert got["unsteered_nll"] == pytest.approx(-float(lp0.sum()), abs=1e-3)
+        assert got["drift"] is None
+    # contrast decoding changed some answer (else the parity above says nothing about γ)
+    assert any(found[c.key]["answer_nll"] != pytest.approx(found[c.key]["unsteered_nll"], abs=1e-3) for c in dps)
+
+
+def test_dps_guard_pools_over_users_and_caps_the_offered_multipliers():
+    """The pooled figures: perplexity from summed NLL and tokens, drift against the pooled reference; a multiplier
+    failing either is offered to no user in that condition and is not the population's choice."""
+    from steerstore.jobs.refresh.recommend import _guard_dps, prior_from
+    from steerstore.operators.scale import ScaleConfig
+
+    guard = ScaleConfig(max_perplexity_ratio=1.5, max_drift_ratio=1.0)
+
+    def sums(cond, m, nll, nll0, drift, ref):
+        return {"condition": cond, "multiplier": m, "answer_nll": nll, "answer_tokens": 10, "unsteered_nll": nll0,
+                "unsteered_tokens": 10, "decoded": 1, "drift": drift, "drift_reference": ref,
+                "drift_items": 0 if drift is None else 1}
+
+    a = {"plain|dps||1": sums("plain", 1.0, 10.0, 10.0, 0.2, 0.4), "plain|dps||2": sums("plain", 2.0, 20.0, 10.0, 0.2, 0.4),
+         "history|dps||1": sums("history", 1.0, 10.0, 10.0, 0.6, 0.4)}
+    b = {"plain|dps||1": sums("plain", 1.0, 12.0, 10.0, None, None), "plain|dps||2": sums("plain", 2.0, 10.0, 10.0, 0.1, 0.3),
+         "history|dps||1": sums("history", 1.0, 10.0, 10.0, 0.3, 0.3)}
+    figures = rec.guard_figures([a, b], guard)
+    assert figures["plain|dps||1"]["perplexity_ratio"] == pytest.approx(math.exp(1.1 - 1.0))
+    assert figures["plain|dps||1"]["content_drift"] == pytest.approx(0.2)  # b has no reference: left out
+    assert figures["plain|dps||1"]["drift_limit"] == pytest.approx(0.4)
+    assert figures["plain|dps||2"]["perplexity_ratio"] == pytest.approx(math.exp(1.5 - 1.0))  # 1.65 > 1.5
+    assert figures["history|dps||1"]["content_drift"] == pytest.approx(0.45)
+    assert figures["history|dps||1"]["drift_limit"] == pytest.approx(0.35)
+    assert [k for k, f in figures.items() if f["passes"]] == ["plain|dps||1"]
+    assert rec.passing_multipliers(figures, "plain") == [1.0] and rec.passing_multipliers(figures, "history") == []
+    # the population: DPS at 2× has the best gain on the plain prompt but failed, so the choice is 1×
+    def cands(cond):
+        return [{"key": f"{cond}|none||", "condition": cond, "method": "none", "source": None, "multiplier": None,
+                 "scale": None}] + [{"key": f"{cond}|dps||{m:g}", "condition": cond, "method": "dps", "source": None,
+                                     "multiplier": m, "scale": m} for m in (1.0, 2.0)]
+    evidence = [{"user_id": u, "candidates": cands("plain") + cands("history")[:2],
+                 "gains": [0.0, 1.0, 5.0, 0.0, 9.0], "tokens": 10, "guard": sums_of} for u, sums_of in (("a", a), ("b", b))]
+    found = prior_from(evidence, guard)
+    assert found["population"]["plain"]["multiplier"] == 1.0 and found["population"]["history"]["method"] == "none"
+    assert prior_from(evidence)["population"]["plain"]["multiplier"] == 2.0  # unguarded
+    # the strengths: capped where the guard ran, untouched elsewhere
+    from types import SimpleNamespace
+    g = {"recommend_strengths": {c: rec.Strengths({}, None, "history", []) for c in ("plain", "history")}}
+    _guard_dps(SimpleNamespace(dps=SimpleNamespace(gamma=1.0)), g, {"plain|dps||1": figures["plain|dps||1"]})
+    assert g["recommend_strengths"]["plain"].dps_multipliers == [1.0]
+    assert g["recommend_strengths"]["history"].dps_multipliers is None
+    art = UserArtifacts("u", "found", dps=UserHeads("u", [(1, 0)], "user", 1.0, False, 0.1, None, [], "fast", None, "fp"))
+    offered = rec.candidates(art, g["recommend_strengths"], rec.RecommendConfig(multipliers=[0.5, 1.0, 2.0],
+                                                                                methods=["dps"]))
+    assert sorted((c.condition, c.multiplier) for c in offered if c.method == "dps") == [
+        ("history", 0.5), ("history", 1.0), ("history", 2.0), ("plain", 1.0)]
+
+
 # ---- the refresh ---------------------------------------------------------------------------------
 
 USERS = [f"user-{i}" for i in range(6)]
@@ -212,6 +301,17 @@ def test_the_refresh_stores_each_users_choice_and_the_held_out_items_reach_no_me
     manifest = store.read_manifest(version)
     entry = manifest["recommend"]
     assert entry["sample_users"] >= 1 and set(entry["population"]) == {"plain", "history"}
+    # the decoded guard on DPS's γ ran on the sample: every multiplier in both conditions, with the figures
+    guard = entry["dps_guard"]
+    assert sorted((f["condition"], f["multiplier"]) for f in guard.values()) == [
+        (c, m) for c in ("history", "plain") for m in (1.0, 2.0)]
+    for f in guard.values():
+        assert f["decoded"] >= 1 and {"perplexity_ratio", "content_drift", "drift_limit", "passes"} <= set(f)
+        assert f["passes"] == ((f["perplexity_ratio"] or math.inf) <= cfg.scale.max_perplexity_ratio
+                               and f["content_drift"] <= f["drift_limit"])
+    for condition in ("plain", "history"):
+        assert entry["strengths"][condition]["dps_multipliers"] == sorted(
+            f["multiplier"] for f in guard.values() if f["condition"] == condition and f["passes"])
     rows = store.read_table("recommended", version).to_pylist()
     by_user = {}
     for r in rows:
@@ -226,7 +326,10 @@ def test_the_refresh_stores_each_users_choice_and_the_held_out_items_reach_no_me
             else:
                 assert r["chosen_by"] == "user" and r["items"] == 1 and r["tokens"] > 0
                 methods = {c["method"] for c in r["candidates"]}
-                assert {"none", "caa", "population", "dps"} <= methods, methods
+                assert {"none", "caa", "population"} <= methods, methods
+                # DPS is offered at the multipliers that passed the decoded guard on the population's sample
+                passed = entry["strengths"][r["condition"]]["dps_multipliers"]
+                assert sorted(c["multiplier"] for c in r["candidates"] if c["method"] == "dps") == passed
                 best = max(r["candidates"], key=lambda c: c["shrunk"])
                 assert best["shrunk"] == pytest.approx(next(c["shrunk"] for c in r["candidates"]
                                                              if c["method"] == r["method"] and c["scale"] == pytest.approx(r["scale"] or 0.0)

@@ -63,9 +63,10 @@ def main(config: RefreshConfig) -> dict:
     connect(config.ray, min_cpus=cpus_needed(config.resources))
     if config.steerx.enabled and config.inputs.histories and config.steerx.smoothing.enabled:
         config.steerx.smoothing.check_engine()  # fail before any work when the engine cannot run
-    # and when the content guard on strengths (α; SteerX's γ and λ) cannot score BERTScore
-    config.scale.check_content_guard(bool(config.steerx.enabled and config.inputs.histories
-                                          and config.steerx.vectors.enabled))
+    # and when the content guard on strengths (α; SteerX's γ and λ; the recommendation's DPS γ) cannot score BERTScore
+    config.scale.check_content_guard(bool(config.inputs.histories and (
+        (config.steerx.enabled and config.steerx.vectors.enabled)
+        or (config.recommend.enabled and config.dps.enabled and "dps" in config.recommend.methods))))
     inputs = {"preference_pairs": config.inputs.preference_pairs}
     if config.inputs.histories:
         inputs["histories"] = config.inputs.histories

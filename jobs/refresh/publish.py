@@ -101,7 +101,8 @@ def _recommend_entry(config: RefreshConfig, g: dict) -> dict:
             "sample_tokens": info["tokens"], "prior_tokens": config.recommend.prior_tokens,
             "validation_items": config.recommend.validation_items, "min_items": config.recommend.min_items,
             "multipliers": list(config.recommend.multipliers),
-            "strengths": {c: vars(s) for c, s in (g.get("recommend_strengths") or {}).items()}}
+            "strengths": {c: vars(s) for c, s in (g.get("recommend_strengths") or {}).items()},
+            "dps_guard": info.get("guard") or {}}
 
 
 def report_uri(run: Run) -> str:

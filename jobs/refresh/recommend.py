@@ -157,8 +157,11 @@ def evidence(runtime: ModelRuntime, state: dict, config, g: dict) -> list[dict]:
     tables, _, _ = store_tables(state, config, g)
     cases = _cases(state, tables, g, config, sorted(state.get("held") or {}))
     scored = rec.score(runtime, cases, config.scale.composed)
+    guarded = (rec.decoded_guard(runtime, cases, config.scale.composed, config.scale)
+               if config.scale.fluency_tokens else {})
     return [{"user_id": c.user_id, "candidates": [_meta(k) for k in c.candidates], "gains": scored[c.user_id][0],
-             "tokens": scored[c.user_id][1]} for c in cases if c.user_id in scored]
+             "tokens": scored[c.user_id][1], "guard": guarded.get(c.user_id) or {}}
+            for c in cases if c.user_id in scored]
 
 
 def _meta(c: rec.Candidate) -> dict:
@@ -166,15 +169,19 @@ def _meta(c: rec.Candidate) -> dict:
             "multiplier": c.multiplier, "scale": c.scale}
 
 
-def prior_from(evidence_rows: list[dict]) -> dict:
-    """The population's gains per candidate key and its choice per condition, from the sample's evidence."""
+def prior_from(evidence_rows: list[dict], guard=None) -> dict:
+    """The population's gains per candidate key and its choice per condition, from the sample's evidence; with a
+    ``guard`` (``ScaleConfig``) and decoded DPS answers in the evidence, their pooled figures (``guard``), and a
+    DPS candidate that failed them is not the population's choice."""
     pooled = rec.pool([([c["key"] for c in e["candidates"]], e["gains"], e["tokens"]) for e in evidence_rows])
     meta: dict[str, rec.Candidate] = {}  # the first sampled user's strength per key (a DPS γ is the user's own)
     for c in (c for e in evidence_rows for c in e["candidates"]):
         meta.setdefault(c["key"], rec.Candidate(c["condition"], c["method"], c["source"], c["multiplier"], c["scale"]))
     per_token = rec.prior_per_token(pooled)
-    return {"pooled": pooled, "per_token": per_token, "population": rec.population_choice(meta, per_token),
-            "users": len(evidence_rows), "tokens": int(sum(e["tokens"] for e in evidence_rows))}
+    figures = rec.guard_figures([e.get("guard") or {} for e in evidence_rows], guard) if guard is not None else {}
+    eligible = {k: v for k, v in per_token.items() if figures.get(k, {}).get("passes", True)}
+    return {"pooled": pooled, "per_token": per_token, "population": rec.population_choice(meta, eligible),
+            "users": len(evidence_rows), "tokens": int(sum(e["tokens"] for e in evidence_rows)), "guard": figures}
 
 
 def compute_prior(config, run, sampler, pool, gen, g: dict, public) -> None:
@@ -194,14 +201,34 @@ def compute_prior(config, run, sampler, pool, gen, g: dict, public) -> None:
             state = gen.first("describe_shard", state)
             if config.steerx.vectors.enabled:
                 state = pool.first("description_pass", state)
-        found = prior_from(pool.first("recommend_evidence", state))
+        found = prior_from(pool.first("recommend_evidence", state), config.scale)
         g["recommend"].update(prior=found["per_token"], population=found["population"], users=found["users"],
-                              tokens=found["tokens"])
+                              tokens=found["tokens"], guard=found["guard"])
+        _guard_dps(config, g, found["guard"])
     g["recommend"]["id"] = content_digest([g["recommend"], to_dict(config.recommend),
                                            {c: vars(s) for c, s in g["recommend_strengths"].items()}])
     if not g["recommend"]["population"]:
         log.warning("recommend: no sampled user had held-out items to score (recommend.min_items=%d); users without "
                     "their own choice get none", config.recommend.min_items)
+
+
+def _guard_dps(config, g: dict, figures: dict[str, dict]) -> None:
+    """Offer each condition's DPS candidates only at the multipliers that passed the decoded guard (and say when the
+    store's own γ did not: serving's default DPS strength then breaks the guards there)."""
+    for condition, s in (g.get("recommend_strengths") or {}).items():
+        kept = rec.passing_multipliers(figures, condition)
+        if kept is None:
+            continue
+        s.dps_multipliers = kept
+        if not any(math.isclose(m, 1.0) for m in kept):
+            ratios = ", ".join(f"{f['multiplier']:g}×: perplexity {f['perplexity_ratio']:.2f}×"
+                               + (f", drift {f['content_drift']:.2f} (limit {f['drift_limit']:.2f})"
+                                  if "content_drift" in f else "")
+                               for f in figures.values() if f["condition"] == condition)
+            log.warning("recommend: DPS at the store's γ (dps.gamma=%g) failed the decoded guards %s (%s); the "
+                        "recommendation offers DPS there only at %s", config.dps.gamma,
+                        "on the plain prompt" if condition == "plain" else "on top of retrieved history", ratios,
+                        ", ".join(f"{m:g}×" for m in kept) or "no strength")
 
 
 def shard_pass(runtime: ModelRuntime, state: dict, config, g: dict) -> dict:
