@@ -88,13 +88,15 @@ def pair_differences(runtime: ModelRuntime, pairs: list[dict], layers: list[int]
     (so strengths keep CAA's scale). Everything downstream (user means, shrinkage, the population, BT) is the same.
     """
     prompts = [p["prompt"] for p in pairs]
-    acts = runtime.activations(prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
-                               layers, position)
-    d = (acts[: len(pairs)] - acts[len(pairs):]).numpy()
-    del acts  # (the gradients below hold as much again)
+    responses = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
     if direction == "mean_difference":
-        return d
-    return scaled_to(margin_gradients(runtime, pairs, layers), d)
+        acts = runtime.activations(prompts + prompts, responses, layers, position)
+        return (acts[: len(pairs)] - acts[len(pairs):]).numpy()
+    # the gradients' forward pass captures the activations too: the model runs once
+    g, acts = runtime.steering_gradients(prompts + prompts, responses, layers, capture=position)
+    d = (acts[: len(pairs)] - acts[len(pairs):]).numpy()
+    del acts
+    return scaled_to((g[: len(pairs)] - g[len(pairs):]).numpy(), d)
 
 
 def scaled_to(g: np.ndarray, d: np.ndarray) -> np.ndarray:

@@ -370,3 +370,8 @@ def test_steering_gradients_are_the_derivative_of_each_rows_mean_log_probability
     torch.testing.assert_close(alone[0, 0], grads[1, 1], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="empty response"):
         rt.steering_gradients(["Hi"], [""], [1])
+    # the same forward pass can capture the response activations too: equal to the activation pass, same gradients
+    for position in ("mean", "last"):
+        both, acts = rt.steering_gradients(PROMPTS, RESPONSES, [2, 1], capture=position)
+        torch.testing.assert_close(both, grads[:, [1, 0]], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(acts, rt.activations(PROMPTS, RESPONSES, [2, 1], position), rtol=1e-4, atol=1e-5)

@@ -223,9 +223,11 @@ class ModelRuntime:
         """Exact single-head ablations, batched: (base (seqs,), ablated (len(heads), seqs)) NLL sums."""
         return ablation.ablation_nll(self, encoded, heads)
 
-    def steering_gradients(self, prompts: Sequence[str], responses: Sequence[str], layers: Sequence[int]) -> torch.Tensor:
-        """∂(mean log-probability per response token)/∂(a vector added at each layer from the response on), per row."""
-        return ablation.steering_gradients(self, prompts, responses, layers)
+    def steering_gradients(self, prompts: Sequence[str], responses: Sequence[str], layers: Sequence[int],
+                           capture: Position | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """∂(mean log-probability per response token)/∂(a vector added at each layer from the response on), per row
+        (``capture``: and the response activations of the same forward pass, as ``activations`` gives them)."""
+        return ablation.steering_gradients(self, prompts, responses, layers, capture)
 
     def head_attribution(self, encoded: Sequence[Encoded], groups: Sequence[int], n_groups: int) -> torch.Tensor:
         """∂(mean NLL per token of each group's responses)/∂(head gate) at gates = 1: (n_groups, layers, heads)."""

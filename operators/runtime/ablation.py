@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Collection, Sequence
 import torch
 
 from .hooks import Head, Steering, check_heads, check_layers, gating_hooks
-from .scoring import encode_responses, response_nll
+from .scoring import Position, capturing, encode_responses, response_nll, response_weights
 from .text import Encoded
 
 if TYPE_CHECKING:
@@ -191,27 +191,36 @@ def head_attribution(rt: ModelRuntime, encoded: Sequence[Encoded], groups: Seque
 
 
 def steering_gradients(rt: ModelRuntime, prompts: Sequence[str], responses: Sequence[str],
-                       layers: Sequence[int]) -> torch.Tensor:
+                       layers: Sequence[int], capture: Position | None = None
+                       ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """∂(mean log-probability per response token)/∂v at v = 0, per row and layer: float32 (rows, len(layers), hidden).
 
     v is a vector added to the output of block l from each row's last prompt token on (where a vector applied at
     ``response`` positions is served), one per row and layer, so one forward and one backward pass per micro-batch
     (``model.max_backward_tokens``) give every row's gradient at every layer. The first-order change of a row's
     mean log-probability when steered by α·u at layer l is α·⟨gradient, u⟩.
+
+    With ``capture`` (``mean`` or ``last``), the same forward pass also returns the block-output activations over
+    each response, as ``activations(..., position=capture)`` gives them: (gradients, activations), so a caller
+    that needs both runs the model once.
     """
     layers = check_layers(rt, layers)
     encoded = encode_responses(rt, prompts, responses, "no log-probability to differentiate")
     out = torch.empty((len(encoded), len(layers), rt.hidden_size), dtype=torch.float32)
+    acts = torch.empty_like(out) if capture is not None else None
     for batch in rt.micro_batches([len(e.ids) for e in encoded], budget=rt.config.max_backward_tokens):
         ids, mask, pos = rt.collate([encoded[i].ids for i in batch], "right")
         starts = torch.as_tensor([encoded[i].prompt_len for i in batch])
         vectors = {l: torch.zeros((len(batch), rt.hidden_size), device=rt.device, requires_grad=True) for l in layers}
         steer = Steering(vectors, torch.ones(len(batch)), "response")
         with torch.enable_grad(), rt.steering(steer, starts - 1):
-            hidden = rt.forward(ids, mask, pos, base_only=True).last_hidden_state
+            with capturing(rt, layers, response_weights(pos, mask, starts.to(pos.device), capture)) as captured:
+                hidden = rt.forward(ids, mask, pos, base_only=True).last_hidden_state
             nll = response_nll(rt, hidden, ids, [encoded[i] for i in batch])
             counts = torch.as_tensor([len(encoded[i].ids) - encoded[i].prompt_len for i in batch]).to(nll)
             (-(nll / counts)).sum().backward()
         for j, l in enumerate(layers):
             out[batch, j] = vectors[l].grad.float().cpu()
-    return out
+            if acts is not None:
+                acts[batch, j] = captured[l].cpu()
+    return out if acts is None else (out, acts)

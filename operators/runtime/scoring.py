@@ -46,40 +46,59 @@ def activations(rt: ModelRuntime, prompts: Sequence[str], responses: Sequence[st
     layers = check_layers(rt, layers)
     encoded = encode_responses(rt, prompts, responses, "nothing to capture")
     out = torch.empty((len(encoded), len(layers), rt.hidden_size), dtype=torch.float32)
-    deepest = max(layers)
     for batch in rt.micro_batches([len(e.ids) for e in encoded]):
-        seqs = [encoded[i].ids for i in batch]
-        ids, mask, pos = rt.collate(seqs, padding_side)
-        # response token mask (batch, seq): positions >= prompt_len among real tokens
+        ids, mask, pos = rt.collate([encoded[i].ids for i in batch], padding_side)
         starts = torch.as_tensor([encoded[i].prompt_len for i in batch], device=rt.device)
-        resp = (pos >= starts[:, None]) & mask.bool()
-        if position == "last":
-            last = pos.masked_fill(~mask.bool(), -1).argmax(-1)  # column of each row's last real token
-            resp = torch.zeros_like(resp)
-            resp[torch.arange(len(batch)), last] = True
-        weights = resp.float() / resp.sum(-1, keepdim=True).float()  # (batch, seq)
-        captured: dict[int, torch.Tensor] = {}
-
-        def hook(layer_index):
-            def fn(_module, _inputs, output):
-                hidden = output[0] if isinstance(output, tuple) else output
-                # (batch, seq, hidden) x (batch, seq) -> (batch, hidden)
-                captured[layer_index] = torch.einsum("bsh,bs->bh", hidden.float(), weights)
-                if layer_index == deepest:
-                    raise _StopForward
-            return fn
-
-        handles = [rt.layers[l].register_forward_hook(hook(l)) for l in set(layers)]
         try:
-            rt.forward(ids, mask, pos, base_only=True)
+            with capturing(rt, layers, response_weights(pos, mask, starts, position), stop=True) as captured:
+                rt.forward(ids, mask, pos, base_only=True)
         except _StopForward:
             pass
-        finally:
-            for h in handles:
-                h.remove()
         for j, l in enumerate(layers):
             out[batch, j] = captured[l].cpu()
     return out
+
+
+def response_weights(pos: torch.Tensor, mask: torch.Tensor, starts: torch.Tensor,
+                     position: Position | None) -> torch.Tensor | None:
+    """(batch, seq) pooling weights over each row's response tokens (positions >= its prompt length among real
+    tokens): ``mean`` spreads 1 over them, ``last`` puts it on the last real token; None: no capture."""
+    if position is None:
+        return None
+    resp = (pos >= starts[:, None]) & mask.bool()
+    if position == "last":
+        last = pos.masked_fill(~mask.bool(), -1).argmax(-1)  # column of each row's last real token
+        resp = torch.zeros_like(resp)
+        resp[torch.arange(len(pos)), last] = True
+    return resp.float() / resp.sum(-1, keepdim=True).float()
+
+
+@contextlib.contextmanager
+def capturing(rt: ModelRuntime, layers: Sequence[int], weights: torch.Tensor | None, stop: bool = False):
+    """Hooks that pool each block output of ``layers`` with ``weights`` (batch, seq) into (batch, hidden), detached,
+    into the yielded dict; ``stop``: the forward pass ends after the deepest of them (``_StopForward``). None
+    weights: nothing captured."""
+    captured: dict[int, torch.Tensor] = {}
+    if weights is None:
+        yield captured
+        return
+    deepest = max(layers)
+
+    def hook(layer_index):
+        def fn(_module, _inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            # (batch, seq, hidden) x (batch, seq) -> (batch, hidden)
+            captured[layer_index] = torch.einsum("bsh,bs->bh", hidden.detach().float(), weights)
+            if stop and layer_index == deepest:
+                raise _StopForward
+        return fn
+
+    handles = [rt.layers[l].register_forward_hook(hook(l)) for l in set(layers)]
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def encode_responses(rt: ModelRuntime, prompts: Sequence[str], responses: Sequence[str], why: str) -> list[Encoded]:
