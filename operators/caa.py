@@ -87,16 +87,13 @@ def pair_differences(runtime: ModelRuntime, pairs: list[dict], layers: list[int]
     layer from the response on (``margin_gradients``), rescaled per layer to the norm of the activation difference
     (so strengths keep CAA's scale). Everything downstream (user means, shrinkage, the population, BT) is the same.
     """
-    prompts = [p["prompt"] for p in pairs]
-    responses = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
     if direction == "mean_difference":
-        acts = runtime.activations(prompts + prompts, responses, layers, position)
+        prompts = [p["prompt"] for p in pairs]
+        acts = runtime.activations(prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
+                                   layers, position)
         return (acts[: len(pairs)] - acts[len(pairs):]).numpy()
-    # the gradients' forward pass captures the activations too: the model runs once
-    g, acts = runtime.steering_gradients(prompts + prompts, responses, layers, capture=position)
-    d = (acts[: len(pairs)] - acts[len(pairs):]).numpy()
-    del acts
-    return scaled_to((g[: len(pairs)] - g[len(pairs):]).numpy(), d)
+    g, d = margin_gradients(runtime, pairs, layers, capture=position)  # one forward pass gives both
+    return scaled_to(g, d)
 
 
 def scaled_to(g: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -105,13 +102,22 @@ def scaled_to(g: np.ndarray, d: np.ndarray) -> np.ndarray:
     return (g * scale).astype(np.float32)
 
 
-def margin_gradients(runtime: ModelRuntime, pairs: list[dict], layers: list[int]) -> np.ndarray:
+def margin_gradients(runtime: ModelRuntime, pairs: list[dict], layers: list[int], capture: Position | None = None
+                     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Per pair and layer: ∂[mean log p(chosen) − mean log p(rejected)]/∂v, v added at the layer from the response
-    on (as a vector applied at ``response`` positions is served): float32 (pairs, len(layers), hidden)."""
-    prompts = [p["prompt"] for p in pairs]
-    g = runtime.steering_gradients(prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
-                                   layers)
-    return (g[: len(pairs)] - g[len(pairs):]).numpy()
+    on (as a vector applied at ``response`` positions is served): float32 (pairs, len(layers), hidden).
+
+    With ``capture`` (the activation position), also the pairs' activation differences h(prompt ⊕ chosen) −
+    h(prompt ⊕ rejected) from the same forward pass: (gradients, differences)."""
+    prompts, n = [p["prompt"] for p in pairs], len(pairs)
+    found = runtime.steering_gradients(prompts + prompts, [p["chosen"] for p in pairs]
+                                       + [p["rejected"] for p in pairs], layers, capture=capture)
+    g, acts = found if capture is not None else (found, None)
+    g[:n] -= g[n:]  # in place: no third copy of the (2·pairs, layers, hidden) tensors
+    if acts is None:
+        return g[:n].numpy()
+    acts[:n] -= acts[n:]
+    return g[:n].numpy(), acts[:n].numpy()
 
 
 def pair_weights(pairs: list[dict]) -> np.ndarray:

@@ -317,13 +317,17 @@ def decoded_guard(runtime: ModelRuntime, cases: Sequence[UserCase], composed: Hi
     lp0, n0 = runtime.response_logprobs([p for *_, p in plain_rows], [unsteered[(u, j, cond)] for u, j, cond, _ in
                                                                        plain_rows])
     own = {(u, j, cond): (-float(lp0[r]), int(n0[r])) for r, (u, j, cond, _) in enumerate(plain_rows)}
-    drift = reference = None
+    drift: dict[int, float] = {}
+    reference: dict[tuple[int, int], float] = {}
     if guard.drift_guard and composed is not None:
-        drift = content_drifts(answers, [unsteered[k] for k in keys], guard.drift_encoder)
         shown = [(u, j) for u, j, cond, p in plain_rows if cond == "history" and p != prompt_of[(u, j, "plain")]]
         reference = dict(zip(shown, content_drifts([unsteered[(u, j, "history")] for u, j in shown],
                                                    [unsteered[(u, j, "plain")] for u, j in shown],
-                                                   guard.drift_encoder)))
+                                                   guard.drift_encoder).tolist()))
+        # an item without history to show has no reference: its answers' drift is not needed
+        rows = [i for i, (u, j, _) in enumerate(steered) if (u, j) in reference]
+        drift = dict(zip(rows, content_drifts([answers[i] for i in rows], [unsteered[keys[i]] for i in rows],
+                                              guard.drift_encoder).tolist()))
     out: dict[str, dict[str, dict]] = {}
     for i, (u, j, c) in enumerate(steered):
         acc = out.setdefault(cases[u].user_id, {}).setdefault(c.key, {
@@ -336,7 +340,7 @@ def decoded_guard(runtime: ModelRuntime, cases: Sequence[UserCase], composed: Hi
         acc["unsteered_nll"] += nll0
         acc["unsteered_tokens"] += count0
         acc["decoded"] += 1
-        if reference is not None and (u, j) in reference:  # an item without history to show has no reference
+        if i in drift:
             acc["drift"] = (acc["drift"] or 0.0) + float(drift[i])
             acc["drift_reference"] = (acc["drift_reference"] or 0.0) + float(reference[(u, j)])
             acc["drift_items"] += 1

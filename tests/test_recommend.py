@@ -185,7 +185,7 @@ def test_candidate_gains_equal_plain_references(runtime):
         assert gain == pytest.approx(ref, abs=2e-3), c
 
 
-def test_dps_guard_sums_equal_decoding_each_candidate_as_serving_does(runtime):
+def test_dps_guard_sums_equal_decoding_each_candidate_as_serving_does(runtime, monkeypatch):
     """Every DPS candidate's recorded answer NLL and tokens equal contrast-decoding its rows one by one (γ, heads,
     adaptivity and plausibility floor as the stored row says) and scoring them under the unsteered model; the
     unsteered sums are the unsteered answers' own; candidates of other methods are not decoded."""
@@ -221,9 +221,26 @@ def test_dps_guard_sums_equal_decoding_each_candidate_as_serving_does(runtime):
         assert got["drift"] is None
     # contrast decoding changed some answer (else the parity above says nothing about γ)
     assert any(found[c.key]["answer_nll"] != pytest.approx(found[c.key]["unsteered_nll"], abs=1e-3) for c in dps)
+    # the content guard: each candidate's drift from its condition's unsteered answers, and the user's reference (the
+    # history prompt's unsteered answers against the plain prompt's), summed over the same items; a stand-in scorer
+    def stub(outputs, references, encoder):
+        return np.asarray([(len(a) % 7 + 3 * len(b) % 5) / 10 for a, b in zip(outputs, references)], np.float64)
+
+    monkeypatch.setattr(rec, "content_drifts", stub)
+    drifted = rec.decoded_guard(rt, [rec.UserCase("u", held, train, cands)], composed,
+                                ScaleConfig(fluency_tokens=5, max_drift_ratio=1.0))["u"]
+    unsteered = {cond: [rt.generate([x], 5)[0] for x in p] for cond, p in prompts.items()}
+    reference = float(stub(unsteered["history"], unsteered["plain"], None).sum())
+    for c in dps:
+        answers = [rt.generate([x], 5, contrast=HeadContrast([heads], gamma=1.5 * c.multiplier, adaptive=True,
+                                                             plausibility=0.2))[0] for x in prompts[c.condition]]
+        got = drifted[c.key]
+        assert got["drift"] == pytest.approx(float(stub(answers, unsteered[c.condition], None).sum()))
+        assert got["drift_reference"] == pytest.approx(reference) and got["drift_items"] == 2
+        assert got["answer_nll"] == pytest.approx(found[c.key]["answer_nll"], abs=1e-3)
 
 
-def test_dps_guard_pools_over_users_and_caps_the_offered_multipliers():
+def test_dps_guard_pools_over_users_and_caps_the_offered_multipliers(caplog):
     """The pooled figures: perplexity from summed NLL and tokens, drift against the pooled reference; a multiplier
     failing either is offered to no user in that condition and is not the population's choice."""
     from steerstore.jobs.refresh.recommend import _guard_dps, prior_from
@@ -262,9 +279,22 @@ def test_dps_guard_pools_over_users_and_caps_the_offered_multipliers():
     # the strengths: capped where the guard ran, untouched elsewhere
     from types import SimpleNamespace
     g = {"recommend_strengths": {c: rec.Strengths({}, None, "history", []) for c in ("plain", "history")}}
-    _guard_dps(SimpleNamespace(dps=SimpleNamespace(gamma=1.0)), g, {"plain|dps||1": figures["plain|dps||1"]})
+    config = SimpleNamespace(dps=SimpleNamespace(gamma=1.0), scale=guard, recommend=rec.RecommendConfig())
+    _guard_dps(config, g, {"plain|dps||1": figures["plain|dps||1"]})
     assert g["recommend_strengths"]["plain"].dps_multipliers == [1.0]
     assert g["recommend_strengths"]["history"].dps_multipliers is None
+    # the store's own γ (1×) failing is logged with the figures, a side that decoded nothing included
+    import logging
+    failed = {**figures, "history|dps||2": {**figures["history|dps||1"], "multiplier": 2.0, "perplexity_ratio": None}}
+    with caplog.at_level(logging.WARNING, logger="steerstore"):
+        _guard_dps(config, {"recommend_strengths": {"history": rec.Strengths({}, None, "history", [])}}, failed)
+    assert "failed the decoded guards on top of retrieved history" in caplog.text
+    assert "2×: no tokens decoded" in caplog.text and "only at no strength" in caplog.text
+    caplog.clear()  # no 1× figure (the store's γ was not decoded): nothing to say
+    with caplog.at_level(logging.WARNING, logger="steerstore"):
+        _guard_dps(config, {"recommend_strengths": {"plain": rec.Strengths({}, None, "history", [])}},
+                   {"plain|dps||2": figures["plain|dps||2"]})
+    assert caplog.text == ""
     art = UserArtifacts("u", "found", dps=UserHeads("u", [(1, 0)], "user", 1.0, False, 0.1, None, [], "fast", None, "fp"))
     offered = rec.candidates(art, g["recommend_strengths"], rec.RecommendConfig(multipliers=[0.5, 1.0, 2.0],
                                                                                 methods=["dps"]))

@@ -375,3 +375,12 @@ def test_steering_gradients_are_the_derivative_of_each_rows_mean_log_probability
         both, acts = rt.steering_gradients(PROMPTS, RESPONSES, [2, 1], capture=position)
         torch.testing.assert_close(both, grads[:, [1, 0]], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(acts, rt.activations(PROMPTS, RESPONSES, [2, 1], position), rtol=1e-4, atol=1e-5)
+    budget, hooks = rt.config.max_backward_tokens, [len(layer._forward_hooks) for layer in rt.layers]
+    try:  # one row per micro-batch: the captured rows land in their places
+        rt.config.max_backward_tokens = 1
+        both, acts = rt.steering_gradients(PROMPTS, RESPONSES, [2, 1], capture="mean")
+    finally:
+        rt.config.max_backward_tokens = budget
+    torch.testing.assert_close(both, grads[:, [1, 0]], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(acts, rt.activations(PROMPTS, RESPONSES, [2, 1], "mean"), rtol=1e-4, atol=1e-5)
+    assert [len(layer._forward_hooks) for layer in rt.layers] == hooks  # every capture hook removed

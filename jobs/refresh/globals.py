@@ -112,7 +112,10 @@ def _recommend(config: RefreshConfig, run: Run, sampler: "Sampler", pool: Pool, 
     """The per-user choice's prior: reused while every family's statistics are frozen and its settings hold."""
     old = (previous.state or {}) if previous is not None else {}
     settings = [to_dict(config.recommend), to_dict(config.scale)]
-    if frozen and set(frozen) == set(decisions) and old.get("recommend") and old.get("recommend_settings") == settings:
+    # (a prior pooled before the DPS guard existed has no "guard": recomputed once when the guard is on)
+    guarded = "guard" in (old.get("recommend") or {}) or not config.scale.fluency_tokens
+    if frozen and set(frozen) == set(decisions) and old.get("recommend") and old.get("recommend_settings") == settings \
+            and guarded:
         g.update(recommend=old["recommend"], recommend_strengths=old["recommend_strengths"],
                  recommend_sample=old.get("recommend_sample") or [])
     else:

@@ -5,7 +5,9 @@
 - **Prior** (global statistics, after the methods' own): a seeded sample of users goes through the same
   per-shard passes as a pseudo-shard (held out, artifacts, then scored with no prior); each candidate's
   gains are pooled over them. The candidate with the best pooled gain per token in each condition is the
-  population's choice (what users without held-out items get, and serving's fallback), in the manifest.
+  population's choice (what users without held-out items get, and serving's fallback), in the manifest. The
+  sample also decodes every DPS candidate (``recommend.decoded_guard``): a multiplier whose answers fail the
+  strengths' guards is offered to no user and is not the population's choice.
 - **Shard pass** (after the description pass): the shard's store rows (computed and carried) become each
   user's artifacts as serving sees them; each user with held-out items gets its candidates scored and the
   shrunk choice; each other user with artifacts the population's choice. A user whose fingerprint (its
@@ -214,21 +216,32 @@ def compute_prior(config, run, sampler, pool, gen, g: dict, public) -> None:
 
 def _guard_dps(config, g: dict, figures: dict[str, dict]) -> None:
     """Offer each condition's DPS candidates only at the multipliers that passed the decoded guard (and say when the
-    store's own γ did not: serving's default DPS strength then breaks the guards there)."""
+    store's own γ, the 1× candidate, did not: serving's default DPS strength then breaks the guards there)."""
     for condition, s in (g.get("recommend_strengths") or {}).items():
         kept = rec.passing_multipliers(figures, condition)
         if kept is None:
+            if config.scale.fluency_tokens and "dps" in config.recommend.methods and g.get("dps_active"):
+                log.info("recommend: no sampled user had DPS heads and a held-out item to decode %s; DPS candidates "
+                         "there are offered unguarded", _where(condition))
             continue
         s.dps_multipliers = kept
-        if not any(math.isclose(m, 1.0) for m in kept):
-            ratios = ", ".join(f"{f['multiplier']:g}×: perplexity {f['perplexity_ratio']:.2f}×"
-                               + (f", drift {f['content_drift']:.2f} (limit {f['drift_limit']:.2f})"
-                                  if "content_drift" in f else "")
-                               for f in figures.values() if f["condition"] == condition)
+        own = [f for f in figures.values() if f["condition"] == condition and math.isclose(f["multiplier"], 1.0)]
+        if own and not own[0]["passes"]:
             log.warning("recommend: DPS at the store's γ (dps.gamma=%g) failed the decoded guards %s (%s); the "
-                        "recommendation offers DPS there only at %s", config.dps.gamma,
-                        "on the plain prompt" if condition == "plain" else "on top of retrieved history", ratios,
+                        "recommendation offers DPS there only at %s", config.dps.gamma, _where(condition),
+                        "; ".join(_figure(f) for f in figures.values() if f["condition"] == condition),
                         ", ".join(f"{m:g}×" for m in kept) or "no strength")
+
+
+def _where(condition: str) -> str:
+    return "on the plain prompt" if condition == "plain" else "on top of retrieved history"
+
+
+def _figure(f: dict) -> str:
+    """One DPS guard figure for the log: its multiplier, perplexity ratio and drift against the limit."""
+    ratio = "no tokens decoded" if f["perplexity_ratio"] is None else f"perplexity {f['perplexity_ratio']:.2f}×"
+    drift = f", drift {f['content_drift']:.2f} (limit {f['drift_limit']:.2f})" if "content_drift" in f else ""
+    return f"{f['multiplier']:g}×: {ratio}{drift}"
 
 
 def shard_pass(runtime: ModelRuntime, state: dict, config, g: dict) -> dict:
